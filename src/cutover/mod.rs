@@ -1,0 +1,3 @@
+//! Stage 5: cutover through PgBouncer.
+
+pub mod databases_file;

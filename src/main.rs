@@ -1,0 +1,122 @@
+//! The `migrate` binary: argument parsing, logging, signals, exit codes. All logic is in the
+//! library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use bluegreen::{copy::Shutdown, Command, Format, Outcome};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Zero-downtime PostgreSQL blue/green migrations with schema transforms.
+#[derive(Parser)]
+#[command(name = "migrate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// Log format on stderr: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+impl From<OutputFormat> for Format {
+    fn from(f: OutputFormat) -> Self {
+        match f {
+            OutputFormat::Text => Format::Text,
+            OutputFormat::Json => Format::Json,
+        }
+    }
+}
+
+#[derive(Args)]
+struct PlanArg {
+    /// The migration plan (TOML). `${VAR}` in it is read from the environment.
+    plan: PathBuf,
+}
+
+#[derive(Args)]
+struct FormatArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    format: OutputFormat,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Dry run: check the plan against both databases and print the resolved mapping and steps.
+    /// Exit 0 sound, 1 problems found, 2 the plan cannot be read.
+    Plan {
+        #[command(flatten)]
+        plan: PlanArg,
+        #[command(flatten)]
+        format: FormatArg,
+        /// Check the file only; do not connect to any database.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Copy every table to green, then keep green in step until Ctrl-C or a finished cutover.
+    /// Safe to rerun: resumes where a killed run stopped.
+    Copy {
+        #[command(flatten)]
+        plan: PlanArg,
+        /// Exit once the copy is done and green has applied everything blue committed by then.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// Phase, per-table progress and capture lag, read from the state on green. Safe beside `copy`.
+    Status {
+        #[command(flatten)]
+        plan: PlanArg,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let (path, command) = match cli.command {
+        Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
+        Cmd::Copy { plan, no_follow } => (plan.plan, Command::Copy { no_follow }),
+        Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = Shutdown::on_signals();
+        bluegreen::run(&path, command, shutdown).await
+    });
+    match result {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Problems) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MIGRATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

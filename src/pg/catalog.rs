@@ -1,0 +1,316 @@
+//! Catalog queries: what a table looks like on one side. Read once during resolution; later
+//! stages work from the resolved plan instead of asking again.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_postgres::Client;
+
+use crate::{
+    error::{Error, Result},
+    pg::{QualifiedName, Side},
+};
+
+/// A column as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct ColumnInfo {
+    /// Column name.
+    pub name: String,
+    /// Type OID on this side.
+    pub type_oid: u32,
+    /// `format_type` text, e.g. `timestamp with time zone` or `numeric(12,3)`.
+    pub type_name: String,
+    /// `NOT NULL`.
+    pub not_null: bool,
+    /// Has a default (`DEFAULT`, serial, identity or generated).
+    pub has_default: bool,
+    /// Generated column: cannot be written.
+    pub generated: bool,
+    /// Sequence owned by this column (serial or identity), qualified and quoted.
+    pub sequence: Option<String>,
+}
+
+/// A unique index (or primary key) usable as a row identity: not partial, no expressions.
+#[derive(Debug, Clone)]
+pub struct UniqueKey {
+    /// Index name.
+    pub name: String,
+    /// Key columns in index order.
+    pub columns: Vec<String>,
+    /// It is the primary key.
+    pub primary: bool,
+    /// It is the replica identity index.
+    pub replica_identity: bool,
+}
+
+/// A secondary index or constraint on a target table, with the SQL to recreate it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct DeferredObject {
+    /// Index or constraint name.
+    pub name: String,
+    /// `index`, `primary key`, `unique`, `exclusion` or `foreign key`.
+    pub kind: String,
+    /// Statement that recreates it.
+    pub create_sql: String,
+    /// Statement that drops it.
+    pub drop_sql: String,
+    /// The table it belongs to (`regclass` text).
+    pub owner: String,
+}
+
+/// A table as one side's catalog describes it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// Relation OID.
+    pub oid: u32,
+    /// Columns in attribute order.
+    pub columns: Vec<ColumnInfo>,
+    /// Usable unique keys.
+    pub unique_keys: Vec<UniqueKey>,
+    /// `relreplident`: d(efault), n(othing), f(ull), i(ndex).
+    pub replica_identity: char,
+    /// Planner's row estimate; negative when never analyzed.
+    pub reltuples: f64,
+    /// Heap plus TOAST plus indexes, bytes.
+    pub total_bytes: i64,
+}
+
+impl TableInfo {
+    /// Finds a column by exact name.
+    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Columns that the replica identity sends for deletes and key-changing updates; `None`
+    /// means the whole row (FULL), an empty list means nothing is sent.
+    pub fn identity_columns(&self) -> Option<Vec<String>> {
+        let pick = |f: &dyn Fn(&UniqueKey) -> bool| {
+            self.unique_keys.iter().find(|k| f(k)).map(|k| k.columns.clone()).unwrap_or_default()
+        };
+        match self.replica_identity {
+            'f' => None,
+            'i' => Some(pick(&|k| k.replica_identity)),
+            'n' => Some(Vec::new()),
+            _ => Some(pick(&|k| k.primary)),
+        }
+    }
+}
+
+/// Looks a table up; `None` when it does not exist (or is not a table).
+pub async fn table_info(client: &Client, side: Side, table: &QualifiedName) -> Result<Option<TableInfo>> {
+    with_qualified_names(client, table_info_inner(client, side, table)).await
+}
+
+/// Runs catalog reads with `search_path = pg_catalog`, so that `regclass` text,
+/// `pg_get_indexdef` and `pg_get_constraintdef` come out schema-qualified and do not depend on
+/// the session's search path when replayed later.
+async fn with_qualified_names<T>(client: &Client, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    client.batch_execute("SET search_path = pg_catalog").await.map_err(Error::db("setting search_path"))?;
+    let out = f.await;
+    client.batch_execute("RESET search_path").await.map_err(Error::db("resetting search_path"))?;
+    out
+}
+
+async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) -> Result<Option<TableInfo>> {
+    let ctx = |what: &str| format!("{side}: reading catalog for {table} ({what})");
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, c.reltuples::float8, pg_total_relation_size(c.oid) \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(Error::db(ctx("relation")))?;
+    let Some(row) = row else { return Ok(None) };
+    let oid: u32 = row.get(0);
+    let replident: String = row.get(1);
+    // Sequences are found through pg_depend ('a' = serial ownership, 'i' = identity) rather than
+    // pg_get_serial_sequence, which needs a re-quoted table name.
+    let columns = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                    a.atthasdef OR a.attidentity <> '', a.attgenerated <> '', \
+                    (SELECT d.objid::regclass::text FROM pg_catalog.pg_depend d \
+                       JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
+                      WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.refobjid = a.attrelid \
+                        AND d.refobjsubid = a.attnum AND d.deptype IN ('a', 'i') LIMIT 1) \
+             FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(Error::db(ctx("columns")))?
+        .iter()
+        .map(|r| ColumnInfo {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_name: r.get(2),
+            not_null: r.get(3),
+            has_default: r.get(4),
+            generated: r.get(5),
+            sequence: r.get(6),
+        })
+        .collect();
+    let unique_keys = client
+        .query(
+            "SELECT ic.relname::text, i.indisprimary, i.indisreplident, \
+                    array_agg(a.attname::text ORDER BY k.ord) \
+             FROM pg_catalog.pg_index i \
+             JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL \
+               AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts \
+             GROUP BY ic.relname, i.indisprimary, i.indisreplident \
+             ORDER BY i.indisprimary DESC, ic.relname",
+            &[&oid],
+        )
+        .await
+        .map_err(Error::db(ctx("unique indexes")))?
+        .iter()
+        .map(|r| UniqueKey { name: r.get(0), primary: r.get(1), replica_identity: r.get(2), columns: r.get(3) })
+        .collect();
+    Ok(Some(TableInfo {
+        oid,
+        columns,
+        unique_keys,
+        replica_identity: replident.chars().next().unwrap_or('d'),
+        reltuples: row.get(2),
+        total_bytes: row.get(3),
+    }))
+}
+
+/// Secondary indexes and constraints on a target table that a bulk load can drop and rebuild:
+/// primary key, unique and exclusion constraints, plain indexes, and foreign keys from or to it.
+pub async fn deferrable_objects(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
+    with_qualified_names(client, deferrable_objects_inner(client, table, oid)).await
+}
+
+async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
+    let ctx = format!("green: reading indexes and constraints of {table}");
+    let mut out = Vec::new();
+    // Foreign keys first (both directions): a referenced unique key cannot be dropped before them.
+    let rows = client
+        .query(
+            "SELECT con.conname::text, con.contype::text, pg_get_constraintdef(con.oid), \
+                    con.conrelid::regclass::text \
+             FROM pg_catalog.pg_constraint con \
+             WHERE (con.conrelid = $1 AND con.contype IN ('p', 'u', 'x', 'f')) \
+                OR (con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1) \
+             ORDER BY con.contype <> 'f', con.conname",
+            &[&oid],
+        )
+        .await
+        .map_err(Error::db(ctx.clone()))?;
+    for r in rows {
+        let name: String = r.get(0);
+        let kind = match r.get::<_, String>(1).as_str() {
+            "p" => "primary key",
+            "u" => "unique",
+            "x" => "exclusion",
+            _ => "foreign key",
+        };
+        let def: String = r.get(2);
+        let owner: String = r.get(3);
+        let qn = crate::pg::ident(&name);
+        out.push(DeferredObject {
+            create_sql: format!("ALTER TABLE {owner} ADD CONSTRAINT {qn} {def}"),
+            drop_sql: format!("ALTER TABLE {owner} DROP CONSTRAINT IF EXISTS {qn}"),
+            owner,
+            name,
+            kind: kind.to_string(),
+        });
+    }
+    let rows = client
+        .query(
+            "SELECT ic.relname::text, pg_get_indexdef(i.indexrelid), ic.oid::regclass::text, i.indrelid::regclass::text \
+             FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+             WHERE i.indrelid = $1 AND NOT EXISTS ( \
+                 SELECT 1 FROM pg_catalog.pg_constraint c WHERE c.conindid = i.indexrelid \
+                    AND c.conrelid = i.indrelid AND c.contype IN ('p', 'u', 'x')) \
+             ORDER BY ic.relname",
+            &[&oid],
+        )
+        .await
+        .map_err(Error::db(ctx))?;
+    for r in rows {
+        let qualified: String = r.get(2);
+        out.push(DeferredObject {
+            name: r.get(0),
+            kind: "index".into(),
+            create_sql: r.get(1),
+            drop_sql: format!("DROP INDEX IF EXISTS {qualified}"),
+            owner: r.get(3),
+        });
+    }
+    Ok(out)
+}
+
+/// Enough of `pg_type` and `pg_cast` to decide whether an expression's type may be assigned to
+/// a column's type, as an INSERT would allow.
+pub struct TypeRules {
+    types: HashMap<u32, TypeRow>,
+    casts: HashSet<(u32, u32)>,
+}
+
+struct TypeRow {
+    category: char,
+    element: u32,
+    base: u32,
+}
+
+/// The `unknown` pseudo-type of untyped literals.
+const UNKNOWN_OID: u32 = 705;
+
+impl TypeRules {
+    /// Loads the rules from one server (blue: that is where the cast runs).
+    pub async fn load(client: &Client, side: Side) -> Result<Self> {
+        let ctx = format!("{side}: reading pg_type and pg_cast");
+        let types = client
+            .query("SELECT oid, typcategory::text, typelem, typbasetype FROM pg_catalog.pg_type", &[])
+            .await
+            .map_err(Error::db(ctx.clone()))?
+            .iter()
+            .map(|r| {
+                let cat: String = r.get(1);
+                (r.get(0), TypeRow { category: cat.chars().next().unwrap_or('X'), element: r.get(2), base: r.get(3) })
+            })
+            .collect();
+        let casts = client
+            .query("SELECT castsource, casttarget FROM pg_catalog.pg_cast WHERE castcontext IN ('i', 'a')", &[])
+            .await
+            .map_err(Error::db(ctx))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(Self { types, casts })
+    }
+
+    /// Whether a value of type `from` may be stored in a column of type `to` without an explicit
+    /// cast (same type, implicit or assignment cast, domains and arrays thereof, any type to a
+    /// string type).
+    pub fn assignable(&self, from: u32, to: u32) -> bool {
+        self.assignable_depth(from, to, 0)
+    }
+
+    fn assignable_depth(&self, from: u32, to: u32, depth: u8) -> bool {
+        if from == to || from == UNKNOWN_OID || self.casts.contains(&(from, to)) {
+            return true;
+        }
+        if depth > 8 {
+            return false;
+        }
+        let (Some(f), Some(t)) = (self.types.get(&from), self.types.get(&to)) else { return false };
+        if t.category == 'S' && f.category != 'A' {
+            return true;
+        }
+        if f.base != 0 && self.assignable_depth(f.base, to, depth + 1) {
+            return true;
+        }
+        if t.base != 0 && self.assignable_depth(from, t.base, depth + 1) {
+            return true;
+        }
+        f.category == 'A' && t.category == 'A' && f.element != 0 && t.element != 0
+            && self.assignable_depth(f.element, t.element, depth + 1)
+    }
+}

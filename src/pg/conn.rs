@@ -1,0 +1,422 @@
+//! Connections to blue and green: parsing URLs and key=value DSNs, TLS modes, connect timeouts,
+//! pinned session settings, and a `Display` that never shows a password.
+
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
+
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
+use tokio_postgres::{config::SslMode as PgSslMode, Client, Config, NoTls};
+use tracing::warn;
+
+/// How long a TCP connect plus startup may take before the side counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which database a connection belongs to; every connection error names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The live database with the old schema.
+    Blue,
+    /// The new database with the new schema.
+    Green,
+    /// The PgBouncer admin console.
+    Pgbouncer,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Blue => "blue",
+            Side::Green => "green",
+            Side::Pgbouncer => "pgbouncer",
+        })
+    }
+}
+
+/// libpq's `sslmode`, including the two verifying modes tokio-postgres does not parse itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// TLS when the server offers it, without verifying the certificate (libpq's default).
+    Prefer,
+    /// TLS required, certificate not verified.
+    Require,
+    /// TLS required, certificate chain verified against `sslrootcert`.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate must name the host.
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "disable" | "allow" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => return Err(format!("unknown sslmode `{other}`")),
+        })
+    }
+}
+
+/// A parsed connection string for one side. `Display` shows it with the password left out.
+#[derive(Clone)]
+pub struct ConnInfo {
+    /// Which side this connects to.
+    pub side: Side,
+    config: Config,
+    ssl_mode: SslMode,
+    ssl_root_cert: Option<PathBuf>,
+}
+
+impl fmt::Debug for ConnInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConnInfo({self})")
+    }
+}
+
+impl fmt::Display for ConnInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use tokio_postgres::config::Host;
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let user = self.config.get_user().unwrap_or("");
+        let db = self.config.get_dbname().unwrap_or("");
+        let at = if user.is_empty() { String::new() } else { format!("{user}@") };
+        write!(f, "postgres://{at}{host}:{port}/{db}")
+    }
+}
+
+/// Why a connection string could not be used. Never carries the string itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The string did not parse; the message names the offending parameter, never its value.
+    #[error("{side}: invalid connection string: {reason}")]
+    Invalid {
+        /// Side whose string is broken.
+        side: Side,
+        /// What is wrong.
+        reason: String,
+    },
+    /// TCP, TLS or authentication failed.
+    #[error("{side} ({target}): cannot connect: {source}")]
+    Connect {
+        /// Side that could not be reached.
+        side: Side,
+        /// Redacted connection target.
+        target: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Nothing answered within the timeout.
+    #[error("{side} ({target}): no answer within {waited:?}")]
+    Timeout {
+        /// Side that did not answer.
+        side: Side,
+        /// Redacted connection target.
+        target: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// TLS could not be set up locally (bad root certificate file, …).
+    #[error("{side}: TLS setup failed: {reason}")]
+    Tls {
+        /// Side being connected.
+        side: Side,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl ConnInfo {
+    /// Parses a `postgres://` URL or a `key=value` DSN. `sslmode` and `sslrootcert` are taken out
+    /// and handled here because tokio-postgres knows only disable/prefer/require.
+    pub fn parse(side: Side, text: &str) -> Result<Self, ConnError> {
+        let invalid = |reason: String| ConnError::Invalid { side, reason };
+        let (rest, ssl_mode, ssl_root_cert) = take_ssl_params(text).map_err(invalid)?;
+        // The driver's parse errors may quote the offending value, which could be a password;
+        // keep only the kind of failure.
+        let mut config = Config::from_str(&rest).map_err(|e| {
+            let msg = e.to_string();
+            let reason = if msg.contains("password") {
+                "malformed password".to_string()
+            } else {
+                msg.split(':').next().unwrap_or("malformed").to_string()
+            };
+            invalid(reason)
+        })?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        if config.get_application_name().is_none() {
+            config.application_name("migrate");
+        }
+        Ok(Self { side, config, ssl_mode: ssl_mode.unwrap_or(SslMode::Prefer), ssl_root_cert })
+    }
+
+    /// Sets `application_name` (we use `migrate/<plan>` so DBAs can see who is connected).
+    pub fn with_application_name(mut self, name: &str) -> Self {
+        self.config.application_name(name);
+        self
+    }
+
+    /// The database name, for messages and for PgBouncer entries.
+    pub fn dbname(&self) -> Option<&str> {
+        self.config.get_dbname()
+    }
+
+    /// The driver config, for callers that need to hand it on (e.g. to a replication client).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Opens a connection with pinned session settings. The connection is driven by a spawned
+    /// task that logs when it dies; the returned client errors from then on.
+    pub async fn connect(&self) -> Result<Client, ConnError> {
+        let client = self.connect_raw().await?;
+        client.batch_execute(SESSION_SETTINGS).await.map_err(|source| ConnError::Connect {
+            side: self.side,
+            target: self.to_string(),
+            source,
+        })?;
+        Ok(client)
+    }
+
+    /// Opens a connection without session settings, for PgBouncer's admin console, which
+    /// accepts only its own SHOW/PAUSE/RESUME commands.
+    pub async fn connect_raw(&self) -> Result<Client, ConnError> {
+        let side = self.side;
+        let target = self.to_string();
+        // connect_timeout covers each TCP attempt; this bounds TLS and authentication too.
+        let waited = CONNECT_TIMEOUT + Duration::from_secs(3);
+        let fut = async {
+            match self.ssl_mode {
+                SslMode::Disable => {
+                    let mut cfg = self.config.clone();
+                    cfg.ssl_mode(PgSslMode::Disable);
+                    let (client, conn) = cfg.connect(NoTls).await?;
+                    spawn_driver(side, conn);
+                    Ok(client)
+                }
+                mode => {
+                    let tls = self.tls_connector()?;
+                    let mut cfg = self.config.clone();
+                    cfg.ssl_mode(if mode == SslMode::Prefer { PgSslMode::Prefer } else { PgSslMode::Require });
+                    let (client, conn) = cfg.connect(tls).await?;
+                    spawn_driver(side, conn);
+                    Ok(client)
+                }
+            }
+        };
+        match tokio::time::timeout(waited, fut).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(ConnectFailure::Pg(source))) => Err(ConnError::Connect { side, target, source }),
+            Ok(Err(ConnectFailure::Tls(reason))) => Err(ConnError::Tls { side, reason }),
+            Err(_) => Err(ConnError::Timeout { side, target, waited }),
+        }
+    }
+
+    fn tls_connector(&self) -> Result<MakeTlsConnector, ConnectFailure> {
+        let tls_err = |e: openssl::error::ErrorStack| ConnectFailure::Tls(e.to_string());
+        let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(tls_err)?;
+        match self.ssl_mode {
+            SslMode::VerifyCa | SslMode::VerifyFull => {
+                builder.set_verify(SslVerifyMode::PEER);
+                match &self.ssl_root_cert {
+                    Some(path) => builder.set_ca_file(path).map_err(|e| {
+                        ConnectFailure::Tls(format!("sslrootcert {}: {e}", path.display()))
+                    })?,
+                    None => builder.set_default_verify_paths().map_err(tls_err)?,
+                }
+            }
+            _ => builder.set_verify(SslVerifyMode::NONE),
+        }
+        let mut connector = MakeTlsConnector::new(builder.build());
+        let verify_host = self.ssl_mode == SslMode::VerifyFull;
+        connector.set_callback(move |config, _domain| {
+            config.set_verify_hostname(verify_host);
+            Ok(())
+        });
+        Ok(connector)
+    }
+}
+
+enum ConnectFailure {
+    Pg(tokio_postgres::Error),
+    Tls(String),
+}
+
+impl From<tokio_postgres::Error> for ConnectFailure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ConnectFailure::Pg(e)
+    }
+}
+
+/// Session settings pinned on every blue and green session, so that the same value renders as
+/// the same text on both sides (verify hashes text) and timestamps without zone are read as UTC.
+pub const SESSION_SETTINGS: &str = "SET TimeZone = 'UTC'; \
+     SET DateStyle = 'ISO, MDY'; \
+     SET IntervalStyle = 'postgres'; \
+     SET extra_float_digits = 3; \
+     SET bytea_output = 'hex'; \
+     SET standard_conforming_strings = on; \
+     SET client_min_messages = warning";
+
+fn spawn_driver<S, T>(side: Side, conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            warn!(side = %side, error = %error, "database connection lost");
+        }
+    });
+}
+
+/// Removes `sslmode` and `sslrootcert` from a URL query or a key=value DSN.
+fn take_ssl_params(text: &str) -> Result<(String, Option<SslMode>, Option<PathBuf>), String> {
+    let mut mode = None;
+    let mut root = None;
+    let mut take = |key: &str, value: &str| -> Result<bool, String> {
+        match key {
+            "sslmode" => mode = Some(value.parse::<SslMode>()?),
+            "sslrootcert" => root = Some(PathBuf::from(value)),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    let text = text.trim();
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        let Some((base, query)) = text.split_once('?') else {
+            return Ok((text.to_string(), None, None));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(k, &percent_decode(v))? {
+                kept.push(pair);
+            }
+        }
+        let rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+        Ok((rest, mode, root))
+    } else {
+        let mut kept = Vec::new();
+        for token in split_kv(text)? {
+            let (k, v) = token.split_once('=').ok_or_else(|| "expected key=value".to_string())?;
+            if !take(k.trim(), v.trim().trim_matches('\''))? {
+                kept.push(token);
+            }
+        }
+        Ok((kept.join(" "), mode, root))
+    }
+}
+
+/// Splits a key=value DSN on spaces outside single quotes.
+fn split_kv(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted => {
+                cur.push(c);
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            '\'' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err("unterminated quote".into());
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    // `key = value` with spaces around `=` is legal in libpq; glue such tokens back together.
+    let mut glued: Vec<String> = Vec::new();
+    for t in out {
+        match glued.last_mut() {
+            Some(last) if last.ends_with('=') || t.starts_with('=') => last.push_str(&t),
+            _ => glued.push(t),
+        }
+    }
+    Ok(glued)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_redacts_password() {
+        let c = ConnInfo::parse(Side::Blue, "postgres://app:s3cret@db.example:6543/app?sslmode=require").unwrap();
+        let shown = c.to_string();
+        assert_eq!(shown, "postgres://app@db.example:6543/app");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.ssl_mode, SslMode::Require);
+    }
+
+    #[test]
+    fn kv_dsn_with_verify_full() {
+        let c = ConnInfo::parse(
+            Side::Green,
+            "host=green.db port=5433 dbname=app password='p w' sslmode=verify-full sslrootcert=/tmp/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(c.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(c.ssl_root_cert.as_deref(), Some(std::path::Path::new("/tmp/ca.pem")));
+        assert_eq!(c.to_string(), "postgres://green.db:5433/app");
+    }
+
+    #[test]
+    fn bad_sslmode_is_named_without_password() {
+        let err = ConnInfo::parse(Side::Blue, "postgres://u:hunter2@h/d?sslmode=maybe").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("blue") && msg.contains("sslmode"), "{msg}");
+        assert!(!msg.contains("hunter2"));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("%2Ftmp%2Fca.pem"), "/tmp/ca.pem");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+}

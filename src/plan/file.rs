@@ -1,0 +1,477 @@
+//! The plan file as written: TOML structs with source spans, `${VAR}` interpolation, and the
+//! file-level checks that need no database. Produces a [`Plan`]; nothing downstream sees TOML.
+
+use std::{path::{Path, PathBuf}, time::Duration};
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    error::{Error, PlanProblem},
+    pg::{ConnInfo, QualifiedName, Side},
+};
+
+/// Default number of parallel copy workers when the plan gives none: the core count.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+/// Default rows per copy chunk.
+pub const DEFAULT_CHUNK_ROWS: u64 = 50_000;
+/// Indexes are deferred by default: bulk COPY into an indexed table was 2.4x slower here.
+pub const DEFAULT_DEFER_INDEXES: bool = true;
+/// How long `PAUSE` may take before cutover gives up and resumes on blue.
+pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Lag (bytes of blue WAL not yet applied) above which cutover refuses to start.
+pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
+/// How far past blue's value green sequences are set at cutover.
+pub const DEFAULT_SEQUENCE_GAP: i64 = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    name: Spanned<String>,
+    blue: RawEndpoint,
+    green: RawEndpoint,
+    #[serde(default)]
+    copy: RawCopy,
+    #[serde(default)]
+    capture: RawCapture,
+    #[serde(default, rename = "table")]
+    tables: Vec<RawTable>,
+    cutover: Option<RawCutover>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    url: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCopy {
+    workers: Option<Spanned<i64>>,
+    chunk_rows: Option<Spanned<i64>>,
+    defer_indexes: Option<bool>,
+    max_rows_per_second: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    method: Option<CaptureMethod>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    source: Spanned<String>,
+    target: Option<Spanned<String>>,
+    key: Spanned<Vec<String>>,
+    filter: Option<Spanned<String>>,
+    #[serde(default)]
+    columns: IndexMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCutover {
+    pgbouncer: Option<RawPgbouncer>,
+    fence_blue: Option<bool>,
+    sequence_gap: Option<i64>,
+    max_lag_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPgbouncer {
+    admin_url: Spanned<String>,
+    database: String,
+    databases_file: PathBuf,
+    green_dsn: Spanned<String>,
+    pause_timeout: Option<Spanned<String>>,
+}
+
+/// How changes on blue are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMethod {
+    /// A logical replication slot with pgoutput.
+    Logical,
+    /// Row triggers writing keys into a change table on blue.
+    Trigger,
+    /// Logical where blue's `wal_level` and privileges allow it, else triggers.
+    #[default]
+    Auto,
+}
+
+/// A line in the plan file, for messages.
+pub type Line = usize;
+
+/// A validated plan file: typed values with their line numbers, no TOML left.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Path the plan was read from.
+    pub path: PathBuf,
+    /// Names the slot, publication, state schema; `[a-z0-9_-]+`.
+    pub name: String,
+    /// Blue (source) connection.
+    pub blue: ConnInfo,
+    /// Green (target) connection.
+    pub green: ConnInfo,
+    /// `[copy]` with defaults applied.
+    pub copy: CopySettings,
+    /// `[capture] method`.
+    pub capture: CaptureMethod,
+    /// `[[table]]` entries in file order.
+    pub tables: Vec<TableEntry>,
+    /// `[cutover]`, if present.
+    pub cutover: CutoverSettings,
+}
+
+/// `[copy]` settings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopySettings {
+    /// Parallel chunk workers.
+    pub workers: usize,
+    /// Target rows per chunk.
+    pub chunk_rows: u64,
+    /// Drop secondary indexes and constraints before the load, rebuild after.
+    pub defer_indexes: bool,
+    /// Throttle across all workers; 0 means unlimited.
+    pub max_rows_per_second: u64,
+}
+
+/// One `[[table]]` entry.
+#[derive(Debug, Clone)]
+pub struct TableEntry {
+    /// Position in the file, 1-based as users count (`table[1]`).
+    pub index: usize,
+    /// Source relation on blue.
+    pub source: QualifiedName,
+    /// Line of `source`.
+    pub source_line: Line,
+    /// Target relation on green.
+    pub target: QualifiedName,
+    /// Line of `target` (or of `source` when target is implied).
+    pub target_line: Line,
+    /// Key columns on the source.
+    pub key: Vec<String>,
+    /// Line of `key`.
+    pub key_line: Line,
+    /// Optional filter over the source row.
+    pub filter: Option<(String, Line)>,
+    /// Target column → (expression over the source row, line), in file order.
+    pub columns: IndexMap<String, (String, Line)>,
+}
+
+impl TableEntry {
+    /// The field path used in messages, e.g. `table[2]`.
+    pub fn path(&self) -> String {
+        format!("table[{}]", self.index)
+    }
+}
+
+/// `[cutover]` settings.
+#[derive(Debug, Clone, Default)]
+pub struct CutoverSettings {
+    /// `[cutover.pgbouncer]`.
+    pub pgbouncer: Option<PgbouncerSettings>,
+    /// Make blue read-only after the switch.
+    pub fence_blue: bool,
+    /// Green sequences are set this far past blue's value.
+    pub sequence_gap: i64,
+    /// Preflight refuses when capture lag exceeds this.
+    pub max_lag_bytes: u64,
+}
+
+/// `[cutover.pgbouncer]`.
+#[derive(Debug, Clone)]
+pub struct PgbouncerSettings {
+    /// Admin console connection.
+    pub admin: ConnInfo,
+    /// The database entry clients use.
+    pub database: String,
+    /// The `%include`d file holding that entry's line.
+    pub databases_file: PathBuf,
+    /// What the entry points at after the switch (libpq key=value form); may hold a password.
+    pub green_dsn: String,
+    /// Budget for `PAUSE`.
+    pub pause_timeout: Duration,
+}
+
+impl Plan {
+    /// Reads and validates a plan file. Errors name the file and line; all file-level problems
+    /// are reported at once.
+    pub fn load(path: &Path) -> Result<Plan, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::PlanRead { path: path.to_path_buf(), source })?;
+        Self::parse(path, &text, &|k| std::env::var(k).ok())
+    }
+
+    /// Parses plan text; `env` looks up `${VAR}` references.
+    pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan, Error> {
+        let raw: RawPlan = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+            Error::PlanParse { path: path.to_path_buf(), line, column, message: e.message().trim().to_string() }
+        })?;
+        let mut problems = Vec::new();
+        let mut problem = |line: Line, field: &str, message: String| {
+            problems.push(PlanProblem { line, field: field.to_string(), message })
+        };
+        let line_of = |span: std::ops::Range<usize>| line_col(text, span.start).0;
+
+        let name = raw.name.get_ref().clone();
+        if name.is_empty() || name.len() > 40 || !name.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-')) {
+            problem(line_of(raw.name.span()), "name", format!("`{name}` must be 1-40 characters of a-z, 0-9, _ and -"));
+        }
+
+        let mut conn = |side: Side, field: &str, value: &Spanned<String>| -> Option<ConnInfo> {
+            let line = line_of(value.span());
+            match interpolate(value.get_ref(), env) {
+                Err(var) => {
+                    problem(line, field, format!("environment variable `{var}` is not set"));
+                    None
+                }
+                Ok(url) => match ConnInfo::parse(side, &url) {
+                    Ok(c) => Some(c.with_application_name(&format!("migrate/{name}"))),
+                    Err(e) => {
+                        problem(line, field, e.to_string());
+                        None
+                    }
+                },
+            }
+        };
+        let blue = conn(Side::Blue, "blue.url", &raw.blue.url);
+        let green = conn(Side::Green, "green.url", &raw.green.url);
+
+        let mut pgbouncer = None;
+        let mut cutover = CutoverSettings { sequence_gap: DEFAULT_SEQUENCE_GAP, max_lag_bytes: DEFAULT_MAX_LAG_BYTES, ..Default::default() };
+        if let Some(c) = raw.cutover {
+            cutover.fence_blue = c.fence_blue.unwrap_or(false);
+            cutover.sequence_gap = c.sequence_gap.unwrap_or(DEFAULT_SEQUENCE_GAP);
+            cutover.max_lag_bytes = c.max_lag_bytes.unwrap_or(DEFAULT_MAX_LAG_BYTES);
+            if let Some(pb) = c.pgbouncer {
+                let admin = conn(Side::Pgbouncer, "cutover.pgbouncer.admin_url", &pb.admin_url);
+                let green_dsn = match interpolate(pb.green_dsn.get_ref(), env) {
+                    Ok(d) => Some(d),
+                    Err(var) => {
+                        problem(line_of(pb.green_dsn.span()), "cutover.pgbouncer.green_dsn", format!("environment variable `{var}` is not set"));
+                        None
+                    }
+                };
+                let pause_timeout = match &pb.pause_timeout {
+                    None => Some(DEFAULT_PAUSE_TIMEOUT),
+                    Some(s) => match parse_duration(s.get_ref()) {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            problem(line_of(s.span()), "cutover.pgbouncer.pause_timeout", e);
+                            None
+                        }
+                    },
+                };
+                if let (Some(admin), Some(green_dsn), Some(pause_timeout)) = (admin, green_dsn, pause_timeout) {
+                    pgbouncer = Some(PgbouncerSettings {
+                        admin,
+                        database: pb.database,
+                        databases_file: pb.databases_file,
+                        green_dsn,
+                        pause_timeout,
+                    });
+                }
+            }
+        }
+        cutover.pgbouncer = pgbouncer;
+
+        let positive = |v: &Option<Spanned<i64>>, field: &str, default: i64, problems: &mut Vec<PlanProblem>| -> i64 {
+            match v {
+                None => default,
+                Some(s) if *s.get_ref() > 0 => *s.get_ref(),
+                Some(s) => {
+                    problems.push(PlanProblem { line: line_of(s.span()), field: field.into(), message: "must be a positive number".into() });
+                    default
+                }
+            }
+        };
+        let workers = positive(&raw.copy.workers, "copy.workers", default_workers() as i64, &mut problems) as usize;
+        let chunk_rows = positive(&raw.copy.chunk_rows, "copy.chunk_rows", DEFAULT_CHUNK_ROWS as i64, &mut problems) as u64;
+        let max_rows_per_second = match &raw.copy.max_rows_per_second {
+            Some(s) if *s.get_ref() < 0 => {
+                problems.push(PlanProblem { line: line_of(s.span()), field: "copy.max_rows_per_second".into(), message: "must be 0 (unlimited) or positive".into() });
+                0
+            }
+            Some(s) => *s.get_ref() as u64,
+            None => 0,
+        };
+        let copy = CopySettings { workers, chunk_rows, defer_indexes: raw.copy.defer_indexes.unwrap_or(DEFAULT_DEFER_INDEXES), max_rows_per_second };
+
+        if raw.tables.is_empty() {
+            problems.push(PlanProblem { line: 1, field: "table".into(), message: "the plan has no [[table]] entries".into() });
+        }
+        let mut tables = Vec::new();
+        for (i, t) in raw.tables.into_iter().enumerate() {
+            let index = i + 1;
+            let field = format!("table[{index}]");
+            let source_line = line_of(t.source.span());
+            let source = QualifiedName::parse(t.source.get_ref()).map_err(|e| {
+                problems.push(PlanProblem { line: source_line, field: format!("{field}.source"), message: e })
+            });
+            let (target, target_line) = match &t.target {
+                Some(s) => (QualifiedName::parse(s.get_ref()).map_err(|e| {
+                    problems.push(PlanProblem { line: line_of(s.span()), field: format!("{field}.target"), message: e })
+                }), line_of(s.span())),
+                None => (source.clone(), source_line),
+            };
+            let key_line = line_of(t.key.span());
+            let key = t.key.get_ref().clone();
+            if key.is_empty() {
+                problems.push(PlanProblem { line: key_line, field: format!("{field}.key"), message: "key must name at least one source column".into() });
+            }
+            if t.columns.is_empty() {
+                problems.push(PlanProblem { line: source_line, field: format!("{field}.columns"), message: "no columns mapped; add [table.columns] with target = \"expression\"".into() });
+            }
+            let mut columns = IndexMap::new();
+            for (col, expr) in t.columns {
+                let line = line_of(expr.span());
+                if expr.get_ref().trim().is_empty() {
+                    problems.push(PlanProblem { line, field: format!("{field}.columns.{col}"), message: "empty expression".into() });
+                }
+                columns.insert(col, (expr.get_ref().clone(), line));
+            }
+            let filter = t.filter.map(|f| (f.get_ref().clone(), line_of(f.span())));
+            if let (Ok(source), Ok(target)) = (source, target) {
+                tables.push(TableEntry { index, source, source_line, target, target_line, key, key_line, filter, columns });
+            }
+        }
+
+        match (blue, green) {
+            (Some(blue), Some(green)) if problems.is_empty() => Ok(Plan {
+                path: path.to_path_buf(),
+                name,
+                blue,
+                green,
+                copy,
+                capture: raw.capture.method.unwrap_or_default(),
+                tables,
+                cutover,
+            }),
+            _ => Err(Error::PlanInvalid { path: path.to_path_buf(), problems }),
+        }
+    }
+}
+
+/// Replaces `${VAR}` with the variable's value; returns the first missing variable's name.
+fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let var = &after[..end];
+        out.push_str(&env(var).ok_or_else(|| var.to_string())?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parses `250ms`, `2s`, `1m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{text}` is not a duration like 500ms, 2s or 1m"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" | "min" => n * 60.0,
+        _ => return Err(format!("`{text}` is not a duration like 500ms, 2s or 1m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "BLUE_URL" => Some("postgres://u:topsecret@localhost:5432/blue".into()),
+            "GREEN_URL" => Some("host=localhost dbname=green".into()),
+            _ => None,
+        }
+    }
+
+    const MINIMAL: &str = r#"
+name = "t1"
+[blue]
+url = "${BLUE_URL}"
+[green]
+url = "${GREEN_URL}"
+[[table]]
+source = "a"
+key = ["id"]
+[table.columns]
+id = "id"
+"#;
+
+    #[test]
+    fn reference_parses_as_plan() {
+        let text = include_str!("../../plans/reference.toml");
+        let env = |k: &str| Some(format!("postgres://localhost/{k}"));
+        let plan = Plan::parse(Path::new("plans/reference.toml"), text, &env).expect("reference.toml parses");
+        assert!(plan.cutover.pgbouncer.is_some());
+        assert!(!plan.tables.is_empty());
+    }
+
+    #[test]
+    fn minimal_plan_gets_defaults() {
+        let plan = Plan::parse(Path::new("p.toml"), MINIMAL, &env).unwrap();
+        assert_eq!(plan.copy.chunk_rows, DEFAULT_CHUNK_ROWS);
+        assert_eq!(plan.tables[0].target.to_string(), "public.a");
+        assert_eq!(plan.capture, CaptureMethod::Auto);
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let text = MINIMAL.replace("key = [\"id\"]", "key = [\"id\"]\nfliter = \"x\"");
+        let err = Plan::parse(Path::new("p.toml"), &text, &env).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("p.toml:10:1") && msg.contains("fliter"), "{msg}");
+    }
+
+    #[test]
+    fn missing_env_var_is_named() {
+        let text = MINIMAL.replace("GREEN_URL", "NOPE_URL");
+        let msg = Plan::parse(Path::new("p.toml"), &text, &env).unwrap_err().to_string();
+        assert!(msg.contains("NOPE_URL") && msg.contains("green.url") && msg.contains(":6"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_all_reported() {
+        let text = MINIMAL.replace("t1", "Bad Name") + "[copy]\nworkers = 0\n";
+        let msg = Plan::parse(Path::new("p.toml"), &text, &env).unwrap_err().to_string();
+        assert!(msg.contains("name") && msg.contains("copy.workers"), "{msg}");
+        assert!(!msg.contains("topsecret"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("2 parsecs").is_err());
+    }
+}

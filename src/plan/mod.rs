@@ -1,0 +1,220 @@
+//! Stage 0: the plan. A TOML file becomes a [`Plan`] (file checks only), then, against both
+//! catalogs, a [`ResolvedPlan`]: typed column mappings, keys, the SELECT each later stage runs,
+//! deferred indexes, sequences and estimates. Every later stage works from the resolved plan.
+
+mod file;
+mod prereq;
+mod report;
+mod resolve;
+
+pub use file::{parse_duration, CaptureMethod, CopySettings, CutoverSettings, PgbouncerSettings, Plan, TableEntry};
+pub use report::{human_bytes as render_size, render_json, render_text};
+pub use resolve::resolve;
+
+use serde::Serialize;
+
+use crate::pg::{catalog::DeferredObject, ident, QualifiedName};
+
+/// A problem found while resolving: it names the table and column, where in the file, and the
+/// fix when we know it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// Key path in the plan, e.g. `table[2].columns.scopes`.
+    pub field: String,
+    /// Line in the plan file, when the problem comes from a line.
+    pub line: Option<usize>,
+    /// Table the problem concerns (as written in the plan).
+    pub table: Option<String>,
+    /// Column the problem concerns.
+    pub column: Option<String>,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub fix: Option<String>,
+}
+
+/// One target column and where its value comes from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolvedColumn {
+    /// Target column name.
+    pub name: String,
+    /// Target column type (`format_type` on green).
+    pub target_type: String,
+    /// Expression over the source row; `None` means the column takes its default.
+    pub expr: Option<String>,
+    /// Type the expression has on blue.
+    pub expr_type: Option<String>,
+}
+
+/// A key column on both sides.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyColumn {
+    /// Column name on blue.
+    pub source: String,
+    /// Column name on green (the target column mapped verbatim from it).
+    pub target: String,
+    /// Type name on blue.
+    pub source_type: String,
+    /// The key is a single integer column (chunked arithmetically).
+    pub integer: bool,
+}
+
+/// A sequence to carry over at cutover.
+#[derive(Debug, Clone, Serialize)]
+pub struct SequenceMapping {
+    /// Target column that owns it.
+    pub column: String,
+    /// Sequence on green (qualified, quoted).
+    pub green_sequence: String,
+    /// Sequence on blue behind the source column, when the column is copied verbatim.
+    pub blue_sequence: Option<String>,
+}
+
+/// Size estimate from blue's statistics.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Estimate {
+    /// Rows (reltuples; exact count when never analyzed and small).
+    pub rows: u64,
+    /// Bytes (heap, TOAST and indexes).
+    pub bytes: u64,
+}
+
+/// A table entry resolved against both catalogs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolvedTable {
+    /// 1-based position in the plan.
+    pub index: usize,
+    /// Source table on blue.
+    pub source: QualifiedName,
+    /// Target table on green.
+    pub target: QualifiedName,
+    /// Every target column, mapped or defaulted, in target order.
+    pub columns: Vec<ResolvedColumn>,
+    /// Key columns.
+    pub key: Vec<KeyColumn>,
+    /// Filter over the source row.
+    pub filter: Option<String>,
+    /// Indexes and constraints dropped before the bulk load and rebuilt after.
+    pub deferred: Vec<DeferredObject>,
+    /// Sequences carried at cutover.
+    pub sequences: Vec<SequenceMapping>,
+    /// Size estimate.
+    pub estimate: Estimate,
+    /// Binary COPY is safe (no user-defined array or composite types, whose binary form embeds
+    /// server-specific OIDs).
+    pub binary_copy: bool,
+}
+
+impl ResolvedTable {
+    /// Target columns that receive a value, in order.
+    pub fn mapped(&self) -> impl Iterator<Item = &ResolvedColumn> {
+        self.columns.iter().filter(|c| c.expr.is_some())
+    }
+
+    /// The transforming SELECT list: `(expr)::type AS "col", ...`.
+    pub fn select_list(&self) -> String {
+        self.mapped()
+            .map(|c| format!("({})::{} AS {}", c.expr.as_deref().unwrap_or("NULL"), c.target_type, ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Quoted target column list for COPY and INSERT.
+    pub fn target_column_list(&self) -> String {
+        self.mapped().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The transforming SELECT over blue restricted by `condition` (and the plan's filter).
+    pub fn source_select(&self, condition: Option<&str>) -> String {
+        let mut conds = Vec::new();
+        if let Some(c) = condition {
+            conds.push(format!("({c})"));
+        }
+        if let Some(f) = &self.filter {
+            conds.push(format!("({f})"));
+        }
+        let where_ = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+        format!("SELECT {} FROM {}{}", self.select_list(), self.source.quoted(), where_)
+    }
+
+    /// Quoted key columns on blue: `"a", "b"`.
+    pub fn source_key_list(&self) -> String {
+        self.key.iter().map(|k| ident(&k.source)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Quoted key columns on green.
+    pub fn target_key_list(&self) -> String {
+        self.key.iter().map(|k| ident(&k.target)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// How changes on blue will be captured, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureDecision {
+    /// The method that will be used.
+    pub method: CaptureMethod,
+    /// Why (e.g. `wal_level is replica`).
+    pub reason: String,
+}
+
+/// A prerequisite that was checked, for the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it holds.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+/// The plan resolved against both catalogs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolvedPlan {
+    /// Plan name.
+    pub name: String,
+    /// Redacted blue target.
+    pub blue: String,
+    /// Redacted green target.
+    pub green: String,
+    /// Copy settings in force.
+    pub copy: CopySettings,
+    /// Capture method and why.
+    pub capture: CaptureDecision,
+    /// Resolved tables in plan order.
+    pub tables: Vec<ResolvedTable>,
+    /// Prerequisites checked.
+    pub checks: Vec<Check>,
+    /// Problems; empty means the plan is sound.
+    pub problems: Vec<Problem>,
+    /// Estimated copy time in seconds.
+    pub estimated_seconds: f64,
+}
+
+impl ResolvedPlan {
+    /// The ordered steps `copy` and `cutover` will run.
+    pub fn steps(&self) -> Vec<String> {
+        let n = self.tables.len();
+        let deferred: usize = self.tables.iter().map(|t| t.deferred.len()).sum();
+        let mut steps = vec![match self.capture.method {
+            CaptureMethod::Trigger => format!("capture: install row triggers and a change table on blue for {n} table(s)"),
+            _ => format!("capture: create publication and logical slot `bluegreen_{}` on blue for {n} table(s)", self.name.replace('-', "_")),
+        }];
+        if self.copy.defer_indexes && deferred > 0 {
+            steps.push(format!("copy: record and drop {deferred} index(es)/constraint(s) on green"));
+        }
+        steps.push(format!(
+            "copy: {n} table(s), {} rows estimated, in chunks of {} rows with {} worker(s)",
+            self.tables.iter().map(|t| t.estimate.rows).sum::<u64>(),
+            self.copy.chunk_rows,
+            self.copy.workers
+        ));
+        if self.copy.defer_indexes && deferred > 0 {
+            steps.push("copy: rebuild indexes and constraints per table; foreign keys NOT VALID, then VALIDATE".into());
+        }
+        steps.push("follow: apply captured keys to green until stopped or switched".into());
+        steps.push("verify: checksum every key range on both sides".into());
+        steps.push("cutover: PAUSE, drain, re-verify, sequences, repoint PgBouncer, RESUME".into());
+        steps
+    }
+}

@@ -1,0 +1,159 @@
+//! `migrate plan` output: text for a pull-request review, JSON with the same content in a stable
+//! shape (documented in docs/plan-reference.md).
+
+use std::fmt::Write;
+
+use super::{file::Plan, ResolvedPlan};
+
+/// Renders a resolved plan (or, with `resolved = None`, the offline view of the file) as text.
+pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "plan {} ({})", plan.name, plan.path.display());
+    let _ = writeln!(o, "  blue   {}", plan.blue);
+    let _ = writeln!(o, "  green  {}", plan.green);
+    let c = &plan.copy;
+    let _ = writeln!(
+        o,
+        "  copy   {} worker(s), chunks of {} rows, indexes {}{}",
+        c.workers,
+        c.chunk_rows,
+        if c.defer_indexes { "deferred" } else { "kept" },
+        if c.max_rows_per_second > 0 { format!(", at most {} rows/s", c.max_rows_per_second) } else { String::new() }
+    );
+    let Some(r) = resolved else {
+        let _ = writeln!(o, "  (offline: the file is valid; catalogs, types and prerequisites were not checked)\n");
+        for t in &plan.tables {
+            let _ = writeln!(o, "table[{}] {} -> {}", t.index, t.source, t.target);
+            let _ = writeln!(o, "  key     {}", t.key.join(", "));
+            if let Some((f, _)) = &t.filter {
+                let _ = writeln!(o, "  filter  {f}");
+            }
+            for (col, (expr, _)) in &t.columns {
+                let _ = writeln!(o, "    {col:<24} <- {expr}");
+            }
+            o.push('\n');
+        }
+        return o;
+    };
+    let _ = writeln!(o, "  capture {:?}: {}\n", r.capture.method, r.capture.reason);
+    for t in &r.tables {
+        let _ = writeln!(o, "table[{}] {} -> {}", t.index, t.source, t.target);
+        let key: Vec<String> = t.key.iter().map(|k| format!("{} -> {} ({})", k.source, k.target, k.source_type)).collect();
+        let _ = writeln!(o, "  key       {}", key.join(", "));
+        let _ = writeln!(o, "  filter    {}", t.filter.as_deref().unwrap_or("(none)"));
+        let _ = writeln!(o, "  estimate  ~{} rows, {}", t.estimate.rows, human_bytes(t.estimate.bytes));
+        let _ = writeln!(o, "  columns");
+        let width = t.columns.iter().map(|c| c.name.len()).max().unwrap_or(0).max(12);
+        for col in &t.columns {
+            let from = match (&col.expr, &col.expr_type) {
+                (Some(e), Some(ty)) if ty != &col.target_type => format!("{e}   [{ty}]"),
+                (Some(e), _) => e.clone(),
+                (None, _) => "default".into(),
+            };
+            let _ = writeln!(o, "    {:<width$}  {:<28} <- {from}", col.name, col.target_type);
+        }
+        if !t.deferred.is_empty() {
+            let _ = writeln!(o, "  deferred");
+            for d in &t.deferred {
+                let _ = writeln!(o, "    {} {}: {}", d.kind, d.name, d.create_sql);
+            }
+        }
+        for s in &t.sequences {
+            let from = s.blue_sequence.as_deref().map(|b| format!("blue {b}")).unwrap_or_else(|| format!("max({}) on green", s.column));
+            let _ = writeln!(o, "  sequence  {} ({}) <- {from}", s.green_sequence, s.column);
+        }
+        o.push('\n');
+    }
+    let _ = writeln!(o, "checks");
+    for c in &r.checks {
+        let _ = writeln!(o, "  {}  {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+    }
+    let _ = writeln!(o, "\nsteps");
+    for (i, s) in r.steps().iter().enumerate() {
+        let _ = writeln!(o, "  {}. {s}", i + 1);
+    }
+    let total: u64 = r.tables.iter().map(|t| t.estimate.bytes).sum();
+    let _ = writeln!(o, "\nestimate  {} on blue, copy about {:.0} s", human_bytes(total), r.estimated_seconds.ceil());
+    if r.problems.is_empty() {
+        let _ = writeln!(o, "\nplan is sound");
+    } else {
+        let _ = writeln!(o, "\n{} problem(s):", r.problems.len());
+        for p in &r.problems {
+            o.push_str(&problem_line(plan, p));
+        }
+    }
+    o
+}
+
+fn problem_line(plan: &Plan, p: &super::Problem) -> String {
+    let loc = match p.line {
+        Some(l) => format!("{}:{l}: ", plan.path.display()),
+        None => format!("{}: ", plan.path.display()),
+    };
+    let what = match (&p.table, &p.column) {
+        (Some(t), Some(c)) => format!(" [{t}.{c}]"),
+        (Some(t), None) => format!(" [{t}]"),
+        _ => String::new(),
+    };
+    let mut s = format!("  {loc}{}{what}: {}\n", p.field, p.message);
+    if let Some(fix) = &p.fix {
+        s.push_str(&format!("      fix: {fix}\n"));
+    }
+    s
+}
+
+/// Renders the same content as JSON (`offline: true` with the file's tables when unresolved).
+pub fn render_json(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
+    let value = match resolved {
+        Some(r) => serde_json::json!({
+            "plan": plan.path.display().to_string(),
+            "offline": false,
+            "sound": r.problems.is_empty(),
+            "name": r.name,
+            "blue": r.blue,
+            "green": r.green,
+            "copy": r.copy,
+            "capture": r.capture,
+            "tables": r.tables,
+            "checks": r.checks,
+            "steps": r.steps(),
+            "estimated_seconds": r.estimated_seconds,
+            "problems": r.problems,
+        }),
+        None => serde_json::json!({
+            "plan": plan.path.display().to_string(),
+            "offline": true,
+            "sound": true,
+            "name": plan.name,
+            "blue": plan.blue.to_string(),
+            "green": plan.green.to_string(),
+            "copy": plan.copy,
+            "tables": plan.tables.iter().map(|t| serde_json::json!({
+                "index": t.index,
+                "source": t.source,
+                "target": t.target,
+                "key": t.key,
+                "filter": t.filter.as_ref().map(|(f, _)| f),
+                "columns": t.columns.iter().map(|(c, (e, _))| (c.clone(), e.clone())).collect::<indexmap::IndexMap<_, _>>(),
+            })).collect::<Vec<_>>(),
+            "problems": [],
+        }),
+    };
+    serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
+}
+
+/// `1.5 MB` style sizes.
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}

@@ -1,0 +1,274 @@
+//! Resolution: the plan checked against blue's and green's catalogs, every problem collected.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+
+use super::{
+    file::{Plan, TableEntry},
+    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable, SequenceMapping,
+};
+use crate::{
+    error::{pg_message, Error, Result},
+    pg::{
+        catalog::{self, TableInfo, TypeRules},
+        ident, Side,
+    },
+};
+
+/// Bytes per second assumed for the time estimate; measured by `examples/bench_copy.rs` on a
+/// 2-core machine (copy including index rebuild), see docs/performance.md.
+pub const ESTIMATE_BYTES_PER_SECOND: f64 = 120.0 * 1024.0 * 1024.0;
+
+/// Tables smaller than this are counted exactly when they have never been analyzed.
+const EXACT_COUNT_BELOW_BYTES: i64 = 64 * 1024 * 1024;
+
+/// Resolves a plan against both databases. Connection failures are errors (naming the side);
+/// everything wrong with the plan itself is collected into `problems`.
+pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<ResolvedPlan> {
+    let rules = TypeRules::load(blue, Side::Blue).await?;
+    let mut problems = Vec::new();
+    let mut tables = Vec::new();
+    for entry in &plan.tables {
+        if let Some(t) = resolve_table(entry, blue, green, &rules, &mut problems).await? {
+            tables.push(t);
+        }
+    }
+    check_overlaps(plan, &mut problems);
+    let (capture, checks) = prereq::check(plan, &tables, blue, green, &mut problems).await?;
+    let bytes: u64 = tables.iter().map(|t| t.estimate.bytes).sum();
+    Ok(ResolvedPlan {
+        name: plan.name.clone(),
+        blue: plan.blue.to_string(),
+        green: plan.green.to_string(),
+        copy: plan.copy.clone(),
+        capture,
+        tables,
+        checks,
+        problems,
+        estimated_seconds: bytes as f64 / ESTIMATE_BYTES_PER_SECOND,
+    })
+}
+
+/// Collects problems for one table entry; returns the resolved table when both sides exist.
+struct Ctx<'a> {
+    entry: &'a TableEntry,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn report(&mut self, field: &str, line: usize, column: Option<&str>, message: String, fix: Option<String>) {
+        self.problems.push(Problem {
+            field: if field.is_empty() { self.entry.path() } else { format!("{}.{field}", self.entry.path()) },
+            line: Some(line),
+            table: Some(self.entry.target.to_string()),
+            column: column.map(str::to_string),
+            message,
+            fix,
+        });
+    }
+}
+
+async fn resolve_table(
+    entry: &TableEntry,
+    blue: &Client,
+    green: &Client,
+    rules: &TypeRules,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<ResolvedTable>> {
+    let mut cx = Ctx { entry, problems };
+    let src = catalog::table_info(blue, Side::Blue, &entry.source).await?;
+    let tgt = catalog::table_info(green, Side::Green, &entry.target).await?;
+    if src.is_none() {
+        cx.report("source", entry.source_line, None, format!("source table {} does not exist on blue", entry.source), None);
+    }
+    if tgt.is_none() {
+        cx.report("target", entry.target_line, None, format!("target table {} does not exist on green", entry.target), None);
+    }
+    let (Some(src), Some(tgt)) = (src, tgt) else { return Ok(None) };
+
+    let columns = resolve_columns(&mut cx, &tgt, blue, rules).await?;
+    let key = resolve_key(&mut cx, &src, &tgt);
+    if let Some((filter, line)) = &entry.filter {
+        let sql = format!("SELECT ({filter}) FROM {} LIMIT 0", entry.source.quoted());
+        match blue.prepare(&sql).await {
+            Ok(st) if st.columns()[0].type_() == &tokio_postgres::types::Type::BOOL => {}
+            Ok(st) => cx.report("filter", *line, None, format!("filter has type {}, not boolean", st.columns()[0].type_().name()), None),
+            Err(e) => cx.report("filter", *line, None, format!("filter is not valid on blue {}: {}", entry.source, pg_message(&e)), None),
+        }
+    }
+    let sequences = tgt
+        .columns
+        .iter()
+        .filter_map(|c| {
+            let green_sequence = c.sequence.clone()?;
+            let expr = entry.columns.get(&c.name).map(|(e, _)| e.trim().to_string());
+            let blue_sequence = expr
+                .and_then(|e| src.columns.iter().find(|s| s.name == e || ident(&s.name) == e))
+                .and_then(|s| s.sequence.clone());
+            Some(SequenceMapping { column: c.name.clone(), green_sequence, blue_sequence })
+        })
+        .collect();
+    let deferred = catalog::deferrable_objects(green, &entry.target, tgt.oid).await?;
+    let estimate = estimate(blue, entry, &src).await?;
+    let binary_copy = green
+        .query_one(
+            "SELECT count(*) = 0 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+               AND t.oid >= 16384 AND t.typcategory IN ('A', 'C')",
+            &[&tgt.oid],
+        )
+        .await
+        .map_err(Error::db(format!("green: reading column types of {}", entry.target)))?
+        .get(0);
+    let table = ResolvedTable {
+        index: entry.index,
+        source: entry.source.clone(),
+        target: entry.target.clone(),
+        columns,
+        key: key.unwrap_or_default(),
+        filter: entry.filter.as_ref().map(|(f, _)| f.clone()),
+        deferred,
+        sequences,
+        estimate,
+        binary_copy,
+    };
+    Ok(Some(table))
+}
+
+async fn resolve_columns(
+    cx: &mut Ctx<'_>,
+    tgt: &TableInfo,
+    blue: &Client,
+    rules: &TypeRules,
+) -> Result<Vec<ResolvedColumn>> {
+    let entry = cx.entry;
+    for (name, (_, line)) in &entry.columns {
+        match tgt.column(name) {
+            None => cx.report(&format!("columns.{name}"), *line, Some(name), format!("target table {} has no column `{name}`", entry.target), None),
+            Some(c) if c.generated => cx.report(&format!("columns.{name}"), *line, Some(name), format!("{}.{name} is a generated column and cannot be written", entry.target), Some(format!("remove `{name}` from [table.columns]"))),
+            Some(_) => {}
+        }
+    }
+    let mut out = Vec::new();
+    for col in &tgt.columns {
+        let Some((expr, line)) = entry.columns.get(&col.name) else {
+            if col.not_null && !col.has_default {
+                cx.report("columns", entry.source_line, Some(&col.name),
+                    format!("target column {}.{} ({}) is NOT NULL, has no default and is not mapped", entry.target, col.name, col.type_name),
+                    Some(format!("add `{} = \"<expression over {}>\"` to [table.columns]", col.name, entry.source)));
+            }
+            out.push(ResolvedColumn { name: col.name.clone(), target_type: col.type_name.clone(), expr: None, expr_type: None });
+            continue;
+        };
+        let field = format!("columns.{}", col.name);
+        let sql = format!("SELECT ({expr}) FROM {} LIMIT 0", entry.source.quoted());
+        let expr_type = match blue.prepare(&sql).await {
+            Err(e) => {
+                cx.report(&field, *line, Some(&col.name), format!("expression `{expr}` is not valid on blue {}: {}", entry.source, pg_message(&e)), None);
+                None
+            }
+            Ok(st) => {
+                let ty = st.columns()[0].type_().clone();
+                let row = blue
+                    .query_one("SELECT to_regtype($1)::oid, format_type($2, NULL)", &[&col.type_name, &ty.oid()])
+                    .await
+                    .map_err(Error::db("blue: looking up target types"))?;
+                let target_oid: Option<u32> = row.get(0);
+                let expr_type: String = row.get(1);
+                match target_oid {
+                    None => cx.report(&field, *line, Some(&col.name), format!("target type {} does not exist on blue, where the transform runs", col.type_name), Some(format!("create the type on blue or map `{}` to an expression of a built-in type", col.name))),
+                    Some(oid) if !rules.assignable(ty.oid(), oid) => cx.report(&field, *line, Some(&col.name),
+                        format!("expression `{expr}` has type {expr_type}, but {}.{} is {}", entry.target, col.name, col.type_name),
+                        Some(format!("convert it explicitly, e.g. `({expr})::{}`, if every value converts", col.type_name))),
+                    Some(_) => {}
+                }
+                // Shown in the report only when a conversion happens.
+                Some(if target_oid == Some(ty.oid()) { col.type_name.clone() } else { expr_type })
+            }
+        };
+        out.push(ResolvedColumn { name: col.name.clone(), target_type: col.type_name.clone(), expr: Some(expr.clone()), expr_type });
+    }
+    Ok(out)
+}
+
+fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec<KeyColumn>> {
+    let entry = cx.entry;
+    let mut key = Vec::new();
+    for k in &entry.key {
+        let Some(sc) = src.column(k) else {
+            cx.report("key", entry.key_line, Some(k), format!("key column `{k}` does not exist on blue {}", entry.source), None);
+            continue;
+        };
+        let target = entry.columns.iter().find(|(_, (e, _))| e.trim() == k || e.trim() == ident(k)).map(|(t, _)| t.clone());
+        let Some(target) = target else {
+            cx.report("key", entry.key_line, Some(k), format!("key column `{k}` is not mapped verbatim to any target column of {}", entry.target), Some(format!("map a target column to exactly `{k}`")));
+            continue;
+        };
+        let integer = matches!(sc.type_name.as_str(), "integer" | "bigint" | "smallint");
+        key.push(KeyColumn { source: k.clone(), target, source_type: sc.type_name.clone(), integer: integer && entry.key.len() == 1 });
+    }
+    if key.len() != entry.key.len() {
+        return None;
+    }
+    let blue_unique = src.unique_keys.iter().any(|u| {
+        u.columns.iter().all(|c| entry.key.contains(c) && src.column(c).is_some_and(|c| c.not_null))
+    });
+    if !blue_unique {
+        cx.report("key", entry.key_line, None,
+            format!("key ({}) is not unique on blue {}: no primary key or unique index on NOT NULL columns within it", entry.key.join(", "), entry.source),
+            Some(format!("use the primary key of {} or add a unique index on ({})", entry.source, entry.key.join(", "))));
+    }
+    let mut target_set: Vec<&str> = key.iter().map(|k| k.target.as_str()).collect();
+    target_set.sort();
+    let green_unique = tgt.unique_keys.iter().any(|u| {
+        let mut cols: Vec<&str> = u.columns.iter().map(String::as_str).collect();
+        cols.sort();
+        cols == target_set
+    });
+    if !green_unique {
+        cx.report("key", entry.key_line, None,
+            format!("key maps to ({}) on green {}, which is not a primary key or unique index there", target_set.join(", "), entry.target),
+            Some(format!("add a unique index on {} ({}) or choose a key that maps onto one", entry.target, target_set.join(", "))));
+    }
+    Some(key)
+}
+
+async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<Estimate> {
+    let bytes = src.total_bytes.max(0) as u64;
+    let rows = if src.reltuples >= 0.0 {
+        src.reltuples as u64
+    } else if src.total_bytes < EXACT_COUNT_BELOW_BYTES {
+        let n: i64 = blue
+            .query_one(&format!("SELECT count(*) FROM {}", entry.source.quoted()), &[])
+            .await
+            .map_err(Error::db(format!("blue: counting {}", entry.source)))?
+            .get(0);
+        n as u64
+    } else {
+        bytes / 200
+    };
+    Ok(Estimate { rows, bytes })
+}
+
+/// Two entries writing one target table must each carry a filter (the operator's statement that
+/// they partition the rows); otherwise they would overwrite each other's rows unknowingly.
+fn check_overlaps(plan: &Plan, problems: &mut Vec<Problem>) {
+    let mut by_target: HashMap<String, Vec<&TableEntry>> = HashMap::new();
+    for t in &plan.tables {
+        by_target.entry(t.target.to_string()).or_default().push(t);
+    }
+    for (target, entries) in by_target {
+        if entries.len() > 1 && entries.iter().any(|e| e.filter.is_none()) {
+            let paths: Vec<String> = entries.iter().map(|e| e.path()).collect();
+            problems.push(Problem {
+                field: paths.join(", "),
+                line: Some(entries[1].target_line),
+                table: Some(target.clone()),
+                column: None,
+                message: format!("{} all write {target}; without a filter on each they overwrite each other's rows", paths.join(" and ")),
+                fix: Some("merge the entries, or give each a filter so that they partition the source rows".into()),
+            });
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! What we persist on green, so that every command resumes from state instead of guessing:
+//! the migration phase, each table's state with its deferred indexes, and every copy chunk.
+//! The schema is `bluegreen_<plan>`; our objects on blue use the same name.
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::{
+    error::{Error, Result},
+    pg::{catalog::DeferredObject, ident},
+    plan::Plan,
+    Format,
+};
+
+/// The schema on green that holds this plan's state; also the name of our schema on blue.
+pub fn schema_name(plan: &str) -> String {
+    format!("bluegreen_{}", plan.replace('-', "_"))
+}
+
+/// Replication slot and publication name on blue (slot names allow only `[a-z0-9_]`).
+pub fn slot_name(plan: &str) -> String {
+    schema_name(plan)
+}
+
+/// The migration's phase, stored as JSON in `<schema>.migration`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Set by `copy` when it creates the state; next: `Copying`.
+    Planned,
+    /// Set by `copy` before the first chunk; next: `Following` once every table is done.
+    Copying,
+    /// Set by `copy` when all tables are copied and indexed; green follows blue from here.
+    /// `lsn` is the capture position reached, when known.
+    Following {
+        /// Last capture position applied.
+        lsn: Option<String>,
+    },
+    /// Set by `cutover` while it switches; `step` is the step reached.
+    CuttingOver {
+        /// Step name.
+        step: String,
+    },
+    /// Set by `cutover` after RESUME on green. Final.
+    Switched,
+    /// Set by `cutover` when it gave up and left traffic on blue; next: `Following`.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Phase {
+    /// The name used in `status` (`copying`, `following`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Planned => "planned",
+            Phase::Copying => "copying",
+            Phase::Following { .. } => "following",
+            Phase::CuttingOver { .. } => "cutting-over",
+            Phase::Switched => "switched",
+            Phase::Aborted { .. } => "aborted",
+        }
+    }
+}
+
+/// One target table's copy state, stored in `<schema>.tables`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TableState {
+    /// Nothing done yet. Next: `Loading`, set in the same transaction that records the chunks
+    /// and drops the deferred indexes.
+    Pending,
+    /// Chunks are being copied; deferred objects are dropped. Next: `Indexing`.
+    Loading,
+    /// Every chunk is done; indexes are being rebuilt. Next: `Done`.
+    Indexing,
+    /// Copied and indexed; apply may write to it.
+    Done,
+}
+
+/// Handle to this plan's state on green.
+#[derive(Debug, Clone)]
+pub struct State {
+    schema: String,
+}
+
+impl State {
+    /// The state of `plan` (nothing is created until [`State::ensure`]).
+    pub fn new(plan: &str) -> Self {
+        Self { schema: ident(&schema_name(plan)) }
+    }
+
+    /// A table of the state schema, quoted.
+    pub fn table(&self, name: &str) -> String {
+        format!("{}.{}", self.schema, ident(name))
+    }
+
+    /// Creates the schema and tables if missing.
+    pub async fn ensure(&self, green: &Client, plan: &str) -> Result<()> {
+        let s = &self.schema;
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.migration (
+                 id int PRIMARY KEY CHECK (id = 1), plan text NOT NULL, state jsonb NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS {s}.tables (
+                 target text PRIMARY KEY, state text NOT NULL, rows_estimated bigint NOT NULL DEFAULT 0,
+                 deferred jsonb NOT NULL DEFAULT '[]', updated_at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS {s}.chunks (
+                 target text NOT NULL, chunk int NOT NULL, lower text[], upper text[],
+                 done boolean NOT NULL DEFAULT false, rows bigint, bytes bigint, seconds float8,
+                 finished_at timestamptz, PRIMARY KEY (target, chunk));
+             INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
+             ON CONFLICT (id) DO NOTHING;",
+            plan = crate::pg::literal(plan),
+        );
+        green.batch_execute(&sql).await.map_err(Error::db("green: creating migration state"))
+    }
+
+    /// Reads the phase; `None` when there is no state yet.
+    pub async fn phase(&self, green: &impl GenericClient) -> Result<Option<Phase>> {
+        let exists: bool = green
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table("migration")])
+            .await
+            .map_err(Error::db("green: reading migration state"))?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let row = green
+            .query_opt(&format!("SELECT state FROM {} WHERE id = 1", self.table("migration")), &[])
+            .await
+            .map_err(Error::db("green: reading migration state"))?;
+        Ok(row.and_then(|r| serde_json::from_value(r.get(0)).ok()))
+    }
+
+    /// Stores the phase.
+    pub async fn set_phase(&self, green: &impl GenericClient, phase: &Phase) -> Result<()> {
+        let value = serde_json::to_value(phase).map_err(|e| Error::Runtime(e.to_string()))?;
+        green
+            .execute(&format!("UPDATE {} SET state = $1, updated_at = now() WHERE id = 1", self.table("migration")), &[&value])
+            .await
+            .map_err(Error::db("green: saving migration phase"))?;
+        Ok(())
+    }
+
+    /// Reads a table's state and its recorded deferred objects.
+    pub async fn table_state(&self, green: &impl GenericClient, target: &str) -> Result<Option<(TableState, Vec<DeferredObject>)>> {
+        let row = green
+            .query_opt(&format!("SELECT state, deferred FROM {} WHERE target = $1", self.table("tables")), &[&target])
+            .await
+            .map_err(Error::db(format!("green: reading state of {target}")))?;
+        Ok(row.map(|r| {
+            let state = serde_json::from_value(serde_json::Value::String(r.get(0))).unwrap_or(TableState::Pending);
+            let deferred = serde_json::from_value(r.get(1)).unwrap_or_default();
+            (state, deferred)
+        }))
+    }
+
+    /// Stores a table's state (and, when given, its deferred objects).
+    pub async fn set_table_state(
+        &self,
+        green: &impl GenericClient,
+        target: &str,
+        state: TableState,
+        rows_estimated: u64,
+        deferred: Option<&[DeferredObject]>,
+    ) -> Result<()> {
+        let state_text = serde_json::to_value(state).map_err(|e| Error::Runtime(e.to_string()))?;
+        let state_text = state_text.as_str().unwrap_or("pending").to_string();
+        let deferred = deferred.map(|d| serde_json::to_value(d).unwrap_or_default());
+        green
+            .execute(
+                &format!(
+                    "INSERT INTO {} (target, state, rows_estimated, deferred) VALUES ($1, $2, $3, COALESCE($4, '[]'::jsonb)) \
+                     ON CONFLICT (target) DO UPDATE SET state = EXCLUDED.state, updated_at = now(), \
+                       deferred = COALESCE($4, {}.deferred)",
+                    self.table("tables"),
+                    self.table("tables"),
+                ),
+                &[&target, &state_text, &(rows_estimated as i64), &deferred],
+            )
+            .await
+            .map_err(Error::db(format!("green: saving state of {target}")))?;
+        Ok(())
+    }
+}
+
+/// `migrate status`: phase and per-table progress from the state on green.
+pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Result<String> {
+    let state = State::new(&plan.name);
+    let phase = state.phase(green).await?;
+    let mut tables = Vec::new();
+    if phase.is_some() {
+        let rows = green
+            .query(
+                &format!(
+                    "SELECT t.target, t.state, t.rows_estimated, \
+                            COALESCE(sum(c.rows) FILTER (WHERE c.done), 0)::int8, \
+                            count(c.chunk) FILTER (WHERE c.done), count(c.chunk) \
+                     FROM {} t LEFT JOIN {} c ON c.target = t.target GROUP BY 1, 2, 3 ORDER BY 1",
+                    state.table("tables"),
+                    state.table("chunks")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading table progress"))?;
+        for r in rows {
+            tables.push(serde_json::json!({
+                "table": r.get::<_, String>(0),
+                "state": r.get::<_, String>(1),
+                "rows_estimated": r.get::<_, i64>(2),
+                "rows_copied": r.get::<_, i64>(3),
+                "chunks_done": r.get::<_, i64>(4),
+                "chunks": r.get::<_, i64>(5),
+            }));
+        }
+    }
+    let phase_name = phase.as_ref().map(Phase::name).unwrap_or("planned");
+    let value = serde_json::json!({
+        "plan": plan.name,
+        "phase": phase_name,
+        "detail": phase,
+        "tables": tables,
+        "capture": { "lag_bytes": serde_json::Value::Null },
+    });
+    Ok(match format {
+        Format::Json => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
+        Format::Text => {
+            let mut o = format!("plan {}  phase {}\n", plan.name, phase_name);
+            if phase.is_none() {
+                o.push_str("  no state on green yet: `migrate copy` has not run\n");
+            }
+            for t in &tables {
+                o.push_str(&format!(
+                    "  {:<40} {:<9} {:>12} / ~{:<12} rows  {}/{} chunks\n",
+                    t["table"].as_str().unwrap_or(""),
+                    t["state"].as_str().unwrap_or(""),
+                    t["rows_copied"],
+                    t["rows_estimated"],
+                    t["chunks_done"],
+                    t["chunks"]
+                ));
+            }
+            o
+        }
+    })
+}

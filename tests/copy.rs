@@ -1,0 +1,1 @@
+//! `migrate copy` against real clusters.

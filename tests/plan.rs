@@ -1,0 +1,180 @@
+//! `migrate plan` against real clusters: the sound fixture plan, each kind of problem, parse
+//! errors, unreachable databases, and the PgBouncer prerequisite.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{run, Bouncer, Oauth};
+
+#[test]
+fn fixture_plan_is_sound_and_shows_the_mapping() {
+    let s = Oauth::new(2000);
+    let plan = s.write_plan(&Oauth::plan_text());
+    let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    for expected in [
+        "public.hydra_oauth2_access -> public.oauth2_access_tokens",
+        "scopes",
+        "<- array_remove(string_to_array(scope, ' '), '')",
+        "migrated_at",
+        "<- default",
+        "primary key oauth2_access_tokens_pkey",
+        "sequence  public.oauth2_clients_pk_seq (pk) <- blue public.hydra_client_pk_seq",
+        "REFERENCES public.oauth2_clients(id)",
+        "requested_at AT TIME ZONE 'UTC'   [timestamp with time zone]",
+        "key       subject -> subject (text), client_id -> client_id (text)",
+        "capture Logical",
+        "plan is sound",
+    ] {
+        assert!(r.stdout.contains(expected), "missing `{expected}` in:\n{r:?}");
+    }
+    let json = run(&mut s.migrate(&["plan", plan.to_str().unwrap(), "--format", "json"]));
+    assert_eq!(json.code, 0, "{json:?}");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["sound"], true);
+    assert_eq!(v["tables"].as_array().unwrap().len(), 6);
+    let access = &v["tables"][1];
+    assert_eq!(access["target"]["name"], "oauth2_access_tokens");
+    assert!(access["estimate"]["rows"].as_u64().unwrap() >= 1500, "{access}");
+    let cols = access["columns"].as_array().unwrap();
+    let migrated = cols.iter().find(|c| c["name"] == "migrated_at").unwrap();
+    assert!(migrated["expr"].is_null());
+}
+
+/// Applies `edit` to the fixture plan, runs `migrate plan`, expects exit 1 and every `needles`
+/// in the output.
+fn expect_problem(s: &Oauth, edit: impl Fn(String) -> String, needles: &[&str]) {
+    let plan = s.write_plan(&edit(Oauth::plan_text()));
+    let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    for n in needles {
+        assert!(r.stdout.contains(n), "missing `{n}` in:\n{r:?}");
+    }
+}
+
+#[test]
+fn each_problem_is_named() {
+    let s = Oauth::new(2000);
+    // Unknown source column in an expression.
+    expect_problem(&s, |p| p.replace("secret = \"client_secret\"", "secret = \"client_secrt\""),
+        &["table[1].columns.secret", "client_secrt", "does not exist"]);
+    // Expression of the wrong type: text into jsonb without a cast.
+    expect_problem(&s, |p| p.replace("session_id_token = \"session_id_token::jsonb\"", "session_id_token = \"session_id_token\""),
+        &["table[4].columns.session_id_token", "has type text", "is jsonb", "fix:"]);
+    // Uncovered NOT NULL target column (nid has no default).
+    expect_problem(&s, |p| p.replacen("nid = \"'5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11'::uuid\"   # new NOT NULL", "# nid removed # new NOT NULL", 1),
+        &["public.oauth2_clients.nid", "NOT NULL, has no default and is not mapped"]);
+    // Missing table.
+    expect_problem(&s, |p| p.replace("public.hydra_oauth2_revocation", "public.hydra_oauth2_revocations"),
+        &["table[5].source", "hydra_oauth2_revocations does not exist on blue"]);
+    // Unknown target column.
+    expect_problem(&s, |p| p.replace("reason = \"reason\"", "reason = \"reason\"\nreasons = \"reason\""),
+        &["table[5].columns.reasons", "has no column `reasons`"]);
+    // Line numbers are named for column problems.
+    let text = Oauth::plan_text();
+    let line = text.lines().position(|l| l.starts_with("secret = ")).unwrap() + 1;
+    expect_problem(&s, |p| p.replace("secret = \"client_secret\"", "secret = \"client_secrt\""), &[&format!(":{line}: table[1].columns.secret")]);
+}
+
+#[test]
+fn key_not_unique_on_either_side() {
+    let s = Oauth::new(2000);
+    // Blue: request_id is not unique in hydra_oauth2_access.
+    s.green.psql("CREATE UNIQUE INDEX ON oauth2_access_tokens (request_id)");
+    expect_problem(&s, |p| p.replacen("key = [\"signature\"]", "key = [\"request_id\"]", 1),
+        &["table[2].key", "key (request_id) is not unique on blue"]);
+    // Green: drop the unique key the composite key maps onto.
+    s.green.psql("ALTER TABLE oauth2_consent_sessions DROP CONSTRAINT oauth2_consent_sessions_pkey");
+    expect_problem(&s, |p| p, &["table[4].key", "not a primary key or unique index there"]);
+}
+
+#[test]
+fn green_rows_and_replica_identity_are_prerequisites() {
+    let s = Oauth::new(2000);
+    s.blue.psql("ALTER TABLE hydra_oauth2_revocation REPLICA IDENTITY NOTHING");
+    s.green.psql("INSERT INTO oauth2_revocations VALUES ('x', now(), NULL)");
+    expect_problem(&s, |p| p, &[
+        "replica identity of blue public.hydra_oauth2_revocation does not include the key",
+        "REPLICA IDENTITY USING INDEX \"hydra_oauth2_revocation_pkey\"",
+        "green public.oauth2_revocations already holds rows",
+    ]);
+}
+
+#[test]
+fn toml_errors_exit_2_with_line() {
+    let s = Oauth::new(2000);
+    let text = Oauth::plan_text().replace("chunk_rows = 50000", "chunk_rows = 50000\nchunk_size = 1");
+    let line = text.lines().position(|l| l.starts_with("chunk_size")).unwrap() + 1;
+    let plan = s.write_plan(&text);
+    let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains(&format!("{}:{line}:", plan.display())) && r.stderr.contains("chunk_size"), "{r:?}");
+
+    let plan = s.write_plan("name = \"x\"\n[blue\nurl = 1\n");
+    let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap(), "--offline"]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains(":2:"), "{r:?}");
+
+    let r = run(&mut s.migrate(&["plan", "/nonexistent/plan.toml"]));
+    assert_eq!(r.code, 2, "{r:?}");
+}
+
+#[test]
+fn offline_checks_the_file_alone() {
+    let s = Oauth::new(2000);
+    let plan = s.write_plan(&Oauth::plan_text());
+    let r = run(assert_cmd::Command::cargo_bin("migrate").unwrap()
+        .env("BLUE_URL", "postgres://nobody@127.0.0.1:1/x")
+        .env("GREEN_URL", "postgres://nobody@127.0.0.1:1/y")
+        .args(["plan", plan.to_str().unwrap(), "--offline", "--format", "json"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["offline"], true);
+    assert_eq!(v["tables"][0]["columns"]["name"], "client_name");
+    // A missing variable is a plan error naming it, even offline.
+    let r = run(assert_cmd::Command::cargo_bin("migrate").unwrap().env_remove("BLUE_URL").env("GREEN_URL", "x").args(["plan", plan.to_str().unwrap(), "--offline"]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("BLUE_URL") && r.stderr.contains("blue.url"), "{r:?}");
+}
+
+#[test]
+fn unreachable_side_is_named_quickly() {
+    let s = Oauth::new(2000);
+    let plan = s.write_plan(&Oauth::plan_text());
+    // A port nobody listens on: refused at once.
+    let started = Instant::now();
+    let r = run(s.migrate(&["plan", plan.to_str().unwrap()]).env("GREEN_URL", "postgres://postgres:hunter2@127.0.0.1:1/green"));
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("green") && r.stderr.contains("cannot connect"), "{r:?}");
+    assert!(!r.stderr.contains("hunter2") && !r.stdout.contains("hunter2"), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A host that swallows packets: the connect timeout names blue within 10 s.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let started = Instant::now();
+    let r = run(s.migrate(&["plan", plan.to_str().unwrap()]).env("BLUE_URL", format!("postgres://postgres@127.0.0.1:{port}/blue")));
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("blue"), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    drop(listener);
+}
+
+#[test]
+fn pgbouncer_session_pool_mode_is_a_problem() {
+    let s = Oauth::new(2000);
+    for (mode, ok) in [("session", false), ("transaction", true)] {
+        let b = Bouncer::start(mode, &format!("host=127.0.0.1 port={} dbname={}", s.blue.cluster.port, s.blue.name));
+        let text = format!(
+            "{}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\ngreen_dsn = \"host=127.0.0.1 port={} dbname={}\"\n",
+            Oauth::plan_text(), b.admin_url(), b.databases_file.display(), s.green.cluster.port, s.green.name
+        );
+        let plan = s.write_plan(&text);
+        let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
+        if ok {
+            assert_eq!(r.code, 0, "{r:?}");
+            assert!(r.stdout.contains("pgbouncer pool_mode of app: transaction"), "{r:?}");
+        } else {
+            assert_eq!(r.code, 1, "{r:?}");
+            assert!(r.stdout.contains("pool_mode=session"), "{r:?}");
+        }
+    }
+}

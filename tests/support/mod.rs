@@ -1,0 +1,175 @@
+//! Shared test support: clusters started once per test binary, per-test databases, the OAuth
+//! scenario, and an independent fingerprint of green versus transform(blue).
+
+pub mod cluster;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex, OnceLock,
+    },
+};
+
+pub use cluster::{Bouncer, Cluster};
+
+/// Blue: `wal_level=logical`.
+pub fn blue_cluster() -> &'static Cluster {
+    static C: OnceLock<Cluster> = OnceLock::new();
+    C.get_or_init(|| Cluster::start("blue", "logical", &[]))
+}
+
+/// Green: a second cluster, as in production.
+pub fn green_cluster() -> &'static Cluster {
+    static C: OnceLock<Cluster> = OnceLock::new();
+    C.get_or_init(|| Cluster::start("green", "logical", &[]))
+}
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A database that is dropped when the test ends.
+pub struct TestDb {
+    /// Cluster it lives on.
+    pub cluster: &'static Cluster,
+    /// Database name.
+    pub name: String,
+}
+
+impl TestDb {
+    /// Creates a uniquely named database, optionally from a template.
+    pub fn create(cluster: &'static Cluster, prefix: &str, template: Option<&str>) -> TestDb {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{prefix}_{}", N.fetch_add(1, Ordering::SeqCst));
+        let tpl = template.map(|t| format!(" TEMPLATE {t}")).unwrap_or_default();
+        // CREATE DATABASE ... TEMPLATE needs the template to have no other sessions; serialize.
+        static LOCK: Mutex<()> = Mutex::new(());
+        let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        cluster.psql("postgres", &format!("CREATE DATABASE {name}{tpl}"));
+        TestDb { cluster, name }
+    }
+
+    /// URL of this database.
+    pub fn url(&self) -> String {
+        self.cluster.url(&self.name)
+    }
+
+    /// Runs SQL here.
+    pub fn psql(&self, sql: &str) -> String {
+        self.cluster.psql(&self.name, sql)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(self.cluster.bindir.join("psql"))
+            .args(["-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.cluster.port.to_string())
+            .args(["-d", "postgres", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .output();
+        // Our slot lives in the database; a dropped database takes its logical slots with it only
+        // if they are inactive, so drop them explicitly first is not needed here.
+    }
+}
+
+/// A template database on `cluster` built once by `build`.
+fn template(cluster: &'static Cluster, name: &str, build: impl FnOnce(&Cluster, &str)) -> String {
+    static MADE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let key = format!("{}:{name}", cluster.port);
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if !made.contains(&key) {
+        cluster.psql("postgres", &format!("CREATE DATABASE {name}"));
+        build(cluster, name);
+        made.push(key);
+    }
+    name.to_string()
+}
+
+/// The OAuth fixture: blue v1 with data, green v2 empty, and the plan pointing at them.
+pub struct Oauth {
+    /// Blue database (v1 schema, generated rows).
+    pub blue: TestDb,
+    /// Green database (v2 schema, empty).
+    pub green: TestDb,
+    /// Working directory for plan files.
+    pub dir: tempfile::TempDir,
+}
+
+impl Oauth {
+    /// A fresh scenario with `rows` access tokens on blue.
+    pub fn new(rows: u32) -> Oauth {
+        let blue_tpl = template(blue_cluster(), &format!("tpl_oauth_blue_{rows}"), |c, db| {
+            c.psql_file(db, &root().join("fixtures/oauth/blue.sql"), &[]);
+            c.psql_file(db, &root().join("fixtures/oauth/generate.sql"), &[("rows", &rows.to_string())]);
+            c.psql(db, "ANALYZE");
+        });
+        let green_tpl = template(green_cluster(), "tpl_oauth_green", |c, db| {
+            c.psql_file(db, &root().join("fixtures/oauth/green.sql"), &[]);
+        });
+        Oauth {
+            blue: TestDb::create(blue_cluster(), "blue", Some(&blue_tpl)),
+            green: TestDb::create(green_cluster(), "green", Some(&green_tpl)),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The repository's OAuth plan text.
+    pub fn plan_text() -> String {
+        std::fs::read_to_string(root().join("plans/oauth-v1-to-v2.toml")).unwrap()
+    }
+
+    /// Writes `text` as a plan file in the scenario directory and returns its path.
+    pub fn write_plan(&self, text: &str) -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = self.dir.path().join(format!("plan{}.toml", N.fetch_add(1, Ordering::SeqCst)));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `migrate ARGS` with BLUE_URL and GREEN_URL pointing at this scenario.
+    pub fn migrate(&self, args: &[&str]) -> assert_cmd::Command {
+        let mut c = assert_cmd::Command::cargo_bin("migrate").unwrap();
+        c.env("BLUE_URL", self.blue.url()).env("GREEN_URL", self.green.url()).env("MIGRATE_LOG", "info").args(args);
+        c.timeout(std::time::Duration::from_secs(300));
+        c
+    }
+}
+
+/// Output of a finished command, for assertions with context.
+pub struct Run {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs a command and captures everything.
+pub fn run(cmd: &mut assert_cmd::Command) -> Run {
+    let out = cmd.output().expect("run migrate");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+/// An order-independent fingerprint of a query's rows (count + md5 of the sorted text rows),
+/// computed by the server.
+#[allow(dead_code)]
+pub fn fingerprint(db: &TestDb, query: &str) -> String {
+    db.psql(&format!(
+        "SELECT count(*) || ':' || coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\")), '-') FROM ({query}) r"
+    ))
+}
+
