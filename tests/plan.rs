@@ -20,7 +20,7 @@ fn fixture_plan_is_sound_and_shows_the_mapping() {
         "primary key oauth2_access_tokens_pkey",
         "sequence  public.oauth2_clients_pk_seq (pk) <- blue public.hydra_client_pk_seq",
         "REFERENCES public.oauth2_clients(id)",
-        "requested_at AT TIME ZONE 'UTC'   [timestamp with time zone]",
+        "<- requested_at AT TIME ZONE 'UTC'\n",
         "key       subject -> subject (text), client_id -> client_id (text)",
         "capture Logical",
         "plan is sound",
