@@ -88,7 +88,9 @@ pub struct State {
 impl State {
     /// The state of `plan` (nothing is created until [`State::ensure`]).
     pub fn new(plan: &str) -> Self {
-        Self { schema: ident(&schema_name(plan)) }
+        Self {
+            schema: ident(&schema_name(plan)),
+        }
     }
 
     /// A table of the state schema, quoted.
@@ -115,13 +117,31 @@ impl State {
              ON CONFLICT (id) DO NOTHING;",
             plan = crate::pg::literal(plan),
         );
-        green.batch_execute(&sql).await.map_err(Error::db("green: creating migration state"))
+        green
+            .batch_execute(&sql)
+            .await
+            .map_err(Error::db("green: creating migration state"))
+    }
+
+    /// Whether this plan has state on green.
+    pub async fn exists(&self, green: &impl GenericClient) -> Result<bool> {
+        Ok(green
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&self.table("tables")],
+            )
+            .await
+            .map_err(Error::db("green: looking for migration state"))?
+            .get(0))
     }
 
     /// Reads the phase; `None` when there is no state yet.
     pub async fn phase(&self, green: &impl GenericClient) -> Result<Option<Phase>> {
         let exists: bool = green
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table("migration")])
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&self.table("migration")],
+            )
             .await
             .map_err(Error::db("green: reading migration state"))?
             .get(0);
@@ -129,7 +149,10 @@ impl State {
             return Ok(None);
         }
         let row = green
-            .query_opt(&format!("SELECT state FROM {} WHERE id = 1", self.table("migration")), &[])
+            .query_opt(
+                &format!("SELECT state FROM {} WHERE id = 1", self.table("migration")),
+                &[],
+            )
             .await
             .map_err(Error::db("green: reading migration state"))?;
         Ok(row.and_then(|r| serde_json::from_value(r.get(0)).ok()))
@@ -139,20 +162,37 @@ impl State {
     pub async fn set_phase(&self, green: &impl GenericClient, phase: &Phase) -> Result<()> {
         let value = serde_json::to_value(phase).map_err(|e| Error::Runtime(e.to_string()))?;
         green
-            .execute(&format!("UPDATE {} SET state = $1, updated_at = now() WHERE id = 1", self.table("migration")), &[&value])
+            .execute(
+                &format!(
+                    "UPDATE {} SET state = $1, updated_at = now() WHERE id = 1",
+                    self.table("migration")
+                ),
+                &[&value],
+            )
             .await
             .map_err(Error::db("green: saving migration phase"))?;
         Ok(())
     }
 
     /// Reads a table's state and its recorded deferred objects.
-    pub async fn table_state(&self, green: &impl GenericClient, target: &str) -> Result<Option<(TableState, Vec<DeferredObject>)>> {
+    pub async fn table_state(
+        &self,
+        green: &impl GenericClient,
+        target: &str,
+    ) -> Result<Option<(TableState, Vec<DeferredObject>)>> {
         let row = green
-            .query_opt(&format!("SELECT state, deferred FROM {} WHERE target = $1", self.table("tables")), &[&target])
+            .query_opt(
+                &format!(
+                    "SELECT state, deferred FROM {} WHERE target = $1",
+                    self.table("tables")
+                ),
+                &[&target],
+            )
             .await
             .map_err(Error::db(format!("green: reading state of {target}")))?;
         Ok(row.map(|r| {
-            let state = serde_json::from_value(serde_json::Value::String(r.get(0))).unwrap_or(TableState::Pending);
+            let state = serde_json::from_value(serde_json::Value::String(r.get(0)))
+                .unwrap_or(TableState::Pending);
             let deferred = serde_json::from_value(r.get(1)).unwrap_or_default();
             (state, deferred)
         }))

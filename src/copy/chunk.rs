@@ -27,7 +27,11 @@ pub struct Chunk {
 const SAMPLE_PER_CHUNK: u64 = 50;
 
 /// Plans the chunks of one table from blue.
-pub async fn plan_chunks(blue: &Client, table: &ResolvedTable, chunk_rows: u64) -> Result<Vec<Chunk>> {
+pub async fn plan_chunks(
+    blue: &Client,
+    table: &ResolvedTable,
+    chunk_rows: u64,
+) -> Result<Vec<Chunk>> {
     let rows = table.estimate.rows.max(1);
     let n = rows.div_ceil(chunk_rows.max(1));
     let bounds = if n <= 1 {
@@ -45,18 +49,33 @@ pub fn from_bounds(bounds: Vec<Vec<String>>) -> Vec<Chunk> {
     let mut chunks = Vec::with_capacity(bounds.len() + 1);
     let mut lower = None;
     for (i, b) in bounds.into_iter().enumerate() {
-        chunks.push(Chunk { number: i as i32, lower: lower.take(), upper: Some(b.clone()) });
+        chunks.push(Chunk {
+            number: i as i32,
+            lower: lower.take(),
+            upper: Some(b.clone()),
+        });
         lower = Some(b);
     }
-    chunks.push(Chunk { number: chunks.len() as i32, lower, upper: None });
+    chunks.push(Chunk {
+        number: chunks.len() as i32,
+        lower,
+        upper: None,
+    });
     chunks
 }
 
 async fn integer_bounds(blue: &Client, table: &ResolvedTable, n: u64) -> Result<Vec<Vec<String>>> {
     let k = ident(&table.key[0].source);
-    let sql = format!("SELECT min({k})::int8, max({k})::int8 FROM {}", table.source.quoted());
-    let row = blue.query_one(&sql, &[]).await.map_err(Error::db(format!("blue: key range of {}", table.source)))?;
-    let (Some(min), Some(max)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) else {
+    let sql = format!(
+        "SELECT min({k})::int8, max({k})::int8 FROM {}",
+        table.source.quoted()
+    );
+    let row = blue
+        .query_one(&sql, &[])
+        .await
+        .map_err(Error::db(format!("blue: key range of {}", table.source)))?;
+    let (Some(min), Some(max)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1))
+    else {
         return Ok(Vec::new());
     };
     let span = (max as i128 - min as i128 + 1).max(1);
@@ -74,7 +93,12 @@ async fn sampled_bounds(blue: &Client, table: &ResolvedTable, n: u64) -> Result<
     let rows = table.estimate.rows.max(1);
     let want = n * SAMPLE_PER_CHUNK;
     let pct = (100.0 * want as f64 / rows as f64).clamp(0.001, 100.0);
-    let cols = table.key.iter().map(|k| format!("{}::text", ident(&k.source))).collect::<Vec<_>>().join(", ");
+    let cols = table
+        .key
+        .iter()
+        .map(|k| format!("{}::text", ident(&k.source)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let order = table.source_key_list();
     // SYSTEM sampling reads only the sampled pages; the sample is sorted by the key's own
     // ordering (blue's collation), the same ordering the range conditions use.
@@ -82,9 +106,18 @@ async fn sampled_bounds(blue: &Client, table: &ResolvedTable, n: u64) -> Result<
         "SELECT {cols} FROM {} TABLESAMPLE SYSTEM ({pct}) REPEATABLE (42) ORDER BY {order}",
         table.source.quoted()
     );
-    let sample = blue.query(&sql, &[]).await.map_err(Error::db(format!("blue: sampling keys of {}", table.source)))?;
-    let keys: Vec<Vec<String>> =
-        sample.iter().map(|r| (0..table.key.len()).map(|i| r.get::<_, String>(i)).collect()).collect();
+    let sample = blue.query(&sql, &[]).await.map_err(Error::db(format!(
+        "blue: sampling keys of {}",
+        table.source
+    )))?;
+    let keys: Vec<Vec<String>> = sample
+        .iter()
+        .map(|r| {
+            (0..table.key.len())
+                .map(|i| r.get::<_, String>(i))
+                .collect()
+        })
+        .collect();
     let per = (keys.len() as u64 / n).max(1) as usize;
     let mut out: Vec<Vec<String>> = Vec::new();
     for k in keys.into_iter().skip(per).step_by(per) {
@@ -98,7 +131,11 @@ async fn sampled_bounds(blue: &Client, table: &ResolvedTable, n: u64) -> Result<
 /// The SQL condition selecting the chunk's rows by the given (quoted) key columns and types.
 pub fn condition(chunk: &Chunk, columns: &[String], types: &[String]) -> Option<String> {
     let tuple = |vals: &[String]| {
-        let lits: Vec<String> = vals.iter().zip(types).map(|(v, t)| format!("{}::{t}", literal(v))).collect();
+        let lits: Vec<String> = vals
+            .iter()
+            .zip(types)
+            .map(|(v, t)| format!("{}::{t}", literal(v)))
+            .collect();
         format!("({})", lits.join(", "))
     };
     let cols = format!("({})", columns.join(", "));
@@ -132,8 +169,17 @@ mod tests {
 
     #[test]
     fn composite_condition_quotes_literals() {
-        let c = Chunk { number: 1, lower: Some(vec!["o'k".into(), "1".into()]), upper: None };
-        let cond = condition(&c, &["\"a\"".into(), "\"b\"".into()], &["text".into(), "bigint".into()]).unwrap();
+        let c = Chunk {
+            number: 1,
+            lower: Some(vec!["o'k".into(), "1".into()]),
+            upper: None,
+        };
+        let cond = condition(
+            &c,
+            &["\"a\"".into(), "\"b\"".into()],
+            &["text".into(), "bigint".into()],
+        )
+        .unwrap();
         assert_eq!(cond, "(\"a\", \"b\") >= ('o''k'::text, '1'::bigint)");
     }
 }

@@ -69,17 +69,27 @@ pub async fn lock_plan(green: &Client, plan: &str, command: &str) -> Result<()> 
     if got {
         Ok(())
     } else {
-        Err(Error::Busy { plan: plan.to_string(), command: command.to_string() })
+        Err(Error::Busy {
+            plan: plan.to_string(),
+            command: command.to_string(),
+        })
     }
 }
 
 /// Copies every table (resuming from state) and rebuilds deferred objects. Returns when all
 /// tables are done, or early (state saved) when `shutdown` fires.
-pub async fn copy_tables(plan: &Plan, resolved: &ResolvedPlan, green: &mut Client, shutdown: &Shutdown) -> Result<bool> {
+pub async fn copy_tables(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    green: &mut Client,
+    shutdown: &Shutdown,
+) -> Result<bool> {
     let state = State::new(&plan.name);
     state.ensure(green, &plan.name).await?;
     match state.phase(green).await? {
-        Some(Phase::Planned) | Some(Phase::Copying) | None => state.set_phase(green, &Phase::Copying).await?,
+        Some(Phase::Planned) | Some(Phase::Copying) | None => {
+            state.set_phase(green, &Phase::Copying).await?
+        }
         Some(p) => {
             info!(phase = p.name(), "copy already finished");
             return Ok(true);
@@ -100,7 +110,12 @@ pub async fn copy_tables(plan: &Plan, resolved: &ResolvedPlan, green: &mut Clien
     let jobs = schedule(resolved, &states, &per_table);
     let remaining: Vec<usize> = per_table.iter().map(Vec::len).collect();
     let progress = Progress::new(
-        resolved.tables.iter().zip(&copied).map(|(t, c)| (t.target.to_string(), t.estimate.rows, *c)).collect(),
+        resolved
+            .tables
+            .iter()
+            .zip(&copied)
+            .map(|(t, c)| (t.target.to_string(), t.estimate.rows, *c))
+            .collect(),
     );
     let logger = progress.spawn_logger();
     let shared = Arc::new(Shared {
@@ -145,7 +160,11 @@ pub async fn copy_tables(plan: &Plan, resolved: &ResolvedPlan, green: &mut Clien
     }
     let all: Vec<DeferredObject> = shared.deferred.iter().flatten().cloned().collect();
     indexes::rebuild_foreign_keys(green, &all).await?;
-    info!(seconds = started.elapsed().as_secs_f64(), tables = resolved.tables.len(), "copy finished");
+    info!(
+        seconds = started.elapsed().as_secs_f64(),
+        tables = resolved.tables.len(),
+        "copy finished"
+    );
     Ok(true)
 }
 
@@ -166,18 +185,33 @@ async fn prepare_table(
                 .query(&format!("SELECT chunk, lower, upper, done, COALESCE(rows, 0) FROM {chunks_table} WHERE target = $1 ORDER BY chunk"), &[&target])
                 .await
                 .map_err(Error::db(format!("green: reading chunks of {target}")))?;
-            let copied: i64 = rows.iter().filter(|r| r.get::<_, bool>(3)).map(|r| r.get::<_, i64>(4)).sum();
+            let copied: i64 = rows
+                .iter()
+                .filter(|r| r.get::<_, bool>(3))
+                .map(|r| r.get::<_, i64>(4))
+                .sum();
             let pending = rows
                 .iter()
                 .filter(|r| !r.get::<_, bool>(3))
-                .map(|r| Chunk { number: r.get(0), lower: r.get(1), upper: r.get(2) })
+                .map(|r| Chunk {
+                    number: r.get(0),
+                    lower: r.get(1),
+                    upper: r.get(2),
+                })
                 .collect();
             return Ok((st, pending, defs, copied as u64));
         }
     }
     let chunks = chunk::plan_chunks(blue, t, plan.copy.chunk_rows).await?;
-    let defs = if plan.copy.defer_indexes { t.deferred.clone() } else { Vec::new() };
-    let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
+    let defs = if plan.copy.defer_indexes {
+        t.deferred.clone()
+    } else {
+        Vec::new()
+    };
+    let tx = green
+        .transaction()
+        .await
+        .map_err(Error::db("green: begin"))?;
     for c in &chunks {
         tx.execute(
             &format!("INSERT INTO {chunks_table} (target, chunk, lower, upper) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"),
@@ -187,8 +221,18 @@ async fn prepare_table(
         .map_err(Error::db(format!("green: recording chunks of {target}")))?;
     }
     indexes::drop_all(&tx, &defs).await?;
-    state.set_table_state(&tx, &target, TableState::Loading, t.estimate.rows, Some(&defs)).await?;
-    tx.commit().await.map_err(Error::db(format!("green: recording chunks of {target}")))?;
+    state
+        .set_table_state(
+            &tx,
+            &target,
+            TableState::Loading,
+            t.estimate.rows,
+            Some(&defs),
+        )
+        .await?;
+    tx.commit()
+        .await
+        .map_err(Error::db(format!("green: recording chunks of {target}")))?;
     info!(table = %target, chunks = chunks.len(), deferred = defs.len(), "table planned");
     Ok((TableState::Loading, chunks, defs, 0))
 }
@@ -196,7 +240,11 @@ async fn prepare_table(
 /// Orders the work: tables whose rebuild was interrupted first; then chunks round-robin across
 /// tables, largest table first in each round, so small tables finish early and big ones keep every
 /// worker busy to the end.
-fn schedule(resolved: &ResolvedPlan, states: &[TableState], per_table: &[Vec<Chunk>]) -> VecDeque<Job> {
+fn schedule(
+    resolved: &ResolvedPlan,
+    states: &[TableState],
+    per_table: &[Vec<Chunk>],
+) -> VecDeque<Job> {
     let mut jobs = VecDeque::new();
     for (i, chunks) in per_table.iter().enumerate() {
         if chunks.is_empty() && states[i] != TableState::Done {
@@ -209,7 +257,10 @@ fn schedule(resolved: &ResolvedPlan, states: &[TableState], per_table: &[Vec<Chu
     for r in 0..rounds {
         for &i in &order {
             if let Some(c) = per_table[i].get(r) {
-                jobs.push_back(Job::Chunk { table: i, chunk: c.clone() });
+                jobs.push_back(Job::Chunk {
+                    table: i,
+                    chunk: c.clone(),
+                });
             }
         }
     }
@@ -224,7 +275,20 @@ async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     let green = shared.plan.green.connect().await?;
     // Chunk state commits with the chunk's rows; losing the last commits in a crash only means
     // redoing those chunks, so waiting for the WAL flush buys nothing.
-    green.batch_execute("SET synchronous_commit = off").await.map_err(Error::db("green: session setup"))?;
+    green
+        .batch_execute("SET synchronous_commit = off")
+        .await
+        .map_err(Error::db("green: session setup"))?;
+    // Foreign keys on green are enforced by triggers; with indexes kept (defer_indexes = false)
+    // chunks of a referencing table may land before the rows they reference. `replica` skips
+    // those triggers, as logical replication's apply does. It needs superuser; without it the
+    // plan must order tables parent-first or defer indexes.
+    if let Err(e) = green
+        .batch_execute("SET session_replication_role = replica")
+        .await
+    {
+        tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
+    }
     let mut green = green;
     let blue = blue;
     loop {
@@ -255,28 +319,60 @@ async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
 }
 
 /// Streams one chunk blue → green and marks it done in the same green transaction.
-async fn copy_chunk(shared: &Shared, blue: &Client, green: &mut Client, t: &ResolvedTable, chunk: &Chunk) -> Result<(u64, u64)> {
+async fn copy_chunk(
+    shared: &Shared,
+    blue: &Client,
+    green: &mut Client,
+    t: &ResolvedTable,
+    chunk: &Chunk,
+) -> Result<(u64, u64)> {
     let cols: Vec<String> = t.key.iter().map(|k| ident(&k.source)).collect();
     let types: Vec<String> = t.key.iter().map(|k| k.source_type.clone()).collect();
     let cond = condition(chunk, &cols, &types);
-    let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
-    let out_sql = format!("COPY ({}) TO STDOUT{format}", t.source_select(cond.as_deref()));
-    let in_sql = format!("COPY {} ({}) FROM STDIN{format}", t.target.quoted(), t.target_column_list());
+    let format = if t.binary_copy {
+        " (FORMAT binary)"
+    } else {
+        ""
+    };
+    let out_sql = format!(
+        "COPY ({}) TO STDOUT{format}",
+        t.source_select(cond.as_deref())
+    );
+    let in_sql = format!(
+        "COPY {} ({}) FROM STDIN{format}",
+        t.target.quoted(),
+        t.target_column_list()
+    );
     let fail = |stage: &str, e: tokio_postgres::Error| Error::ChunkFailed {
         table: t.target.to_string(),
         chunk: chunk.number as i64,
         message: format!("{stage}: {}", pg_message(&e)),
     };
     let started = Instant::now();
-    let tx = green.transaction().await.map_err(|e| fail("green begin", e))?;
-    let sink = tx.copy_in(&in_sql).await.map_err(|e| fail("green COPY FROM", e))?;
-    let stream = blue.copy_out(&out_sql).await.map_err(|e| fail("blue COPY TO", e))?;
+    let tx = green
+        .transaction()
+        .await
+        .map_err(|e| fail("green begin", e))?;
+    let sink = tx
+        .copy_in(&in_sql)
+        .await
+        .map_err(|e| fail("green COPY FROM", e))?;
+    let stream = blue
+        .copy_out(&out_sql)
+        .await
+        .map_err(|e| fail("blue COPY TO", e))?;
     let mut bytes = 0u64;
     let mut stream = Box::pin(stream.inspect_ok(|b| bytes += b.len() as u64));
     let mut sink = Box::pin(sink);
-    sink.send_all(&mut stream).await.map_err(|e| fail("streaming", e))?;
+    sink.send_all(&mut stream)
+        .await
+        .map_err(|e| fail("streaming", e))?;
     drop(stream);
-    let rows = sink.as_mut().finish().await.map_err(|e| fail("green COPY FROM", e))?;
+    let rows = sink
+        .as_mut()
+        .finish()
+        .await
+        .map_err(|e| fail("green COPY FROM", e))?;
     tx.execute(
         &format!("UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, finished_at = now() WHERE target = $1 AND chunk = $2", shared.state.table("chunks")),
         &[&t.target.to_string(), &chunk.number, &(rows as i64), &(bytes as i64), &started.elapsed().as_secs_f64()],
@@ -290,20 +386,41 @@ async fn copy_chunk(shared: &Shared, blue: &Client, green: &mut Client, t: &Reso
 async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let target = t.target.to_string();
-    shared.state.set_table_state(green, &target, TableState::Indexing, t.estimate.rows, None).await?;
+    shared
+        .state
+        .set_table_state(green, &target, TableState::Indexing, t.estimate.rows, None)
+        .await?;
     let started = Instant::now();
     indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table]).await?;
     // ANALYZE so the planner knows the freshly loaded table before apply and verify query it.
-    if let Err(e) = green.batch_execute(&format!("ANALYZE {}", t.target.quoted())).await {
+    if let Err(e) = green
+        .batch_execute(&format!("ANALYZE {}", t.target.quoted()))
+        .await
+    {
         warn!(table = %target, error = %pg_message(&e), "ANALYZE failed");
     }
-    shared.state.set_table_state(green, &target, TableState::Done, t.estimate.rows, None).await?;
-    shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
+    shared
+        .state
+        .set_table_state(green, &target, TableState::Done, t.estimate.rows, None)
+        .await?;
+    shared.progress.table_done(
+        table,
+        &format!(
+            "copied; indexes rebuilt in {:.1}s",
+            started.elapsed().as_secs_f64()
+        ),
+    );
     Ok(())
 }
 
 /// `migrate copy`: takes the plan lock, copies every table, then (unless `no_follow`) follows.
-pub async fn run(plan: &Plan, resolved: &ResolvedPlan, mut green: Client, shutdown: Shutdown, no_follow: bool) -> Result<()> {
+pub async fn run(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    mut green: Client,
+    shutdown: Shutdown,
+    no_follow: bool,
+) -> Result<()> {
     lock_plan(&green, &plan.name, "copy").await?;
     let finished = copy_tables(plan, resolved, &mut green, &shutdown).await?;
     if !finished || no_follow {

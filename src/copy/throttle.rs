@@ -1,7 +1,10 @@
 //! `[copy] max_rows_per_second`, honoured across all workers at chunk granularity: a worker
 //! waits before a chunk until the rows admitted so far fit the rate.
 
-use std::{sync::Mutex, time::{Duration, Instant}};
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 /// A shared rate limit; a rate of 0 admits everything at once.
 pub struct Throttle {
@@ -12,7 +15,10 @@ pub struct Throttle {
 impl Throttle {
     /// A limit of `rate` rows per second (0 = unlimited).
     pub fn new(rate: u64) -> Self {
-        Self { rate, admitted: Mutex::new((Instant::now(), 0)) }
+        Self {
+            rate,
+            admitted: Mutex::new((Instant::now(), 0)),
+        }
     }
 
     /// Waits until `rows` more rows fit the rate.
@@ -21,7 +27,9 @@ impl Throttle {
             return;
         }
         let due = {
-            let Ok(mut a) = self.admitted.lock() else { return };
+            let Ok(mut a) = self.admitted.lock() else {
+                return;
+            };
             // The first chunk goes at once; each later one waits for the time the earlier ones buy.
             let due = a.0 + Duration::from_secs_f64(a.1 as f64 / self.rate as f64);
             a.1 += rows;
@@ -44,6 +52,9 @@ mod tests {
         }
         // 3 chunks of 100 rows at 1000 rows/s: the third may start at 200 ms.
         let e = start.elapsed();
-        assert!(e >= Duration::from_millis(190) && e < Duration::from_millis(600), "{e:?}");
+        assert!(
+            e >= Duration::from_millis(190) && e < Duration::from_millis(600),
+            "{e:?}"
+        );
     }
 }

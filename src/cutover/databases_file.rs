@@ -29,7 +29,10 @@ pub fn find_entry(text: &str, database: &str) -> Option<std::ops::Range<usize>> 
 pub fn rewrite(path: &Path, database: &str, dsn: &str) -> std::io::Result<String> {
     let text = std::fs::read_to_string(path)?;
     let range = find_entry(&text, database).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("no line for database `{database}` in {}", path.display()))
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no line for database `{database}` in {}", path.display()),
+        )
     })?;
     let old = text[range.clone()].to_string();
     let mut new = String::with_capacity(text.len() + dsn.len());
@@ -58,11 +61,18 @@ mod tests {
     fn finds_and_rewrites_only_that_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db.ini");
-        std::fs::write(&p, "; comment app = x\nother = host=a\napp = host=blue dbname=app\nlast = host=c\n").unwrap();
+        std::fs::write(
+            &p,
+            "; comment app = x\nother = host=a\napp = host=blue dbname=app\nlast = host=c\n",
+        )
+        .unwrap();
         let old = rewrite(&p, "app", "host=green dbname=app").unwrap();
         assert_eq!(old, "app = host=blue dbname=app");
         let text = std::fs::read_to_string(&p).unwrap();
-        assert_eq!(text, "; comment app = x\nother = host=a\napp = host=green dbname=app\nlast = host=c\n");
+        assert_eq!(
+            text,
+            "; comment app = x\nother = host=a\napp = host=green dbname=app\nlast = host=c\n"
+        );
         assert!(rewrite(&p, "nope", "x").is_err());
     }
 }

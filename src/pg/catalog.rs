@@ -55,6 +55,17 @@ pub struct DeferredObject {
     pub drop_sql: String,
     /// The table it belongs to (`regclass` text).
     pub owner: String,
+    /// Key columns when it is a primary key, unique constraint or plain unique index.
+    #[serde(default)]
+    pub unique_columns: Option<Vec<String>>,
+}
+
+impl DeferredObject {
+    /// Whether it belongs to `table` (owner is `regclass` text read with an empty search path,
+    /// so always schema-qualified).
+    pub fn owner_is(&self, table: &QualifiedName) -> bool {
+        self.owner == table.quoted() || self.owner == format!("{}.{}", table.schema, table.name)
+    }
 }
 
 /// A table as one side's catalog describes it.
@@ -84,7 +95,11 @@ impl TableInfo {
     /// means the whole row (FULL), an empty list means nothing is sent.
     pub fn identity_columns(&self) -> Option<Vec<String>> {
         let pick = |f: &dyn Fn(&UniqueKey) -> bool| {
-            self.unique_keys.iter().find(|k| f(k)).map(|k| k.columns.clone()).unwrap_or_default()
+            self.unique_keys
+                .iter()
+                .find(|k| f(k))
+                .map(|k| k.columns.clone())
+                .unwrap_or_default()
         };
         match self.replica_identity {
             'f' => None,
@@ -96,21 +111,38 @@ impl TableInfo {
 }
 
 /// Looks a table up; `None` when it does not exist (or is not a table).
-pub async fn table_info(client: &Client, side: Side, table: &QualifiedName) -> Result<Option<TableInfo>> {
+pub async fn table_info(
+    client: &Client,
+    side: Side,
+    table: &QualifiedName,
+) -> Result<Option<TableInfo>> {
     with_qualified_names(client, table_info_inner(client, side, table)).await
 }
 
 /// Runs catalog reads with `search_path = pg_catalog`, so that `regclass` text,
 /// `pg_get_indexdef` and `pg_get_constraintdef` come out schema-qualified and do not depend on
 /// the session's search path when replayed later.
-async fn with_qualified_names<T>(client: &Client, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    client.batch_execute("SET search_path = pg_catalog").await.map_err(Error::db("setting search_path"))?;
+async fn with_qualified_names<T>(
+    client: &Client,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    client
+        .batch_execute("SET search_path = pg_catalog")
+        .await
+        .map_err(Error::db("setting search_path"))?;
     let out = f.await;
-    client.batch_execute("RESET search_path").await.map_err(Error::db("resetting search_path"))?;
+    client
+        .batch_execute("RESET search_path")
+        .await
+        .map_err(Error::db("resetting search_path"))?;
     out
 }
 
-async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) -> Result<Option<TableInfo>> {
+async fn table_info_inner(
+    client: &Client,
+    side: Side,
+    table: &QualifiedName,
+) -> Result<Option<TableInfo>> {
     let ctx = |what: &str| format!("{side}: reading catalog for {table} ({what})");
     let row = client
         .query_opt(
@@ -168,7 +200,12 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
         .await
         .map_err(Error::db(ctx("unique indexes")))?
         .iter()
-        .map(|r| UniqueKey { name: r.get(0), primary: r.get(1), replica_identity: r.get(2), columns: r.get(3) })
+        .map(|r| UniqueKey {
+            name: r.get(0),
+            primary: r.get(1),
+            replica_identity: r.get(2),
+            columns: r.get(3),
+        })
         .collect();
     Ok(Some(TableInfo {
         oid,
@@ -182,18 +219,30 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
 
 /// Secondary indexes and constraints on a target table that a bulk load can drop and rebuild:
 /// primary key, unique and exclusion constraints, plain indexes, and foreign keys from or to it.
-pub async fn deferrable_objects(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
+pub async fn deferrable_objects(
+    client: &Client,
+    table: &QualifiedName,
+    oid: u32,
+) -> Result<Vec<DeferredObject>> {
     with_qualified_names(client, deferrable_objects_inner(client, table, oid)).await
 }
 
-async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
+async fn deferrable_objects_inner(
+    client: &Client,
+    table: &QualifiedName,
+    oid: u32,
+) -> Result<Vec<DeferredObject>> {
     let ctx = format!("green: reading indexes and constraints of {table}");
     let mut out = Vec::new();
     // Foreign keys first (both directions): a referenced unique key cannot be dropped before them.
     let rows = client
         .query(
             "SELECT con.conname::text, con.contype::text, pg_get_constraintdef(con.oid), \
-                    con.conrelid::regclass::text \
+                    con.conrelid::regclass::text, \
+                    CASE WHEN con.contype IN ('p', 'u') THEN \
+                      (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                         FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord) \
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) END \
              FROM pg_catalog.pg_constraint con \
              WHERE (con.conrelid = $1 AND con.contype IN ('p', 'u', 'x', 'f')) \
                 OR (con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1) \
@@ -217,13 +266,19 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
             create_sql: format!("ALTER TABLE {owner} ADD CONSTRAINT {qn} {def}"),
             drop_sql: format!("ALTER TABLE {owner} DROP CONSTRAINT IF EXISTS {qn}"),
             owner,
+            unique_columns: r.get(4),
             name,
             kind: kind.to_string(),
         });
     }
     let rows = client
         .query(
-            "SELECT ic.relname::text, pg_get_indexdef(i.indexrelid), ic.oid::regclass::text, i.indrelid::regclass::text \
+            "SELECT ic.relname::text, pg_get_indexdef(i.indexrelid), ic.oid::regclass::text, i.indrelid::regclass::text, \
+                    CASE WHEN i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL THEN \
+                      (SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                         FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                        WHERE k.ord <= i.indnkeyatts) END \
              FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
              WHERE i.indrelid = $1 AND NOT EXISTS ( \
                  SELECT 1 FROM pg_catalog.pg_constraint c WHERE c.conindid = i.indexrelid \
@@ -241,6 +296,7 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
             create_sql: r.get(1),
             drop_sql: format!("DROP INDEX IF EXISTS {qualified}"),
             owner: r.get(3),
+            unique_columns: r.get(4),
         });
     }
     Ok(out)
@@ -267,13 +323,23 @@ impl TypeRules {
     pub async fn load(client: &Client, side: Side) -> Result<Self> {
         let ctx = format!("{side}: reading pg_type and pg_cast");
         let types = client
-            .query("SELECT oid, typcategory::text, typelem, typbasetype FROM pg_catalog.pg_type", &[])
+            .query(
+                "SELECT oid, typcategory::text, typelem, typbasetype FROM pg_catalog.pg_type",
+                &[],
+            )
             .await
             .map_err(Error::db(ctx.clone()))?
             .iter()
             .map(|r| {
                 let cat: String = r.get(1);
-                (r.get(0), TypeRow { category: cat.chars().next().unwrap_or('X'), element: r.get(2), base: r.get(3) })
+                (
+                    r.get(0),
+                    TypeRow {
+                        category: cat.chars().next().unwrap_or('X'),
+                        element: r.get(2),
+                        base: r.get(3),
+                    },
+                )
             })
             .collect();
         let casts = client
@@ -300,7 +366,9 @@ impl TypeRules {
         if depth > 8 {
             return false;
         }
-        let (Some(f), Some(t)) = (self.types.get(&from), self.types.get(&to)) else { return false };
+        let (Some(f), Some(t)) = (self.types.get(&from), self.types.get(&to)) else {
+            return false;
+        };
         if t.category == 'S' && f.category != 'A' {
             return true;
         }
@@ -310,7 +378,10 @@ impl TypeRules {
         if t.base != 0 && self.assignable_depth(from, t.base, depth + 1) {
             return true;
         }
-        f.category == 'A' && t.category == 'A' && f.element != 0 && t.element != 0
+        f.category == 'A'
+            && t.category == 'A'
+            && f.element != 0
+            && t.element != 0
             && self.assignable_depth(f.element, t.element, depth + 1)
     }
 }

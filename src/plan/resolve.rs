@@ -6,14 +6,16 @@ use tokio_postgres::Client;
 
 use super::{
     file::{Plan, TableEntry},
-    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable, SequenceMapping,
+    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable,
+    SequenceMapping,
 };
 use crate::{
     error::{pg_message, Error, Result},
     pg::{
-        catalog::{self, TableInfo, TypeRules},
+        catalog::{self, TableInfo, TypeRules, UniqueKey},
         ident, Side,
     },
+    state::{State, TableState},
 };
 
 /// Bytes per second assumed for the time estimate; measured by `examples/bench_copy.rs` on a
@@ -27,10 +29,18 @@ const EXACT_COUNT_BELOW_BYTES: i64 = 64 * 1024 * 1024;
 /// everything wrong with the plan itself is collected into `problems`.
 pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<ResolvedPlan> {
     let rules = TypeRules::load(blue, Side::Blue).await?;
+    let state = State::new(&plan.name);
+    let state = if state.exists(green).await? {
+        Some(state)
+    } else {
+        None
+    };
     let mut problems = Vec::new();
     let mut tables = Vec::new();
     for entry in &plan.tables {
-        if let Some(t) = resolve_table(entry, blue, green, &rules, &mut problems).await? {
+        if let Some(t) =
+            resolve_table(entry, blue, green, &rules, state.as_ref(), &mut problems).await?
+        {
             tables.push(t);
         }
     }
@@ -57,9 +67,20 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn report(&mut self, field: &str, line: usize, column: Option<&str>, message: String, fix: Option<String>) {
+    fn report(
+        &mut self,
+        field: &str,
+        line: usize,
+        column: Option<&str>,
+        message: String,
+        fix: Option<String>,
+    ) {
         self.problems.push(Problem {
-            field: if field.is_empty() { self.entry.path() } else { format!("{}.{field}", self.entry.path()) },
+            field: if field.is_empty() {
+                self.entry.path()
+            } else {
+                format!("{}.{field}", self.entry.path())
+            },
             line: Some(line),
             table: Some(self.entry.target.to_string()),
             column: column.map(str::to_string),
@@ -74,18 +95,55 @@ async fn resolve_table(
     blue: &Client,
     green: &Client,
     rules: &TypeRules,
+    state: Option<&State>,
     problems: &mut Vec<Problem>,
 ) -> Result<Option<ResolvedTable>> {
     let mut cx = Ctx { entry, problems };
     let src = catalog::table_info(blue, Side::Blue, &entry.source).await?;
-    let tgt = catalog::table_info(green, Side::Green, &entry.target).await?;
+    let mut tgt = catalog::table_info(green, Side::Green, &entry.target).await?;
+    // While a copy is under way the deferred keys are dropped on green: what state recorded is
+    // what the table has, as far as the plan is concerned.
+    let mut recorded = None;
+    if let (Some(state), Some(tgt)) = (state, tgt.as_mut()) {
+        if let Some((st, defs)) = state.table_state(green, &entry.target.to_string()).await? {
+            if matches!(st, TableState::Loading | TableState::Indexing) {
+                for d in &defs {
+                    if let Some(cols) = &d.unique_columns {
+                        if d.owner_is(&entry.target) {
+                            tgt.unique_keys.push(UniqueKey {
+                                name: d.name.clone(),
+                                columns: cols.clone(),
+                                primary: d.kind == "primary key",
+                                replica_identity: false,
+                            });
+                        }
+                    }
+                }
+                recorded = Some(defs);
+            }
+        }
+    }
     if src.is_none() {
-        cx.report("source", entry.source_line, None, format!("source table {} does not exist on blue", entry.source), None);
+        cx.report(
+            "source",
+            entry.source_line,
+            None,
+            format!("source table {} does not exist on blue", entry.source),
+            None,
+        );
     }
     if tgt.is_none() {
-        cx.report("target", entry.target_line, None, format!("target table {} does not exist on green", entry.target), None);
+        cx.report(
+            "target",
+            entry.target_line,
+            None,
+            format!("target table {} does not exist on green", entry.target),
+            None,
+        );
     }
-    let (Some(src), Some(tgt)) = (src, tgt) else { return Ok(None) };
+    let (Some(src), Some(tgt)) = (src, tgt) else {
+        return Ok(None);
+    };
 
     let columns = resolve_columns(&mut cx, &tgt, blue, rules).await?;
     let key = resolve_key(&mut cx, &src, &tgt);
@@ -93,8 +151,27 @@ async fn resolve_table(
         let sql = format!("SELECT ({filter}) FROM {} LIMIT 0", entry.source.quoted());
         match blue.prepare(&sql).await {
             Ok(st) if st.columns()[0].type_() == &tokio_postgres::types::Type::BOOL => {}
-            Ok(st) => cx.report("filter", *line, None, format!("filter has type {}, not boolean", st.columns()[0].type_().name()), None),
-            Err(e) => cx.report("filter", *line, None, format!("filter is not valid on blue {}: {}", entry.source, pg_message(&e)), None),
+            Ok(st) => cx.report(
+                "filter",
+                *line,
+                None,
+                format!(
+                    "filter has type {}, not boolean",
+                    st.columns()[0].type_().name()
+                ),
+                None,
+            ),
+            Err(e) => cx.report(
+                "filter",
+                *line,
+                None,
+                format!(
+                    "filter is not valid on blue {}: {}",
+                    entry.source,
+                    pg_message(&e)
+                ),
+                None,
+            ),
         }
     }
     let sequences = tgt
@@ -102,14 +179,28 @@ async fn resolve_table(
         .iter()
         .filter_map(|c| {
             let green_sequence = c.sequence.clone()?;
-            let expr = entry.columns.get(&c.name).map(|(e, _)| e.trim().to_string());
+            let expr = entry
+                .columns
+                .get(&c.name)
+                .map(|(e, _)| e.trim().to_string());
             let blue_sequence = expr
-                .and_then(|e| src.columns.iter().find(|s| s.name == e || ident(&s.name) == e))
+                .and_then(|e| {
+                    src.columns
+                        .iter()
+                        .find(|s| s.name == e || ident(&s.name) == e)
+                })
                 .and_then(|s| s.sequence.clone());
-            Some(SequenceMapping { column: c.name.clone(), green_sequence, blue_sequence })
+            Some(SequenceMapping {
+                column: c.name.clone(),
+                green_sequence,
+                blue_sequence,
+            })
         })
         .collect();
-    let deferred = catalog::deferrable_objects(green, &entry.target, tgt.oid).await?;
+    let deferred = match recorded {
+        Some(defs) => defs,
+        None => catalog::deferrable_objects(green, &entry.target, tgt.oid).await?,
+    };
     let estimate = estimate(blue, entry, &src).await?;
     let binary_copy = green
         .query_one(
@@ -145,8 +236,23 @@ async fn resolve_columns(
     let entry = cx.entry;
     for (name, (_, line)) in &entry.columns {
         match tgt.column(name) {
-            None => cx.report(&format!("columns.{name}"), *line, Some(name), format!("target table {} has no column `{name}`", entry.target), None),
-            Some(c) if c.generated => cx.report(&format!("columns.{name}"), *line, Some(name), format!("{}.{name} is a generated column and cannot be written", entry.target), Some(format!("remove `{name}` from [table.columns]"))),
+            None => cx.report(
+                &format!("columns.{name}"),
+                *line,
+                Some(name),
+                format!("target table {} has no column `{name}`", entry.target),
+                None,
+            ),
+            Some(c) if c.generated => cx.report(
+                &format!("columns.{name}"),
+                *line,
+                Some(name),
+                format!(
+                    "{}.{name} is a generated column and cannot be written",
+                    entry.target
+                ),
+                Some(format!("remove `{name}` from [table.columns]")),
+            ),
             Some(_) => {}
         }
     }
@@ -154,24 +260,52 @@ async fn resolve_columns(
     for col in &tgt.columns {
         let Some((expr, line)) = entry.columns.get(&col.name) else {
             if col.not_null && !col.has_default {
-                cx.report("columns", entry.source_line, Some(&col.name),
-                    format!("target column {}.{} ({}) is NOT NULL, has no default and is not mapped", entry.target, col.name, col.type_name),
-                    Some(format!("add `{} = \"<expression over {}>\"` to [table.columns]", col.name, entry.source)));
+                cx.report(
+                    "columns",
+                    entry.source_line,
+                    Some(&col.name),
+                    format!(
+                        "target column {}.{} ({}) is NOT NULL, has no default and is not mapped",
+                        entry.target, col.name, col.type_name
+                    ),
+                    Some(format!(
+                        "add `{} = \"<expression over {}>\"` to [table.columns]",
+                        col.name, entry.source
+                    )),
+                );
             }
-            out.push(ResolvedColumn { name: col.name.clone(), target_type: col.type_name.clone(), expr: None, expr_type: None });
+            out.push(ResolvedColumn {
+                name: col.name.clone(),
+                target_type: col.type_name.clone(),
+                expr: None,
+                expr_type: None,
+            });
             continue;
         };
         let field = format!("columns.{}", col.name);
         let sql = format!("SELECT ({expr}) FROM {} LIMIT 0", entry.source.quoted());
         let expr_type = match blue.prepare(&sql).await {
             Err(e) => {
-                cx.report(&field, *line, Some(&col.name), format!("expression `{expr}` is not valid on blue {}: {}", entry.source, pg_message(&e)), None);
+                cx.report(
+                    &field,
+                    *line,
+                    Some(&col.name),
+                    format!(
+                        "expression `{expr}` is not valid on blue {}: {}",
+                        entry.source,
+                        pg_message(&e)
+                    ),
+                    None,
+                );
                 None
             }
             Ok(st) => {
                 let ty = st.columns()[0].type_().clone();
                 let row = blue
-                    .query_one("SELECT to_regtype($1)::oid, format_type($2, NULL)", &[&col.type_name, &ty.oid()])
+                    .query_one(
+                        "SELECT to_regtype($1)::oid, format_type($2, NULL)",
+                        &[&col.type_name, &ty.oid()],
+                    )
                     .await
                     .map_err(Error::db("blue: looking up target types"))?;
                 let target_oid: Option<u32> = row.get(0);
@@ -184,10 +318,19 @@ async fn resolve_columns(
                     Some(_) => {}
                 }
                 // Shown in the report only when a conversion happens.
-                Some(if target_oid == Some(ty.oid()) { col.type_name.clone() } else { expr_type })
+                Some(if target_oid == Some(ty.oid()) {
+                    col.type_name.clone()
+                } else {
+                    expr_type
+                })
             }
         };
-        out.push(ResolvedColumn { name: col.name.clone(), target_type: col.type_name.clone(), expr: Some(expr.clone()), expr_type });
+        out.push(ResolvedColumn {
+            name: col.name.clone(),
+            target_type: col.type_name.clone(),
+            expr: Some(expr.clone()),
+            expr_type,
+        });
     }
     Ok(out)
 }
@@ -197,22 +340,48 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
     let mut key = Vec::new();
     for k in &entry.key {
         let Some(sc) = src.column(k) else {
-            cx.report("key", entry.key_line, Some(k), format!("key column `{k}` does not exist on blue {}", entry.source), None);
+            cx.report(
+                "key",
+                entry.key_line,
+                Some(k),
+                format!("key column `{k}` does not exist on blue {}", entry.source),
+                None,
+            );
             continue;
         };
-        let target = entry.columns.iter().find(|(_, (e, _))| e.trim() == k || e.trim() == ident(k)).map(|(t, _)| t.clone());
+        let target = entry
+            .columns
+            .iter()
+            .find(|(_, (e, _))| e.trim() == k || e.trim() == ident(k))
+            .map(|(t, _)| t.clone());
         let Some(target) = target else {
-            cx.report("key", entry.key_line, Some(k), format!("key column `{k}` is not mapped verbatim to any target column of {}", entry.target), Some(format!("map a target column to exactly `{k}`")));
+            cx.report(
+                "key",
+                entry.key_line,
+                Some(k),
+                format!(
+                    "key column `{k}` is not mapped verbatim to any target column of {}",
+                    entry.target
+                ),
+                Some(format!("map a target column to exactly `{k}`")),
+            );
             continue;
         };
         let integer = matches!(sc.type_name.as_str(), "integer" | "bigint" | "smallint");
-        key.push(KeyColumn { source: k.clone(), target, source_type: sc.type_name.clone(), integer: integer && entry.key.len() == 1 });
+        key.push(KeyColumn {
+            source: k.clone(),
+            target,
+            source_type: sc.type_name.clone(),
+            integer: integer && entry.key.len() == 1,
+        });
     }
     if key.len() != entry.key.len() {
         return None;
     }
     let blue_unique = src.unique_keys.iter().any(|u| {
-        u.columns.iter().all(|c| entry.key.contains(c) && src.column(c).is_some_and(|c| c.not_null))
+        u.columns
+            .iter()
+            .all(|c| entry.key.contains(c) && src.column(c).is_some_and(|c| c.not_null))
     });
     if !blue_unique {
         cx.report("key", entry.key_line, None,
@@ -227,9 +396,21 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
         cols == target_set
     });
     if !green_unique {
-        cx.report("key", entry.key_line, None,
-            format!("key maps to ({}) on green {}, which is not a primary key or unique index there", target_set.join(", "), entry.target),
-            Some(format!("add a unique index on {} ({}) or choose a key that maps onto one", entry.target, target_set.join(", "))));
+        cx.report(
+            "key",
+            entry.key_line,
+            None,
+            format!(
+                "key maps to ({}) on green {}, which is not a primary key or unique index there",
+                target_set.join(", "),
+                entry.target
+            ),
+            Some(format!(
+                "add a unique index on {} ({}) or choose a key that maps onto one",
+                entry.target,
+                target_set.join(", ")
+            )),
+        );
     }
     Some(key)
 }
@@ -240,7 +421,10 @@ async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<
         src.reltuples as u64
     } else if src.total_bytes < EXACT_COUNT_BELOW_BYTES {
         let n: i64 = blue
-            .query_one(&format!("SELECT count(*) FROM {}", entry.source.quoted()), &[])
+            .query_one(
+                &format!("SELECT count(*) FROM {}", entry.source.quoted()),
+                &[],
+            )
             .await
             .map_err(Error::db(format!("blue: counting {}", entry.source)))?
             .get(0);

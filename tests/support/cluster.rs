@@ -41,7 +41,11 @@ pub fn bindir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Runs a server binary, as the `postgres` user when we are root (initdb, postgres and pgbouncer
@@ -75,11 +79,20 @@ pub fn free_port() -> u16 {
 /// A fresh temporary directory owned by the server user.
 pub fn server_dir(prefix: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!("bluegreen-{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let dir = std::env::temp_dir().join(format!(
+        "bluegreen-{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     if is_root() {
-        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap().success();
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "chown {} to postgres failed: does the postgres user exist? (apt-get install -y postgresql-15)", dir.display());
     }
     dir
@@ -96,7 +109,9 @@ pub fn watchdog(pidfile: &Path, dir: &Path) {
         pf = pidfile.display(),
         dir = dir.display()
     );
-    Command::new("setsid")
+    // Deliberately detached: it must outlive this process to clean up after it.
+    #[allow(clippy::zombie_processes)]
+    let _watchdog = Command::new("setsid")
         .args(["sh", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -114,10 +129,23 @@ impl Cluster {
         let out = as_server_user(&bindir.join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .output()
             .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = free_port();
         let mut opts = format!(
             "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level={wal_level} \
@@ -149,13 +177,24 @@ impl Cluster {
 
     /// URL of a database on this cluster as the superuser.
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
     }
 
     /// Runs SQL through psql (ON_ERROR_STOP), panicking with psql's output on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = self.psql_cmd(db).args(["-c", sql]).output().expect("run psql");
-        assert!(out.status.success(), "psql failed on {db}: {}\nSQL: {sql}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .psql_cmd(db)
+            .args(["-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql failed on {db}: {}\nSQL: {sql}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -166,15 +205,32 @@ impl Cluster {
             c.arg("-v").arg(format!("{k}={v}"));
         }
         let out = c.arg("-f").arg(file).output().expect("run psql");
-        assert!(out.status.success(), "psql -f {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "psql -f {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn psql_cmd(&self, db: &str) -> Command {
         let mut c = Command::new(self.bindir.join("psql"));
-        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-p"])
-            .arg(self.port.to_string())
-            .arg("-d")
-            .arg(db);
+        c.args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+        ])
+        .arg(self.port.to_string())
+        .arg("-d")
+        .arg(db);
         c
     }
 }
@@ -197,11 +253,17 @@ impl Bouncer {
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("pgbouncer not found; install it: apt-get install -y pgbouncer"));
+            .unwrap_or_else(|| {
+                panic!("pgbouncer not found; install it: apt-get install -y pgbouncer")
+            });
         let dir = server_dir("pgbouncer");
         let port = free_port();
         let databases_file = dir.join("databases.ini");
-        std::fs::write(&databases_file, format!("[databases]\napp = {target_dsn}\n")).unwrap();
+        std::fs::write(
+            &databases_file,
+            format!("[databases]\napp = {target_dsn}\n"),
+        )
+        .unwrap();
         let ini = format!(
             "%include {db}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {d}\n\
              auth_type = any\nadmin_users = postgres\npool_mode = {pool_mode}\nignore_startup_parameters = extra_float_digits,options\n\
@@ -211,21 +273,43 @@ impl Bouncer {
         );
         let ini_path = dir.join("pgbouncer.ini");
         std::fs::write(&ini_path, ini).unwrap();
-        Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().ok();
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .ok();
         watchdog(&dir.join("pgbouncer.pid"), &dir);
-        let out = as_server_user(&bin).arg("-d").arg(&ini_path).output().expect("run pgbouncer");
-        assert!(out.status.success(), "pgbouncer failed to start: {}", String::from_utf8_lossy(&out.stderr));
+        let out = as_server_user(&bin)
+            .arg("-d")
+            .arg(&ini_path)
+            .output()
+            .expect("run pgbouncer");
+        assert!(
+            out.status.success(),
+            "pgbouncer failed to start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Bouncer { port, databases_file, dir };
+                return Bouncer {
+                    port,
+                    databases_file,
+                    dir,
+                };
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        panic!("pgbouncer did not listen on {port}: {}", std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default());
+        panic!(
+            "pgbouncer did not listen on {port}: {}",
+            std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+        );
     }
 
     /// Admin console URL.
     pub fn admin_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/pgbouncer?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/pgbouncer?sslmode=disable",
+            self.port
+        )
     }
 }
