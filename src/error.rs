@@ -68,9 +68,7 @@ pub enum Error {
         count: usize,
     },
     /// Another `migrate` process holds this plan's lock.
-    #[error(
-        "another `migrate {command}` of plan `{plan}` is running (advisory lock held on green)"
-    )]
+    #[error("another `migrate {command}` of plan `{plan}` is running (advisory lock held on green)")]
     Busy {
         /// Plan name.
         plan: String,
@@ -96,10 +94,9 @@ impl Error {
     /// The process exit code for this error: 2 for plan and usage errors, 3 for runtime failures.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::PlanRead { .. }
-            | Error::PlanParse { .. }
-            | Error::PlanInvalid { .. }
-            | Error::Unresolved { .. } => 2,
+            Error::PlanRead { .. } | Error::PlanParse { .. } | Error::PlanInvalid { .. } | Error::Unresolved { .. } => {
+                2
+            }
             _ => 3,
         }
     }
@@ -142,13 +139,7 @@ fn render_problems(path: &std::path::Path, problems: &[PlanProblem]) -> String {
         if i > 0 {
             out.push('\n');
         }
-        out.push_str(&format!(
-            "{}:{}: {}: {}",
-            path.display(),
-            p.line,
-            p.field,
-            p.message
-        ));
+        out.push_str(&format!("{}:{}: {}: {}", path.display(), p.line, p.field, p.message));
     }
     out
 }

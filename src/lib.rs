@@ -114,9 +114,7 @@ pub async fn resolve_sound(plan: &Plan, blue: &Client, green: &Client) -> Result
         for p in &resolved.problems {
             tracing::error!(field = %p.field, table = ?p.table, column = ?p.column, "{}", p.message);
         }
-        return Err(Error::Unresolved {
-            count: resolved.problems.len(),
-        });
+        return Err(Error::Unresolved { count: resolved.problems.len() });
     }
     Ok(resolved)
 }

@@ -86,29 +86,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let (path, command) = match cli.command {
-        Cmd::Plan {
-            plan,
-            format,
-            offline,
-        } => (
-            plan.plan,
-            Command::Plan {
-                format: format.format.into(),
-                offline,
-            },
-        ),
+        Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
         Cmd::Copy { plan, no_follow } => (plan.plan, Command::Copy { no_follow }),
-        Cmd::Status { plan, format } => (
-            plan.plan,
-            Command::Status {
-                format: format.format.into(),
-            },
-        ),
+        Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -132,9 +114,7 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MIGRATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -88,9 +88,7 @@ pub struct State {
 impl State {
     /// The state of `plan` (nothing is created until [`State::ensure`]).
     pub fn new(plan: &str) -> Self {
-        Self {
-            schema: ident(&schema_name(plan)),
-        }
+        Self { schema: ident(&schema_name(plan)) }
     }
 
     /// A table of the state schema, quoted.
@@ -105,31 +103,26 @@ impl State {
             "CREATE SCHEMA IF NOT EXISTS {s};
              CREATE TABLE IF NOT EXISTS {s}.migration (
                  id int PRIMARY KEY CHECK (id = 1), plan text NOT NULL, state jsonb NOT NULL,
-                 updated_at timestamptz NOT NULL DEFAULT now());
+                 copy_epoch int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now());
              CREATE TABLE IF NOT EXISTS {s}.tables (
                  target text PRIMARY KEY, state text NOT NULL, rows_estimated bigint NOT NULL DEFAULT 0,
-                 deferred jsonb NOT NULL DEFAULT '[]', updated_at timestamptz NOT NULL DEFAULT now());
+                 deferred jsonb NOT NULL DEFAULT '[]', source_filenode bigint,
+                 updated_at timestamptz NOT NULL DEFAULT now());
              CREATE TABLE IF NOT EXISTS {s}.chunks (
-                 target text NOT NULL, chunk int NOT NULL, lower text[], upper text[],
-                 done boolean NOT NULL DEFAULT false, rows bigint, bytes bigint, seconds float8,
+                 target text NOT NULL, chunk int NOT NULL, first_block bigint, end_block bigint,
+                 done boolean NOT NULL DEFAULT false, epoch int, rows bigint, bytes bigint, seconds float8,
                  finished_at timestamptz, PRIMARY KEY (target, chunk));
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
             plan = crate::pg::literal(plan),
         );
-        green
-            .batch_execute(&sql)
-            .await
-            .map_err(Error::db("green: creating migration state"))
+        green.batch_execute(&sql).await.map_err(Error::db("green: creating migration state"))
     }
 
     /// Whether this plan has state on green.
     pub async fn exists(&self, green: &impl GenericClient) -> Result<bool> {
         Ok(green
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&self.table("tables")],
-            )
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table("tables")])
             .await
             .map_err(Error::db("green: looking for migration state"))?
             .get(0))
@@ -138,10 +131,7 @@ impl State {
     /// Reads the phase; `None` when there is no state yet.
     pub async fn phase(&self, green: &impl GenericClient) -> Result<Option<Phase>> {
         let exists: bool = green
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&self.table("migration")],
-            )
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table("migration")])
             .await
             .map_err(Error::db("green: reading migration state"))?
             .get(0);
@@ -149,10 +139,7 @@ impl State {
             return Ok(None);
         }
         let row = green
-            .query_opt(
-                &format!("SELECT state FROM {} WHERE id = 1", self.table("migration")),
-                &[],
-            )
+            .query_opt(&format!("SELECT state FROM {} WHERE id = 1", self.table("migration")), &[])
             .await
             .map_err(Error::db("green: reading migration state"))?;
         Ok(row.and_then(|r| serde_json::from_value(r.get(0)).ok()))
@@ -163,15 +150,28 @@ impl State {
         let value = serde_json::to_value(phase).map_err(|e| Error::Runtime(e.to_string()))?;
         green
             .execute(
-                &format!(
-                    "UPDATE {} SET state = $1, updated_at = now() WHERE id = 1",
-                    self.table("migration")
-                ),
+                &format!("UPDATE {} SET state = $1, updated_at = now() WHERE id = 1", self.table("migration")),
                 &[&value],
             )
             .await
             .map_err(Error::db("green: saving migration phase"))?;
         Ok(())
+    }
+
+    /// Starts a new copy run and returns its number. Chunks record the run that copied them: rows
+    /// copied under different snapshots may overlap and are de-duplicated before keys are built.
+    pub async fn next_epoch(&self, green: &impl GenericClient) -> Result<i32> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "UPDATE {} SET copy_epoch = copy_epoch + 1 WHERE id = 1 RETURNING copy_epoch",
+                    self.table("migration")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: starting a copy run"))?
+            .get(0))
     }
 
     /// Reads a table's state and its recorded deferred objects.
@@ -181,18 +181,11 @@ impl State {
         target: &str,
     ) -> Result<Option<(TableState, Vec<DeferredObject>)>> {
         let row = green
-            .query_opt(
-                &format!(
-                    "SELECT state, deferred FROM {} WHERE target = $1",
-                    self.table("tables")
-                ),
-                &[&target],
-            )
+            .query_opt(&format!("SELECT state, deferred FROM {} WHERE target = $1", self.table("tables")), &[&target])
             .await
             .map_err(Error::db(format!("green: reading state of {target}")))?;
         Ok(row.map(|r| {
-            let state = serde_json::from_value(serde_json::Value::String(r.get(0)))
-                .unwrap_or(TableState::Pending);
+            let state = serde_json::from_value(serde_json::Value::String(r.get(0))).unwrap_or(TableState::Pending);
             let deferred = serde_json::from_value(r.get(1)).unwrap_or_default();
             (state, deferred)
         }))

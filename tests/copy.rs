@@ -20,13 +20,13 @@ fn copy_makes_green_equal_transform_of_blue() {
         .parse()
         .unwrap();
     assert!(toasted > 10, "no TOASTed values copied");
-    let unicode: i64 = s
-        .green
-        .psql("SELECT count(*) FROM oauth2_clients WHERE name ~ '[^[:ascii:]]'")
+    let unicode: i64 = s.green.psql("SELECT count(*) FROM oauth2_clients WHERE name ~ '[^[:ascii:]]'").parse().unwrap();
+    assert!(unicode > 0, "no unicode values copied");
+    let expired_on_blue: i64 = s
+        .blue
+        .psql("SELECT count(*) FROM hydra_oauth2_access WHERE requested_at < now() - interval '90 days'")
         .parse()
         .unwrap();
-    assert!(unicode > 0, "no unicode values copied");
-    let expired_on_blue: i64 = s.blue.psql("SELECT count(*) FROM hydra_oauth2_access WHERE requested_at < now() - interval '90 days'").parse().unwrap();
     assert!(expired_on_blue > 0);
     // Deferred indexes and constraints are back, foreign keys validated.
     let idx = s.green.psql("SELECT string_agg(indexrelid::regclass::text, ',' ORDER BY 1) FROM pg_index WHERE indrelid = 'oauth2_access_tokens'::regclass");
@@ -38,11 +38,7 @@ fn copy_makes_green_equal_transform_of_blue() {
     ] {
         assert!(idx.contains(name), "{name} missing: {idx}");
     }
-    assert_eq!(
-        s.green
-            .psql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated"),
-        "2"
-    );
+    assert_eq!(s.green.psql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated"), "2");
     // Several chunks per table, all done.
     let chunks = s.green.psql("SELECT count(*) || '/' || count(*) FILTER (WHERE done) FROM bluegreen_oauth_v2.chunks WHERE target = 'public.oauth2_access_tokens'");
     let (all, done) = chunks.split_once('/').unwrap();
@@ -51,17 +47,8 @@ fn copy_makes_green_equal_transform_of_blue() {
     let st = run(&mut s.migrate(&["status", plan.to_str().unwrap(), "--format", "json"]));
     assert_eq!(st.code, 0, "{st:?}");
     let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
-    let access = v["tables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == "public.oauth2_access_tokens")
-        .unwrap();
-    let green_rows: i64 = s
-        .green
-        .psql("SELECT count(*) FROM oauth2_access_tokens")
-        .parse()
-        .unwrap();
+    let access = v["tables"].as_array().unwrap().iter().find(|t| t["table"] == "public.oauth2_access_tokens").unwrap();
+    let green_rows: i64 = s.green.psql("SELECT count(*) FROM oauth2_access_tokens").parse().unwrap();
     assert_eq!(access["rows_copied"].as_i64().unwrap(), green_rows);
     assert!(access["rows_estimated"].as_i64().unwrap() > 0);
 }
@@ -79,9 +66,7 @@ fn copy_without_deferred_indexes_is_equal_too() {
 fn sigkilled_copy_resumes_and_copies_nothing_twice() {
     let s = Oauth::new(20_000);
     // Throttled so the kill lands mid-copy.
-    let plan = s.plan_with_copy(
-        "workers = 2\nchunk_rows = 1000\ndefer_indexes = true\nmax_rows_per_second = 8000",
-    );
+    let plan = s.plan_with_copy("workers = 2\nchunk_rows = 1000\ndefer_indexes = true\nmax_rows_per_second = 8000");
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
         .env("BLUE_URL", s.blue.url())
         .env("GREEN_URL", s.green.url())
@@ -91,43 +76,23 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
         .unwrap();
     let started = Instant::now();
     loop {
-        let has_state = s
-            .green
-            .psql("SELECT to_regclass('bluegreen_oauth_v2.chunks') IS NOT NULL")
-            == "t";
+        let has_state = s.green.psql("SELECT to_regclass('bluegreen_oauth_v2.chunks') IS NOT NULL") == "t";
         let done: i64 = if has_state {
-            s.green
-                .psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done")
-                .parse()
-                .unwrap()
+            s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done").parse().unwrap()
         } else {
             0
         };
         if done >= 5 {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "copy made no progress"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "copy finished before it could be killed; slow it down"
-        );
+        assert!(started.elapsed() < Duration::from_secs(60), "copy made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "copy finished before it could be killed; slow it down");
         std::thread::sleep(Duration::from_millis(50));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let total: i64 = s
-        .green
-        .psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks")
-        .parse()
-        .unwrap();
-    let done: i64 = s
-        .green
-        .psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done")
-        .parse()
-        .unwrap();
+    let total: i64 = s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks").parse().unwrap();
+    let done: i64 = s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done").parse().unwrap();
     assert!(done < total, "kill came too late: {done}/{total}");
     let killed_at = s.green.psql("SELECT now()");
     let before: String = s.green.psql("SELECT string_agg(target || ':' || chunk || ':' || finished_at, ',' ORDER BY target, chunk) FROM bluegreen_oauth_v2.chunks WHERE done");
@@ -140,15 +105,8 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
         "SELECT string_agg(target || ':' || chunk || ':' || finished_at, ',' ORDER BY target, chunk) \
          FROM bluegreen_oauth_v2.chunks WHERE done AND finished_at <= '{killed_at}'::timestamptz"
     ));
-    assert_eq!(
-        before, after,
-        "chunks committed before the kill were copied again"
-    );
-    let all_done: i64 = s
-        .green
-        .psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE NOT done")
-        .parse()
-        .unwrap();
+    assert_eq!(before, after, "chunks committed before the kill were copied again");
+    let all_done: i64 = s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE NOT done").parse().unwrap();
     assert_eq!(all_done, 0);
     s.assert_green_equals_blue();
 }
@@ -156,9 +114,7 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
 #[test]
 fn second_copy_of_the_same_plan_is_refused() {
     let s = Oauth::new(5_000);
-    let plan = s.plan_with_copy(
-        "workers = 1\nchunk_rows = 500\ndefer_indexes = true\nmax_rows_per_second = 2000",
-    );
+    let plan = s.plan_with_copy("workers = 1\nchunk_rows = 500\ndefer_indexes = true\nmax_rows_per_second = 2000");
     let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
         .env("BLUE_URL", s.blue.url())
         .env("GREEN_URL", s.green.url())
@@ -167,24 +123,13 @@ fn second_copy_of_the_same_plan_is_refused() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while s
-        .green
-        .psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
-        == "0"
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "first copy never took its lock"
-        );
+    while s.green.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0" {
+        assert!(started.elapsed() < Duration::from_secs(30), "first copy never took its lock");
         std::thread::sleep(Duration::from_millis(50));
     }
     let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 3, "{r:?}");
-    assert!(
-        r.stderr
-            .contains("another `migrate copy` of plan `oauth-v2` is running"),
-        "{r:?}"
-    );
+    assert!(r.stderr.contains("another `migrate copy` of plan `oauth-v2` is running"), "{r:?}");
     first.kill().unwrap();
     first.wait().unwrap();
 }

@@ -25,10 +25,7 @@ fn fixture_plan_is_sound_and_shows_the_mapping() {
         "capture Logical",
         "plan is sound",
     ] {
-        assert!(
-            r.stdout.contains(expected),
-            "missing `{expected}` in:\n{r:?}"
-        );
+        assert!(r.stdout.contains(expected), "missing `{expected}` in:\n{r:?}");
     }
     let json = run(&mut s.migrate(&["plan", plan.to_str().unwrap(), "--format", "json"]));
     assert_eq!(json.code, 0, "{json:?}");
@@ -37,10 +34,7 @@ fn fixture_plan_is_sound_and_shows_the_mapping() {
     assert_eq!(v["tables"].as_array().unwrap().len(), 6);
     let access = &v["tables"][1];
     assert_eq!(access["target"]["name"], "oauth2_access_tokens");
-    assert!(
-        access["estimate"]["rows"].as_u64().unwrap() >= 1500,
-        "{access}"
-    );
+    assert!(access["estimate"]["rows"].as_u64().unwrap() >= 1500, "{access}");
     let cols = access["columns"].as_array().unwrap();
     let migrated = cols.iter().find(|c| c["name"] == "migrated_at").unwrap();
     assert!(migrated["expr"].is_null());
@@ -69,18 +63,8 @@ fn each_problem_is_named() {
     // Expression of the wrong type: text into jsonb without a cast.
     expect_problem(
         &s,
-        |p| {
-            p.replace(
-                "session_id_token = \"session_id_token::jsonb\"",
-                "session_id_token = \"session_id_token\"",
-            )
-        },
-        &[
-            "table[4].columns.session_id_token",
-            "has type text",
-            "is jsonb",
-            "fix:",
-        ],
+        |p| p.replace("session_id_token = \"session_id_token::jsonb\"", "session_id_token = \"session_id_token\""),
+        &["table[4].columns.session_id_token", "has type text", "is jsonb", "fix:"],
     );
     // Uncovered NOT NULL target column (nid has no default).
     expect_problem(
@@ -92,43 +76,23 @@ fn each_problem_is_named() {
                 1,
             )
         },
-        &[
-            "public.oauth2_clients.nid",
-            "NOT NULL, has no default and is not mapped",
-        ],
+        &["public.oauth2_clients.nid", "NOT NULL, has no default and is not mapped"],
     );
     // Missing table.
     expect_problem(
         &s,
-        |p| {
-            p.replace(
-                "public.hydra_oauth2_revocation",
-                "public.hydra_oauth2_revocations",
-            )
-        },
-        &[
-            "table[5].source",
-            "hydra_oauth2_revocations does not exist on blue",
-        ],
+        |p| p.replace("public.hydra_oauth2_revocation", "public.hydra_oauth2_revocations"),
+        &["table[5].source", "hydra_oauth2_revocations does not exist on blue"],
     );
     // Unknown target column.
     expect_problem(
         &s,
-        |p| {
-            p.replace(
-                "reason = \"reason\"",
-                "reason = \"reason\"\nreasons = \"reason\"",
-            )
-        },
+        |p| p.replace("reason = \"reason\"", "reason = \"reason\"\nreasons = \"reason\""),
         &["table[5].columns.reasons", "has no column `reasons`"],
     );
     // Line numbers are named for column problems.
     let text = Oauth::plan_text();
-    let line = text
-        .lines()
-        .position(|l| l.starts_with("secret = "))
-        .unwrap()
-        + 1;
+    let line = text.lines().position(|l| l.starts_with("secret = ")).unwrap() + 1;
     expect_problem(
         &s,
         |p| p.replace("secret = \"client_secret\"", "secret = \"client_secrt\""),
@@ -140,30 +104,22 @@ fn each_problem_is_named() {
 fn key_not_unique_on_either_side() {
     let s = Oauth::new(2000);
     // Blue: request_id is not unique in hydra_oauth2_access.
-    s.green
-        .psql("CREATE UNIQUE INDEX ON oauth2_access_tokens (request_id)");
+    s.green.psql("CREATE UNIQUE INDEX ON oauth2_access_tokens (request_id)");
     expect_problem(
         &s,
         |p| p.replacen("key = [\"signature\"]", "key = [\"request_id\"]", 1),
         &["table[2].key", "key (request_id) is not unique on blue"],
     );
     // Green: drop the unique key the composite key maps onto.
-    s.green
-        .psql("ALTER TABLE oauth2_consent_sessions DROP CONSTRAINT oauth2_consent_sessions_pkey");
-    expect_problem(
-        &s,
-        |p| p,
-        &["table[4].key", "not a primary key or unique index there"],
-    );
+    s.green.psql("ALTER TABLE oauth2_consent_sessions DROP CONSTRAINT oauth2_consent_sessions_pkey");
+    expect_problem(&s, |p| p, &["table[4].key", "not a primary key or unique index there"]);
 }
 
 #[test]
 fn green_rows_and_replica_identity_are_prerequisites() {
     let s = Oauth::new(2000);
-    s.blue
-        .psql("ALTER TABLE hydra_oauth2_revocation REPLICA IDENTITY NOTHING");
-    s.green
-        .psql("INSERT INTO oauth2_revocations VALUES ('x', now(), NULL)");
+    s.blue.psql("ALTER TABLE hydra_oauth2_revocation REPLICA IDENTITY NOTHING");
+    s.green.psql("INSERT INTO oauth2_revocations VALUES ('x', now(), NULL)");
     expect_problem(
         &s,
         |p| p,
@@ -178,21 +134,12 @@ fn green_rows_and_replica_identity_are_prerequisites() {
 #[test]
 fn toml_errors_exit_2_with_line() {
     let s = Oauth::new(2000);
-    let text =
-        Oauth::plan_text().replace("chunk_rows = 50000", "chunk_rows = 50000\nchunk_size = 1");
-    let line = text
-        .lines()
-        .position(|l| l.starts_with("chunk_size"))
-        .unwrap()
-        + 1;
+    let text = Oauth::plan_text().replace("chunk_rows = 50000", "chunk_rows = 50000\nchunk_size = 1");
+    let line = text.lines().position(|l| l.starts_with("chunk_size")).unwrap() + 1;
     let plan = s.write_plan(&text);
     let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(
-        r.stderr.contains(&format!("{}:{line}:", plan.display()))
-            && r.stderr.contains("chunk_size"),
-        "{r:?}"
-    );
+    assert!(r.stderr.contains(&format!("{}:{line}:", plan.display())) && r.stderr.contains("chunk_size"), "{r:?}");
 
     let plan = s.write_plan("name = \"x\"\n[blue\nurl = 1\n");
     let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap(), "--offline"]));
@@ -211,13 +158,7 @@ fn offline_checks_the_file_alone() {
         .unwrap()
         .env("BLUE_URL", "postgres://nobody@127.0.0.1:1/x")
         .env("GREEN_URL", "postgres://nobody@127.0.0.1:1/y")
-        .args([
-            "plan",
-            plan.to_str().unwrap(),
-            "--offline",
-            "--format",
-            "json",
-        ]));
+        .args(["plan", plan.to_str().unwrap(), "--offline", "--format", "json"]));
     assert_eq!(r.code, 0, "{r:?}");
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["offline"], true);
@@ -229,10 +170,7 @@ fn offline_checks_the_file_alone() {
         .env("GREEN_URL", "x")
         .args(["plan", plan.to_str().unwrap(), "--offline"]));
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(
-        r.stderr.contains("BLUE_URL") && r.stderr.contains("blue.url"),
-        "{r:?}"
-    );
+    assert!(r.stderr.contains("BLUE_URL") && r.stderr.contains("blue.url"), "{r:?}");
 }
 
 #[test]
@@ -245,30 +183,19 @@ fn unreachable_side_is_named_quickly() {
         .migrate(&["plan", plan.to_str().unwrap()])
         .env("GREEN_URL", "postgres://postgres:hunter2@127.0.0.1:1/green"));
     assert_ne!(r.code, 0, "{r:?}");
-    assert!(
-        r.stderr.contains("green") && r.stderr.contains("cannot connect"),
-        "{r:?}"
-    );
-    assert!(
-        !r.stderr.contains("hunter2") && !r.stdout.contains("hunter2"),
-        "{r:?}"
-    );
+    assert!(r.stderr.contains("green") && r.stderr.contains("cannot connect"), "{r:?}");
+    assert!(!r.stderr.contains("hunter2") && !r.stdout.contains("hunter2"), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     // A host that swallows packets: the connect timeout names blue within 10 s.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let started = Instant::now();
-    let r = run(s.migrate(&["plan", plan.to_str().unwrap()]).env(
-        "BLUE_URL",
-        format!("postgres://postgres@127.0.0.1:{port}/blue"),
-    ));
+    let r = run(s
+        .migrate(&["plan", plan.to_str().unwrap()])
+        .env("BLUE_URL", format!("postgres://postgres@127.0.0.1:{port}/blue")));
     assert_ne!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("blue"), "{r:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     drop(listener);
 }
 
@@ -276,13 +203,7 @@ fn unreachable_side_is_named_quickly() {
 fn pgbouncer_session_pool_mode_is_a_problem() {
     let s = Oauth::new(2000);
     for (mode, ok) in [("session", false), ("transaction", true)] {
-        let b = Bouncer::start(
-            mode,
-            &format!(
-                "host=127.0.0.1 port={} dbname={}",
-                s.blue.cluster.port, s.blue.name
-            ),
-        );
+        let b = Bouncer::start(mode, &format!("host=127.0.0.1 port={} dbname={}", s.blue.cluster.port, s.blue.name));
         let text = format!(
             "{}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\ngreen_dsn = \"host=127.0.0.1 port={} dbname={}\"\n",
             Oauth::plan_text(), b.admin_url(), b.databases_file.display(), s.green.cluster.port, s.green.name
@@ -291,10 +212,7 @@ fn pgbouncer_session_pool_mode_is_a_problem() {
         let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
         if ok {
             assert_eq!(r.code, 0, "{r:?}");
-            assert!(
-                r.stdout.contains("pgbouncer pool_mode of app: transaction"),
-                "{r:?}"
-            );
+            assert!(r.stdout.contains("pgbouncer pool_mode of app: transaction"), "{r:?}");
         } else {
             assert_eq!(r.code, 1, "{r:?}");
             assert!(r.stdout.contains("pool_mode=session"), "{r:?}");

@@ -12,39 +12,25 @@ use crate::{
 
 /// Settings for index builds on green: more memory and parallel workers make CREATE INDEX and
 /// ADD PRIMARY KEY several times faster than the defaults (64 MB, 2 workers).
-const BUILD_SETTINGS: &str =
-    "SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 4";
+pub const BUILD_SETTINGS: &str = "SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 4";
 
 /// Drops the objects (foreign keys first, so referenced keys can go) inside the caller's
 /// transaction.
-pub async fn drop_all(
-    tx: &tokio_postgres::Transaction<'_>,
-    objects: &[DeferredObject],
-) -> Result<()> {
+pub async fn drop_all(tx: &tokio_postgres::Transaction<'_>, objects: &[DeferredObject]) -> Result<()> {
     let mut ordered: Vec<&DeferredObject> = objects.iter().collect();
     ordered.sort_by_key(|o| o.kind != "foreign key");
     for o in ordered {
-        tx.batch_execute(&o.drop_sql)
-            .await
-            .map_err(Error::db(format!("green: dropping {} {}", o.kind, o.name)))?;
+        tx.batch_execute(&o.drop_sql).await.map_err(Error::db(format!("green: dropping {} {}", o.kind, o.name)))?;
     }
     Ok(())
 }
 
 /// Rebuilds the table's own indexes and unique/primary/exclusion constraints (not foreign keys,
 /// which wait until every table has its keys). Skips what already exists.
-pub async fn rebuild_keys_and_indexes(
-    green: &Client,
-    table: &str,
-    objects: &[DeferredObject],
-) -> Result<()> {
-    green
-        .batch_execute(BUILD_SETTINGS)
-        .await
-        .map_err(Error::db("green: index build settings"))?;
+pub async fn rebuild_keys_and_indexes(green: &Client, table: &str, objects: &[DeferredObject]) -> Result<()> {
+    green.batch_execute(BUILD_SETTINGS).await.map_err(Error::db("green: index build settings"))?;
     // Primary and unique keys first: apply needs them for ON CONFLICT.
-    let mut ordered: Vec<&DeferredObject> =
-        objects.iter().filter(|o| o.kind != "foreign key").collect();
+    let mut ordered: Vec<&DeferredObject> = objects.iter().filter(|o| o.kind != "foreign key").collect();
     ordered.sort_by_key(|o| match o.kind.as_str() {
         "primary key" => 0,
         "unique" => 1,
@@ -58,10 +44,7 @@ pub async fn rebuild_keys_and_indexes(
         green
             .batch_execute(&o.create_sql)
             .await
-            .map_err(Error::db(format!(
-                "green: rebuilding {} {} on {table}",
-                o.kind, o.name
-            )))?;
+            .map_err(Error::db(format!("green: rebuilding {} {} on {table}", o.kind, o.name)))?;
         info!(table, object = %o.name, kind = %o.kind, seconds = started.elapsed().as_secs_f64(), "rebuilt");
     }
     Ok(())
@@ -82,16 +65,9 @@ pub async fn rebuild_foreign_keys(green: &Client, objects: &[DeferredObject]) ->
                 .map_err(Error::db(format!("green: adding foreign key {}", o.name)))?;
         }
         green
-            .batch_execute(&format!(
-                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                o.owner,
-                crate::pg::ident(&o.name)
-            ))
+            .batch_execute(&format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", o.owner, crate::pg::ident(&o.name)))
             .await
-            .map_err(Error::db(format!(
-                "green: validating foreign key {}",
-                o.name
-            )))?;
+            .map_err(Error::db(format!("green: validating foreign key {}", o.name)))?;
         info!(constraint = %o.name, "foreign key validated");
     }
     Ok(())
@@ -104,9 +80,5 @@ async fn exists(green: &Client, o: &DeferredObject) -> Result<bool> {
     } else {
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint WHERE conname = $1 AND conrelid = to_regclass($2))"
     };
-    Ok(green
-        .query_one(sql, &[&o.name, &o.owner])
-        .await
-        .map_err(Error::db("green: checking rebuilt objects"))?
-        .get(0))
+    Ok(green.query_one(sql, &[&o.name, &o.owner]).await.map_err(Error::db("green: checking rebuilt objects"))?.get(0))
 }

@@ -1,7 +1,8 @@
-//! Stage 1: copy. Each table is split into key ranges; each range streams as raw COPY from blue
-//! (through the resolved transforming SELECT) straight into COPY on green, never decoded here.
-//! A chunk's rows and its `done` mark commit in one green transaction, so a killed run redoes
-//! exactly the chunks that did not commit: nothing is copied twice, nothing is missed.
+//! Stage 1: copy. Each table is split into heap block ranges; each range streams as raw COPY from
+//! blue (through the resolved transforming SELECT) straight into COPY on green, never decoded
+//! here. All chunks of a run read one exported snapshot, so each row is copied once. A chunk's
+//! rows and its `done` mark commit in one green transaction, so a killed run redoes exactly the
+//! chunks that did not commit.
 
 mod chunk;
 mod indexes;
@@ -10,6 +11,7 @@ mod shutdown;
 mod throttle;
 
 pub use chunk::{condition, Chunk};
+pub use indexes::BUILD_SETTINGS;
 pub use shutdown::Shutdown;
 
 use std::{
@@ -25,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::{
     error::{pg_message, Error, Result},
-    pg::{catalog::DeferredObject, ident},
+    pg::{catalog::DeferredObject, ident, literal},
     plan::{Plan, ResolvedPlan, ResolvedTable},
     state::{Phase, State, TableState},
 };
@@ -52,9 +54,24 @@ struct Shared {
     /// Unfinished chunks per table; the worker that finishes the last one rebuilds indexes.
     remaining: Mutex<Vec<usize>>,
     deferred: Vec<Vec<DeferredObject>>,
+    /// Per table: some chunks were copied under an earlier run's snapshot.
+    resumed: Vec<bool>,
+    /// Exported blue snapshot that every chunk of this run reads.
+    snapshot: String,
+    /// This run's number, recorded on each chunk.
+    epoch: i32,
     progress: Arc<Progress>,
     throttle: Throttle,
     shutdown: Shutdown,
+}
+
+/// What `prepare_table` found or made for one table.
+struct Prepared {
+    state: TableState,
+    pending: Vec<Chunk>,
+    deferred: Vec<DeferredObject>,
+    rows_copied: u64,
+    resumed: bool,
 }
 
 /// Takes the plan's advisory lock on `green` for the life of that session; fails with
@@ -69,15 +86,12 @@ pub async fn lock_plan(green: &Client, plan: &str, command: &str) -> Result<()> 
     if got {
         Ok(())
     } else {
-        Err(Error::Busy {
-            plan: plan.to_string(),
-            command: command.to_string(),
-        })
+        Err(Error::Busy { plan: plan.to_string(), command: command.to_string() })
     }
 }
 
-/// Copies every table (resuming from state) and rebuilds deferred objects. Returns when all
-/// tables are done, or early (state saved) when `shutdown` fires.
+/// Copies every table (resuming from state) and rebuilds deferred objects. Returns `true` when
+/// all tables are done, `false` when `shutdown` fired first (state saved).
 pub async fn copy_tables(
     plan: &Plan,
     resolved: &ResolvedPlan,
@@ -87,34 +101,35 @@ pub async fn copy_tables(
     let state = State::new(&plan.name);
     state.ensure(green, &plan.name).await?;
     match state.phase(green).await? {
-        Some(Phase::Planned) | Some(Phase::Copying) | None => {
-            state.set_phase(green, &Phase::Copying).await?
-        }
+        Some(Phase::Planned) | Some(Phase::Copying) | None => state.set_phase(green, &Phase::Copying).await?,
         Some(p) => {
             info!(phase = p.name(), "copy already finished");
             return Ok(true);
         }
     }
+    let epoch = state.next_epoch(green).await?;
     let blue = plan.blue.connect().await?;
-    let mut per_table: Vec<Vec<Chunk>> = Vec::new();
-    let mut deferred = Vec::new();
-    let mut states = Vec::new();
-    let mut copied = Vec::new();
+    let mut prepared = Vec::new();
     for t in &resolved.tables {
-        let (st, chunks, defs, rows) = prepare_table(plan, &state, &blue, green, t).await?;
-        states.push(st);
-        per_table.push(chunks);
-        deferred.push(defs);
-        copied.push(rows);
+        prepared.push(prepare_table(plan, &state, &blue, green, t).await?);
     }
-    let jobs = schedule(resolved, &states, &per_table);
-    let remaining: Vec<usize> = per_table.iter().map(Vec::len).collect();
+    // One snapshot for every chunk of this run, held open by this session until the workers are
+    // done: each row version is read exactly once, and whatever changes after it is captured.
+    blue.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(Error::db("blue: beginning the copy snapshot"))?;
+    let snapshot: String = blue
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(Error::db("blue: exporting the copy snapshot"))?
+        .get(0);
+    let jobs = schedule(resolved, &prepared);
     let progress = Progress::new(
         resolved
             .tables
             .iter()
-            .zip(&copied)
-            .map(|(t, c)| (t.target.to_string(), t.estimate.rows, *c))
+            .zip(&prepared)
+            .map(|(t, p)| (t.target.to_string(), t.estimate.rows, p.rows_copied))
             .collect(),
     );
     let logger = progress.spawn_logger();
@@ -123,16 +138,18 @@ pub async fn copy_tables(
         tables: resolved.tables.clone(),
         state: state.clone(),
         jobs: Mutex::new(jobs),
-        remaining: Mutex::new(remaining),
-        deferred,
+        remaining: Mutex::new(prepared.iter().map(|p| p.pending.len()).collect()),
+        resumed: prepared.iter().map(|p| p.resumed).collect(),
+        deferred: prepared.into_iter().map(|p| p.deferred).collect(),
+        snapshot,
+        epoch,
         progress: Arc::clone(&progress),
         throttle: Throttle::new(plan.copy.max_rows_per_second),
         shutdown: shutdown.clone(),
     });
     let started = Instant::now();
-    let workers = plan.copy.workers.max(1);
     let mut set = JoinSet::new();
-    for w in 0..workers {
+    for w in 0..plan.copy.workers.max(1) {
         let shared = Arc::clone(&shared);
         set.spawn(async move { worker(w, shared).await });
     }
@@ -150,6 +167,7 @@ pub async fn copy_tables(
     if let Some(l) = logger {
         l.abort();
     }
+    let _ = blue.batch_execute("COMMIT").await;
     progress.finish();
     if let Some(e) = first_error {
         return Err(e);
@@ -160,107 +178,111 @@ pub async fn copy_tables(
     }
     let all: Vec<DeferredObject> = shared.deferred.iter().flatten().cloned().collect();
     indexes::rebuild_foreign_keys(green, &all).await?;
-    info!(
-        seconds = started.elapsed().as_secs_f64(),
-        tables = resolved.tables.len(),
-        "copy finished"
-    );
+    info!(seconds = started.elapsed().as_secs_f64(), tables = resolved.tables.len(), "copy finished");
     Ok(true)
 }
 
 /// Loads or creates the chunks of one table. On first sight, records the chunks and the deferred
-/// objects and drops those objects, all in one green transaction.
+/// objects and drops those objects, all in one green transaction. A table whose blue heap was
+/// rewritten since (VACUUM FULL, CLUSTER) starts over: its block ranges no longer mean anything.
 async fn prepare_table(
     plan: &Plan,
     state: &State,
     blue: &Client,
     green: &mut Client,
     t: &ResolvedTable,
-) -> Result<(TableState, Vec<Chunk>, Vec<DeferredObject>, u64)> {
+) -> Result<Prepared> {
     let target = t.target.to_string();
     let chunks_table = state.table("chunks");
+    let tables_table = state.table("tables");
+    let planned = chunk::plan_chunks(blue, t, plan.copy.chunk_rows).await?;
     if let Some((st, defs)) = state.table_state(green, &target).await? {
-        if st != TableState::Pending {
-            let rows = green
-                .query(&format!("SELECT chunk, lower, upper, done, COALESCE(rows, 0) FROM {chunks_table} WHERE target = $1 ORDER BY chunk"), &[&target])
+        let recorded: Option<i64> = green
+            .query_one(&format!("SELECT source_filenode FROM {tables_table} WHERE target = $1"), &[&target])
+            .await
+            .map_err(Error::db(format!("green: reading state of {target}")))?
+            .get(0);
+        let rewritten = recorded.is_some_and(|f| f != planned.filenode);
+        if st == TableState::Done || (st != TableState::Pending && !rewritten) {
+            return load_chunks(green, state, &target, st, defs).await;
+        }
+        if rewritten {
+            warn!(table = %t.source, "blue heap was rewritten (VACUUM FULL, CLUSTER?) since the copy began; copying the table again");
+            let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
+            tx.batch_execute(&format!("TRUNCATE {}", t.target.quoted()))
                 .await
-                .map_err(Error::db(format!("green: reading chunks of {target}")))?;
-            let copied: i64 = rows
-                .iter()
-                .filter(|r| r.get::<_, bool>(3))
-                .map(|r| r.get::<_, i64>(4))
-                .sum();
-            let pending = rows
-                .iter()
-                .filter(|r| !r.get::<_, bool>(3))
-                .map(|r| Chunk {
-                    number: r.get(0),
-                    lower: r.get(1),
-                    upper: r.get(2),
-                })
-                .collect();
-            return Ok((st, pending, defs, copied as u64));
+                .map_err(Error::db(format!("green: emptying {target}")))?;
+            tx.execute(&format!("DELETE FROM {chunks_table} WHERE target = $1"), &[&target])
+                .await
+                .map_err(Error::db("green: resetting chunks"))?;
+            tx.commit().await.map_err(Error::db("green: resetting chunks"))?;
         }
     }
-    let chunks = chunk::plan_chunks(blue, t, plan.copy.chunk_rows).await?;
-    let defs = if plan.copy.defer_indexes {
-        t.deferred.clone()
-    } else {
-        Vec::new()
-    };
-    let tx = green
-        .transaction()
-        .await
-        .map_err(Error::db("green: begin"))?;
-    for c in &chunks {
+    let defs = if plan.copy.defer_indexes { t.deferred.clone() } else { Vec::new() };
+    let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
+    for c in &planned.chunks {
         tx.execute(
-            &format!("INSERT INTO {chunks_table} (target, chunk, lower, upper) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"),
-            &[&target, &c.number, &c.lower, &c.upper],
+            &format!("INSERT INTO {chunks_table} (target, chunk, first_block, end_block) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"),
+            &[&target, &c.number, &c.first_block, &c.end_block],
         )
         .await
         .map_err(Error::db(format!("green: recording chunks of {target}")))?;
     }
     indexes::drop_all(&tx, &defs).await?;
-    state
-        .set_table_state(
-            &tx,
-            &target,
-            TableState::Loading,
-            t.estimate.rows,
-            Some(&defs),
+    state.set_table_state(&tx, &target, TableState::Loading, t.estimate.rows, Some(&defs)).await?;
+    tx.execute(
+        &format!("UPDATE {tables_table} SET source_filenode = $2 WHERE target = $1"),
+        &[&target, &planned.filenode],
+    )
+    .await
+    .map_err(Error::db(format!("green: recording chunks of {target}")))?;
+    tx.commit().await.map_err(Error::db(format!("green: recording chunks of {target}")))?;
+    info!(table = %target, chunks = planned.chunks.len(), deferred = defs.len(), "table planned");
+    Ok(Prepared { state: TableState::Loading, pending: planned.chunks, deferred: defs, rows_copied: 0, resumed: false })
+}
+
+/// Reads the unfinished chunks a previous run recorded.
+async fn load_chunks(
+    green: &Client,
+    state: &State,
+    target: &str,
+    st: TableState,
+    deferred: Vec<DeferredObject>,
+) -> Result<Prepared> {
+    let rows = green
+        .query(
+            &format!("SELECT chunk, first_block, end_block, done, COALESCE(rows, 0) FROM {} WHERE target = $1 ORDER BY chunk", state.table("chunks")),
+            &[&target],
         )
-        .await?;
-    tx.commit()
         .await
-        .map_err(Error::db(format!("green: recording chunks of {target}")))?;
-    info!(table = %target, chunks = chunks.len(), deferred = defs.len(), "table planned");
-    Ok((TableState::Loading, chunks, defs, 0))
+        .map_err(Error::db(format!("green: reading chunks of {target}")))?;
+    let rows_copied: i64 = rows.iter().filter(|r| r.get::<_, bool>(3)).map(|r| r.get::<_, i64>(4)).sum();
+    let pending: Vec<Chunk> = rows
+        .iter()
+        .filter(|r| !r.get::<_, bool>(3))
+        .map(|r| Chunk { number: r.get(0), first_block: r.get(1), end_block: r.get(2) })
+        .collect();
+    let resumed = pending.len() < rows.len();
+    Ok(Prepared { state: st, pending, deferred, rows_copied: rows_copied as u64, resumed })
 }
 
 /// Orders the work: tables whose rebuild was interrupted first; then chunks round-robin across
 /// tables, largest table first in each round, so small tables finish early and big ones keep every
 /// worker busy to the end.
-fn schedule(
-    resolved: &ResolvedPlan,
-    states: &[TableState],
-    per_table: &[Vec<Chunk>],
-) -> VecDeque<Job> {
+fn schedule(resolved: &ResolvedPlan, prepared: &[Prepared]) -> VecDeque<Job> {
     let mut jobs = VecDeque::new();
-    for (i, chunks) in per_table.iter().enumerate() {
-        if chunks.is_empty() && states[i] != TableState::Done {
+    for (i, p) in prepared.iter().enumerate() {
+        if p.pending.is_empty() && p.state != TableState::Done {
             jobs.push_back(Job::Rebuild { table: i });
         }
     }
-    let mut order: Vec<usize> = (0..per_table.len()).collect();
+    let mut order: Vec<usize> = (0..prepared.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(resolved.tables[i].estimate.bytes));
-    let rounds = per_table.iter().map(Vec::len).max().unwrap_or(0);
+    let rounds = prepared.iter().map(|p| p.pending.len()).max().unwrap_or(0);
     for r in 0..rounds {
         for &i in &order {
-            if let Some(c) = per_table[i].get(r) {
-                jobs.push_back(Job::Chunk {
-                    table: i,
-                    chunk: c.clone(),
-                });
+            if let Some(c) = prepared[i].pending.get(r) {
+                jobs.push_back(Job::Chunk { table: i, chunk: c.clone() });
             }
         }
     }
@@ -272,25 +294,26 @@ async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         return Ok(());
     }
     let blue = shared.plan.blue.connect().await?;
-    let green = shared.plan.green.connect().await?;
+    let mut green = shared.plan.green.connect().await?;
+    // JIT would compile every chunk's query anew (tens of ms each) for expressions that run a few
+    // thousand times; parallel query workers would compete with our own workers.
+    blue.batch_execute(&format!(
+        "SET jit = off; SET max_parallel_workers_per_gather = 0; \
+         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        literal(&shared.snapshot)
+    ))
+    .await
+    .map_err(Error::db("blue: importing the copy snapshot"))?;
     // Chunk state commits with the chunk's rows; losing the last commits in a crash only means
     // redoing those chunks, so waiting for the WAL flush buys nothing.
-    green
-        .batch_execute("SET synchronous_commit = off")
-        .await
-        .map_err(Error::db("green: session setup"))?;
+    green.batch_execute("SET synchronous_commit = off").await.map_err(Error::db("green: session setup"))?;
     // Foreign keys on green are enforced by triggers; with indexes kept (defer_indexes = false)
     // chunks of a referencing table may land before the rows they reference. `replica` skips
     // those triggers, as logical replication's apply does. It needs superuser; without it the
-    // plan must order tables parent-first or defer indexes.
-    if let Err(e) = green
-        .batch_execute("SET session_replication_role = replica")
-        .await
-    {
+    // plan must defer indexes or the tables must have no foreign keys between them.
+    if let Err(e) = green.batch_execute("SET session_replication_role = replica").await {
         tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
     }
-    let mut green = green;
-    let blue = blue;
     loop {
         if shared.shutdown.is_triggered() {
             return Ok(());
@@ -300,11 +323,12 @@ async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         match job {
             Job::Rebuild { table } => rebuild(&shared, &green, table).await?,
             Job::Chunk { table, chunk } => {
-                let t = &shared.tables[table];
-                shared.throttle.admit(shared.plan.copy.chunk_rows).await;
+                let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
+                shared.throttle.admit(expected).await;
                 let started = Instant::now();
-                let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, t, &chunk).await?;
-                tracing::debug!(worker = id, table = %t.target, chunk = chunk.number, rows, bytes, seconds = started.elapsed().as_secs_f64(), "chunk copied");
+                let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, table, &chunk).await?;
+                tracing::debug!(worker = id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
+                    seconds = started.elapsed().as_secs_f64(), "chunk copied");
                 shared.progress.chunk_done(table, rows, bytes);
                 let last = shared.remaining.lock().map(|mut r| {
                     r[table] -= 1;
@@ -323,59 +347,68 @@ async fn copy_chunk(
     shared: &Shared,
     blue: &Client,
     green: &mut Client,
-    t: &ResolvedTable,
+    table: usize,
     chunk: &Chunk,
 ) -> Result<(u64, u64)> {
-    let cols: Vec<String> = t.key.iter().map(|k| ident(&k.source)).collect();
-    let types: Vec<String> = t.key.iter().map(|k| k.source_type.clone()).collect();
-    let cond = condition(chunk, &cols, &types);
-    let format = if t.binary_copy {
-        " (FORMAT binary)"
-    } else {
-        ""
-    };
-    let out_sql = format!(
-        "COPY ({}) TO STDOUT{format}",
-        t.source_select(cond.as_deref())
-    );
-    let in_sql = format!(
-        "COPY {} ({}) FROM STDIN{format}",
-        t.target.quoted(),
-        t.target_column_list()
-    );
+    let t = &shared.tables[table];
+    let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
+    let out_sql = format!("COPY ({}) TO STDOUT{format}", t.source_select(condition(chunk).as_deref()));
+    // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
+    // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
+    let staging = shared.resumed[table] && !shared.plan.copy.defer_indexes;
+    let stage = ident(&format!("bluegreen_stage_{table}"));
+    let into = if staging { stage.clone() } else { t.target.quoted() };
+    let in_sql = format!("COPY {into} ({}) FROM STDIN{format}", t.target_column_list());
     let fail = |stage: &str, e: tokio_postgres::Error| Error::ChunkFailed {
         table: t.target.to_string(),
         chunk: chunk.number as i64,
         message: format!("{stage}: {}", pg_message(&e)),
     };
     let started = Instant::now();
-    let tx = green
-        .transaction()
+    let tx = green.transaction().await.map_err(|e| fail("green begin", e))?;
+    if staging {
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {}) ON COMMIT DELETE ROWS",
+            t.target.quoted()
+        ))
         .await
-        .map_err(|e| fail("green begin", e))?;
-    let sink = tx
-        .copy_in(&in_sql)
-        .await
-        .map_err(|e| fail("green COPY FROM", e))?;
-    let stream = blue
-        .copy_out(&out_sql)
-        .await
-        .map_err(|e| fail("blue COPY TO", e))?;
+        .map_err(|e| fail("green staging", e))?;
+    }
+    let sink = tx.copy_in(&in_sql).await.map_err(|e| fail("green COPY FROM", e))?;
+    let stream = blue.copy_out(&out_sql).await.map_err(|e| fail("blue COPY TO", e))?;
     let mut bytes = 0u64;
     let mut stream = Box::pin(stream.inspect_ok(|b| bytes += b.len() as u64));
     let mut sink = Box::pin(sink);
-    sink.send_all(&mut stream)
-        .await
-        .map_err(|e| fail("streaming", e))?;
+    sink.send_all(&mut stream).await.map_err(|e| fail("streaming", e))?;
     drop(stream);
-    let rows = sink
-        .as_mut()
-        .finish()
-        .await
-        .map_err(|e| fail("green COPY FROM", e))?;
+    let mut rows = sink.as_mut().finish().await.map_err(|e| fail("green COPY FROM", e))?;
+    if staging {
+        let cols = t.target_column_list();
+        rows = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING",
+                    t.target.quoted()
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| fail("green staging", e))?;
+    }
     tx.execute(
-        &format!("UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, finished_at = now() WHERE target = $1 AND chunk = $2", shared.state.table("chunks")),
-        &[&t.target.to_string(), &chunk.number, &(rows as i64), &(bytes as i64), &started.elapsed().as_secs_f64()],
+        &format!(
+            "UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, epoch = $6, finished_at = now() \
+             WHERE target = $1 AND chunk = $2",
+            shared.state.table("chunks")
+        ),
+        &[
+            &t.target.to_string(),
+            &chunk.number,
+            &(rows as i64),
+            &(bytes as i64),
+            &started.elapsed().as_secs_f64(),
+            &shared.epoch,
+        ],
     )
     .await
     .map_err(|e| fail("green state", e))?;
@@ -386,30 +419,45 @@ async fn copy_chunk(
 async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let target = t.target.to_string();
-    shared
-        .state
-        .set_table_state(green, &target, TableState::Indexing, t.estimate.rows, None)
-        .await?;
+    shared.state.set_table_state(green, &target, TableState::Indexing, t.estimate.rows, None).await?;
     let started = Instant::now();
-    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table]).await?;
-    // ANALYZE so the planner knows the freshly loaded table before apply and verify query it.
-    if let Err(e) = green
-        .batch_execute(&format!("ANALYZE {}", t.target.quoted()))
-        .await
-    {
-        warn!(table = %target, error = %pg_message(&e), "ANALYZE failed");
+    if shared.resumed[table] && shared.plan.copy.defer_indexes {
+        dedup(green, &shared.state, t).await?;
     }
-    shared
-        .state
-        .set_table_state(green, &target, TableState::Done, t.estimate.rows, None)
-        .await?;
-    shared.progress.table_done(
-        table,
-        &format!(
-            "copied; indexes rebuilt in {:.1}s",
-            started.elapsed().as_secs_f64()
-        ),
-    );
+    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table]).await?;
+    shared.state.set_table_state(green, &target, TableState::Done, t.estimate.rows, None).await?;
+    shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// Removes duplicate keys left by chunks copied under different snapshots (a row updated between
+/// two runs may sit in a block range of each). Which copy stays does not matter: the update that
+/// moved the row was captured, and apply re-reads that key from blue once the table is done.
+async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
+    let runs: i64 = green
+        .query_one(
+            &format!("SELECT count(DISTINCT epoch) FROM {} WHERE target = $1", state.table("chunks")),
+            &[&t.target.to_string()],
+        )
+        .await
+        .map_err(Error::db("green: reading chunk runs"))?
+        .get(0);
+    if runs < 2 {
+        return Ok(());
+    }
+    let removed = green
+        .execute(
+            &format!(
+                "DELETE FROM {tbl} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, row_number() OVER (PARTITION BY {keys}) AS n \
+                 FROM {tbl}) d WHERE d.n > 1)",
+                tbl = t.target.quoted(),
+                keys = t.target_key_list()
+            ),
+            &[],
+        )
+        .await
+        .map_err(Error::db(format!("green: removing duplicate keys from {}", t.target)))?;
+    info!(table = %t.target, removed, "duplicates from earlier runs removed");
     Ok(())
 }
 
@@ -426,5 +474,8 @@ pub async fn run(
     if !finished || no_follow {
         return Ok(());
     }
-    Err(Error::Runtime("following blue after the copy needs change capture, which this build does not have yet; use --no-follow".into()))
+    Err(Error::Runtime(
+        "following blue after the copy needs change capture, which this build does not have yet; use --no-follow"
+            .into(),
+    ))
 }

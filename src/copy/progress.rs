@@ -39,10 +39,8 @@ impl Progress {
             let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
             let overall = mp.add(ProgressBar::new(total));
             overall.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>12} [{bar:30}] {pos}/{len} rows {per_sec} ETA {eta} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} rows {per_sec} ETA {eta} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             overall.set_prefix("all tables");
             overall.set_position(done);
@@ -54,29 +52,17 @@ impl Progress {
                 let bar = bars.as_ref().map(|(mp, _)| {
                     let b = mp.add(ProgressBar::new(estimated.max(copied)));
                     b.set_style(
-                        ProgressStyle::with_template(
-                            "{prefix:>12} [{bar:30}] {pos}/{len} rows {msg}",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} rows {msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
                     );
                     b.set_prefix(short(&name));
                     b.set_position(copied);
                     b
                 });
-                TableProgress {
-                    name,
-                    estimated,
-                    rows: AtomicU64::new(copied),
-                    bytes: AtomicU64::new(0),
-                    bar,
-                }
+                TableProgress { name, estimated, rows: AtomicU64::new(copied), bytes: AtomicU64::new(0), bar }
             })
             .collect();
-        Arc::new(Self {
-            tables,
-            started: Instant::now(),
-            bars,
-        })
+        Arc::new(Self { tables, started: Instant::now(), bars })
     }
 
     /// Records a finished chunk of table `i`.
@@ -117,24 +103,12 @@ impl Progress {
     }
 
     fn log_line(&self) {
-        let rows: u64 = self
-            .tables
-            .iter()
-            .map(|t| t.rows.load(Ordering::Relaxed))
-            .sum();
-        let bytes: u64 = self
-            .tables
-            .iter()
-            .map(|t| t.bytes.load(Ordering::Relaxed))
-            .sum();
+        let rows: u64 = self.tables.iter().map(|t| t.rows.load(Ordering::Relaxed)).sum();
+        let bytes: u64 = self.tables.iter().map(|t| t.bytes.load(Ordering::Relaxed)).sum();
         let estimated: u64 = self.tables.iter().map(|t| t.estimated).sum();
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         let rate = rows as f64 / secs;
-        let eta = if rate > 0.0 {
-            (estimated.saturating_sub(rows)) as f64 / rate
-        } else {
-            0.0
-        };
+        let eta = if rate > 0.0 { (estimated.saturating_sub(rows)) as f64 / rate } else { 0.0 };
         info!(
             rows,
             rows_estimated = estimated,

@@ -13,10 +13,7 @@ impl Shutdown {
     /// A signal that only fires when [`Shutdown::trigger`] is called.
     pub fn manual() -> Self {
         let (tx, rx) = watch::channel(false);
-        Self {
-            rx,
-            tx: std::sync::Arc::new(tx),
-        }
+        Self { rx, tx: std::sync::Arc::new(tx) }
     }
 
     /// A signal that fires on SIGINT or SIGTERM.
@@ -24,11 +21,10 @@ impl Shutdown {
         let s = Self::manual();
         let trigger = s.clone();
         tokio::spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(_) => return,
-                };
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -15,10 +15,7 @@ pub struct Throttle {
 impl Throttle {
     /// A limit of `rate` rows per second (0 = unlimited).
     pub fn new(rate: u64) -> Self {
-        Self {
-            rate,
-            admitted: Mutex::new((Instant::now(), 0)),
-        }
+        Self { rate, admitted: Mutex::new((Instant::now(), 0)) }
     }
 
     /// Waits until `rows` more rows fit the rate.
@@ -52,9 +49,6 @@ mod tests {
         }
         // 3 chunks of 100 rows at 1000 rows/s: the third may start at 200 ms.
         let e = start.elapsed();
-        assert!(
-            e >= Duration::from_millis(190) && e < Duration::from_millis(600),
-            "{e:?}"
-        );
+        assert!(e >= Duration::from_millis(190) && e < Duration::from_millis(600), "{e:?}");
     }
 }

@@ -61,18 +61,11 @@ mod tests {
     fn finds_and_rewrites_only_that_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db.ini");
-        std::fs::write(
-            &p,
-            "; comment app = x\nother = host=a\napp = host=blue dbname=app\nlast = host=c\n",
-        )
-        .unwrap();
+        std::fs::write(&p, "; comment app = x\nother = host=a\napp = host=blue dbname=app\nlast = host=c\n").unwrap();
         let old = rewrite(&p, "app", "host=green dbname=app").unwrap();
         assert_eq!(old, "app = host=blue dbname=app");
         let text = std::fs::read_to_string(&p).unwrap();
-        assert_eq!(
-            text,
-            "; comment app = x\nother = host=a\napp = host=green dbname=app\nlast = host=c\n"
-        );
+        assert_eq!(text, "; comment app = x\nother = host=a\napp = host=green dbname=app\nlast = host=c\n");
         assert!(rewrite(&p, "nope", "x").is_err());
     }
 }

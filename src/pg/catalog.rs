@@ -95,11 +95,7 @@ impl TableInfo {
     /// means the whole row (FULL), an empty list means nothing is sent.
     pub fn identity_columns(&self) -> Option<Vec<String>> {
         let pick = |f: &dyn Fn(&UniqueKey) -> bool| {
-            self.unique_keys
-                .iter()
-                .find(|k| f(k))
-                .map(|k| k.columns.clone())
-                .unwrap_or_default()
+            self.unique_keys.iter().find(|k| f(k)).map(|k| k.columns.clone()).unwrap_or_default()
         };
         match self.replica_identity {
             'f' => None,
@@ -111,38 +107,21 @@ impl TableInfo {
 }
 
 /// Looks a table up; `None` when it does not exist (or is not a table).
-pub async fn table_info(
-    client: &Client,
-    side: Side,
-    table: &QualifiedName,
-) -> Result<Option<TableInfo>> {
+pub async fn table_info(client: &Client, side: Side, table: &QualifiedName) -> Result<Option<TableInfo>> {
     with_qualified_names(client, table_info_inner(client, side, table)).await
 }
 
 /// Runs catalog reads with `search_path = pg_catalog`, so that `regclass` text,
 /// `pg_get_indexdef` and `pg_get_constraintdef` come out schema-qualified and do not depend on
 /// the session's search path when replayed later.
-async fn with_qualified_names<T>(
-    client: &Client,
-    f: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    client
-        .batch_execute("SET search_path = pg_catalog")
-        .await
-        .map_err(Error::db("setting search_path"))?;
+async fn with_qualified_names<T>(client: &Client, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    client.batch_execute("SET search_path = pg_catalog").await.map_err(Error::db("setting search_path"))?;
     let out = f.await;
-    client
-        .batch_execute("RESET search_path")
-        .await
-        .map_err(Error::db("resetting search_path"))?;
+    client.batch_execute("RESET search_path").await.map_err(Error::db("resetting search_path"))?;
     out
 }
 
-async fn table_info_inner(
-    client: &Client,
-    side: Side,
-    table: &QualifiedName,
-) -> Result<Option<TableInfo>> {
+async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) -> Result<Option<TableInfo>> {
     let ctx = |what: &str| format!("{side}: reading catalog for {table} ({what})");
     let row = client
         .query_opt(
@@ -200,12 +179,7 @@ async fn table_info_inner(
         .await
         .map_err(Error::db(ctx("unique indexes")))?
         .iter()
-        .map(|r| UniqueKey {
-            name: r.get(0),
-            primary: r.get(1),
-            replica_identity: r.get(2),
-            columns: r.get(3),
-        })
+        .map(|r| UniqueKey { name: r.get(0), primary: r.get(1), replica_identity: r.get(2), columns: r.get(3) })
         .collect();
     Ok(Some(TableInfo {
         oid,
@@ -219,19 +193,11 @@ async fn table_info_inner(
 
 /// Secondary indexes and constraints on a target table that a bulk load can drop and rebuild:
 /// primary key, unique and exclusion constraints, plain indexes, and foreign keys from or to it.
-pub async fn deferrable_objects(
-    client: &Client,
-    table: &QualifiedName,
-    oid: u32,
-) -> Result<Vec<DeferredObject>> {
+pub async fn deferrable_objects(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
     with_qualified_names(client, deferrable_objects_inner(client, table, oid)).await
 }
 
-async fn deferrable_objects_inner(
-    client: &Client,
-    table: &QualifiedName,
-    oid: u32,
-) -> Result<Vec<DeferredObject>> {
+async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
     let ctx = format!("green: reading indexes and constraints of {table}");
     let mut out = Vec::new();
     // Foreign keys first (both directions): a referenced unique key cannot be dropped before them.
@@ -323,23 +289,13 @@ impl TypeRules {
     pub async fn load(client: &Client, side: Side) -> Result<Self> {
         let ctx = format!("{side}: reading pg_type and pg_cast");
         let types = client
-            .query(
-                "SELECT oid, typcategory::text, typelem, typbasetype FROM pg_catalog.pg_type",
-                &[],
-            )
+            .query("SELECT oid, typcategory::text, typelem, typbasetype FROM pg_catalog.pg_type", &[])
             .await
             .map_err(Error::db(ctx.clone()))?
             .iter()
             .map(|r| {
                 let cat: String = r.get(1);
-                (
-                    r.get(0),
-                    TypeRow {
-                        category: cat.chars().next().unwrap_or('X'),
-                        element: r.get(2),
-                        base: r.get(3),
-                    },
-                )
+                (r.get(0), TypeRow { category: cat.chars().next().unwrap_or('X'), element: r.get(2), base: r.get(3) })
             })
             .collect();
         let casts = client

@@ -89,11 +89,7 @@ impl fmt::Display for ConnInfo {
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
         let user = self.config.get_user().unwrap_or("");
         let db = self.config.get_dbname().unwrap_or("");
-        let at = if user.is_empty() {
-            String::new()
-        } else {
-            format!("{user}@")
-        };
+        let at = if user.is_empty() { String::new() } else { format!("{user}@") };
         write!(f, "postgres://{at}{host}:{port}/{db}")
     }
 }
@@ -163,12 +159,7 @@ impl ConnInfo {
         if config.get_application_name().is_none() {
             config.application_name("migrate");
         }
-        Ok(Self {
-            side,
-            config,
-            ssl_mode: ssl_mode.unwrap_or(SslMode::Prefer),
-            ssl_root_cert,
-        })
+        Ok(Self { side, config, ssl_mode: ssl_mode.unwrap_or(SslMode::Prefer), ssl_root_cert })
     }
 
     /// Sets `application_name` (we use `migrate/<plan>` so DBAs can see who is connected).
@@ -191,14 +182,11 @@ impl ConnInfo {
     /// task that logs when it dies; the returned client errors from then on.
     pub async fn connect(&self) -> Result<Client, ConnError> {
         let client = self.connect_raw().await?;
-        client
-            .batch_execute(SESSION_SETTINGS)
-            .await
-            .map_err(|source| ConnError::Connect {
-                side: self.side,
-                target: self.to_string(),
-                source,
-            })?;
+        client.batch_execute(SESSION_SETTINGS).await.map_err(|source| ConnError::Connect {
+            side: self.side,
+            target: self.to_string(),
+            source,
+        })?;
         Ok(client)
     }
 
@@ -221,11 +209,7 @@ impl ConnInfo {
                 mode => {
                     let tls = self.tls_connector()?;
                     let mut cfg = self.config.clone();
-                    cfg.ssl_mode(if mode == SslMode::Prefer {
-                        PgSslMode::Prefer
-                    } else {
-                        PgSslMode::Require
-                    });
+                    cfg.ssl_mode(if mode == SslMode::Prefer { PgSslMode::Prefer } else { PgSslMode::Require });
                     let (client, conn) = cfg.connect(tls).await?;
                     spawn_driver(side, conn);
                     Ok(client)
@@ -234,17 +218,9 @@ impl ConnInfo {
         };
         match tokio::time::timeout(waited, fut).await {
             Ok(Ok(client)) => Ok(client),
-            Ok(Err(ConnectFailure::Pg(source))) => Err(ConnError::Connect {
-                side,
-                target,
-                source,
-            }),
+            Ok(Err(ConnectFailure::Pg(source))) => Err(ConnError::Connect { side, target, source }),
             Ok(Err(ConnectFailure::Tls(reason))) => Err(ConnError::Tls { side, reason }),
-            Err(_) => Err(ConnError::Timeout {
-                side,
-                target,
-                waited,
-            }),
+            Err(_) => Err(ConnError::Timeout { side, target, waited }),
         }
     }
 
@@ -255,9 +231,9 @@ impl ConnInfo {
             SslMode::VerifyCa | SslMode::VerifyFull => {
                 builder.set_verify(SslVerifyMode::PEER);
                 match &self.ssl_root_cert {
-                    Some(path) => builder.set_ca_file(path).map_err(|e| {
-                        ConnectFailure::Tls(format!("sslrootcert {}: {e}", path.display()))
-                    })?,
+                    Some(path) => builder
+                        .set_ca_file(path)
+                        .map_err(|e| ConnectFailure::Tls(format!("sslrootcert {}: {e}", path.display())))?,
                     None => builder.set_default_verify_paths().map_err(tls_err)?,
                 }
             }
@@ -330,18 +306,12 @@ fn take_ssl_params(text: &str) -> Result<(String, Option<SslMode>, Option<PathBu
                 kept.push(pair);
             }
         }
-        let rest = if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
+        let rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
         Ok((rest, mode, root))
     } else {
         let mut kept = Vec::new();
         for token in split_kv(text)? {
-            let (k, v) = token
-                .split_once('=')
-                .ok_or_else(|| "expected key=value".to_string())?;
+            let (k, v) = token.split_once('=').ok_or_else(|| "expected key=value".to_string())?;
             if !take(k.trim(), v.trim().trim_matches('\''))? {
                 kept.push(token);
             }
@@ -417,11 +387,7 @@ mod tests {
 
     #[test]
     fn display_redacts_password() {
-        let c = ConnInfo::parse(
-            Side::Blue,
-            "postgres://app:s3cret@db.example:6543/app?sslmode=require",
-        )
-        .unwrap();
+        let c = ConnInfo::parse(Side::Blue, "postgres://app:s3cret@db.example:6543/app?sslmode=require").unwrap();
         let shown = c.to_string();
         assert_eq!(shown, "postgres://app@db.example:6543/app");
         assert!(!format!("{c:?}").contains("s3cret"));
@@ -436,17 +402,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.ssl_mode, SslMode::VerifyFull);
-        assert_eq!(
-            c.ssl_root_cert.as_deref(),
-            Some(std::path::Path::new("/tmp/ca.pem"))
-        );
+        assert_eq!(c.ssl_root_cert.as_deref(), Some(std::path::Path::new("/tmp/ca.pem")));
         assert_eq!(c.to_string(), "postgres://green.db:5433/app");
     }
 
     #[test]
     fn bad_sslmode_is_named_without_password() {
-        let err =
-            ConnInfo::parse(Side::Blue, "postgres://u:hunter2@h/d?sslmode=maybe").unwrap_err();
+        let err = ConnInfo::parse(Side::Blue, "postgres://u:hunter2@h/d?sslmode=maybe").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("blue") && msg.contains("sslmode"), "{msg}");
         assert!(!msg.contains("hunter2"));

@@ -49,14 +49,8 @@ impl QualifiedName {
     pub fn parse(text: &str) -> Result<Self, String> {
         let parts = split_dotted(text)?;
         match parts.as_slice() {
-            [name] => Ok(Self {
-                schema: "public".into(),
-                name: name.clone(),
-            }),
-            [schema, name] => Ok(Self {
-                schema: schema.clone(),
-                name: name.clone(),
-            }),
+            [name] => Ok(Self { schema: "public".into(), name: name.clone() }),
+            [schema, name] => Ok(Self { schema: schema.clone(), name: name.clone() }),
             _ => Err(format!("`{text}` is not `schema.table`")),
         }
     }
@@ -131,10 +125,7 @@ mod tests {
         let q = QualifiedName::parse("Public.Hydra").unwrap();
         assert_eq!((q.schema.as_str(), q.name.as_str()), ("public", "hydra"));
         let q = QualifiedName::parse(r#""My Schema"."a.""b""#).unwrap();
-        assert_eq!(
-            (q.schema.as_str(), q.name.as_str()),
-            ("My Schema", r#"a."b"#)
-        );
+        assert_eq!((q.schema.as_str(), q.name.as_str()), ("My Schema", r#"a."b"#));
         assert_eq!(QualifiedName::parse("t").unwrap().schema, "public");
         assert!(QualifiedName::parse("a.b.c").is_err());
         assert!(QualifiedName::parse("a.").is_err());

@@ -17,9 +17,7 @@ use crate::{
 
 /// Default number of parallel copy workers when the plan gives none: the core count.
 pub fn default_workers() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 /// Default rows per copy chunk.
 pub const DEFAULT_CHUNK_ROWS: u64 = 50_000;
@@ -210,61 +208,33 @@ impl Plan {
     /// Reads and validates a plan file. Errors name the file and line; all file-level problems
     /// are reported at once.
     pub fn load(path: &Path) -> Result<Plan, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::PlanRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::PlanRead { path: path.to_path_buf(), source })?;
         Self::parse(path, &text, &|k| std::env::var(k).ok())
     }
 
     /// Parses plan text; `env` looks up `${VAR}` references.
-    pub fn parse(
-        path: &Path,
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Plan, Error> {
+    pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan, Error> {
         let raw: RawPlan = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-            Error::PlanParse {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }
+            Error::PlanParse { path: path.to_path_buf(), line, column, message: e.message().trim().to_string() }
         })?;
         let mut problems = Vec::new();
         let mut problem = |line: Line, field: &str, message: String| {
-            problems.push(PlanProblem {
-                line,
-                field: field.to_string(),
-                message,
-            })
+            problems.push(PlanProblem { line, field: field.to_string(), message })
         };
         let line_of = |span: std::ops::Range<usize>| line_col(text, span.start).0;
 
         let name = raw.name.get_ref().clone();
-        if name.is_empty()
-            || name.len() > 40
-            || !name
-                .chars()
-                .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-'))
-        {
-            problem(
-                line_of(raw.name.span()),
-                "name",
-                format!("`{name}` must be 1-40 characters of a-z, 0-9, _ and -"),
-            );
+        if name.is_empty() || name.len() > 40 || !name.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-')) {
+            problem(line_of(raw.name.span()), "name", format!("`{name}` must be 1-40 characters of a-z, 0-9, _ and -"));
         }
 
         let mut conn = |side: Side, field: &str, value: &Spanned<String>| -> Option<ConnInfo> {
             let line = line_of(value.span());
             match interpolate(value.get_ref(), env) {
                 Err(var) => {
-                    problem(
-                        line,
-                        field,
-                        format!("environment variable `{var}` is not set"),
-                    );
+                    problem(line, field, format!("environment variable `{var}` is not set"));
                     None
                 }
                 Ok(url) => match ConnInfo::parse(side, &url) {
@@ -290,11 +260,7 @@ impl Plan {
             cutover.sequence_gap = c.sequence_gap.unwrap_or(DEFAULT_SEQUENCE_GAP);
             cutover.max_lag_bytes = c.max_lag_bytes.unwrap_or(DEFAULT_MAX_LAG_BYTES);
             if let Some(pb) = c.pgbouncer {
-                let admin = conn(
-                    Side::Pgbouncer,
-                    "cutover.pgbouncer.admin_url",
-                    &pb.admin_url,
-                );
+                let admin = conn(Side::Pgbouncer, "cutover.pgbouncer.admin_url", &pb.admin_url);
                 let green_dsn = match interpolate(pb.green_dsn.get_ref(), env) {
                     Ok(d) => Some(d),
                     Err(var) => {
@@ -316,9 +282,7 @@ impl Plan {
                         }
                     },
                 };
-                if let (Some(admin), Some(green_dsn), Some(pause_timeout)) =
-                    (admin, green_dsn, pause_timeout)
-                {
+                if let (Some(admin), Some(green_dsn), Some(pause_timeout)) = (admin, green_dsn, pause_timeout) {
                     pgbouncer = Some(PgbouncerSettings {
                         admin,
                         database: pb.database,
@@ -331,11 +295,7 @@ impl Plan {
         }
         cutover.pgbouncer = pgbouncer;
 
-        let positive = |v: &Option<Spanned<i64>>,
-                        field: &str,
-                        default: i64,
-                        problems: &mut Vec<PlanProblem>|
-         -> i64 {
+        let positive = |v: &Option<Spanned<i64>>, field: &str, default: i64, problems: &mut Vec<PlanProblem>| -> i64 {
             match v {
                 None => default,
                 Some(s) if *s.get_ref() > 0 => *s.get_ref(),
@@ -349,18 +309,9 @@ impl Plan {
                 }
             }
         };
-        let workers = positive(
-            &raw.copy.workers,
-            "copy.workers",
-            default_workers() as i64,
-            &mut problems,
-        ) as usize;
-        let chunk_rows = positive(
-            &raw.copy.chunk_rows,
-            "copy.chunk_rows",
-            DEFAULT_CHUNK_ROWS as i64,
-            &mut problems,
-        ) as u64;
+        let workers = positive(&raw.copy.workers, "copy.workers", default_workers() as i64, &mut problems) as usize;
+        let chunk_rows =
+            positive(&raw.copy.chunk_rows, "copy.chunk_rows", DEFAULT_CHUNK_ROWS as i64, &mut problems) as u64;
         let max_rows_per_second = match &raw.copy.max_rows_per_second {
             Some(s) if *s.get_ref() < 0 => {
                 problems.push(PlanProblem {
@@ -393,11 +344,7 @@ impl Plan {
             let field = format!("table[{index}]");
             let source_line = line_of(t.source.span());
             let source = QualifiedName::parse(t.source.get_ref()).map_err(|e| {
-                problems.push(PlanProblem {
-                    line: source_line,
-                    field: format!("{field}.source"),
-                    message: e,
-                })
+                problems.push(PlanProblem { line: source_line, field: format!("{field}.source"), message: e })
             });
             let (target, target_line) = match &t.target {
                 Some(s) => (
@@ -425,8 +372,7 @@ impl Plan {
                 problems.push(PlanProblem {
                     line: source_line,
                     field: format!("{field}.columns"),
-                    message: "no columns mapped; add [table.columns] with target = \"expression\""
-                        .into(),
+                    message: "no columns mapped; add [table.columns] with target = \"expression\"".into(),
                 });
             }
             let mut columns = IndexMap::new();
@@ -468,10 +414,7 @@ impl Plan {
                 tables,
                 cutover,
             }),
-            _ => Err(Error::PlanInvalid {
-                path: path.to_path_buf(),
-                problems,
-            }),
+            _ => Err(Error::PlanInvalid { path: path.to_path_buf(), problems }),
         }
     }
 }
@@ -498,13 +441,9 @@ fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
 /// Parses `250ms`, `2s`, `1m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 500ms, 2s or 1m"))?;
+    let n: f64 = num.parse().map_err(|_| format!("`{text}` is not a duration like 500ms, 2s or 1m"))?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" | "" => n,
@@ -518,12 +457,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, column)
 }
 
@@ -556,8 +490,7 @@ id = "id"
     fn reference_parses_as_plan() {
         let text = include_str!("../../plans/reference.toml");
         let env = |k: &str| Some(format!("postgres://localhost/{k}"));
-        let plan = Plan::parse(Path::new("plans/reference.toml"), text, &env)
-            .expect("reference.toml parses");
+        let plan = Plan::parse(Path::new("plans/reference.toml"), text, &env).expect("reference.toml parses");
         assert!(plan.cutover.pgbouncer.is_some());
         assert!(!plan.tables.is_empty());
     }
@@ -575,34 +508,21 @@ id = "id"
         let text = MINIMAL.replace("key = [\"id\"]", "key = [\"id\"]\nfliter = \"x\"");
         let err = Plan::parse(Path::new("p.toml"), &text, &env).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("p.toml:10:1") && msg.contains("fliter"),
-            "{msg}"
-        );
+        assert!(msg.contains("p.toml:10:1") && msg.contains("fliter"), "{msg}");
     }
 
     #[test]
     fn missing_env_var_is_named() {
         let text = MINIMAL.replace("GREEN_URL", "NOPE_URL");
-        let msg = Plan::parse(Path::new("p.toml"), &text, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("NOPE_URL") && msg.contains("green.url") && msg.contains(":6"),
-            "{msg}"
-        );
+        let msg = Plan::parse(Path::new("p.toml"), &text, &env).unwrap_err().to_string();
+        assert!(msg.contains("NOPE_URL") && msg.contains("green.url") && msg.contains(":6"), "{msg}");
     }
 
     #[test]
     fn bad_values_all_reported() {
         let text = MINIMAL.replace("t1", "Bad Name") + "[copy]\nworkers = 0\n";
-        let msg = Plan::parse(Path::new("p.toml"), &text, &env)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("name") && msg.contains("copy.workers"),
-            "{msg}"
-        );
+        let msg = Plan::parse(Path::new("p.toml"), &text, &env).unwrap_err().to_string();
+        assert!(msg.contains("name") && msg.contains("copy.workers"), "{msg}");
         assert!(!msg.contains("topsecret"));
     }
 

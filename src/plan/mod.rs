@@ -7,10 +7,7 @@ mod prereq;
 mod report;
 mod resolve;
 
-pub use file::{
-    parse_duration, CaptureMethod, CopySettings, CutoverSettings, PgbouncerSettings, Plan,
-    TableEntry,
-};
+pub use file::{parse_duration, CaptureMethod, CopySettings, CutoverSettings, PgbouncerSettings, Plan, TableEntry};
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;
 
@@ -117,24 +114,14 @@ impl ResolvedTable {
     /// The transforming SELECT list: `(expr)::type AS "col", ...`.
     pub fn select_list(&self) -> String {
         self.mapped()
-            .map(|c| {
-                format!(
-                    "({})::{} AS {}",
-                    c.expr.as_deref().unwrap_or("NULL"),
-                    c.target_type,
-                    ident(&c.name)
-                )
-            })
+            .map(|c| format!("({})::{} AS {}", c.expr.as_deref().unwrap_or("NULL"), c.target_type, ident(&c.name)))
             .collect::<Vec<_>>()
             .join(", ")
     }
 
     /// Quoted target column list for COPY and INSERT.
     pub fn target_column_list(&self) -> String {
-        self.mapped()
-            .map(|c| ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.mapped().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ")
     }
 
     /// The transforming SELECT over blue restricted by `condition` (and the plan's filter).
@@ -146,35 +133,18 @@ impl ResolvedTable {
         if let Some(f) = &self.filter {
             conds.push(format!("({f})"));
         }
-        let where_ = if conds.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conds.join(" AND "))
-        };
-        format!(
-            "SELECT {} FROM {}{}",
-            self.select_list(),
-            self.source.quoted(),
-            where_
-        )
+        let where_ = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+        format!("SELECT {} FROM {}{}", self.select_list(), self.source.quoted(), where_)
     }
 
     /// Quoted key columns on blue: `"a", "b"`.
     pub fn source_key_list(&self) -> String {
-        self.key
-            .iter()
-            .map(|k| ident(&k.source))
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.key.iter().map(|k| ident(&k.source)).collect::<Vec<_>>().join(", ")
     }
 
     /// Quoted key columns on green.
     pub fn target_key_list(&self) -> String {
-        self.key
-            .iter()
-            .map(|k| ident(&k.target))
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.key.iter().map(|k| ident(&k.target)).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -227,13 +197,16 @@ impl ResolvedPlan {
         let n = self.tables.len();
         let deferred: usize = self.tables.iter().map(|t| t.deferred.len()).sum();
         let mut steps = vec![match self.capture.method {
-            CaptureMethod::Trigger => format!("capture: install row triggers and a change table on blue for {n} table(s)"),
-            _ => format!("capture: create publication and logical slot `bluegreen_{}` on blue for {n} table(s)", self.name.replace('-', "_")),
+            CaptureMethod::Trigger => {
+                format!("capture: install row triggers and a change table on blue for {n} table(s)")
+            }
+            _ => format!(
+                "capture: create publication and logical slot `bluegreen_{}` on blue for {n} table(s)",
+                self.name.replace('-', "_")
+            ),
         }];
         if self.copy.defer_indexes && deferred > 0 {
-            steps.push(format!(
-                "copy: record and drop {deferred} index(es)/constraint(s) on green"
-            ));
+            steps.push(format!("copy: record and drop {deferred} index(es)/constraint(s) on green"));
         }
         steps.push(format!(
             "copy: {n} table(s), {} rows estimated, in chunks of {} rows with {} worker(s)",

@@ -30,14 +30,7 @@ pub async fn check(
 }
 
 fn plan_problem(field: &str, message: String, fix: Option<String>) -> Problem {
-    Problem {
-        field: field.into(),
-        line: None,
-        table: None,
-        column: None,
-        message,
-        fix,
-    }
+    Problem { field: field.into(), line: None, table: None, column: None, message, fix }
 }
 
 async fn capture_decision(
@@ -62,56 +55,42 @@ async fn capture_decision(
     let replication: bool = row.get::<_, Option<bool>>(1).unwrap_or(false);
     let free_slots: i32 = row.get(2);
     let has_slot: bool = row.get(3);
-    checks.push(Check {
-        name: "blue wal_level".into(),
-        ok: wal_level == "logical",
-        detail: wal_level.clone(),
-    });
+    checks.push(Check { name: "blue wal_level".into(), ok: wal_level == "logical", detail: wal_level.clone() });
     checks.push(Check {
         name: "blue REPLICATION privilege".into(),
         ok: replication,
-        detail: if replication {
-            "yes".into()
-        } else {
-            "no".into()
-        },
+        detail: if replication { "yes".into() } else { "no".into() },
     });
     checks.push(Check {
         name: "blue free replication slot".into(),
         ok: free_slots > 0 || has_slot,
-        detail: if has_slot {
-            format!("slot {slot} exists (resuming)")
-        } else {
-            format!("{free_slots} free")
-        },
+        detail: if has_slot { format!("slot {slot} exists (resuming)") } else { format!("{free_slots} free") },
     });
     let mut why_not = Vec::new();
     if wal_level != "logical" {
-        why_not.push(format!("wal_level is {wal_level} (fix: ALTER SYSTEM SET wal_level = logical; then restart blue)"));
+        why_not
+            .push(format!("wal_level is {wal_level} (fix: ALTER SYSTEM SET wal_level = logical; then restart blue)"));
     }
     if !replication {
-        why_not.push(
-            "the role lacks REPLICATION (fix: ALTER ROLE <migrator> REPLICATION)".to_string(),
-        );
+        why_not.push("the role lacks REPLICATION (fix: ALTER ROLE <migrator> REPLICATION)".to_string());
     }
     if free_slots <= 0 && !has_slot {
-        why_not.push("no free replication slot (fix: raise max_replication_slots and restart blue, or drop an unused slot)".to_string());
+        why_not.push(
+            "no free replication slot (fix: raise max_replication_slots and restart blue, or drop an unused slot)"
+                .to_string(),
+        );
     }
     Ok(match plan.capture {
-        CaptureMethod::Trigger => CaptureDecision {
-            method: CaptureMethod::Trigger,
-            reason: "the plan asks for trigger capture".into(),
-        },
+        CaptureMethod::Trigger => {
+            CaptureDecision { method: CaptureMethod::Trigger, reason: "the plan asks for trigger capture".into() }
+        }
         CaptureMethod::Logical if !why_not.is_empty() => {
             problems.push(plan_problem(
                 "capture.method",
                 format!("logical capture is not possible: {}", why_not.join("; ")),
                 Some("fix blue as described, or set method = \"trigger\" (or \"auto\")".into()),
             ));
-            CaptureDecision {
-                method: CaptureMethod::Logical,
-                reason: "requested, but not possible".into(),
-            }
+            CaptureDecision { method: CaptureMethod::Logical, reason: "requested, but not possible".into() }
         }
         _ if why_not.is_empty() => CaptureDecision {
             method: CaptureMethod::Logical,
@@ -148,16 +127,14 @@ async fn replica_identity(
             },
         });
         if !covered {
-            let fix = match info.unique_keys.iter().find(|u| {
-                u.columns
-                    .iter()
-                    .all(|c| t.key.iter().any(|k| &k.source == c))
-            }) {
-                Some(u) => format!(
-                    "ALTER TABLE {} REPLICA IDENTITY USING INDEX {};",
-                    t.source.quoted(),
-                    ident(&u.name)
-                ),
+            let fix = match info
+                .unique_keys
+                .iter()
+                .find(|u| u.columns.iter().all(|c| t.key.iter().any(|k| &k.source == c)))
+            {
+                Some(u) => {
+                    format!("ALTER TABLE {} REPLICA IDENTITY USING INDEX {};", t.source.quoted(), ident(&u.name))
+                }
                 None => format!("ALTER TABLE {} REPLICA IDENTITY FULL;", t.source.quoted()),
             };
             problems.push(Problem {
@@ -182,10 +159,7 @@ async fn green_empty(
 ) -> Result<()> {
     let schema = state::schema_name(&plan.name);
     let has_state: bool = green
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
-            &[&schema],
-        )
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)", &[&schema])
         .await
         .map_err(Error::db("green: looking for migration state"))?
         .get(0);
@@ -199,19 +173,12 @@ async fn green_empty(
     }
     for t in tables {
         let sql = format!("SELECT EXISTS (SELECT 1 FROM {})", t.target.quoted());
-        let nonempty: bool = green
-            .query_one(&sql, &[])
-            .await
-            .map_err(Error::db(format!("green: reading {}", t.target)))?
-            .get(0);
+        let nonempty: bool =
+            green.query_one(&sql, &[]).await.map_err(Error::db(format!("green: reading {}", t.target)))?.get(0);
         checks.push(Check {
             name: format!("green {} is empty", t.target),
             ok: !nonempty,
-            detail: if nonempty {
-                "has rows".into()
-            } else {
-                "empty".into()
-            },
+            detail: if nonempty { "has rows".into() } else { "empty".into() },
         });
         if nonempty {
             problems.push(Problem {
@@ -219,56 +186,30 @@ async fn green_empty(
                 line: None,
                 table: Some(t.target.to_string()),
                 column: None,
-                message: format!(
-                    "green {} already holds rows and no state of plan `{}` exists",
-                    t.target, plan.name
-                ),
-                fix: Some(format!(
-                    "TRUNCATE {} on green if those rows are disposable",
-                    t.target.quoted()
-                )),
+                message: format!("green {} already holds rows and no state of plan `{}` exists", t.target, plan.name),
+                fix: Some(format!("TRUNCATE {} on green if those rows are disposable", t.target.quoted())),
             });
         }
     }
     Ok(())
 }
 
-async fn pgbouncer(
-    pb: &super::PgbouncerSettings,
-    checks: &mut Vec<Check>,
-    problems: &mut Vec<Problem>,
-) {
+async fn pgbouncer(pb: &super::PgbouncerSettings, checks: &mut Vec<Check>, problems: &mut Vec<Problem>) {
     let field = "cutover.pgbouncer";
     let client = match pb.admin.connect_raw().await {
         Ok(c) => c,
         Err(e) => {
-            checks.push(Check {
-                name: "pgbouncer admin console".into(),
-                ok: false,
-                detail: e.to_string(),
-            });
-            problems.push(plan_problem(
-                &format!("{field}.admin_url"),
-                e.to_string(),
-                None,
-            ));
+            checks.push(Check { name: "pgbouncer admin console".into(), ok: false, detail: e.to_string() });
+            problems.push(plan_problem(&format!("{field}.admin_url"), e.to_string(), None));
             return;
         }
     };
-    checks.push(Check {
-        name: "pgbouncer admin console".into(),
-        ok: true,
-        detail: pb.admin.to_string(),
-    });
+    checks.push(Check { name: "pgbouncer admin console".into(), ok: true, detail: pb.admin.to_string() });
     // The admin console speaks only the simple query protocol.
     match pool_mode(&client, &pb.database).await {
         Ok(Some(mode)) => {
             let ok = mode != "session";
-            checks.push(Check {
-                name: format!("pgbouncer pool_mode of {}", pb.database),
-                ok,
-                detail: mode.clone(),
-            });
+            checks.push(Check { name: format!("pgbouncer pool_mode of {}", pb.database), ok, detail: mode.clone() });
             if !ok {
                 problems.push(plan_problem(&format!("{field}.database"), format!("PgBouncer database `{}` uses pool_mode=session; PAUSE would wait for every client to disconnect", pb.database), Some("set pool_mode = transaction for that database".into())));
             }
@@ -285,20 +226,14 @@ async fn pgbouncer(
         )),
     }
     match std::fs::read_to_string(&pb.databases_file) {
-        Ok(text) if crate::cutover::databases_file::find_entry(&text, &pb.database).is_some() => {
-            checks.push(Check {
-                name: "pgbouncer databases_file".into(),
-                ok: true,
-                detail: pb.databases_file.display().to_string(),
-            })
-        }
+        Ok(text) if crate::cutover::databases_file::find_entry(&text, &pb.database).is_some() => checks.push(Check {
+            name: "pgbouncer databases_file".into(),
+            ok: true,
+            detail: pb.databases_file.display().to_string(),
+        }),
         Ok(_) => problems.push(plan_problem(
             &format!("{field}.databases_file"),
-            format!(
-                "{} has no line for database `{}`",
-                pb.databases_file.display(),
-                pb.database
-            ),
+            format!("{} has no line for database `{}`", pb.databases_file.display(), pb.database),
             None,
         )),
         Err(e) => problems.push(plan_problem(
@@ -310,10 +245,7 @@ async fn pgbouncer(
 }
 
 /// The effective pool mode of one PgBouncer database (its own, else the global one).
-pub async fn pool_mode(
-    client: &Client,
-    database: &str,
-) -> std::result::Result<Option<String>, tokio_postgres::Error> {
+pub async fn pool_mode(client: &Client, database: &str) -> std::result::Result<Option<String>, tokio_postgres::Error> {
     let rows = client.simple_query("SHOW DATABASES").await?;
     let mut found = None;
     for msg in &rows {

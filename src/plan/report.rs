@@ -18,17 +18,10 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
         c.workers,
         c.chunk_rows,
         if c.defer_indexes { "deferred" } else { "kept" },
-        if c.max_rows_per_second > 0 {
-            format!(", at most {} rows/s", c.max_rows_per_second)
-        } else {
-            String::new()
-        }
+        if c.max_rows_per_second > 0 { format!(", at most {} rows/s", c.max_rows_per_second) } else { String::new() }
     );
     let Some(r) = resolved else {
-        let _ = writeln!(
-            o,
-            "  (offline: the file is valid; catalogs, types and prerequisites were not checked)\n"
-        );
+        let _ = writeln!(o, "  (offline: the file is valid; catalogs, types and prerequisites were not checked)\n");
         for t in &plan.tables {
             let _ = writeln!(o, "table[{}] {} -> {}", t.index, t.source, t.target);
             let _ = writeln!(o, "  key     {}", t.key.join(", "));
@@ -42,45 +35,23 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
         }
         return o;
     };
-    let _ = writeln!(
-        o,
-        "  capture {:?}: {}\n",
-        r.capture.method, r.capture.reason
-    );
+    let _ = writeln!(o, "  capture {:?}: {}\n", r.capture.method, r.capture.reason);
     for t in &r.tables {
         let _ = writeln!(o, "table[{}] {} -> {}", t.index, t.source, t.target);
-        let key: Vec<String> = t
-            .key
-            .iter()
-            .map(|k| format!("{} -> {} ({})", k.source, k.target, k.source_type))
-            .collect();
+        let key: Vec<String> =
+            t.key.iter().map(|k| format!("{} -> {} ({})", k.source, k.target, k.source_type)).collect();
         let _ = writeln!(o, "  key       {}", key.join(", "));
         let _ = writeln!(o, "  filter    {}", t.filter.as_deref().unwrap_or("(none)"));
-        let _ = writeln!(
-            o,
-            "  estimate  ~{} rows, {}",
-            t.estimate.rows,
-            human_bytes(t.estimate.bytes)
-        );
+        let _ = writeln!(o, "  estimate  ~{} rows, {}", t.estimate.rows, human_bytes(t.estimate.bytes));
         let _ = writeln!(o, "  columns");
-        let width = t
-            .columns
-            .iter()
-            .map(|c| c.name.len())
-            .max()
-            .unwrap_or(0)
-            .max(12);
+        let width = t.columns.iter().map(|c| c.name.len()).max().unwrap_or(0).max(12);
         for col in &t.columns {
             let from = match (&col.expr, &col.expr_type) {
                 (Some(e), Some(ty)) if ty != &col.target_type => format!("{e}   [{ty}]"),
                 (Some(e), _) => e.clone(),
                 (None, _) => "default".into(),
             };
-            let _ = writeln!(
-                o,
-                "    {:<width$}  {:<28} <- {from}",
-                col.name, col.target_type
-            );
+            let _ = writeln!(o, "    {:<width$}  {:<28} <- {from}", col.name, col.target_type);
         }
         if !t.deferred.is_empty() {
             let _ = writeln!(o, "  deferred");
@@ -94,35 +65,20 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
                 .as_deref()
                 .map(|b| format!("blue {b}"))
                 .unwrap_or_else(|| format!("max({}) on green", s.column));
-            let _ = writeln!(
-                o,
-                "  sequence  {} ({}) <- {from}",
-                s.green_sequence, s.column
-            );
+            let _ = writeln!(o, "  sequence  {} ({}) <- {from}", s.green_sequence, s.column);
         }
         o.push('\n');
     }
     let _ = writeln!(o, "checks");
     for c in &r.checks {
-        let _ = writeln!(
-            o,
-            "  {}  {}: {}",
-            if c.ok { "ok  " } else { "FAIL" },
-            c.name,
-            c.detail
-        );
+        let _ = writeln!(o, "  {}  {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
     }
     let _ = writeln!(o, "\nsteps");
     for (i, s) in r.steps().iter().enumerate() {
         let _ = writeln!(o, "  {}. {s}", i + 1);
     }
     let total: u64 = r.tables.iter().map(|t| t.estimate.bytes).sum();
-    let _ = writeln!(
-        o,
-        "\nestimate  {} on blue, copy about {:.0} s",
-        human_bytes(total),
-        r.estimated_seconds.ceil()
-    );
+    let _ = writeln!(o, "\nestimate  {} on blue, copy about {:.0} s", human_bytes(total), r.estimated_seconds.ceil());
     if r.problems.is_empty() {
         let _ = writeln!(o, "\nplan is sound");
     } else {

@@ -6,8 +6,7 @@ use tokio_postgres::Client;
 
 use super::{
     file::{Plan, TableEntry},
-    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable,
-    SequenceMapping,
+    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable, SequenceMapping,
 };
 use crate::{
     error::{pg_message, Error, Result},
@@ -30,17 +29,11 @@ const EXACT_COUNT_BELOW_BYTES: i64 = 64 * 1024 * 1024;
 pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<ResolvedPlan> {
     let rules = TypeRules::load(blue, Side::Blue).await?;
     let state = State::new(&plan.name);
-    let state = if state.exists(green).await? {
-        Some(state)
-    } else {
-        None
-    };
+    let state = if state.exists(green).await? { Some(state) } else { None };
     let mut problems = Vec::new();
     let mut tables = Vec::new();
     for entry in &plan.tables {
-        if let Some(t) =
-            resolve_table(entry, blue, green, &rules, state.as_ref(), &mut problems).await?
-        {
+        if let Some(t) = resolve_table(entry, blue, green, &rules, state.as_ref(), &mut problems).await? {
             tables.push(t);
         }
     }
@@ -67,20 +60,9 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn report(
-        &mut self,
-        field: &str,
-        line: usize,
-        column: Option<&str>,
-        message: String,
-        fix: Option<String>,
-    ) {
+    fn report(&mut self, field: &str, line: usize, column: Option<&str>, message: String, fix: Option<String>) {
         self.problems.push(Problem {
-            field: if field.is_empty() {
-                self.entry.path()
-            } else {
-                format!("{}.{field}", self.entry.path())
-            },
+            field: if field.is_empty() { self.entry.path() } else { format!("{}.{field}", self.entry.path()) },
             line: Some(line),
             table: Some(self.entry.target.to_string()),
             column: column.map(str::to_string),
@@ -155,21 +137,14 @@ async fn resolve_table(
                 "filter",
                 *line,
                 None,
-                format!(
-                    "filter has type {}, not boolean",
-                    st.columns()[0].type_().name()
-                ),
+                format!("filter has type {}, not boolean", st.columns()[0].type_().name()),
                 None,
             ),
             Err(e) => cx.report(
                 "filter",
                 *line,
                 None,
-                format!(
-                    "filter is not valid on blue {}: {}",
-                    entry.source,
-                    pg_message(&e)
-                ),
+                format!("filter is not valid on blue {}: {}", entry.source, pg_message(&e)),
                 None,
             ),
         }
@@ -179,22 +154,11 @@ async fn resolve_table(
         .iter()
         .filter_map(|c| {
             let green_sequence = c.sequence.clone()?;
-            let expr = entry
-                .columns
-                .get(&c.name)
-                .map(|(e, _)| e.trim().to_string());
+            let expr = entry.columns.get(&c.name).map(|(e, _)| e.trim().to_string());
             let blue_sequence = expr
-                .and_then(|e| {
-                    src.columns
-                        .iter()
-                        .find(|s| s.name == e || ident(&s.name) == e)
-                })
+                .and_then(|e| src.columns.iter().find(|s| s.name == e || ident(&s.name) == e))
                 .and_then(|s| s.sequence.clone());
-            Some(SequenceMapping {
-                column: c.name.clone(),
-                green_sequence,
-                blue_sequence,
-            })
+            Some(SequenceMapping { column: c.name.clone(), green_sequence, blue_sequence })
         })
         .collect();
     let deferred = match recorded {
@@ -247,10 +211,7 @@ async fn resolve_columns(
                 &format!("columns.{name}"),
                 *line,
                 Some(name),
-                format!(
-                    "{}.{name} is a generated column and cannot be written",
-                    entry.target
-                ),
+                format!("{}.{name} is a generated column and cannot be written", entry.target),
                 Some(format!("remove `{name}` from [table.columns]")),
             ),
             Some(_) => {}
@@ -268,10 +229,7 @@ async fn resolve_columns(
                         "target column {}.{} ({}) is NOT NULL, has no default and is not mapped",
                         entry.target, col.name, col.type_name
                     ),
-                    Some(format!(
-                        "add `{} = \"<expression over {}>\"` to [table.columns]",
-                        col.name, entry.source
-                    )),
+                    Some(format!("add `{} = \"<expression over {}>\"` to [table.columns]", col.name, entry.source)),
                 );
             }
             out.push(ResolvedColumn {
@@ -290,11 +248,7 @@ async fn resolve_columns(
                     &field,
                     *line,
                     Some(&col.name),
-                    format!(
-                        "expression `{expr}` is not valid on blue {}: {}",
-                        entry.source,
-                        pg_message(&e)
-                    ),
+                    format!("expression `{expr}` is not valid on blue {}: {}", entry.source, pg_message(&e)),
                     None,
                 );
                 None
@@ -302,27 +256,39 @@ async fn resolve_columns(
             Ok(st) => {
                 let ty = st.columns()[0].type_().clone();
                 let row = blue
-                    .query_one(
-                        "SELECT to_regtype($1)::oid, format_type($2, NULL)",
-                        &[&col.type_name, &ty.oid()],
-                    )
+                    .query_one("SELECT to_regtype($1)::oid, format_type($2, NULL)", &[&col.type_name, &ty.oid()])
                     .await
                     .map_err(Error::db("blue: looking up target types"))?;
                 let target_oid: Option<u32> = row.get(0);
                 let expr_type: String = row.get(1);
                 match target_oid {
-                    None => cx.report(&field, *line, Some(&col.name), format!("target type {} does not exist on blue, where the transform runs", col.type_name), Some(format!("create the type on blue or map `{}` to an expression of a built-in type", col.name))),
-                    Some(oid) if !rules.assignable(ty.oid(), oid) => cx.report(&field, *line, Some(&col.name),
-                        format!("expression `{expr}` has type {expr_type}, but {}.{} is {}", entry.target, col.name, col.type_name),
-                        Some(format!("convert it explicitly, e.g. `({expr})::{}`, if every value converts", col.type_name))),
+                    None => cx.report(
+                        &field,
+                        *line,
+                        Some(&col.name),
+                        format!("target type {} does not exist on blue, where the transform runs", col.type_name),
+                        Some(format!(
+                            "create the type on blue or map `{}` to an expression of a built-in type",
+                            col.name
+                        )),
+                    ),
+                    Some(oid) if !rules.assignable(ty.oid(), oid) => cx.report(
+                        &field,
+                        *line,
+                        Some(&col.name),
+                        format!(
+                            "expression `{expr}` has type {expr_type}, but {}.{} is {}",
+                            entry.target, col.name, col.type_name
+                        ),
+                        Some(format!(
+                            "convert it explicitly, e.g. `({expr})::{}`, if every value converts",
+                            col.type_name
+                        )),
+                    ),
                     Some(_) => {}
                 }
                 // Shown in the report only when a conversion happens.
-                Some(if target_oid == Some(ty.oid()) {
-                    col.type_name.clone()
-                } else {
-                    expr_type
-                })
+                Some(if target_oid == Some(ty.oid()) { col.type_name.clone() } else { expr_type })
             }
         };
         out.push(ResolvedColumn {
@@ -349,20 +315,14 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
             );
             continue;
         };
-        let target = entry
-            .columns
-            .iter()
-            .find(|(_, (e, _))| e.trim() == k || e.trim() == ident(k))
-            .map(|(t, _)| t.clone());
+        let target =
+            entry.columns.iter().find(|(_, (e, _))| e.trim() == k || e.trim() == ident(k)).map(|(t, _)| t.clone());
         let Some(target) = target else {
             cx.report(
                 "key",
                 entry.key_line,
                 Some(k),
-                format!(
-                    "key column `{k}` is not mapped verbatim to any target column of {}",
-                    entry.target
-                ),
+                format!("key column `{k}` is not mapped verbatim to any target column of {}", entry.target),
                 Some(format!("map a target column to exactly `{k}`")),
             );
             continue;
@@ -378,15 +338,26 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
     if key.len() != entry.key.len() {
         return None;
     }
-    let blue_unique = src.unique_keys.iter().any(|u| {
-        u.columns
-            .iter()
-            .all(|c| entry.key.contains(c) && src.column(c).is_some_and(|c| c.not_null))
-    });
+    let blue_unique = src
+        .unique_keys
+        .iter()
+        .any(|u| u.columns.iter().all(|c| entry.key.contains(c) && src.column(c).is_some_and(|c| c.not_null)));
     if !blue_unique {
-        cx.report("key", entry.key_line, None,
-            format!("key ({}) is not unique on blue {}: no primary key or unique index on NOT NULL columns within it", entry.key.join(", "), entry.source),
-            Some(format!("use the primary key of {} or add a unique index on ({})", entry.source, entry.key.join(", "))));
+        cx.report(
+            "key",
+            entry.key_line,
+            None,
+            format!(
+                "key ({}) is not unique on blue {}: no primary key or unique index on NOT NULL columns within it",
+                entry.key.join(", "),
+                entry.source
+            ),
+            Some(format!(
+                "use the primary key of {} or add a unique index on ({})",
+                entry.source,
+                entry.key.join(", ")
+            )),
+        );
     }
     let mut target_set: Vec<&str> = key.iter().map(|k| k.target.as_str()).collect();
     target_set.sort();
@@ -421,10 +392,7 @@ async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<
         src.reltuples as u64
     } else if src.total_bytes < EXACT_COUNT_BELOW_BYTES {
         let n: i64 = blue
-            .query_one(
-                &format!("SELECT count(*) FROM {}", entry.source.quoted()),
-                &[],
-            )
+            .query_one(&format!("SELECT count(*) FROM {}", entry.source.quoted()), &[])
             .await
             .map_err(Error::db(format!("blue: counting {}", entry.source)))?
             .get(0);
@@ -450,7 +418,10 @@ fn check_overlaps(plan: &Plan, problems: &mut Vec<Problem>) {
                 line: Some(entries[1].target_line),
                 table: Some(target.clone()),
                 column: None,
-                message: format!("{} all write {target}; without a filter on each they overwrite each other's rows", paths.join(" and ")),
+                message: format!(
+                    "{} all write {target}; without a filter on each they overwrite each other's rows",
+                    paths.join(" and ")
+                ),
                 fix: Some("merge the entries, or give each a filter so that they partition the source rows".into()),
             });
         }

@@ -41,11 +41,7 @@ pub fn bindir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// Runs a server binary, as the `postgres` user when we are root (initdb, postgres and pgbouncer
@@ -87,13 +83,12 @@ pub fn server_dir(prefix: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     if is_root() {
-        let ok = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "chown {} to postgres failed: does the postgres user exist? (apt-get install -y postgresql-15)", dir.display());
+        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap().success();
+        assert!(
+            ok,
+            "chown {} to postgres failed: does the postgres user exist? (apt-get install -y postgresql-15)",
+            dir.display()
+        );
     }
     dir
 }
@@ -129,23 +124,10 @@ impl Cluster {
         let out = as_server_user(&bindir.join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
             .output()
             .expect("run initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
         let mut opts = format!(
             "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level={wal_level} \
@@ -177,24 +159,13 @@ impl Cluster {
 
     /// URL of a database on this cluster as the superuser.
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port
-        )
+        format!("postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable", self.port)
     }
 
     /// Runs SQL through psql (ON_ERROR_STOP), panicking with psql's output on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = self
-            .psql_cmd(db)
-            .args(["-c", sql])
-            .output()
-            .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql failed on {db}: {}\nSQL: {sql}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.psql_cmd(db).args(["-c", sql]).output().expect("run psql");
+        assert!(out.status.success(), "psql failed on {db}: {}\nSQL: {sql}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -205,32 +176,15 @@ impl Cluster {
             c.arg("-v").arg(format!("{k}={v}"));
         }
         let out = c.arg("-f").arg(file).output().expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql -f {} failed: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "psql -f {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr));
     }
 
     fn psql_cmd(&self, db: &str) -> Command {
         let mut c = Command::new(self.bindir.join("psql"));
-        c.args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-        ])
-        .arg(self.port.to_string())
-        .arg("-d")
-        .arg(db);
+        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db);
         c
     }
 }
@@ -253,17 +207,11 @@ impl Bouncer {
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
-            .unwrap_or_else(|| {
-                panic!("pgbouncer not found; install it: apt-get install -y pgbouncer")
-            });
+            .unwrap_or_else(|| panic!("pgbouncer not found; install it: apt-get install -y pgbouncer"));
         let dir = server_dir("pgbouncer");
         let port = free_port();
         let databases_file = dir.join("databases.ini");
-        std::fs::write(
-            &databases_file,
-            format!("[databases]\napp = {target_dsn}\n"),
-        )
-        .unwrap();
+        std::fs::write(&databases_file, format!("[databases]\napp = {target_dsn}\n")).unwrap();
         let ini = format!(
             "%include {db}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {d}\n\
              auth_type = any\nadmin_users = postgres\npool_mode = {pool_mode}\nignore_startup_parameters = extra_float_digits,options\n\
@@ -273,29 +221,13 @@ impl Bouncer {
         );
         let ini_path = dir.join("pgbouncer.ini");
         std::fs::write(&ini_path, ini).unwrap();
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .ok();
+        Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().ok();
         watchdog(&dir.join("pgbouncer.pid"), &dir);
-        let out = as_server_user(&bin)
-            .arg("-d")
-            .arg(&ini_path)
-            .output()
-            .expect("run pgbouncer");
-        assert!(
-            out.status.success(),
-            "pgbouncer failed to start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = as_server_user(&bin).arg("-d").arg(&ini_path).output().expect("run pgbouncer");
+        assert!(out.status.success(), "pgbouncer failed to start: {}", String::from_utf8_lossy(&out.stderr));
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Bouncer {
-                    port,
-                    databases_file,
-                    dir,
-                };
+                return Bouncer { port, databases_file, dir };
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
@@ -307,9 +239,6 @@ impl Bouncer {
 
     /// Admin console URL.
     pub fn admin_url(&self) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/pgbouncer?sslmode=disable",
-            self.port
-        )
+        format!("postgres://postgres@127.0.0.1:{}/pgbouncer?sslmode=disable", self.port)
     }
 }

@@ -43,9 +43,7 @@ impl TestDb {
     pub fn create(cluster: &'static Cluster, prefix: &str, template: Option<&str>) -> TestDb {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!("{prefix}_{}", N.fetch_add(1, Ordering::SeqCst));
-        let tpl = template
-            .map(|t| format!(" TEMPLATE {t}"))
-            .unwrap_or_default();
+        let tpl = template.map(|t| format!(" TEMPLATE {t}")).unwrap_or_default();
         // CREATE DATABASE ... TEMPLATE needs the template to have no other sessions; serialize.
         static LOCK: Mutex<()> = Mutex::new(());
         let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -70,10 +68,7 @@ impl Drop for TestDb {
             .args(["-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-p"])
             .arg(self.cluster.port.to_string())
             .args(["-d", "postgres", "-c"])
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
             .output();
         // Our slot lives in the database; a dropped database takes its logical slots with it only
         // if they are inactive, so drop them explicitly first is not needed here.
@@ -106,19 +101,11 @@ pub struct Oauth {
 impl Oauth {
     /// A fresh scenario with `rows` access tokens on blue.
     pub fn new(rows: u32) -> Oauth {
-        let blue_tpl = template(
-            blue_cluster(),
-            &format!("tpl_oauth_blue_{rows}"),
-            |c, db| {
-                c.psql_file(db, &root().join("fixtures/oauth/blue.sql"), &[]);
-                c.psql_file(
-                    db,
-                    &root().join("fixtures/oauth/generate.sql"),
-                    &[("rows", &rows.to_string())],
-                );
-                c.psql(db, "ANALYZE");
-            },
-        );
+        let blue_tpl = template(blue_cluster(), &format!("tpl_oauth_blue_{rows}"), |c, db| {
+            c.psql_file(db, &root().join("fixtures/oauth/blue.sql"), &[]);
+            c.psql_file(db, &root().join("fixtures/oauth/generate.sql"), &[("rows", &rows.to_string())]);
+            c.psql(db, "ANALYZE");
+        });
         let green_tpl = template(green_cluster(), "tpl_oauth_green", |c, db| {
             c.psql_file(db, &root().join("fixtures/oauth/green.sql"), &[]);
         });
@@ -137,10 +124,7 @@ impl Oauth {
     /// Writes `text` as a plan file in the scenario directory and returns its path.
     pub fn write_plan(&self, text: &str) -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = self
-            .dir
-            .path()
-            .join(format!("plan{}.toml", N.fetch_add(1, Ordering::SeqCst)));
+        let p = self.dir.path().join(format!("plan{}.toml", N.fetch_add(1, Ordering::SeqCst)));
         std::fs::write(&p, text).unwrap();
         p
     }
@@ -148,10 +132,7 @@ impl Oauth {
     /// `migrate ARGS` with BLUE_URL and GREEN_URL pointing at this scenario.
     pub fn migrate(&self, args: &[&str]) -> assert_cmd::Command {
         let mut c = assert_cmd::Command::cargo_bin("migrate").unwrap();
-        c.env("BLUE_URL", self.blue.url())
-            .env("GREEN_URL", self.green.url())
-            .env("MIGRATE_LOG", "info")
-            .args(args);
+        c.env("BLUE_URL", self.blue.url()).env("GREEN_URL", self.green.url()).env("MIGRATE_LOG", "info").args(args);
         c.timeout(std::time::Duration::from_secs(300));
         c
     }
@@ -179,11 +160,7 @@ pub fn run(cmd: &mut assert_cmd::Command) -> Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
+        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
     }
 }
 
@@ -241,19 +218,13 @@ impl Oauth {
         for (b, g) in OAUTH_PAIRS {
             let fb = fingerprint(&self.blue, b);
             let fg = fingerprint(&self.green, g);
-            assert_eq!(
-                fb, fg,
-                "green differs from transform(blue)\nblue:  {b}\ngreen: {g}"
-            );
+            assert_eq!(fb, fg, "green differs from transform(blue)\nblue:  {b}\ngreen: {g}");
         }
     }
 
     /// The plan with `[copy]` settings replaced.
     pub fn plan_with_copy(&self, copy: &str) -> PathBuf {
-        let text = Oauth::plan_text().replace(
-            "workers = 2\nchunk_rows = 50000\ndefer_indexes = true",
-            copy,
-        );
+        let text = Oauth::plan_text().replace("workers = 2\nchunk_rows = 50000\ndefer_indexes = true", copy);
         assert!(text.contains(copy), "plan [copy] section not found");
         self.write_plan(&text)
     }
