@@ -2,9 +2,12 @@
 //! (new schema) with zero downtime. See DESIGN.md for the pipeline:
 //! plan → copy → capture → apply → verify → cutover, with state kept on green.
 
+pub mod apply;
+pub mod capture;
 pub mod copy;
 pub mod cutover;
 pub mod error;
+pub mod follow;
 pub mod pg;
 pub mod plan;
 pub mod state;
@@ -46,6 +49,11 @@ pub enum Command {
         /// Output format.
         format: Format,
     },
+    /// Remove everything the tool made on blue and its state on green.
+    Cleanup {
+        /// Even while a `copy` of this plan holds the plan lock.
+        force: bool,
+    },
 }
 
 /// How a command ended when it did not fail.
@@ -67,6 +75,10 @@ pub async fn run(path: &Path, command: Command, shutdown: copy::Shutdown) -> Res
             let (blue, green) = connect_both(&plan).await?;
             let resolved = resolve_sound(&plan, &blue, &green).await?;
             copy::run(&plan, &resolved, green, shutdown, no_follow).await?;
+            Ok(Outcome::Ok)
+        }
+        Command::Cleanup { force } => {
+            cleanup(&plan, force).await?;
             Ok(Outcome::Ok)
         }
         Command::Status { format } => {
@@ -99,6 +111,28 @@ async fn run_plan(plan: &Plan, format: Format, offline: bool) -> Result<Outcome>
         Some(r) if !r.problems.is_empty() => Outcome::Problems,
         _ => Outcome::Ok,
     })
+}
+
+/// `migrate cleanup`: slot, publication, triggers and our schema on blue; state on green.
+async fn cleanup(plan: &Plan, force: bool) -> Result<()> {
+    let (blue, green) = connect_both(plan).await?;
+    if let Err(e) = copy::lock_plan(&green, &plan.name, "copy").await {
+        if !force {
+            return Err(Error::Runtime(format!("{e}; stop it first, or pass --force to remove its objects anyway")));
+        }
+        tracing::warn!("a copy of this plan is running; removing its objects anyway (--force)");
+    }
+    capture::remove(plan, &blue).await?;
+    let schema = pg::ident(&state::schema_name(&plan.name));
+    green
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .map_err(Error::db("green: dropping migration state"))?;
+    println!(
+        "removed from blue: replication slot and publication {slot}, capture triggers, schema {slot}\nremoved from green: schema {slot}",
+        slot = state::slot_name(&plan.name)
+    );
+    Ok(())
 }
 
 /// Connects to blue and green at once, so an unreachable side is reported within one timeout.

@@ -73,6 +73,15 @@ enum Cmd {
         #[arg(long)]
         no_follow: bool,
     },
+    /// Remove everything migrate made on blue (slot, publication, triggers, its schema) and its
+    /// state on green. Refuses while a `copy` of this plan runs, unless --force.
+    Cleanup {
+        #[command(flatten)]
+        plan: PlanArg,
+        /// Remove even while a `copy` of this plan holds the plan lock.
+        #[arg(long)]
+        force: bool,
+    },
     /// Phase, per-table progress and capture lag, read from the state on green. Safe beside `copy`.
     Status {
         #[command(flatten)]
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
     let (path, command) = match cli.command {
         Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
         Cmd::Copy { plan, no_follow } => (plan.plan, Command::Copy { no_follow }),
+        Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
         Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

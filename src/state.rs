@@ -103,7 +103,14 @@ impl State {
             "CREATE SCHEMA IF NOT EXISTS {s};
              CREATE TABLE IF NOT EXISTS {s}.migration (
                  id int PRIMARY KEY CHECK (id = 1), plan text NOT NULL, state jsonb NOT NULL,
-                 copy_epoch int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now());
+                 copy_epoch int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now(),
+                 capture_lsn bigint, blue_lsn bigint, lag_bytes bigint, pending_keys bigint,
+                 applied_keys bigint NOT NULL DEFAULT 0, apply_rate float8, follower_seen_at timestamptz);
+             CREATE SEQUENCE IF NOT EXISTS {s}.pending_seq;
+             CREATE TABLE IF NOT EXISTS {s}.pending (
+                 tbl int NOT NULL, key text[] NOT NULL, seq bigint NOT NULL, lsn bigint,
+                 PRIMARY KEY (tbl, key));
+             CREATE UNIQUE INDEX IF NOT EXISTS pending_seq ON {s}.pending (seq);
              CREATE TABLE IF NOT EXISTS {s}.tables (
                  target text PRIMARY KEY, state text NOT NULL, rows_estimated bigint NOT NULL DEFAULT 0,
                  deferred jsonb NOT NULL DEFAULT '[]', source_filenode bigint,
@@ -251,13 +258,35 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
             }));
         }
     }
+    let capture = if phase.is_some() {
+        let r = green
+            .query_one(
+                &format!(
+                    "SELECT lag_bytes, pending_keys, applied_keys, apply_rate, \
+                            extract(epoch FROM now() - follower_seen_at)::float8 FROM {} WHERE id = 1",
+                    state.table("migration")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading capture progress"))?;
+        serde_json::json!({
+            "lag_bytes": r.get::<_, Option<i64>>(0),
+            "pending_keys": r.get::<_, Option<i64>>(1),
+            "applied_keys": r.get::<_, i64>(2),
+            "apply_keys_per_second": r.get::<_, Option<f64>>(3),
+            "follower_seen_seconds_ago": r.get::<_, Option<f64>>(4),
+        })
+    } else {
+        serde_json::json!({ "lag_bytes": null })
+    };
     let phase_name = phase.as_ref().map(Phase::name).unwrap_or("planned");
     let value = serde_json::json!({
         "plan": plan.name,
         "phase": phase_name,
         "detail": phase,
         "tables": tables,
-        "capture": { "lag_bytes": serde_json::Value::Null },
+        "capture": capture,
     });
     Ok(match format {
         Format::Json => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
@@ -275,6 +304,17 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
                     t["rows_estimated"],
                     t["chunks_done"],
                     t["chunks"]
+                ));
+            }
+            let c = &value["capture"];
+            if !c["lag_bytes"].is_null() {
+                o.push_str(&format!(
+                    "  capture lag {} bytes, {} keys pending, {} applied ({:.0}/s), follower seen {:.0}s ago\n",
+                    c["lag_bytes"],
+                    c["pending_keys"],
+                    c["applied_keys"],
+                    c["apply_keys_per_second"].as_f64().unwrap_or(0.0),
+                    c["follower_seen_seconds_ago"].as_f64().unwrap_or(f64::NAN)
                 ));
             }
             o

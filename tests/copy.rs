@@ -40,7 +40,7 @@ fn copy_makes_green_equal_transform_of_blue() {
     }
     assert_eq!(s.green.psql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated"), "2");
     // Several chunks per table, all done.
-    let chunks = s.green.psql("SELECT count(*) || '/' || count(*) FILTER (WHERE done) FROM bluegreen_oauth_v2.chunks WHERE target = 'public.oauth2_access_tokens'");
+    let chunks = s.green.psql(&s.sql("SELECT count(*) || '/' || count(*) FILTER (WHERE done) FROM bluegreen_oauth_v2.chunks WHERE target = 'public.oauth2_access_tokens'"));
     let (all, done) = chunks.split_once('/').unwrap();
     assert!(all.parse::<i32>().unwrap() >= 10 && all == done, "{chunks}");
     // status reads the same from state.
@@ -76,9 +76,9 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
         .unwrap();
     let started = Instant::now();
     loop {
-        let has_state = s.green.psql("SELECT to_regclass('bluegreen_oauth_v2.chunks') IS NOT NULL") == "t";
+        let has_state = s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.chunks') IS NOT NULL")) == "t";
         let done: i64 = if has_state {
-            s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done").parse().unwrap()
+            s.green.psql(&s.sql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done")).parse().unwrap()
         } else {
             0
         };
@@ -91,22 +91,23 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let total: i64 = s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks").parse().unwrap();
-    let done: i64 = s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done").parse().unwrap();
+    let total: i64 = s.green.psql(&s.sql("SELECT count(*) FROM bluegreen_oauth_v2.chunks")).parse().unwrap();
+    let done: i64 = s.green.psql(&s.sql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done")).parse().unwrap();
     assert!(done < total, "kill came too late: {done}/{total}");
     let killed_at = s.green.psql("SELECT now()");
-    let before: String = s.green.psql("SELECT string_agg(target || ':' || chunk || ':' || finished_at, ',' ORDER BY target, chunk) FROM bluegreen_oauth_v2.chunks WHERE done");
+    let before: String = s.green.psql(&s.sql("SELECT string_agg(target || ':' || chunk || ':' || finished_at, ',' ORDER BY target, chunk) FROM bluegreen_oauth_v2.chunks WHERE done"));
 
     let plan2 = s.plan_with_copy("workers = 2\nchunk_rows = 1000\ndefer_indexes = true");
     let r = run(&mut s.migrate(&["copy", plan2.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
     // Chunks finished before the kill were not redone: same rows, same finish times.
-    let after: String = s.green.psql(&format!(
+    let after: String = s.green.psql(&s.sql(&format!(
         "SELECT string_agg(target || ':' || chunk || ':' || finished_at, ',' ORDER BY target, chunk) \
          FROM bluegreen_oauth_v2.chunks WHERE done AND finished_at <= '{killed_at}'::timestamptz"
-    ));
+    )));
     assert_eq!(before, after, "chunks committed before the kill were copied again");
-    let all_done: i64 = s.green.psql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE NOT done").parse().unwrap();
+    let all_done: i64 =
+        s.green.psql(&s.sql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE NOT done")).parse().unwrap();
     assert_eq!(all_done, 0);
     s.assert_green_equals_blue();
 }
@@ -129,7 +130,7 @@ fn second_copy_of_the_same_plan_is_refused() {
     }
     let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 3, "{r:?}");
-    assert!(r.stderr.contains("another `migrate copy` of plan `oauth-v2` is running"), "{r:?}");
+    assert!(r.stderr.contains(&format!("another `migrate copy` of plan `{}` is running", s.name())), "{r:?}");
     first.kill().unwrap();
     first.wait().unwrap();
 }

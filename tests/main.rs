@@ -3,5 +3,6 @@
 
 mod support;
 
+mod capture;
 mod copy;
 mod plan;

@@ -26,7 +26,9 @@ use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::{
+    capture::Capture,
     error::{pg_message, Error, Result},
+    follow::{Follower, Stop},
     pg::{catalog::DeferredObject, ident, literal},
     plan::{Plan, ResolvedPlan, ResolvedTable},
     state::{Phase, State, TableState},
@@ -461,7 +463,9 @@ async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
     Ok(())
 }
 
-/// `migrate copy`: takes the plan lock, copies every table, then (unless `no_follow`) follows.
+/// `migrate copy`: takes the plan lock, sets up capture on blue, copies every table while the
+/// follower applies changes to finished tables, then follows until a signal, a finished
+/// cutover, or (with `no_follow`) until green holds what blue had committed when the copy ended.
 pub async fn run(
     plan: &Plan,
     resolved: &ResolvedPlan,
@@ -470,12 +474,65 @@ pub async fn run(
     no_follow: bool,
 ) -> Result<()> {
     lock_plan(&green, &plan.name, "copy").await?;
-    let finished = copy_tables(plan, resolved, &mut green, &shutdown).await?;
-    if !finished || no_follow {
+    let state = State::new(&plan.name);
+    state.ensure(&green, &plan.name).await?;
+    if state.phase(&green).await? == Some(Phase::Switched) {
+        info!("this migration is switched already; nothing to copy or follow");
         return Ok(());
     }
-    Err(Error::Runtime(
-        "following blue after the copy needs change capture, which this build does not have yet; use --no-follow"
-            .into(),
-    ))
+    // Capture starts before the copy's snapshot: every change the copy might miss is captured.
+    let capture = Capture::setup(plan, resolved, plan.blue.connect().await?).await?;
+    let follower = Follower::new(plan, &resolved.tables, capture).await?;
+    let (catch_up_tx, catch_up_rx) = tokio::sync::watch::channel(false);
+    let follow_stop = Shutdown::manual();
+    let mut following = tokio::spawn(follower.run(follow_stop.clone(), catch_up_rx));
+    let copied = tokio::select! {
+        r = copy_tables(plan, resolved, &mut green, &shutdown) => r,
+        r = &mut following => {
+            // The follower ended during the copy: that is a failure (or a signal).
+            shutdown.trigger();
+            let r = r.unwrap_or_else(|e| Err(Error::Runtime(format!("follower panicked: {e}"))));
+            return r.and_then(|stop| match stop {
+                Stop::Signal => Ok(()),
+                other => Err(Error::Runtime(format!("following stopped during the copy: {other:?}"))),
+            });
+        }
+    };
+    let finished = match copied {
+        Ok(f) => f,
+        Err(e) => {
+            follow_stop.trigger();
+            let _ = following.await;
+            return Err(e);
+        }
+    };
+    if !finished {
+        follow_stop.trigger();
+        let _ = following.await;
+        return Ok(());
+    }
+    if !matches!(
+        state.phase(&green).await?,
+        Some(Phase::Following { .. }) | Some(Phase::CuttingOver { .. }) | Some(Phase::Aborted { .. })
+    ) {
+        state.set_phase(&green, &Phase::Following { lsn: None }).await?;
+    }
+    info!("copy done; following blue");
+    if no_follow {
+        let _ = catch_up_tx.send(true);
+    }
+    // Relay the user's signal to the follower, which stops at a safe point.
+    let relay = {
+        let shutdown = shutdown.clone();
+        let follow_stop = follow_stop.clone();
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            follow_stop.trigger();
+        })
+    };
+    let stop = following.await.unwrap_or_else(|e| Err(Error::Runtime(format!("follower panicked: {e}"))));
+    relay.abort();
+    let stop = stop?;
+    info!(reason = ?stop, "following stopped");
+    Ok(())
 }

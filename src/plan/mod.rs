@@ -55,6 +55,8 @@ pub struct KeyColumn {
     pub target: String,
     /// Type name on blue.
     pub source_type: String,
+    /// Type name on green.
+    pub target_type: String,
     /// The key is a single integer column (chunked arithmetically).
     pub integer: bool,
 }
@@ -103,6 +105,10 @@ pub struct ResolvedTable {
     /// Binary COPY is safe (no user-defined array or composite types, whose binary form embeds
     /// server-specific OIDs).
     pub binary_copy: bool,
+    /// The source table's columns (name, type OID) when the plan was resolved; capture stops if
+    /// blue reports another shape.
+    #[serde(skip)]
+    pub source_columns: Vec<(String, u32)>,
 }
 
 impl ResolvedTable {

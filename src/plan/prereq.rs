@@ -46,7 +46,9 @@ async fn capture_decision(
                     (SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), \
                     current_setting('max_replication_slots')::int \
                       - (SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name <> $1)::int, \
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), \
+                    (SELECT database::text FROM pg_catalog.pg_replication_slots \
+                      WHERE slot_name = $1 AND database IS DISTINCT FROM current_database())",
             &[&slot],
         )
         .await
@@ -55,6 +57,13 @@ async fn capture_decision(
     let replication: bool = row.get::<_, Option<bool>>(1).unwrap_or(false);
     let free_slots: i32 = row.get(2);
     let has_slot: bool = row.get(3);
+    if let Some(other) = row.get::<_, Option<String>>(4) {
+        problems.push(plan_problem(
+            "name",
+            format!("replication slot {slot} on blue belongs to database {other}: another migration on this server uses the plan name `{}`", plan.name),
+            Some("give this plan another name, or run `migrate cleanup` for the other migration".into()),
+        ));
+    }
     checks.push(Check { name: "blue wal_level".into(), ok: wal_level == "logical", detail: wal_level.clone() });
     checks.push(Check {
         name: "blue REPLICATION privilege".into(),

@@ -187,6 +187,7 @@ async fn resolve_table(
         sequences,
         estimate,
         binary_copy,
+        source_columns: src.columns.iter().filter(|c| !c.generated).map(|c| (c.name.clone(), c.type_oid)).collect(),
     };
     Ok(Some(table))
 }
@@ -328,10 +329,12 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
             continue;
         };
         let integer = matches!(sc.type_name.as_str(), "integer" | "bigint" | "smallint");
+        let target_type = tgt.column(&target).map(|c| c.type_name.clone()).unwrap_or_default();
         key.push(KeyColumn {
             source: k.clone(),
             target,
             source_type: sc.type_name.clone(),
+            target_type,
             integer: integer && entry.key.len() == 1,
         });
     }

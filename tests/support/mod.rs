@@ -2,6 +2,7 @@
 //! scenario, and an independent fingerprint of green versus transform(blue).
 
 pub mod cluster;
+pub mod writer;
 
 use std::{
     path::PathBuf,
@@ -64,14 +65,20 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        // A database with a logical slot cannot be dropped; slots also pin WAL on the shared
+        // cluster. Terminate users first so the slot is not active.
+        let sql = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid(); \
+             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}'; \
+             DROP DATABASE IF EXISTS {db} WITH (FORCE);",
+            db = self.name
+        );
         let _ = std::process::Command::new(self.cluster.bindir.join("psql"))
             .args(["-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-p"])
             .arg(self.cluster.port.to_string())
             .args(["-d", "postgres", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .arg(sql)
             .output();
-        // Our slot lives in the database; a dropped database takes its logical slots with it only
-        // if they are inactive, so drop them explicitly first is not needed here.
     }
 }
 
@@ -121,11 +128,23 @@ impl Oauth {
         std::fs::read_to_string(root().join("plans/oauth-v1-to-v2.toml")).unwrap()
     }
 
-    /// Writes `text` as a plan file in the scenario directory and returns its path.
+    /// The plan name this scenario uses: unique per scenario, because replication slots are
+    /// per cluster and tests share clusters.
+    pub fn name(&self) -> String {
+        format!("oauth-{}", self.green.name.replace('_', "-"))
+    }
+
+    /// Rewrites `bluegreen_oauth_v2` in `sql` to this scenario's state schema.
+    pub fn sql(&self, sql: &str) -> String {
+        sql.replace("bluegreen_oauth_v2", &format!("bluegreen_{}", self.name().replace('-', "_")))
+    }
+
+    /// Writes `text` as a plan file in the scenario directory (with this scenario's plan name)
+    /// and returns its path.
     pub fn write_plan(&self, text: &str) -> PathBuf {
         static N: AtomicU32 = AtomicU32::new(0);
         let p = self.dir.path().join(format!("plan{}.toml", N.fetch_add(1, Ordering::SeqCst)));
-        std::fs::write(&p, text).unwrap();
+        std::fs::write(&p, text.replace("name = \"oauth-v2\"", &format!("name = \"{}\"", self.name()))).unwrap();
         p
     }
 

@@ -1,0 +1,175 @@
+//! Stage 3: apply. Takes pending keys in batches (deduplicated by the pending table's key),
+//! re-reads those keys from blue through the resolved transforming SELECT, and in one green
+//! transaction upserts the rows found, deletes the keys not found (or filtered out), and removes
+//! the batch from pending. Keys of tables still being copied wait.
+//!
+//! Re-reading by key makes apply idempotent and order-free: applying a key twice, or a stale
+//! event after a newer one, gives the same result as applying it once at the end.
+
+use std::collections::BTreeMap;
+
+use futures_util::{SinkExt, TryStreamExt};
+use tokio_postgres::Client;
+
+use crate::{
+    error::{pg_message, Error, Result},
+    pg::{ident, literal},
+    plan::ResolvedTable,
+    state::State,
+};
+
+/// Keys applied per green transaction.
+pub const BATCH_KEYS: i64 = 2_000;
+
+/// Sets up an apply session on green: foreign-key and cascade triggers off (as in logical
+/// replication's apply; rows arrive in key order, not in the application's order), and the
+/// commit need not wait for the WAL flush because pending is only cleared in the same commit.
+pub async fn prepare_green(green: &Client) -> Result<()> {
+    green.batch_execute("SET synchronous_commit = off").await.map_err(Error::db("green: apply session"))?;
+    if let Err(e) = green.batch_execute("SET session_replication_role = replica").await {
+        tracing::warn!(error = %pg_message(&e), "green: cannot disable foreign-key triggers for apply (needs superuser); a key applied before the row it references will fail");
+    }
+    Ok(())
+}
+
+/// Applies one batch of pending keys of the `ready` tables. Returns how many keys were applied.
+pub async fn apply_batch(
+    blue: &Client,
+    green: &mut Client,
+    state: &State,
+    tables: &[ResolvedTable],
+    ready: &[i32],
+) -> Result<usize> {
+    if ready.is_empty() {
+        return Ok(0);
+    }
+    let rows = green
+        .query(
+            &format!("SELECT tbl, key, seq FROM {} WHERE tbl = ANY($1) ORDER BY seq LIMIT $2", state.table("pending")),
+            &[&ready, &BATCH_KEYS],
+        )
+        .await
+        .map_err(Error::db("green: reading pending keys"))?;
+    let mut by_table: BTreeMap<usize, (Vec<Vec<String>>, Vec<i64>)> = BTreeMap::new();
+    for r in &rows {
+        let e = by_table.entry(r.get::<_, i32>(0) as usize).or_default();
+        e.0.push(r.get(1));
+        e.1.push(r.get(2));
+    }
+    let mut applied = 0;
+    for (i, (keys, seqs)) in by_table {
+        let Some(t) = tables.get(i) else { continue };
+        apply_table(blue, green, state, i, t, &keys, &seqs).await?;
+        applied += keys.len();
+    }
+    Ok(applied)
+}
+
+/// `(k1, k2) IN (SELECT * FROM unnest(ARRAY[..]::t1[], ARRAY[..]::t2[]))`, or `k = ANY(..)` for
+/// one column, with the key values as literals (COPY takes no parameters).
+fn key_condition(columns: &[String], types: &[String], keys: &[Vec<String>]) -> String {
+    let arrays: Vec<String> = (0..columns.len())
+        .map(|c| {
+            let vals: Vec<String> = keys.iter().map(|k| literal(k.get(c).map(String::as_str).unwrap_or(""))).collect();
+            format!("ARRAY[{}]::{}[]", vals.join(", "), types[c])
+        })
+        .collect();
+    if columns.len() == 1 {
+        format!("{} = ANY({})", columns[0], arrays[0])
+    } else {
+        format!("({}) IN (SELECT * FROM unnest({}))", columns.join(", "), arrays.join(", "))
+    }
+}
+
+async fn apply_table(
+    blue: &Client,
+    green: &mut Client,
+    state: &State,
+    index: usize,
+    t: &ResolvedTable,
+    keys: &[Vec<String>],
+    seqs: &[i64],
+) -> Result<()> {
+    let src_cols: Vec<String> = t.key.iter().map(|k| ident(&k.source)).collect();
+    let src_types: Vec<String> = t.key.iter().map(|k| k.source_type.clone()).collect();
+    let tgt_cols: Vec<String> = t.key.iter().map(|k| ident(&k.target)).collect();
+    let tgt_types: Vec<String> = t.key.iter().map(|k| k.target_type.clone()).collect();
+    let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
+    let cols = t.target_column_list();
+    let stage = ident(&format!("bluegreen_apply_{index}"));
+    let target = t.target.quoted();
+    let fail = |what: &str, e: tokio_postgres::Error| Error::Db {
+        context: format!("green: apply to {}: {what}", t.target),
+        source: e,
+    };
+
+    let tx = green.transaction().await.map_err(|e| fail("begin", e))?;
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {target} WITH NO DATA"
+    ))
+    .await
+    .map_err(|e| fail("staging table", e))?;
+    let sink = tx
+        .copy_in(&format!("COPY {stage} ({cols}) FROM STDIN{format}"))
+        .await
+        .map_err(|e| fail("COPY into staging", e))?;
+    let select = t.source_select(Some(&key_condition(&src_cols, &src_types, keys)));
+    let stream = blue
+        .copy_out(&format!("COPY ({select}) TO STDOUT{format}"))
+        .await
+        .map_err(|e| Error::Db { context: format!("blue: re-reading keys of {}", t.source), source: e })?;
+    let mut stream = Box::pin(stream.map_err(|e| e));
+    let mut sink = Box::pin(sink);
+    sink.send_all(&mut stream).await.map_err(|e| fail("re-reading keys from blue", e))?;
+    drop(stream);
+    sink.as_mut().finish().await.map_err(|e| fail("COPY into staging", e))?;
+
+    let key_list = tgt_cols.join(", ");
+    let matches_stage = tgt_cols.iter().map(|c| format!("s.{c} = t.{c}")).collect::<Vec<_>>().join(" AND ");
+    // Keys gone from blue (deleted, filtered out, or changed away) go from green.
+    tx.execute(
+        &format!(
+            "DELETE FROM {target} t WHERE ({}) AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE {matches_stage})",
+            key_condition(&tgt_cols.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>(), &tgt_types, keys)
+        ),
+        &[],
+    )
+    .await
+    .map_err(|e| fail("deleting keys gone from blue", e))?;
+    let updates: Vec<String> = t
+        .mapped()
+        .filter(|c| !t.key.iter().any(|k| k.target == c.name))
+        .map(|c| format!("{q} = EXCLUDED.{q}", q = ident(&c.name)))
+        .collect();
+    let on_conflict = if updates.is_empty() {
+        format!("ON CONFLICT ({key_list}) DO NOTHING")
+    } else {
+        format!("ON CONFLICT ({key_list}) DO UPDATE SET {}", updates.join(", "))
+    };
+    tx.execute(&format!("INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"), &[])
+        .await
+        .map_err(|e| fail("upserting rows", e))?;
+    // Only the entries read for this batch: a key captured again meanwhile has a new seq and stays.
+    tx.execute(&format!("DELETE FROM {} WHERE seq = ANY($1)", state.table("pending")), &[&seqs])
+        .await
+        .map_err(|e| fail("clearing pending keys", e))?;
+    tx.commit().await.map_err(|e| fail("commit", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_conditions() {
+        let one = key_condition(&["\"id\"".into()], &["bigint".into()], &[vec!["1".into()], vec!["2".into()]]);
+        assert_eq!(one, "\"id\" = ANY(ARRAY['1', '2']::bigint[])");
+        let two = key_condition(
+            &["\"a\"".into(), "\"b\"".into()],
+            &["text".into(), "text".into()],
+            &[vec!["x'y".into(), "z".into()]],
+        );
+        assert_eq!(two, "(\"a\", \"b\") IN (SELECT * FROM unnest(ARRAY['x''y']::text[], ARRAY['z']::text[]))");
+    }
+}

@@ -1,0 +1,220 @@
+//! Logical capture through the SQL interface: `pg_logical_slot_peek_binary_changes` with
+//! pgoutput, keys stored on green, then `pg_replication_slot_advance`. Peek (not get) so that a
+//! crash between reading and storing loses nothing.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use super::{
+    pgoutput::{self, Message, Relation},
+    store, KeyEvent, POLL_CHANGES,
+};
+use crate::{
+    error::{pg_message, Error, Result},
+    pg::{ident, literal},
+    plan::{Plan, ResolvedPlan, ResolvedTable},
+    state::State,
+};
+
+/// A logical slot and publication on blue.
+pub struct Logical {
+    /// Connection to blue (replaced after a reconnect).
+    pub blue: Client,
+    slot: String,
+    tables: Vec<ResolvedTable>,
+    /// Position (bytes) up to which every change is stored on green.
+    captured: i64,
+}
+
+impl Logical {
+    /// Creates the publication (exactly the planned tables) and the slot, unless they exist.
+    pub async fn setup(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Self> {
+        let slot = super::object_name(&plan.name);
+        let tables: Vec<String> = resolved.tables.iter().map(|t| t.source.quoted()).collect();
+        let has_pub: bool = blue
+            .query_one("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)", &[&slot])
+            .await
+            .map_err(Error::db("blue: looking for the publication"))?
+            .get(0);
+        if has_pub {
+            // Keep it listing exactly the planned tables, even if the plan changed.
+            blue.batch_execute(&format!("ALTER PUBLICATION {} SET TABLE {}", ident(&slot), tables.join(", ")))
+                .await
+                .map_err(Error::db("blue: updating the publication"))?;
+        } else {
+            blue.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", ident(&slot), tables.join(", ")))
+                .await
+                .map_err(Error::db("blue: creating the publication"))?;
+        }
+        let existing = blue
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(Error::db("blue: looking for the replication slot"))?;
+        let captured = match existing {
+            Some(row) => row.get::<_, Option<i64>>(0).unwrap_or(0),
+            None => {
+                // Waits for transactions running now to finish, so that every later commit is
+                // decoded; the copy snapshot is taken after this returns.
+                let row = blue
+                    .query_one(
+                        "SELECT (lsn - '0/0')::int8 FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                        &[&slot],
+                    )
+                    .await
+                    .map_err(Error::db("blue: creating the replication slot"))?;
+                let lsn: i64 = row.get(0);
+                info!(slot = %slot, lsn, "replication slot created");
+                lsn
+            }
+        };
+        Ok(Self { blue, slot, tables: resolved.tables.clone(), captured })
+    }
+
+    /// Position up to which changes are stored on green.
+    pub fn captured_lsn(&self) -> i64 {
+        self.captured
+    }
+
+    /// Blue's WAL flush position. Decoding reads only up to the flush position, so this (not the
+    /// write position, which runs ahead under `synchronous_commit = off`) is what a peek that
+    /// returned nothing proves captured.
+    pub async fn current_lsn(&self) -> Result<i64> {
+        Ok(self
+            .blue
+            .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
+            .await
+            .map_err(Error::db("blue: reading the WAL position"))?
+            .get(0))
+    }
+
+    /// One capture round; see [`super::Capture::poll`].
+    pub async fn poll(&mut self, green: &mut Client, state: &State) -> Result<usize> {
+        let now = self.current_lsn().await?;
+        let rows = self
+            .blue
+            .query(
+                &format!(
+                    "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
+                     'proto_version', '1', 'publication_names', {})",
+                    literal(&self.slot)
+                ),
+                &[&self.slot, &POLL_CHANGES],
+            )
+            .await
+            .map_err(Error::db("blue: reading the replication slot"))?;
+        let (events, end) = self.decode(rows.iter().map(|r| r.get::<_, &[u8]>(0)))?;
+        // With nothing decoded, every commit before `now` is known to be captured.
+        let position = end.unwrap_or(now).max(self.captured);
+        let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
+        store(&tx, state, &events).await?;
+        tx.execute(&format!("UPDATE {} SET capture_lsn = $1 WHERE id = 1", state.table("migration")), &[&position])
+            .await
+            .map_err(Error::db("green: saving the capture position"))?;
+        tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
+        if position > self.captured {
+            self.blue
+                .execute(
+                    "SELECT pg_replication_slot_advance($1, '0/0'::pg_lsn + ($2::int8)::numeric)",
+                    &[&self.slot, &position],
+                )
+                .await
+                .map_err(Error::db("blue: advancing the replication slot"))?;
+            self.captured = position;
+        }
+        Ok(events.len())
+    }
+
+    /// Decodes peeked messages into key events; returns them and the end of the last commit.
+    fn decode<'a>(&self, messages: impl Iterator<Item = &'a [u8]>) -> Result<(Vec<KeyEvent>, Option<i64>)> {
+        let mut relations: HashMap<u32, (usize, Relation)> = HashMap::new();
+        let mut pending_tx = Vec::new();
+        let mut events = Vec::new();
+        let mut end = None;
+        for data in messages {
+            match pgoutput::decode(data).map_err(|e| Error::Runtime(format!("blue: {e}")))? {
+                Message::Relation(rel) => {
+                    if let Some(i) =
+                        self.tables.iter().position(|t| t.source.schema == rel.namespace && t.source.name == rel.name)
+                    {
+                        check_shape(&self.tables[i], &rel)?;
+                        relations.insert(rel.relid, (i, rel));
+                    }
+                }
+                Message::Change { relid, new, old } => {
+                    let Some((i, rel)) = relations.get(&relid) else { continue };
+                    let keys: Vec<String> = self.tables[*i].key.iter().map(|k| k.source.clone()).collect();
+                    for tuple in [new, old].into_iter().flatten() {
+                        // A key is missing only when it is an unchanged TOASTed value of an update's
+                        // new row; the key did not change then, and the old row is not sent.
+                        if let Some(key) = pgoutput::key_of(rel, &keys, &tuple) {
+                            pending_tx.push((*i, key));
+                        }
+                    }
+                }
+                Message::Truncate { relids } => {
+                    let names: Vec<String> = relids
+                        .iter()
+                        .filter_map(|r| relations.get(r))
+                        .map(|(i, _)| self.tables[*i].source.to_string())
+                        .collect();
+                    return Err(Error::Runtime(format!(
+                        "TRUNCATE of {} on blue: following stopped so green does not drift; \
+                         truncate the green table too and rerun, or start the migration over",
+                        if names.is_empty() { "a planned table".to_string() } else { names.join(", ") }
+                    )));
+                }
+                Message::Commit { end_lsn } => {
+                    let lsn = end_lsn as i64;
+                    events.extend(pending_tx.drain(..).map(|(table, key)| KeyEvent { table, key, lsn }));
+                    end = Some(lsn);
+                }
+                Message::Begin | Message::Other => {}
+            }
+        }
+        Ok((events, end))
+    }
+}
+
+/// Stops following when blue's table no longer has the columns the plan was resolved against.
+fn check_shape(t: &ResolvedTable, rel: &Relation) -> Result<()> {
+    if rel.columns == t.source_columns {
+        return Ok(());
+    }
+    let was: Vec<String> = t.source_columns.iter().map(|(n, _)| n.clone()).collect();
+    let now: Vec<String> = rel.columns.iter().map(|(n, _)| n.clone()).collect();
+    Err(Error::Runtime(format!(
+        "schema of blue {} changed while following (columns were [{}], are now [{}]); \
+         following stopped so green does not drift: update the plan and start over",
+        t.source,
+        was.join(", "),
+        now.join(", ")
+    )))
+}
+
+/// Drops the slot and publication (cleanup).
+pub async fn drop_objects(blue: &Client, plan: &str) -> Result<()> {
+    let slot = super::object_name(plan);
+    let active: Option<i32> = blue
+        .query_opt("SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(Error::db("blue: looking for the replication slot"))?
+        .and_then(|r| r.get(0));
+    if let Some(pid) = active {
+        return Err(Error::Runtime(format!("replication slot {slot} is in use by process {pid} on blue")));
+    }
+    blue.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .map_err(|e| Error::Runtime(format!("blue: dropping slot {slot}: {}", pg_message(&e))))?;
+    blue.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", ident(&slot)))
+        .await
+        .map_err(Error::db("blue: dropping the publication"))?;
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! Trigger capture, for blue servers without logical decoding: per-table row triggers write each
+//! changed key into a change table in our schema on blue. The reader takes only rows written by
+//! transactions older than every running one (below the snapshot's xmin, the PgQ approach), so a
+//! transaction that commits late is never skipped: ids are not commit-ordered, xids below xmin are
+//! settled.
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use super::{store, KeyEvent, POLL_CHANGES};
+use crate::{
+    error::{Error, Result},
+    pg::{ident, literal},
+    plan::{Plan, ResolvedPlan, ResolvedTable},
+    state::{schema_name, State},
+};
+
+/// Triggers and the change table on blue.
+pub struct Trigger {
+    /// Connection to blue (replaced after a reconnect).
+    pub blue: Client,
+    schema: String,
+    tables: Vec<ResolvedTable>,
+}
+
+impl Trigger {
+    /// Creates the schema, change table, and per-table trigger functions and triggers (idempotent).
+    pub async fn setup(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Self> {
+        let schema = ident(&schema_name(&plan.name));
+        blue.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.changes (
+                 id bigserial PRIMARY KEY, tbl int NOT NULL, key text[],
+                 truncated boolean NOT NULL DEFAULT false,
+                 xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+                 lsn pg_lsn NOT NULL DEFAULT pg_current_wal_insert_lsn());"
+        ))
+        .await
+        .map_err(Error::db("blue: creating the change table"))?;
+        let raw = schema_name(&plan.name);
+        for (i, t) in resolved.tables.iter().enumerate() {
+            let present: i64 = blue
+                .query_one(
+                    "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3)",
+                    &[&t.source.quoted(), &format!("{raw}_capture"), &format!("{raw}_truncate")],
+                )
+                .await
+                .map_err(Error::db(format!("blue: looking for capture triggers on {}", t.source)))?
+                .get(0);
+            if present == 2 {
+                continue;
+            }
+            ddl_with_lock_timeout(&blue, &trigger_sql(&schema, i, t), &format!("capture triggers on {}", t.source))
+                .await?;
+        }
+        info!(tables = resolved.tables.len(), "capture triggers installed");
+        Ok(Self { blue, schema, tables: resolved.tables.clone() })
+    }
+
+    /// One capture round; see [`super::Capture::poll`].
+    pub async fn poll(&mut self, green: &mut Client, state: &State) -> Result<usize> {
+        let rows = self
+            .blue
+            .query(
+                &format!(
+                    "SELECT id, tbl, key, truncated, (lsn - '0/0')::int8 FROM {}.changes \
+                     WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY id LIMIT $1",
+                    self.schema
+                ),
+                &[&(POLL_CHANGES as i64)],
+            )
+            .await
+            .map_err(Error::db("blue: reading the change table"))?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let table = r.get::<_, i32>(1) as usize;
+            if r.get::<_, bool>(3) {
+                let name = self.tables.get(table).map(|t| t.source.to_string()).unwrap_or_default();
+                return Err(Error::Runtime(format!(
+                    "TRUNCATE of {name} on blue: following stopped so green does not drift; \
+                     truncate the green table too and rerun, or start the migration over"
+                )));
+            }
+            ids.push(r.get::<_, i64>(0));
+            let key: Vec<String> = r
+                .try_get(2)
+                .map_err(|e| Error::Runtime(format!("blue: change {} has an unusable key: {e}", r.get::<_, i64>(0))))?;
+            if table < self.tables.len() {
+                events.push(KeyEvent { table, key, lsn: r.get(4) });
+            }
+        }
+        let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
+        store(&tx, state, &events).await?;
+        tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
+        // Only now that green holds them may blue forget them.
+        self.blue
+            .execute(&format!("DELETE FROM {}.changes WHERE id = ANY($1)", self.schema), &[&ids])
+            .await
+            .map_err(Error::db("blue: removing captured changes"))?;
+        Ok(events.len())
+    }
+
+    /// The xid below which every transaction that exists now lies.
+    pub async fn xid_horizon(&self) -> Result<i64> {
+        Ok(self
+            .blue
+            .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8", &[])
+            .await
+            .map_err(Error::db("blue: reading the transaction horizon"))?
+            .get(0))
+    }
+
+    /// Whether every transaction below `xid` has finished and its changes were read.
+    pub async fn reached(&self, xid: i64) -> Result<bool> {
+        Ok(self
+            .blue
+            .query_one(
+                &format!(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 >= $1 \
+                     AND NOT EXISTS (SELECT 1 FROM {}.changes WHERE xid::text::int8 < $1)",
+                    self.schema
+                ),
+                &[&xid],
+            )
+            .await
+            .map_err(Error::db("blue: reading the change table"))?
+            .get(0))
+    }
+
+    /// Blue's current WAL position and the position of the oldest change not yet read.
+    pub async fn positions(&self) -> Result<(i64, i64)> {
+        let row = self
+            .blue
+            .query_one(
+                &format!(
+                    "SELECT (pg_current_wal_lsn() - '0/0')::int8, \
+                     (coalesce((SELECT min(lsn) FROM {}.changes), pg_current_wal_lsn()) - '0/0')::int8",
+                    self.schema
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("blue: reading the WAL position"))?;
+        Ok((row.get(0), row.get(1)))
+    }
+}
+
+/// How long DDL on blue may wait for a table lock before it gives up and tries again. CREATE
+/// TRIGGER needs a lock that conflicts with writes; while it waits, every new write to the table
+/// queues behind it, so the wait must be short or the application stalls behind one long
+/// transaction.
+const DDL_LOCK_TIMEOUT: &str = "1s";
+/// Attempts before giving up on the lock.
+const DDL_ATTEMPTS: u32 = 30;
+
+/// Runs DDL on blue in one transaction with a short `lock_timeout`, retrying on lock timeouts.
+async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<()> {
+    let mut wait = std::time::Duration::from_millis(200);
+    for attempt in 1..=DDL_ATTEMPTS {
+        let res =
+            blue.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; {sql}; COMMIT")).await;
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => {
+                let _ = blue.batch_execute("ROLLBACK").await;
+                tracing::warn!(
+                    attempt,
+                    what,
+                    "lock not granted within {DDL_LOCK_TIMEOUT} (a long transaction on blue?); retrying"
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => {
+                let _ = blue.batch_execute("ROLLBACK").await;
+                return Err(Error::Db { context: format!("blue: creating {what}"), source: e });
+            }
+        }
+    }
+    Err(Error::Runtime(format!(
+        "blue: creating {what}: table lock not granted in {DDL_ATTEMPTS} attempts; a long-running transaction holds it"
+    )))
+}
+
+/// The trigger function and triggers for table `i`. Keys are taken with `to_jsonb(...) #>> '{}'`,
+/// whose text form does not depend on the writing session's DateStyle.
+fn trigger_sql(schema: &str, i: usize, t: &ResolvedTable) -> String {
+    let keys = |rec: &str| {
+        t.key.iter().map(|k| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(&k.source))).collect::<Vec<_>>().join(", ")
+    };
+    let tuple = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", ident(&k.source))).collect::<Vec<_>>().join(", ");
+    let func = format!("{schema}.{}", ident(&format!("capture_{i}")));
+    let tfunc = format!("{schema}.{}", ident(&format!("truncated_{i}")));
+    let name = ident(&format!("{}_capture", schema_name_of(schema)));
+    let tname = ident(&format!("{}_truncate", schema_name_of(schema)));
+    let src = t.source.quoted();
+    format!(
+        "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $bg$
+         BEGIN
+           IF TG_OP <> 'DELETE' THEN
+             INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{new_keys}]);
+           END IF;
+           IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW({old_tuple}) IS DISTINCT FROM ROW({new_tuple})) THEN
+             INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{old_keys}]);
+           END IF;
+           RETURN NULL;
+         END $bg$;
+         CREATE OR REPLACE FUNCTION {tfunc}() RETURNS trigger LANGUAGE plpgsql AS $bg$
+         BEGIN
+           INSERT INTO {schema}.changes (tbl, truncated) VALUES ({i}, true);
+           RETURN NULL;
+         END $bg$;
+         DROP TRIGGER IF EXISTS {name} ON {src};
+         DROP TRIGGER IF EXISTS {tname} ON {src};
+         CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {src} FOR EACH ROW EXECUTE FUNCTION {func}();
+         CREATE TRIGGER {tname} AFTER TRUNCATE ON {src} FOR EACH STATEMENT EXECUTE FUNCTION {tfunc}();
+         COMMENT ON TRIGGER {name} ON {src} IS {comment};",
+        new_keys = keys("NEW"),
+        old_keys = keys("OLD"),
+        old_tuple = tuple("OLD"),
+        new_tuple = tuple("NEW"),
+        comment = literal("bluegreen capture: remove with `migrate cleanup`"),
+    )
+}
+
+/// The unquoted schema name back from its quoted form.
+fn schema_name_of(quoted: &str) -> String {
+    quoted.trim_matches('"').replace("\"\"", "\"")
+}
+
+/// Drops the triggers, functions, change table and schema (cleanup).
+pub async fn drop_objects(blue: &Client, plan: &Plan) -> Result<()> {
+    let raw = schema_name(&plan.name);
+    let schema = ident(&raw);
+    for src in plan.tables.iter().map(|t| &t.source) {
+        let exists: bool = blue
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&src.quoted()])
+            .await
+            .map_err(Error::db("blue: looking for a source table"))?
+            .get(0);
+        if exists {
+            blue.batch_execute(&format!(
+                "DROP TRIGGER IF EXISTS {} ON {q}; DROP TRIGGER IF EXISTS {} ON {q};",
+                ident(&format!("{raw}_capture")),
+                ident(&format!("{raw}_truncate")),
+                q = src.quoted()
+            ))
+            .await
+            .map_err(Error::db(format!("blue: dropping capture triggers on {src}")))?;
+        }
+    }
+    blue.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .map_err(Error::db("blue: dropping our schema"))?;
+    Ok(())
+}

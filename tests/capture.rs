@@ -1,0 +1,228 @@
+//! Capture and apply against real clusters, with a concurrent writer on blue during the copy and
+//! after it, for both capture methods: once the writer stops and lag is 0, green equals
+//! transform(blue) by an independent fingerprint.
+
+use std::{
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::support::{run, writer::Writer, Oauth};
+
+fn spawn_copy(s: &Oauth, plan: &std::path::Path, extra: &[&str]) -> Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
+        .env("BLUE_URL", s.blue.url())
+        .env("GREEN_URL", s.green.url())
+        .env("MIGRATE_LOG", "info")
+        .arg("copy")
+        .arg(plan)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start migrate copy")
+}
+
+fn status(s: &Oauth, plan: &std::path::Path) -> serde_json::Value {
+    let r = run(&mut s.migrate(&["status", plan.to_str().unwrap(), "--format", "json"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    serde_json::from_str(&r.stdout).unwrap()
+}
+
+/// Waits until `pred(status)` holds, failing with the last status after `limit`.
+fn wait_for(
+    s: &Oauth,
+    plan: &std::path::Path,
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        let st = status(s, plan);
+        if pred(&st) {
+            return;
+        }
+        if let Some(code) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            panic!("migrate copy exited ({code}) while waiting for {what}:\n{err}");
+        }
+        assert!(started.elapsed() < limit, "timed out waiting for {what}; last status: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn caught_up(st: &serde_json::Value) -> bool {
+    st["phase"] == "following"
+        && st["capture"]["lag_bytes"] == 0
+        && st["capture"]["pending_keys"] == 0
+        && st["capture"]["follower_seen_seconds_ago"].as_f64().is_some_and(|s| s < 1.0)
+}
+
+fn sigint_and_wait(child: &mut Child) {
+    let ok = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            assert!(status.success(), "copy did not exit 0 on SIGINT: {status}\n{err}");
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "copy did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn plan_for(s: &Oauth, method: &str) -> std::path::PathBuf {
+    let text = Oauth::plan_text()
+        .replace("workers = 2\nchunk_rows = 50000", "workers = 2\nchunk_rows = 1000\nmax_rows_per_second = 6000")
+        .replace("method = \"auto\"", &format!("method = \"{method}\""));
+    s.write_plan(&text)
+}
+
+/// Writer during the copy and after it; green converges.
+fn writes_during_and_after_copy(method: &str) {
+    let s = Oauth::new(20_000);
+    let plan = plan_for(&s, method);
+    let mut child = spawn_copy(&s, &plan, &[]);
+    // The writer starts once capture exists (the state schema appears after setup).
+    let writer = {
+        let started = Instant::now();
+        while s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.chunks') IS NOT NULL")) != "t" {
+            assert!(started.elapsed() < Duration::from_secs(30), "copy never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Writer::start(s.blue.url(), Duration::from_millis(2))
+    };
+    wait_for(&s, &plan, &mut child, Duration::from_secs(120), "the copy to finish", |st| st["phase"] == "following");
+    // Keep writing while following.
+    std::thread::sleep(Duration::from_secs(2));
+    let ops = writer.stop();
+    assert!(ops > 200, "writer did too little: {ops}");
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_for(&s, &plan, &mut child, Duration::from_secs(60), "lag 0", caught_up);
+    sigint_and_wait(&mut child);
+    s.assert_green_equals_blue();
+    // The late-committing transactions made it.
+    assert!(
+        s.green.psql("SELECT count(*) FROM oauth2_access_tokens WHERE signature LIKE 'late-%'").parse::<i64>().unwrap()
+            > 0
+    );
+    // Something was really applied, not only copied.
+    let applied: i64 = s.green.psql(&s.sql("SELECT applied_keys FROM bluegreen_oauth_v2.migration")).parse().unwrap();
+    assert!(applied > 50, "applied only {applied} keys");
+}
+
+#[test]
+fn logical_capture_converges_under_writes() {
+    writes_during_and_after_copy("logical");
+}
+
+#[test]
+fn trigger_capture_converges_under_writes() {
+    writes_during_and_after_copy("trigger");
+}
+
+/// SIGKILL of the follower while the writer runs, then restart: nothing lost.
+fn killed_follower_converges(method: &str) {
+    let s = Oauth::new(5_000);
+    let plan = plan_for(&s, method);
+    let mut child = spawn_copy(&s, &plan, &[]);
+    wait_for(&s, &plan, &mut child, Duration::from_secs(60), "following", |st| st["phase"] == "following");
+    let writer = Writer::start(s.blue.url(), Duration::from_millis(2));
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut child = spawn_copy(&s, &plan, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let ops = writer.stop();
+    assert!(ops > 100, "writer did too little: {ops}");
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_for(&s, &plan, &mut child, Duration::from_secs(60), "lag 0 after restart", caught_up);
+    sigint_and_wait(&mut child);
+    s.assert_green_equals_blue();
+}
+
+#[test]
+fn logical_follower_killed_and_restarted_loses_nothing() {
+    killed_follower_converges("logical");
+}
+
+#[test]
+fn trigger_follower_killed_and_restarted_loses_nothing() {
+    killed_follower_converges("trigger");
+}
+
+#[test]
+fn no_follow_exits_once_green_has_what_blue_committed() {
+    let s = Oauth::new(5_000);
+    let plan = plan_for(&s, "auto");
+    let writer = Writer::start(s.blue.url(), Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(300));
+    // The writer keeps going while the copy runs; it stops before the copy's end is reached.
+    let mut child = spawn_copy(&s, &plan, &["--no-follow"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    writer.stop();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "--no-follow did not exit");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    s.assert_green_equals_blue();
+}
+
+#[test]
+fn truncate_on_blue_stops_following_with_a_clear_error() {
+    let s = Oauth::new(2_000);
+    let plan = plan_for(&s, "logical");
+    let mut child = spawn_copy(&s, &plan, &[]);
+    wait_for(&s, &plan, &mut child, Duration::from_secs(60), "following", |st| st["phase"] == "following");
+    s.blue.psql("TRUNCATE hydra_oauth2_revocation");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "following went on after TRUNCATE");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("TRUNCATE of public.hydra_oauth2_revocation"), "{err}");
+}
+
+#[test]
+fn cleanup_removes_everything_from_blue_and_green() {
+    let s = Oauth::new(2_000);
+    let plan = plan_for(&s, "trigger");
+    let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let logical = s.write_plan(&Oauth::plan_text());
+    // A logical setup too, so both kinds of objects exist.
+    s.green.psql(&s.sql("DROP SCHEMA bluegreen_oauth_v2 CASCADE; TRUNCATE oauth2_clients, oauth2_access_tokens, oauth2_refresh_tokens, oauth2_consent_sessions, oauth2_revocations, jwk_sets"));
+    let r = run(&mut s.migrate(&["copy", logical.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut s.migrate(&["cleanup", logical.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let db = &s.blue.name;
+    assert_eq!(s.blue.psql(&format!("SELECT count(*) FROM pg_replication_slots WHERE database = '{db}'")), "0");
+    assert_eq!(s.blue.psql("SELECT count(*) FROM pg_publication"), "0");
+    assert_eq!(s.blue.psql("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'bluegreen%'"), "0");
+    assert_eq!(s.blue.psql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bluegreen%'"), "0");
+    assert_eq!(s.green.psql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bluegreen%'"), "0");
+    // Blue keeps working: the tables are the application's, untouched.
+    s.blue.psql("UPDATE hydra_oauth2_access SET active = active WHERE signature = (SELECT min(signature) FROM hydra_oauth2_access)");
+}
