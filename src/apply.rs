@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Keys applied per green transaction.
-pub const BATCH_KEYS: i64 = 2_000;
+pub const BATCH_KEYS: i64 = 10_000;
 
 /// Sets up an apply session on green: foreign-key and cascade triggers off (as in logical
 /// replication's apply; rows arrive in key order, not in the application's order), and the

@@ -1,9 +1,15 @@
-//! Following: the loop that runs capture and apply side by side, during the copy and after it,
-//! until a shutdown signal, a finished cutover, or (for `--no-follow`) until green holds
-//! everything blue had committed when the copy finished. Lost connections are retried with
+//! Following: capture and apply run side by side, each with its own connections, during the copy
+//! and after it, until a shutdown signal, a finished cutover, or (for `--no-follow`) until green
+//! holds everything blue had committed when the copy finished. Lost connections are retried with
 //! bounded backoff; capture resumes from the position stored on green.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -18,10 +24,10 @@ use crate::{
     state::{Phase, State, TableState},
 };
 
-/// How often lag and progress are written to state (for `status`).
+/// How often lag and progress are written to state (for `status`) and the phase is checked.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Idle wait between polls when nothing happened.
-const IDLE: Duration = Duration::from_millis(100);
+const IDLE: Duration = Duration::from_millis(50);
 /// Reconnect attempts back off up to this delay...
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// ...and give up after this long without a working connection.
@@ -38,12 +44,23 @@ pub enum Stop {
     CaughtUp,
 }
 
-/// The follower: capture plus apply, with their own connections.
+/// The follower: a capture side and an apply side.
 pub struct Follower {
+    capture: CaptureSide,
+    apply: ApplySide,
+}
+
+struct CaptureSide {
     plan: Plan,
-    tables: Vec<ResolvedTable>,
     state: State,
     capture: Capture,
+    green: Client,
+}
+
+struct ApplySide {
+    plan: Plan,
+    state: State,
+    tables: Vec<ResolvedTable>,
     blue: Client,
     green: Client,
     applied: u64,
@@ -53,53 +70,174 @@ pub struct Follower {
 impl Follower {
     /// A follower over an already set-up capture.
     pub async fn new(plan: &Plan, tables: &[ResolvedTable], capture: Capture) -> Result<Self> {
-        let blue = plan.blue.connect().await?;
         let green = plan.green.connect().await?;
         apply::prepare_green(&green).await?;
+        let state = State::new(&plan.name);
         Ok(Self {
-            plan: plan.clone(),
-            tables: tables.to_vec(),
-            state: State::new(&plan.name),
-            capture,
-            blue,
-            green,
-            applied: 0,
-            started: Instant::now(),
+            capture: CaptureSide {
+                plan: plan.clone(),
+                state: state.clone(),
+                capture,
+                green: plan.green.connect().await?,
+            },
+            apply: ApplySide {
+                plan: plan.clone(),
+                state,
+                tables: tables.to_vec(),
+                blue: plan.blue.connect().await?,
+                green,
+                applied: 0,
+                started: Instant::now(),
+            },
         })
     }
 
     /// Runs until stopped. `catch_up` turns true when the caller wants to stop once green has
     /// everything blue committed up to that moment.
-    pub async fn run(mut self, shutdown: Shutdown, catch_up: watch::Receiver<bool>) -> Result<Stop> {
-        let mut target: Option<Target> = None;
+    pub async fn run(self, shutdown: Shutdown, catch_up: watch::Receiver<bool>) -> Result<Stop> {
+        let reached = Arc::new(AtomicBool::new(false));
+        let capture_stop = Shutdown::manual();
+        let mut capture_task =
+            tokio::spawn(capture_loop(self.capture, capture_stop.clone(), catch_up.clone(), Arc::clone(&reached)));
+        let mut apply = self.apply;
+        let result = tokio::select! {
+            r = apply.run(&shutdown, &catch_up, &reached) => r,
+            r = &mut capture_task => {
+                let r = r.unwrap_or_else(|e| Err(Error::Runtime(format!("capture panicked: {e}"))));
+                // Capture stops only with an error or when told; either way apply stops too.
+                return r.map(|()| Stop::Signal);
+            }
+        };
+        capture_stop.trigger();
+        let captured = capture_task.await.unwrap_or_else(|e| Err(Error::Runtime(format!("capture panicked: {e}"))));
+        let stop = result?;
+        captured?;
+        Ok(stop)
+    }
+}
+
+async fn capture_loop(
+    mut side: CaptureSide,
+    stop: Shutdown,
+    catch_up: watch::Receiver<bool>,
+    reached: Arc<AtomicBool>,
+) -> Result<()> {
+    let mut target: Option<Target> = None;
+    let mut backoff = Backoff::default();
+    loop {
+        if stop.is_triggered() {
+            return Ok(());
+        }
+        let wants = *catch_up.borrow();
+        match side.round(wants, &mut target, &reached).await {
+            Ok(stored) => {
+                backoff.reset();
+                if stored == 0 {
+                    tokio::time::sleep(IDLE).await;
+                }
+            }
+            Err(e) if is_transient(&e) => {
+                backoff.wait(e, &stop, "capture").await?;
+                if let Err(e) = side.reconnect().await {
+                    warn!(error = %e, "capture: reconnect failed");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl CaptureSide {
+    /// One capture poll; records positions; notes when the catch-up target is reached.
+    async fn round(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
+        let stored = self.capture.poll(&mut self.green, &self.state).await?;
+        let (current, frontier) = self.capture.positions().await?;
+        self.green
+            .execute(
+                &format!("UPDATE {} SET blue_lsn = $1, capture_lsn = $2 WHERE id = 1", self.state.table("migration")),
+                &[&current, &frontier],
+            )
+            .await
+            .map_err(Error::db("green: saving the capture position"))?;
+        if catch_up {
+            let t = match *target {
+                Some(t) => t,
+                None => {
+                    let t = self.capture.target().await?;
+                    info!(target = ?t, "catching up to what blue has committed, then stopping");
+                    *target.insert(t)
+                }
+            };
+            if self.capture.reached(t).await? {
+                reached.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(stored)
+    }
+
+    async fn reconnect(&mut self) -> Result<()> {
+        self.capture.reconnected(self.plan.blue.connect().await?);
+        self.green = self.plan.green.connect().await?;
+        info!("capture reconnected to blue and green; resuming from the stored position");
+        Ok(())
+    }
+}
+
+/// Bounded exponential backoff for transient failures.
+struct Backoff {
+    delay: Duration,
+    since: Option<Instant>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { delay: Duration::from_millis(250), since: None }
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Waits before the next attempt; returns the error when failures have lasted too long.
+    async fn wait(&mut self, e: Error, stop: &Shutdown, what: &str) -> Result<()> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() > GIVE_UP_AFTER {
+            return Err(e);
+        }
+        warn!(what, error = %e, retry_in_ms = self.delay.as_millis() as u64, "interrupted; reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = stop.wait() => {}
+        }
+        self.delay = (self.delay * 2).min(MAX_BACKOFF);
+        Ok(())
+    }
+}
+
+impl ApplySide {
+    async fn run(
+        &mut self,
+        shutdown: &Shutdown,
+        catch_up: &watch::Receiver<bool>,
+        reached: &AtomicBool,
+    ) -> Result<Stop> {
         let mut last_report = Instant::now() - REPORT_EVERY;
-        let mut failing_since: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = Backoff::default();
         loop {
             if shutdown.is_triggered() {
                 self.report().await.ok();
                 return Ok(Stop::Signal);
             }
-            let wants_catch_up = *catch_up.borrow();
-            match self.round(&mut target, &mut last_report, wants_catch_up).await {
+            let wants = *catch_up.borrow();
+            match self.round(&mut last_report, wants, reached).await {
                 Ok(Some(stop)) => return Ok(stop),
-                Ok(None) => {
-                    failing_since = None;
-                    backoff = Duration::from_millis(250);
-                }
+                Ok(None) => backoff.reset(),
                 Err(e) if is_transient(&e) => {
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > GIVE_UP_AFTER {
-                        return Err(e);
-                    }
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "following interrupted; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.wait() => continue,
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff.wait(e, shutdown, "apply").await?;
                     if let Err(e) = self.reconnect().await {
-                        warn!(error = %e, "reconnect failed");
+                        warn!(error = %e, "apply: reconnect failed");
                     }
                 }
                 Err(e) => return Err(e),
@@ -107,14 +245,8 @@ impl Follower {
         }
     }
 
-    /// One capture poll and one apply batch; `Some` when following should stop.
-    async fn round(
-        &mut self,
-        target: &mut Option<Target>,
-        last_report: &mut Instant,
-        catch_up: bool,
-    ) -> Result<Option<Stop>> {
-        let captured = self.capture.poll(&mut self.green, &self.state).await?;
+    /// One apply batch (plus, every second, a progress report); `Some` when following should stop.
+    async fn round(&mut self, last_report: &mut Instant, catch_up: bool, reached: &AtomicBool) -> Result<Option<Stop>> {
         let ready = self.ready_tables().await?;
         let applied = apply::apply_batch(&self.blue, &mut self.green, &self.state, &self.tables, &ready).await?;
         self.applied += applied as u64;
@@ -126,22 +258,16 @@ impl Follower {
                 return Ok(Some(Stop::Switched));
             }
         }
-        if catch_up && ready.len() == self.tables.len() {
-            let t = match *target {
-                Some(t) => t,
-                None => {
-                    let t = self.capture.target().await?;
-                    info!(target = ?t, "catching up to what blue has committed, then stopping");
-                    *target = Some(t);
-                    t
-                }
-            };
-            if captured == 0 && applied == 0 && self.capture.reached(t).await? && self.pending().await? == 0 {
-                self.report().await?;
-                return Ok(Some(Stop::CaughtUp));
-            }
+        if catch_up
+            && ready.len() == self.tables.len()
+            && applied == 0
+            && reached.load(Ordering::SeqCst)
+            && self.pending().await? == 0
+        {
+            self.report().await?;
+            return Ok(Some(Stop::CaughtUp));
         }
-        if captured == 0 && applied == 0 {
+        if applied == 0 {
             tokio::time::sleep(IDLE).await;
         }
         Ok(None)
@@ -149,20 +275,21 @@ impl Follower {
 
     /// Tables whose copy is done: only their keys may be applied.
     async fn ready_tables(&self) -> Result<Vec<i32>> {
+        let done = serde_json::to_value(TableState::Done)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
         let rows = self
             .green
-            .query(&format!("SELECT target, state FROM {}", self.state.table("tables")), &[])
+            .query(&format!("SELECT target FROM {} WHERE state = $1", self.state.table("tables")), &[&done])
             .await
             .map_err(Error::db("green: reading table states"))?;
-        let done = TableState::Done;
-        let done = serde_json::to_value(done).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let done: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         Ok(self
             .tables
             .iter()
             .enumerate()
-            .filter(|(_, t)| {
-                rows.iter().any(|r| r.get::<_, String>(0) == t.target.to_string() && r.get::<_, String>(1) == done)
-            })
+            .filter(|(_, t)| done.contains(&t.target.to_string()))
             .map(|(i, _)| i as i32)
             .collect())
     }
@@ -176,26 +303,21 @@ impl Follower {
             .get(0))
     }
 
-    /// Writes lag, pending count and apply rate to state.
+    /// Writes lag, pending count and apply rate to state. Lag: blue's position minus the oldest
+    /// position not yet on green (the oldest pending key, or capture's frontier).
     async fn report(&mut self) -> Result<()> {
-        let (current, frontier) = self.capture.positions().await?;
-        let row = self
-            .green
-            .query_one(&format!("SELECT count(*), min(lsn) FROM {}", self.state.table("pending")), &[])
-            .await
-            .map_err(Error::db("green: reading pending keys"))?;
-        let pending: i64 = row.get(0);
-        let oldest = row.get::<_, Option<i64>>(1).map_or(frontier, |p| p.min(frontier));
-        let lag = (current - oldest).max(0);
         let rate = self.applied as f64 / self.started.elapsed().as_secs_f64().max(0.001);
         self.green
             .execute(
                 &format!(
-                    "UPDATE {} SET blue_lsn = $1, lag_bytes = $2, pending_keys = $3, applied_keys = $4, \
-                     apply_rate = $5, follower_seen_at = now() WHERE id = 1",
-                    self.state.table("migration")
+                    "UPDATE {m} SET pending_keys = p.n, \
+                        lag_bytes = greatest(0, blue_lsn - least(coalesce(p.oldest, capture_lsn), capture_lsn)), \
+                        applied_keys = $1, apply_rate = $2, follower_seen_at = now() \
+                     FROM (SELECT count(*) AS n, min(lsn) AS oldest FROM {p}) p WHERE id = 1",
+                    m = self.state.table("migration"),
+                    p = self.state.table("pending")
                 ),
-                &[&current, &lag, &pending, &(self.applied as i64), &rate],
+                &[&(self.applied as i64), &rate],
             )
             .await
             .map_err(Error::db("green: saving follower progress"))?;
@@ -204,10 +326,9 @@ impl Follower {
 
     async fn reconnect(&mut self) -> Result<()> {
         self.blue = self.plan.blue.connect().await?;
-        self.capture.reconnected(self.plan.blue.connect().await?);
         self.green = self.plan.green.connect().await?;
         apply::prepare_green(&self.green).await?;
-        info!("reconnected to blue and green; resuming from the stored position");
+        info!("apply reconnected to blue and green");
         Ok(())
     }
 }
