@@ -67,7 +67,7 @@ pub async fn apply_batch(
 
 /// `(k1, k2) IN (SELECT * FROM unnest(ARRAY[..]::t1[], ARRAY[..]::t2[]))`, or `k = ANY(..)` for
 /// one column, with the key values as literals (COPY takes no parameters).
-fn key_condition(columns: &[String], types: &[String], keys: &[Vec<String>]) -> String {
+pub fn key_condition(columns: &[String], types: &[String], keys: &[Vec<String>]) -> String {
     let arrays: Vec<String> = (0..columns.len())
         .map(|c| {
             let vals: Vec<String> = keys.iter().map(|k| literal(k.get(c).map(String::as_str).unwrap_or(""))).collect();

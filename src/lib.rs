@@ -11,6 +11,7 @@ pub mod follow;
 pub mod pg;
 pub mod plan;
 pub mod state;
+pub mod verify;
 
 use std::path::Path;
 
@@ -49,6 +50,13 @@ pub enum Command {
         /// Output format.
         format: Format,
     },
+    /// Compare both sides by checksums.
+    Verify {
+        /// Output format.
+        format: Format,
+        /// Only this table (source or target name).
+        table: Option<String>,
+    },
     /// Remove everything the tool made on blue and its state on green.
     Cleanup {
         /// Even while a `copy` of this plan holds the plan lock.
@@ -76,6 +84,20 @@ pub async fn run(path: &Path, command: Command, shutdown: copy::Shutdown) -> Res
             let resolved = resolve_sound(&plan, &blue, &green).await?;
             copy::run(&plan, &resolved, green, shutdown, no_follow).await?;
             Ok(Outcome::Ok)
+        }
+        Command::Verify { format, table } => {
+            let (blue, green) = connect_both(&plan).await?;
+            let resolved = resolve_sound(&plan, &blue, &green).await?;
+            drop((blue, green));
+            let report = verify::run(&plan, &resolved, table.as_deref()).await?;
+            print!(
+                "{}",
+                match format {
+                    Format::Text => verify::render_text(&report),
+                    Format::Json => verify::render_json(&report),
+                }
+            );
+            Ok(if report.equal { Outcome::Ok } else { Outcome::Problems })
         }
         Command::Cleanup { force } => {
             cleanup(&plan, force).await?;

@@ -73,6 +73,17 @@ enum Cmd {
         #[arg(long)]
         no_follow: bool,
     },
+    /// Checksum every table on both sides, bucket by bucket, and name each differing key and
+    /// column. Safe beside a following `copy`. Exit 0 equal, 1 differences.
+    Verify {
+        #[command(flatten)]
+        plan: PlanArg,
+        #[command(flatten)]
+        format: FormatArg,
+        /// Verify only this table (source or target name, e.g. public.oauth2_clients).
+        #[arg(long)]
+        table: Option<String>,
+    },
     /// Remove everything migrate made on blue (slot, publication, triggers, its schema) and its
     /// state on green. Refuses while a `copy` of this plan runs, unless --force.
     Cleanup {
@@ -97,6 +108,7 @@ fn main() -> ExitCode {
     let (path, command) = match cli.command {
         Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
         Cmd::Copy { plan, no_follow } => (plan.plan, Command::Copy { no_follow }),
+        Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
         Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
     };

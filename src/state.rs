@@ -105,7 +105,8 @@ impl State {
                  id int PRIMARY KEY CHECK (id = 1), plan text NOT NULL, state jsonb NOT NULL,
                  copy_epoch int NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now(),
                  capture_lsn bigint, blue_lsn bigint, lag_bytes bigint, pending_keys bigint,
-                 applied_keys bigint NOT NULL DEFAULT 0, apply_rate float8, follower_seen_at timestamptz);
+                 applied_keys bigint NOT NULL DEFAULT 0, apply_rate float8, follower_seen_at timestamptz,
+                 last_verify jsonb, last_verify_at timestamptz);
              CREATE SEQUENCE IF NOT EXISTS {s}.pending_seq;
              CREATE TABLE IF NOT EXISTS {s}.pending (
                  tbl int NOT NULL, key text[] NOT NULL, seq bigint NOT NULL, lsn bigint,
@@ -263,7 +264,8 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
             .query_one(
                 &format!(
                     "SELECT lag_bytes, pending_keys, applied_keys, apply_rate, \
-                            extract(epoch FROM now() - follower_seen_at)::float8 FROM {} WHERE id = 1",
+                            extract(epoch FROM now() - follower_seen_at)::float8, \
+                            last_verify || jsonb_build_object('at', last_verify_at) FROM {} WHERE id = 1",
                     state.table("migration")
                 ),
                 &[],
@@ -276,6 +278,7 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
             "applied_keys": r.get::<_, i64>(2),
             "apply_keys_per_second": r.get::<_, Option<f64>>(3),
             "follower_seen_seconds_ago": r.get::<_, Option<f64>>(4),
+            "last_verify": r.get::<_, Option<serde_json::Value>>(5),
         })
     } else {
         serde_json::json!({ "lag_bytes": null })
@@ -286,6 +289,7 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
         "phase": phase_name,
         "detail": phase,
         "tables": tables,
+        "last_verify": capture.get("last_verify").cloned().unwrap_or(serde_json::Value::Null),
         "capture": capture,
     });
     Ok(match format {
@@ -315,6 +319,13 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
                     c["applied_keys"],
                     c["apply_keys_per_second"].as_f64().unwrap_or(0.0),
                     c["follower_seen_seconds_ago"].as_f64().unwrap_or(f64::NAN)
+                ));
+            }
+            if let Some(v) = value["last_verify"].as_object() {
+                o.push_str(&format!(
+                    "  last verify {}: {}\n",
+                    v.get("at").and_then(|a| a.as_str()).unwrap_or("?"),
+                    if v.get("equal").and_then(|e| e.as_bool()).unwrap_or(false) { "equal" } else { "DIFFERENCES" }
                 ));
             }
             o

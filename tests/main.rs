@@ -6,3 +6,4 @@ mod support;
 mod capture;
 mod copy;
 mod plan;
+mod verify;

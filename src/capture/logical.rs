@@ -92,6 +92,11 @@ impl Logical {
             .get(0))
     }
 
+    /// A position every transaction committed so far on blue lies before; see [`commit_point`].
+    pub async fn committed_lsn(&self) -> Result<i64> {
+        commit_point(&self.blue).await
+    }
+
     /// One capture round; see [`super::Capture::poll`].
     pub async fn poll(&mut self, green: &mut Client, state: &State) -> Result<usize> {
         let now = self.current_lsn().await?;
@@ -178,6 +183,37 @@ impl Logical {
         }
         Ok((events, end))
     }
+}
+
+/// A blue WAL position that every transaction committed so far lies before, and that decoding
+/// can reach. Under `synchronous_commit = off` a commit is visible before its WAL is flushed,
+/// and decoding reads only flushed WAL; so commit a tiny transaction with synchronous_commit on
+/// (a transactional logical message, which pgoutput ignores unless asked), which flushes every
+/// earlier record, and return the flush position after it.
+pub async fn commit_point(blue: &Client) -> Result<i64> {
+    let flushed = blue
+        .batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = on; \
+             SELECT pg_logical_emit_message(true, 'bluegreen', 'commit point'); COMMIT",
+        )
+        .await;
+    if let Err(e) = flushed {
+        let _ = blue.batch_execute("ROLLBACK").await;
+        // Without the privilege, wait out the WAL writer (it flushes within 3 x wal_writer_delay).
+        tracing::debug!(error = %pg_message(&e), "cannot emit a logical message; waiting for the WAL writer instead");
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        let flush: i64 = blue
+            .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
+            .await
+            .map_err(Error::db("blue: reading the WAL position"))?
+            .get(0);
+        return Ok(flush);
+    }
+    Ok(blue
+        .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
+        .await
+        .map_err(Error::db("blue: reading the WAL position"))?
+        .get(0))
 }
 
 /// Stops following when blue's table no longer has the columns the plan was resolved against.

@@ -7,7 +7,7 @@
 //! `advance`, no replication-protocol client needed), or row triggers into a change table on
 //! blue where logical decoding is not available.
 
-mod logical;
+pub mod logical;
 pub mod pgoutput;
 mod trigger;
 
@@ -78,7 +78,7 @@ impl Capture {
     /// The point everything committed on blue so far lies before.
     pub async fn target(&self) -> Result<Target> {
         match self {
-            Capture::Logical(c) => c.current_lsn().await.map(Target::Lsn),
+            Capture::Logical(c) => c.committed_lsn().await.map(Target::Lsn),
             Capture::Trigger(c) => c.xid_horizon().await.map(Target::Xid),
         }
     }

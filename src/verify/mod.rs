@@ -1,0 +1,381 @@
+//! Stage 4: verify. Each table's rows are hashed inside both servers: blue hashes the resolved
+//! transforming SELECT, green the mapped target columns, both as the row's text form in sessions
+//! pinned to the same settings. Rows are bucketed by a hash of their key (no collation involved),
+//! each bucket summarised as (count, sum of row hashes) in one scan per side; only buckets that
+//! differ are drilled into, first as (key, hash) pairs, then as full rows for the differing keys,
+//! diffed column by column. While a follower is running, a difference is rechecked after apply
+//! has passed blue's position at the time of the check; only differences that persist count.
+
+mod report;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use tokio_postgres::Client;
+use tracing::info;
+
+pub use report::{render_json, render_text};
+
+use crate::{
+    apply::key_condition,
+    error::{Error, Result},
+    pg::ident,
+    plan::{Plan, ResolvedPlan, ResolvedTable},
+    state::State,
+};
+
+/// Rows per bucket (about).
+const BUCKET_ROWS: u64 = 50_000;
+/// Differences shown per table.
+const MAX_SHOWN: usize = 100;
+/// Rechecks of a difference while a follower applies, and the wait for it each time.
+const RECHECK_ROUNDS: u32 = 5;
+const RECHECK_WAIT: Duration = Duration::from_secs(10);
+/// Values longer than this are shortened in reports.
+const SHOW_CHARS: usize = 60;
+
+/// How one row differs.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// On blue (after transform and filter), not on green.
+    MissingOnGreen,
+    /// On green, not on blue.
+    ExtraOnGreen,
+    /// On both, with different values.
+    Differs,
+}
+
+/// One differing row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Difference {
+    /// Key values (target key columns).
+    pub key: Vec<String>,
+    /// Classification.
+    pub kind: Kind,
+    /// For `differs`: (column, blue value, green value), values shortened.
+    pub columns: Vec<(String, Option<String>, Option<String>)>,
+}
+
+/// One table's verdict.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableReport {
+    /// Target table.
+    pub table: String,
+    /// Buckets compared.
+    pub buckets: u64,
+    /// Buckets whose summaries differed at first.
+    pub buckets_differing: u64,
+    /// Rows on blue (after transform and filter).
+    pub rows_blue: i64,
+    /// Rows on green.
+    pub rows_green: i64,
+    /// Differences that persisted (at most 100 shown; `differences_total` counts all).
+    pub differences: Vec<Difference>,
+    /// All persisting differences.
+    pub differences_total: usize,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+/// The whole verify run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Plan name.
+    pub plan: String,
+    /// Per table.
+    pub tables: Vec<TableReport>,
+    /// No differences anywhere.
+    pub equal: bool,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+/// Runs verify over the plan's tables (or the one named by `only`, source or target name).
+pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Result<Report> {
+    let started = Instant::now();
+    let (blue, green) = crate::connect_both(plan).await?;
+    let portable = portable_hash(&blue, &green).await?;
+    let state = State::new(&plan.name);
+    let follower = if state.exists(&green).await? { Some(state.clone()) } else { None };
+    let mut tables = Vec::new();
+    for t in &resolved.tables {
+        if only.is_some_and(|o| {
+            o != t.target.to_string() && o != t.source.to_string() && o != t.target.name && o != t.source.name
+        }) {
+            continue;
+        }
+        let v = Verifier { blue: &blue, green: &green, t, hash: portable, follower: follower.as_ref() };
+        tables.push(v.table().await?);
+    }
+    if only.is_some() && tables.is_empty() {
+        return Err(Error::Runtime(format!("--table {}: no such table in the plan", only.unwrap_or_default())));
+    }
+    let equal = tables.iter().all(|t| t.differences_total == 0);
+    let report = Report { plan: plan.name.clone(), tables, equal, seconds: started.elapsed().as_secs_f64() };
+    if let Some(state) = follower {
+        let value = serde_json::json!({
+            "equal": report.equal,
+            "seconds": report.seconds,
+            "tables": report.tables.iter().map(|t| serde_json::json!({"table": t.table, "differences": t.differences_total})).collect::<Vec<_>>(),
+        });
+        green
+            .execute(
+                &format!(
+                    "UPDATE {} SET last_verify = $1, last_verify_at = now() WHERE id = 1",
+                    state.table("migration")
+                ),
+                &[&value],
+            )
+            .await
+            .map_err(Error::db("green: recording the verify result"))?;
+    }
+    Ok(report)
+}
+
+/// The row-hash function. `hashtextextended` is fast and built in, but its result is only known to
+/// agree between servers of the same architecture and version, so both are asked for a probe
+/// value; when they disagree, md5 (portable by definition) is used instead.
+async fn portable_hash(blue: &Client, green: &Client) -> Result<&'static str> {
+    const PROBE: &str = "SELECT hashtextextended('bluegreen verify probe ✓', 0)";
+    let b: i64 = blue.query_one(PROBE, &[]).await.map_err(Error::db("blue: hash probe"))?.get(0);
+    let g: i64 = green.query_one(PROBE, &[]).await.map_err(Error::db("green: hash probe"))?.get(0);
+    Ok(if b == g { "hashtextextended({}, 0)" } else { "('x' || left(md5({}), 16))::bit(64)::bigint" })
+}
+
+struct Verifier<'a> {
+    blue: &'a Client,
+    green: &'a Client,
+    t: &'a ResolvedTable,
+    hash: &'static str,
+    follower: Option<&'a State>,
+}
+
+impl Verifier<'_> {
+    fn h(&self, expr: &str) -> String {
+        self.hash.replace("{}", expr)
+    }
+
+    /// The rows as `r` on each side: blue's transforming SELECT, green's mapped columns.
+    fn sources(&self) -> (String, String) {
+        let blue = self.t.source_select(None);
+        let green = format!("SELECT {} FROM {}", self.t.target_column_list(), self.t.target.quoted());
+        (blue, green)
+    }
+
+    fn key_text(&self) -> String {
+        let cols: Vec<String> = self.t.key.iter().map(|k| format!("r.{}", ident(&k.target))).collect();
+        format!("ROW({})::text", cols.join(", "))
+    }
+
+    async fn table(&self) -> Result<TableReport> {
+        let started = Instant::now();
+        let n = (self.t.estimate.rows / BUCKET_ROWS).max(1) as i64;
+        let (bs, gs) = self.sources();
+        let summary = |src: &str| {
+            format!(
+                "SELECT abs({kh} % {n}) AS b, count(*), coalesce(sum({rh}), 0)::text FROM ({src}) r GROUP BY 1",
+                kh = self.h(&self.key_text()),
+                rh = self.h("r::text"),
+            )
+        };
+        let (bq, gq) = (summary(&bs), summary(&gs));
+        let (b, g) = tokio::join!(self.blue.query(&bq, &[]), self.green.query(&gq, &[]));
+        let b = b.map_err(Error::db(format!("blue: checksumming {}", self.t.source)))?;
+        let g = g.map_err(Error::db(format!("green: checksumming {}", self.t.target)))?;
+        let to_map = |rows: &[tokio_postgres::Row]| -> HashMap<i64, (i64, String)> {
+            rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()
+        };
+        let (bm, gm) = (to_map(&b), to_map(&g));
+        let rows_blue = bm.values().map(|v| v.0).sum();
+        let rows_green = gm.values().map(|v| v.0).sum();
+        let mut differing: Vec<i64> = (0..n).filter(|i| bm.get(i) != gm.get(i)).collect();
+        differing.sort();
+        let buckets_differing = differing.len() as u64;
+        let mut keys = Vec::new();
+        for bucket in differing {
+            keys.extend(self.differing_keys(bucket, n).await?);
+        }
+        let keys = self.recheck(keys).await?;
+        let total = keys.len();
+        let differences = self.describe(&keys[..total.min(MAX_SHOWN)]).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        info!(table = %self.t.target, buckets = n, buckets_differing, differences = total, seconds, "verified");
+        Ok(TableReport {
+            table: self.t.target.to_string(),
+            buckets: n as u64,
+            buckets_differing,
+            rows_blue,
+            rows_green,
+            differences,
+            differences_total: total,
+            seconds,
+        })
+    }
+
+    /// (key values, row hash) of every row in one bucket, on one side.
+    async fn bucket_rows(&self, client: &Client, src: &str, bucket: i64, n: i64) -> Result<HashMap<Vec<String>, i64>> {
+        let keys: Vec<String> = self.t.key.iter().map(|k| format!("r.{}::text", ident(&k.target))).collect();
+        let sql = format!(
+            "SELECT ARRAY[{}], {} FROM ({src}) r WHERE abs({} % {n}) = {bucket}",
+            keys.join(", "),
+            self.h("r::text"),
+            self.h(&self.key_text())
+        );
+        let rows = client.query(&sql, &[]).await.map_err(Error::db(format!("reading rows of {}", self.t.target)))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn differing_keys(&self, bucket: i64, n: i64) -> Result<Vec<Vec<String>>> {
+        let (bs, gs) = self.sources();
+        let (b, g) =
+            tokio::join!(self.bucket_rows(self.blue, &bs, bucket, n), self.bucket_rows(self.green, &gs, bucket, n));
+        let (b, g) = (b?, g?);
+        let mut keys: Vec<Vec<String>> =
+            b.iter().filter(|(k, h)| g.get(*k) != Some(h)).map(|(k, _)| k.clone()).collect();
+        keys.extend(g.keys().filter(|k| !b.contains_key(*k)).cloned());
+        Ok(keys)
+    }
+
+    /// Row hashes of the given keys on both sides: (blue, green), `None` where absent.
+    async fn hashes(&self, keys: &[Vec<String>]) -> Result<HashMap<Vec<String>, (Option<i64>, Option<i64>)>> {
+        let mut out: HashMap<Vec<String>, (Option<i64>, Option<i64>)> =
+            keys.iter().map(|k| (k.clone(), (None, None))).collect();
+        for (blue_side, rows) in [
+            (true, self.by_key(true, keys, &self.h("r::text")).await?),
+            (false, self.by_key(false, keys, &self.h("r::text")).await?),
+        ] {
+            for r in rows {
+                let k: Vec<String> = r.get(0);
+                let h: i64 = r.get(1);
+                let e = out.entry(k).or_default();
+                if blue_side {
+                    e.0 = Some(h);
+                } else {
+                    e.1 = Some(h);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `SELECT key values, <what> FROM rows WHERE key IN keys` on one side.
+    async fn by_key(&self, blue: bool, keys: &[Vec<String>], what: &str) -> Result<Vec<tokio_postgres::Row>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tgt_cols: Vec<String> = self.t.key.iter().map(|k| format!("r.{}", ident(&k.target))).collect();
+        let types: Vec<String> = self.t.key.iter().map(|k| k.target_type.clone()).collect();
+        let (bs, gs) = self.sources();
+        let src = if blue { bs } else { gs };
+        let keys_text: Vec<String> = self.t.key.iter().map(|k| format!("r.{}::text", ident(&k.target))).collect();
+        let sql = format!(
+            "SELECT ARRAY[{}], {what} FROM ({src}) r WHERE {}",
+            keys_text.join(", "),
+            key_condition(&tgt_cols, &types, keys)
+        );
+        let client = if blue { self.blue } else { self.green };
+        client.query(&sql, &[]).await.map_err(Error::db(format!(
+            "{}: reading rows of {} by key",
+            if blue { "blue" } else { "green" },
+            self.t.target
+        )))
+    }
+
+    /// While a follower runs, differences may be changes not applied yet: wait until apply has
+    /// passed blue's current position, then look again. Keeps only what persists.
+    async fn recheck(&self, mut keys: Vec<Vec<String>>) -> Result<Vec<Vec<String>>> {
+        let Some(state) = self.follower else { return Ok(keys) };
+        for _ in 0..RECHECK_ROUNDS {
+            let active = follower_active(self.green, state).await?;
+            tracing::debug!(table = %self.t.target, keys = keys.len(), active, "recheck");
+            if keys.is_empty() || !active {
+                break;
+            }
+            let lsn = crate::capture::logical::commit_point(self.blue).await?;
+            wait_applied(self.green, state, lsn).await?;
+            let hashes = self.hashes(&keys).await?;
+            keys.retain(|k| hashes.get(k).is_some_and(|(b, g)| b != g));
+        }
+        Ok(keys)
+    }
+
+    /// Full rows for the keys on both sides, diffed column by column.
+    async fn describe(&self, keys: &[Vec<String>]) -> Result<Vec<Difference>> {
+        let cols: Vec<String> = self.t.mapped().map(|c| c.name.clone()).collect();
+        let arr =
+            format!("ARRAY[{}]", cols.iter().map(|c| format!("r.{}::text", ident(c))).collect::<Vec<_>>().join(", "));
+        let fetch = |rows: Vec<tokio_postgres::Row>| -> HashMap<Vec<String>, Vec<Option<String>>> {
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        };
+        let b = fetch(self.by_key(true, keys, &arr).await?);
+        let g = fetch(self.by_key(false, keys, &arr).await?);
+        let mut out = Vec::new();
+        for k in keys {
+            let d = match (b.get(k), g.get(k)) {
+                (Some(_), None) => Difference { key: k.clone(), kind: Kind::MissingOnGreen, columns: Vec::new() },
+                (None, Some(_)) => Difference { key: k.clone(), kind: Kind::ExtraOnGreen, columns: Vec::new() },
+                (Some(bv), Some(gv)) => Difference {
+                    key: k.clone(),
+                    kind: Kind::Differs,
+                    columns: cols
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| bv.get(*i) != gv.get(*i))
+                        .map(|(i, c)| {
+                            (c.clone(), shorten(bv.get(i).cloned().flatten()), shorten(gv.get(i).cloned().flatten()))
+                        })
+                        .collect(),
+                },
+                (None, None) => continue,
+            };
+            out.push(d);
+        }
+        Ok(out)
+    }
+}
+
+fn shorten(v: Option<String>) -> Option<String> {
+    v.map(|s| if s.chars().count() > SHOW_CHARS { s.chars().take(SHOW_CHARS).collect::<String>() + "…" } else { s })
+}
+
+/// A follower wrote its progress within the last few seconds.
+async fn follower_active(green: &Client, state: &State) -> Result<bool> {
+    Ok(green
+        .query_one(
+            &format!(
+                "SELECT coalesce(follower_seen_at > now() - interval '5 seconds', false) FROM {} WHERE id = 1",
+                state.table("migration")
+            ),
+            &[],
+        )
+        .await
+        .map_err(Error::db("green: reading follower progress"))?
+        .get(0))
+}
+
+/// Waits (bounded) until capture has passed `lsn` and no key captured before it is pending.
+async fn wait_applied(green: &Client, state: &State, lsn: i64) -> Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < RECHECK_WAIT {
+        let done: bool = green
+            .query_one(
+                &format!(
+                    "SELECT coalesce(capture_lsn >= $1, false) AND NOT EXISTS (SELECT 1 FROM {} WHERE lsn <= $1) FROM {} WHERE id = 1",
+                    state.table("pending"),
+                    state.table("migration")
+                ),
+                &[&lsn],
+            )
+            .await
+            .map_err(Error::db("green: reading apply progress"))?
+            .get(0);
+        if done {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
