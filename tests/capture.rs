@@ -210,6 +210,15 @@ fn cleanup_removes_everything_from_blue_and_green() {
     let plan = plan_for(&s, "trigger");
     let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
+    // An application role with rights on its table only still writes: capture never makes the
+    // application's writes fail (regression: the trigger once needed rights on our schema).
+    let role = format!("app_{}", s.blue.name);
+    s.blue.psql(&format!(
+        "CREATE ROLE {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON hydra_oauth2_revocation TO {role}; \
+         SET ROLE {role}; INSERT INTO hydra_oauth2_revocation VALUES ('by-app-role', now(), 'x'); \
+         UPDATE hydra_oauth2_revocation SET reason = 'y' WHERE request_id = 'by-app-role'; RESET ROLE"
+    ));
+    assert_eq!(s.blue.psql(&s.sql("SELECT count(*) > 0 FROM bluegreen_oauth_v2.changes")), "t");
     let logical = s.write_plan(&Oauth::plan_text());
     // A logical setup too, so both kinds of objects exist.
     s.green.psql(&s.sql("DROP SCHEMA bluegreen_oauth_v2 CASCADE; TRUNCATE oauth2_clients, oauth2_access_tokens, oauth2_refresh_tokens, oauth2_consent_sessions, oauth2_revocations, jwk_sets"));
@@ -223,6 +232,7 @@ fn cleanup_removes_everything_from_blue_and_green() {
     assert_eq!(s.blue.psql("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'bluegreen%'"), "0");
     assert_eq!(s.blue.psql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bluegreen%'"), "0");
     assert_eq!(s.green.psql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bluegreen%'"), "0");
+    s.blue.psql(&format!("DROP OWNED BY {role}; DROP ROLE {role}"));
     // Blue keeps working: the tables are the application's, untouched.
     s.blue.psql("UPDATE hydra_oauth2_access SET active = active WHERE signature = (SELECT min(signature) FROM hydra_oauth2_access)");
 }

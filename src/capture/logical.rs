@@ -169,7 +169,7 @@ impl Logical {
                         .collect();
                     return Err(Error::Runtime(format!(
                         "TRUNCATE of {} on blue: following stopped so green does not drift; \
-                         truncate the green table too and rerun, or start the migration over",
+                         start the migration over (`migrate cleanup`, empty the green tables, `migrate copy`)",
                         if names.is_empty() { "a planned table".to_string() } else { names.join(", ") }
                     )));
                 }

@@ -82,7 +82,7 @@ impl Trigger {
                 let name = self.tables.get(table).map(|t| t.source.to_string()).unwrap_or_default();
                 return Err(Error::Runtime(format!(
                     "TRUNCATE of {name} on blue: following stopped so green does not drift; \
-                     truncate the green table too and rerun, or start the migration over"
+                     start the migration over (`migrate cleanup`, empty the green tables, `migrate copy`)"
                 )));
             }
             ids.push(r.get::<_, i64>(0));
@@ -187,7 +187,9 @@ async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<(
 }
 
 /// The trigger function and triggers for table `i`. Keys are taken with `to_jsonb(...) #>> '{}'`,
-/// whose text form does not depend on the writing session's DateStyle.
+/// whose text form does not depend on the writing session's DateStyle. The functions run as
+/// their owner (SECURITY DEFINER, fixed search_path) so the application's roles need no rights
+/// on our schema: their writes must never fail because of capture.
 fn trigger_sql(schema: &str, i: usize, t: &ResolvedTable) -> String {
     let keys = |rec: &str| {
         t.key.iter().map(|k| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(&k.source))).collect::<Vec<_>>().join(", ")
@@ -199,7 +201,8 @@ fn trigger_sql(schema: &str, i: usize, t: &ResolvedTable) -> String {
     let tname = ident(&format!("{}_truncate", schema_name_of(schema)));
     let src = t.source.quoted();
     format!(
-        "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $bg$
+        "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
+           SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bg$
          BEGIN
            IF TG_OP <> 'DELETE' THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{new_keys}]);
@@ -209,7 +212,8 @@ fn trigger_sql(schema: &str, i: usize, t: &ResolvedTable) -> String {
            END IF;
            RETURN NULL;
          END $bg$;
-         CREATE OR REPLACE FUNCTION {tfunc}() RETURNS trigger LANGUAGE plpgsql AS $bg$
+         CREATE OR REPLACE FUNCTION {tfunc}() RETURNS trigger LANGUAGE plpgsql
+           SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bg$
          BEGIN
            INSERT INTO {schema}.changes (tbl, truncated) VALUES ({i}, true);
            RETURN NULL;

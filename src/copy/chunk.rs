@@ -45,7 +45,10 @@ pub async fn plan_chunks(blue: &Client, table: &ResolvedTable, chunk_rows: u64) 
         .map_err(Error::db(format!("blue: size of {}", table.source)))?;
     let blocks: i64 = row.get(0);
     let n = table.estimate.rows.max(1).div_ceil(chunk_rows.max(1)) as i64;
-    Ok(ChunkPlan { chunks: split(blocks, n), filenode: row.get(1) })
+    let filenode: Option<i64> = row.get(1);
+    let filenode = filenode
+        .ok_or_else(|| Error::Runtime(format!("blue {} has no heap of its own (partitioned?)", table.source)))?;
+    Ok(ChunkPlan { chunks: split(blocks, n), filenode })
 }
 
 /// `n` consecutive block ranges over `blocks` blocks, open at both ends.

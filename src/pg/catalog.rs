@@ -83,6 +83,8 @@ pub struct TableInfo {
     pub reltuples: f64,
     /// Heap plus TOAST plus indexes, bytes.
     pub total_bytes: i64,
+    /// A partitioned table (its rows live in partitions).
+    pub partitioned: bool,
 }
 
 impl TableInfo {
@@ -125,7 +127,7 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
     let ctx = |what: &str| format!("{side}: reading catalog for {table} ({what})");
     let row = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, c.reltuples::float8, pg_total_relation_size(c.oid) \
+            "SELECT c.oid, c.relreplident::text, c.reltuples::float8, pg_total_relation_size(c.oid), c.relkind = 'p' \
              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&table.schema, &table.name],
@@ -188,6 +190,7 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
         replica_identity: replident.chars().next().unwrap_or('d'),
         reltuples: row.get(2),
         total_bytes: row.get(3),
+        partitioned: row.get(4),
     }))
 }
 

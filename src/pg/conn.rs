@@ -146,11 +146,7 @@ impl ConnInfo {
         // keep only the kind of failure.
         let mut config = Config::from_str(&rest).map_err(|e| {
             let msg = e.to_string();
-            let reason = if msg.contains("password") {
-                "malformed password".to_string()
-            } else {
-                msg.split(':').next().unwrap_or("malformed").to_string()
-            };
+            let reason = if msg.contains("password") { "malformed password".to_string() } else { msg };
             invalid(reason)
         })?;
         config.connect_timeout(CONNECT_TIMEOUT);

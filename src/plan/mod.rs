@@ -224,7 +224,7 @@ impl ResolvedPlan {
             steps.push("copy: rebuild indexes and constraints per table; foreign keys NOT VALID, then VALIDATE".into());
         }
         steps.push("follow: apply captured keys to green until stopped or switched".into());
-        steps.push("verify: checksum every key range on both sides".into());
+        steps.push("verify: checksum every table in key-hash buckets on both sides".into());
         steps.push("cutover: PAUSE, drain, re-verify, sequences, repoint PgBouncer, RESUME".into());
         steps
     }
