@@ -107,6 +107,9 @@ impl State {
                  capture_lsn bigint, blue_lsn bigint, lag_bytes bigint, pending_keys bigint,
                  applied_keys bigint NOT NULL DEFAULT 0, apply_rate float8, follower_seen_at timestamptz,
                  last_verify jsonb, last_verify_at timestamptz);
+             CREATE TABLE IF NOT EXISTS {s}.verified (
+                 target text NOT NULL, buckets int NOT NULL, bucket int NOT NULL, lsn bigint NOT NULL,
+                 ok boolean NOT NULL, verified_at timestamptz NOT NULL, PRIMARY KEY (target, bucket));
              CREATE SEQUENCE IF NOT EXISTS {s}.pending_seq;
              CREATE TABLE IF NOT EXISTS {s}.pending (
                  tbl int NOT NULL, key text[] NOT NULL, seq bigint NOT NULL, lsn bigint,

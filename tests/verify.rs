@@ -42,6 +42,10 @@ fn equal_data_verifies() {
     let st = run(&mut s.migrate(&["status", plan.to_str().unwrap(), "--format", "json"]));
     let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
     assert_eq!(st["last_verify"]["equal"], true, "{st}");
+    // Every bucket is recorded clean, with the blue position it was verified at.
+    let rec =
+        s.green.psql(&s.sql("SELECT bool_and(ok) AND count(*) >= 6 AND min(lsn) > 0 FROM bluegreen_oauth_v2.verified"));
+    assert_eq!(rec, "t");
 }
 
 #[test]
@@ -84,6 +88,10 @@ fn tampering_gets_exactly_the_right_verdict() {
     let v: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
     let total: u64 = v["tables"].as_array().unwrap().iter().map(|t| t["differences_total"].as_u64().unwrap()).sum();
     assert_eq!(total, 4, "exactly the four real differences: {}", j.stdout);
+    let bad = s.green.psql(
+        &s.sql("SELECT string_agg(DISTINCT target, ',' ORDER BY target) FROM bluegreen_oauth_v2.verified WHERE NOT ok"),
+    );
+    assert_eq!(bad, "public.oauth2_access_tokens,public.oauth2_clients,public.oauth2_revocations");
 }
 
 #[test]

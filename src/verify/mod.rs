@@ -3,7 +3,8 @@
 //! pinned to the same settings. Rows are bucketed by a hash of their key (no collation involved),
 //! each bucket summarised as (count, sum of row hashes) in one scan per side; only buckets that
 //! differ are drilled into, first as (key, hash) pairs, then as full rows for the differing keys,
-//! diffed column by column. While a follower is running, a difference is rechecked after apply
+//! diffed column by column. Buckets are recorded with the blue position they were verified at.
+//! While a follower is running, a difference is rechecked after apply
 //! has passed blue's position at the time of the check; only differences that persist count.
 
 mod report;
@@ -97,6 +98,7 @@ pub struct Report {
 pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Result<Report> {
     let started = Instant::now();
     let (blue, green) = crate::connect_both(plan).await?;
+    let blue2 = plan.blue.connect().await?;
     let portable = portable_hash(&blue, &green).await?;
     let state = State::new(&plan.name);
     let follower = if state.exists(&green).await? { Some(state.clone()) } else { None };
@@ -113,7 +115,8 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
         } else {
             (text("{}::text"), text("{}::text"))
         };
-        let v = Verifier { blue: &blue, green: &green, t, row_hash, key_hash, follower: follower.as_ref() };
+        let v =
+            Verifier { blue: &blue, blue2: &blue2, green: &green, t, row_hash, key_hash, follower: follower.as_ref() };
         tables.push(v.table().await?);
     }
     if only.is_some() && tables.is_empty() {
@@ -182,6 +185,8 @@ async fn typed_hash_works(green: &Client, t: &ResolvedTable) -> bool {
 
 struct Verifier<'a> {
     blue: &'a Client,
+    /// A second blue session: blue's scan is split in two.
+    blue2: &'a Client,
     green: &'a Client,
     t: &'a ResolvedTable,
     /// Row hash expression with `{}` for the row `r`.
@@ -213,7 +218,7 @@ impl Verifier<'_> {
     async fn table(&self) -> Result<TableReport> {
         let started = Instant::now();
         let n = (self.t.estimate.rows / BUCKET_ROWS).max(1) as i64;
-        let (bs, gs) = self.sources();
+        let (_, gs) = self.sources();
         let summary = |src: &str| {
             format!(
                 "SELECT abs({kh} % {n}) AS b, count(*), coalesce(sum({rh}), 0)::text FROM ({src}) r GROUP BY 1",
@@ -221,24 +226,55 @@ impl Verifier<'_> {
                 rh = self.rh(),
             )
         };
-        let (bq, gq) = (summary(&bs), summary(&gs));
-        let (b, g) = tokio::join!(self.blue.query(&bq, &[]), self.green.query(&gq, &[]));
-        let b = b.map_err(Error::db(format!("blue: checksumming {}", self.t.source)))?;
+        let position = crate::capture::logical::commit_point(self.blue).await?;
+        // Blue runs the transform, the expensive side: its scan is split in two heap halves on
+        // two sessions, run while green scans.
+        let blocks: i64 = self
+            .blue
+            .query_one(
+                "SELECT (pg_relation_size($1::text::regclass) / current_setting('block_size')::int8)::int8",
+                &[&self.t.source.quoted()],
+            )
+            .await
+            .map_err(Error::db(format!("blue: size of {}", self.t.source)))?
+            .get(0);
+        let half = blocks / 2 + 1;
+        let lower = summary(&self.t.source_select(Some(&format!("ctid < '({half},0)'::tid"))));
+        let upper = summary(&self.t.source_select(Some(&format!("ctid >= '({half},0)'::tid"))));
+        let gq = summary(&gs);
+        let (b1, b2, g) =
+            tokio::join!(self.blue.query(&lower, &[]), self.blue2.query(&upper, &[]), self.green.query(&gq, &[]));
+        let blue_err = || Error::db(format!("blue: checksumming {}", self.t.source));
+        let (b1, b2) = (b1.map_err(blue_err())?, b2.map_err(blue_err())?);
         let g = g.map_err(Error::db(format!("green: checksumming {}", self.t.target)))?;
-        let to_map = |rows: &[tokio_postgres::Row]| -> HashMap<i64, (i64, String)> {
-            rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()
+        let to_map = |parts: &[&[tokio_postgres::Row]]| -> HashMap<i64, (i64, i128)> {
+            let mut m: HashMap<i64, (i64, i128)> = HashMap::new();
+            for rows in parts {
+                for r in rows.iter() {
+                    let e = m.entry(r.get(0)).or_default();
+                    e.0 += r.get::<_, i64>(1);
+                    e.1 += r.get::<_, String>(2).parse::<i128>().unwrap_or_default();
+                }
+            }
+            m
         };
-        let (bm, gm) = (to_map(&b), to_map(&g));
+        let (bm, gm) = (to_map(&[&b1, &b2]), to_map(&[&g]));
         let rows_blue = bm.values().map(|v| v.0).sum();
         let rows_green = gm.values().map(|v| v.0).sum();
         let mut differing: Vec<i64> = (0..n).filter(|i| bm.get(i) != gm.get(i)).collect();
         differing.sort();
         let buckets_differing = differing.len() as u64;
         let mut keys = Vec::new();
-        for bucket in differing {
-            keys.extend(self.differing_keys(bucket, n).await?);
+        let mut bucket_of = HashMap::new();
+        for bucket in &differing {
+            for k in self.differing_keys(*bucket, n).await? {
+                bucket_of.insert(k.clone(), *bucket);
+                keys.push(k);
+            }
         }
         let keys = self.recheck(keys).await?;
+        let bad: std::collections::HashSet<i64> = keys.iter().filter_map(|k| bucket_of.get(k).copied()).collect();
+        self.record(n, position, &bad).await?;
         let total = keys.len();
         let differences = self.describe(&keys[..total.min(MAX_SHOWN)]).await?;
         let seconds = started.elapsed().as_secs_f64();
@@ -253,6 +289,35 @@ impl Verifier<'_> {
             differences_total: total,
             seconds,
         })
+    }
+
+    /// Records which buckets verified clean at which blue position, so a later check (cutover)
+    /// needs to look again only at what changed since.
+    async fn record(&self, n: i64, position: i64, bad: &std::collections::HashSet<i64>) -> Result<()> {
+        let Some(state) = self.follower else { return Ok(()) };
+        let buckets: Vec<i32> = (0..n as i32).collect();
+        let ok: Vec<bool> = (0..n).map(|b| !bad.contains(&b)).collect();
+        self.green
+            .execute(
+                &format!(
+                    "INSERT INTO {} (target, buckets, bucket, lsn, ok, verified_at) \
+                     SELECT $1, $2, b, $3, o, now() FROM unnest($4::int[], $5::bool[]) AS x(b, o) \
+                     ON CONFLICT (target, bucket) DO UPDATE SET buckets = EXCLUDED.buckets, lsn = EXCLUDED.lsn, \
+                       ok = EXCLUDED.ok, verified_at = EXCLUDED.verified_at",
+                    state.table("verified")
+                ),
+                &[&self.t.target.to_string(), &(n as i32), &position, &buckets, &ok],
+            )
+            .await
+            .map_err(Error::db("green: recording verified buckets"))?;
+        self.green
+            .execute(
+                &format!("DELETE FROM {} WHERE target = $1 AND bucket >= $2", state.table("verified")),
+                &[&self.t.target.to_string(), &(n as i32)],
+            )
+            .await
+            .map_err(Error::db("green: recording verified buckets"))?;
+        Ok(())
     }
 
     /// (key values, row hash) of every row in one bucket, on one side.
