@@ -3,24 +3,16 @@
 //! transform(blue) by an independent fingerprint.
 
 use std::{
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
 use crate::support::{run, writer::Writer, Oauth};
 
 fn spawn_copy(s: &Oauth, plan: &std::path::Path, extra: &[&str]) -> Child {
-    std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", s.blue.url())
-        .env("GREEN_URL", s.green.url())
-        .env("MIGRATE_LOG", "info")
-        .arg("copy")
-        .arg(plan)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start migrate copy")
+    let mut args = vec!["copy", plan.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    s.spawn(&args)
 }
 
 fn status(s: &Oauth, plan: &std::path::Path) -> serde_json::Value {

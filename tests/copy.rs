@@ -67,13 +67,7 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
     let s = Oauth::new(20_000);
     // Throttled so the kill lands mid-copy.
     let plan = s.plan_with_copy("workers = 2\nchunk_rows = 1000\ndefer_indexes = true\nmax_rows_per_second = 8000");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", s.blue.url())
-        .env("GREEN_URL", s.green.url())
-        .args(["copy", plan.to_str().unwrap(), "--no-follow"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = s.spawn(&["copy", plan.to_str().unwrap(), "--no-follow"]);
     let started = Instant::now();
     loop {
         let has_state = s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.chunks') IS NOT NULL")) == "t";
@@ -116,13 +110,7 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
 fn second_copy_of_the_same_plan_is_refused() {
     let s = Oauth::new(5_000);
     let plan = s.plan_with_copy("workers = 1\nchunk_rows = 500\ndefer_indexes = true\nmax_rows_per_second = 2000");
-    let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", s.blue.url())
-        .env("GREEN_URL", s.green.url())
-        .args(["copy", plan.to_str().unwrap(), "--no-follow"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = s.spawn(&["copy", plan.to_str().unwrap(), "--no-follow"]);
     let started = Instant::now();
     while s.green.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0" {
         assert!(started.elapsed() < Duration::from_secs(30), "first copy never took its lock");

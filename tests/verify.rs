@@ -98,13 +98,7 @@ fn tampering_gets_exactly_the_right_verdict() {
 fn no_false_differences_under_live_writes() {
     let s = Oauth::new(10_000);
     let plan = s.plan_with_copy("workers = 2\nchunk_rows = 2000\ndefer_indexes = true");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", s.blue.url())
-        .env("GREEN_URL", s.green.url())
-        .args(["copy", plan.to_str().unwrap()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = s.spawn(&["copy", plan.to_str().unwrap()]);
     let started = Instant::now();
     loop {
         let ready = s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.migration') IS NOT NULL")) == "t"

@@ -148,6 +148,20 @@ impl Oauth {
         p
     }
 
+    /// Starts `migrate ARGS` in the background (stderr captured for failure messages; warnings
+    /// and errors only, so the unread pipe never fills).
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
+            .env("BLUE_URL", self.blue.url())
+            .env("GREEN_URL", self.green.url())
+            .env("MIGRATE_LOG", "warn")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start migrate")
+    }
+
     /// `migrate ARGS` with BLUE_URL and GREEN_URL pointing at this scenario.
     pub fn migrate(&self, args: &[&str]) -> assert_cmd::Command {
         let mut c = assert_cmd::Command::cargo_bin("migrate").unwrap();
