@@ -137,7 +137,11 @@ async fn capture_loop(
                 }
             }
             Err(e) if is_transient(&e) => {
+                let lost = connection_lost(&e);
                 backoff.wait(e, &stop, "capture").await?;
+                if !lost {
+                    continue;
+                }
                 if let Err(e) = side.reconnect().await {
                     warn!(error = %e, "capture: reconnect failed");
                 }
@@ -235,7 +239,11 @@ impl ApplySide {
                 Ok(Some(stop)) => return Ok(stop),
                 Ok(None) => backoff.reset(),
                 Err(e) if is_transient(&e) => {
+                    let lost = connection_lost(&e);
                     backoff.wait(e, shutdown, "apply").await?;
+                    if !lost {
+                        continue;
+                    }
                     if let Err(e) = self.reconnect().await {
                         warn!(error = %e, "apply: reconnect failed");
                     }
@@ -333,23 +341,30 @@ impl ApplySide {
     }
 }
 
-/// Errors worth retrying: lost or refused connections, server shutdowns, serialization
-/// failures and deadlocks.
+/// Errors worth retrying: lost or refused connections and server shutdowns (after a reconnect),
+/// serialization failures and deadlocks (on the same connection).
 pub fn is_transient(e: &Error) -> bool {
+    connection_lost(e) || db_code(e).is_some_and(|c| matches!(c, "40001" | "40P01"))
+}
+
+/// The connection is gone or the server is going away: reconnect before retrying.
+fn connection_lost(e: &Error) -> bool {
     match e {
         Error::Connect(_) => true,
         Error::Db { source, .. } => {
-            if source.is_closed() {
-                return true;
-            }
-            match source.code() {
-                Some(code) => {
-                    let c = code.code();
-                    c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+            source.is_closed()
+                || match db_code(e) {
+                    Some(c) => c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03"),
+                    None => std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>()),
                 }
-                None => std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>()),
-            }
         }
         _ => false,
+    }
+}
+
+fn db_code(e: &Error) -> Option<&str> {
+    match e {
+        Error::Db { source, .. } => source.code().map(|c| c.code()),
+        _ => None,
     }
 }

@@ -167,11 +167,7 @@ impl Logical {
                         .filter_map(|r| relations.get(r))
                         .map(|(i, _)| self.tables[*i].source.to_string())
                         .collect();
-                    return Err(Error::Runtime(format!(
-                        "TRUNCATE of {} on blue: following stopped so green does not drift; \
-                         start the migration over (`migrate cleanup`, empty the green tables, `migrate copy`)",
-                        if names.is_empty() { "a planned table".to_string() } else { names.join(", ") }
-                    )));
+                    return Err(super::truncated(&names));
                 }
                 Message::Commit { end_lsn } => {
                     let lsn = end_lsn as i64;

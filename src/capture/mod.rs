@@ -109,6 +109,16 @@ impl Capture {
     }
 }
 
+/// The error that stops following when a planned table was truncated on blue: a TRUNCATE is no
+/// row change, so green would silently keep the rows.
+pub fn truncated(tables: &[String]) -> Error {
+    let what = if tables.is_empty() { "a planned table".to_string() } else { tables.join(", ") };
+    Error::Runtime(format!(
+        "TRUNCATE of {what} on blue: following stopped so green does not drift; \
+         start the migration over (`migrate cleanup`, empty the green tables, `migrate copy`)"
+    ))
+}
+
 /// Removes everything capture made on blue: slot, publication, triggers, change table, schema.
 pub async fn remove(plan: &Plan, blue: &Client) -> Result<()> {
     logical::drop_objects(blue, &plan.name).await?;

@@ -79,11 +79,8 @@ impl Trigger {
         for r in &rows {
             let table = r.get::<_, i32>(1) as usize;
             if r.get::<_, bool>(3) {
-                let name = self.tables.get(table).map(|t| t.source.to_string()).unwrap_or_default();
-                return Err(Error::Runtime(format!(
-                    "TRUNCATE of {name} on blue: following stopped so green does not drift; \
-                     start the migration over (`migrate cleanup`, empty the green tables, `migrate copy`)"
-                )));
+                let names: Vec<String> = self.tables.get(table).map(|t| t.source.to_string()).into_iter().collect();
+                return Err(super::truncated(&names));
             }
             ids.push(r.get::<_, i64>(0));
             let key: Vec<String> = r
