@@ -150,9 +150,20 @@ async fn apply_table(
         .await
         .map_err(|e| fail("upserting rows", e))?;
     // Only the entries read for this batch: a key captured again meanwhile has a new seq and stays.
-    tx.execute(&format!("DELETE FROM {} WHERE seq = ANY($1)", state.table("pending")), &[&seqs])
-        .await
-        .map_err(|e| fail("clearing pending keys", e))?;
+    // ...and are remembered as touched, so cutover re-verifies exactly the keys changed since
+    // the last verify.
+    tx.execute(
+        &format!(
+            "WITH done AS (DELETE FROM {pending} WHERE seq = ANY($1) RETURNING tbl, key, coalesce(lsn, 0) AS lsn) \
+             INSERT INTO {touched} (tbl, key, lsn) SELECT tbl, key, lsn FROM done \
+             ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
+            pending = state.table("pending"),
+            touched = state.table("touched"),
+        ),
+        &[&seqs],
+    )
+    .await
+    .map_err(|e| fail("clearing pending keys", e))?;
     tx.commit().await.map_err(|e| fail("commit", e))?;
     Ok(())
 }

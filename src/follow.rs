@@ -152,8 +152,20 @@ async fn capture_loop(
 }
 
 impl CaptureSide {
-    /// One capture poll; records positions; notes when the catch-up target is reached.
+    /// One capture poll, unless a cutover has stood the follower aside.
     async fn round(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
+        let key = gate_key(&self.plan.name);
+        match enter(&self.green, &self.state, &key).await? {
+            (Gate::Go, _) => {}
+            (Gate::Wait | Gate::Live, _) => return Ok(0),
+        }
+        let r = self.poll(catch_up, target, reached).await;
+        leave(&self.green, &key).await;
+        r
+    }
+
+    /// One capture poll; records positions; notes when the catch-up target is reached.
+    async fn poll(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
         let stored = self.capture.poll(&mut self.green, &self.state).await?;
         let (current, frontier) = self.capture.positions().await?;
         self.green
@@ -253,18 +265,51 @@ impl ApplySide {
         }
     }
 
-    /// One apply batch (plus, every second, a progress report); `Some` when following should stop.
+    /// One apply round, unless a cutover has stood the follower aside; stops once green is live.
+    /// A cutover that died half-way (its phase is still `cutting-over` but nobody holds the
+    /// gate) is finished or rolled back from here, so PgBouncer is never left paused.
     async fn round(&mut self, last_report: &mut Instant, catch_up: bool, reached: &AtomicBool) -> Result<Option<Stop>> {
+        let key = gate_key(&self.plan.name);
+        let (gate, phase) = enter(&self.green, &self.state, &key).await?;
+        if let Some(Phase::CuttingOver { step }) = &phase {
+            if gate != Gate::Wait {
+                if gate == Gate::Go {
+                    leave(&self.green, &key).await;
+                }
+                warn!(step = %step, "a cutover stopped half-way; recovering it");
+                crate::cutover::recover_abandoned(&self.plan).await?;
+                return Ok(None);
+            }
+        }
+        match gate {
+            Gate::Go => {}
+            Gate::Wait => {
+                tokio::time::sleep(IDLE).await;
+                return Ok(None);
+            }
+            Gate::Live => {
+                info!("cutover finished; following stops");
+                return Ok(Some(Stop::Switched));
+            }
+        }
+        let r = self.apply_round(last_report, catch_up, reached).await;
+        leave(&self.green, &key).await;
+        r
+    }
+
+    /// One apply batch (plus, every second, a progress report); `Some` when following should stop.
+    async fn apply_round(
+        &mut self,
+        last_report: &mut Instant,
+        catch_up: bool,
+        reached: &AtomicBool,
+    ) -> Result<Option<Stop>> {
         let ready = self.ready_tables().await?;
         let applied = apply::apply_batch(&self.blue, &mut self.green, &self.state, &self.tables, &ready).await?;
         self.applied += applied as u64;
         if last_report.elapsed() >= REPORT_EVERY {
             *last_report = Instant::now();
             self.report().await?;
-            if let Some(Phase::Switched) = self.state.phase(&self.green).await? {
-                info!("cutover finished; following stops");
-                return Ok(Some(Stop::Switched));
-            }
         }
         if catch_up
             && ready.len() == self.tables.len()
@@ -339,6 +384,51 @@ impl ApplySide {
         info!("apply reconnected to blue and green");
         Ok(())
     }
+}
+
+/// The advisory lock on green that follower rounds hold shared and cutover holds exclusively:
+/// taking it stands the follower aside, and a cutover that dies releases it with its session.
+pub fn gate_key(plan: &str) -> String {
+    format!("bluegreen.follow:{plan}")
+}
+
+/// What a follower round may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Holds the shared gate: go ahead, then `leave`.
+    Go,
+    /// A cutover holds the gate.
+    Wait,
+    /// Traffic may be on green: never write blue's rows to it again.
+    Live,
+}
+
+/// Tries the gate and reads the phase in one round trip.
+async fn enter(green: &Client, state: &State, key: &str) -> Result<(Gate, Option<Phase>)> {
+    let row = green
+        .query_one(
+            &format!(
+                "SELECT pg_try_advisory_lock_shared(hashtext($1)), (SELECT state FROM {} WHERE id = 1)",
+                state.table("migration")
+            ),
+            &[&key],
+        )
+        .await
+        .map_err(Error::db("green: taking the follow gate"))?;
+    let phase: Option<Phase> = row.get::<_, Option<serde_json::Value>>(1).and_then(|v| serde_json::from_value(v).ok());
+    if !row.get::<_, bool>(0) {
+        return Ok((Gate::Wait, phase));
+    }
+    if phase.as_ref().is_some_and(Phase::green_is_live) {
+        leave(green, key).await;
+        return Ok((Gate::Live, phase));
+    }
+    Ok((Gate::Go, phase))
+}
+
+/// Releases the gate. A failure means the session is gone, and the lock with it.
+async fn leave(green: &Client, key: &str) {
+    let _ = green.execute("SELECT pg_advisory_unlock_shared(hashtext($1))", &[&key]).await;
 }
 
 /// Errors worth retrying: lost or refused connections and server shutdowns (after a reconnect),

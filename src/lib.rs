@@ -57,6 +57,11 @@ pub enum Command {
         /// Only this table (source or target name).
         table: Option<String>,
     },
+    /// Switch PgBouncer to green.
+    Cutover {
+        /// Preflight only.
+        dry_run: bool,
+    },
     /// Remove everything the tool made on blue and its state on green.
     Cleanup {
         /// Even while a `copy` of this plan holds the plan lock.
@@ -98,6 +103,12 @@ pub async fn run(path: &Path, command: Command, shutdown: copy::Shutdown) -> Res
                 }
             );
             Ok(if report.equal { Outcome::Ok } else { Outcome::Problems })
+        }
+        Command::Cutover { dry_run } => {
+            let (blue, green) = connect_both(&plan).await?;
+            let resolved = resolve_sound(&plan, &blue, &green).await?;
+            drop((blue, green));
+            cutover::run(&plan, &resolved, dry_run, shutdown).await
         }
         Command::Cleanup { force } => {
             cleanup(&plan, force).await?;

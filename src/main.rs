@@ -84,6 +84,16 @@ enum Cmd {
         #[arg(long)]
         table: Option<String>,
     },
+    /// Switch traffic to green through PgBouncer: preflight, PAUSE, drain, final check,
+    /// sequences, repoint, RELOAD, RESUME. Exit 0 switched, 1 aborted safely (traffic stays on
+    /// blue, following continues), 3 failed.
+    Cutover {
+        #[command(flatten)]
+        plan: PlanArg,
+        /// Run the preflight checks only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Remove everything migrate made on blue (slot, publication, triggers, its schema) and its
     /// state on green. Refuses while a `copy` of this plan runs, unless --force.
     Cleanup {
@@ -109,6 +119,7 @@ fn main() -> ExitCode {
         Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
         Cmd::Copy { plan, no_follow } => (plan.plan, Command::Copy { no_follow }),
         Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),
+        Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
         Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
     };

@@ -51,6 +51,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Whether traffic may already be on green: after this, nothing may copy blue's rows over
+    /// green's any more.
+    pub fn green_is_live(&self) -> bool {
+        match self {
+            Phase::Switched => true,
+            Phase::CuttingOver { step } => crate::cutover::green_may_be_live(step),
+            _ => false,
+        }
+    }
+
     /// The name used in `status` (`copying`, `following`, …).
     pub fn name(&self) -> &'static str {
         match self {
@@ -123,6 +133,9 @@ impl State {
                  target text NOT NULL, chunk int NOT NULL, first_block bigint, end_block bigint,
                  done boolean NOT NULL DEFAULT false, epoch int, rows bigint, bytes bigint, seconds float8,
                  finished_at timestamptz, PRIMARY KEY (target, chunk));
+             CREATE TABLE IF NOT EXISTS {s}.touched (
+                 tbl int NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (tbl, key));
+             ALTER TABLE {s}.migration ADD COLUMN IF NOT EXISTS cutover jsonb;
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
             plan = crate::pg::literal(plan),
@@ -183,6 +196,27 @@ impl State {
             .await
             .map_err(Error::db("green: starting a copy run"))?
             .get(0))
+    }
+
+    /// Stores the cutover record (step timeline, the databases_file line it replaced).
+    pub async fn set_cutover(&self, green: &impl GenericClient, record: &serde_json::Value) -> Result<()> {
+        green
+            .execute(
+                &format!("UPDATE {} SET cutover = $1, updated_at = now() WHERE id = 1", self.table("migration")),
+                &[record],
+            )
+            .await
+            .map_err(Error::db("green: saving the cutover record"))?;
+        Ok(())
+    }
+
+    /// Reads the cutover record, if any.
+    pub async fn cutover(&self, green: &impl GenericClient) -> Result<Option<serde_json::Value>> {
+        Ok(green
+            .query_opt(&format!("SELECT cutover FROM {} WHERE id = 1", self.table("migration")), &[])
+            .await
+            .map_err(Error::db("green: reading the cutover record"))?
+            .and_then(|r| r.get(0)))
     }
 
     /// Reads a table's state and its recorded deferred objects.

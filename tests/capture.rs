@@ -9,20 +9,20 @@ use std::{
 
 use crate::support::{run, writer::Writer, Oauth};
 
-fn spawn_copy(s: &Oauth, plan: &std::path::Path, extra: &[&str]) -> Child {
+pub(crate) fn spawn_copy(s: &Oauth, plan: &std::path::Path, extra: &[&str]) -> Child {
     let mut args = vec!["copy", plan.to_str().unwrap()];
     args.extend_from_slice(extra);
     s.spawn(&args)
 }
 
-fn status(s: &Oauth, plan: &std::path::Path) -> serde_json::Value {
+pub(crate) fn status(s: &Oauth, plan: &std::path::Path) -> serde_json::Value {
     let r = run(&mut s.migrate(&["status", plan.to_str().unwrap(), "--format", "json"]));
     assert_eq!(r.code, 0, "{r:?}");
     serde_json::from_str(&r.stdout).unwrap()
 }
 
 /// Waits until `pred(status)` holds, failing with the last status after `limit`.
-fn wait_for(
+pub(crate) fn wait_for(
     s: &Oauth,
     plan: &std::path::Path,
     child: &mut Child,
@@ -54,7 +54,7 @@ fn caught_up(st: &serde_json::Value) -> bool {
         && st["capture"]["follower_seen_seconds_ago"].as_f64().is_some_and(|s| s < 1.0)
 }
 
-fn sigint_and_wait(child: &mut Child) {
+pub(crate) fn sigint_and_wait(child: &mut Child) {
     let ok = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
     assert!(ok);
     let started = Instant::now();

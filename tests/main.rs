@@ -5,5 +5,6 @@ mod support;
 
 mod capture;
 mod copy;
+mod cutover;
 mod plan;
 mod verify;

@@ -31,7 +31,7 @@ fn fixture_plan_is_sound_and_shows_the_mapping() {
     assert_eq!(json.code, 0, "{json:?}");
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v["sound"], true);
-    assert_eq!(v["tables"].as_array().unwrap().len(), 6);
+    assert_eq!(v["tables"].as_array().unwrap().len(), 7);
     let access = &v["tables"][1];
     assert_eq!(access["target"]["name"], "oauth2_access_tokens");
     assert!(access["estimate"]["rows"].as_u64().unwrap() >= 1500, "{access}");

@@ -75,6 +75,24 @@ impl Logical {
         Ok(Self { blue, slot, tables: resolved.tables.clone(), captured })
     }
 
+    /// The slot `copy` created, without touching the publication; `None` when there is no slot.
+    pub async fn open(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Option<Self>> {
+        let slot = super::object_name(&plan.name);
+        let row = blue
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(Error::db("blue: looking for the replication slot"))?;
+        Ok(row.map(|r| Self {
+            blue,
+            slot,
+            tables: resolved.tables.clone(),
+            captured: r.get::<_, Option<i64>>(0).unwrap_or(0),
+        }))
+    }
+
     /// Position up to which changes are stored on green.
     pub fn captured_lsn(&self) -> i64 {
         self.captured

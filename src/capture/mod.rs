@@ -66,6 +66,22 @@ impl Capture {
         }
     }
 
+    /// Opens the capture that `copy` set up, changing nothing on blue: the slot if there is one,
+    /// else the change table.
+    pub async fn open(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Capture> {
+        let check = plan.blue.connect().await?;
+        if let Some(l) = logical::Logical::open(plan, resolved, blue).await? {
+            return Ok(Capture::Logical(l));
+        }
+        match trigger::Trigger::open(plan, resolved, check).await? {
+            Some(t) => Ok(Capture::Trigger(t)),
+            None => Err(Error::Runtime(format!(
+                "blue has no capture of plan `{}` (no slot, no change table): run `migrate copy` first",
+                plan.name
+            ))),
+        }
+    }
+
     /// Reads what blue committed since the last poll, stores the keys in green's pending table
     /// with the new position, then confirms to blue. Returns how many events were stored.
     pub async fn poll(&mut self, green: &mut Client, state: &State) -> Result<usize> {

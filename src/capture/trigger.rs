@@ -57,6 +57,17 @@ impl Trigger {
         Ok(Self { blue, schema, tables: resolved.tables.clone() })
     }
 
+    /// The change table `copy` created; `None` when there is none.
+    pub async fn open(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Option<Self>> {
+        let schema = ident(&schema_name(&plan.name));
+        let exists: bool = blue
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{schema}.changes")])
+            .await
+            .map_err(Error::db("blue: looking for the change table"))?
+            .get(0);
+        Ok(exists.then(|| Self { blue, schema, tables: resolved.tables.clone() }))
+    }
+
     /// One capture round; see [`super::Capture::poll`].
     pub async fn poll(&mut self, green: &mut Client, state: &State) -> Result<usize> {
         let rows = self

@@ -164,6 +164,22 @@ impl ConnInfo {
         self
     }
 
+    /// Takes the user and password of `other` where this string names none: PgBouncer entries
+    /// usually leave them to the connecting client.
+    pub fn with_credentials_of(mut self, other: &ConnInfo) -> Self {
+        if self.config.get_user().is_none() {
+            if let Some(u) = other.config.get_user() {
+                self.config.user(u);
+            }
+        }
+        if self.config.get_password().is_none() {
+            if let Some(p) = other.config.get_password() {
+                self.config.password(p);
+            }
+        }
+        self
+    }
+
     /// The database name, for messages and for PgBouncer entries.
     pub fn dbname(&self) -> Option<&str> {
         self.config.get_dbname()

@@ -3,7 +3,7 @@
 //! deferred indexes, sequences and estimates. Every later stage works from the resolved plan.
 
 mod file;
-mod prereq;
+pub mod prereq;
 mod report;
 mod resolve;
 

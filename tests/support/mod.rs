@@ -1,6 +1,7 @@
 //! Shared test support: clusters started once per test binary, per-test databases, the OAuth
 //! scenario, and an independent fingerprint of green versus transform(blue).
 
+pub mod app;
 pub mod cluster;
 pub mod writer;
 
@@ -239,6 +240,7 @@ pub const OAUTH_PAIRS: &[(&str, &str)] = &[
         "SELECT request_id, revoked_at AT TIME ZONE 'UTC' AS r, reason FROM hydra_oauth2_revocation",
         "SELECT request_id, revoked_at, reason FROM oauth2_revocations",
     ),
+    ("SELECT id, at, kind, payload FROM app_events", "SELECT id, at, kind, payload FROM app_events"),
     (
         "SELECT sid, kid, '5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11'::uuid AS nid, keydata FROM hydra_jwk_set",
         "SELECT sid, kid, nid, keydata FROM jwk_sets",

@@ -1,0 +1,121 @@
+//! PgBouncer's admin console: PAUSE with a deadline, RESUME that always gets through, RELOAD.
+//! The console speaks only the simple query protocol.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::{
+    copy::Shutdown,
+    error::{pg_message, Error, Result},
+    plan::PgbouncerSettings,
+};
+
+/// How PAUSE ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paused {
+    /// Every server connection of the database is idle; clients queue.
+    Yes,
+    /// A server connection stayed busy (a long transaction) past the deadline.
+    TimedOut,
+    /// SIGINT/SIGTERM arrived while waiting.
+    Interrupted,
+}
+
+/// A session on the admin console.
+pub struct Bouncer {
+    settings: PgbouncerSettings,
+    admin: Client,
+}
+
+impl Bouncer {
+    /// Connects to the admin console.
+    pub async fn connect(settings: &PgbouncerSettings) -> Result<Self> {
+        Ok(Self { settings: settings.clone(), admin: settings.admin.connect_raw().await? })
+    }
+
+    /// The database name as an admin-console argument. Preflight only lets plain names through.
+    fn db(&self) -> &str {
+        &self.settings.database
+    }
+
+    async fn command(&self, sql: &str) -> Result<()> {
+        self.admin
+            .simple_query(sql)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Runtime(format!("pgbouncer: `{sql}` failed: {}", pg_message(&e))))
+    }
+
+    /// `PAUSE db`, waiting at most `timeout`. On timeout or interruption the console session is
+    /// stuck waiting for PAUSE, so it is replaced; the caller then sends RESUME.
+    pub async fn pause(&mut self, timeout: Duration, shutdown: &Shutdown) -> Result<Paused> {
+        let sql = format!("PAUSE {}", self.db());
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(timeout, self.admin.simple_query(&sql)) => match r {
+                Ok(Ok(_)) => return Ok(Paused::Yes),
+                Ok(Err(e)) => return Err(Error::Runtime(format!("pgbouncer: `{sql}` failed: {}", pg_message(&e)))),
+                Err(_) => Paused::TimedOut,
+            },
+            _ = shutdown.wait() => Paused::Interrupted,
+        };
+        self.admin = self.settings.admin.connect_raw().await?;
+        Ok(outcome)
+    }
+
+    /// `RESUME db`, tolerating a database that is not paused (so it is safe on every exit path),
+    /// retried on a fresh console session if the current one is broken.
+    pub async fn resume(&mut self) -> Result<()> {
+        let sql = format!("RESUME {}", self.db());
+        let mut last = None;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match self.settings.admin.connect_raw().await {
+                    Ok(c) => self.admin = c,
+                    Err(e) => {
+                        last = Some(e.to_string());
+                        continue;
+                    }
+                }
+            }
+            match self.admin.simple_query(&sql).await {
+                Ok(_) => return Ok(()),
+                Err(e) if pg_message(&e).contains("not paused") => return Ok(()),
+                Err(e) => last = Some(pg_message(&e)),
+            }
+        }
+        Err(Error::Runtime(format!(
+            "pgbouncer: `{sql}` failed: {}; run it by hand on the admin console",
+            last.unwrap_or_default()
+        )))
+    }
+
+    /// `RELOAD`: PgBouncer re-reads its configuration, including the databases file.
+    pub async fn reload(&self) -> Result<()> {
+        self.command("RELOAD").await
+    }
+
+    /// The host, port and database PgBouncer currently uses for the entry (from SHOW DATABASES).
+    pub async fn target(&self) -> Result<Option<(String, String, String)>> {
+        let rows = self
+            .admin
+            .simple_query("SHOW DATABASES")
+            .await
+            .map_err(|e| Error::Runtime(format!("pgbouncer: SHOW DATABASES failed: {}", pg_message(&e))))?;
+        for m in rows {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                if r.get("name") == Some(self.db()) {
+                    let get = |k: &str| r.get(k).unwrap_or("").to_string();
+                    return Ok(Some((get("host"), get("port"), get("database"))));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Whether `name` can be passed to the admin console as it is.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}

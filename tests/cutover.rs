@@ -1,0 +1,232 @@
+//! Cutover through a real PgBouncer while a fixed-rate application writes through it: zero
+//! failed statements, every acknowledged write on green, fresh ids after the switch, writes
+//! after the switch on green only; and an aborted cutover that leaves everything on blue.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    capture::{spawn_copy, status, wait_for},
+    support::{app::App, blue_cluster, green_cluster, run, Bouncer, Oauth},
+};
+
+/// A PgBouncer serving `app` → blue, and the OAuth plan with a `[cutover.pgbouncer]` section.
+fn setup(s: &Oauth, pause_timeout: &str, extra: &str) -> (Bouncer, PathBuf) {
+    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, s.blue.name);
+    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let text = format!(
+        "{}\n[cutover]\n{extra}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\n\
+         databases_file = \"{}\"\ngreen_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\n\
+         pause_timeout = \"{pause_timeout}\"\n",
+        Oauth::plan_text(),
+        bouncer.admin_url(),
+        bouncer.databases_file.display(),
+        green_cluster().port,
+        s.green.name
+    );
+    let plan = s.write_plan(&text);
+    (bouncer, plan)
+}
+
+fn app_url(b: &Bouncer) -> String {
+    format!("host=127.0.0.1 port={} dbname=app user=postgres", b.port)
+}
+
+fn payloads(db: &crate::support::TestDb) -> HashMap<String, i64> {
+    db.psql("SELECT payload || '|' || id FROM app_events WHERE kind = 'app'")
+        .lines()
+        .filter_map(|l| l.split_once('|').map(|(p, id)| (p.to_string(), id.parse().unwrap())))
+        .collect()
+}
+
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(started.elapsed() < within, "migrate copy did not exit within {within:?} after the switch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Following with little lag: under a steady writer lag is rarely exactly 0.
+fn near(st: &serde_json::Value) -> bool {
+    st["phase"] != "copying"
+        && st["phase"] != "planned"
+        && st["capture"]["lag_bytes"].as_i64().is_some_and(|l| l < 1 << 20)
+        && st["capture"]["follower_seen_seconds_ago"].as_f64().is_some_and(|s| s < 2.0)
+}
+
+fn following(s: &Oauth, plan: &Path, copy: &mut std::process::Child) {
+    wait_for(s, plan, copy, Duration::from_secs(120), "copy to finish and catch up", near);
+    let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "verify before cutover: {r:?}");
+}
+
+#[test]
+fn cutover_through_pgbouncer_under_load() {
+    let s = Oauth::new(20_000);
+    let (bouncer, plan) = setup(&s, "2s", "fence_blue = true");
+    let app = App::start(app_url(&bouncer), 300, "e2e");
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+
+    let dry = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert!(dry.stdout.contains("[ok] pgbouncer pool_mode: transaction"), "{dry:?}");
+    assert!(dry.stdout.contains("green through green_dsn"), "{dry:?}");
+    assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.blue.name));
+
+    // Green's mapped tables have other names: the application stops using blue's before the switch.
+    app.set_mapped(false);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
+    let switched_at = Instant::now();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("switched"), "{r:?}");
+    eprintln!("{}", r.stdout);
+    assert!(r.stdout.contains("traffic paused for"), "{r:?}");
+    let line = std::fs::read_to_string(&bouncer.databases_file).unwrap();
+    assert!(line.contains(&s.green.name) && !line.contains(&s.blue.name), "databases file: {line}");
+
+    // The follower sees the switch and exits 0 by itself.
+    let st = wait_exit(&mut copy, Duration::from_secs(10));
+    assert!(st.success(), "copy after the switch: {st}");
+
+    std::thread::sleep(Duration::from_secs(1));
+    let report = app.stop();
+    assert!(
+        report.failures.is_empty(),
+        "the application saw failures: {:?}",
+        &report.failures[..5.min(report.failures.len())]
+    );
+    assert!(report.updates > 0, "the writer never updated a mapped table");
+    assert!(report.max_stall < Duration::from_millis(500), "longest stall {:?}", report.max_stall);
+    eprintln!("e2e: {} inserts, longest client-observed stall {:?}", report.acks.len(), report.max_stall);
+
+    // Every acknowledged write is on green; writes after the switch are on green only, with
+    // ids past everything blue ever gave out.
+    let green = payloads(&s.green);
+    let blue = payloads(&s.blue);
+    for a in &report.acks {
+        assert_eq!(
+            green.get(&a.payload),
+            Some(&a.id),
+            "acknowledged insert {} (id {}) missing on green",
+            a.payload,
+            a.id
+        );
+    }
+    let after: Vec<_> = report.acks.iter().filter(|a| a.at > switched_at).collect();
+    assert!(after.len() > 100, "too few writes after the switch: {}", after.len());
+    let blue_max: i64 = s.blue.psql("SELECT max(id) FROM app_events").trim().parse().unwrap();
+    for a in &after {
+        assert!(!blue.contains_key(&a.payload), "{} written after the switch landed on blue", a.payload);
+        assert!(a.id > blue_max, "{} got id {} but blue had given out {blue_max}", a.payload, a.id);
+    }
+    let on_green_only: HashSet<&String> = green.keys().filter(|p| !blue.contains_key(*p)).collect();
+    assert!(on_green_only.len() >= after.len());
+
+    // The mapped tables were not written after the switch: green equals transform(blue).
+    for (b, g) in crate::support::OAUTH_PAIRS.iter().filter(|(b, _)| !b.contains("app_events")) {
+        assert_eq!(crate::support::fingerprint(&s.blue, b), crate::support::fingerprint(&s.green, g), "{g}");
+    }
+    // Blue is fenced: a new session cannot write.
+    let fenced = s.blue.psql("SHOW default_transaction_read_only");
+    assert_eq!(fenced.trim(), "on");
+    let st = status(&s, &plan);
+    assert_eq!(st["phase"], "switched", "{st}");
+    let record = s.green.psql(&s.sql("SELECT cutover->>'outcome' FROM bluegreen_oauth_v2.migration"));
+    assert_eq!(record.trim(), "switched");
+    // A second cutover knows it is done.
+    let again = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stdout.contains("already switched"), "{again:?}");
+}
+
+#[test]
+fn cutover_aborts_when_pause_overruns_and_a_later_one_succeeds() {
+    let s = Oauth::new(5_000);
+    let (bouncer, plan) = setup(&s, "500ms", "");
+    let app = App::start(app_url(&bouncer), 100, "abort");
+    app.set_mapped(false);
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+
+    // A transaction held open through PgBouncer keeps one server connection busy: PAUSE cannot
+    // complete.
+    let held = std::thread::spawn({
+        let url = app_url(&bouncer);
+        move || {
+            let mut c = postgres_client(&url);
+            c.batch_execute("BEGIN; INSERT INTO app_events (kind, payload) VALUES ('held', 'held-1')").unwrap();
+            std::thread::sleep(Duration::from_secs(4));
+            c.batch_execute("COMMIT").unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("did not complete within"), "{r:?}");
+    assert!(r.stdout.contains("traffic stays on blue"), "{r:?}");
+    held.join().unwrap();
+    let line = std::fs::read_to_string(&bouncer.databases_file).unwrap();
+    assert!(line.contains(&s.blue.name), "the databases file changed: {line}");
+    assert_eq!(status(&s, &plan)["phase"], "aborted");
+
+    // Following goes on: the held row and the application's writes reach green.
+    let before = app.acked();
+    wait_for(&s, &plan, &mut copy, Duration::from_secs(30), "follower after the abort", near);
+    assert!(app.acked() > before, "the application stalled after the abort");
+    let held_on_green = s.green.psql("SELECT count(*) FROM app_events WHERE payload = 'held-1'");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held_on_green = held_on_green.trim().to_string();
+    while held_on_green != "1" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        held_on_green = s.green.psql("SELECT count(*) FROM app_events WHERE payload = 'held-1'").trim().to_string();
+    }
+    assert_eq!(held_on_green, "1", "the held transaction's row never reached green");
+
+    // Without the long transaction, the next cutover goes through.
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
+    std::thread::sleep(Duration::from_millis(500));
+    let report = app.stop();
+    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
+    let green = payloads(&s.green);
+    for a in &report.acks {
+        assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
+    }
+}
+
+/// A blocking client for the held transaction (simple protocol through PgBouncer).
+fn postgres_client(url: &str) -> SyncClient {
+    SyncClient::connect(url)
+}
+
+/// A minimal blocking wrapper over tokio-postgres.
+struct SyncClient {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl SyncClient {
+    fn connect(url: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let client = rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        });
+        Self { rt, client }
+    }
+
+    fn batch_execute(&mut self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.rt.block_on(self.client.batch_execute(sql))
+    }
+}

@@ -1,0 +1,131 @@
+//! The application during a cutover: a fixed-rate writer through PgBouncer. Each tick inserts
+//! into `app_events` (a table in both schemas) and, while `mapped` is on, also updates a mapped
+//! blue table. It records every acknowledged insert, every failure, and the longest time a
+//! statement took (the stall the application saw). Simple query protocol only: PgBouncer in
+//! transaction mode does not keep prepared statements.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+/// One acknowledged insert.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    /// The payload written (unique).
+    pub payload: String,
+    /// The id the database gave it.
+    pub id: i64,
+    /// When the acknowledgement arrived.
+    pub at: Instant,
+}
+
+/// What the application saw.
+#[derive(Debug, Default)]
+pub struct AppReport {
+    /// Acknowledged inserts.
+    pub acks: Vec<Ack>,
+    /// Failed statements (message).
+    pub failures: Vec<String>,
+    /// Longest single statement, from send to answer.
+    pub max_stall: Duration,
+    /// Mapped-table updates done.
+    pub updates: u64,
+}
+
+/// A running application writer.
+pub struct App {
+    stop: Arc<AtomicBool>,
+    mapped: Arc<AtomicBool>,
+    report: Arc<Mutex<AppReport>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl App {
+    /// Starts writing `rate` ticks per second to `url` (a PgBouncer database), tagging payloads
+    /// with `tag`.
+    pub fn start(url: String, rate: u32, tag: &str) -> App {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mapped = Arc::new(AtomicBool::new(true));
+        let report = Arc::new(Mutex::new(AppReport::default()));
+        let (s, m, r, tag) = (stop.clone(), mapped.clone(), report.clone(), tag.to_string());
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (client, conn) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("app: connect to pgbouncer");
+                tokio::spawn(conn);
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut n = 0u64;
+                while !s.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    n += 1;
+                    let payload = format!("{tag}-{n}");
+                    let sql =
+                        format!("INSERT INTO app_events (kind, payload) VALUES ('app', '{payload}') RETURNING id");
+                    let sent = Instant::now();
+                    let res = client.simple_query(&sql).await;
+                    let took = sent.elapsed();
+                    let mut rep = r.lock().unwrap();
+                    rep.max_stall = rep.max_stall.max(took);
+                    match res {
+                        Ok(msgs) => {
+                            let id = msgs.iter().find_map(|m| match m {
+                                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(|v| v.parse().unwrap()),
+                                _ => None,
+                            });
+                            rep.acks.push(Ack { payload, id: id.unwrap_or(-1), at: Instant::now() });
+                        }
+                        Err(e) => rep.failures.push(format!("insert {payload}: {e}")),
+                    }
+                    drop(rep);
+                    if m.load(Ordering::SeqCst) && n.is_multiple_of(3) {
+                        let sql = "UPDATE hydra_oauth2_access SET active = NOT active WHERE signature = \
+                            (SELECT signature FROM hydra_oauth2_access WHERE signature >= md5(random()::text) \
+                             ORDER BY signature LIMIT 1)";
+                        let sent = Instant::now();
+                        let res = client.simple_query(sql).await;
+                        let mut rep = r.lock().unwrap();
+                        rep.max_stall = rep.max_stall.max(sent.elapsed());
+                        match res {
+                            Ok(_) => rep.updates += 1,
+                            Err(e) => rep.failures.push(format!("update: {e}")),
+                        }
+                    }
+                }
+            });
+        });
+        App { stop, mapped, report, handle: Some(handle) }
+    }
+
+    /// Turns the updates of mapped (blue-named) tables on or off. They must be off before the
+    /// switch: green's tables have other names.
+    pub fn set_mapped(&self, on: bool) {
+        self.mapped.store(on, Ordering::SeqCst);
+    }
+
+    /// Acknowledged inserts so far.
+    pub fn acked(&self) -> usize {
+        self.report.lock().unwrap().acks.len()
+    }
+
+    /// Stops and returns what the application saw.
+    pub fn stop(mut self) -> AppReport {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().expect("app writer panicked");
+        }
+        std::mem::take(&mut *self.report.lock().unwrap())
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
