@@ -71,19 +71,22 @@ impl App {
                     let sent = Instant::now();
                     let res = client.simple_query(&sql).await;
                     let took = sent.elapsed();
-                    let mut rep = r.lock().unwrap();
-                    rep.max_stall = rep.max_stall.max(took);
-                    match res {
-                        Ok(msgs) => {
-                            let id = msgs.iter().find_map(|m| match m {
-                                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(|v| v.parse().unwrap()),
-                                _ => None,
-                            });
-                            rep.acks.push(Ack { payload, id: id.unwrap_or(-1), at: Instant::now() });
+                    {
+                        let mut rep = r.lock().unwrap();
+                        rep.max_stall = rep.max_stall.max(took);
+                        match res {
+                            Ok(msgs) => {
+                                let id = msgs.iter().find_map(|m| match m {
+                                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                                        row.get(0).map(|v| v.parse().unwrap())
+                                    }
+                                    _ => None,
+                                });
+                                rep.acks.push(Ack { payload, id: id.unwrap_or(-1), at: Instant::now() });
+                            }
+                            Err(e) => rep.failures.push(format!("insert {payload}: {e}")),
                         }
-                        Err(e) => rep.failures.push(format!("insert {payload}: {e}")),
                     }
-                    drop(rep);
                     if m.load(Ordering::SeqCst) && n.is_multiple_of(3) {
                         let sql = "UPDATE hydra_oauth2_access SET active = NOT active WHERE signature = \
                             (SELECT signature FROM hydra_oauth2_access WHERE signature >= md5(random()::text) \
