@@ -7,6 +7,7 @@ pub mod capture;
 pub mod copy;
 pub mod cutover;
 pub mod error;
+pub mod fault;
 pub mod follow;
 pub mod pg;
 pub mod plan;

@@ -230,3 +230,117 @@ impl SyncClient {
         self.rt.block_on(self.client.batch_execute(sql))
     }
 }
+
+fn wait_phase(s: &Oauth, plan: &Path, phase: &str, within: Duration) {
+    let started = Instant::now();
+    loop {
+        let st = status(s, plan);
+        if st["phase"] == phase {
+            return;
+        }
+        assert!(started.elapsed() < within, "phase did not become {phase} within {within:?}: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn assert_flowing(app: &App) {
+    let n = app.acked();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(app.acked() > n + 5, "the application is stalled (PgBouncer left paused?)");
+}
+
+fn cutover_with_fault(s: &Oauth, plan: &Path, fault: &str) -> crate::support::Run {
+    run(s.migrate(&["cutover", plan.to_str().unwrap()]).env("MIGRATE_FAULT", fault))
+}
+
+/// A cutover killed at each step: the running follower rolls it back (before the repoint) or
+/// finishes it (after), PgBouncer never stays paused, and nothing acknowledged is lost.
+#[test]
+fn cutover_killed_at_each_step_is_recovered_by_the_follower() {
+    let s = Oauth::new(5_000);
+    let (bouncer, plan) = setup(&s, "2s", "");
+    let app = App::start(app_url(&bouncer), 200, "crash");
+    app.set_mapped(false);
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+    for point in ["cutover.caught-up", "cutover.paused", "cutover.drained", "cutover.before-repoint"] {
+        let r = cutover_with_fault(&s, &plan, point);
+        assert_eq!(r.code, 137, "{point}: {r:?}");
+        wait_phase(&s, &plan, "aborted", Duration::from_secs(10));
+        assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.blue.name), "{point}");
+        assert_flowing(&app);
+        // The follower took over again: green keeps up.
+        wait_for(&s, &plan, &mut copy, Duration::from_secs(30), "follower after the crash", near);
+    }
+    // Killed after the repoint: the follower finishes the switch and stops.
+    let r = cutover_with_fault(&s, &plan, "cutover.repointed");
+    assert_eq!(r.code, 137, "{r:?}");
+    wait_phase(&s, &plan, "switched", Duration::from_secs(10));
+    assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
+    assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.green.name));
+    assert_flowing(&app);
+    let report = app.stop();
+    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
+    let green = payloads(&s.green);
+    for a in &report.acks {
+        assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
+    }
+}
+
+/// SIGINT in the pause rolls back at once; a cutover killed while paused with no follower
+/// running is recovered by the next `cutover`, which then catches up by itself and switches;
+/// one killed after RELOAD is finished by the next `cutover`.
+#[test]
+fn cutover_interrupted_or_killed_without_a_follower_recovers_on_the_next_run() {
+    let s = Oauth::new(5_000);
+    let (bouncer, plan) = setup(&s, "2s", "");
+    let app = App::start(app_url(&bouncer), 200, "next");
+    app.set_mapped(false);
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+
+    let cut = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
+        .env("BLUE_URL", s.blue.url())
+        .env("GREEN_URL", s.green.url())
+        .env("MIGRATE_FAULT", "cutover.paused:sleep")
+        .args(["cutover", plan.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = app.acked();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(app.acked(), n, "the fault did not hold the pause");
+    assert!(std::process::Command::new("kill").args(["-INT", &cut.id().to_string()]).status().unwrap().success());
+    let out = cut.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("interrupted"), "{stdout}");
+    assert_eq!(status(&s, &plan)["phase"], "aborted");
+    assert_flowing(&app);
+
+    // No follower from here on.
+    crate::capture::sigint_and_wait(&mut copy);
+    let r = cutover_with_fault(&s, &plan, "cutover.paused");
+    assert_eq!(r.code, 137, "{r:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let n = app.acked();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(app.acked(), n, "PgBouncer should still be paused: nobody recovered it yet");
+    // The next cutover recovers (RESUME), catches up without a follower, and switches; killed
+    // after RELOAD, the one after that finishes it.
+    let r = cutover_with_fault(&s, &plan, "cutover.reloaded");
+    assert_eq!(r.code, 137, "{r:?}");
+    assert!(r.stderr.contains("recovering"), "{r:?}");
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("already switched"), "{r:?}");
+    assert_flowing(&app);
+    let report = app.stop();
+    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
+    let green = payloads(&s.green);
+    for a in &report.acks {
+        assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
+    }
+}

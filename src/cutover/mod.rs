@@ -432,6 +432,7 @@ impl<'a> Switch<'a> {
         let differing = self.check_touched(false).await?.len();
         info!(differing, "keys changed since the last verify checked; differing ones are checked again in the pause");
         self.mark("re-verify before pause", t);
+        fault("cutover.caught-up", shutdown).await;
         interrupted(shutdown)?;
 
         self.record_step(STEP_PAUSE).await?;
@@ -448,12 +449,14 @@ impl<'a> Switch<'a> {
             Paused::Interrupted => return Err(Error::Runtime("interrupted while pausing".into())),
         }
         self.mark("pause", t);
+        fault("cutover.paused", shutdown).await;
 
         // Inside the pause, every step together must fit the same budget as PAUSE itself.
         let deadline = Instant::now() + self.pb.pause_timeout;
         let t = Instant::now();
         self.catch_up(deadline, shutdown, "draining in the pause").await?;
         self.mark("drain", t);
+        fault("cutover.drained", shutdown).await;
         let t = Instant::now();
         self.final_check().await?;
         self.mark("verify", t);
@@ -469,15 +472,18 @@ impl<'a> Switch<'a> {
         }
 
         self.record_step(STEP_REPOINT).await?;
+        fault("cutover.before-repoint", shutdown).await;
         let t = Instant::now();
         let old = databases_file::rewrite(&self.pb.databases_file, &self.pb.database, &self.pb.green_dsn)
             .map_err(|e| Error::Runtime(format!("rewriting {}: {e}", self.pb.databases_file.display())))?;
         self.old_line = Some(old);
         self.mark("repoint", t);
+        fault("cutover.repointed", shutdown).await;
         let t = Instant::now();
         self.bouncer.reload().await?;
         self.committed = true;
         self.mark("reload", t);
+        fault("cutover.reloaded", shutdown).await;
         let t = Instant::now();
         self.bouncer.resume().await?;
         self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
@@ -676,6 +682,14 @@ impl<'a> Switch<'a> {
         self.state.set_phase(&self.green, &Phase::Aborted { reason: reason.to_string() }).await?;
         self.save_record("aborted").await?;
         Ok(())
+    }
+}
+
+/// A fault-injection point that a signal can interrupt.
+async fn fault(name: &str, shutdown: &Shutdown) {
+    tokio::select! {
+        _ = crate::fault::point(name) => {}
+        _ = shutdown.wait() => {}
     }
 }
 
