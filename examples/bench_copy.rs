@@ -47,16 +47,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     eprintln!("starting clusters…");
-    let blue = Cluster::start(
-        "bench-blue",
-        "logical",
-        &["shared_buffers=1GB", "max_parallel_workers_per_gather=0", "autovacuum=off"],
-    );
-    let green = Cluster::start(
-        "bench-green",
-        "logical",
-        &["shared_buffers=1GB", "max_parallel_workers_per_gather=0", "autovacuum=off"],
-    );
+    let blue =
+        Cluster::start("bench-blue", &["shared_buffers=1GB", "max_parallel_workers_per_gather=0", "autovacuum=off"]);
+    let green =
+        Cluster::start("bench-green", &["shared_buffers=1GB", "max_parallel_workers_per_gather=0", "autovacuum=off"]);
     blue.psql("postgres", "CREATE DATABASE blue");
     blue.psql_file("blue", Path::new("fixtures/oauth/blue.sql"), &[]);
     let t = Instant::now();

@@ -76,8 +76,8 @@ async fn main() -> anyhow::Result<()> {
     let seconds: u64 = arg("--seconds", "30").parse()?;
     let clients = arg("--clients", "4");
     let method = arg("--method", "logical");
-    let blue = Cluster::start("bf-blue", "logical", &["shared_buffers=512MB"]);
-    let green = Cluster::start("bf-green", "logical", &["shared_buffers=512MB"]);
+    let blue = Cluster::start("bf-blue", &["shared_buffers=512MB"]);
+    let green = Cluster::start("bf-green", &["shared_buffers=512MB"]);
     blue.psql("postgres", "CREATE DATABASE app");
     green.psql("postgres", "CREATE DATABASE app");
     pgbench(&blue, "app", &["-i", "-q", "-s", &scale]);

@@ -6,11 +6,13 @@ pub mod apply;
 pub mod capture;
 pub mod copy;
 pub mod cutover;
+pub mod demo;
 pub mod error;
 pub mod fault;
 pub mod follow;
 pub mod pg;
 pub mod plan;
+pub mod sandbox;
 pub mod state;
 pub mod verify;
 

@@ -53,6 +53,18 @@ struct FormatArg {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start here: runs a whole migration on this machine (blue, green and a PgBouncer in temporary
+    /// directories, the OAuth fixture, a steady writer through PgBouncer): plan, copy, verify,
+    /// cutover; prints what the application saw, then removes everything. Needs only the
+    /// PostgreSQL server binaries and pgbouncer installed.
+    Demo {
+        /// Access tokens generated on blue.
+        #[arg(long, default_value_t = 50_000)]
+        rows: u32,
+        /// Application writes per second through PgBouncer.
+        #[arg(long, default_value_t = 300)]
+        rate: u32,
+    },
     /// Dry run: check the plan against both databases and print the resolved mapping and steps.
     /// Exit 0 sound, 1 problems found, 2 the plan cannot be read.
     Plan {
@@ -115,7 +127,13 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    if let Cmd::Demo { rows, rate } = cli.command {
+        return block_on(|shutdown| async move {
+            bluegreen::demo::run(rows, rate, shutdown).await.map(|(outcome, _)| outcome)
+        });
+    }
     let (path, command) = match cli.command {
+        Cmd::Demo { .. } => unreachable!("handled above"),
         Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
         Cmd::Copy { plan, no_follow } => (plan.plan, Command::Copy { no_follow }),
         Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),
@@ -123,6 +141,15 @@ fn main() -> ExitCode {
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
         Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
     };
+    block_on(|shutdown| async move { bluegreen::run(&path, command, shutdown).await })
+}
+
+/// Runs one command on a fresh runtime with signal handling and maps its result to an exit code.
+fn block_on<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = bluegreen::Result<Outcome>>,
+{
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,10 +157,7 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let result = runtime.block_on(async {
-        let shutdown = Shutdown::on_signals();
-        bluegreen::run(&path, command, shutdown).await
-    });
+    let result = runtime.block_on(async { f(Shutdown::on_signals()).await });
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Problems) => ExitCode::from(1),

@@ -213,7 +213,7 @@ fn cleanup_removes_everything_from_blue_and_green() {
     assert_eq!(s.blue.psql(&s.sql("SELECT count(*) > 0 FROM bluegreen_oauth_v2.changes")), "t");
     let logical = s.write_plan(&Oauth::plan_text());
     // A logical setup too, so both kinds of objects exist.
-    s.green.psql(&s.sql("DROP SCHEMA bluegreen_oauth_v2 CASCADE; TRUNCATE oauth2_clients, oauth2_access_tokens, oauth2_refresh_tokens, oauth2_consent_sessions, oauth2_revocations, jwk_sets"));
+    s.green.psql(&s.sql("DROP SCHEMA bluegreen_oauth_v2 CASCADE; TRUNCATE oauth2_clients, oauth2_access_tokens, oauth2_refresh_tokens, oauth2_consent_sessions, oauth2_revocations, jwk_sets, app_events"));
     let r = run(&mut s.migrate(&["copy", logical.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
     let r = run(&mut s.migrate(&["cleanup", logical.to_str().unwrap()]));

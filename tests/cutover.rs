@@ -344,3 +344,37 @@ fn cutover_interrupted_or_killed_without_a_follower_recovers_on_the_next_run() {
         assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
     }
 }
+
+/// `migrate demo` runs the whole migration on its own clusters and PgBouncer, reports zero
+/// failed and zero lost writes, and leaves nothing behind.
+#[test]
+fn demo_runs_end_to_end_and_cleans_up() {
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
+        .args(["demo", "--rows", "3000", "--rate", "200"])
+        .env("MIGRATE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed\n{stdout}\n{stderr}");
+    for expected in ["cutover: switched", "failed writes:       0", "lost writes:         0", "traffic paused for"] {
+        assert!(stdout.contains(expected), "missing `{expected}`:\n{stdout}");
+    }
+    let after: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("writes acknowledged: "))
+        .and_then(|l| l.split_once("(")?.1.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(after > 50, "too few writes after the switch:\n{stdout}");
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bluegreen-") && n.contains(&format!("-{pid}-")))
+        .collect();
+    assert!(leftovers.is_empty(), "demo left {leftovers:?}");
+}

@@ -1,7 +1,6 @@
 //! Shared test support: clusters started once per test binary, per-test databases, the OAuth
 //! scenario, and an independent fingerprint of green versus transform(blue).
 
-pub mod app;
 pub mod cluster;
 pub mod writer;
 
@@ -13,18 +12,19 @@ use std::{
     },
 };
 
+pub use bluegreen::sandbox::app;
 pub use cluster::{Bouncer, Cluster};
 
 /// Blue: `wal_level=logical`.
 pub fn blue_cluster() -> &'static Cluster {
     static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| Cluster::start("blue", "logical", &[]))
+    C.get_or_init(|| Cluster::start("blue", &[]))
 }
 
 /// Green: a second cluster, as in production.
 pub fn green_cluster() -> &'static Cluster {
     static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| Cluster::start("green", "logical", &[]))
+    C.get_or_init(|| Cluster::start("green", &[]))
 }
 
 /// Repository root.

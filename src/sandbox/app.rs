@@ -1,4 +1,5 @@
-//! The application during a cutover: a fixed-rate writer through PgBouncer. Each tick inserts
+//! A stand-in application for the demo, the benchmark and the tests: a fixed-rate writer
+//! through PgBouncer. Each tick inserts
 //! into `app_events` (a table in both schemas) and, while `mapped` is on, also updates a mapped
 //! blue table. It records every acknowledged insert, every failure, and the longest time a
 //! statement took (the stall the application saw). Simple query protocol only: PgBouncer in
@@ -54,11 +55,24 @@ impl App {
         let report = Arc::new(Mutex::new(AppReport::default()));
         let (s, m, r, tag) = (stop.clone(), mapped.clone(), report.clone(), tag.to_string());
         let handle = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    r.lock().unwrap_or_else(|e| e.into_inner()).failures.push(format!("runtime: {e}"));
+                    return;
+                }
+            };
             rt.block_on(async move {
-                let (client, conn) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("app: connect to pgbouncer");
-                tokio::spawn(conn);
+                let client = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((client, conn)) => {
+                        tokio::spawn(conn);
+                        client
+                    }
+                    Err(e) => {
+                        r.lock().unwrap_or_else(|e| e.into_inner()).failures.push(format!("connect: {e}"));
+                        return;
+                    }
+                };
                 let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let mut n = 0u64;
@@ -72,13 +86,13 @@ impl App {
                     let res = client.simple_query(&sql).await;
                     let took = sent.elapsed();
                     {
-                        let mut rep = r.lock().unwrap();
+                        let mut rep = r.lock().unwrap_or_else(|e| e.into_inner());
                         rep.max_stall = rep.max_stall.max(took);
                         match res {
                             Ok(msgs) => {
                                 let id = msgs.iter().find_map(|m| match m {
                                     tokio_postgres::SimpleQueryMessage::Row(row) => {
-                                        row.get(0).map(|v| v.parse().unwrap())
+                                        row.get(0).and_then(|v| v.parse().ok())
                                     }
                                     _ => None,
                                 });
@@ -93,7 +107,7 @@ impl App {
                              ORDER BY signature LIMIT 1)";
                         let sent = Instant::now();
                         let res = client.simple_query(sql).await;
-                        let mut rep = r.lock().unwrap();
+                        let mut rep = r.lock().unwrap_or_else(|e| e.into_inner());
                         rep.max_stall = rep.max_stall.max(sent.elapsed());
                         match res {
                             Ok(_) => rep.updates += 1,
@@ -114,16 +128,29 @@ impl App {
 
     /// Acknowledged inserts so far.
     pub fn acked(&self) -> usize {
-        self.report.lock().unwrap().acks.len()
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).acks.len()
+    }
+
+    /// Resets the longest stall seen so far (to measure one window, such as a cutover).
+    pub fn reset_stall(&self) {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).max_stall = Duration::ZERO;
+    }
+
+    /// The longest stall so far and the failures so far.
+    pub fn snapshot(&self) -> (Duration, usize) {
+        let r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        (r.max_stall, r.failures.len())
     }
 
     /// Stops and returns what the application saw.
     pub fn stop(mut self) -> AppReport {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {
-            h.join().expect("app writer panicked");
+            if h.join().is_err() {
+                self.report.lock().unwrap_or_else(|e| e.into_inner()).failures.push("writer thread panicked".into());
+            }
         }
-        std::mem::take(&mut *self.report.lock().unwrap())
+        std::mem::take(&mut *self.report.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 

@@ -1,0 +1,268 @@
+//! `migrate demo`: the whole migration on this machine, with nothing but the PostgreSQL server
+//! binaries and PgBouncer installed. Starts blue, green and a PgBouncer in temporary
+//! directories, loads the OAuth fixture, runs a steady application writer through PgBouncer,
+//! runs plan → copy → verify → cutover, prints what the application saw, and removes
+//! everything.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    copy::Shutdown,
+    error::{Error, Result},
+    sandbox::{app::App, LocalBouncer, LocalCluster},
+    state::State,
+    Command, Format, Outcome,
+};
+
+const BLUE_SQL: &str = include_str!("../fixtures/oauth/blue.sql");
+const GREEN_SQL: &str = include_str!("../fixtures/oauth/green.sql");
+const GENERATE_SQL: &str = include_str!("../fixtures/oauth/generate.sql");
+const PLAN: &str = include_str!("../plans/oauth-v1-to-v2.toml");
+
+/// What the demo (or the benchmark) measured.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// Writes the application got acknowledged.
+    pub acknowledged: usize,
+    /// Of those, acknowledged after the cutover finished (they went to green).
+    pub after_switch: usize,
+    /// Statements that failed.
+    pub failed: usize,
+    /// Acknowledged writes missing on green.
+    pub lost: usize,
+    /// Longest single statement during the cutover, as the application saw it.
+    pub cutover_stall: Duration,
+    /// Longest single statement during a bare PAUSE / RELOAD / RESUME done by hand on the same
+    /// setup afterwards: the floor no cutover can beat.
+    pub floor_stall: Duration,
+}
+
+/// Stops everything the demo started, however it ends.
+struct Sandbox {
+    blue: LocalCluster,
+    green: LocalCluster,
+    bouncer: Option<LocalBouncer>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bouncer {
+            b.stop();
+        }
+        self.blue.stop();
+        self.green.stop();
+    }
+}
+
+fn step(title: &str) {
+    println!("\n== {title} ==");
+}
+
+/// Runs the demo with `rows` access tokens on blue and an application writing `rate` times per
+/// second. `Ok` carries the measurements; the outcome is `Problems` when a write failed or was
+/// lost, or the cutover did not switch.
+pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, DemoReport)> {
+    step("starting blue and green PostgreSQL clusters and a PgBouncer in temporary directories");
+    let mut sandbox = Sandbox {
+        blue: LocalCluster::start("demo-blue", &[])?,
+        green: LocalCluster::start("demo-green", &[])?,
+        bouncer: None,
+    };
+    let dir = crate::sandbox::server_dir("demo")?;
+    let file = |name: &str, text: &str| -> Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| Error::Runtime(format!("{}: {e}", p.display())))?;
+        Ok(p)
+    };
+    let (blue_sql, green_sql, generate) =
+        (file("blue.sql", BLUE_SQL)?, file("green.sql", GREEN_SQL)?, file("generate.sql", GENERATE_SQL)?);
+    sandbox.blue.psql("postgres", "CREATE DATABASE app")?;
+    sandbox.green.psql("postgres", "CREATE DATABASE app")?;
+    step(&format!("loading the OAuth fixture: blue v1 schema with {rows} access tokens, green v2 schema empty"));
+    sandbox.blue.psql_file("app", &blue_sql, &[])?;
+    sandbox.blue.psql_file("app", &generate, &[("rows", &rows.to_string())])?;
+    sandbox.blue.psql("app", "ANALYZE")?;
+    sandbox.green.psql_file("app", &green_sql, &[])?;
+    let bouncer = LocalBouncer::start(
+        "transaction",
+        &format!("host=127.0.0.1 port={} dbname=app user=postgres", sandbox.blue.port),
+    )?;
+    let plan_text = format!(
+        "{}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
+         green_dsn = \"host=127.0.0.1 port={} dbname=app user=postgres\"\npause_timeout = \"2s\"\n",
+        PLAN.replace("name = \"oauth-v2\"", "name = \"demo\"")
+            .replace("${BLUE_URL}", &sandbox.blue.url("app"))
+            .replace("${GREEN_URL}", &sandbox.green.url("app")),
+        bouncer.admin_url(),
+        bouncer.databases_file.display(),
+        sandbox.green.port,
+    );
+    let admin = bouncer.admin_url();
+    let databases_file = bouncer.databases_file.clone();
+    let app_url = format!("host=127.0.0.1 port={} dbname=app user=postgres", bouncer.port);
+    sandbox.bouncer = Some(bouncer);
+    let plan_path = file("plan.toml", &plan_text)?;
+
+    step(&format!("application: {rate} writes/s through PgBouncer (database `app` → blue)"));
+    let app = App::start(app_url, rate, "demo");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!("{} writes acknowledged so far", app.acked());
+
+    step("migrate plan");
+    let outcome =
+        crate::run(&plan_path, Command::Plan { format: Format::Text, offline: false }, shutdown.clone()).await?;
+    if outcome != Outcome::Ok {
+        return Err(Error::Runtime("the demo plan has problems".into()));
+    }
+
+    step("migrate copy (keeps following in the background)");
+    let copy_stop = Shutdown::manual();
+    let copying = {
+        let (p, stop) = (plan_path.clone(), copy_stop.clone());
+        tokio::spawn(async move { crate::run(&p, Command::Copy { no_follow: false }, stop).await })
+    };
+    let relay = {
+        let (shutdown, copy_stop) = (shutdown.clone(), copy_stop.clone());
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            copy_stop.trigger();
+        })
+    };
+    let plan = crate::plan::Plan::load(&plan_path)?;
+    wait_following(&plan, &shutdown).await?;
+    println!("copied; green follows blue");
+
+    step("migrate verify");
+    let verified =
+        crate::run(&plan_path, Command::Verify { format: Format::Text, table: None }, shutdown.clone()).await?;
+    if verified != Outcome::Ok {
+        return Err(Error::Runtime("verify found differences".into()));
+    }
+
+    step("migrate cutover");
+    // The application stops using blue's table names; green's differ.
+    app.set_mapped(false);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.reset_stall();
+    let switched = crate::run(&plan_path, Command::Cutover { dry_run: false }, shutdown.clone()).await?;
+    let switched_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (cutover_stall, _) = app.snapshot();
+    match tokio::time::timeout(Duration::from_secs(15), copying).await {
+        Ok(Ok(Ok(_))) => println!("the following `copy` saw the switch and exited by itself"),
+        Ok(Ok(Err(e))) => println!("the following `copy` failed: {e}"),
+        Ok(Err(e)) => println!("the following `copy` panicked: {e}"),
+        Err(_) => {
+            copy_stop.trigger();
+            println!("the following `copy` did not exit within 15 s of the switch");
+        }
+    }
+    relay.abort();
+
+    // The floor: the same switch by hand, with nothing to drain or check.
+    app.reset_stall();
+    hand_switch(
+        &admin,
+        &databases_file,
+        &format!("host=127.0.0.1 port={} dbname=app user=postgres", sandbox.green.port),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (floor_stall, _) = app.snapshot();
+    let report = app.stop();
+
+    let green = plan.green.connect().await?;
+    let on_green: HashMap<String, i64> = green
+        .query("SELECT payload, id FROM app_events WHERE kind = 'app'", &[])
+        .await
+        .map_err(Error::db("green: reading app_events"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let lost = report.acks.iter().filter(|a| on_green.get(&a.payload) != Some(&a.id)).count();
+    let result = DemoReport {
+        acknowledged: report.acks.len(),
+        after_switch: report.acks.iter().filter(|a| a.at > switched_at).count(),
+        failed: report.failures.len(),
+        lost,
+        cutover_stall,
+        floor_stall,
+    };
+    let phase = State::new(&plan.name).phase(&green).await?.map(|p| p.name()).unwrap_or("none");
+
+    step("result");
+    println!("cutover: {} (phase {phase})", if switched == Outcome::Ok { "switched" } else { "NOT switched" });
+    println!("writes acknowledged: {} ({} after the switch, on green)", result.acknowledged, result.after_switch);
+    println!("failed writes:       {}", result.failed);
+    for f in report.failures.iter().take(5) {
+        println!("  {f}");
+    }
+    println!("lost writes:         {} (acknowledged but missing on green)", result.lost);
+    println!("longest client-observed stall during the cutover: {:.1} ms", ms(result.cutover_stall));
+    println!(
+        "the same switch by hand (PAUSE, RELOAD, RESUME, nothing else), same setup: {:.1} ms",
+        ms(result.floor_stall)
+    );
+    step("removing the clusters, PgBouncer and temporary files");
+    drop(green);
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(sandbox);
+    let ok = switched == Outcome::Ok && result.failed == 0 && result.lost == 0;
+    Ok((if ok { Outcome::Ok } else { Outcome::Problems }, result))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Waits until the copy is done and green follows with little lag.
+async fn wait_following(plan: &crate::plan::Plan, shutdown: &Shutdown) -> Result<()> {
+    let green = plan.green.connect().await?;
+    let state = State::new(&plan.name);
+    let started = Instant::now();
+    loop {
+        if shutdown.is_triggered() {
+            return Err(Error::Runtime("interrupted".into()));
+        }
+        if state.exists(&green).await? {
+            let row = green
+                .query_one(
+                    &format!(
+                        "SELECT state->>'phase', coalesce(lag_bytes, -1), \
+                                coalesce(follower_seen_at > now() - interval '2 seconds', false) FROM {} WHERE id = 1",
+                        state.table("migration")
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(Error::db("green: reading progress"))?;
+            let (phase, lag, seen): (String, i64, bool) = (row.get(0), row.get(1), row.get(2));
+            if phase == "following" && (0..1 << 20).contains(&lag) && seen {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(Error::Runtime("the copy did not finish within 10 minutes".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// PAUSE, rewrite the line (to the same target), RELOAD, RESUME: the bare mechanics of a switch.
+async fn hand_switch(admin_url: &str, databases_file: &std::path::Path, dsn: &str) -> Result<()> {
+    let admin = crate::pg::ConnInfo::parse(crate::pg::Side::Pgbouncer, admin_url)?.connect_raw().await?;
+    let run = |sql: &'static str| {
+        let admin = &admin;
+        async move { admin.simple_query(sql).await.map_err(|e| Error::Runtime(format!("pgbouncer {sql}: {e}"))) }
+    };
+    run("PAUSE app").await?;
+    crate::cutover::databases_file::rewrite(databases_file, "app", dsn)
+        .map_err(|e| Error::Runtime(format!("{}: {e}", databases_file.display())))?;
+    run("RELOAD").await?;
+    run("RESUME app").await?;
+    Ok(())
+}
