@@ -119,7 +119,18 @@ pub async fn run(path: &Path, command: Command, shutdown: copy::Shutdown) -> Res
         }
         Command::Status { format } => {
             let green = plan.green.connect().await?;
-            print!("{}", state::status_report(&plan, &green, format).await?);
+            // Blue is optional here: status must work while blue is down.
+            let blue = match plan.blue.connect().await {
+                Ok(blue) => match state::blue_retention(&plan, &blue).await {
+                    Ok(v) => Some(v),
+                    Err(e) => Some(serde_json::json!({ "error": e.to_string() })),
+                },
+                Err(e) => Some(serde_json::json!({ "error": e.to_string() })),
+            };
+            if let Some(w) = blue.as_ref().and_then(|b| b["warning"].as_str()) {
+                tracing::warn!("{w}");
+            }
+            print!("{}", state::status_report(&plan, &green, blue, format).await?);
             Ok(Outcome::Ok)
         }
     }

@@ -265,8 +265,51 @@ impl State {
     }
 }
 
-/// `migrate status`: phase and per-table progress from the state on green.
-pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Result<String> {
+/// What capture holds on blue: WAL retained by the slot, rows waiting in the change table.
+pub async fn blue_retention(plan: &Plan, blue: &Client) -> Result<serde_json::Value> {
+    let name = slot_name(&plan.name);
+    let slot = blue
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, active FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("blue: reading the replication slot"))?;
+    let changes = format!("{}.changes", ident(&schema_name(&plan.name)));
+    let change_rows: Option<i64> = blue
+        .query_one(
+            "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE pg_total_relation_size($1)::int8 END",
+            &[&changes],
+        )
+        .await
+        .map_err(Error::db("blue: reading the change table"))?
+        .get(0);
+    let retained = slot.as_ref().and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0).max(change_rows.unwrap_or(0));
+    let warning = (retained as u64 > plan.warn_retained_bytes).then(|| {
+        format!(
+            "capture holds {} on blue (slot or change table {name}); if no `migrate copy` of this plan is running \
+             and none will be, run `migrate cleanup {}` before blue's disk fills",
+            crate::plan::render_size(retained as u64),
+            plan.path.display()
+        )
+    });
+    Ok(serde_json::json!({
+        "slot": slot.is_some(),
+        "slot_active": slot.as_ref().map(|r| r.get::<_, bool>(1)),
+        "retained_bytes": retained,
+        "warning": warning,
+    }))
+}
+
+/// `migrate status`: phase and per-table progress from the state on green; `blue` adds what
+/// capture holds on blue (with a warning above the plan's threshold).
+pub async fn status_report(
+    plan: &Plan,
+    green: &Client,
+    blue: Option<serde_json::Value>,
+    format: Format,
+) -> Result<String> {
     let state = State::new(&plan.name);
     let phase = state.phase(green).await?;
     let mut tables = Vec::new();
@@ -328,6 +371,7 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
         "tables": tables,
         "last_verify": capture.get("last_verify").cloned().unwrap_or(serde_json::Value::Null),
         "capture": capture,
+        "blue": blue.clone().unwrap_or(serde_json::Value::Null),
     });
     Ok(match format {
         Format::Json => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
@@ -357,6 +401,9 @@ pub async fn status_report(plan: &Plan, green: &Client, format: Format) -> Resul
                     c["apply_keys_per_second"].as_f64().unwrap_or(0.0),
                     c["follower_seen_seconds_ago"].as_f64().unwrap_or(f64::NAN)
                 ));
+            }
+            if let Some(w) = value["blue"]["warning"].as_str() {
+                o.push_str(&format!("  WARNING: {w}\n"));
             }
             if let Some(v) = value["last_verify"].as_object() {
                 o.push_str(&format!(

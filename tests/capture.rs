@@ -216,6 +216,16 @@ fn cleanup_removes_everything_from_blue_and_green() {
     s.green.psql(&s.sql("DROP SCHEMA bluegreen_oauth_v2 CASCADE; TRUNCATE oauth2_clients, oauth2_access_tokens, oauth2_refresh_tokens, oauth2_consent_sessions, oauth2_revocations, jwk_sets, app_events"));
     let r = run(&mut s.migrate(&["copy", logical.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
+    // An orphaned slot: status warns (threshold 1 byte here) and names the command that fixes it.
+    let warn =
+        s.write_plan(&Oauth::plan_text().replace("method = \"auto\"", "method = \"auto\"\nwarn_retained_bytes = 1"));
+    s.blue.psql("UPDATE hydra_oauth2_revocation SET reason = 'wal' WHERE request_id = 'by-app-role'");
+    let st = run(&mut s.migrate(&["status", warn.to_str().unwrap()]));
+    assert_eq!(st.code, 0, "{st:?}");
+    assert!(st.stdout.contains("WARNING: capture holds") && st.stdout.contains("migrate cleanup"), "{st:?}");
+    let st = run(&mut s.migrate(&["status", logical.to_str().unwrap(), "--format", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert!(v["blue"]["retained_bytes"].as_i64().unwrap() > 0 && v["blue"]["warning"].is_null(), "{v}");
     let r = run(&mut s.migrate(&["cleanup", logical.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
     let db = &s.blue.name;

@@ -29,6 +29,9 @@ pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
 /// How far past blue's value green sequences are set at cutover.
 pub const DEFAULT_SEQUENCE_GAP: i64 = 1000;
+/// `status` warns when our slot holds back more of blue's WAL than this (an orphaned slot
+/// fills blue's disk).
+pub const DEFAULT_WARN_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +67,7 @@ struct RawCopy {
 #[serde(deny_unknown_fields)]
 struct RawCapture {
     method: Option<CaptureMethod>,
+    warn_retained_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +131,8 @@ pub struct Plan {
     pub copy: CopySettings,
     /// `[capture] method`.
     pub capture: CaptureMethod,
+    /// `[capture] warn_retained_bytes`: `status` warns above this much WAL held by the slot.
+    pub warn_retained_bytes: u64,
     /// `[[table]]` entries in file order.
     pub tables: Vec<TableEntry>,
     /// `[cutover]`, if present.
@@ -411,6 +417,7 @@ impl Plan {
                 green,
                 copy,
                 capture: raw.capture.method.unwrap_or_default(),
+                warn_retained_bytes: raw.capture.warn_retained_bytes.unwrap_or(DEFAULT_WARN_RETAINED_BYTES),
                 tables,
                 cutover,
             }),
