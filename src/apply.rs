@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use futures_util::{SinkExt, TryStreamExt};
 use tokio_postgres::Client;
+use tracing::Instrument;
 
 use crate::{
     error::{pg_message, Error, Result},
@@ -59,7 +60,9 @@ pub async fn apply_batch(
     let mut applied = 0;
     for (i, (keys, seqs)) in by_table {
         let Some(t) = tables.get(i) else { continue };
-        apply_table(blue, green, state, i, t, &keys, &seqs).await?;
+        let span = tracing::info_span!("apply", table = %t.target, keys = keys.len());
+        apply_table(blue, green, state, i, t, &keys, &seqs).instrument(span).await?;
+        crate::fault::point("apply.committed").await;
         applied += keys.len();
     }
     Ok(applied)

@@ -54,7 +54,8 @@ fn caught_up(st: &serde_json::Value) -> bool {
         && st["capture"]["follower_seen_seconds_ago"].as_f64().is_some_and(|s| s < 1.0)
 }
 
-pub(crate) fn sigint_and_wait(child: &mut Child) {
+/// Sends SIGINT, waits for exit 0 and returns what the process wrote to stderr.
+pub(crate) fn sigint_and_wait(child: &mut Child) -> String {
     let ok = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
     assert!(ok);
     let started = Instant::now();
@@ -64,7 +65,7 @@ pub(crate) fn sigint_and_wait(child: &mut Child) {
             use std::io::Read;
             child.stderr.take().unwrap().read_to_string(&mut err).ok();
             assert!(status.success(), "copy did not exit 0 on SIGINT: {status}\n{err}");
-            return;
+            return err;
         }
         assert!(started.elapsed() < Duration::from_secs(20), "copy did not stop on SIGINT");
         std::thread::sleep(Duration::from_millis(50));

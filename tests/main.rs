@@ -5,6 +5,7 @@ mod support;
 
 mod capture;
 mod copy;
+mod crash;
 mod cutover;
 mod plan;
 mod verify;

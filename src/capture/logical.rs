@@ -139,6 +139,7 @@ impl Logical {
             .await
             .map_err(Error::db("green: saving the capture position"))?;
         tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
+        crate::fault::point("capture.stored").await;
         if position > self.captured {
             self.blue
                 .execute(

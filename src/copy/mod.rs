@@ -23,7 +23,7 @@ use std::{
 use futures_util::{SinkExt, TryStreamExt};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::{
     capture::Capture,
@@ -328,7 +328,10 @@ async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
                 let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
                 shared.throttle.admit(expected).await;
                 let started = Instant::now();
-                let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, table, &chunk).await?;
+                let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
+                    first_block = chunk.first_block, end_block = chunk.end_block);
+                let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, table, &chunk).instrument(span).await?;
+                crate::fault::point("copy.chunk-done").await;
                 tracing::debug!(worker = id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
                     seconds = started.elapsed().as_secs_f64(), "chunk copied");
                 shared.progress.chunk_done(table, rows, bytes);
@@ -422,6 +425,7 @@ async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let target = t.target.to_string();
     shared.state.set_table_state(green, &target, TableState::Indexing, t.estimate.rows, None).await?;
+    crate::fault::point("copy.rebuild").await;
     let started = Instant::now();
     if shared.resumed[table] && shared.plan.copy.defer_indexes {
         dedup(green, &shared.state, t).await?;

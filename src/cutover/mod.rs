@@ -113,7 +113,8 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: 
         return Ok(Outcome::Ok);
     }
     let mut switch = Switch::new(plan, pb, resolved, blue, green, state).await?;
-    let result = switch.execute(&shutdown).await;
+    let span = tracing::info_span!("cutover", plan = %plan.name, database = %pb.database);
+    let result = tracing::Instrument::instrument(switch.execute(&shutdown), span).await;
     switch.finish(result).await
 }
 

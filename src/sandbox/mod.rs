@@ -199,6 +199,23 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Restarts the cluster (fast shutdown: sessions are cut), with the same settings and port.
+    pub fn restart(&self) -> Result<()> {
+        let out = as_server_user(&self.bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| fail("running pg_ctl", e))?;
+        if !out.status.success() {
+            return Err(fail("pg_ctl restart", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(())
+    }
+
     /// Stops the cluster (fast shutdown) and removes its directory.
     pub fn stop(&self) {
         let _ = as_server_user(&self.bindir.join("pg_ctl"))

@@ -125,7 +125,8 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
             key_hash,
             follower: follower.as_ref(),
         };
-        tables.push(v.table().await?);
+        let span = tracing::info_span!("verify", table = %t.target);
+        tables.push(tracing::Instrument::instrument(v.table(), span).await?);
     }
     if only.is_some() && tables.is_empty() {
         return Err(Error::Runtime(format!("--table {}: no such table in the plan", only.unwrap_or_default())));

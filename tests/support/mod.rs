@@ -109,17 +109,22 @@ pub struct Oauth {
 impl Oauth {
     /// A fresh scenario with `rows` access tokens on blue.
     pub fn new(rows: u32) -> Oauth {
-        let blue_tpl = template(blue_cluster(), &format!("tpl_oauth_blue_{rows}"), |c, db| {
+        Oauth::on(blue_cluster(), green_cluster(), rows)
+    }
+
+    /// A fresh scenario on the given clusters.
+    pub fn on(blue: &'static Cluster, green: &'static Cluster, rows: u32) -> Oauth {
+        let blue_tpl = template(blue, &format!("tpl_oauth_blue_{rows}"), |c, db| {
             c.psql_file(db, &root().join("fixtures/oauth/blue.sql"), &[]);
             c.psql_file(db, &root().join("fixtures/oauth/generate.sql"), &[("rows", &rows.to_string())]);
             c.psql(db, "ANALYZE");
         });
-        let green_tpl = template(green_cluster(), "tpl_oauth_green", |c, db| {
+        let green_tpl = template(green, "tpl_oauth_green", |c, db| {
             c.psql_file(db, &root().join("fixtures/oauth/green.sql"), &[]);
         });
         Oauth {
-            blue: TestDb::create(blue_cluster(), "blue", Some(&blue_tpl)),
-            green: TestDb::create(green_cluster(), "green", Some(&green_tpl)),
+            blue: TestDb::create(blue, "blue", Some(&blue_tpl)),
+            green: TestDb::create(green, "green", Some(&green_tpl)),
             dir: tempfile::tempdir().unwrap(),
         }
     }

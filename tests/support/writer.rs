@@ -81,7 +81,9 @@ impl Writer {
                 for c in [&client, &late] {
                     c.batch_execute("SET statement_timeout = '15s'").await.map_err(|e| e.to_string())?;
                 }
-                let mut n = 0u64;
+                // Writers started one after another in a test must not reuse each other's keys.
+                static BASE: AtomicU64 = AtomicU64::new(0);
+                let mut n = BASE.fetch_add(1_000_000, Ordering::SeqCst);
                 let mut late_open = false;
                 while !s.load(Ordering::SeqCst) {
                     n += 1;

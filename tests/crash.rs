@@ -1,0 +1,110 @@
+//! Crash anywhere, lose nothing: `migrate copy` killed abruptly (as by SIGKILL, through the fault
+//! points) in each phase under a concurrent writer, then rerun; blue and green restarted while
+//! following. Each time green must converge to transform(blue), by the independent fingerprint.
+
+use std::time::Duration;
+
+use crate::{
+    capture::{status, wait_for},
+    support::{run, writer::Writer, Cluster, Oauth},
+};
+
+fn plan(s: &Oauth, method: &str) -> std::path::PathBuf {
+    let text = Oauth::plan_text()
+        .replace("workers = 2\nchunk_rows = 50000", "workers = 2\nchunk_rows = 2000")
+        .replace("method = \"auto\"", &format!("method = \"{method}\""));
+    s.write_plan(&text)
+}
+
+fn killed_at(point: &str, method: &str) {
+    let s = Oauth::new(20_000);
+    let plan = plan(&s, method);
+    let writer = Writer::start(s.blue.url(), Duration::from_millis(2));
+    let p = plan.to_str().unwrap();
+    let r = run(s.migrate(&["copy", p, "--no-follow"]).env("MIGRATE_FAULT", point));
+    assert_eq!(r.code, 137, "{point}: the fault point was not reached\n{r:?}");
+    // The rerun resumes (or redoes what it must) while the writer goes on.
+    let r = run(&mut s.migrate(&["copy", p, "--no-follow"]));
+    assert_eq!(r.code, 0, "{point}: rerun after the crash\n{r:?}");
+    let ops = writer.stop();
+    assert!(ops > 100, "writer made only {ops} writes");
+    let r = run(&mut s.migrate(&["copy", p, "--no-follow"]));
+    assert_eq!(r.code, 0, "{point}: final catch-up\n{r:?}");
+    s.assert_green_equals_blue();
+    let r = run(&mut s.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "{point}: verify after the crash\n{r:?}");
+}
+
+#[test]
+fn killed_after_a_chunk_commit() {
+    killed_at("copy.chunk-done", "logical");
+}
+
+#[test]
+fn killed_while_rebuilding_indexes() {
+    killed_at("copy.rebuild", "logical");
+}
+
+#[test]
+fn killed_between_storing_keys_and_advancing_the_slot() {
+    killed_at("capture.stored", "logical");
+}
+
+#[test]
+fn killed_after_an_apply_commit_with_trigger_capture() {
+    killed_at("apply.committed", "trigger");
+}
+
+/// Blue, then green, restarted under a following `copy`: it reconnects with bounded backoff,
+/// says so, and loses nothing.
+#[test]
+fn follower_survives_blue_and_green_restarts() {
+    let blue: &'static Cluster = Box::leak(Box::new(Cluster::start("rblue", &[])));
+    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("rgreen", &[])));
+    let s = Oauth::on(blue, green, 10_000);
+    let plan = plan(&s, "logical");
+    let mut copy = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
+        .env("BLUE_URL", s.blue.url())
+        .env("GREEN_URL", s.green.url())
+        .env("MIGRATE_LOG", "warn")
+        .args(["copy", plan.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let caught_up = |st: &serde_json::Value| {
+        st["phase"] == "following" && st["capture"]["lag_bytes"] == 0 && st["capture"]["pending_keys"] == 0
+    };
+    let w = Writer::start(s.blue.url(), Duration::from_millis(2));
+    std::thread::sleep(Duration::from_secs(2));
+    w.stop();
+    wait_for(&s, &plan, &mut copy, Duration::from_secs(60), "following", caught_up);
+
+    for (side, cluster) in [("blue", blue), ("green", green)] {
+        let w = Writer::start(s.blue.url(), Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(500));
+        // The writer's own sessions would die with blue: it stops first. While green restarts it
+        // goes on writing, and those changes must arrive once green is back.
+        let w = if side == "blue" {
+            w.stop();
+            None
+        } else {
+            Some(w)
+        };
+        cluster.restart().unwrap_or_else(|e| panic!("restarting {side}: {e}"));
+        std::thread::sleep(Duration::from_secs(2));
+        if let Some(w) = w {
+            w.stop();
+        }
+        let w = Writer::start(s.blue.url(), Duration::from_millis(2));
+        std::thread::sleep(Duration::from_secs(1));
+        w.stop();
+        assert!(copy.try_wait().unwrap().is_none(), "copy exited after {side} restarted");
+        wait_for(&s, &plan, &mut copy, Duration::from_secs(60), &format!("catch-up after {side} restart"), caught_up);
+    }
+    let st = status(&s, &plan);
+    assert_eq!(st["phase"], "following");
+    let log = crate::capture::sigint_and_wait(&mut copy);
+    assert!(log.contains("reconnecting"), "no reconnect was logged:\n{log}");
+    s.assert_green_equals_blue();
+}
