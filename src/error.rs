@@ -85,6 +85,14 @@ pub enum Error {
         /// What failed.
         message: String,
     },
+    /// A server stopped answering on an open connection.
+    #[error("{what}: no answer within {waited:?}; the connection is treated as lost")]
+    Stalled {
+        /// What was waiting.
+        what: String,
+        /// How long.
+        waited: std::time::Duration,
+    },
     /// Any other runtime failure with its context.
     #[error("{0}")]
     Runtime(String),

@@ -129,7 +129,9 @@ async fn capture_loop(
             return Ok(());
         }
         let wants = *catch_up.borrow();
-        match side.round(wants, &mut target, &reached).await {
+        let waited = side.plan.stall_timeout;
+        let round = tokio::time::timeout(waited, side.round(wants, &mut target, &reached)).await;
+        match round.unwrap_or_else(|_| Err(Error::Stalled { what: "capture".into(), waited })) {
             Ok(stored) => {
                 backoff.reset();
                 if stored == 0 {
@@ -247,7 +249,9 @@ impl ApplySide {
                 return Ok(Stop::Signal);
             }
             let wants = *catch_up.borrow();
-            match self.round(&mut last_report, wants, reached).await {
+            let waited = self.plan.stall_timeout;
+            let round = tokio::time::timeout(waited, self.round(&mut last_report, wants, reached)).await;
+            match round.unwrap_or_else(|_| Err(Error::Stalled { what: "apply".into(), waited })) {
                 Ok(Some(stop)) => return Ok(stop),
                 Ok(None) => backoff.reset(),
                 Err(e) if is_transient(&e) => {
@@ -440,7 +444,7 @@ pub fn is_transient(e: &Error) -> bool {
 /// The connection is gone or the server is going away: reconnect before retrying.
 fn connection_lost(e: &Error) -> bool {
     match e {
-        Error::Connect(_) => true,
+        Error::Connect(_) | Error::Stalled { .. } => true,
         Error::Db { source, .. } => {
             source.is_closed()
                 || match db_code(e) {

@@ -108,3 +108,50 @@ fn follower_survives_blue_and_green_restarts() {
     assert!(log.contains("reconnecting"), "no reconnect was logged:\n{log}");
     s.assert_green_equals_blue();
 }
+
+/// Sends `signal` to a cluster's postmaster and every backend it started.
+fn signal_cluster(c: &Cluster, signal: &str) {
+    let pid = std::fs::read_to_string(c.pidfile()).unwrap().lines().next().unwrap().trim().to_string();
+    let children = std::process::Command::new("pgrep").args(["-P", &pid]).output().unwrap();
+    let mut pids = vec![pid];
+    pids.extend(String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_string));
+    let ok = std::process::Command::new("kill").arg(format!("-{signal}")).args(&pids).status().unwrap().success();
+    assert!(ok, "kill -{signal} {pids:?}");
+}
+
+/// Green stops answering (SIGSTOP) while following: the stalled round is given up after
+/// `stall_timeout`, reconnects are retried with backoff, and once green answers again nothing
+/// is lost.
+#[test]
+fn a_stalled_green_is_detected_by_timeouts() {
+    let blue = crate::support::blue_cluster();
+    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("sgreen", &[])));
+    let s = Oauth::on(blue, green, 5_000);
+    let text = Oauth::plan_text().replace("method = \"auto\"", "method = \"auto\"\nstall_timeout = \"2s\"");
+    let plan = s.write_plan(&text);
+    let mut copy = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
+        .env("BLUE_URL", s.blue.url())
+        .env("GREEN_URL", s.green.url())
+        .env("MIGRATE_LOG", "warn")
+        .args(["copy", plan.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let caught_up = |st: &serde_json::Value| {
+        st["phase"] == "following" && st["capture"]["lag_bytes"] == 0 && st["capture"]["pending_keys"] == 0
+    };
+    wait_for(&s, &plan, &mut copy, Duration::from_secs(60), "following", caught_up);
+    let w = Writer::start(s.blue.url(), Duration::from_millis(2));
+    std::thread::sleep(Duration::from_millis(300));
+    signal_cluster(green, "STOP");
+    std::thread::sleep(Duration::from_secs(6));
+    signal_cluster(green, "CONT");
+    std::thread::sleep(Duration::from_secs(1));
+    w.stop();
+    assert!(copy.try_wait().unwrap().is_none(), "copy exited while green was stalled");
+    wait_for(&s, &plan, &mut copy, Duration::from_secs(60), "catch-up after the stall", caught_up);
+    let log = crate::capture::sigint_and_wait(&mut copy);
+    assert!(log.contains("no answer within"), "the stall was not reported:\n{log}");
+    s.assert_green_equals_blue();
+}

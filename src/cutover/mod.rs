@@ -427,10 +427,12 @@ impl<'a> Switch<'a> {
         self.mark("follower stood aside", t);
 
         let t = Instant::now();
-        self.catch_up(Instant::now() + CATCH_UP_BUDGET, shutdown, "catching up before the pause").await?;
+        let deadline = Instant::now() + CATCH_UP_BUDGET;
+        bounded(CATCH_UP_BUDGET, "catching up before the pause", self.catch_up(deadline, shutdown, "catching up"))
+            .await?;
         self.mark("catch-up", t);
         let t = Instant::now();
-        let differing = self.check_touched(false).await?.len();
+        let differing = bounded(CATCH_UP_BUDGET, "re-verify before the pause", self.check_touched(false)).await?.len();
         info!(differing, "keys changed since the last verify checked; differing ones are checked again in the pause");
         self.mark("re-verify before pause", t);
         fault("cutover.caught-up", shutdown).await;
@@ -452,25 +454,11 @@ impl<'a> Switch<'a> {
         self.mark("pause", t);
         fault("cutover.paused", shutdown).await;
 
-        // Inside the pause, every step together must fit the same budget as PAUSE itself.
-        let deadline = Instant::now() + self.pb.pause_timeout;
-        let t = Instant::now();
-        self.catch_up(deadline, shutdown, "draining in the pause").await?;
-        self.mark("drain", t);
-        fault("cutover.drained", shutdown).await;
-        let t = Instant::now();
-        self.final_check().await?;
-        self.mark("verify", t);
-        let t = Instant::now();
-        self.carry_sequences().await?;
-        self.mark("sequences", t);
+        // Inside the pause, every step together must fit the same budget as PAUSE itself; a
+        // server that stops answering counts as an overrun, not a hang with clients queued.
+        let budget = self.pb.pause_timeout;
+        bounded(budget, "the work in the pause", self.in_pause(Instant::now() + budget, shutdown)).await?;
         interrupted(shutdown)?;
-        if Instant::now() > deadline {
-            return Err(Error::Runtime(format!(
-                "the work in the pause overran its budget ({:?})",
-                self.pb.pause_timeout
-            )));
-        }
 
         self.record_step(STEP_REPOINT).await?;
         fault("cutover.before-repoint", shutdown).await;
@@ -495,6 +483,21 @@ impl<'a> Switch<'a> {
         if self.plan.cutover.fence_blue {
             self.fence_blue().await;
         }
+        Ok(())
+    }
+
+    /// Drain, final check and sequences, while clients wait.
+    async fn in_pause(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
+        let t = Instant::now();
+        self.catch_up(deadline, shutdown, "draining in the pause").await?;
+        self.mark("drain", t);
+        fault("cutover.drained", shutdown).await;
+        let t = Instant::now();
+        self.final_check().await?;
+        self.mark("verify", t);
+        let t = Instant::now();
+        self.carry_sequences().await?;
+        self.mark("sequences", t);
         Ok(())
     }
 
@@ -680,10 +683,20 @@ impl<'a> Switch<'a> {
         self.bouncer.resume().await?;
         self.paused = None;
         self.mark("roll back", t);
-        self.state.set_phase(&self.green, &Phase::Aborted { reason: reason.to_string() }).await?;
-        self.save_record("aborted").await?;
-        Ok(())
+        // Clients flow again; recording the outcome must not hang on a stalled green.
+        let record = async {
+            self.state.set_phase(&self.green, &Phase::Aborted { reason: reason.to_string() }).await?;
+            self.save_record("aborted").await
+        };
+        bounded(Duration::from_secs(10), "recording the abort on green", record).await
     }
+}
+
+/// Runs `fut`, giving up after `budget` (a server that stopped answering).
+async fn bounded<T>(budget: Duration, what: &str, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(budget, fut)
+        .await
+        .unwrap_or_else(|_| Err(Error::Stalled { what: what.to_string(), waited: budget }))
 }
 
 /// A fault-injection point that a signal can interrupt.

@@ -31,6 +31,9 @@ pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_SEQUENCE_GAP: i64 = 1000;
 /// `status` warns when our slot holds back more of blue's WAL than this (an orphaned slot
 /// fills blue's disk).
+/// A capture or apply round without an answer for this long counts as a lost connection.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// `status` warns when our slot holds back more of blue's WAL than this.
 pub const DEFAULT_WARN_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +71,7 @@ struct RawCopy {
 struct RawCapture {
     method: Option<CaptureMethod>,
     warn_retained_bytes: Option<u64>,
+    stall_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +137,8 @@ pub struct Plan {
     pub capture: CaptureMethod,
     /// `[capture] warn_retained_bytes`: `status` warns above this much WAL held by the slot.
     pub warn_retained_bytes: u64,
+    /// `[capture] stall_timeout`: a following round with no answer for this long reconnects.
+    pub stall_timeout: Duration,
     /// `[[table]]` entries in file order.
     pub tables: Vec<TableEntry>,
     /// `[cutover]`, if present.
@@ -301,6 +307,28 @@ impl Plan {
         }
         cutover.pgbouncer = pgbouncer;
 
+        let stall_timeout = match &raw.capture.stall_timeout {
+            None => DEFAULT_STALL_TIMEOUT,
+            Some(v) => match parse_duration(v.get_ref()) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push(PlanProblem {
+                        line: line_of(v.span()),
+                        field: "capture.stall_timeout".into(),
+                        message: "must be more than 0".into(),
+                    });
+                    DEFAULT_STALL_TIMEOUT
+                }
+                Err(e) => {
+                    problems.push(PlanProblem {
+                        line: line_of(v.span()),
+                        field: "capture.stall_timeout".into(),
+                        message: e,
+                    });
+                    DEFAULT_STALL_TIMEOUT
+                }
+            },
+        };
         let positive = |v: &Option<Spanned<i64>>, field: &str, default: i64, problems: &mut Vec<PlanProblem>| -> i64 {
             match v {
                 None => default,
@@ -418,6 +446,7 @@ impl Plan {
                 copy,
                 capture: raw.capture.method.unwrap_or_default(),
                 warn_retained_bytes: raw.capture.warn_retained_bytes.unwrap_or(DEFAULT_WARN_RETAINED_BYTES),
+                stall_timeout,
                 tables,
                 cutover,
             }),
