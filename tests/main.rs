@@ -8,4 +8,5 @@ mod copy;
 mod crash;
 mod cutover;
 mod plan;
+mod security;
 mod verify;

@@ -106,7 +106,7 @@ pub enum ConnError {
         reason: String,
     },
     /// TCP, TLS or authentication failed.
-    #[error("{side} ({target}): cannot connect: {source}")]
+    #[error("{side} ({target}): cannot connect: {}", crate::error::pg_message(source))]
     Connect {
         /// Side that could not be reached.
         side: Side,

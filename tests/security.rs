@@ -1,0 +1,191 @@
+//! TLS against a cluster with certificates made by the test, and secrets: a password given in
+//! the URLs (through the environment) never reaches any output, log or state row.
+
+use std::{path::PathBuf, process::Command, sync::OnceLock};
+
+use crate::support::{green_cluster, run, Bouncer, Cluster, Oauth};
+
+const PASSWORD: &str = "Zq7-s3cret-PASS-9x";
+
+/// A cluster with TLS on (certificate for `localhost` only, signed by a test CA) and a role
+/// `migrator` that must log in with a password over TCP.
+struct Secure {
+    cluster: &'static Cluster,
+    ca: PathBuf,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn secure() -> &'static Secure {
+    static S: OnceLock<Secure> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = bluegreen::sandbox::server_dir("certs").unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-new",
+                "-x509",
+                "-days",
+                "2",
+                "-nodes",
+                "-subj",
+                "/CN=bluegreen test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+            ],
+        );
+        openssl(
+            &dir,
+            &["req", "-new", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr"],
+        );
+        std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
+                "-out",
+                "server.crt",
+            ],
+        );
+        Command::new("chmod").args(["600"]).arg(dir.join("server.key")).status().unwrap();
+        Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().ok();
+        let cert = format!("ssl_cert_file={}", dir.join("server.crt").display());
+        let key = format!("ssl_key_file={}", dir.join("server.key").display());
+        let cluster: &'static Cluster = Box::leak(Box::new(Cluster::start("tls", &["ssl=on", &cert, &key])));
+        let hba = cluster.dir.join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(
+            &hba,
+            format!("host all migrator 127.0.0.1/32 scram-sha-256\nhost all migrator ::1/128 scram-sha-256\n{old}"),
+        )
+        .unwrap();
+        cluster.psql(
+            "postgres",
+            &format!("CREATE ROLE migrator SUPERUSER LOGIN PASSWORD '{PASSWORD}'; SELECT pg_reload_conf()"),
+        );
+        Secure { cluster, ca: dir.join("ca.crt") }
+    })
+}
+
+fn plan_run(s: &Oauth, blue_url: &str) -> crate::support::Run {
+    let plan = s.write_plan(&Oauth::plan_text());
+    run(s.migrate(&["plan", plan.to_str().unwrap()]).env("BLUE_URL", blue_url))
+}
+
+#[test]
+fn tls_require_and_verify_full_work_and_fail_clearly() {
+    let sec = secure();
+    let s = Oauth::on(sec.cluster, green_cluster(), 1_000);
+    let port = sec.cluster.port;
+    let db = &s.blue.name;
+
+    let r = plan_run(&s, &format!("postgres://postgres@127.0.0.1:{port}/{db}?sslmode=require"));
+    assert_eq!(r.code, 0, "sslmode=require: {r:?}");
+    let ca = sec.ca.display();
+    let r = plan_run(&s, &format!("postgres://postgres@localhost:{port}/{db}?sslmode=verify-full&sslrootcert={ca}"));
+    assert_eq!(r.code, 0, "sslmode=verify-full: {r:?}");
+    let r = plan_run(&s, &format!("postgres://postgres@localhost:{port}/{db}?sslmode=verify-ca&sslrootcert={ca}"));
+    assert_eq!(r.code, 0, "sslmode=verify-ca: {r:?}");
+
+    // The certificate names localhost, not 127.0.0.1.
+    let r = plan_run(&s, &format!("postgres://postgres@127.0.0.1:{port}/{db}?sslmode=verify-full&sslrootcert={ca}"));
+    assert_eq!(r.code, 1, "verify-full against the wrong host name must fail: {r:?}");
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("blue") && all.contains("certificate verify failed"), "{r:?}");
+    // Without the CA, the certificate cannot be verified either.
+    let r = plan_run(&s, &format!("postgres://postgres@localhost:{port}/{db}?sslmode=verify-full"));
+    assert_eq!(r.code, 1, "{r:?}");
+    // require against a server without TLS (green's cluster has ssl off).
+    let plain = format!("{}&sslmode=require", s.green.url().replace("?sslmode=disable", "?application_name=x"));
+    let plan = s.write_plan(&Oauth::plan_text());
+    let r = run(s.migrate(&["plan", plan.to_str().unwrap()]).env("BLUE_URL", &plain));
+    assert_eq!(r.code, 1, "{r:?}");
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("blue") && all.to_lowercase().contains("tls"), "{r:?}");
+}
+
+/// Every command, with the password in both URLs (from the environment, as `${VAR}`), on the
+/// success paths and on failures (wrong password, unreachable server): no output, log line or
+/// state row carries it.
+#[test]
+fn passwords_never_leak() {
+    let sec = secure();
+    let s = Oauth::on(sec.cluster, green_cluster(), 2_000);
+    let port = sec.cluster.port;
+    let blue_url = format!("postgres://migrator:{PASSWORD}@127.0.0.1:{port}/{}?sslmode=require", s.blue.name);
+    let green_url = s.green.url().replace("postgres@", &format!("postgres:{PASSWORD}@"));
+    let blue_dsn = format!("host=127.0.0.1 port={port} dbname={} user=migrator password={PASSWORD}", s.blue.name);
+    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let admin = bouncer.admin_url().replace("postgres@", &format!("postgres:{PASSWORD}@"));
+    let text = format!(
+        "{}\n[cutover.pgbouncer]\nadmin_url = \"{admin}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
+         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres password={PASSWORD}\"\n",
+        Oauth::plan_text(),
+        bouncer.databases_file.display(),
+        green_cluster().port,
+        s.green.name
+    );
+    let plan = s.write_plan(&text);
+    let p = plan.to_str().unwrap();
+    let mut outputs = Vec::new();
+    let go = |args: &[&str], blue: &str, expect: i32| {
+        let r = run(s.migrate(args).env("BLUE_URL", blue).env("GREEN_URL", &green_url).env("MIGRATE_LOG", "debug"));
+        assert_eq!(r.code, expect, "{args:?}: {r:?}");
+        (args.join(" "), r.stdout, r.stderr)
+    };
+    outputs.push(go(&["plan", p], &blue_url, 0));
+    outputs.push(go(&["plan", p, "--format", "json"], &blue_url, 0));
+    outputs.push(go(&["--log-format", "json", "copy", p, "--no-follow"], &blue_url, 0));
+    outputs.push(go(&["status", p], &blue_url, 0));
+    outputs.push(go(&["status", p, "--format", "json"], &blue_url, 0));
+    outputs.push(go(&["verify", p], &blue_url, 0));
+    outputs.push(go(&["verify", p, "--format", "json"], &blue_url, 0));
+    outputs.push(go(&["cutover", p, "--dry-run"], &blue_url, 0));
+    // Failures: a wrong password, a server that is not there.
+    let wrong = blue_url.replace(PASSWORD, &format!("{PASSWORD}-wrong"));
+    outputs.push(go(&["plan", p], &wrong, 1));
+    outputs.push(go(&["copy", p], &wrong, 3));
+    let gone = blue_url.replace(&format!(":{port}/"), &format!(":{}/", bluegreen::sandbox::free_port()));
+    outputs.push(go(&["plan", p], &gone, 1));
+    outputs.push(go(&["verify", p], &gone, 3));
+    for (args, out, err) in &outputs {
+        assert!(
+            !out.contains(PASSWORD) && !err.contains(PASSWORD),
+            "`migrate {args}` printed the password:\n{out}\n{err}"
+        );
+    }
+    // Nothing stored on either side carries it.
+    let schema = format!("bluegreen_{}", s.name().replace('-', "_"));
+    let state = s.green.psql(&format!(
+        "SELECT string_agg(t::text, E'\\n') FROM (SELECT m::text AS t FROM {schema}.migration m UNION ALL \
+         SELECT x::text FROM {schema}.tables x UNION ALL SELECT c::text FROM {schema}.chunks c UNION ALL \
+         SELECT v::text FROM {schema}.verified v) q"
+    ));
+    assert!(state.contains("public."), "state dump looks empty: {state}");
+    assert!(!state.contains(PASSWORD), "a state row holds the password");
+    let blue_side = s.blue.psql(
+        "SELECT coalesce(string_agg(application_name || ' ' || coalesce(query, ''), E'\\n'), '') FROM pg_stat_activity",
+    );
+    assert!(!blue_side.contains(PASSWORD));
+    outputs.push(go(&["cleanup", p], &blue_url, 0));
+    let (args, out, err) = outputs.last().unwrap();
+    assert!(!out.contains(PASSWORD) && !err.contains(PASSWORD), "`migrate {args}` printed the password");
+}
