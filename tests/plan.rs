@@ -219,3 +219,53 @@ fn pgbouncer_session_pool_mode_is_a_problem() {
         }
     }
 }
+
+/// Resolution against real catalogs with odd values in every place a plan names something:
+/// never a crash (exit 3 or a panic), always exit 1 or 2 with the table or field named; and
+/// nothing on blue is changed by a hostile expression.
+#[test]
+fn odd_values_in_a_plan_are_problems_not_crashes() {
+    let s = Oauth::new(2000);
+    let base = Oauth::plan_text();
+    let odd = [
+        "nope",
+        "\"Nope\"",
+        "1/0",
+        "(select 1",
+        "scope); DROP TABLE hydra_client; --",
+        "pg_terminate_backend(pg_backend_pid())",
+        "signature::uuid",
+        "'x'::int",
+        "ARRAY[1,2]",
+        "NULL",
+        "东京",
+        "\\\"",
+        "",
+    ];
+    let places: [(&str, &str); 6] = [
+        ("scopes = \"array_remove(string_to_array(scope, ' '), '')\"", "scopes = \"{}\""),
+        ("key = [\"signature\"]", "key = [\"{}\"]"),
+        ("source = \"public.hydra_oauth2_refresh\"", "source = \"{}\""),
+        ("target = \"public.oauth2_revocations\"", "target = \"{}\""),
+        ("subject = \"subject\"\nclient_id", "subject = \"{}\"\nclient_id"),
+        ("key = [\"request_id\"]", "filter = \"{}\"\nkey = [\"request_id\"]"),
+    ];
+    let mut cases = 0;
+    for (from, to) in places {
+        assert!(base.contains(from), "fixture plan changed: `{from}` not found");
+        for value in odd {
+            let text = base.replacen(from, &to.replace("{}", &value.replace('\\', "\\\\").replace('"', "\\\"")), 1);
+            let plan = s.write_plan(&text);
+            let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
+            cases += 1;
+            match r.code {
+                0 => {}
+                1 => assert!(r.stdout.contains("table") || r.stdout.contains("field"), "{value}: {r:?}"),
+                2 => assert!(r.stderr.contains(".toml:"), "{value}: exit 2 without file and line: {r:?}"),
+                _ => panic!("`{value}` in `{to}` crashed plan: {r:?}"),
+            }
+        }
+    }
+    assert_eq!(cases, 78);
+    assert_eq!(s.blue.psql("SELECT count(*) > 0 FROM hydra_client"), "t", "blue was changed by plan");
+}

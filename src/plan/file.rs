@@ -486,7 +486,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" | "min" => n * 60.0,
         _ => return Err(format!("`{text}` is not a duration like 500ms, 2s or 1m")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{text}` is out of range"))
 }
 
 /// 1-based line and column of a byte offset.
@@ -567,5 +567,130 @@ id = "id"
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("2 parsecs").is_err());
+        assert!(parse_duration("99999999999999999999999999999999m").is_err());
+    }
+
+    /// A small deterministic generator (xorshift64*), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    const TOKENS: &[&str] = &[
+        "\"",
+        "'",
+        "[",
+        "]",
+        "[[table]]",
+        "{",
+        "}",
+        "=",
+        ",",
+        "\n",
+        "#",
+        "${",
+        "${NOPE}",
+        "${BLUE_URL}",
+        "}",
+        "0",
+        "-1",
+        "1e400",
+        "99999999999999999999999",
+        "true",
+        "\"\"",
+        "é",
+        "東京",
+        "\u{0}",
+        "\\",
+        "\"\"\"",
+        "key = []",
+        "columns = 5",
+        "[table.columns]",
+        "[cutover.pgbouncer]",
+        "pause_timeout = \"1e9m\"",
+        "workers = 0",
+        "name = \"\"",
+        "source = \"a.b.c\"",
+        "target = \"\\\"x\"",
+        "filter = \"\"",
+        "url = \"postgres://u:pw@\"",
+    ];
+
+    /// Mutates the reference plan at random (deletions, insertions of syntax and odd values,
+    /// duplicated and swapped lines): parsing never panics, and every error says where (file and
+    /// line) and what.
+    #[test]
+    fn fuzzed_plans_never_panic_and_errors_say_where() {
+        let base = include_str!("../../plans/reference.toml");
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let env = |k: &str| match k {
+            "BLUE_HOST" => Some("localhost".to_string()),
+            "NOPE" => None,
+            _ => Some("postgres://u:topsecret@localhost/db".to_string()),
+        };
+        assert!(Plan::parse(Path::new("fuzz.toml"), base, &env).is_ok());
+        let mut errors = 0;
+        for case in 0..4000 {
+            let mut lines: Vec<String> = base.lines().map(str::to_string).collect();
+            for _ in 0..1 + rng.below(4) {
+                let i = rng.below(lines.len());
+                match rng.below(6) {
+                    0 => {
+                        lines.remove(i);
+                    }
+                    1 => {
+                        let l = lines[i].clone();
+                        lines.insert(rng.below(lines.len()), l);
+                    }
+                    2 => {
+                        let j = rng.below(lines.len());
+                        lines.swap(i, j);
+                    }
+                    3 => {
+                        let chars: Vec<char> = lines[i].chars().collect();
+                        let at = rng.below(chars.len() + 1);
+                        let token = TOKENS[rng.below(TOKENS.len())];
+                        lines[i] =
+                            chars[..at].iter().collect::<String>() + token + &chars[at..].iter().collect::<String>();
+                    }
+                    4 => {
+                        let chars: Vec<char> = lines[i].chars().collect();
+                        let at = rng.below(chars.len() + 1);
+                        let end = (at + rng.below(8)).min(chars.len());
+                        lines[i] = chars[..at].iter().chain(&chars[end..]).collect();
+                    }
+                    _ => {
+                        if let Some((k, _)) = lines[i].clone().split_once('=') {
+                            lines[i] = format!("{k}= {}", TOKENS[rng.below(TOKENS.len())]);
+                        }
+                    }
+                }
+            }
+            let text = lines.join("\n");
+            let parsed = std::panic::catch_unwind(|| Plan::parse(Path::new("fuzz.toml"), &text, &env));
+            let Ok(result) = parsed else { panic!("case {case}: parse panicked on:\n{text}") };
+            if let Err(e) = result {
+                errors += 1;
+                let msg = e.to_string();
+                let line = msg
+                    .strip_prefix("fuzz.toml:")
+                    .and_then(|r| r.split(':').next())
+                    .and_then(|n| n.parse::<usize>().ok());
+                assert!(line.is_some(), "case {case}: error without file and line: {msg}\n{text}");
+                assert!(msg.len() > "fuzz.toml:1:".len() + 5, "case {case}: error says nothing: {msg}");
+                assert!(!msg.contains("topsecret"), "case {case}: error shows a password: {msg}");
+            }
+        }
+        assert!(errors > 1000, "mutations rarely broke the plan ({errors} errors): the fuzzer is not biting");
+        assert!(errors < 3900, "almost every case failed ({errors}): the fuzzer only tests one error");
     }
 }
