@@ -239,3 +239,19 @@ fn cleanup_removes_everything_from_blue_and_green() {
     // Blue keeps working: the tables are the application's, untouched.
     s.blue.psql("UPDATE hydra_oauth2_access SET active = active WHERE signature = (SELECT min(signature) FROM hydra_oauth2_access)");
 }
+
+#[test]
+fn cleanup_refuses_while_copy_runs() {
+    let s = Oauth::new(2_000);
+    let plan = plan_for(&s, "logical");
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    wait_for(&s, &plan, &mut copy, Duration::from_secs(60), "following", |st| st["phase"] == "following");
+    let r = run(&mut s.migrate(&["cleanup", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("--force") && r.stderr.contains("is running"), "{r:?}");
+    let slots = s.blue.psql(&format!("SELECT count(*) FROM pg_replication_slots WHERE database = '{}'", s.blue.name));
+    assert_eq!(slots, "1", "cleanup removed the slot of a running copy");
+    sigint_and_wait(&mut copy);
+    let r = run(&mut s.migrate(&["cleanup", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+}

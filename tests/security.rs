@@ -166,6 +166,13 @@ fn passwords_never_leak() {
     let gone = blue_url.replace(&format!(":{port}/"), &format!(":{}/", bluegreen::sandbox::free_port()));
     outputs.push(go(&["plan", p], &gone, 1));
     outputs.push(go(&["verify", p], &gone, 3));
+    // Machine logs: every line of the JSON-logged copy is one JSON object with a level.
+    let (_, _, json_log) = &outputs[2];
+    assert!(json_log.lines().count() > 3, "{json_log}");
+    for line in json_log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+    }
     for (args, out, err) in &outputs {
         assert!(
             !out.contains(PASSWORD) && !err.contains(PASSWORD),
