@@ -63,15 +63,7 @@ fn follower_survives_blue_and_green_restarts() {
     let green: &'static Cluster = Box::leak(Box::new(Cluster::start("rgreen", &[])));
     let s = Oauth::on(blue, green, 10_000);
     let plan = plan(&s, "logical");
-    let mut copy = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", s.blue.url())
-        .env("GREEN_URL", s.green.url())
-        .env("MIGRATE_LOG", "warn")
-        .args(["copy", plan.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut copy = s.spawn(&["copy", plan.to_str().unwrap()]);
     let caught_up = |st: &serde_json::Value| {
         st["phase"] == "following" && st["capture"]["lag_bytes"] == 0 && st["capture"]["pending_keys"] == 0
     };
@@ -129,15 +121,7 @@ fn a_stalled_green_is_detected_by_timeouts() {
     let s = Oauth::on(blue, green, 5_000);
     let text = Oauth::plan_text().replace("method = \"auto\"", "method = \"auto\"\nstall_timeout = \"2s\"");
     let plan = s.write_plan(&text);
-    let mut copy = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", s.blue.url())
-        .env("GREEN_URL", s.green.url())
-        .env("MIGRATE_LOG", "warn")
-        .args(["copy", plan.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut copy = s.spawn(&["copy", plan.to_str().unwrap()]);
     let caught_up = |st: &serde_json::Value| {
         st["phase"] == "following" && st["capture"]["lag_bytes"] == 0 && st["capture"]["pending_keys"] == 0
     };

@@ -196,12 +196,7 @@ fn cutover_aborts_when_pause_overruns_and_a_later_one_succeeds() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
     std::thread::sleep(Duration::from_millis(500));
-    let report = app.stop();
-    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
-    let green = payloads(&s.green);
-    for a in &report.acks {
-        assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
-    }
+    assert_nothing_failed_or_lost(&s, app);
 }
 
 /// A blocking client for the held transaction (simple protocol through PgBouncer).
@@ -228,6 +223,16 @@ impl SyncClient {
 
     fn batch_execute(&mut self, sql: &str) -> Result<(), tokio_postgres::Error> {
         self.rt.block_on(self.client.batch_execute(sql))
+    }
+}
+
+/// Stops the application: no statement failed, and every acknowledged insert is on green.
+fn assert_nothing_failed_or_lost(s: &Oauth, app: App) {
+    let report = app.stop();
+    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
+    let green = payloads(&s.green);
+    for a in &report.acks {
+        assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
     }
 }
 
@@ -279,12 +284,7 @@ fn cutover_killed_at_each_step_is_recovered_by_the_follower() {
     assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
     assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.green.name));
     assert_flowing(&app);
-    let report = app.stop();
-    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
-    let green = payloads(&s.green);
-    for a in &report.acks {
-        assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
-    }
+    assert_nothing_failed_or_lost(&s, app);
 }
 
 /// SIGINT in the pause rolls back at once; a cutover killed while paused with no follower
@@ -299,13 +299,10 @@ fn cutover_interrupted_or_killed_without_a_follower_recovers_on_the_next_run() {
     let mut copy = spawn_copy(&s, &plan, &[]);
     following(&s, &plan, &mut copy);
 
-    let cut = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", s.blue.url())
-        .env("GREEN_URL", s.green.url())
+    let cut = s
+        .background(&["cutover", plan.to_str().unwrap()])
         .env("MIGRATE_FAULT", "cutover.paused:sleep")
-        .args(["cutover", plan.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
@@ -337,12 +334,7 @@ fn cutover_interrupted_or_killed_without_a_follower_recovers_on_the_next_run() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("already switched"), "{r:?}");
     assert_flowing(&app);
-    let report = app.stop();
-    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
-    let green = payloads(&s.green);
-    for a in &report.acks {
-        assert_eq!(green.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on green", a.payload);
-    }
+    assert_nothing_failed_or_lost(&s, app);
 }
 
 /// `migrate demo` runs the whole migration on its own clusters and PgBouncer, reports zero

@@ -48,15 +48,8 @@ impl Logical {
                 .await
                 .map_err(Error::db("blue: creating the publication"))?;
         }
-        let existing = blue
-            .query_opt(
-                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(Error::db("blue: looking for the replication slot"))?;
-        let captured = match existing {
-            Some(row) => row.get::<_, Option<i64>>(0).unwrap_or(0),
+        let captured = match confirmed_position(&blue, &slot).await? {
+            Some(position) => position,
             None => {
                 // Waits for transactions running now to finish, so that every later commit is
                 // decoded; the copy snapshot is taken after this returns.
@@ -78,19 +71,8 @@ impl Logical {
     /// The slot `copy` created, without touching the publication; `None` when there is no slot.
     pub async fn open(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Option<Self>> {
         let slot = super::object_name(&plan.name);
-        let row = blue
-            .query_opt(
-                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(Error::db("blue: looking for the replication slot"))?;
-        Ok(row.map(|r| Self {
-            blue,
-            slot,
-            tables: resolved.tables.clone(),
-            captured: r.get::<_, Option<i64>>(0).unwrap_or(0),
-        }))
+        let position = confirmed_position(&blue, &slot).await?;
+        Ok(position.map(|captured| Self { blue, slot, tables: resolved.tables.clone(), captured }))
     }
 
     /// Position up to which changes are stored on green.
@@ -198,6 +180,19 @@ impl Logical {
         }
         Ok((events, end))
     }
+}
+
+/// The position the slot has confirmed (everything before it is stored on green); `None` when
+/// there is no slot.
+async fn confirmed_position(blue: &Client, slot: &str) -> Result<Option<i64>> {
+    Ok(blue
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(Error::db("blue: looking for the replication slot"))?
+        .map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0)))
 }
 
 /// A blue WAL position that every transaction committed so far lies before, and that decoding

@@ -154,18 +154,22 @@ impl Oauth {
         p
     }
 
-    /// Starts `migrate ARGS` in the background (stderr captured for failure messages; warnings
-    /// and errors only, so the unread pipe never fills).
-    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
-        std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
-            .env("BLUE_URL", self.blue.url())
+    /// `migrate ARGS` to start in the background: stdout discarded, stderr captured for failure
+    /// messages (warnings and errors only, so the unread pipe never fills).
+    pub fn background(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"));
+        c.env("BLUE_URL", self.blue.url())
             .env("GREEN_URL", self.green.url())
             .env("MIGRATE_LOG", "warn")
             .args(args)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start migrate")
+            .stderr(std::process::Stdio::piped());
+        c
+    }
+
+    /// Starts `migrate ARGS` in the background (see [`Oauth::background`]).
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.background(args).spawn().expect("start migrate")
     }
 
     /// `migrate ARGS` with BLUE_URL and GREEN_URL pointing at this scenario.
