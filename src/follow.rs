@@ -65,6 +65,8 @@ struct ApplySide {
     green: Client,
     applied: u64,
     started: Instant,
+    /// The last round applied nothing.
+    idle: bool,
 }
 
 impl Follower {
@@ -88,6 +90,7 @@ impl Follower {
                 green,
                 applied: 0,
                 started: Instant::now(),
+                idle: false,
             },
         })
     }
@@ -298,6 +301,10 @@ impl ApplySide {
         }
         let r = self.apply_round(last_report, catch_up, reached).await;
         leave(&self.green, &key).await;
+        // Idle outside the gate, so a cutover never waits for a sleeping follower.
+        if matches!(r, Ok(None)) && self.idle {
+            tokio::time::sleep(IDLE).await;
+        }
         r
     }
 
@@ -324,9 +331,7 @@ impl ApplySide {
             self.report().await?;
             return Ok(Some(Stop::CaughtUp));
         }
-        if applied == 0 {
-            tokio::time::sleep(IDLE).await;
-        }
+        self.idle = applied == 0;
         Ok(None)
     }
 
