@@ -89,6 +89,9 @@ pub async fn run(path: &Path, command: Command, shutdown: copy::Shutdown) -> Res
         Command::Plan { format, offline } => run_plan(&plan, format, offline).await,
         Command::Copy { no_follow } => {
             let (blue, green) = connect_both(&plan).await?;
+            // Lock before reading catalogs: a running copy drops and rebuilds green's indexes,
+            // and catalog functions read those rows without a snapshot ("cache lookup failed").
+            copy::lock_plan(&green, &plan.name, "copy").await?;
             let resolved = resolve_sound(&plan, &blue, &green).await?;
             copy::run(&plan, &resolved, green, shutdown, no_follow).await?;
             Ok(Outcome::Ok)
