@@ -312,6 +312,10 @@ fn cutover_interrupted_or_killed_without_a_follower_recovers_on_the_next_run() {
     let n = app.acked();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(app.acked(), n, "the fault did not hold the pause");
+    // A second cutover of the same plan meanwhile is refused, and changes nothing.
+    let second = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
+    assert_eq!(second.code, 3, "{second:?}");
+    assert!(second.stderr.contains("another `migrate cutover`"), "{second:?}");
     assert!(std::process::Command::new("kill").args(["-INT", &cut.id().to_string()]).status().unwrap().success());
     let out = cut.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -40,6 +40,8 @@ const STEP_PAUSE: &str = "pause";
 const STEP_REPOINT: &str = "repoint";
 /// Catching up before the pause may take this long; beyond it the follower is too far behind.
 const CATCH_UP_BUDGET: Duration = Duration::from_secs(120);
+/// Waiting for the cutover lock (held briefly by a follower recovering a dead cutover).
+const CUTOVER_LOCK_WAIT: &str = "5s";
 /// Waiting for a follower round to finish before it stands aside.
 const GATE_WAIT: &str = "30s";
 /// Keys compared per query in the re-verify.
@@ -81,8 +83,17 @@ async fn try_lock(green: &Client, key: &str) -> Result<bool> {
 pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: Shutdown) -> Result<Outcome> {
     let pb = settings(plan)?;
     let (blue, green) = crate::connect_both(plan).await?;
-    if !try_lock(&green, &cutover_lock_key(&plan.name)).await? {
-        return Err(Error::Busy { plan: plan.name.clone(), command: "cutover".into() });
+    // A follower finishing a recovery holds the lock for a moment: wait briefly, not forever.
+    green
+        .batch_execute(&format!("SET lock_timeout = '{CUTOVER_LOCK_WAIT}'"))
+        .await
+        .map_err(Error::db("green: cutover session"))?;
+    match green.execute("SELECT pg_advisory_lock(hashtext($1))", &[&cutover_lock_key(&plan.name)]).await {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            return Err(Error::Busy { plan: plan.name.clone(), command: "cutover".into() })
+        }
+        Err(e) => return Err(Error::db("green: taking the cutover lock")(e)),
     }
     let state = State::new(&plan.name);
     if !state.exists(&green).await? {
@@ -150,10 +161,13 @@ pub async fn recover_abandoned(plan: &Plan) -> Result<()> {
         return Ok(());
     }
     let state = State::new(&plan.name);
-    if let Some(Phase::CuttingOver { step }) = state.phase(&green).await? {
-        recover(pb, &green, &state, &step).await?;
-    }
-    Ok(())
+    let result = match state.phase(&green).await? {
+        Some(Phase::CuttingOver { step }) => recover(pb, &green, &state, &step).await,
+        _ => Ok(()),
+    };
+    // Released now, not when the server notices the closed session: a cutover may be waiting.
+    let _ = green.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&cutover_lock_key(&plan.name)]).await;
+    result
 }
 
 /// Every check that must hold before PAUSE.
