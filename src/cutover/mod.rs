@@ -578,7 +578,28 @@ impl<'a> Switch<'a> {
         if differing.is_empty() {
             return Ok(());
         }
-        let shown: Vec<String> = differing.iter().take(SHOW_KEYS).map(|(t, k)| format!("{t} {k:?}")).collect();
+        let mut shown = Vec::new();
+        for (table, key) in differing.iter().take(SHOW_KEYS) {
+            let t = self.resolved.tables.iter().find(|t| t.target.to_string() == *table);
+            let how = match t {
+                Some(t) => self.check.describe(&self.blue, &self.green, t, std::slice::from_ref(key)).await?,
+                None => Vec::new(),
+            };
+            let detail = how
+                .iter()
+                .map(|d| match d.kind {
+                    crate::verify::Kind::Differs => d
+                        .columns
+                        .iter()
+                        .map(|(c, b, g)| format!("{c}: blue {b:?}, green {g:?}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    ref k => format!("{k:?}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            shown.push(format!("{table} {key:?} ({detail})"));
+        }
         Err(Error::Runtime(format!(
             "{} row(s) differ between blue and green after the drain, e.g. {}; run `migrate verify` for details",
             differing.len(),

@@ -204,6 +204,27 @@ impl KeyCheck {
         let hashes = v.hashes(keys).await?;
         Ok(keys.iter().filter(|k| hashes.get(*k).is_some_and(|(b, g)| b != g)).cloned().collect())
     }
+
+    /// How the rows of `keys` differ, column by column, as `verify` reports it.
+    pub async fn describe(
+        &self,
+        blue: &Client,
+        green: &Client,
+        t: &ResolvedTable,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<Difference>> {
+        let v = Verifier {
+            blue,
+            blue2: blue,
+            green,
+            t,
+            index: 0,
+            row_hash: String::new(),
+            key_hash: String::new(),
+            follower: None,
+        };
+        v.describe(keys).await
+    }
 }
 
 /// Which hash functions agree between the two servers.
