@@ -112,7 +112,8 @@ impl Logical {
             )
             .await
             .map_err(Error::db("blue: reading the replication slot"))?;
-        let (events, end) = self.decode(rows.iter().map(|r| r.get::<_, &[u8]>(0)))?;
+        let (events, end, xids) = self.decode(rows.iter().map(|r| r.get::<_, &[u8]>(0)))?;
+        wait_visible(&self.blue, &xids).await?;
         // With nothing decoded, every commit before `now` is known to be captured.
         let position = end.unwrap_or(now).max(self.captured);
         let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
@@ -135,12 +136,15 @@ impl Logical {
         Ok(events.len())
     }
 
-    /// Decodes peeked messages into key events; returns them and the end of the last commit.
-    fn decode<'a>(&self, messages: impl Iterator<Item = &'a [u8]>) -> Result<(Vec<KeyEvent>, Option<i64>)> {
+    /// Decodes peeked messages into key events; returns them, the end of the last commit, and
+    /// the ids of the transactions that produced events.
+    fn decode<'a>(&self, messages: impl Iterator<Item = &'a [u8]>) -> Result<(Vec<KeyEvent>, Option<i64>, Vec<u32>)> {
         let mut relations: HashMap<u32, (usize, Relation)> = HashMap::new();
         let mut pending_tx = Vec::new();
         let mut events = Vec::new();
         let mut end = None;
+        let mut xid = None;
+        let mut xids = Vec::new();
         for data in messages {
             match pgoutput::decode(data).map_err(|e| Error::Runtime(format!("blue: {e}")))? {
                 Message::Relation(rel) => {
@@ -172,14 +176,68 @@ impl Logical {
                 }
                 Message::Commit { end_lsn } => {
                     let lsn = end_lsn as i64;
+                    if !pending_tx.is_empty() {
+                        xids.extend(xid.take());
+                    }
                     events.extend(pending_tx.drain(..).map(|(table, key)| KeyEvent { table, key, lsn }));
                     end = Some(lsn);
                 }
-                Message::Begin | Message::Other => {}
+                Message::Begin { xid: x } => xid = Some(x),
+                Message::Other => {}
             }
         }
-        Ok((events, end))
+        Ok((events, end, xids))
     }
+}
+
+/// How long a decoded commit may stay invisible before capture gives up on this round.
+const VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits until every transaction in `xids` is visible to new snapshots on blue.
+///
+/// A commit record reaches the WAL (and so decoding) before the committing backend leaves the
+/// proc array; until it does, other sessions still see the old row. Apply re-reads keys from
+/// blue, so a key stored before its transaction is visible could be applied with the old row
+/// and then dropped from pending: the change would be lost. Under load the window is real (a
+/// backend descheduled between the two steps). Keys are therefore stored only after this.
+async fn wait_visible(blue: &Client, xids: &[u32]) -> Result<()> {
+    if xids.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let snapshot: String = blue
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(Error::db("blue: reading the current snapshot"))?
+            .get(0);
+        if all_visible(&snapshot, xids) {
+            return Ok(());
+        }
+        if started.elapsed() > VISIBLE_WAIT {
+            return Err(Error::Runtime(format!(
+                "blue: transactions decoded from the slot stayed invisible for {VISIBLE_WAIT:?} (snapshot {snapshot})"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Whether every 32-bit transaction id in `xids` (each of a committed transaction) is visible in
+/// `snapshot` (`xmin:xmax:xip,...` with 64-bit ids): below xmax and not listed as running.
+fn all_visible(snapshot: &str, xids: &[u32]) -> bool {
+    let mut parts = snapshot.split(':');
+    let (Some(_), Some(xmax), Some(xip)) = (parts.next(), parts.next(), parts.next()) else { return false };
+    let Ok(xmax) = xmax.parse::<u64>() else { return false };
+    let running: Vec<u64> = xip.split(',').filter_map(|x| x.parse().ok()).collect();
+    xids.iter().all(|&x| {
+        // The 64-bit id: xmax's epoch, or the one before when the low bits wrapped since.
+        let mut full = (xmax & !0xFFFF_FFFF) | u64::from(x);
+        if full >= xmax && full >= 1 << 32 {
+            full -= 1 << 32;
+        }
+        full < xmax && !running.contains(&full)
+    })
 }
 
 /// The position the slot has confirmed (everything before it is stored on green); `None` when
@@ -224,6 +282,22 @@ pub async fn commit_point(blue: &Client) -> Result<i64> {
         .await
         .map_err(Error::db("blue: reading the WAL position"))?
         .get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_visible;
+
+    #[test]
+    fn visibility_of_committed_transactions() {
+        assert!(all_visible("100:105:", &[99, 104]));
+        assert!(!all_visible("100:105:102", &[102]));
+        assert!(!all_visible("100:105:", &[105]));
+        // Ids carry the epoch: 2^32 + 7 is xid 7 of epoch 1.
+        let e1 = (1u64 << 32) + 10;
+        assert!(all_visible(&format!("{e1}:{e1}:"), &[7, u32::MAX]));
+        assert!(!all_visible(&format!("{}:{e1}:{}", e1 - 5, e1 - 3), &[7]));
+    }
 }
 
 /// Stops following when blue's table no longer has the columns the plan was resolved against.

@@ -8,7 +8,10 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     /// Start of a transaction.
-    Begin,
+    Begin {
+        /// The transaction's id (32 bits, as pgoutput sends it).
+        xid: u32,
+    },
     /// End of a transaction; `end_lsn` is where the next one starts.
     Commit {
         /// LSN just past the commit record.
@@ -111,7 +114,11 @@ fn tuple(r: &mut Reader<'_>) -> Result<Vec<Option<String>>, DecodeError> {
 pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { buf: data, pos: 0 };
     Ok(match r.u8("message type")? {
-        b'B' => Message::Begin,
+        b'B' => {
+            r.u64("final lsn")?;
+            r.u64("commit timestamp")?;
+            Message::Begin { xid: r.u32("xid")? }
+        }
         b'C' => {
             r.u8("commit flags")?;
             r.u64("commit lsn")?;
