@@ -284,22 +284,6 @@ pub async fn commit_point(blue: &Client) -> Result<i64> {
         .get(0))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::all_visible;
-
-    #[test]
-    fn visibility_of_committed_transactions() {
-        assert!(all_visible("100:105:", &[99, 104]));
-        assert!(!all_visible("100:105:102", &[102]));
-        assert!(!all_visible("100:105:", &[105]));
-        // Ids carry the epoch: 2^32 + 7 is xid 7 of epoch 1.
-        let e1 = (1u64 << 32) + 10;
-        assert!(all_visible(&format!("{e1}:{e1}:"), &[7, u32::MAX]));
-        assert!(!all_visible(&format!("{}:{e1}:{}", e1 - 5, e1 - 3), &[7]));
-    }
-}
-
 /// Stops following when blue's table no longer has the columns the plan was resolved against.
 fn check_shape(t: &ResolvedTable, rel: &Relation) -> Result<()> {
     if rel.columns == t.source_columns {
@@ -337,4 +321,20 @@ pub async fn drop_objects(blue: &Client, plan: &str) -> Result<()> {
         .await
         .map_err(Error::db("blue: dropping the publication"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_visible;
+
+    #[test]
+    fn visibility_of_committed_transactions() {
+        assert!(all_visible("100:105:", &[99, 104]));
+        assert!(!all_visible("100:105:102", &[102]));
+        assert!(!all_visible("100:105:", &[105]));
+        // Ids carry the epoch: 2^32 + 7 is xid 7 of epoch 1.
+        let e1 = (1u64 << 32) + 10;
+        assert!(all_visible(&format!("{e1}:{e1}:"), &[7, u32::MAX]));
+        assert!(!all_visible(&format!("{}:{e1}:{}", e1 - 5, e1 - 3), &[7]));
+    }
 }

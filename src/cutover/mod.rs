@@ -236,10 +236,15 @@ async fn preflight(
         lag.is_some_and(|l| l <= plan.cutover.max_lag_bytes),
         match lag {
             Some(l) => format!(
-                "{} behind blue, {} keys pending (bound: {})",
+                "{} behind blue, {} keys pending (bound: {}){}",
                 crate::plan::render_size(l),
                 row.get::<_, i64>(5),
-                crate::plan::render_size(plan.cutover.max_lag_bytes)
+                crate::plan::render_size(plan.cutover.max_lag_bytes),
+                if l > plan.cutover.max_lag_bytes && !follower {
+                    "; no follower is running, so it only grows: start `migrate copy`"
+                } else {
+                    ""
+                }
             ),
             None => "unknown: capture has not stored a position yet".into(),
         },
