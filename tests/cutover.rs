@@ -146,6 +146,12 @@ fn cutover_through_pgbouncer_under_load() {
     let again = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
     assert_eq!(again.code, 0, "{again:?}");
     assert!(again.stdout.contains("already switched"), "{again:?}");
+    // Cleanup works on the fenced blue and leaves nothing of ours there.
+    let r = run(&mut s.migrate(&["cleanup", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let db = &s.blue.name;
+    assert_eq!(s.blue.psql(&format!("SELECT count(*) FROM pg_replication_slots WHERE database = '{db}'")), "0");
+    assert_eq!(s.blue.psql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bluegreen%'"), "0");
 }
 
 #[test]

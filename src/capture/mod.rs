@@ -137,6 +137,9 @@ pub fn truncated(tables: &[String]) -> Error {
 
 /// Removes everything capture made on blue: slot, publication, triggers, change table, schema.
 pub async fn remove(plan: &Plan, blue: &Client) -> Result<()> {
+    // A cutover with `fence_blue` made new sessions on blue read-only; ours must still drop
+    // what we made.
+    blue.batch_execute("SET default_transaction_read_only = off").await.map_err(Error::db("blue: cleanup session"))?;
     logical::drop_objects(blue, &plan.name).await?;
     trigger::drop_objects(blue, plan).await
 }
