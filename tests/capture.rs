@@ -47,7 +47,7 @@ pub(crate) fn wait_for(
     }
 }
 
-fn caught_up(st: &serde_json::Value) -> bool {
+pub(crate) fn caught_up(st: &serde_json::Value) -> bool {
     st["phase"] == "following"
         && st["capture"]["lag_bytes"] == 0
         && st["capture"]["pending_keys"] == 0

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::{
-    capture::{status, wait_for},
+    capture::{caught_up, status, wait_for},
     support::{run, writer::Writer, Cluster, Oauth},
 };
 
@@ -72,12 +72,6 @@ fn follower_survives_blue_and_green_restarts() {
     let s = Oauth::on(blue, green, 10_000);
     let plan = plan(&s, "logical");
     let mut copy = s.spawn(&["copy", plan.to_str().unwrap()]);
-    let caught_up = |st: &serde_json::Value| {
-        st["phase"] == "following"
-            && st["capture"]["lag_bytes"] == 0
-            && st["capture"]["pending_keys"] == 0
-            && st["capture"]["follower_seen_seconds_ago"].as_f64().is_some_and(|s| s < 1.0)
-    };
     let w = Writer::start(s.blue.url(), Duration::from_millis(2));
     std::thread::sleep(Duration::from_secs(2));
     w.stop();
@@ -133,12 +127,6 @@ fn a_stalled_green_is_detected_by_timeouts() {
     let text = Oauth::plan_text().replace("method = \"auto\"", "method = \"auto\"\nstall_timeout = \"2s\"");
     let plan = s.write_plan(&text);
     let mut copy = s.spawn(&["copy", plan.to_str().unwrap()]);
-    let caught_up = |st: &serde_json::Value| {
-        st["phase"] == "following"
-            && st["capture"]["lag_bytes"] == 0
-            && st["capture"]["pending_keys"] == 0
-            && st["capture"]["follower_seen_seconds_ago"].as_f64().is_some_and(|s| s < 1.0)
-    };
     wait_for(&s, &plan, &mut copy, Duration::from_secs(60), "following", caught_up);
     let w = Writer::start(s.blue.url(), Duration::from_millis(2));
     std::thread::sleep(Duration::from_millis(300));
