@@ -385,3 +385,40 @@ fn demo_runs_end_to_end_and_cleans_up() {
         .collect();
     assert!(leftovers.is_empty(), "demo left {leftovers:?}");
 }
+
+/// Preflight refuses, changing nothing, when the plan has no PgBouncer section (exit 2), when
+/// green was never verified, and when `green_dsn` reaches another database than `green.url`
+/// (exit 1 each, naming the failed check).
+#[test]
+fn preflight_names_what_is_wrong() {
+    let s = Oauth::new(2_000);
+    let bare = s.write_plan(&Oauth::plan_text());
+    let r = run(&mut s.migrate(&["copy", bare.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut s.migrate(&["cutover", bare.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("cutover.pgbouncer"), "{r:?}");
+
+    let (bouncer, plan) = setup(&s, "2s", "");
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("[FAIL] last verify clean: never verified"), "{r:?}");
+    let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // green_dsn pointing at blue's database: refused before anything is paused.
+    let text = std::fs::read_to_string(&plan).unwrap().replace(
+        &format!("port={} dbname={} user=postgres\"\npause", green_cluster().port, s.green.name),
+        &format!("port={} dbname={} user=postgres\"\npause", blue_cluster().port, s.blue.name),
+    );
+    let wrong = s.write_plan(&text);
+    let r = run(&mut s.migrate(&["cutover", wrong.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("[FAIL] green through green_dsn") && r.stdout.contains("not the plan's green"), "{r:?}");
+    assert!(r.stdout.contains("cutover not attempted"), "{r:?}");
+    let line = std::fs::read_to_string(&bouncer.databases_file).unwrap();
+    assert!(line.contains(&s.blue.name), "the databases file changed: {line}");
+    assert_eq!(status(&s, &wrong)["phase"], "following");
+}
