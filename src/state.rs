@@ -345,7 +345,8 @@ pub async fn status_report(
                 &format!(
                     "SELECT lag_bytes, pending_keys, applied_keys, apply_rate, \
                             extract(epoch FROM now() - follower_seen_at)::float8, \
-                            last_verify || jsonb_build_object('at', last_verify_at) FROM {} WHERE id = 1",
+                            last_verify || jsonb_build_object('at', last_verify_at), \
+                            to_jsonb(m) -> 'cutover' FROM {} m WHERE id = 1",
                     state.table("migration")
                 ),
                 &[],
@@ -359,6 +360,8 @@ pub async fn status_report(
             "apply_keys_per_second": r.get::<_, Option<f64>>(3),
             "follower_seen_seconds_ago": r.get::<_, Option<f64>>(4),
             "last_verify": r.get::<_, Option<serde_json::Value>>(5),
+            // Read through to_jsonb so a state made before the column existed still reads.
+            "cutover": r.get::<_, Option<serde_json::Value>>(6),
         })
     } else {
         serde_json::json!({ "lag_bytes": null })
@@ -370,6 +373,7 @@ pub async fn status_report(
         "detail": phase,
         "tables": tables,
         "last_verify": capture.get("last_verify").cloned().unwrap_or(serde_json::Value::Null),
+        "cutover": capture.get("cutover").cloned().unwrap_or(serde_json::Value::Null),
         "capture": capture,
         "blue": blue.clone().unwrap_or(serde_json::Value::Null),
     });
@@ -400,6 +404,14 @@ pub async fn status_report(
                     c["applied_keys"],
                     c["apply_keys_per_second"].as_f64().unwrap_or(0.0),
                     c["follower_seen_seconds_ago"].as_f64().unwrap_or(f64::NAN)
+                ));
+            }
+            if let Some(c) = value["cutover"].as_object() {
+                o.push_str(&format!(
+                    "  last cutover: {}, traffic paused {:.1} ms, {:.0} ms in all\n",
+                    c.get("outcome").and_then(|v| v.as_str()).unwrap_or("?"),
+                    c.get("paused_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
+                    c.get("total_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN)
                 ));
             }
             if let Some(w) = value["blue"]["warning"].as_str() {

@@ -140,6 +140,10 @@ fn cutover_through_pgbouncer_under_load() {
     assert_eq!(fenced.trim(), "on");
     let st = status(&s, &plan);
     assert_eq!(st["phase"], "switched", "{st}");
+    assert_eq!(st["cutover"]["outcome"], "switched", "{st}");
+    assert!(st["cutover"]["paused_ms"].as_f64().is_some_and(|p| p > 0.0 && p < 2000.0), "{st}");
+    let text = run(&mut s.migrate(&["status", plan.to_str().unwrap()]));
+    assert!(text.stdout.contains("last cutover: switched, traffic paused"), "{text:?}");
     let record = s.green.psql(&s.sql("SELECT cutover->>'outcome' FROM bluegreen_oauth_v2.migration"));
     assert_eq!(record.trim(), "switched");
     // A second cutover knows it is done.
