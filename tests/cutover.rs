@@ -426,3 +426,28 @@ fn preflight_names_what_is_wrong() {
     assert!(line.contains(&s.blue.name), "the databases file changed: {line}");
     assert_eq!(status(&s, &wrong)["phase"], "following");
 }
+
+/// The same switch with trigger capture: the drain waits on blue's transaction horizon instead
+/// of a WAL position.
+#[test]
+fn cutover_with_trigger_capture() {
+    let s = Oauth::new(5_000);
+    let (bouncer, plan) = setup(&s, "2s", "");
+    let text = std::fs::read_to_string(&plan).unwrap().replace("method = \"auto\"", "method = \"trigger\"");
+    let plan = s.write_plan(&text);
+    let app = App::start(app_url(&bouncer), 300, "trig");
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+    let dry = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert!(dry.stdout.contains("[ok] capture on blue: change table"), "{dry:?}");
+    app.set_mapped(false);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_nothing_failed_or_lost(&s, app);
+    for (b, g) in crate::support::OAUTH_PAIRS.iter().filter(|(b, _)| !b.contains("app_events")) {
+        assert_eq!(crate::support::fingerprint(&s.blue, b), crate::support::fingerprint(&s.green, g), "{g}");
+    }
+}
