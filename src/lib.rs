@@ -2,6 +2,8 @@
 //! (new schema) with zero downtime. See DESIGN.md for the pipeline:
 //! plan → copy → capture → apply → verify → cutover, with state kept on green.
 
+#![warn(missing_docs)]
+
 pub mod apply;
 pub mod capture;
 pub mod copy;
