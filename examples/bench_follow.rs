@@ -142,7 +142,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let out = load.join().expect("pgbench thread");
     let load_end = Instant::now();
-    let flushed = blue.psql("app", "SELECT (pg_current_wal_flush_lsn() - '0/0')::int8");
+    // Blue runs with synchronous_commit = off: pgbench's last commits may not be flushed (nor
+    // decodable) yet. A synchronously committed message flushes everything before it.
+    let flushed = blue.psql(
+        "app",
+        "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'bench', 'end') IS NULL; COMMIT; \
+         SELECT (pg_current_wal_flush_lsn() - '0/0')::int8",
+    );
+    let flushed = flushed.lines().last().unwrap_or("0").trim().to_string();
     let report = String::from_utf8_lossy(&out.stdout);
     let tps = report.lines().find(|l| l.starts_with("tps")).unwrap_or("tps = ?").to_string();
     // Caught up: capture has passed the position blue had flushed when the load stopped, and
