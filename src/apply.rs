@@ -14,9 +14,9 @@ use tracing::Instrument;
 
 use crate::{
     error::{pg_message, Error, Result},
-    pg::{ident, literal},
-    plan::ResolvedTable,
-    state::State,
+    pg::ident,
+    plan::{key_condition, ResolvedTable},
+    state::{State, TableId},
 };
 
 /// Keys applied per green transaction.
@@ -39,49 +39,26 @@ pub async fn apply_batch(
     green: &mut Client,
     state: &State,
     tables: &[ResolvedTable],
-    ready: &[i32],
+    ready: &[TableId],
 ) -> Result<usize> {
     if ready.is_empty() {
         return Ok(0);
     }
-    let rows = green
-        .query(
-            &format!("SELECT tbl, key, seq FROM {} WHERE tbl = ANY($1) ORDER BY seq LIMIT $2", state.table("pending")),
-            &[&ready, &BATCH_KEYS],
-        )
-        .await
-        .map_err(Error::db("green: reading pending keys"))?;
-    let mut by_table: BTreeMap<usize, (Vec<Vec<String>>, Vec<i64>)> = BTreeMap::new();
-    for r in &rows {
-        let e = by_table.entry(r.get::<_, i32>(0) as usize).or_default();
-        e.0.push(r.get(1));
-        e.1.push(r.get(2));
+    let mut by_table: BTreeMap<TableId, (Vec<Vec<String>>, Vec<i64>)> = BTreeMap::new();
+    for (id, key, seq) in state.pending_batch(green, ready, BATCH_KEYS).await? {
+        let e = by_table.entry(id).or_default();
+        e.0.push(key);
+        e.1.push(seq);
     }
     let mut applied = 0;
-    for (i, (keys, seqs)) in by_table {
-        let Some(t) = tables.get(i) else { continue };
+    for (id, (keys, seqs)) in by_table {
+        let Some((i, t)) = tables.iter().enumerate().find(|(_, t)| t.id == id) else { continue };
         let span = tracing::info_span!("apply", table = %t.target, keys = keys.len());
         apply_table(blue, green, state, i, t, &keys, &seqs).instrument(span).await?;
         crate::fault::point("apply.committed").await;
         applied += keys.len();
     }
     Ok(applied)
-}
-
-/// `(k1, k2) IN (SELECT * FROM unnest(ARRAY[..]::t1[], ARRAY[..]::t2[]))`, or `k = ANY(..)` for
-/// one column, with the key values as literals (COPY takes no parameters).
-pub fn key_condition(columns: &[String], types: &[String], keys: &[Vec<String>]) -> String {
-    let arrays: Vec<String> = (0..columns.len())
-        .map(|c| {
-            let vals: Vec<String> = keys.iter().map(|k| literal(k.get(c).map(String::as_str).unwrap_or(""))).collect();
-            format!("ARRAY[{}]::{}[]", vals.join(", "), types[c])
-        })
-        .collect();
-    if columns.len() == 1 {
-        format!("{} = ANY({})", columns[0], arrays[0])
-    } else {
-        format!("({}) IN (SELECT * FROM unnest({}))", columns.join(", "), arrays.join(", "))
-    }
 }
 
 async fn apply_table(
@@ -153,37 +130,7 @@ async fn apply_table(
         .await
         .map_err(|e| fail("upserting rows", e))?;
     // Only the entries read for this batch: a key captured again meanwhile has a new seq and stays.
-    // ...and are remembered as touched, so cutover re-verifies exactly the keys changed since
-    // the last verify.
-    tx.execute(
-        &format!(
-            "WITH done AS (DELETE FROM {pending} WHERE seq = ANY($1) RETURNING tbl, key, coalesce(lsn, 0) AS lsn) \
-             INSERT INTO {touched} (tbl, key, lsn) SELECT tbl, key, lsn FROM done \
-             ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
-            pending = state.table("pending"),
-            touched = state.table("touched"),
-        ),
-        &[&seqs],
-    )
-    .await
-    .map_err(|e| fail("clearing pending keys", e))?;
+    state.finish_batch(&tx, seqs).await?;
     tx.commit().await.map_err(|e| fail("commit", e))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_conditions() {
-        let one = key_condition(&["\"id\"".into()], &["bigint".into()], &[vec!["1".into()], vec!["2".into()]]);
-        assert_eq!(one, "\"id\" = ANY(ARRAY['1', '2']::bigint[])");
-        let two = key_condition(
-            &["\"a\"".into(), "\"b\"".into()],
-            &["text".into(), "text".into()],
-            &[vec!["x'y".into(), "z".into()]],
-        );
-        assert_eq!(two, "(\"a\", \"b\") IN (SELECT * FROM unnest(ARRAY['x''y']::text[], ARRAY['z']::text[]))");
-    }
 }

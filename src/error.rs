@@ -1,9 +1,71 @@
 //! The library's error type. Each variant carries what an operator needs to act; exit codes are
 //! decided here, in one place.
 
-use std::path::PathBuf;
+use std::{fmt, path::PathBuf, time::Duration};
 
-use crate::pg::ConnError;
+/// Which database a connection belongs to; every connection error names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The live database with the old schema.
+    Blue,
+    /// The new database with the new schema.
+    Green,
+    /// The PgBouncer admin console.
+    Pgbouncer,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Blue => "blue",
+            Side::Green => "green",
+            Side::Pgbouncer => "pgbouncer",
+        })
+    }
+}
+
+/// Why a connection string could not be used. Never carries the string itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The string did not parse; the message names the offending parameter, never its value.
+    #[error("{side}: invalid connection string: {reason}")]
+    Invalid {
+        /// Side whose string is broken.
+        side: Side,
+        /// What is wrong.
+        reason: String,
+    },
+    /// TCP, TLS or authentication failed.
+    #[error("{side} ({target}): cannot connect: {}", pg_message(source))]
+    Connect {
+        /// Side that could not be reached.
+        side: Side,
+        /// Redacted connection target.
+        target: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Nothing answered within the timeout.
+    #[error("{side} ({target}): no answer within {waited:?}")]
+    Timeout {
+        /// Side that did not answer.
+        side: Side,
+        /// Redacted connection target.
+        target: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// TLS could not be set up locally (bad root certificate file, …).
+    #[error("{side}: TLS setup failed: {reason}")]
+    Tls {
+        /// Side being connected.
+        side: Side,
+        /// What failed.
+        reason: String,
+    },
+}
 
 /// A file-level problem in a plan: where, which key, what is wrong.
 #[derive(Debug, Clone)]
@@ -93,6 +155,63 @@ pub enum Error {
         /// How long.
         waited: std::time::Duration,
     },
+    /// The plan changed for an entry whose copy already began: its rows on green were made by
+    /// the old definition.
+    #[error(
+        "{}:{line}: {entry} changed since `copy` began (its copy is {state}): {}; restore the entry as it was, \
+         or start over for it (`migrate cleanup`, empty its green table, `migrate copy`)",
+        path.display(),
+        changes.join("; ")
+    )]
+    PlanChanged {
+        /// Plan path.
+        path: PathBuf,
+        /// Line of the entry.
+        line: usize,
+        /// The entry, e.g. `table[2] (public.a -> public.b)`.
+        entry: String,
+        /// Its recorded copy state.
+        state: String,
+        /// What changed, one item per difference.
+        changes: Vec<String>,
+    },
+    /// State on green was written by a `migrate` with another layout.
+    #[error(
+        "green: state schema {schema} was written by an older migrate (layout {found}; this one reads {wanted}): \
+         finish this migration with the version that began it, or start over with `migrate cleanup`"
+    )]
+    StateLayout {
+        /// The state schema.
+        schema: String,
+        /// Layout found.
+        found: i32,
+        /// Layout this build reads.
+        wanted: i32,
+    },
+    /// A value stored in state does not decode.
+    #[error("green: stored {what} does not decode ({reason}): {value}")]
+    StateDecode {
+        /// What the value is.
+        what: String,
+        /// The value as stored.
+        value: String,
+        /// Why it does not decode.
+        reason: String,
+    },
+    /// A phase change the migration's story does not allow.
+    #[error("green: the migration is {from}; it cannot become {to} from there")]
+    PhaseTransition {
+        /// Stored phase.
+        from: String,
+        /// Phase refused.
+        to: String,
+    },
+    /// `--table` names no entry of the plan.
+    #[error("--table {name}: no such table in the plan (give a source or target name)")]
+    NoSuchTable {
+        /// The name given.
+        name: String,
+    },
     /// Any other runtime failure with its context.
     #[error("{0}")]
     Runtime(String),
@@ -102,9 +221,12 @@ impl Error {
     /// The process exit code for this error: 2 for plan and usage errors, 3 for runtime failures.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::PlanRead { .. } | Error::PlanParse { .. } | Error::PlanInvalid { .. } | Error::Unresolved { .. } => {
-                2
-            }
+            Error::PlanRead { .. }
+            | Error::PlanParse { .. }
+            | Error::PlanInvalid { .. }
+            | Error::Unresolved { .. }
+            | Error::PlanChanged { .. }
+            | Error::NoSuchTable { .. } => 2,
             _ => 3,
         }
     }

@@ -18,20 +18,17 @@ use tracing::{info, warn};
 use crate::{
     apply,
     capture::{Capture, Target},
-    copy::Shutdown,
     error::{Error, Result},
     plan::{Plan, ResolvedTable},
-    state::{Phase, State, TableState},
+    retry::{connection_lost, is_transient, Backoff},
+    shutdown::Shutdown,
+    state::{Gate, Phase, State},
 };
 
 /// How often lag and progress are written to state (for `status`) and the phase is checked.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Idle wait between polls when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
-/// Reconnect attempts back off up to this delay...
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// ...and give up after this long without a working connection.
-const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
 
 /// Why following stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,13 +156,12 @@ async fn capture_loop(
 impl CaptureSide {
     /// One capture poll, unless a cutover has stood the follower aside.
     async fn round(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
-        let key = gate_key(&self.plan.name);
-        match enter(&self.green, &self.state, &key).await? {
+        match self.state.enter_gate(&self.green).await? {
             (Gate::Go, _) => {}
             (Gate::Wait | Gate::Live, _) => return Ok(0),
         }
         let r = self.poll(catch_up, target, reached).await;
-        leave(&self.green, &key).await;
+        self.state.leave_gate(&self.green).await;
         r
     }
 
@@ -173,13 +169,7 @@ impl CaptureSide {
     async fn poll(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
         let stored = self.capture.poll(&mut self.green, &self.state).await?;
         let (current, frontier) = self.capture.positions().await?;
-        self.green
-            .execute(
-                &format!("UPDATE {} SET blue_lsn = $1, capture_lsn = $2 WHERE id = 1", self.state.table("migration")),
-                &[&current, &frontier],
-            )
-            .await
-            .map_err(Error::db("green: saving the capture position"))?;
+        self.state.record_positions(&self.green, current, frontier).await?;
         if catch_up {
             let t = match *target {
                 Some(t) => t,
@@ -200,39 +190,6 @@ impl CaptureSide {
         self.capture.reconnected(self.plan.blue.connect().await?);
         self.green = self.plan.green.connect().await?;
         info!("capture reconnected to blue and green; resuming from the stored position");
-        Ok(())
-    }
-}
-
-/// Bounded exponential backoff for transient failures.
-struct Backoff {
-    delay: Duration,
-    since: Option<Instant>,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { delay: Duration::from_millis(250), since: None }
-    }
-}
-
-impl Backoff {
-    fn reset(&mut self) {
-        *self = Self::default();
-    }
-
-    /// Waits before the next attempt; returns the error when failures have lasted too long.
-    async fn wait(&mut self, e: Error, stop: &Shutdown, what: &str) -> Result<()> {
-        let since = *self.since.get_or_insert_with(Instant::now);
-        if since.elapsed() > GIVE_UP_AFTER {
-            return Err(e);
-        }
-        warn!(what, error = %e, retry_in_ms = self.delay.as_millis() as u64, "interrupted; reconnecting");
-        tokio::select! {
-            _ = tokio::time::sleep(self.delay) => {}
-            _ = stop.wait() => {}
-        }
-        self.delay = (self.delay * 2).min(MAX_BACKOFF);
         Ok(())
     }
 }
@@ -276,12 +233,11 @@ impl ApplySide {
     /// A cutover that died half-way (its phase is still `cutting-over` but nobody holds the
     /// gate) is finished or rolled back from here, so PgBouncer is never left paused.
     async fn round(&mut self, last_report: &mut Instant, catch_up: bool, reached: &AtomicBool) -> Result<Option<Stop>> {
-        let key = gate_key(&self.plan.name);
-        let (gate, phase) = enter(&self.green, &self.state, &key).await?;
+        let (gate, phase) = self.state.enter_gate(&self.green).await?;
         if let Some(Phase::CuttingOver { step }) = &phase {
             if gate != Gate::Wait {
                 if gate == Gate::Go {
-                    leave(&self.green, &key).await;
+                    self.state.leave_gate(&self.green).await;
                 }
                 warn!(step = %step, "a cutover stopped half-way; recovering it");
                 crate::cutover::recover_abandoned(&self.plan).await?;
@@ -300,7 +256,7 @@ impl ApplySide {
             }
         }
         let r = self.apply_round(last_report, catch_up, reached).await;
-        leave(&self.green, &key).await;
+        self.state.leave_gate(&self.green).await;
         // Idle outside the gate, so a cutover never waits for a sleeping follower.
         if matches!(r, Ok(None)) && self.idle {
             tokio::time::sleep(IDLE).await;
@@ -335,55 +291,20 @@ impl ApplySide {
         Ok(None)
     }
 
-    /// Tables whose copy is done: only their keys may be applied.
-    async fn ready_tables(&self) -> Result<Vec<i32>> {
-        let done = serde_json::to_value(TableState::Done)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        let rows = self
-            .green
-            .query(&format!("SELECT target FROM {} WHERE state = $1", self.state.table("tables")), &[&done])
-            .await
-            .map_err(Error::db("green: reading table states"))?;
-        let done: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        Ok(self
-            .tables
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| done.contains(&t.target.to_string()))
-            .map(|(i, _)| i as i32)
-            .collect())
+    /// Entries whose copy is done: only their keys may be applied.
+    async fn ready_tables(&self) -> Result<Vec<crate::state::TableId>> {
+        let done = self.state.done_tables(&self.green).await?;
+        Ok(self.tables.iter().filter(|t| done.contains(&t.id)).map(|t| t.id.clone()).collect())
     }
 
     async fn pending(&self) -> Result<i64> {
-        Ok(self
-            .green
-            .query_one(&format!("SELECT count(*) FROM {}", self.state.table("pending")), &[])
-            .await
-            .map_err(Error::db("green: counting pending keys"))?
-            .get(0))
+        self.state.pending_count(&self.green).await
     }
 
-    /// Writes lag, pending count and apply rate to state. Lag: blue's position minus the oldest
-    /// position not yet on green (the oldest pending key, or capture's frontier).
+    /// Writes lag, pending count and apply rate to state.
     async fn report(&mut self) -> Result<()> {
         let rate = self.applied as f64 / self.started.elapsed().as_secs_f64().max(0.001);
-        self.green
-            .execute(
-                &format!(
-                    "UPDATE {m} SET pending_keys = p.n, \
-                        lag_bytes = greatest(0, blue_lsn - least(coalesce(p.oldest, capture_lsn), capture_lsn)), \
-                        applied_keys = $1, apply_rate = $2, follower_seen_at = now() \
-                     FROM (SELECT count(*) AS n, min(lsn) AS oldest FROM {p}) p WHERE id = 1",
-                    m = self.state.table("migration"),
-                    p = self.state.table("pending")
-                ),
-                &[&(self.applied as i64), &rate],
-            )
-            .await
-            .map_err(Error::db("green: saving follower progress"))?;
-        Ok(())
+        self.state.report_follower(&self.green, self.applied as i64, rate).await
     }
 
     async fn reconnect(&mut self) -> Result<()> {
@@ -392,78 +313,5 @@ impl ApplySide {
         apply::prepare_green(&self.green).await?;
         info!("apply reconnected to blue and green");
         Ok(())
-    }
-}
-
-/// The advisory lock on green that follower rounds hold shared and cutover holds exclusively:
-/// taking it stands the follower aside, and a cutover that dies releases it with its session.
-pub fn gate_key(plan: &str) -> String {
-    format!("bluegreen.follow:{plan}")
-}
-
-/// What a follower round may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gate {
-    /// Holds the shared gate: go ahead, then `leave`.
-    Go,
-    /// A cutover holds the gate.
-    Wait,
-    /// Traffic may be on green: never write blue's rows to it again.
-    Live,
-}
-
-/// Tries the gate and reads the phase in one round trip.
-async fn enter(green: &Client, state: &State, key: &str) -> Result<(Gate, Option<Phase>)> {
-    let row = green
-        .query_one(
-            &format!(
-                "SELECT pg_try_advisory_lock_shared(hashtext($1)), (SELECT state FROM {} WHERE id = 1)",
-                state.table("migration")
-            ),
-            &[&key],
-        )
-        .await
-        .map_err(Error::db("green: taking the follow gate"))?;
-    let phase: Option<Phase> = row.get::<_, Option<serde_json::Value>>(1).and_then(|v| serde_json::from_value(v).ok());
-    if !row.get::<_, bool>(0) {
-        return Ok((Gate::Wait, phase));
-    }
-    if phase.as_ref().is_some_and(Phase::green_is_live) {
-        leave(green, key).await;
-        return Ok((Gate::Live, phase));
-    }
-    Ok((Gate::Go, phase))
-}
-
-/// Releases the gate. A failure means the session is gone, and the lock with it.
-async fn leave(green: &Client, key: &str) {
-    let _ = green.execute("SELECT pg_advisory_unlock_shared(hashtext($1))", &[&key]).await;
-}
-
-/// Errors worth retrying: lost or refused connections and server shutdowns (after a reconnect),
-/// serialization failures and deadlocks (on the same connection).
-pub fn is_transient(e: &Error) -> bool {
-    connection_lost(e) || db_code(e).is_some_and(|c| matches!(c, "40001" | "40P01"))
-}
-
-/// The connection is gone or the server is going away: reconnect before retrying.
-fn connection_lost(e: &Error) -> bool {
-    match e {
-        Error::Connect(_) | Error::Stalled { .. } => true,
-        Error::Db { source, .. } => {
-            source.is_closed()
-                || match db_code(e) {
-                    Some(c) => c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03"),
-                    None => std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>()),
-                }
-        }
-        _ => false,
-    }
-}
-
-fn db_code(e: &Error) -> Option<&str> {
-    match e {
-        Error::Db { source, .. } => source.code().map(|c| c.code()),
-        _ => None,
     }
 }

@@ -1,9 +1,9 @@
 //! The `migrate` binary: argument parsing, logging, signals, exit codes. All logic is in the
 //! library.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
-use bluegreen::{copy::Shutdown, Command, Format, Outcome};
+use bluegreen::{shutdown::Shutdown, Command, Format, Outcome};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Zero-downtime PostgreSQL blue/green migrations with schema transforms.
@@ -15,6 +15,11 @@ struct Cli {
     /// Log format on stderr: `text` for people, `json` for log pipelines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// More log lines on stderr: -v for progress (info), -vv for every step (debug). Without it,
+    /// logs are warnings only in front of a terminal (and for `demo`), info when stderr goes to
+    /// a file or pipe. MIGRATE_LOG (e.g. `MIGRATE_LOG=debug`) overrides both.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,7 +131,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let quiet = matches!(cli.command, Cmd::Demo { .. }) || std::io::stderr().is_terminal();
+    init_tracing(cli.log_format, cli.verbose, quiet);
     if let Cmd::Demo { rows, rate } = cli.command {
         return block_on(|shutdown| async move {
             bluegreen::demo::run(rows, rate, shutdown).await.map(|(outcome, _)| outcome)
@@ -168,10 +174,21 @@ where
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr, never stdout (the report). `quiet` (a person watching, or the demo, whose
+/// report is the point) defaults to warnings only; a log file or pipe gets info. No ANSI colour
+/// unless stderr is a terminal and NO_COLOR is unset.
+fn init_tracing(format: LogFormat, verbose: u8, quiet: bool) {
+    let default = match verbose {
+        0 if quiet => "warn",
+        0 | 1 => "info",
+        _ => "debug",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MIGRATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(bluegreen::output::LogWriter)
+        .with_ansi(bluegreen::output::stderr_colour());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::support::{run, writer::Writer, Oauth};
+use crate::support::{replace_once, run, writer::Writer, Oauth};
 
 pub(crate) fn spawn_copy(s: &Oauth, plan: &std::path::Path, extra: &[&str]) -> Child {
     let mut args = vec!["copy", plan.to_str().unwrap()];
@@ -73,9 +73,12 @@ pub(crate) fn sigint_and_wait(child: &mut Child) -> String {
 }
 
 fn plan_for(s: &Oauth, method: &str) -> std::path::PathBuf {
-    let text = Oauth::plan_text()
-        .replace("workers = 2\nchunk_rows = 50000", "workers = 2\nchunk_rows = 1000\nmax_rows_per_second = 6000")
-        .replace("method = \"auto\"", &format!("method = \"{method}\""));
+    let text = replace_once(
+        &Oauth::plan_text(),
+        "workers = 2\nchunk_rows = 50000",
+        "workers = 2\nchunk_rows = 1000\nmax_rows_per_second = 6000",
+    );
+    let text = replace_once(&text, "method = \"auto\"", &format!("method = \"{method}\""));
     s.write_plan(&text)
 }
 
@@ -218,8 +221,11 @@ fn cleanup_removes_everything_from_blue_and_green() {
     let r = run(&mut s.migrate(&["copy", logical.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
     // An orphaned slot: status warns (threshold 1 byte here) and names the command that fixes it.
-    let warn =
-        s.write_plan(&Oauth::plan_text().replace("method = \"auto\"", "method = \"auto\"\nwarn_retained_bytes = 1"));
+    let warn = s.write_plan(&replace_once(
+        &Oauth::plan_text(),
+        "method = \"auto\"",
+        "method = \"auto\"\nwarn_retained_bytes = 1",
+    ));
     s.blue.psql("UPDATE hydra_oauth2_revocation SET reason = 'wal' WHERE request_id = 'by-app-role'");
     let st = run(&mut s.migrate(&["status", warn.to_str().unwrap()]));
     assert_eq!(st.code, 0, "{st:?}");

@@ -40,7 +40,7 @@ fn copy_makes_green_equal_transform_of_blue() {
     }
     assert_eq!(s.green.psql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated"), "2");
     // Several chunks per table, all done.
-    let chunks = s.green.psql(&s.sql("SELECT count(*) || '/' || count(*) FILTER (WHERE done) FROM bluegreen_oauth_v2.chunks WHERE target = 'public.oauth2_access_tokens'"));
+    let chunks = s.green.psql(&s.sql("SELECT count(*) || '/' || count(*) FILTER (WHERE done) FROM bluegreen_oauth_v2.chunks WHERE tbl = 'public.oauth2_access_tokens'"));
     let (all, done) = chunks.split_once('/').unwrap();
     assert!(all.parse::<i32>().unwrap() >= 10 && all == done, "{chunks}");
     // status reads the same from state.
@@ -59,6 +59,10 @@ fn copy_without_deferred_indexes_is_equal_too() {
     let plan = s.plan_with_copy("workers = 1\nchunk_rows = 2000\ndefer_indexes = false");
     let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
+    // `copy PLAN 2>copy.log`: logs, and not one escape character.
+    assert!(r.stderr.contains("INFO") && r.stderr.contains("copy finished"), "{r:?}");
+    assert!(!r.stderr.contains('\x1b'), "ANSI escapes in a redirected log:\n{}", r.stderr);
+    assert!(r.stdout.is_empty(), "copy's logs reached stdout:\n{}", r.stdout);
     s.assert_green_equals_blue();
 }
 
@@ -89,14 +93,14 @@ fn sigkilled_copy_resumes_and_copies_nothing_twice() {
     let done: i64 = s.green.psql(&s.sql("SELECT count(*) FROM bluegreen_oauth_v2.chunks WHERE done")).parse().unwrap();
     assert!(done < total, "kill came too late: {done}/{total}");
     let killed_at = s.green.psql("SELECT now()");
-    let before: String = s.green.psql(&s.sql("SELECT string_agg(target || ':' || chunk || ':' || finished_at, ',' ORDER BY target, chunk) FROM bluegreen_oauth_v2.chunks WHERE done"));
+    let before: String = s.green.psql(&s.sql("SELECT string_agg(tbl || ':' || chunk || ':' || finished_at, ',' ORDER BY tbl, chunk) FROM bluegreen_oauth_v2.chunks WHERE done"));
 
     let plan2 = s.plan_with_copy("workers = 2\nchunk_rows = 1000\ndefer_indexes = true");
     let r = run(&mut s.migrate(&["copy", plan2.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
     // Chunks finished before the kill were not redone: same rows, same finish times.
     let after: String = s.green.psql(&s.sql(&format!(
-        "SELECT string_agg(target || ':' || chunk || ':' || finished_at, ',' ORDER BY target, chunk) \
+        "SELECT string_agg(tbl || ':' || chunk || ':' || finished_at, ',' ORDER BY tbl, chunk) \
          FROM bluegreen_oauth_v2.chunks WHERE done AND finished_at <= '{killed_at}'::timestamptz"
     )));
     assert_eq!(before, after, "chunks committed before the kill were copied again");

@@ -6,13 +6,12 @@ use std::time::Duration;
 
 use crate::{
     capture::{caught_up, status, wait_for},
-    support::{run, writer::Writer, Cluster, Oauth},
+    support::{replace_once, run, writer::Writer, Cluster, Oauth},
 };
 
 fn plan(s: &Oauth, method: &str) -> std::path::PathBuf {
-    let text = Oauth::plan_text()
-        .replace("workers = 2\nchunk_rows = 50000", "workers = 2\nchunk_rows = 2000")
-        .replace("method = \"auto\"", &format!("method = \"{method}\""));
+    let text = replace_once(&Oauth::plan_text(), "workers = 2\nchunk_rows = 50000", "workers = 2\nchunk_rows = 2000");
+    let text = replace_once(&text, "method = \"auto\"", &format!("method = \"{method}\""));
     s.write_plan(&text)
 }
 
@@ -124,7 +123,7 @@ fn a_stalled_green_is_detected_by_timeouts() {
     let blue = crate::support::blue_cluster();
     let green: &'static Cluster = Box::leak(Box::new(Cluster::start("sgreen", &[])));
     let s = Oauth::on(blue, green, 5_000);
-    let text = Oauth::plan_text().replace("method = \"auto\"", "method = \"auto\"\nstall_timeout = \"2s\"");
+    let text = replace_once(&Oauth::plan_text(), "method = \"auto\"", "method = \"auto\"\nstall_timeout = \"2s\"");
     let plan = s.write_plan(&text);
     let mut copy = s.spawn(&["copy", plan.to_str().unwrap()]);
     wait_for(&s, &plan, &mut copy, Duration::from_secs(60), "following", caught_up);

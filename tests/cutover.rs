@@ -362,7 +362,8 @@ fn cutover_interrupted_or_killed_without_a_follower_recovers_on_the_next_run() {
 fn demo_runs_end_to_end_and_cleans_up() {
     let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
         .args(["demo", "--rows", "3000", "--rate", "200"])
-        .env("MIGRATE_LOG", "warn")
+        // The defaults a person gets: no log level chosen.
+        .env_remove("MIGRATE_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -372,6 +373,11 @@ fn demo_runs_end_to_end_and_cleans_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed\n{stdout}\n{stderr}");
+    // The report reads on its own: no INFO log lines, no colour codes, on either stream.
+    for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        assert!(!text.contains("INFO"), "INFO log lines on {name}:\n{text}");
+        assert!(!text.contains('\x1b'), "ANSI escapes on {name}:\n{text}");
+    }
     for expected in ["cutover: switched", "failed writes:       0", "lost writes:         0", "traffic paused for"] {
         assert!(stdout.contains(expected), "missing `{expected}`:\n{stdout}");
     }
@@ -401,7 +407,13 @@ fn preflight_names_what_is_wrong() {
     assert_eq!(r.code, 0, "{r:?}");
     let r = run(&mut s.migrate(&["cutover", bare.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("cutover.pgbouncer"), "{r:?}");
+    // Named where it belongs (the plan has no [cutover]: after its last line), not `line 1`.
+    let end = Oauth::plan_text().lines().count() + 1;
+    assert!(
+        r.stderr.contains(&format!(".toml:{end}: cutover.pgbouncer: cutover needs a [cutover.pgbouncer] section"))
+            && r.stderr.contains("add it at the end of the plan"),
+        "{r:?}"
+    );
 
     let (bouncer, plan) = setup(&s, "2s", "");
     let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));

@@ -7,6 +7,7 @@ mod capture;
 mod copy;
 mod crash;
 mod cutover;
+mod entries;
 mod identifiers;
 mod plan;
 mod security;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{run, Bouncer, Oauth};
+use crate::support::{replace_once, run, Bouncer, Oauth};
 
 #[test]
 fn fixture_plan_is_sound_and_shows_the_mapping() {
@@ -57,23 +57,29 @@ fn each_problem_is_named() {
     // Unknown source column in an expression.
     expect_problem(
         &s,
-        |p| p.replace("secret = \"client_secret\"", "secret = \"client_secrt\""),
+        |p| replace_once(&p, "secret = \"client_secret\"", "secret = \"client_secrt\""),
         &["table[1].columns.secret", "client_secrt", "does not exist"],
     );
     // Expression of the wrong type: text into jsonb without a cast.
     expect_problem(
         &s,
-        |p| p.replace("session_id_token = \"session_id_token::jsonb\"", "session_id_token = \"session_id_token\""),
+        |p| {
+            replace_once(
+                &p,
+                "session_id_token = \"session_id_token::jsonb\"",
+                "session_id_token = \"session_id_token\"",
+            )
+        },
         &["table[4].columns.session_id_token", "has type text", "is jsonb", "fix:"],
     );
     // Uncovered NOT NULL target column (nid has no default).
     expect_problem(
         &s,
         |p| {
-            p.replacen(
+            replace_once(
+                &p,
                 "nid = \"'5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11'::uuid\"   # new NOT NULL",
                 "# nid removed # new NOT NULL",
-                1,
             )
         },
         &["public.oauth2_clients.nid", "NOT NULL, has no default and is not mapped"],
@@ -81,13 +87,13 @@ fn each_problem_is_named() {
     // Missing table.
     expect_problem(
         &s,
-        |p| p.replace("public.hydra_oauth2_revocation", "public.hydra_oauth2_revocations"),
+        |p| replace_once(&p, "public.hydra_oauth2_revocation", "public.hydra_oauth2_revocations"),
         &["table[5].source", "hydra_oauth2_revocations does not exist on blue"],
     );
     // Unknown target column.
     expect_problem(
         &s,
-        |p| p.replace("reason = \"reason\"", "reason = \"reason\"\nreasons = \"reason\""),
+        |p| replace_once(&p, "reason = \"reason\"", "reason = \"reason\"\nreasons = \"reason\""),
         &["table[5].columns.reasons", "has no column `reasons`"],
     );
     // Line numbers are named for column problems.
@@ -95,7 +101,7 @@ fn each_problem_is_named() {
     let line = text.lines().position(|l| l.starts_with("secret = ")).unwrap() + 1;
     expect_problem(
         &s,
-        |p| p.replace("secret = \"client_secret\"", "secret = \"client_secrt\""),
+        |p| replace_once(&p, "secret = \"client_secret\"", "secret = \"client_secrt\""),
         &[&format!(":{line}: table[1].columns.secret")],
     );
 }
@@ -107,7 +113,7 @@ fn key_not_unique_on_either_side() {
     s.green.psql("CREATE UNIQUE INDEX ON oauth2_access_tokens (request_id)");
     expect_problem(
         &s,
-        |p| p.replacen("key = [\"signature\"]", "key = [\"request_id\"]", 1),
+        |p| replace_once(&p, "key = [\"signature\"]", "key = [\"request_id\"]"),
         &["table[2].key", "key (request_id) is not unique on blue"],
     );
     // Green: drop the unique key the composite key maps onto.
@@ -134,7 +140,7 @@ fn green_rows_and_replica_identity_are_prerequisites() {
 #[test]
 fn toml_errors_exit_2_with_line() {
     let s = Oauth::new(2000);
-    let text = Oauth::plan_text().replace("chunk_rows = 50000", "chunk_rows = 50000\nchunk_size = 1");
+    let text = replace_once(&Oauth::plan_text(), "chunk_rows = 50000", "chunk_rows = 50000\nchunk_size = 1");
     let line = text.lines().position(|l| l.starts_with("chunk_size")).unwrap() + 1;
     let plan = s.write_plan(&text);
     let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
@@ -182,8 +188,9 @@ fn unreachable_side_is_named_quickly() {
     let r = run(s
         .migrate(&["plan", plan.to_str().unwrap()])
         .env("GREEN_URL", "postgres://postgres:hunter2@127.0.0.1:1/green"));
-    assert_ne!(r.code, 0, "{r:?}");
-    assert!(r.stderr.contains("green") && r.stderr.contains("cannot connect"), "{r:?}");
+    // `plan` reports an unreachable database as a problem: exit 1 (not 3), naming the side.
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("error: green (postgres://postgres@127.0.0.1:1/green): cannot connect"), "{r:?}");
     assert!(!r.stderr.contains("hunter2") && !r.stdout.contains("hunter2"), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     // A host that swallows packets: the connect timeout names blue within 10 s.
@@ -193,8 +200,8 @@ fn unreachable_side_is_named_quickly() {
     let r = run(s
         .migrate(&["plan", plan.to_str().unwrap()])
         .env("BLUE_URL", format!("postgres://postgres@127.0.0.1:{port}/blue")));
-    assert_ne!(r.code, 0, "{r:?}");
-    assert!(r.stderr.contains("blue"), "{r:?}");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains(&format!("error: blue (postgres://postgres@127.0.0.1:{port}/blue): ")), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     drop(listener);
 }
@@ -221,10 +228,82 @@ fn pgbouncer_session_pool_mode_is_a_problem() {
 }
 
 /// Resolution against real catalogs with odd values in every place a plan names something:
-/// never a crash (exit 3 or a panic), always exit 1 or 2 with the table or field named; and
-/// nothing on blue is changed by a hostile expression.
+/// never a crash (exit 3 or a panic); exit 1 with a problem line naming the field, the table (and
+/// column) and what is wrong, or exit 2 with file, line and field for what the file alone rules
+/// out; exit 0 only for the two values that do make a sound plan. Nothing on blue is changed by
+/// a hostile expression: `plan` prepares expressions, it never runs them.
 #[test]
 fn odd_values_in_a_plan_are_problems_not_crashes() {
+    /// One place in the fixture plan (first occurrence of `from`) and what `plan` must say.
+    struct Place {
+        from: &'static str,
+        /// Replacement; `{}` is the value, escaped for a TOML string.
+        to: &'static str,
+        /// Texts one problem line on stdout must all contain; `{}` is the value as written.
+        problem: &'static [&'static str],
+        /// For the empty value: the file-level error (`FIELD: message`), exit 2. `None`: the
+        /// empty value reaches the databases and is a problem like the others.
+        empty: Option<&'static str>,
+        /// The one value that makes a sound plan here, if any.
+        sound: Option<&'static str>,
+    }
+    let places = [
+        Place {
+            from: "scopes = \"array_remove(string_to_array(scope, ' '), '')\"",
+            to: "scopes = \"{}\"",
+            problem: &["table[2].columns.scopes [public.oauth2_access_tokens.scopes]: expression `{}` "],
+            empty: Some("table[2].columns.scopes: empty expression"),
+            // integer[] may be assigned to text[] (element-wise, anything to text).
+            sound: Some("ARRAY[1,2]"),
+        },
+        Place {
+            from: "key = [\"signature\"]",
+            to: "key = [\"{}\"]",
+            problem: &[
+                "table[2].key [public.oauth2_access_tokens.{}]: ",
+                "key column `{}` does not exist on blue public.hydra_oauth2_access",
+            ],
+            empty: None,
+            sound: None,
+        },
+        Place {
+            from: "source = \"public.hydra_oauth2_refresh\"",
+            to: "source = \"{}\"",
+            problem: &[
+                "table[3].source [public.oauth2_refresh_tokens]: source table public.",
+                " does not exist on blue",
+            ],
+            empty: Some("table[3].source: empty name part in ``"),
+            sound: None,
+        },
+        Place {
+            from: "target = \"public.oauth2_revocations\"",
+            to: "target = \"{}\"",
+            problem: &["table[5].target [public.", "]: target table public.", " does not exist on green"],
+            empty: Some("table[5].target: empty name part in ``"),
+            sound: None,
+        },
+        Place {
+            // The key column `subject` is no longer mapped verbatim, whatever the value.
+            from: "subject = \"subject\"\nclient_id",
+            to: "subject = \"{}\"\nclient_id",
+            problem: &[
+                "table[4].key [public.oauth2_consent_sessions.subject]: ",
+                "key column `subject` is not mapped verbatim to any target column of public.oauth2_consent_sessions",
+            ],
+            empty: Some("table[4].columns.subject: empty expression"),
+            sound: None,
+        },
+        Place {
+            from: "key = [\"request_id\"]",
+            to: "filter = \"{}\"\nkey = [\"request_id\"]",
+            problem: &["table[5].filter [public.oauth2_revocations]: filter "],
+            empty: None,
+            // A boolean, so a valid filter. `plan` only prepares it: were it run, it would end
+            // plan's own session on blue (exit 3).
+            sound: Some("pg_terminate_backend(pg_backend_pid())"),
+        },
+    ];
     let s = Oauth::new(2000);
     let base = Oauth::plan_text();
     let odd = [
@@ -242,27 +321,33 @@ fn odd_values_in_a_plan_are_problems_not_crashes() {
         "\\\"",
         "",
     ];
-    let places: [(&str, &str); 6] = [
-        ("scopes = \"array_remove(string_to_array(scope, ' '), '')\"", "scopes = \"{}\""),
-        ("key = [\"signature\"]", "key = [\"{}\"]"),
-        ("source = \"public.hydra_oauth2_refresh\"", "source = \"{}\""),
-        ("target = \"public.oauth2_revocations\"", "target = \"{}\""),
-        ("subject = \"subject\"\nclient_id", "subject = \"{}\"\nclient_id"),
-        ("key = [\"request_id\"]", "filter = \"{}\"\nkey = [\"request_id\"]"),
-    ];
     let mut cases = 0;
-    for (from, to) in places {
-        assert!(base.contains(from), "fixture plan changed: `{from}` not found");
+    for place in &places {
         for value in odd {
-            let text = base.replacen(from, &to.replace("{}", &value.replace('\\', "\\\\").replace('"', "\\\"")), 1);
+            let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+            let text = replace_once(&base, place.from, &place.to.replace("{}", &escaped));
             let plan = s.write_plan(&text);
             let r = run(&mut s.migrate(&["plan", plan.to_str().unwrap()]));
             cases += 1;
-            match r.code {
-                0 => {}
-                1 => assert!(r.stdout.contains("table") || r.stdout.contains("field"), "{value}: {r:?}"),
-                2 => assert!(r.stderr.contains(".toml:"), "{value}: exit 2 without file and line: {r:?}"),
-                _ => panic!("`{value}` in `{to}` crashed plan: {r:?}"),
+            let what = format!("`{value}` in `{}`", place.to);
+            assert!(matches!(r.code, 0..=2), "{what} crashed plan: {r:?}");
+            if place.sound == Some(value) {
+                assert_eq!(r.code, 0, "{what} makes a sound plan: {r:?}");
+                assert!(r.stdout.contains("\nplan is sound\n"), "{what}: {r:?}");
+            } else if let (true, Some(error)) = (value.is_empty(), place.empty) {
+                assert_eq!(r.code, 2, "{what}: {r:?}");
+                let error = format!(": {error}");
+                assert!(
+                    r.stderr.lines().any(|l| l.contains(".toml:") && l.contains(&error)),
+                    "{what}: exit 2 without file, line and `{error}`: {r:?}"
+                );
+            } else {
+                assert_eq!(r.code, 1, "{what}: {r:?}");
+                let needles: Vec<String> = place.problem.iter().map(|n| n.replace("{}", value)).collect();
+                assert!(
+                    r.stdout.lines().any(|l| needles.iter().all(|n| l.contains(n.as_str()))),
+                    "{what}: no problem line with all of {needles:?}: {r:?}"
+                );
             }
         }
     }

@@ -32,6 +32,10 @@ fn equal_data_verifies() {
         "public.oauth2_access_tokens",
     ]));
     assert_eq!(j.code, 0, "{j:?}");
+    // A table the plan does not have is a usage error.
+    let nope = run(&mut s.migrate(&["verify", plan.to_str().unwrap(), "--table", "public.nope"]));
+    assert_eq!(nope.code, 2, "{nope:?}");
+    assert!(nope.stderr.contains("--table public.nope: no such table in the plan"), "{nope:?}");
     let v: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
     assert_eq!(v["equal"], true);
     assert_eq!(v["tables"].as_array().unwrap().len(), 1);
@@ -89,7 +93,7 @@ fn tampering_gets_exactly_the_right_verdict() {
     let total: u64 = v["tables"].as_array().unwrap().iter().map(|t| t["differences_total"].as_u64().unwrap()).sum();
     assert_eq!(total, 4, "exactly the four real differences: {}", j.stdout);
     let bad = s.green.psql(
-        &s.sql("SELECT string_agg(DISTINCT target, ',' ORDER BY target) FROM bluegreen_oauth_v2.verified WHERE NOT ok"),
+        &s.sql("SELECT string_agg(DISTINCT tbl, ',' ORDER BY tbl) FROM bluegreen_oauth_v2.verified WHERE NOT ok"),
     );
     assert_eq!(bad, "public.oauth2_access_tokens,public.oauth2_clients,public.oauth2_revocations");
 }

@@ -9,7 +9,7 @@ use tracing::info;
 
 use super::{
     pgoutput::{self, Message, Relation},
-    store, KeyEvent, POLL_CHANGES,
+    KeyEvent, POLL_CHANGES,
 };
 use crate::{
     error::{pg_message, Error, Result},
@@ -92,9 +92,9 @@ impl Logical {
             .get(0))
     }
 
-    /// A position every transaction committed so far on blue lies before; see [`commit_point`].
+    /// A position every transaction committed so far on blue lies before; see [`crate::pg::commit_point`].
     pub async fn committed_lsn(&self) -> Result<i64> {
-        commit_point(&self.blue).await
+        crate::pg::commit_point(&self.blue).await
     }
 
     /// One capture round; see [`super::Capture::poll`].
@@ -117,10 +117,8 @@ impl Logical {
         // With nothing decoded, every commit before `now` is known to be captured.
         let position = end.unwrap_or(now).max(self.captured);
         let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
-        store(&tx, state, &events).await?;
-        tx.execute(&format!("UPDATE {} SET capture_lsn = $1 WHERE id = 1", state.table("migration")), &[&position])
-            .await
-            .map_err(Error::db("green: saving the capture position"))?;
+        state.store_keys(&tx, &events).await?;
+        state.set_capture_lsn(&tx, position).await?;
         tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
         crate::fault::point("capture.stored").await;
         if position > self.captured {
@@ -179,7 +177,11 @@ impl Logical {
                     if !pending_tx.is_empty() {
                         xids.extend(xid.take());
                     }
-                    events.extend(pending_tx.drain(..).map(|(table, key)| KeyEvent { table, key, lsn }));
+                    events.extend(pending_tx.drain(..).map(|(i, key)| KeyEvent {
+                        table: self.tables[i].id.clone(),
+                        key,
+                        lsn,
+                    }));
                     end = Some(lsn);
                 }
                 Message::Begin { xid: x } => xid = Some(x),
@@ -251,37 +253,6 @@ async fn confirmed_position(blue: &Client, slot: &str) -> Result<Option<i64>> {
         .await
         .map_err(Error::db("blue: looking for the replication slot"))?
         .map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0)))
-}
-
-/// A blue WAL position that every transaction committed so far lies before, and that decoding
-/// can reach. Under `synchronous_commit = off` a commit is visible before its WAL is flushed,
-/// and decoding reads only flushed WAL; so commit a tiny transaction with synchronous_commit on
-/// (a transactional logical message, which pgoutput ignores unless asked), which flushes every
-/// earlier record, and return the flush position after it.
-pub async fn commit_point(blue: &Client) -> Result<i64> {
-    let flushed = blue
-        .batch_execute(
-            "BEGIN; SET LOCAL synchronous_commit = on; \
-             SELECT pg_logical_emit_message(true, 'bluegreen', 'commit point'); COMMIT",
-        )
-        .await;
-    if let Err(e) = flushed {
-        let _ = blue.batch_execute("ROLLBACK").await;
-        // Without the privilege, wait out the WAL writer (it flushes within 3 x wal_writer_delay).
-        tracing::debug!(error = %pg_message(&e), "cannot emit a logical message; waiting for the WAL writer instead");
-        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-        let flush: i64 = blue
-            .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
-            .await
-            .map_err(Error::db("blue: reading the WAL position"))?
-            .get(0);
-        return Ok(flush);
-    }
-    Ok(blue
-        .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
-        .await
-        .map_err(Error::db("blue: reading the WAL position"))?
-        .get(0))
 }
 
 /// Stops following when blue's table no longer has the columns the plan was resolved against.

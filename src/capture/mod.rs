@@ -22,17 +22,7 @@ use crate::{
 /// Keys read per poll; bounds one green transaction.
 pub const POLL_CHANGES: i32 = 20_000;
 
-/// A key event: table index in the resolved plan, key values in text form, and the blue WAL
-/// position of the change (for lag).
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyEvent {
-    /// Index into `ResolvedPlan::tables`.
-    pub table: usize,
-    /// Key column values, text form.
-    pub key: Vec<String>,
-    /// Blue LSN of the change, as bytes from 0/0.
-    pub lsn: i64,
-}
+pub use crate::state::KeyEvent;
 
 /// Where "caught up" is, for `--no-follow`.
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +115,43 @@ impl Capture {
     }
 }
 
+/// What capture holds on blue: WAL retained by the slot, rows waiting in the change table.
+pub async fn blue_retention(plan: &Plan, blue: &Client) -> Result<serde_json::Value> {
+    let name = crate::state::slot_name(&plan.name);
+    let slot = blue
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, active FROM pg_catalog.pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::db("blue: reading the replication slot"))?;
+    let changes = format!("{}.changes", crate::pg::ident(&crate::state::schema_name(&plan.name)));
+    let change_rows: Option<i64> = blue
+        .query_one(
+            "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE pg_total_relation_size($1)::int8 END",
+            &[&changes],
+        )
+        .await
+        .map_err(Error::db("blue: reading the change table"))?
+        .get(0);
+    let retained = slot.as_ref().and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0).max(change_rows.unwrap_or(0));
+    let warning = (retained as u64 > plan.warn_retained_bytes).then(|| {
+        format!(
+            "capture holds {} on blue (slot or change table {name}); if no `migrate copy` of this plan is running \
+             and none will be, run `migrate cleanup {}` before blue's disk fills",
+            crate::plan::render_size(retained as u64),
+            plan.path.display()
+        )
+    });
+    Ok(serde_json::json!({
+        "slot": slot.is_some(),
+        "slot_active": slot.as_ref().map(|r| r.get::<_, bool>(1)),
+        "retained_bytes": retained,
+        "warning": warning,
+    }))
+}
+
 /// The error that stops following when a planned table was truncated on blue: a TRUNCATE is no
 /// row change, so green would silently keep the rows.
 pub fn truncated(tables: &[String]) -> Error {
@@ -142,38 +169,4 @@ pub async fn remove(plan: &Plan, blue: &Client) -> Result<()> {
     blue.batch_execute("SET default_transaction_read_only = off").await.map_err(Error::db("blue: cleanup session"))?;
     logical::drop_objects(blue, &plan.name).await?;
     trigger::drop_objects(blue, plan).await
-}
-
-/// Stores key events in pending (newest position wins; a fresh `seq` marks the key as changed
-/// again, so an apply that read the older entry will not delete this one).
-pub async fn store(tx: &tokio_postgres::Transaction<'_>, state: &State, events: &[KeyEvent]) -> Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    // One row per key: ON CONFLICT cannot touch the same row twice in one statement.
-    let mut latest: std::collections::HashMap<(usize, &[String]), i64> = std::collections::HashMap::new();
-    for e in events {
-        let l = latest.entry((e.table, e.key.as_slice())).or_insert(e.lsn);
-        *l = (*l).max(e.lsn);
-    }
-    let events: Vec<KeyEvent> =
-        latest.into_iter().map(|((table, key), lsn)| KeyEvent { table, key: key.to_vec(), lsn }).collect();
-    let tables: Vec<i32> = events.iter().map(|e| e.table as i32).collect();
-    // Keys travel as one text per event (a JSON array) because arrays of arrays do not unnest.
-    let keys: Vec<String> = events.iter().map(|e| serde_json::to_string(&e.key).unwrap_or_default()).collect();
-    let lsns: Vec<i64> = events.iter().map(|e| e.lsn).collect();
-    tx.execute(
-        &format!(
-            "INSERT INTO {pending} (tbl, key, seq, lsn) \
-             SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), nextval('{seq}'), l \
-             FROM unnest($1::int[], $2::text[], $3::int8[]) AS e(t, k, l) \
-             ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, lsn = EXCLUDED.lsn",
-            pending = state.table("pending"),
-            seq = state.table("pending_seq").replace('\'', "''"),
-        ),
-        &[&tables, &keys, &lsns],
-    )
-    .await
-    .map_err(Error::db("green: storing captured keys"))?;
-    Ok(())
 }

@@ -7,7 +7,7 @@
 use tokio_postgres::Client;
 use tracing::info;
 
-use super::{store, KeyEvent, POLL_CHANGES};
+use super::{KeyEvent, POLL_CHANGES};
 use crate::{
     error::{Error, Result},
     pg::{ident, literal},
@@ -30,7 +30,7 @@ impl Trigger {
         blue.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {schema};
              CREATE TABLE IF NOT EXISTS {schema}.changes (
-                 id bigserial PRIMARY KEY, tbl int NOT NULL, key text[],
+                 id bigserial PRIMARY KEY, tbl text NOT NULL, key text[],
                  truncated boolean NOT NULL DEFAULT false,
                  xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
                  lsn pg_lsn NOT NULL DEFAULT pg_current_wal_insert_lsn());"
@@ -38,7 +38,8 @@ impl Trigger {
         .await
         .map_err(Error::db("blue: creating the change table"))?;
         let raw = schema_name(&plan.name);
-        for (i, t) in resolved.tables.iter().enumerate() {
+        drop_stale_triggers(&blue, &raw, resolved).await?;
+        for t in &resolved.tables {
             let present: i64 = blue
                 .query_one(
                     "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3)",
@@ -50,7 +51,7 @@ impl Trigger {
             if present == 2 {
                 continue;
             }
-            ddl_with_lock_timeout(&blue, &trigger_sql(&schema, i, t), &format!("capture triggers on {}", t.source))
+            ddl_with_lock_timeout(&blue, &trigger_sql(&schema, t), &format!("capture triggers on {}", t.source))
                 .await?;
         }
         info!(tables = resolved.tables.len(), "capture triggers installed");
@@ -88,21 +89,23 @@ impl Trigger {
         let mut ids = Vec::with_capacity(rows.len());
         let mut events = Vec::with_capacity(rows.len());
         for r in &rows {
-            let table = r.get::<_, i32>(1) as usize;
+            let id: String = r.get(1);
+            let table = self.tables.iter().find(|t| t.id.as_str() == id);
             if r.get::<_, bool>(3) {
-                let names: Vec<String> = self.tables.get(table).map(|t| t.source.to_string()).into_iter().collect();
+                let names: Vec<String> = table.map(|t| t.source.to_string()).into_iter().collect();
                 return Err(super::truncated(&names));
             }
             ids.push(r.get::<_, i64>(0));
             let key: Vec<String> = r
                 .try_get(2)
                 .map_err(|e| Error::Runtime(format!("blue: change {} has an unusable key: {e}", r.get::<_, i64>(0))))?;
-            if table < self.tables.len() {
-                events.push(KeyEvent { table, key, lsn: r.get(4) });
+            // A change of an entry the plan no longer has is dropped with the others.
+            if let Some(t) = table {
+                events.push(KeyEvent { table: t.id.clone(), key, lsn: r.get(4) });
             }
         }
         let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
-        store(&tx, state, &events).await?;
+        state.store_keys(&tx, &events).await?;
         tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
         // Only now that green holds them may blue forget them.
         self.blue
@@ -194,17 +197,52 @@ async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<(
     )))
 }
 
-/// The trigger function and triggers for table `i`. Keys are taken with `to_jsonb(...) #>> '{}'`,
+/// Removes our triggers from tables the plan no longer captures (an entry removed from the plan):
+/// their changes would only pile up in the change table.
+async fn drop_stale_triggers(blue: &Client, raw: &str, resolved: &ResolvedPlan) -> Result<()> {
+    let stale: Vec<String> = blue
+        .query(
+            "SELECT DISTINCT tgrelid::regclass::text FROM pg_catalog.pg_trigger WHERE tgname IN ($1, $2)",
+            &[&format!("{raw}_capture"), &format!("{raw}_truncate")],
+        )
+        .await
+        .map_err(Error::db("blue: looking for capture triggers"))?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    let planned: Vec<String> = resolved.tables.iter().map(|t| t.source.quoted()).collect();
+    for rel in stale {
+        let still: bool = blue
+            .query_one("SELECT $1::text::regclass = ANY($2::text[]::regclass[])", &[&rel, &planned])
+            .await
+            .map_err(Error::db("blue: looking for capture triggers"))?
+            .get(0);
+        if still {
+            continue;
+        }
+        let sql = format!(
+            "DROP TRIGGER IF EXISTS {} ON {rel}; DROP TRIGGER IF EXISTS {} ON {rel}",
+            ident(&format!("{raw}_capture")),
+            ident(&format!("{raw}_truncate")),
+        );
+        ddl_with_lock_timeout(blue, &sql, &format!("removing capture triggers from {rel} (no longer planned)")).await?;
+        info!(table = %rel, "capture triggers removed: the plan no longer has this table");
+    }
+    Ok(())
+}
+
+/// The trigger function and triggers for entry `t`, named by its id. Keys are taken with `to_jsonb(...) #>> '{}'`,
 /// whose text form does not depend on the writing session's DateStyle. The functions run as
 /// their owner (SECURITY DEFINER, fixed search_path) so the application's roles need no rights
 /// on our schema: their writes must never fail because of capture.
-fn trigger_sql(schema: &str, i: usize, t: &ResolvedTable) -> String {
+fn trigger_sql(schema: &str, t: &ResolvedTable) -> String {
     let keys = |rec: &str| {
         t.key.iter().map(|k| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(&k.source))).collect::<Vec<_>>().join(", ")
     };
     let tuple = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", ident(&k.source))).collect::<Vec<_>>().join(", ");
-    let func = format!("{schema}.{}", ident(&format!("capture_{i}")));
-    let tfunc = format!("{schema}.{}", ident(&format!("truncated_{i}")));
+    let func = format!("{schema}.{}", ident(&format!("capture_{}", t.id.short())));
+    let tfunc = format!("{schema}.{}", ident(&format!("truncated_{}", t.id.short())));
+    let i = literal(t.id.as_str());
     let name = ident(&format!("{}_capture", schema_name_of(schema)));
     let tname = ident(&format!("{}_truncate", schema_name_of(schema)));
     let src = t.source.quoted();

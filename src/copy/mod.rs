@@ -7,12 +7,11 @@
 mod chunk;
 mod indexes;
 mod progress;
-mod shutdown;
 mod throttle;
 
+pub use crate::shutdown::Shutdown;
 pub use chunk::{condition, Chunk};
 pub use indexes::BUILD_SETTINGS;
-pub use shutdown::Shutdown;
 
 use std::{
     collections::VecDeque,
@@ -31,7 +30,7 @@ use crate::{
     follow::{Follower, Stop},
     pg::{catalog::DeferredObject, ident, literal},
     plan::{Plan, ResolvedPlan, ResolvedTable},
-    state::{Phase, State, TableState},
+    state::{ChunkRecord, Phase, State, TableId, TableState},
 };
 use progress::Progress;
 use throttle::Throttle;
@@ -104,6 +103,18 @@ pub async fn copy_tables(
     state.ensure(green, &plan.name).await?;
     match state.phase(green).await? {
         Some(Phase::Planned) | Some(Phase::Copying) | None => state.set_phase(green, &Phase::Copying).await?,
+        Some(p @ (Phase::Following { .. } | Phase::Aborted { .. })) => {
+            // A table added to the plan since the copy finished is copied now, under a new
+            // snapshot taken after its capture began; the others are left as they are.
+            let done = state.done_tables(green).await?;
+            let added: Vec<&TableId> = resolved.tables.iter().map(|t| &t.id).filter(|id| !done.contains(id)).collect();
+            if added.is_empty() {
+                info!(phase = p.name(), "copy already finished");
+                return Ok(true);
+            }
+            info!(tables = ?added, "the plan has entries not copied yet; copying them");
+            state.set_phase(green, &Phase::Copying).await?;
+        }
         Some(p) => {
             info!(phase = p.name(), "copy already finished");
             return Ok(true);
@@ -194,52 +205,43 @@ async fn prepare_table(
     green: &mut Client,
     t: &ResolvedTable,
 ) -> Result<Prepared> {
-    let target = t.target.to_string();
-    let chunks_table = state.table("chunks");
-    let tables_table = state.table("tables");
     let planned = chunk::plan_chunks(blue, t, plan.copy.chunk_rows).await?;
-    if let Some((st, defs)) = state.table_state(green, &target).await? {
-        let recorded: Option<i64> = green
-            .query_one(&format!("SELECT source_filenode FROM {tables_table} WHERE target = $1"), &[&target])
-            .await
-            .map_err(Error::db(format!("green: reading state of {target}")))?
-            .get(0);
+    if let Some((st, defs)) = state.table_state(green, &t.id).await? {
+        let recorded = state.source_filenode(green, &t.id).await?;
         let rewritten = recorded.is_some_and(|f| f != planned.filenode);
         if st == TableState::Done || (st != TableState::Pending && !rewritten) {
-            return load_chunks(green, state, &target, st, defs).await;
+            return load_chunks(green, state, &t.id, st, defs).await;
         }
         if rewritten {
             warn!(table = %t.source, "blue heap was rewritten (VACUUM FULL, CLUSTER?) since the copy began; copying the table again");
             let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
             tx.batch_execute(&format!("TRUNCATE {}", t.target.quoted()))
                 .await
-                .map_err(Error::db(format!("green: emptying {target}")))?;
-            tx.execute(&format!("DELETE FROM {chunks_table} WHERE target = $1"), &[&target])
-                .await
-                .map_err(Error::db("green: resetting chunks"))?;
+                .map_err(Error::db(format!("green: emptying {}", t.target)))?;
+            state.reset_chunks(&tx, &t.id).await?;
             tx.commit().await.map_err(Error::db("green: resetting chunks"))?;
         }
     }
     let defs = if plan.copy.defer_indexes { t.deferred.clone() } else { Vec::new() };
+    let records: Vec<ChunkRecord> = planned
+        .chunks
+        .iter()
+        .map(|c| ChunkRecord {
+            number: c.number,
+            first_block: c.first_block,
+            end_block: c.end_block,
+            done: false,
+            rows: 0,
+        })
+        .collect();
     let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
-    for c in &planned.chunks {
-        tx.execute(
-            &format!("INSERT INTO {chunks_table} (target, chunk, first_block, end_block) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"),
-            &[&target, &c.number, &c.first_block, &c.end_block],
-        )
-        .await
-        .map_err(Error::db(format!("green: recording chunks of {target}")))?;
-    }
+    state.add_chunks(&tx, &t.id, &records).await?;
     indexes::drop_all(&tx, &defs).await?;
-    state.set_table_state(&tx, &target, TableState::Loading, t.estimate.rows, Some(&defs)).await?;
-    tx.execute(
-        &format!("UPDATE {tables_table} SET source_filenode = $2 WHERE target = $1"),
-        &[&target, &planned.filenode],
-    )
-    .await
-    .map_err(Error::db(format!("green: recording chunks of {target}")))?;
-    tx.commit().await.map_err(Error::db(format!("green: recording chunks of {target}")))?;
-    info!(table = %target, chunks = planned.chunks.len(), deferred = defs.len(), "table planned");
+    state
+        .begin_table(&tx, &t.id, &t.target.to_string(), t.estimate.rows, &defs, &t.definition(), planned.filenode)
+        .await?;
+    tx.commit().await.map_err(Error::db(format!("green: recording chunks of {}", t.target)))?;
+    info!(table = %t.id, chunks = planned.chunks.len(), deferred = defs.len(), "table planned");
     Ok(Prepared { state: TableState::Loading, pending: planned.chunks, deferred: defs, rows_copied: 0, resumed: false })
 }
 
@@ -247,24 +249,18 @@ async fn prepare_table(
 async fn load_chunks(
     green: &Client,
     state: &State,
-    target: &str,
+    id: &TableId,
     st: TableState,
     deferred: Vec<DeferredObject>,
 ) -> Result<Prepared> {
-    let rows = green
-        .query(
-            &format!("SELECT chunk, first_block, end_block, done, COALESCE(rows, 0) FROM {} WHERE target = $1 ORDER BY chunk", state.table("chunks")),
-            &[&target],
-        )
-        .await
-        .map_err(Error::db(format!("green: reading chunks of {target}")))?;
-    let rows_copied: i64 = rows.iter().filter(|r| r.get::<_, bool>(3)).map(|r| r.get::<_, i64>(4)).sum();
-    let pending: Vec<Chunk> = rows
+    let chunks = state.chunks(green, id).await?;
+    let rows_copied: i64 = chunks.iter().filter(|c| c.done).map(|c| c.rows).sum();
+    let pending: Vec<Chunk> = chunks
         .iter()
-        .filter(|r| !r.get::<_, bool>(3))
-        .map(|r| Chunk { number: r.get(0), first_block: r.get(1), end_block: r.get(2) })
+        .filter(|c| !c.done)
+        .map(|c| Chunk { number: c.number, first_block: c.first_block, end_block: c.end_block })
         .collect();
-    let resumed = pending.len() < rows.len();
+    let resumed = pending.len() < chunks.len();
     Ok(Prepared { state: st, pending, deferred, rows_copied: rows_copied as u64, resumed })
 }
 
@@ -400,23 +396,10 @@ async fn copy_chunk(
             .await
             .map_err(|e| fail("green staging", e))?;
     }
-    tx.execute(
-        &format!(
-            "UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, epoch = $6, finished_at = now() \
-             WHERE target = $1 AND chunk = $2",
-            shared.state.table("chunks")
-        ),
-        &[
-            &t.target.to_string(),
-            &chunk.number,
-            &(rows as i64),
-            &(bytes as i64),
-            &started.elapsed().as_secs_f64(),
-            &shared.epoch,
-        ],
-    )
-    .await
-    .map_err(|e| fail("green state", e))?;
+    shared
+        .state
+        .chunk_done(&tx, &t.id, chunk.number, rows, bytes, started.elapsed().as_secs_f64(), shared.epoch)
+        .await?;
     tx.commit().await.map_err(|e| fail("green commit", e))?;
     Ok((rows, bytes))
 }
@@ -424,14 +407,14 @@ async fn copy_chunk(
 async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let target = t.target.to_string();
-    shared.state.set_table_state(green, &target, TableState::Indexing, t.estimate.rows, None).await?;
+    shared.state.set_table_state(green, &t.id, TableState::Indexing).await?;
     crate::fault::point("copy.rebuild").await;
     let started = Instant::now();
     if shared.resumed[table] && shared.plan.copy.defer_indexes {
         dedup(green, &shared.state, t).await?;
     }
     indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table]).await?;
-    shared.state.set_table_state(green, &target, TableState::Done, t.estimate.rows, None).await?;
+    shared.state.set_table_state(green, &t.id, TableState::Done).await?;
     shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
     Ok(())
 }
@@ -440,14 +423,7 @@ async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
 /// two runs may sit in a block range of each). Which copy stays does not matter: the update that
 /// moved the row was captured, and apply re-reads that key from blue once the table is done.
 async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
-    let runs: i64 = green
-        .query_one(
-            &format!("SELECT count(DISTINCT epoch) FROM {} WHERE target = $1", state.table("chunks")),
-            &[&t.target.to_string()],
-        )
-        .await
-        .map_err(Error::db("green: reading chunk runs"))?
-        .get(0);
+    let runs = state.chunk_runs(green, &t.id).await?;
     if runs < 2 {
         return Ok(());
     }
@@ -473,6 +449,7 @@ async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
 pub async fn run(
     plan: &Plan,
     resolved: &ResolvedPlan,
+    removed: &[TableId],
     mut green: Client,
     shutdown: Shutdown,
     no_follow: bool,
@@ -483,6 +460,11 @@ pub async fn run(
     if state.phase(&green).await? == Some(Phase::Switched) {
         info!("this migration is switched already; nothing to copy or follow");
         return Ok(());
+    }
+    if !removed.is_empty() {
+        // Capture setup below drops their triggers or publication membership on blue.
+        state.forget_tables(&green, removed).await?;
+        info!(tables = ?removed, "entries no longer in the plan: their capture and state are removed, their green rows stay");
     }
     // Capture starts before the copy's snapshot: every change the copy might miss is captured.
     let capture = Capture::setup(plan, resolved, plan.blue.connect().await?).await?;

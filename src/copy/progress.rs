@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tracing::info;
 
 /// Counters shared by the copy workers.
@@ -36,7 +36,8 @@ impl Progress {
         let total: u64 = tables.iter().map(|t| t.1.max(t.2)).sum();
         let done: u64 = tables.iter().map(|t| t.2).sum();
         let bars = std::io::stderr().is_terminal().then(|| {
-            let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            // The process's one bar set: log lines lift it while they print.
+            let mp = crate::output::bars().clone();
             let overall = mp.add(ProgressBar::new(total));
             overall.set_style(
                 ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} rows {per_sec} ETA {eta} {msg}")

@@ -11,33 +11,24 @@
 //! cutover killed half-way is finished or rolled back by the next `cutover` or by the running
 //! follower: PgBouncer is never left paused.
 
-mod bouncer;
-pub mod databases_file;
-
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-pub use bouncer::{plain_name, Bouncer, Paused};
+use crate::pgbouncer::{databases_file, plain_name, Bouncer, Paused};
 
 use crate::{
     apply,
     capture::Capture,
-    copy::Shutdown,
     error::{pg_message, Error, Result},
-    follow::gate_key,
     pg::{ident, ConnInfo, Side},
     plan::{Check, PgbouncerSettings, Plan, ResolvedPlan},
-    state::{Phase, State},
+    shutdown::Shutdown,
+    state::{CutoverStep, Phase, State},
     verify::KeyCheck,
-    Outcome,
 };
 
-/// Recorded steps from which traffic may be on green (see [`green_may_be_live`]).
-const STEP_CATCH_UP: &str = "catch-up";
-const STEP_PAUSE: &str = "pause";
-const STEP_REPOINT: &str = "repoint";
 /// Catching up before the pause may take this long; beyond it the follower is too far behind.
 const CATCH_UP_BUDGET: Duration = Duration::from_secs(120);
 /// Waiting for the cutover lock (held briefly by a follower recovering a dead cutover).
@@ -49,25 +40,30 @@ const CHECK_KEYS: usize = 5_000;
 /// Keys named when the final check finds differences.
 const SHOW_KEYS: usize = 5;
 
-/// Whether a cutover that reached `step` may have traffic on green already: from the repoint
-/// on, blue's rows must never be written to green again.
-pub fn green_may_be_live(step: &str) -> bool {
-    step == STEP_REPOINT
-}
-
 fn cutover_lock_key(plan: &str) -> String {
     format!("bluegreen.cutover:{plan}")
 }
 
 fn settings(plan: &Plan) -> Result<&PgbouncerSettings> {
-    plan.cutover.pgbouncer.as_ref().ok_or_else(|| Error::PlanInvalid {
-        path: plan.path.clone(),
-        problems: vec![crate::error::PlanProblem {
-            line: 1,
-            field: "cutover.pgbouncer".into(),
-            message: "cutover needs a [cutover.pgbouncer] section (admin_url, database, databases_file, green_dsn)"
-                .into(),
-        }],
+    plan.cutover.pgbouncer.as_ref().ok_or_else(|| {
+        // Where the section belongs: under `[cutover]` when the plan has one, else at the end.
+        let text = std::fs::read_to_string(&plan.path).unwrap_or_default();
+        let cutover = text.lines().position(|l| l.trim_start().starts_with("[cutover]"));
+        let (line, place) = match cutover {
+            Some(i) => (i + 1, "below [cutover]"),
+            None => (text.lines().count() + 1, "at the end of the plan"),
+        };
+        Error::PlanInvalid {
+            path: plan.path.clone(),
+            problems: vec![crate::error::PlanProblem {
+                line,
+                field: "cutover.pgbouncer".into(),
+                message: format!(
+                    "cutover needs a [cutover.pgbouncer] section (admin_url, database, databases_file, \
+                     green_dsn); add it {place}"
+                ),
+            }],
+        }
     })
 }
 
@@ -80,9 +76,9 @@ async fn try_lock(green: &Client, key: &str) -> Result<bool> {
 }
 
 /// `migrate cutover`: preflight, then (unless `dry_run`) the switch.
-pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: Shutdown) -> Result<Outcome> {
+pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: Shutdown) -> Result<Report> {
     let pb = settings(plan)?;
-    let (blue, green) = crate::connect_both(plan).await?;
+    let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
     // A follower finishing a recovery holds the lock for a moment: wait briefly, not forever.
     green
         .batch_execute(&format!("SET lock_timeout = '{CUTOVER_LOCK_WAIT}'"))
@@ -97,43 +93,96 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: 
     }
     let state = State::new(&plan.name);
     if !state.exists(&green).await? {
-        println!("cutover not attempted: no migration state on green; run `migrate copy` first");
-        return Ok(Outcome::Problems);
+        return Ok(Report::ended(Ended::NoState));
     }
     state.ensure(&green, &plan.name).await?;
     if let Some(Phase::CuttingOver { step }) = state.phase(&green).await? {
         warn!(step = %step, "an earlier cutover stopped half-way; recovering it first");
-        recover(pb, &green, &state, &step).await?;
+        recover(pb, &green, &state, step).await?;
     }
     if state.phase(&green).await? == Some(Phase::Switched) {
-        println!("already switched: PgBouncer database `{}` points at green", pb.database);
-        return Ok(Outcome::Ok);
+        return Ok(Report::ended(Ended::AlreadySwitched { database: pb.database.clone() }));
     }
     let checks = preflight(plan, pb, resolved, &blue, &green, &state).await?;
     let failed = checks.iter().filter(|c| !c.ok).count();
-    println!("preflight:");
-    for c in &checks {
-        println!("  [{}] {}: {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
-    }
-    if failed > 0 {
-        println!("cutover not attempted: {failed} check(s) failed; traffic stays on blue");
-        return Ok(Outcome::Problems);
-    }
-    if dry_run {
-        println!("dry run: every check passed; nothing was changed");
-        return Ok(Outcome::Ok);
+    let ended = if failed > 0 {
+        Some(Ended::ChecksFailed { failed })
+    } else if dry_run {
+        Some(Ended::DryRunPassed)
+    } else {
+        None
+    };
+    if let Some(ended) = ended {
+        return Ok(Report { checks, ..Report::ended(ended) });
     }
     let mut switch = Switch::new(plan, pb, resolved, blue, green, state).await?;
     let span = tracing::info_span!("cutover", plan = %plan.name, database = %pb.database);
     let result = tracing::Instrument::instrument(switch.execute(&shutdown), span).await;
-    switch.finish(result).await
+    let mut report = switch.finish(result).await?;
+    report.checks = checks;
+    Ok(report)
+}
+
+/// How a cutover ended, when it did not fail.
+#[derive(Debug, Clone)]
+pub enum Ended {
+    /// No migration state on green: not attempted.
+    NoState,
+    /// An earlier cutover switched already.
+    AlreadySwitched {
+        /// The PgBouncer database.
+        database: String,
+    },
+    /// Preflight found problems: not attempted, traffic stays on blue.
+    ChecksFailed {
+        /// How many checks failed.
+        failed: usize,
+    },
+    /// `--dry-run`: every check passed, nothing changed.
+    DryRunPassed,
+    /// Traffic is on green.
+    Switched {
+        /// The PgBouncer database.
+        database: String,
+    },
+    /// Rolled back: traffic stays on blue, following continues.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What `cutover` did, for the command layer to print.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Preflight checks, in order (empty when preflight did not run).
+    pub checks: Vec<Check>,
+    /// How it ended.
+    pub ended: Ended,
+    /// Each step with its milliseconds.
+    pub timeline: Vec<(String, f64)>,
+    /// Sequences set on green: `sequence`, `blue`, `set`.
+    pub sequences: Vec<serde_json::Value>,
+    /// PAUSE sent to RESUME done, when traffic was paused.
+    pub paused_ms: Option<f64>,
+}
+
+impl Report {
+    fn ended(ended: Ended) -> Report {
+        Report { checks: Vec::new(), ended, timeline: Vec::new(), sequences: Vec::new(), paused_ms: None }
+    }
+
+    /// Whether the command succeeded: switched, already switched, or a clean dry run.
+    pub fn ok(&self) -> bool {
+        matches!(self.ended, Ended::AlreadySwitched { .. } | Ended::DryRunPassed | Ended::Switched { .. })
+    }
 }
 
 /// Finishes or rolls back a cutover that stopped at `step` (its process died).
-async fn recover(pb: &PgbouncerSettings, green: &Client, state: &State, step: &str) -> Result<()> {
-    let mut bouncer = Bouncer::connect(pb).await?;
+async fn recover(pb: &PgbouncerSettings, green: &Client, state: &State, step: CutoverStep) -> Result<()> {
+    let mut bouncer = Bouncer::connect(&pb.admin, &pb.database).await?;
     let green_line = format!("{} = {}", pb.database, pb.green_dsn);
-    let repointed = green_may_be_live(step)
+    let repointed = step.green_may_be_live()
         && std::fs::read_to_string(&pb.databases_file)
             .ok()
             .and_then(|text| databases_file::find_entry(&text, &pb.database).map(|r| text[r].trim() == green_line))
@@ -143,12 +192,12 @@ async fn recover(pb: &PgbouncerSettings, green: &Client, state: &State, step: &s
         bouncer.reload().await?;
         bouncer.resume().await?;
         state.set_phase(green, &Phase::Switched).await?;
-        info!(step, "the interrupted cutover was finished: traffic is on green");
+        info!(step = %step, "the interrupted cutover was finished: traffic is on green");
     } else {
         bouncer.resume().await?;
         let reason = format!("a cutover stopped at step `{step}`; rolled back, traffic stays on blue");
         state.set_phase(green, &Phase::Aborted { reason }).await?;
-        info!(step, "the interrupted cutover was rolled back: traffic stays on blue");
+        info!(step = %step, "the interrupted cutover was rolled back: traffic stays on blue");
     }
     Ok(())
 }
@@ -162,7 +211,7 @@ pub async fn recover_abandoned(plan: &Plan) -> Result<()> {
     }
     let state = State::new(&plan.name);
     let result = match state.phase(&green).await? {
-        Some(Phase::CuttingOver { step }) => recover(pb, &green, &state, &step).await,
+        Some(Phase::CuttingOver { step }) => recover(pb, &green, &state, step).await,
         _ => Ok(()),
     };
     // Released now, not when the server notices the closed session: a cutover may be waiting.
@@ -193,21 +242,8 @@ async fn preflight(
             None => "no state".into(),
         },
     );
-    let row = green
-        .query_one(
-            &format!(
-                "SELECT coalesce(follower_seen_at > now() - interval '5 seconds', false), capture_lsn, \
-                        coalesce((last_verify->>'equal')::boolean, false), last_verify_at::text, \
-                        (SELECT min(lsn) FROM {p}), (SELECT count(*) FROM {p}) \
-                 FROM {m} WHERE id = 1",
-                m = state.table("migration"),
-                p = state.table("pending")
-            ),
-            &[],
-        )
-        .await
-        .map_err(Error::db("green: reading the migration state"))?;
-    let follower: bool = row.get(0);
+    let view = state.follower_view(green).await?;
+    let follower = view.follower_active;
     check(
         "follower",
         true,
@@ -224,12 +260,8 @@ async fn preflight(
         ),
         Err(e) => check("capture on blue", false, e.to_string()),
     }
-    let blue_lsn: i64 = blue
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
-        .await
-        .map_err(Error::db("blue: reading the WAL position"))?
-        .get(0);
-    let oldest = [row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(4)].into_iter().flatten().min();
+    let blue_lsn = crate::pg::current_lsn(blue).await?;
+    let oldest = [view.capture_lsn, view.oldest_pending].into_iter().flatten().min();
     let lag = oldest.map(|o| (blue_lsn - o).max(0) as u64);
     check(
         "capture lag",
@@ -238,7 +270,7 @@ async fn preflight(
             Some(l) => format!(
                 "{} behind blue, {} keys pending (bound: {}){}",
                 crate::plan::render_size(l),
-                row.get::<_, i64>(5),
+                view.pending,
                 crate::plan::render_size(plan.cutover.max_lag_bytes),
                 if l > plan.cutover.max_lag_bytes && !follower {
                     "; no follower is running, so it only grows: start `migrate copy`"
@@ -249,22 +281,9 @@ async fn preflight(
             None => "unknown: capture has not stored a position yet".into(),
         },
     );
-    let verify_equal: bool = row.get(2);
-    let verify_at: Option<String> = row.get(3);
-    let bad: i64 = green
-        .query_one(&format!("SELECT count(*) FROM {} WHERE NOT ok", state.table("verified")), &[])
-        .await
-        .map_err(Error::db("green: reading verified buckets"))?
-        .get(0);
-    let verified: Vec<String> = green
-        .query(&format!("SELECT DISTINCT target FROM {}", state.table("verified")), &[])
-        .await
-        .map_err(Error::db("green: reading verified buckets"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let (verify_equal, verify_at, bad) = (view.verify_equal, view.verify_at.clone(), view.bad_buckets);
     let unverified: Vec<String> =
-        resolved.tables.iter().map(|t| t.target.to_string()).filter(|t| !verified.contains(t)).collect();
+        resolved.tables.iter().filter(|t| !view.verified.contains(&t.id)).map(|t| t.target.to_string()).collect();
     check(
         "last verify clean",
         verify_equal && bad == 0 && unverified.is_empty(),
@@ -275,11 +294,7 @@ async fn preflight(
             (Some(at), true) => format!("differences at {at}: fix them and run `migrate verify` again"),
         },
     );
-    let touched: i64 = green
-        .query_one(&format!("SELECT count(*) FROM {}", state.table("touched")), &[])
-        .await
-        .map_err(Error::db("green: counting changed keys"))?
-        .get(0);
+    let touched = view.touched;
     check("keys changed since that verify", true, format!("{touched} (re-verified during the cutover)"));
 
     check(
@@ -410,7 +425,7 @@ impl<'a> Switch<'a> {
             green,
             work,
             capture,
-            bouncer: Bouncer::connect(pb).await?,
+            bouncer: Bouncer::connect(&pb.admin, &pb.database).await?,
             check,
             started: Instant::now(),
             timeline: Vec::new(),
@@ -428,8 +443,8 @@ impl<'a> Switch<'a> {
         self.timeline.push((step.to_string(), ms));
     }
 
-    async fn record_step(&self, step: &str) -> Result<()> {
-        self.state.set_phase(&self.green, &Phase::CuttingOver { step: step.into() }).await
+    async fn record_step(&self, step: CutoverStep) -> Result<()> {
+        self.state.set_phase(&self.green, &Phase::CuttingOver { step }).await
     }
 
     async fn execute(&mut self, shutdown: &Shutdown) -> Result<()> {
@@ -439,10 +454,10 @@ impl<'a> Switch<'a> {
             .await
             .map_err(Error::db("green: cutover session"))?;
         self.green
-            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&gate_key(&self.plan.name)])
+            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&self.state.gate_key()])
             .await
             .map_err(Error::db("green: standing the follower aside (follow gate)"))?;
-        self.record_step(STEP_CATCH_UP).await?;
+        self.record_step(CutoverStep::CatchUp).await?;
         self.mark("follower stood aside", t);
 
         let t = Instant::now();
@@ -457,7 +472,7 @@ impl<'a> Switch<'a> {
         fault("cutover.caught-up", shutdown).await;
         interrupted(shutdown)?;
 
-        self.record_step(STEP_PAUSE).await?;
+        self.record_step(CutoverStep::Pause).await?;
         let t = Instant::now();
         self.paused = Some(t);
         match self.bouncer.pause(self.pb.pause_timeout, shutdown).await? {
@@ -479,7 +494,7 @@ impl<'a> Switch<'a> {
         bounded(budget, "the work in the pause", self.in_pause(Instant::now() + budget, shutdown)).await?;
         interrupted(shutdown)?;
 
-        self.record_step(STEP_REPOINT).await?;
+        self.record_step(CutoverStep::Repoint).await?;
         fault("cutover.before-repoint", shutdown).await;
         let t = Instant::now();
         let old = databases_file::rewrite(&self.pb.databases_file, &self.pb.database, &self.pb.green_dsn)
@@ -523,7 +538,7 @@ impl<'a> Switch<'a> {
     /// Captures and applies until green holds everything blue committed when called.
     async fn catch_up(&mut self, deadline: Instant, shutdown: &Shutdown, what: &str) -> Result<()> {
         let target = self.capture.target().await?;
-        let all: Vec<i32> = (0..self.resolved.tables.len() as i32).collect();
+        let all: Vec<crate::state::TableId> = self.resolved.tables.iter().map(|t| t.id.clone()).collect();
         loop {
             let stored = self.capture.poll(&mut self.work, &self.state).await?;
             let applied =
@@ -542,33 +557,12 @@ impl<'a> Switch<'a> {
     /// ones. Returns the (table, key) pairs that differ.
     async fn check_touched(&mut self, final_check: bool) -> Result<Vec<(String, Vec<String>)>> {
         let mut differing = Vec::new();
-        for (i, t) in self.resolved.tables.iter().enumerate() {
-            let keys: Vec<Vec<String>> = self
-                .green
-                .query(&format!("SELECT key FROM {} WHERE tbl = $1", self.state.table("touched")), &[&(i as i32)])
-                .await
-                .map_err(Error::db("green: reading changed keys"))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+        for t in &self.resolved.tables {
+            let keys = self.state.touched_keys(&self.green, &t.id).await?;
             for batch in keys.chunks(CHECK_KEYS) {
                 let bad = self.check.differing(&self.blue, &self.green, t, batch).await?;
-                let equal: Vec<String> = batch
-                    .iter()
-                    .filter(|k| !bad.contains(k))
-                    .map(|k| serde_json::to_string(k).unwrap_or_default())
-                    .collect();
-                self.green
-                    .execute(
-                        &format!(
-                            "DELETE FROM {} WHERE tbl = $1 AND key IN \
-                             (SELECT ARRAY(SELECT jsonb_array_elements_text(k::jsonb)) FROM unnest($2::text[]) k)",
-                            self.state.table("touched")
-                        ),
-                        &[&(i as i32), &equal],
-                    )
-                    .await
-                    .map_err(Error::db("green: forgetting verified keys"))?;
+                let equal: Vec<Vec<String>> = batch.iter().filter(|k| !bad.contains(k)).cloned().collect();
+                self.state.forget_touched(&self.green, &t.id, &equal).await?;
                 differing.extend(bad.into_iter().map(|k| (t.target.to_string(), k)));
             }
         }
@@ -672,37 +666,26 @@ impl<'a> Switch<'a> {
         self.state.set_cutover(&self.green, &record).await
     }
 
-    fn print_timeline(&self) {
-        println!("timeline:");
-        for (step, ms) in &self.timeline {
-            println!("  {step:<26} {ms:>9.1} ms");
-        }
-        for s in &self.sequences {
-            println!("  sequence {} set to {}", s["sequence"].as_str().unwrap_or(""), s["set"]);
-        }
-        if let Some(p) = self.paused_ms {
-            println!("traffic paused for {p:.1} ms (PAUSE sent to RESUME done)");
+    fn report(&self, ended: Ended) -> Report {
+        Report {
+            checks: Vec::new(),
+            ended,
+            timeline: self.timeline.clone(),
+            sequences: self.sequences.clone(),
+            paused_ms: self.paused_ms,
         }
     }
 
     /// Turns the outcome of `execute` into the command's outcome, rolling back when needed.
-    async fn finish(mut self, result: Result<()>) -> Result<Outcome> {
+    async fn finish(mut self, result: Result<()>) -> Result<Report> {
         match result {
-            Ok(()) => {
-                self.print_timeline();
-                println!("switched: PgBouncer database `{}` now points at green", self.pb.database);
-                Ok(Outcome::Ok)
-            }
+            Ok(()) => Ok(self.report(Ended::Switched { database: self.pb.database.clone() })),
             Err(e) if self.committed => Err(Error::Runtime(format!(
                 "PgBouncer already points at green, but: {e}; run `RESUME {}` on the admin console if clients wait",
                 self.pb.database
             ))),
             Err(e) => match self.roll_back(&e.to_string()).await {
-                Ok(()) => {
-                    self.print_timeline();
-                    println!("cutover aborted: {e}\ntraffic stays on blue; following continues");
-                    Ok(Outcome::Problems)
-                }
+                Ok(()) => Ok(self.report(Ended::Aborted { reason: e.to_string() })),
                 Err(e2) => Err(Error::Runtime(format!(
                     "cutover failed: {e}; rolling back failed too: {e2}; check that PgBouncer database `{}` \
                      is resumed and points at blue",

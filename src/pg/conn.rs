@@ -8,30 +8,10 @@ use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::{config::SslMode as PgSslMode, Client, Config, NoTls};
 use tracing::warn;
 
+pub use crate::error::{ConnError, Side};
+
 /// How long a TCP connect plus startup may take before the side counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Which database a connection belongs to; every connection error names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    /// The live database with the old schema.
-    Blue,
-    /// The new database with the new schema.
-    Green,
-    /// The PgBouncer admin console.
-    Pgbouncer,
-}
-
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Side::Blue => "blue",
-            Side::Green => "green",
-            Side::Pgbouncer => "pgbouncer",
-        })
-    }
-}
 
 /// libpq's `sslmode`, including the two verifying modes tokio-postgres does not parse itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,48 +72,6 @@ impl fmt::Display for ConnInfo {
         let at = if user.is_empty() { String::new() } else { format!("{user}@") };
         write!(f, "postgres://{at}{host}:{port}/{db}")
     }
-}
-
-/// Why a connection string could not be used. Never carries the string itself.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnError {
-    /// The string did not parse; the message names the offending parameter, never its value.
-    #[error("{side}: invalid connection string: {reason}")]
-    Invalid {
-        /// Side whose string is broken.
-        side: Side,
-        /// What is wrong.
-        reason: String,
-    },
-    /// TCP, TLS or authentication failed.
-    #[error("{side} ({target}): cannot connect: {}", crate::error::pg_message(source))]
-    Connect {
-        /// Side that could not be reached.
-        side: Side,
-        /// Redacted connection target.
-        target: String,
-        /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    /// Nothing answered within the timeout.
-    #[error("{side} ({target}): no answer within {waited:?}")]
-    Timeout {
-        /// Side that did not answer.
-        side: Side,
-        /// Redacted connection target.
-        target: String,
-        /// How long we waited.
-        waited: Duration,
-    },
-    /// TLS could not be set up locally (bad root certificate file, …).
-    #[error("{side}: TLS setup failed: {reason}")]
-    Tls {
-        /// Side being connected.
-        side: Side,
-        /// What failed.
-        reason: String,
-    },
 }
 
 impl ConnInfo {

@@ -1,8 +1,11 @@
-//! Everything that talks PostgreSQL in general: connections, quoting, catalog queries.
+//! Everything that talks PostgreSQL in general: connections, quoting, catalog queries, WAL
+//! positions.
 
 pub mod catalog;
 pub mod conn;
+pub mod lsn;
 pub mod quote;
 
 pub use conn::{ConnError, ConnInfo, Side};
+pub use lsn::{commit_point, current_lsn};
 pub use quote::{ident, literal, QualifiedName};

@@ -2,18 +2,23 @@
 //! catalogs, a [`ResolvedPlan`]: typed column mappings, keys, the SELECT each later stage runs,
 //! deferred indexes, sequences and estimates. Every later stage works from the resolved plan.
 
+mod changes;
 mod file;
 pub mod prereq;
 mod report;
 mod resolve;
+mod sql;
 
+pub use changes::check_against_state;
 pub use file::{parse_duration, CaptureMethod, CopySettings, CutoverSettings, PgbouncerSettings, Plan, TableEntry};
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;
+pub use sql::key_condition;
 
 use serde::Serialize;
 
 use crate::pg::{catalog::DeferredObject, ident, QualifiedName};
+pub use crate::state::TableId;
 
 /// A problem found while resolving: it names the table and column, where in the file, and the
 /// fix when we know it.
@@ -84,8 +89,12 @@ pub struct Estimate {
 /// A table entry resolved against both catalogs.
 #[derive(Debug, Clone, Serialize)]
 pub struct ResolvedTable {
-    /// 1-based position in the plan.
+    /// Stable identity in state.
+    pub id: TableId,
+    /// 1-based position in the plan (for messages only; state never stores it).
     pub index: usize,
+    /// Line of the entry's `source` in the plan file.
+    pub line: usize,
     /// Source table on blue.
     pub source: QualifiedName,
     /// Target table on green.
@@ -143,6 +152,47 @@ impl ResolvedTable {
         format!("SELECT {} FROM {}{}", self.select_list(), self.source.quoted(), where_)
     }
 
+    /// What defines the rows this entry puts on green: source, key, every column's expression
+    /// and the filter. `copy` stores it; a later run whose entry defines other rows for a table
+    /// already copied is refused (see [`ResolvedTable::changes_from`]).
+    pub fn definition(&self) -> serde_json::Value {
+        let columns: serde_json::Map<String, serde_json::Value> =
+            self.columns.iter().map(|c| (c.name.clone(), serde_json::json!(c.expr))).collect();
+        serde_json::json!({
+            "source": self.source.to_string(),
+            "key": self.key.iter().map(|k| &k.source).collect::<Vec<_>>(),
+            "columns": columns,
+            "filter": self.filter,
+        })
+    }
+
+    /// What differs between a stored [`ResolvedTable::definition`] and this entry's, one line
+    /// per difference; empty when they define the same rows.
+    pub fn changes_from(&self, stored: &serde_json::Value) -> Vec<String> {
+        let now = self.definition();
+        let mut out = Vec::new();
+        for field in ["source", "key", "filter"] {
+            if stored[field] != now[field] {
+                out.push(format!("{field} was {} and is now {}", stored[field], now[field]));
+            }
+        }
+        let (empty, none) = (serde_json::Map::new(), serde_json::Value::Null);
+        let before = stored["columns"].as_object().unwrap_or(&empty);
+        let after = now["columns"].as_object().unwrap_or(&empty);
+        let mut names: Vec<&String> = before.keys().chain(after.keys()).collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let (b, a) = (before.get(name).unwrap_or(&none), after.get(name).unwrap_or(&none));
+            if b != a {
+                let show =
+                    |v: &serde_json::Value| v.as_str().map(|s| format!("`{s}`")).unwrap_or_else(|| "default".into());
+                out.push(format!("column {name} was {} and is now {}", show(b), show(a)));
+            }
+        }
+        out
+    }
+
     /// Quoted key columns on blue: `"a", "b"`.
     pub fn source_key_list(&self) -> String {
         self.key.iter().map(|k| ident(&k.source)).collect::<Vec<_>>().join(", ")
@@ -179,6 +229,8 @@ pub struct Check {
 pub struct ResolvedPlan {
     /// Plan name.
     pub name: String,
+    /// The plan file.
+    pub path: std::path::PathBuf,
     /// Redacted blue target.
     pub blue: String,
     /// Redacted green target.
@@ -227,5 +279,75 @@ impl ResolvedPlan {
         steps.push("verify: checksum every table in key-hash buckets on both sides".into());
         steps.push("cutover: PAUSE, drain, re-verify, sequences, repoint PgBouncer, RESUME".into());
         steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> ResolvedTable {
+        let col = |name: &str, ty: &str, expr: Option<&str>| ResolvedColumn {
+            name: name.into(),
+            target_type: ty.into(),
+            expr: expr.map(str::to_string),
+            expr_type: None,
+        };
+        ResolvedTable {
+            id: TableId::from_stored("public.tokens".into()),
+            index: 2,
+            line: 7,
+            source: QualifiedName { schema: "public".into(), name: "old tokens".into() },
+            target: QualifiedName { schema: "public".into(), name: "tokens".into() },
+            columns: vec![
+                col("sig", "text", Some("signature")),
+                col("scopes", "text[]", Some("string_to_array(scope, ' ')")),
+                col("migrated_at", "timestamptz", None),
+            ],
+            key: vec![KeyColumn {
+                source: "signature".into(),
+                target: "sig".into(),
+                source_type: "text".into(),
+                target_type: "text".into(),
+                integer: false,
+            }],
+            filter: Some("active".into()),
+            deferred: Vec::new(),
+            sequences: Vec::new(),
+            estimate: Estimate { rows: 0, bytes: 0 },
+            binary_copy: true,
+            source_columns: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_transforming_select_names_every_mapped_column_casts_it_and_filters() {
+        let t = table();
+        assert_eq!(
+            t.source_select(Some("x = 1")),
+            "SELECT (signature)::text AS \"sig\", (string_to_array(scope, ' '))::text[] AS \"scopes\" \
+             FROM \"public\".\"old tokens\" WHERE (x = 1) AND (active)"
+        );
+        assert_eq!(t.target_column_list(), "\"sig\", \"scopes\"");
+        assert_eq!(t.target_key_list(), "\"sig\"");
+    }
+
+    #[test]
+    fn a_changed_definition_names_each_change() {
+        let t = table();
+        let stored = t.definition();
+        assert!(t.changes_from(&stored).is_empty());
+        let mut changed = t.clone();
+        changed.columns[1].expr = Some("ARRAY[scope]".into());
+        changed.columns[2].expr = Some("now()".into());
+        changed.filter = None;
+        assert_eq!(
+            changed.changes_from(&stored),
+            vec![
+                "filter was \"active\" and is now null".to_string(),
+                "column migrated_at was default and is now `now()`".to_string(),
+                "column scopes was `string_to_array(scope, ' ')` and is now `ARRAY[scope]`".to_string(),
+            ]
+        );
     }
 }

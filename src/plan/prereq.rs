@@ -235,7 +235,7 @@ async fn pgbouncer(pb: &super::PgbouncerSettings, checks: &mut Vec<Check>, probl
         )),
     }
     match std::fs::read_to_string(&pb.databases_file) {
-        Ok(text) if crate::cutover::databases_file::find_entry(&text, &pb.database).is_some() => checks.push(Check {
+        Ok(text) if crate::pgbouncer::databases_file::find_entry(&text, &pb.database).is_some() => checks.push(Check {
             name: "pgbouncer databases_file".into(),
             ok: true,
             detail: pb.databases_file.display().to_string(),

@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use super::{
     file::{Plan, TableEntry},
-    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable, SequenceMapping,
+    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable, SequenceMapping, TableId,
 };
 use crate::{
     error::{pg_message, Error, Result},
@@ -32,8 +32,10 @@ pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<Resol
     let state = if state.exists(green).await? { Some(state) } else { None };
     let mut problems = Vec::new();
     let mut tables = Vec::new();
-    for entry in &plan.tables {
-        if let Some(t) = resolve_table(entry, blue, green, &rules, state.as_ref(), &mut problems).await? {
+    let ids =
+        TableId::assign(plan.tables.iter().map(|e| (&e.source, &e.target, e.filter.as_ref().map(|f| f.0.as_str()))));
+    for (entry, id) in plan.tables.iter().zip(ids) {
+        if let Some(t) = resolve_table(entry, id, blue, green, &rules, state.as_ref(), &mut problems).await? {
             tables.push(t);
         }
     }
@@ -42,6 +44,7 @@ pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<Resol
     let bytes: u64 = tables.iter().map(|t| t.estimate.bytes).sum();
     Ok(ResolvedPlan {
         name: plan.name.clone(),
+        path: plan.path.clone(),
         blue: plan.blue.to_string(),
         green: plan.green.to_string(),
         copy: plan.copy.clone(),
@@ -74,6 +77,7 @@ impl Ctx<'_> {
 
 async fn resolve_table(
     entry: &TableEntry,
+    id: TableId,
     blue: &Client,
     green: &Client,
     rules: &TypeRules,
@@ -87,7 +91,7 @@ async fn resolve_table(
     // what the table has, as far as the plan is concerned.
     let mut recorded = None;
     if let (Some(state), Some(tgt)) = (state, tgt.as_mut()) {
-        if let Some((st, defs)) = state.table_state(green, &entry.target.to_string()).await? {
+        if let Some((st, defs)) = state.table_state(green, &id).await? {
             if matches!(st, TableState::Loading | TableState::Indexing) {
                 for d in &defs {
                     if let Some(cols) = &d.unique_columns {
@@ -177,7 +181,9 @@ async fn resolve_table(
         .map_err(Error::db(format!("green: reading column types of {}", entry.target)))?
         .get(0);
     let table = ResolvedTable {
+        id,
         index: entry.index,
+        line: entry.source_line,
         source: entry.source.clone(),
         target: entry.target.clone(),
         columns,

@@ -49,6 +49,33 @@ pub fn pgbouncer_bin() -> Result<PathBuf> {
         .ok_or_else(|| Error::Runtime("pgbouncer not found; install it: apt-get install -y pgbouncer".into()))
 }
 
+/// Checks, before anything is started, that the server binaries, pgbouncer and (as root) the
+/// `postgres` user are there; names everything missing at once with the command that installs it.
+pub fn check_prerequisites() -> Result<()> {
+    let mut missing = Vec::new();
+    let mut packages = Vec::new();
+    if bindir().is_err() {
+        missing.push("PostgreSQL server binaries (initdb, postgres)");
+        packages.push("postgresql-15");
+    }
+    if pgbouncer_bin().is_err() {
+        missing.push("pgbouncer");
+        packages.push("pgbouncer");
+    }
+    if is_root() && !Command::new("id").arg("postgres").output().is_ok_and(|o| o.status.success()) {
+        missing.push("the `postgres` user (servers refuse to run as root)");
+        packages.push("postgresql-common");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Runtime(format!(
+        "not installed: {}; install with: apt-get install -y {} (or run scripts/demo, which does)",
+        missing.join(", "),
+        packages.join(" ")
+    )))
+}
+
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }

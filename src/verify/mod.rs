@@ -20,10 +20,9 @@ use tracing::info;
 pub use report::{render_json, render_text};
 
 use crate::{
-    apply::key_condition,
     error::{Error, Result},
-    pg::ident,
-    plan::{Plan, ResolvedPlan, ResolvedTable},
+    pg::{commit_point, ident},
+    plan::{key_condition, Plan, ResolvedPlan, ResolvedTable},
     state::State,
 };
 
@@ -97,13 +96,13 @@ pub struct Report {
 /// Runs verify over the plan's tables (or the one named by `only`, source or target name).
 pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Result<Report> {
     let started = Instant::now();
-    let (blue, green) = crate::connect_both(plan).await?;
+    let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
     let blue2 = plan.blue.connect().await?;
     let portable = portable_hash(&blue, &green).await?;
     let state = State::new(&plan.name);
     let follower = if state.exists(&green).await? { Some(state.clone()) } else { None };
     let mut tables = Vec::new();
-    for (index, t) in resolved.tables.iter().enumerate() {
+    for t in &resolved.tables {
         if only.is_some_and(|o| {
             o != t.target.to_string() && o != t.source.to_string() && o != t.target.name && o != t.source.name
         }) {
@@ -115,21 +114,13 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
         } else {
             (text("{}::text"), text("{}::text"))
         };
-        let v = Verifier {
-            blue: &blue,
-            blue2: &blue2,
-            green: &green,
-            t,
-            index,
-            row_hash,
-            key_hash,
-            follower: follower.as_ref(),
-        };
+        let v =
+            Verifier { blue: &blue, blue2: &blue2, green: &green, t, row_hash, key_hash, follower: follower.as_ref() };
         let span = tracing::info_span!("verify", table = %t.target);
         tables.push(tracing::Instrument::instrument(v.table(), span).await?);
     }
     if only.is_some() && tables.is_empty() {
-        return Err(Error::Runtime(format!("--table {}: no such table in the plan", only.unwrap_or_default())));
+        return Err(Error::NoSuchTable { name: only.unwrap_or_default().to_string() });
     }
     let equal = tables.iter().all(|t| t.differences_total == 0);
     let report = Report { plan: plan.name.clone(), tables, equal, seconds: started.elapsed().as_secs_f64() };
@@ -139,16 +130,7 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
             "seconds": report.seconds,
             "tables": report.tables.iter().map(|t| serde_json::json!({"table": t.table, "differences": t.differences_total})).collect::<Vec<_>>(),
         });
-        green
-            .execute(
-                &format!(
-                    "UPDATE {} SET last_verify = $1, last_verify_at = now() WHERE id = 1",
-                    state.table("migration")
-                ),
-                &[&value],
-            )
-            .await
-            .map_err(Error::db("green: recording the verify result"))?;
+        state.set_last_verify(&green, &value).await?;
     }
     Ok(report)
 }
@@ -200,7 +182,7 @@ impl KeyCheck {
         } else {
             self.hashing.text.replace("{}", "{}::text")
         };
-        let v = Verifier { blue, blue2: blue, green, t, index: 0, row_hash, key_hash: String::new(), follower: None };
+        let v = Verifier { blue, blue2: blue, green, t, row_hash, key_hash: String::new(), follower: None };
         let hashes = v.hashes(keys).await?;
         Ok(keys.iter().filter(|k| hashes.get(*k).is_some_and(|(b, g)| b != g)).cloned().collect())
     }
@@ -213,16 +195,8 @@ impl KeyCheck {
         t: &ResolvedTable,
         keys: &[Vec<String>],
     ) -> Result<Vec<Difference>> {
-        let v = Verifier {
-            blue,
-            blue2: blue,
-            green,
-            t,
-            index: 0,
-            row_hash: String::new(),
-            key_hash: String::new(),
-            follower: None,
-        };
+        let v =
+            Verifier { blue, blue2: blue, green, t, row_hash: String::new(), key_hash: String::new(), follower: None };
         v.describe(keys).await
     }
 }
@@ -251,8 +225,6 @@ struct Verifier<'a> {
     blue2: &'a Client,
     green: &'a Client,
     t: &'a ResolvedTable,
-    /// Position of `t` in the resolved plan (how pending and touched keys name tables).
-    index: usize,
     /// Row hash expression with `{}` for the row `r`.
     row_hash: String,
     /// Hash expression with `{}` for a row of key columns.
@@ -290,7 +262,7 @@ impl Verifier<'_> {
                 rh = self.rh(),
             )
         };
-        let position = crate::capture::logical::commit_point(self.blue).await?;
+        let position = commit_point(self.blue).await?;
         // Blue runs the transform, the expensive side: its scan is split in two heap halves on
         // two sessions, run while green scans.
         let blocks: i64 = self
@@ -359,40 +331,8 @@ impl Verifier<'_> {
     /// needs to look again only at what changed since.
     async fn record(&self, n: i64, position: i64, bad: &std::collections::HashSet<i64>) -> Result<()> {
         let Some(state) = self.follower else { return Ok(()) };
-        let buckets: Vec<i32> = (0..n as i32).collect();
         let ok: Vec<bool> = (0..n).map(|b| !bad.contains(&b)).collect();
-        self.green
-            .execute(
-                &format!(
-                    "INSERT INTO {} (target, buckets, bucket, lsn, ok, verified_at) \
-                     SELECT $1, $2, b, $3, o, now() FROM unnest($4::int[], $5::bool[]) AS x(b, o) \
-                     ON CONFLICT (target, bucket) DO UPDATE SET buckets = EXCLUDED.buckets, lsn = EXCLUDED.lsn, \
-                       ok = EXCLUDED.ok, verified_at = EXCLUDED.verified_at",
-                    state.table("verified")
-                ),
-                &[&self.t.target.to_string(), &(n as i32), &position, &buckets, &ok],
-            )
-            .await
-            .map_err(Error::db("green: recording verified buckets"))?;
-        self.green
-            .execute(
-                &format!("DELETE FROM {} WHERE target = $1 AND bucket >= $2", state.table("verified")),
-                &[&self.t.target.to_string(), &(n as i32)],
-            )
-            .await
-            .map_err(Error::db("green: recording verified buckets"))?;
-        // Keys applied before `position` were seen by this check (a change not yet applied
-        // showed as a difference and was rechecked); cutover re-verifies only later ones.
-        if bad.is_empty() {
-            self.green
-                .execute(
-                    &format!("DELETE FROM {} WHERE tbl = $1 AND lsn <= $2", state.table("touched")),
-                    &[&(self.index as i32), &position],
-                )
-                .await
-                .map_err(Error::db("green: clearing verified keys"))?;
-        }
-        Ok(())
+        state.record_verified(self.green, &self.t.id, position, &ok).await
     }
 
     /// (key values, row hash) of every row in one bucket, on one side.
@@ -468,12 +408,12 @@ impl Verifier<'_> {
     async fn recheck(&self, mut keys: Vec<Vec<String>>) -> Result<Vec<Vec<String>>> {
         let Some(state) = self.follower else { return Ok(keys) };
         for _ in 0..RECHECK_ROUNDS {
-            let active = follower_active(self.green, state).await?;
+            let active = state.follower_active(self.green).await?;
             tracing::debug!(table = %self.t.target, keys = keys.len(), active, "recheck");
             if keys.is_empty() || !active {
                 break;
             }
-            let lsn = crate::capture::logical::commit_point(self.blue).await?;
+            let lsn = commit_point(self.blue).await?;
             wait_applied(self.green, state, lsn).await?;
             let hashes = self.hashes(&keys).await?;
             keys.retain(|k| hashes.get(k).is_some_and(|(b, g)| b != g));
@@ -520,38 +460,11 @@ fn shorten(v: Option<String>) -> Option<String> {
     v.map(|s| if s.chars().count() > SHOW_CHARS { s.chars().take(SHOW_CHARS).collect::<String>() + "…" } else { s })
 }
 
-/// A follower wrote its progress within the last few seconds.
-async fn follower_active(green: &Client, state: &State) -> Result<bool> {
-    Ok(green
-        .query_one(
-            &format!(
-                "SELECT coalesce(follower_seen_at > now() - interval '5 seconds', false) FROM {} WHERE id = 1",
-                state.table("migration")
-            ),
-            &[],
-        )
-        .await
-        .map_err(Error::db("green: reading follower progress"))?
-        .get(0))
-}
-
 /// Waits (bounded) until capture has passed `lsn` and no key captured before it is pending.
 async fn wait_applied(green: &Client, state: &State, lsn: i64) -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < RECHECK_WAIT {
-        let done: bool = green
-            .query_one(
-                &format!(
-                    "SELECT coalesce(capture_lsn >= $1, false) AND NOT EXISTS (SELECT 1 FROM {} WHERE lsn <= $1) FROM {} WHERE id = 1",
-                    state.table("pending"),
-                    state.table("migration")
-                ),
-                &[&lsn],
-            )
-            .await
-            .map_err(Error::db("green: reading apply progress"))?
-            .get(0);
-        if done {
+        if state.applied_through(green, lsn).await? {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

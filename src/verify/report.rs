@@ -9,15 +9,17 @@ use super::{Kind, Report};
 pub fn render_text(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "verify {} ({:.1}s)", r.plan, r.seconds);
+    // The first column is as wide as the longest name, so long names never push the numbers.
+    let w = r.tables.iter().map(|t| t.table.chars().count()).max().unwrap_or(0).max("table".len());
     let _ = writeln!(
         o,
-        "  {:<40} {:>8} {:>10} {:>10} {:>9} {:>11} {:>7}",
+        "  {:<w$} {:>8} {:>10} {:>10} {:>9} {:>11} {:>7}",
         "table", "buckets", "rows blue", "rows green", "matched", "differences", "time"
     );
     for t in &r.tables {
         let _ = writeln!(
             o,
-            "  {:<40} {:>8} {:>10} {:>10} {:>9} {:>11} {:>6.1}s",
+            "  {:<w$} {:>8} {:>10} {:>10} {:>9} {:>11} {:>6.1}s",
             t.table,
             t.buckets,
             t.rows_blue,

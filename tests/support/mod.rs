@@ -181,6 +181,15 @@ impl Oauth {
     }
 }
 
+/// `text` with the first occurrence of `from` replaced by `to`, for edits of fixture text.
+/// Panics, naming `from`, when `text` does not contain it: a fixture edit that no longer
+/// applies must fail the test instead of silently testing the unedited fixture.
+#[track_caller]
+pub fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "fixture edit does not apply: `{from}` not found in the text");
+    text.replacen(from, to, 1)
+}
+
 /// Output of a finished command, for assertions with context.
 pub struct Run {
     /// Exit code.

@@ -6,9 +6,9 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::{
-    copy::Shutdown,
     error::{pg_message, Error, Result},
-    plan::PgbouncerSettings,
+    pg::ConnInfo,
+    shutdown::Shutdown,
 };
 
 /// How PAUSE ended.
@@ -24,19 +24,20 @@ pub enum Paused {
 
 /// A session on the admin console.
 pub struct Bouncer {
-    settings: PgbouncerSettings,
+    info: ConnInfo,
+    database: String,
     admin: Client,
 }
 
 impl Bouncer {
-    /// Connects to the admin console.
-    pub async fn connect(settings: &PgbouncerSettings) -> Result<Self> {
-        Ok(Self { settings: settings.clone(), admin: settings.admin.connect_raw().await? })
+    /// Connects to the admin console at `admin`, to act on PgBouncer database `database`.
+    pub async fn connect(admin: &ConnInfo, database: &str) -> Result<Self> {
+        Ok(Self { info: admin.clone(), database: database.to_string(), admin: admin.connect_raw().await? })
     }
 
     /// The database name as an admin-console argument. Preflight only lets plain names through.
     fn db(&self) -> &str {
-        &self.settings.database
+        &self.database
     }
 
     async fn command(&self, sql: &str) -> Result<()> {
@@ -59,7 +60,7 @@ impl Bouncer {
             },
             _ = shutdown.wait() => Paused::Interrupted,
         };
-        self.admin = self.settings.admin.connect_raw().await?;
+        self.admin = self.info.connect_raw().await?;
         Ok(outcome)
     }
 
@@ -71,7 +72,7 @@ impl Bouncer {
         for attempt in 0..3 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                match self.settings.admin.connect_raw().await {
+                match self.info.connect_raw().await {
                     Ok(c) => self.admin = c,
                     Err(e) => {
                         last = Some(e.to_string());

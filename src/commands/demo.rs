@@ -11,17 +11,17 @@ use std::{
 };
 
 use crate::{
-    copy::Shutdown,
     error::{Error, Result},
     sandbox::{app::App, LocalBouncer, LocalCluster},
+    shutdown::Shutdown,
     state::State,
     Command, Format, Outcome,
 };
 
-const BLUE_SQL: &str = include_str!("../fixtures/oauth/blue.sql");
-const GREEN_SQL: &str = include_str!("../fixtures/oauth/green.sql");
-const GENERATE_SQL: &str = include_str!("../fixtures/oauth/generate.sql");
-const PLAN: &str = include_str!("../plans/oauth-v1-to-v2.toml");
+const BLUE_SQL: &str = include_str!("../../fixtures/oauth/blue.sql");
+const GREEN_SQL: &str = include_str!("../../fixtures/oauth/green.sql");
+const GENERATE_SQL: &str = include_str!("../../fixtures/oauth/generate.sql");
+const PLAN: &str = include_str!("../../plans/oauth-v1-to-v2.toml");
 
 /// What the demo (or the benchmark) measured.
 #[derive(Debug, Clone)]
@@ -66,6 +66,7 @@ fn step(title: &str) {
 /// second. `Ok` carries the measurements; the outcome is `Problems` when a write failed or was
 /// lost, or the cutover did not switch.
 pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, DemoReport)> {
+    crate::sandbox::check_prerequisites()?;
     step("starting blue and green PostgreSQL clusters and a PgBouncer in temporary directories");
     let mut sandbox = Sandbox {
         blue: LocalCluster::start("demo-blue", &[])?,
@@ -229,19 +230,11 @@ async fn wait_following(plan: &crate::plan::Plan, shutdown: &Shutdown) -> Result
             return Err(Error::Runtime("interrupted".into()));
         }
         if state.exists(&green).await? {
-            let row = green
-                .query_one(
-                    &format!(
-                        "SELECT state->>'phase', coalesce(lag_bytes, -1), \
-                                coalesce(follower_seen_at > now() - interval '2 seconds', false) FROM {} WHERE id = 1",
-                        state.table("migration")
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(Error::db("green: reading progress"))?;
-            let (phase, lag, seen): (String, i64, bool) = (row.get(0), row.get(1), row.get(2));
-            if phase == "following" && (0..1 << 20).contains(&lag) && seen {
+            let following = matches!(state.phase(&green).await?, Some(crate::state::Phase::Following { .. }));
+            let v = state.status_view(&green).await?;
+            let lag_small = v.lag_bytes.is_some_and(|l| (0..1 << 20).contains(&l));
+            let seen = v.follower_seen_seconds_ago.is_some_and(|s| s < 2.0);
+            if following && lag_small && seen {
                 return Ok(());
             }
         }
@@ -260,7 +253,7 @@ async fn hand_switch(admin_url: &str, databases_file: &std::path::Path, dsn: &st
         async move { admin.simple_query(sql).await.map_err(|e| Error::Runtime(format!("pgbouncer {sql}: {e}"))) }
     };
     run("PAUSE app").await?;
-    crate::cutover::databases_file::rewrite(databases_file, "app", dsn)
+    crate::pgbouncer::databases_file::rewrite(databases_file, "app", dsn)
         .map_err(|e| Error::Runtime(format!("{}: {e}", databases_file.display())))?;
     run("RELOAD").await?;
     run("RESUME app").await?;

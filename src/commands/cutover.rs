@@ -1,0 +1,60 @@
+//! `migrate cutover`: preflight, then the switch; prints the checks, the timeline and how it
+//! ended.
+
+use std::fmt::Write;
+
+use super::{connect_both, resolve_sound, Outcome};
+use crate::{
+    cutover::{Ended, Report},
+    error::Result,
+    plan::Plan,
+    shutdown::Shutdown,
+};
+
+/// Runs `cutover` (or only its preflight) and prints its report.
+pub async fn run(plan: &Plan, dry_run: bool, shutdown: Shutdown) -> Result<Outcome> {
+    let (blue, green) = connect_both(plan).await?;
+    let (resolved, _) = resolve_sound(plan, &blue, &green).await?;
+    drop((blue, green));
+    let report = crate::cutover::run(plan, &resolved, dry_run, shutdown).await?;
+    print!("{}", render_text(&report));
+    Ok(if report.ok() { Outcome::Ok } else { Outcome::Problems })
+}
+
+/// The text report: preflight, timeline, how it ended.
+pub fn render_text(r: &Report) -> String {
+    let mut o = String::new();
+    if !r.checks.is_empty() {
+        let _ = writeln!(o, "preflight:");
+        for c in &r.checks {
+            let _ = writeln!(o, "  [{}] {}: {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+        }
+    }
+    if matches!(r.ended, Ended::Switched { .. } | Ended::Aborted { .. }) {
+        let _ = writeln!(o, "timeline:");
+        for (step, ms) in &r.timeline {
+            let _ = writeln!(o, "  {step:<26} {ms:>9.1} ms");
+        }
+        for s in &r.sequences {
+            let _ = writeln!(o, "  sequence {} set to {}", s["sequence"].as_str().unwrap_or(""), s["set"]);
+        }
+        if let Some(p) = r.paused_ms {
+            let _ = writeln!(o, "traffic paused for {p:.1} ms (PAUSE sent to RESUME done)");
+        }
+    }
+    let _ = match &r.ended {
+        Ended::NoState => writeln!(o, "cutover not attempted: no migration state on green; run `migrate copy` first"),
+        Ended::AlreadySwitched { database } => {
+            writeln!(o, "already switched: PgBouncer database `{database}` points at green")
+        }
+        Ended::ChecksFailed { failed } => {
+            writeln!(o, "cutover not attempted: {failed} check(s) failed; traffic stays on blue")
+        }
+        Ended::DryRunPassed => writeln!(o, "dry run: every check passed; nothing was changed"),
+        Ended::Switched { database } => writeln!(o, "switched: PgBouncer database `{database}` now points at green"),
+        Ended::Aborted { reason } => {
+            writeln!(o, "cutover aborted: {reason}\ntraffic stays on blue; following continues")
+        }
+    };
+    o
+}

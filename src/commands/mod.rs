@@ -1,0 +1,119 @@
+//! The commands of `migrate`, one file each: the top layer, and the only code that writes a
+//! command's report to stdout. Each loads the plan, connects, runs its stage and prints what the
+//! stage returned; logs go to stderr through tracing.
+
+mod cleanup;
+mod copy;
+mod cutover;
+pub mod demo;
+mod plan;
+pub mod status;
+mod verify;
+
+use std::path::Path;
+
+use tokio_postgres::Client;
+
+use crate::{
+    error::{Error, Result},
+    plan::{Plan, ResolvedPlan},
+    shutdown::Shutdown,
+};
+
+/// Output format of the reporting commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// JSON, stable shape.
+    Json,
+}
+
+/// The commands of the `migrate` binary, already parsed.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Dry run: resolve and check.
+    Plan {
+        /// Output format.
+        format: Format,
+        /// Check the file only.
+        offline: bool,
+    },
+    /// Copy, then follow.
+    Copy {
+        /// Exit once the copy is done and green has caught up.
+        no_follow: bool,
+    },
+    /// Show progress from state on green.
+    Status {
+        /// Output format.
+        format: Format,
+    },
+    /// Compare both sides by checksums.
+    Verify {
+        /// Output format.
+        format: Format,
+        /// Only this table (source or target name).
+        table: Option<String>,
+    },
+    /// Switch PgBouncer to green.
+    Cutover {
+        /// Preflight only.
+        dry_run: bool,
+    },
+    /// Remove everything the tool made on blue and its state on green.
+    Cleanup {
+        /// Even while a `copy` of this plan holds the plan lock.
+        force: bool,
+    },
+}
+
+/// How a command ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything as expected: exit 0.
+    Ok,
+    /// The command found problems or differences: exit 1.
+    Problems,
+}
+
+/// Runs one command to completion. `shutdown` resolves on SIGINT/SIGTERM; long-running stages
+/// stop at a safe point when it does.
+pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Outcome> {
+    let plan = Plan::load(path)?;
+    match command {
+        Command::Plan { format, offline } => plan::run(&plan, format, offline).await,
+        Command::Copy { no_follow } => copy::run(&plan, no_follow, shutdown).await,
+        Command::Verify { format, table } => verify::run(&plan, format, table.as_deref()).await,
+        Command::Cutover { dry_run } => cutover::run(&plan, dry_run, shutdown).await,
+        Command::Cleanup { force } => cleanup::run(&plan, force).await,
+        Command::Status { format } => status::run(&plan, format).await,
+    }
+}
+
+/// Connects to blue and green at once, so an unreachable side is reported within one timeout.
+pub async fn connect_both(plan: &Plan) -> Result<(Client, Client)> {
+    let (blue, green) = tokio::join!(plan.blue.connect(), plan.green.connect());
+    Ok((blue?, green?))
+}
+
+/// Resolves the plan and refuses to go on when it has problems, or when it changed an entry
+/// whose copy already began. Returns the resolved plan and the ids state knows that the plan no
+/// longer has.
+pub async fn resolve_sound(
+    plan: &Plan,
+    blue: &Client,
+    green: &Client,
+) -> Result<(ResolvedPlan, Vec<crate::state::TableId>)> {
+    let resolved = crate::plan::resolve(plan, blue, green).await?;
+    if !resolved.problems.is_empty() {
+        for p in &resolved.problems {
+            tracing::error!(field = %p.field, table = ?p.table, column = ?p.column, "{}", p.message);
+        }
+        return Err(Error::Unresolved { count: resolved.problems.len() });
+    }
+    let state = crate::state::State::new(&plan.name);
+    let removed = crate::plan::check_against_state(&resolved, &state, green).await?;
+    Ok((resolved, removed))
+}

@@ -1,0 +1,139 @@
+//! `migrate status`: phase, per-table progress, capture lag, last verify and last cutover, read
+//! from the state on green; what capture holds on blue when blue answers.
+
+use super::{Format, Outcome};
+use crate::{
+    error::Result,
+    plan::Plan,
+    state::{State, StatusView},
+};
+
+/// Runs `status` and prints its report.
+pub async fn run(plan: &Plan, format: Format) -> Result<Outcome> {
+    let green = plan.green.connect().await?;
+    // Blue is optional here: status must work while blue is down.
+    let blue = match plan.blue.connect().await {
+        Ok(blue) => match crate::capture::blue_retention(plan, &blue).await {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        },
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    if let Some(w) = blue["warning"].as_str() {
+        tracing::warn!("{w}");
+    }
+    let report = report(plan, &green, blue).await?;
+    print!(
+        "{}",
+        match format {
+            Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+            Format::Text => render_text(&report),
+        }
+    );
+    Ok(Outcome::Ok)
+}
+
+/// The status report as JSON (the documented shape of `status --format json`).
+pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_json::Value) -> Result<serde_json::Value> {
+    let state = State::new(&plan.name);
+    state.check_layout(green).await?;
+    let phase = state.phase(green).await?;
+    let (tables, view) = if phase.is_some() {
+        (state.table_progress(green).await?, Some(state.status_view(green).await?))
+    } else {
+        (Vec::new(), None)
+    };
+    let tables: Vec<serde_json::Value> = tables
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "table": t.id.as_str(),
+                "state": t.state,
+                "rows_estimated": t.rows_estimated,
+                "rows_copied": t.rows_copied,
+                "chunks_done": t.chunks_done,
+                "chunks": t.chunks,
+            })
+        })
+        .collect();
+    let capture = match &view {
+        Some(v) => capture_json(v),
+        None => serde_json::json!({ "lag_bytes": null }),
+    };
+    let view = view.unwrap_or_default();
+    Ok(serde_json::json!({
+        "plan": plan.name,
+        "phase": phase.as_ref().map(|p| p.name()).unwrap_or("planned"),
+        "detail": phase,
+        "has_state": phase.is_some(),
+        "tables": tables,
+        "last_verify": view.last_verify,
+        "cutover": view.cutover,
+        "capture": capture,
+        "blue": blue,
+    }))
+}
+
+fn capture_json(v: &StatusView) -> serde_json::Value {
+    serde_json::json!({
+        "lag_bytes": v.lag_bytes,
+        "pending_keys": v.pending_keys,
+        "applied_keys": v.applied_keys,
+        "apply_keys_per_second": v.apply_rate,
+        "follower_seen_seconds_ago": v.follower_seen_seconds_ago,
+        "last_verify": v.last_verify,
+        "cutover": v.cutover,
+    })
+}
+
+/// The text form: one line per table, aligned however long the names are.
+pub fn render_text(value: &serde_json::Value) -> String {
+    let mut o =
+        format!("plan {}  phase {}\n", value["plan"].as_str().unwrap_or(""), value["phase"].as_str().unwrap_or(""));
+    if value["has_state"] != serde_json::Value::Bool(true) {
+        o.push_str("  no state on green yet: `migrate copy` has not run\n");
+    }
+    let tables = value["tables"].as_array().cloned().unwrap_or_default();
+    let w = tables.iter().map(|t| t["table"].as_str().unwrap_or("").chars().count()).max().unwrap_or(0);
+    for t in &tables {
+        o.push_str(&format!(
+            "  {:<w$} {:<9} {:>12} / ~{:<12} rows  {}/{} chunks\n",
+            t["table"].as_str().unwrap_or(""),
+            t["state"].as_str().unwrap_or(""),
+            t["rows_copied"],
+            t["rows_estimated"],
+            t["chunks_done"],
+            t["chunks"]
+        ));
+    }
+    let c = &value["capture"];
+    if !c["lag_bytes"].is_null() {
+        o.push_str(&format!(
+            "  capture lag {} bytes, {} keys pending, {} applied ({:.0}/s), follower seen {:.0}s ago\n",
+            c["lag_bytes"],
+            c["pending_keys"],
+            c["applied_keys"],
+            c["apply_keys_per_second"].as_f64().unwrap_or(0.0),
+            c["follower_seen_seconds_ago"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
+    if let Some(c) = value["cutover"].as_object() {
+        o.push_str(&format!(
+            "  last cutover: {}, traffic paused {:.1} ms, {:.0} ms in all\n",
+            c.get("outcome").and_then(|v| v.as_str()).unwrap_or("?"),
+            c.get("paused_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
+            c.get("total_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN)
+        ));
+    }
+    if let Some(w) = value["blue"]["warning"].as_str() {
+        o.push_str(&format!("  WARNING: {w}\n"));
+    }
+    if let Some(v) = value["last_verify"].as_object() {
+        o.push_str(&format!(
+            "  last verify {}: {}\n",
+            v.get("at").and_then(|a| a.as_str()).unwrap_or("?"),
+            if v.get("equal").and_then(|e| e.as_bool()).unwrap_or(false) { "equal" } else { "DIFFERENCES" }
+        ));
+    }
+    o
+}

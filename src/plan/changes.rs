@@ -1,0 +1,44 @@
+//! A plan edited after `copy` began: what state recorded of each entry against what the plan
+//! says now. Entries reordered or added carry on; entries removed are reported so their capture
+//! and state can go; an entry already copied whose rows would now be defined differently (key,
+//! expressions, filter, source) is refused, naming the entry and what changed.
+
+use tokio_postgres::GenericClient;
+
+use super::ResolvedPlan;
+use crate::{
+    error::{Error, Result},
+    state::{State, TableId, TableState},
+};
+
+/// Checks the resolved plan against what state recorded; returns the ids state knows that the
+/// plan no longer has. Nothing is changed.
+pub async fn check_against_state(
+    resolved: &ResolvedPlan,
+    state: &State,
+    green: &impl GenericClient,
+) -> Result<Vec<TableId>> {
+    if !state.exists(green).await? {
+        return Ok(Vec::new());
+    }
+    state.check_layout(green).await?;
+    let recorded = state.recorded_tables(green).await?;
+    for t in &resolved.tables {
+        let Some(r) = recorded.iter().find(|r| r.id == t.id) else { continue };
+        if r.state == TableState::Pending {
+            continue;
+        }
+        let Some(stored) = &r.definition else { continue };
+        let changes = t.changes_from(stored);
+        if !changes.is_empty() {
+            return Err(Error::PlanChanged {
+                path: resolved.path.clone(),
+                line: t.line,
+                entry: format!("table[{}] ({} -> {})", t.index, t.source, t.target),
+                state: r.state.name().to_string(),
+                changes,
+            });
+        }
+    }
+    Ok(recorded.into_iter().filter(|r| !resolved.tables.iter().any(|t| t.id == r.id)).map(|r| r.id).collect())
+}

@@ -1,0 +1,81 @@
+//! The one retry policy: which failures are worth another attempt (lost or refused connections,
+//! server shutdowns, serialization failures, deadlocks) and a bounded exponential backoff,
+//! logged at every attempt.
+
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use crate::{
+    error::{Error, Result},
+    shutdown::Shutdown,
+};
+
+/// Reconnect attempts back off up to this delay...
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// ...and give up after this long without a working connection.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
+
+/// Bounded exponential backoff for transient failures.
+pub struct Backoff {
+    delay: Duration,
+    since: Option<Instant>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { delay: Duration::from_millis(250), since: None }
+    }
+}
+
+impl Backoff {
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Waits before the next attempt; returns the error when failures have lasted too long.
+    pub async fn wait(&mut self, e: Error, stop: &Shutdown, what: &str) -> Result<()> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() > GIVE_UP_AFTER {
+            return Err(e);
+        }
+        warn!(what, error = %e, retry_in_ms = self.delay.as_millis() as u64, "interrupted; reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = stop.wait() => {}
+        }
+        self.delay = (self.delay * 2).min(MAX_BACKOFF);
+        Ok(())
+    }
+}
+
+/// Errors worth retrying: lost or refused connections and server shutdowns (after a reconnect),
+/// serialization failures and deadlocks (on the same connection), and an object in use (55006:
+/// the slot is still held by the blue session of a `copy` that was just killed, until blue
+/// notices it is gone).
+pub fn is_transient(e: &Error) -> bool {
+    connection_lost(e) || db_code(e).is_some_and(|c| matches!(c, "40001" | "40P01" | "55006"))
+}
+
+/// The connection is gone or the server is going away: reconnect before retrying.
+pub fn connection_lost(e: &Error) -> bool {
+    match e {
+        Error::Connect(_) | Error::Stalled { .. } => true,
+        Error::Db { source, .. } => {
+            source.is_closed()
+                || match db_code(e) {
+                    Some(c) => c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03"),
+                    None => std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>()),
+                }
+        }
+        _ => false,
+    }
+}
+
+fn db_code(e: &Error) -> Option<&str> {
+    match e {
+        Error::Db { source, .. } => source.code().map(|c| c.code()),
+        _ => None,
+    }
+}

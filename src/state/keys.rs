@@ -1,0 +1,200 @@
+//! Captured keys waiting to be applied (`pending`), keys applied since the last verify
+//! (`touched`), and verify buckets found clean at a blue position (`verified`).
+
+use std::collections::HashMap;
+
+use tokio_postgres::GenericClient;
+
+use super::{State, TableId};
+use crate::error::{Error, Result};
+
+/// A key event: which plan entry, its key values in text form, and the blue WAL position of the
+/// change (for lag).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyEvent {
+    /// The plan entry.
+    pub table: TableId,
+    /// Key column values, text form.
+    pub key: Vec<String>,
+    /// Blue LSN of the change, as bytes from 0/0.
+    pub lsn: i64,
+}
+
+/// Keys travel as one text per key (a JSON array) because arrays of arrays do not unnest.
+fn json_keys<'a>(keys: impl Iterator<Item = &'a Vec<String>>) -> Vec<String> {
+    keys.map(|k| serde_json::to_string(k).unwrap_or_default()).collect()
+}
+
+impl State {
+    /// Stores key events in pending (newest position wins; a fresh `seq` marks the key as
+    /// changed again, so an apply that read the older entry will not delete this one).
+    pub async fn store_keys(&self, green: &impl GenericClient, events: &[KeyEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        // One row per key: ON CONFLICT cannot touch the same row twice in one statement.
+        let mut latest: HashMap<(&TableId, &[String]), i64> = HashMap::new();
+        for e in events {
+            let l = latest.entry((&e.table, e.key.as_slice())).or_insert(e.lsn);
+            *l = (*l).max(e.lsn);
+        }
+        let mut tables = Vec::with_capacity(latest.len());
+        let mut keys = Vec::with_capacity(latest.len());
+        let mut lsns = Vec::with_capacity(latest.len());
+        for ((table, key), lsn) in latest {
+            tables.push(table.as_str());
+            keys.push(serde_json::to_string(key).unwrap_or_default());
+            lsns.push(lsn);
+        }
+        green
+            .execute(
+                &format!(
+                    "INSERT INTO {pending} (tbl, key, seq, lsn) \
+                     SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), nextval('{seq}'), l \
+                     FROM unnest($1::text[], $2::text[], $3::int8[]) AS e(t, k, l) \
+                     ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, lsn = EXCLUDED.lsn",
+                    pending = self.table("pending"),
+                    seq = self.table("pending_seq").replace('\'', "''"),
+                ),
+                &[&tables, &keys, &lsns],
+            )
+            .await
+            .map_err(Error::db("green: storing captured keys"))?;
+        Ok(())
+    }
+
+    /// The oldest `limit` pending keys of the `ready` entries: (entry, key, seq).
+    pub async fn pending_batch(
+        &self,
+        green: &impl GenericClient,
+        ready: &[TableId],
+        limit: i64,
+    ) -> Result<Vec<(TableId, Vec<String>, i64)>> {
+        let ready: Vec<&str> = ready.iter().map(TableId::as_str).collect();
+        Ok(green
+            .query(
+                &format!(
+                    "SELECT tbl, key, seq FROM {} WHERE tbl = ANY($1) ORDER BY seq LIMIT $2",
+                    self.table("pending")
+                ),
+                &[&ready, &limit],
+            )
+            .await
+            .map_err(Error::db("green: reading pending keys"))?
+            .iter()
+            .map(|r| (TableId::from_stored(r.get(0)), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Removes the applied entries `seqs` from pending (a key captured again meanwhile has a new
+    /// seq and stays) and remembers them as touched, so cutover re-verifies exactly the keys
+    /// changed since the last verify. In apply's transaction.
+    pub async fn finish_batch(&self, green: &impl GenericClient, seqs: &[i64]) -> Result<()> {
+        green
+            .execute(
+                &format!(
+                    "WITH done AS (DELETE FROM {pending} WHERE seq = ANY($1) RETURNING tbl, key, coalesce(lsn, 0) AS lsn) \
+                     INSERT INTO {touched} (tbl, key, lsn) SELECT tbl, key, lsn FROM done \
+                     ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
+                    pending = self.table("pending"),
+                    touched = self.table("touched"),
+                ),
+                &[&seqs],
+            )
+            .await
+            .map_err(Error::db("green: clearing pending keys"))?;
+        Ok(())
+    }
+
+    /// Keys pending.
+    pub async fn pending_count(&self, green: &impl GenericClient) -> Result<i64> {
+        Ok(green
+            .query_one(&format!("SELECT count(*) FROM {}", self.table("pending")), &[])
+            .await
+            .map_err(Error::db("green: counting pending keys"))?
+            .get(0))
+    }
+
+    /// Whether capture has passed `lsn` and no key captured at or before it is pending.
+    pub async fn applied_through(&self, green: &impl GenericClient, lsn: i64) -> Result<bool> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "SELECT coalesce(capture_lsn >= $1, false) AND NOT EXISTS (SELECT 1 FROM {} WHERE lsn <= $1) \
+                     FROM {} WHERE id = 1",
+                    self.table("pending"),
+                    self.table("migration")
+                ),
+                &[&lsn],
+            )
+            .await
+            .map_err(Error::db("green: reading apply progress"))?
+            .get(0))
+    }
+
+    /// Keys of `id` applied since the last verify.
+    pub async fn touched_keys(&self, green: &impl GenericClient, id: &TableId) -> Result<Vec<Vec<String>>> {
+        Ok(green
+            .query(&format!("SELECT key FROM {} WHERE tbl = $1", self.table("touched")), &[&id.as_str()])
+            .await
+            .map_err(Error::db("green: reading changed keys"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Forgets touched keys found equal.
+    pub async fn forget_touched(&self, green: &impl GenericClient, id: &TableId, keys: &[Vec<String>]) -> Result<()> {
+        let keys = json_keys(keys.iter());
+        green
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE tbl = $1 AND key IN \
+                     (SELECT ARRAY(SELECT jsonb_array_elements_text(k::jsonb)) FROM unnest($2::text[]) k)",
+                    self.table("touched")
+                ),
+                &[&id.as_str(), &keys],
+            )
+            .await
+            .map_err(Error::db("green: forgetting verified keys"))?;
+        Ok(())
+    }
+
+    /// Records which buckets of `id` verified clean at blue position `lsn`, so a later check
+    /// (cutover) looks again only at what changed since; when all were clean, the keys applied
+    /// before `lsn` are forgotten as touched (this verify saw them).
+    pub async fn record_verified(&self, green: &impl GenericClient, id: &TableId, lsn: i64, ok: &[bool]) -> Result<()> {
+        let n = ok.len() as i32;
+        let buckets: Vec<i32> = (0..n).collect();
+        green
+            .execute(
+                &format!(
+                    "INSERT INTO {v} (tbl, buckets, bucket, lsn, ok, verified_at) \
+                     SELECT $1, $2, b, $3, o, now() FROM unnest($4::int[], $5::bool[]) AS x(b, o) \
+                     ON CONFLICT (tbl, bucket) DO UPDATE SET buckets = EXCLUDED.buckets, lsn = EXCLUDED.lsn, \
+                       ok = EXCLUDED.ok, verified_at = EXCLUDED.verified_at",
+                    v = self.table("verified")
+                ),
+                &[&id.as_str(), &n, &lsn, &buckets, &ok],
+            )
+            .await
+            .map_err(Error::db("green: recording verified buckets"))?;
+        green
+            .execute(
+                &format!("DELETE FROM {} WHERE tbl = $1 AND bucket >= $2", self.table("verified")),
+                &[&id.as_str(), &n],
+            )
+            .await
+            .map_err(Error::db("green: recording verified buckets"))?;
+        if ok.iter().all(|o| *o) {
+            green
+                .execute(
+                    &format!("DELETE FROM {} WHERE tbl = $1 AND lsn <= $2", self.table("touched")),
+                    &[&id.as_str(), &lsn],
+                )
+                .await
+                .map_err(Error::db("green: clearing verified keys"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! The one `migration` row: phase, copy runs, capture and follower progress, the last verify and
+//! the last cutover record.
+
+use tokio_postgres::GenericClient;
+
+use super::{decode, Phase, State};
+use crate::error::{Error, Result};
+
+/// What cutover's preflight reads about the follower and the last verify.
+#[derive(Debug, Clone)]
+pub struct FollowerView {
+    /// A follower wrote progress within the last few seconds.
+    pub follower_active: bool,
+    /// Every change before this blue position is stored on green.
+    pub capture_lsn: Option<i64>,
+    /// The oldest position of a key still pending.
+    pub oldest_pending: Option<i64>,
+    /// Keys pending.
+    pub pending: i64,
+    /// The last verify found no difference.
+    pub verify_equal: bool,
+    /// When the last verify ran.
+    pub verify_at: Option<String>,
+    /// Verified buckets that were not clean.
+    pub bad_buckets: i64,
+    /// Entries with at least one verified bucket.
+    pub verified: Vec<super::TableId>,
+    /// Keys applied since the last verify.
+    pub touched: i64,
+}
+
+/// What `status` shows from the migration row.
+#[derive(Debug, Clone, Default)]
+pub struct StatusView {
+    /// Bytes of blue WAL not yet on green.
+    pub lag_bytes: Option<i64>,
+    /// Keys waiting.
+    pub pending_keys: Option<i64>,
+    /// Keys applied by the current follower.
+    pub applied_keys: i64,
+    /// Keys applied per second, recent.
+    pub apply_rate: Option<f64>,
+    /// Seconds since the follower last wrote progress.
+    pub follower_seen_seconds_ago: Option<f64>,
+    /// The last verify's summary, with `at`.
+    pub last_verify: Option<serde_json::Value>,
+    /// The last cutover's record.
+    pub cutover: Option<serde_json::Value>,
+}
+
+impl State {
+    /// Reads the phase; `None` when there is no state yet.
+    pub async fn phase(&self, green: &impl GenericClient) -> Result<Option<Phase>> {
+        let exists: bool = green
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table("migration")])
+            .await
+            .map_err(Error::db("green: reading migration state"))?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let row = green
+            .query_opt(&format!("SELECT state FROM {} WHERE id = 1", self.table("migration")), &[])
+            .await
+            .map_err(Error::db("green: reading migration state"))?;
+        row.map(|r| decode("the migration phase", r.get(0))).transpose()
+    }
+
+    /// Stores the phase, refusing a transition its story does not allow (see
+    /// [`Phase::may_become`]): the check and the write are one statement.
+    pub async fn set_phase(&self, green: &impl GenericClient, phase: &Phase) -> Result<()> {
+        let value = serde_json::to_value(phase).map_err(|e| Error::StateDecode {
+            what: "the migration phase".into(),
+            value: format!("{phase:?}"),
+            reason: e.to_string(),
+        })?;
+        let allowed: Vec<&str> = Phase::predecessors(phase).to_vec();
+        let n = green
+            .execute(
+                &format!(
+                    "UPDATE {} SET state = $1, updated_at = now() WHERE id = 1 AND state->>'phase' = ANY($2)",
+                    self.table("migration")
+                ),
+                &[&value, &allowed],
+            )
+            .await
+            .map_err(Error::db("green: saving migration phase"))?;
+        if n == 0 {
+            let from = self.phase(green).await?.map(|p| p.name()).unwrap_or("none");
+            return Err(Error::PhaseTransition { from: from.to_string(), to: phase.name().to_string() });
+        }
+        Ok(())
+    }
+
+    /// Starts a new copy run and returns its number. Chunks record the run that copied them: rows
+    /// copied under different snapshots may overlap and are de-duplicated before keys are built.
+    pub async fn next_epoch(&self, green: &impl GenericClient) -> Result<i32> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "UPDATE {} SET copy_epoch = copy_epoch + 1 WHERE id = 1 RETURNING copy_epoch",
+                    self.table("migration")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: starting a copy run"))?
+            .get(0))
+    }
+
+    /// Stores the cutover record (step timeline, pause, sequences).
+    pub async fn set_cutover(&self, green: &impl GenericClient, record: &serde_json::Value) -> Result<()> {
+        green
+            .execute(
+                &format!("UPDATE {} SET cutover = $1, updated_at = now() WHERE id = 1", self.table("migration")),
+                &[record],
+            )
+            .await
+            .map_err(Error::db("green: saving the cutover record"))?;
+        Ok(())
+    }
+
+    /// Stores how far capture has stored changes; in capture's own transaction, with the keys.
+    pub async fn set_capture_lsn(&self, green: &impl GenericClient, lsn: i64) -> Result<()> {
+        green
+            .execute(&format!("UPDATE {} SET capture_lsn = $1 WHERE id = 1", self.table("migration")), &[&lsn])
+            .await
+            .map_err(Error::db("green: saving the capture position"))?;
+        Ok(())
+    }
+
+    /// Stores blue's current position and capture's frontier, for lag.
+    pub async fn record_positions(&self, green: &impl GenericClient, blue_lsn: i64, capture_lsn: i64) -> Result<()> {
+        green
+            .execute(
+                &format!("UPDATE {} SET blue_lsn = $1, capture_lsn = $2 WHERE id = 1", self.table("migration")),
+                &[&blue_lsn, &capture_lsn],
+            )
+            .await
+            .map_err(Error::db("green: saving the capture position"))?;
+        Ok(())
+    }
+
+    /// Writes lag, pending count and apply rate. Lag: blue's position minus the oldest position
+    /// not yet on green (the oldest pending key, or capture's frontier).
+    pub async fn report_follower(&self, green: &impl GenericClient, applied: i64, rate: f64) -> Result<()> {
+        green
+            .execute(
+                &format!(
+                    "UPDATE {m} SET pending_keys = p.n, \
+                        lag_bytes = greatest(0, blue_lsn - least(coalesce(p.oldest, capture_lsn), capture_lsn)), \
+                        applied_keys = $1, apply_rate = $2, follower_seen_at = now() \
+                     FROM (SELECT count(*) AS n, min(lsn) AS oldest FROM {p}) p WHERE id = 1",
+                    m = self.table("migration"),
+                    p = self.table("pending")
+                ),
+                &[&applied, &rate],
+            )
+            .await
+            .map_err(Error::db("green: saving follower progress"))?;
+        Ok(())
+    }
+
+    /// Whether a follower wrote its progress within the last few seconds.
+    pub async fn follower_active(&self, green: &impl GenericClient) -> Result<bool> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "SELECT coalesce(follower_seen_at > now() - interval '5 seconds', false) FROM {} WHERE id = 1",
+                    self.table("migration")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading follower progress"))?
+            .get(0))
+    }
+
+    /// Stores the last verify's summary.
+    pub async fn set_last_verify(&self, green: &impl GenericClient, summary: &serde_json::Value) -> Result<()> {
+        green
+            .execute(
+                &format!(
+                    "UPDATE {} SET last_verify = $1, last_verify_at = now() WHERE id = 1",
+                    self.table("migration")
+                ),
+                &[summary],
+            )
+            .await
+            .map_err(Error::db("green: recording the verify result"))?;
+        Ok(())
+    }
+
+    /// The follower and last-verify facts cutover's preflight checks.
+    pub async fn follower_view(&self, green: &impl GenericClient) -> Result<FollowerView> {
+        let row = green
+            .query_one(
+                &format!(
+                    "SELECT coalesce(follower_seen_at > now() - interval '5 seconds', false), capture_lsn, \
+                            coalesce((last_verify->>'equal')::boolean, false), last_verify_at::text, \
+                            (SELECT min(lsn) FROM {p}), (SELECT count(*) FROM {p}), \
+                            (SELECT count(*) FROM {v} WHERE NOT ok), \
+                            ARRAY(SELECT DISTINCT tbl FROM {v}), (SELECT count(*) FROM {t}) \
+                     FROM {m} WHERE id = 1",
+                    m = self.table("migration"),
+                    p = self.table("pending"),
+                    v = self.table("verified"),
+                    t = self.table("touched"),
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading the migration state"))?;
+        Ok(FollowerView {
+            follower_active: row.get(0),
+            capture_lsn: row.get(1),
+            verify_equal: row.get(2),
+            verify_at: row.get(3),
+            oldest_pending: row.get(4),
+            pending: row.get(5),
+            bad_buckets: row.get(6),
+            verified: row.get::<_, Vec<String>>(7).into_iter().map(super::TableId::from_stored).collect(),
+            touched: row.get(8),
+        })
+    }
+
+    /// The migration row as `status` shows it.
+    pub async fn status_view(&self, green: &impl GenericClient) -> Result<StatusView> {
+        let r = green
+            .query_one(
+                &format!(
+                    "SELECT lag_bytes, pending_keys, applied_keys, apply_rate, \
+                            extract(epoch FROM now() - follower_seen_at)::float8, \
+                            last_verify || jsonb_build_object('at', last_verify_at), cutover \
+                     FROM {} WHERE id = 1",
+                    self.table("migration")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading capture progress"))?;
+        Ok(StatusView {
+            lag_bytes: r.get(0),
+            pending_keys: r.get(1),
+            applied_keys: r.get(2),
+            apply_rate: r.get(3),
+            follower_seen_seconds_ago: r.get(4),
+            last_verify: r.get(5),
+            cutover: r.get(6),
+        })
+    }
+}
