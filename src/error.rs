@@ -212,9 +212,192 @@ pub enum Error {
         /// The name given.
         name: String,
     },
-    /// Any other runtime failure with its context.
-    #[error("{0}")]
-    Runtime(String),
+    /// A spawned task panicked (a bug): the command stops.
+    #[error("{task} panicked: {message}")]
+    TaskPanicked {
+        /// Which task.
+        task: &'static str,
+        /// The panic.
+        message: String,
+    },
+    /// SIGINT/SIGTERM arrived where stopping means giving up the step.
+    #[error("interrupted {during}")]
+    Interrupted {
+        /// What was going on, e.g. `while pausing`.
+        during: String,
+    },
+    /// A planned table was truncated on blue: a TRUNCATE is no row change, so green would keep
+    /// the rows.
+    #[error(
+        "TRUNCATE of {} on blue: following stopped so green does not drift; \
+         start the migration over (`migrate cleanup`, empty the green tables, `migrate copy`)",
+        if tables.is_empty() { "a planned table".to_string() } else { tables.join(", ") }
+    )]
+    Truncated {
+        /// Source tables truncated (empty when unknown).
+        tables: Vec<String>,
+    },
+    /// Blue's table no longer has the columns the plan was resolved against.
+    #[error(
+        "schema of blue {table} changed while following (columns were [{}], are now [{}]); \
+         following stopped so green does not drift: update the plan and start over",
+        was.join(", "),
+        now.join(", ")
+    )]
+    SchemaChanged {
+        /// Source table.
+        table: String,
+        /// Columns when resolved.
+        was: Vec<String>,
+        /// Columns now.
+        now: Vec<String>,
+    },
+    /// Blue has no capture of this plan.
+    #[error("blue has no capture of plan `{plan}` (no slot, no change table): run `migrate copy` first")]
+    NoCapture {
+        /// Plan name.
+        plan: String,
+    },
+    /// What blue sent could not be decoded.
+    #[error("blue: {what}: {message}")]
+    Decode {
+        /// What was being decoded.
+        what: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// DDL on blue never got its table lock.
+    #[error(
+        "blue: creating {what}: table lock not granted in {attempts} attempts; a long-running transaction holds it"
+    )]
+    LockNotGranted {
+        /// The DDL.
+        what: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Our replication slot is held by a session.
+    #[error("replication slot {slot} is in use by process {pid} on blue")]
+    SlotInUse {
+        /// Slot name.
+        slot: String,
+        /// The backend holding it.
+        pid: i32,
+    },
+    /// Decoded transactions stayed invisible to new snapshots on blue.
+    #[error("blue: transactions decoded from the slot stayed invisible for {waited:?} (snapshot {snapshot})")]
+    NotVisible {
+        /// How long we waited.
+        waited: Duration,
+        /// Blue's last snapshot.
+        snapshot: String,
+    },
+    /// A blue table has no heap of its own to split into block ranges.
+    #[error("blue {table} has no heap of its own (partitioned?)")]
+    NoHeap {
+        /// Source table.
+        table: String,
+    },
+    /// Following ended while the copy still needed it.
+    #[error("following stopped during the copy: {how}")]
+    FollowerStopped {
+        /// How it stopped.
+        how: String,
+    },
+    /// Something this machine needs is not installed (demo, sandbox).
+    #[error("not installed: {missing}; install with: apt-get install -y {packages} (or run scripts/demo, which does)")]
+    NotInstalled {
+        /// What is missing.
+        missing: String,
+        /// The Debian packages that bring it.
+        packages: String,
+    },
+    /// A throwaway server (demo, tests) could not be set up.
+    #[error("{what}: {detail}")]
+    Sandbox {
+        /// What was being done.
+        what: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {what}: {source}", path.display())]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command on PgBouncer's admin console failed.
+    #[error("pgbouncer: `{command}` failed: {message}{}", if *by_hand { "; run it by hand on the admin console" } else { "" })]
+    Pgbouncer {
+        /// The command.
+        command: String,
+        /// The error.
+        message: String,
+        /// Whether the operator must run it by hand now.
+        by_hand: bool,
+    },
+    /// PAUSE did not complete within its budget.
+    #[error(
+        "PAUSE {database} did not complete within {waited:?}: a transaction on blue kept a server connection busy"
+    )]
+    PauseTimedOut {
+        /// PgBouncer database.
+        database: String,
+        /// The budget.
+        waited: Duration,
+    },
+    /// Green did not catch up within the cutover's budget.
+    #[error("{what}: green did not catch up with blue in time")]
+    CatchUpTimedOut {
+        /// The step.
+        what: String,
+    },
+    /// Rows still differ after the drain.
+    #[error("{count} row(s) differ between blue and green after the drain, e.g. {}; run `migrate verify` for details", shown.join(", "))]
+    DrainDiffers {
+        /// How many keys differ.
+        count: usize,
+        /// The first few, described.
+        shown: Vec<String>,
+    },
+    /// A failure after RELOAD: traffic is on green already.
+    #[error("PgBouncer already points at green, but: {source}; run `RESUME {database}` on the admin console if clients wait")]
+    AfterRepoint {
+        /// PgBouncer database.
+        database: String,
+        /// What failed.
+        source: Box<Error>,
+    },
+    /// The cutover failed and so did its roll back.
+    #[error(
+        "cutover failed: {error}; rolling back failed too: {rollback}; check that PgBouncer database `{database}` \
+         is resumed and points at blue"
+    )]
+    RollbackFailed {
+        /// PgBouncer database.
+        database: String,
+        /// Why the cutover failed.
+        error: Box<Error>,
+        /// Why the roll back failed.
+        rollback: Box<Error>,
+    },
+    /// `cleanup` found a `copy` running.
+    #[error("{source}; stop it first, or pass --force to remove its objects anyway")]
+    CopyRunning {
+        /// The lock refusal.
+        source: Box<Error>,
+    },
+    /// A state the code should never reach (a bug); says where.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+    /// The demo's own checks failed.
+    #[error("demo: {0}")]
+    Demo(String),
 }
 
 impl Error {

@@ -103,13 +103,14 @@ impl Follower {
         let result = tokio::select! {
             r = apply.run(&shutdown, &catch_up, &reached) => r,
             r = &mut capture_task => {
-                let r = r.unwrap_or_else(|e| Err(Error::Runtime(format!("capture panicked: {e}"))));
+                let r = r.unwrap_or_else(|e| Err(Error::TaskPanicked { task: "capture", message: e.to_string() }));
                 // Capture stops only with an error or when told; either way apply stops too.
                 return r.map(|()| Stop::Signal);
             }
         };
         capture_stop.trigger();
-        let captured = capture_task.await.unwrap_or_else(|e| Err(Error::Runtime(format!("capture panicked: {e}"))));
+        let captured =
+            capture_task.await.unwrap_or_else(|e| Err(Error::TaskPanicked { task: "capture", message: e.to_string() }));
         let stop = result?;
         captured?;
         Ok(stop)

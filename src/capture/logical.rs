@@ -12,7 +12,7 @@ use super::{
     KeyEvent, POLL_CHANGES,
 };
 use crate::{
-    error::{pg_message, Error, Result},
+    error::{Error, Result},
     pg::{ident, literal},
     plan::{Plan, ResolvedPlan, ResolvedTable},
     state::State,
@@ -144,7 +144,9 @@ impl Logical {
         let mut xid = None;
         let mut xids = Vec::new();
         for data in messages {
-            match pgoutput::decode(data).map_err(|e| Error::Runtime(format!("blue: {e}")))? {
+            match pgoutput::decode(data)
+                .map_err(|e| Error::Decode { what: "pgoutput".into(), message: e.to_string() })?
+            {
                 Message::Relation(rel) => {
                     if let Some(i) =
                         self.tables.iter().position(|t| t.source.schema == rel.namespace && t.source.name == rel.name)
@@ -217,9 +219,7 @@ async fn wait_visible(blue: &Client, xids: &[u32]) -> Result<()> {
             return Ok(());
         }
         if started.elapsed() > VISIBLE_WAIT {
-            return Err(Error::Runtime(format!(
-                "blue: transactions decoded from the slot stayed invisible for {VISIBLE_WAIT:?} (snapshot {snapshot})"
-            )));
+            return Err(Error::NotVisible { waited: VISIBLE_WAIT, snapshot });
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
@@ -262,13 +262,7 @@ fn check_shape(t: &ResolvedTable, rel: &Relation) -> Result<()> {
     }
     let was: Vec<String> = t.source_columns.iter().map(|(n, _)| n.clone()).collect();
     let now: Vec<String> = rel.columns.iter().map(|(n, _)| n.clone()).collect();
-    Err(Error::Runtime(format!(
-        "schema of blue {} changed while following (columns were [{}], are now [{}]); \
-         following stopped so green does not drift: update the plan and start over",
-        t.source,
-        was.join(", "),
-        now.join(", ")
-    )))
+    Err(Error::SchemaChanged { table: t.source.to_string(), was, now })
 }
 
 /// Drops the slot and publication (cleanup).
@@ -280,14 +274,14 @@ pub async fn drop_objects(blue: &Client, plan: &str) -> Result<()> {
         .map_err(Error::db("blue: looking for the replication slot"))?
         .and_then(|r| r.get(0));
     if let Some(pid) = active {
-        return Err(Error::Runtime(format!("replication slot {slot} is in use by process {pid} on blue")));
+        return Err(Error::SlotInUse { slot: slot.to_string(), pid });
     }
     blue.execute(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
         &[&slot],
     )
     .await
-    .map_err(|e| Error::Runtime(format!("blue: dropping slot {slot}: {}", pg_message(&e))))?;
+    .map_err(Error::db(format!("blue: dropping slot {slot}")))?;
     blue.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", ident(&slot)))
         .await
         .map_err(Error::db("blue: dropping the publication"))?;

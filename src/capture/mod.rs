@@ -65,10 +65,7 @@ impl Capture {
         }
         match trigger::Trigger::open(plan, resolved, check).await? {
             Some(t) => Ok(Capture::Trigger(t)),
-            None => Err(Error::Runtime(format!(
-                "blue has no capture of plan `{}` (no slot, no change table): run `migrate copy` first",
-                plan.name
-            ))),
+            None => Err(Error::NoCapture { plan: plan.name.clone() }),
         }
     }
 
@@ -94,7 +91,7 @@ impl Capture {
         match (self, target) {
             (Capture::Logical(c), Target::Lsn(l)) => Ok(c.captured_lsn() >= l),
             (Capture::Trigger(c), Target::Xid(x)) => c.reached(x).await,
-            _ => Err(Error::Runtime("capture target of the wrong kind".into())),
+            _ => Err(Error::Internal("capture target of the wrong kind")),
         }
     }
 
@@ -155,11 +152,7 @@ pub async fn blue_retention(plan: &Plan, blue: &Client) -> Result<serde_json::Va
 /// The error that stops following when a planned table was truncated on blue: a TRUNCATE is no
 /// row change, so green would silently keep the rows.
 pub fn truncated(tables: &[String]) -> Error {
-    let what = if tables.is_empty() { "a planned table".to_string() } else { tables.join(", ") };
-    Error::Runtime(format!(
-        "TRUNCATE of {what} on blue: following stopped so green does not drift; \
-         start the migration over (`migrate cleanup`, empty the green tables, `migrate copy`)"
-    ))
+    Error::Truncated { tables: tables.to_vec() }
 }
 
 /// Removes everything capture made on blue: slot, publication, triggers, change table, schema.

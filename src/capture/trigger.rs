@@ -96,9 +96,10 @@ impl Trigger {
                 return Err(super::truncated(&names));
             }
             ids.push(r.get::<_, i64>(0));
-            let key: Vec<String> = r
-                .try_get(2)
-                .map_err(|e| Error::Runtime(format!("blue: change {} has an unusable key: {e}", r.get::<_, i64>(0))))?;
+            let key: Vec<String> = r.try_get(2).map_err(|e| Error::Decode {
+                what: format!("change {}", r.get::<_, i64>(0)),
+                message: format!("unusable key: {e}"),
+            })?;
             // A change of an entry the plan no longer has is dropped with the others.
             if let Some(t) = table {
                 events.push(KeyEvent { table: t.id.clone(), key, lsn: r.get(4) });
@@ -192,9 +193,7 @@ async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<(
             }
         }
     }
-    Err(Error::Runtime(format!(
-        "blue: creating {what}: table lock not granted in {DDL_ATTEMPTS} attempts; a long-running transaction holds it"
-    )))
+    Err(Error::LockNotGranted { what: what.to_string(), attempts: DDL_ATTEMPTS })
 }
 
 /// Removes our triggers from tables the plan no longer captures (an entry removed from the plan):

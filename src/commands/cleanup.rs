@@ -12,7 +12,7 @@ pub async fn run(plan: &Plan, force: bool) -> Result<Outcome> {
     let (blue, green) = connect_both(plan).await?;
     if let Err(e) = crate::copy::lock_plan(&green, &plan.name, "copy").await {
         if !force {
-            return Err(Error::Runtime(format!("{e}; stop it first, or pass --force to remove its objects anyway")));
+            return Err(Error::CopyRunning { source: Box::new(e) });
         }
         tracing::warn!("a copy of this plan is running; removing its objects anyway (--force)");
     }

@@ -62,11 +62,9 @@ fn step(title: &str) {
     println!("\n== {title} ==");
 }
 
-/// Runs the demo with `rows` access tokens on blue and an application writing `rate` times per
-/// second. `Ok` carries the measurements; the outcome is `Problems` when a write failed or was
-/// lost, or the cutover did not switch.
-pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, DemoReport)> {
-    crate::sandbox::check_prerequisites()?;
+/// Starts blue, green and PgBouncer, loads the fixture and writes the plan; returns the
+/// sandbox, its working directory and the plan's path.
+async fn start_sandbox(rows: u32) -> Result<(Sandbox, PathBuf, PathBuf)> {
     step("starting blue and green PostgreSQL clusters and a PgBouncer in temporary directories");
     let mut sandbox = Sandbox {
         blue: LocalCluster::start("demo-blue", &[])?,
@@ -76,7 +74,7 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     let dir = crate::sandbox::server_dir("demo")?;
     let file = |name: &str, text: &str| -> Result<PathBuf> {
         let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| Error::Runtime(format!("{}: {e}", p.display())))?;
+        std::fs::write(&p, text).map_err(|source| Error::File { what: "writing", path: p.clone(), source })?;
         Ok(p)
     };
     let (blue_sql, green_sql, generate) =
@@ -102,11 +100,21 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
         bouncer.databases_file.display(),
         sandbox.green.port,
     );
+    sandbox.bouncer = Some(bouncer);
+    let plan_path = file("plan.toml", &plan_text)?;
+    Ok((sandbox, dir, plan_path))
+}
+
+/// Runs the demo with `rows` access tokens on blue and an application writing `rate` times per
+/// second. `Ok` carries the measurements; the outcome is `Problems` when a write failed or was
+/// lost, or the cutover did not switch.
+pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, DemoReport)> {
+    crate::sandbox::check_prerequisites()?;
+    let (sandbox, dir, plan_path) = start_sandbox(rows).await?;
+    let bouncer = sandbox.bouncer.as_ref().ok_or(Error::Internal("the demo sandbox has no PgBouncer"))?;
     let admin = bouncer.admin_url();
     let databases_file = bouncer.databases_file.clone();
     let app_url = format!("host=127.0.0.1 port={} dbname=app user=postgres", bouncer.port);
-    sandbox.bouncer = Some(bouncer);
-    let plan_path = file("plan.toml", &plan_text)?;
 
     step(&format!("application: {rate} writes/s through PgBouncer (database `app` → blue)"));
     let app = App::start(app_url, rate, "demo");
@@ -117,7 +125,7 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     let outcome =
         crate::run(&plan_path, Command::Plan { format: Format::Text, offline: false }, shutdown.clone()).await?;
     if outcome != Outcome::Ok {
-        return Err(Error::Runtime("the demo plan has problems".into()));
+        return Err(Error::Demo("the demo plan has problems".into()));
     }
 
     step("migrate copy (keeps following in the background)");
@@ -141,7 +149,7 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     let verified =
         crate::run(&plan_path, Command::Verify { format: Format::Text, table: None }, shutdown.clone()).await?;
     if verified != Outcome::Ok {
-        return Err(Error::Runtime("verify found differences".into()));
+        return Err(Error::Demo("verify found differences".into()));
     }
 
     step("migrate cutover");
@@ -176,6 +184,36 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     let (floor_stall, _) = app.snapshot();
     let report = app.stop();
 
+    let (result, phase) = measure(&plan, &report, switched_at, cutover_stall, floor_stall).await?;
+
+    step("result");
+    println!("cutover: {} (phase {phase})", if switched == Outcome::Ok { "switched" } else { "NOT switched" });
+    println!("writes acknowledged: {} ({} after the switch, on green)", result.acknowledged, result.after_switch);
+    println!("failed writes:       {}", result.failed);
+    for f in report.failures.iter().take(5) {
+        println!("  {f}");
+    }
+    println!("lost writes:         {} (acknowledged but missing on green)", result.lost);
+    println!("longest client-observed stall during the cutover: {:.1} ms", ms(result.cutover_stall));
+    println!(
+        "the same switch by hand (PAUSE, RELOAD, RESUME, nothing else), same setup: {:.1} ms",
+        ms(result.floor_stall)
+    );
+    step("removing the clusters, PgBouncer and temporary files");
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(sandbox);
+    let ok = switched == Outcome::Ok && result.failed == 0 && result.lost == 0;
+    Ok((if ok { Outcome::Ok } else { Outcome::Problems }, result))
+}
+
+/// What the application saw and lost, measured on green; and the phase green ended in.
+async fn measure(
+    plan: &crate::plan::Plan,
+    report: &crate::sandbox::app::AppReport,
+    switched_at: Instant,
+    cutover_stall: Duration,
+    floor_stall: Duration,
+) -> Result<(DemoReport, &'static str)> {
     let green = plan.green.connect().await?;
     let on_green: HashMap<String, i64> = green
         .query("SELECT payload, id FROM app_events WHERE kind = 'app'", &[])
@@ -194,26 +232,7 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
         floor_stall,
     };
     let phase = State::new(&plan.name).phase(&green).await?.map(|p| p.name()).unwrap_or("none");
-
-    step("result");
-    println!("cutover: {} (phase {phase})", if switched == Outcome::Ok { "switched" } else { "NOT switched" });
-    println!("writes acknowledged: {} ({} after the switch, on green)", result.acknowledged, result.after_switch);
-    println!("failed writes:       {}", result.failed);
-    for f in report.failures.iter().take(5) {
-        println!("  {f}");
-    }
-    println!("lost writes:         {} (acknowledged but missing on green)", result.lost);
-    println!("longest client-observed stall during the cutover: {:.1} ms", ms(result.cutover_stall));
-    println!(
-        "the same switch by hand (PAUSE, RELOAD, RESUME, nothing else), same setup: {:.1} ms",
-        ms(result.floor_stall)
-    );
-    step("removing the clusters, PgBouncer and temporary files");
-    drop(green);
-    let _ = std::fs::remove_dir_all(&dir);
-    drop(sandbox);
-    let ok = switched == Outcome::Ok && result.failed == 0 && result.lost == 0;
-    Ok((if ok { Outcome::Ok } else { Outcome::Problems }, result))
+    Ok((result, phase))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -227,7 +246,7 @@ async fn wait_following(plan: &crate::plan::Plan, shutdown: &Shutdown) -> Result
     let started = Instant::now();
     loop {
         if shutdown.is_triggered() {
-            return Err(Error::Runtime("interrupted".into()));
+            return Err(Error::Interrupted { during: "while waiting for the copy".into() });
         }
         if state.exists(&green).await? {
             let following = matches!(state.phase(&green).await?, Some(crate::state::Phase::Following { .. }));
@@ -239,7 +258,7 @@ async fn wait_following(plan: &crate::plan::Plan, shutdown: &Shutdown) -> Result
             }
         }
         if started.elapsed() > Duration::from_secs(600) {
-            return Err(Error::Runtime("the copy did not finish within 10 minutes".into()));
+            return Err(Error::Demo("the copy did not finish within 10 minutes".into()));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -250,11 +269,20 @@ async fn hand_switch(admin_url: &str, databases_file: &std::path::Path, dsn: &st
     let admin = crate::pg::ConnInfo::parse(crate::pg::Side::Pgbouncer, admin_url)?.connect_raw().await?;
     let run = |sql: &'static str| {
         let admin = &admin;
-        async move { admin.simple_query(sql).await.map_err(|e| Error::Runtime(format!("pgbouncer {sql}: {e}"))) }
+        async move {
+            admin.simple_query(sql).await.map_err(|e| Error::Pgbouncer {
+                command: sql.to_string(),
+                message: crate::error::pg_message(&e),
+                by_hand: false,
+            })
+        }
     };
     run("PAUSE app").await?;
-    crate::pgbouncer::databases_file::rewrite(databases_file, "app", dsn)
-        .map_err(|e| Error::Runtime(format!("{}: {e}", databases_file.display())))?;
+    crate::pgbouncer::databases_file::rewrite(databases_file, "app", dsn).map_err(|source| Error::File {
+        what: "rewriting",
+        path: databases_file.to_path_buf(),
+        source,
+    })?;
     run("RELOAD").await?;
     run("RESUME app").await?;
     Ok(())

@@ -46,8 +46,7 @@ pub async fn plan_chunks(blue: &Client, table: &ResolvedTable, chunk_rows: u64) 
     let blocks: i64 = row.get(0);
     let n = table.estimate.rows.max(1).div_ceil(chunk_rows.max(1)) as i64;
     let filenode: Option<i64> = row.get(1);
-    let filenode = filenode
-        .ok_or_else(|| Error::Runtime(format!("blue {} has no heap of its own (partitioned?)", table.source)))?;
+    let filenode = filenode.ok_or_else(|| Error::NoHeap { table: table.source.to_string() })?;
     Ok(ChunkPlan { chunks: split(blocks, n), filenode })
 }
 

@@ -8,6 +8,7 @@ mod chunk;
 mod indexes;
 mod progress;
 mod throttle;
+mod worker;
 
 pub use crate::shutdown::Shutdown;
 pub use chunk::{condition, Chunk};
@@ -19,21 +20,21 @@ use std::{
     time::Instant,
 };
 
-use futures_util::{SinkExt, TryStreamExt};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::{
     capture::Capture,
-    error::{pg_message, Error, Result},
+    error::{Error, Result},
     follow::{Follower, Stop},
-    pg::{catalog::DeferredObject, ident, literal},
+    pg::catalog::DeferredObject,
     plan::{Plan, ResolvedPlan, ResolvedTable},
     state::{ChunkRecord, Phase, State, TableId, TableState},
 };
 use progress::Progress;
 use throttle::Throttle;
+use worker::worker;
 
 /// Advisory lock key namespace for "a copy of this plan is running".
 const LOCK_NAMESPACE: &str = "bluegreen.copy:";
@@ -101,24 +102,8 @@ pub async fn copy_tables(
 ) -> Result<bool> {
     let state = State::new(&plan.name);
     state.ensure(green, &plan.name).await?;
-    match state.phase(green).await? {
-        Some(Phase::Planned) | Some(Phase::Copying) | None => state.set_phase(green, &Phase::Copying).await?,
-        Some(p @ (Phase::Following { .. } | Phase::Aborted { .. })) => {
-            // A table added to the plan since the copy finished is copied now, under a new
-            // snapshot taken after its capture began; the others are left as they are.
-            let done = state.done_tables(green).await?;
-            let added: Vec<&TableId> = resolved.tables.iter().map(|t| &t.id).filter(|id| !done.contains(id)).collect();
-            if added.is_empty() {
-                info!(phase = p.name(), "copy already finished");
-                return Ok(true);
-            }
-            info!(tables = ?added, "the plan has entries not copied yet; copying them");
-            state.set_phase(green, &Phase::Copying).await?;
-        }
-        Some(p) => {
-            info!(phase = p.name(), "copy already finished");
-            return Ok(true);
-        }
+    if !begin_copy(&state, green, resolved).await? {
+        return Ok(true);
     }
     let epoch = state.next_epoch(green).await?;
     let blue = plan.blue.connect().await?;
@@ -161,22 +146,7 @@ pub async fn copy_tables(
         shutdown: shutdown.clone(),
     });
     let started = Instant::now();
-    let mut set = JoinSet::new();
-    for w in 0..plan.copy.workers.max(1) {
-        let shared = Arc::clone(&shared);
-        set.spawn(async move { worker(w, shared).await });
-    }
-    let mut first_error = None;
-    while let Some(res) = set.join_next().await {
-        let res = res.unwrap_or_else(|e| Err(Error::Runtime(format!("copy worker panicked: {e}"))));
-        if let Err(e) = res {
-            if first_error.is_none() {
-                // Stop the other workers at their next chunk; their committed chunks stay.
-                shutdown.trigger();
-                first_error = Some(e);
-            }
-        }
-    }
+    let first_error = run_workers(&shared, plan.copy.workers.max(1), shutdown).await;
     if let Some(l) = logger {
         l.abort();
     }
@@ -193,6 +163,52 @@ pub async fn copy_tables(
     indexes::rebuild_foreign_keys(green, &all).await?;
     info!(seconds = started.elapsed().as_secs_f64(), tables = resolved.tables.len(), "copy finished");
     Ok(true)
+}
+
+/// Moves the migration to `copying` when there is something to copy: everything (a first or
+/// resumed copy), or entries added to a plan that was following. `false` when the copy is done.
+async fn begin_copy(state: &State, green: &Client, resolved: &ResolvedPlan) -> Result<bool> {
+    match state.phase(green).await? {
+        Some(Phase::Planned) | Some(Phase::Copying) | None => state.set_phase(green, &Phase::Copying).await?,
+        Some(p @ (Phase::Following { .. } | Phase::Aborted { .. })) => {
+            // A table added to the plan since the copy finished is copied now, under a new
+            // snapshot taken after its capture began; the others are left as they are.
+            let done = state.done_tables(green).await?;
+            let added: Vec<&TableId> = resolved.tables.iter().map(|t| &t.id).filter(|id| !done.contains(id)).collect();
+            if added.is_empty() {
+                info!(phase = p.name(), "copy already finished");
+                return Ok(false);
+            }
+            info!(tables = ?added, "the plan has entries not copied yet; copying them");
+            state.set_phase(green, &Phase::Copying).await?;
+        }
+        Some(p) => {
+            info!(phase = p.name(), "copy already finished");
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Runs `n` workers over the shared jobs; the first error stops the others at their next chunk
+/// (their committed chunks stay) and is returned.
+async fn run_workers(shared: &Arc<Shared>, n: usize, shutdown: &Shutdown) -> Option<Error> {
+    let mut set = JoinSet::new();
+    for w in 0..n {
+        let shared = Arc::clone(shared);
+        set.spawn(async move { worker(w, shared).await });
+    }
+    let mut first_error = None;
+    while let Some(res) = set.join_next().await {
+        let res = res.unwrap_or_else(|e| Err(Error::TaskPanicked { task: "copy worker", message: e.to_string() }));
+        if let Err(e) = res {
+            if first_error.is_none() {
+                shutdown.trigger();
+                first_error = Some(e);
+            }
+        }
+    }
+    first_error
 }
 
 /// Loads or creates the chunks of one table. On first sight, records the chunks and the deferred
@@ -287,162 +303,6 @@ fn schedule(resolved: &ResolvedPlan, prepared: &[Prepared]) -> VecDeque<Job> {
     jobs
 }
 
-async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
-    if shared.jobs.lock().map(|j| j.is_empty()).unwrap_or(true) {
-        return Ok(());
-    }
-    let blue = shared.plan.blue.connect().await?;
-    let mut green = shared.plan.green.connect().await?;
-    // JIT would compile every chunk's query anew (tens of ms each) for expressions that run a few
-    // thousand times; parallel query workers would compete with our own workers.
-    blue.batch_execute(&format!(
-        "SET jit = off; SET max_parallel_workers_per_gather = 0; \
-         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-        literal(&shared.snapshot)
-    ))
-    .await
-    .map_err(Error::db("blue: importing the copy snapshot"))?;
-    // Chunk state commits with the chunk's rows; losing the last commits in a crash only means
-    // redoing those chunks, so waiting for the WAL flush buys nothing.
-    green.batch_execute("SET synchronous_commit = off").await.map_err(Error::db("green: session setup"))?;
-    // Foreign keys on green are enforced by triggers; with indexes kept (defer_indexes = false)
-    // chunks of a referencing table may land before the rows they reference. `replica` skips
-    // those triggers, as logical replication's apply does. It needs superuser; without it the
-    // plan must defer indexes or the tables must have no foreign keys between them.
-    if let Err(e) = green.batch_execute("SET session_replication_role = replica").await {
-        tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
-    }
-    loop {
-        if shared.shutdown.is_triggered() {
-            return Ok(());
-        }
-        let job = shared.jobs.lock().ok().and_then(|mut j| j.pop_front());
-        let Some(job) = job else { return Ok(()) };
-        match job {
-            Job::Rebuild { table } => rebuild(&shared, &green, table).await?,
-            Job::Chunk { table, chunk } => {
-                let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
-                shared.throttle.admit(expected).await;
-                let started = Instant::now();
-                let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
-                    first_block = chunk.first_block, end_block = chunk.end_block);
-                let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, table, &chunk).instrument(span).await?;
-                crate::fault::point("copy.chunk-done").await;
-                tracing::debug!(worker = id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
-                    seconds = started.elapsed().as_secs_f64(), "chunk copied");
-                shared.progress.chunk_done(table, rows, bytes);
-                let last = shared.remaining.lock().map(|mut r| {
-                    r[table] -= 1;
-                    r[table] == 0
-                });
-                if last.unwrap_or(false) {
-                    rebuild(&shared, &green, table).await?;
-                }
-            }
-        }
-    }
-}
-
-/// Streams one chunk blue → green and marks it done in the same green transaction.
-async fn copy_chunk(
-    shared: &Shared,
-    blue: &Client,
-    green: &mut Client,
-    table: usize,
-    chunk: &Chunk,
-) -> Result<(u64, u64)> {
-    let t = &shared.tables[table];
-    let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
-    let out_sql = format!("COPY ({}) TO STDOUT{format}", t.source_select(condition(chunk).as_deref()));
-    // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
-    // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
-    let staging = shared.resumed[table] && !shared.plan.copy.defer_indexes;
-    let stage = ident(&format!("bluegreen_stage_{table}"));
-    let into = if staging { stage.clone() } else { t.target.quoted() };
-    let in_sql = format!("COPY {into} ({}) FROM STDIN{format}", t.target_column_list());
-    let fail = |stage: &str, e: tokio_postgres::Error| Error::ChunkFailed {
-        table: t.target.to_string(),
-        chunk: chunk.number as i64,
-        message: format!("{stage}: {}", pg_message(&e)),
-    };
-    let started = Instant::now();
-    let tx = green.transaction().await.map_err(|e| fail("green begin", e))?;
-    if staging {
-        tx.batch_execute(&format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {}) ON COMMIT DELETE ROWS",
-            t.target.quoted()
-        ))
-        .await
-        .map_err(|e| fail("green staging", e))?;
-    }
-    let sink = tx.copy_in(&in_sql).await.map_err(|e| fail("green COPY FROM", e))?;
-    let stream = blue.copy_out(&out_sql).await.map_err(|e| fail("blue COPY TO", e))?;
-    let mut bytes = 0u64;
-    let mut stream = Box::pin(stream.inspect_ok(|b| bytes += b.len() as u64));
-    let mut sink = Box::pin(sink);
-    sink.send_all(&mut stream).await.map_err(|e| fail("streaming", e))?;
-    drop(stream);
-    let mut rows = sink.as_mut().finish().await.map_err(|e| fail("green COPY FROM", e))?;
-    if staging {
-        let cols = t.target_column_list();
-        rows = tx
-            .execute(
-                &format!(
-                    "INSERT INTO {} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING",
-                    t.target.quoted()
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| fail("green staging", e))?;
-    }
-    shared
-        .state
-        .chunk_done(&tx, &t.id, chunk.number, rows, bytes, started.elapsed().as_secs_f64(), shared.epoch)
-        .await?;
-    tx.commit().await.map_err(|e| fail("green commit", e))?;
-    Ok((rows, bytes))
-}
-
-async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
-    let t = &shared.tables[table];
-    let target = t.target.to_string();
-    shared.state.set_table_state(green, &t.id, TableState::Indexing).await?;
-    crate::fault::point("copy.rebuild").await;
-    let started = Instant::now();
-    if shared.resumed[table] && shared.plan.copy.defer_indexes {
-        dedup(green, &shared.state, t).await?;
-    }
-    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table]).await?;
-    shared.state.set_table_state(green, &t.id, TableState::Done).await?;
-    shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
-    Ok(())
-}
-
-/// Removes duplicate keys left by chunks copied under different snapshots (a row updated between
-/// two runs may sit in a block range of each). Which copy stays does not matter: the update that
-/// moved the row was captured, and apply re-reads that key from blue once the table is done.
-async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
-    let runs = state.chunk_runs(green, &t.id).await?;
-    if runs < 2 {
-        return Ok(());
-    }
-    let removed = green
-        .execute(
-            &format!(
-                "DELETE FROM {tbl} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, row_number() OVER (PARTITION BY {keys}) AS n \
-                 FROM {tbl}) d WHERE d.n > 1)",
-                tbl = t.target.quoted(),
-                keys = t.target_key_list()
-            ),
-            &[],
-        )
-        .await
-        .map_err(Error::db(format!("green: removing duplicate keys from {}", t.target)))?;
-    info!(table = %t.target, removed, "duplicates from earlier runs removed");
-    Ok(())
-}
-
 /// `migrate copy`: takes the plan lock, sets up capture on blue, copies every table while the
 /// follower applies changes to finished tables, then follows until a signal, a finished
 /// cutover, or (with `no_follow`) until green holds what blue had committed when the copy ended.
@@ -477,10 +337,10 @@ pub async fn run(
         r = &mut following => {
             // The follower ended during the copy: that is a failure (or a signal).
             shutdown.trigger();
-            let r = r.unwrap_or_else(|e| Err(Error::Runtime(format!("follower panicked: {e}"))));
+            let r = r.unwrap_or_else(|e| Err(Error::TaskPanicked { task: "follower", message: e.to_string() }));
             return r.and_then(|stop| match stop {
                 Stop::Signal => Ok(()),
-                other => Err(Error::Runtime(format!("following stopped during the copy: {other:?}"))),
+                other => Err(Error::FollowerStopped { how: format!("{other:?}") }),
             });
         }
     };
@@ -516,7 +376,8 @@ pub async fn run(
             follow_stop.trigger();
         })
     };
-    let stop = following.await.unwrap_or_else(|e| Err(Error::Runtime(format!("follower panicked: {e}"))));
+    let stop =
+        following.await.unwrap_or_else(|e| Err(Error::TaskPanicked { task: "follower", message: e.to_string() }));
     relay.abort();
     let stop = stop?;
     info!(reason = ?stop, "following stopped");

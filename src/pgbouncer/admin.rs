@@ -41,11 +41,11 @@ impl Bouncer {
     }
 
     async fn command(&self, sql: &str) -> Result<()> {
-        self.admin
-            .simple_query(sql)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Runtime(format!("pgbouncer: `{sql}` failed: {}", pg_message(&e))))
+        self.admin.simple_query(sql).await.map(|_| ()).map_err(|e| Error::Pgbouncer {
+            command: sql.to_string(),
+            message: pg_message(&e),
+            by_hand: false,
+        })
     }
 
     /// `PAUSE db`, waiting at most `timeout`. On timeout or interruption the console session is
@@ -55,7 +55,9 @@ impl Bouncer {
         let outcome = tokio::select! {
             r = tokio::time::timeout(timeout, self.admin.simple_query(&sql)) => match r {
                 Ok(Ok(_)) => return Ok(Paused::Yes),
-                Ok(Err(e)) => return Err(Error::Runtime(format!("pgbouncer: `{sql}` failed: {}", pg_message(&e)))),
+                Ok(Err(e)) => {
+                    return Err(Error::Pgbouncer { command: sql, message: pg_message(&e), by_hand: false })
+                }
                 Err(_) => Paused::TimedOut,
             },
             _ = shutdown.wait() => Paused::Interrupted,
@@ -86,10 +88,7 @@ impl Bouncer {
                 Err(e) => last = Some(pg_message(&e)),
             }
         }
-        Err(Error::Runtime(format!(
-            "pgbouncer: `{sql}` failed: {}; run it by hand on the admin console",
-            last.unwrap_or_default()
-        )))
+        Err(Error::Pgbouncer { command: sql, message: last.unwrap_or_default(), by_hand: true })
     }
 
     /// `RELOAD`: PgBouncer re-reads its configuration, including the databases file.
@@ -99,11 +98,11 @@ impl Bouncer {
 
     /// The host, port and database PgBouncer currently uses for the entry (from SHOW DATABASES).
     pub async fn target(&self) -> Result<Option<(String, String, String)>> {
-        let rows = self
-            .admin
-            .simple_query("SHOW DATABASES")
-            .await
-            .map_err(|e| Error::Runtime(format!("pgbouncer: SHOW DATABASES failed: {}", pg_message(&e))))?;
+        let rows = self.admin.simple_query("SHOW DATABASES").await.map_err(|e| Error::Pgbouncer {
+            command: "SHOW DATABASES".into(),
+            message: pg_message(&e),
+            by_hand: false,
+        })?;
         for m in rows {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
                 if r.get("name") == Some(self.db()) {

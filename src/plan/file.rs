@@ -15,6 +15,9 @@ use crate::{
     pg::{ConnInfo, QualifiedName, Side},
 };
 
+mod validate;
+use validate::{line_col, Validator};
+
 /// Default number of parallel copy workers when the plan gives none: the core count.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
@@ -231,216 +234,18 @@ impl Plan {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
             Error::PlanParse { path: path.to_path_buf(), line, column, message: e.message().trim().to_string() }
         })?;
-        let mut problems = Vec::new();
-        let mut problem = |line: Line, field: &str, message: String| {
-            problems.push(PlanProblem { line, field: field.to_string(), message })
-        };
-        let line_of = |span: std::ops::Range<usize>| line_col(text, span.start).0;
-
-        let name = raw.name.get_ref().clone();
-        if name.is_empty() || name.len() > 40 || !name.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '-')) {
-            problem(line_of(raw.name.span()), "name", format!("`{name}` must be 1-40 characters of a-z, 0-9, _ and -"));
-        }
-
-        let mut conn = |side: Side, field: &str, value: &Spanned<String>| -> Option<ConnInfo> {
-            let line = line_of(value.span());
-            match interpolate(value.get_ref(), env) {
-                Err(var) => {
-                    problem(line, field, format!("environment variable `{var}` is not set"));
-                    None
-                }
-                Ok(url) => match ConnInfo::parse(side, &url) {
-                    Ok(c) => Some(c.with_application_name(&format!("migrate/{name}"))),
-                    Err(e) => {
-                        problem(line, field, e.to_string());
-                        None
-                    }
-                },
-            }
-        };
-        let blue = conn(Side::Blue, "blue.url", &raw.blue.url);
-        let green = conn(Side::Green, "green.url", &raw.green.url);
-
-        let mut pgbouncer = None;
-        let mut cutover = CutoverSettings {
-            sequence_gap: DEFAULT_SEQUENCE_GAP,
-            max_lag_bytes: DEFAULT_MAX_LAG_BYTES,
-            ..Default::default()
-        };
-        if let Some(c) = raw.cutover {
-            cutover.fence_blue = c.fence_blue.unwrap_or(false);
-            cutover.sequence_gap = c.sequence_gap.unwrap_or(DEFAULT_SEQUENCE_GAP);
-            cutover.max_lag_bytes = c.max_lag_bytes.unwrap_or(DEFAULT_MAX_LAG_BYTES);
-            if let Some(pb) = c.pgbouncer {
-                let admin = conn(Side::Pgbouncer, "cutover.pgbouncer.admin_url", &pb.admin_url);
-                let green_dsn = match interpolate(pb.green_dsn.get_ref(), env) {
-                    Ok(d) => Some(d),
-                    Err(var) => {
-                        problem(
-                            line_of(pb.green_dsn.span()),
-                            "cutover.pgbouncer.green_dsn",
-                            format!("environment variable `{var}` is not set"),
-                        );
-                        None
-                    }
-                };
-                let pause_timeout = match &pb.pause_timeout {
-                    None => Some(DEFAULT_PAUSE_TIMEOUT),
-                    Some(s) => match parse_duration(s.get_ref()) {
-                        Ok(d) => Some(d),
-                        Err(e) => {
-                            problem(line_of(s.span()), "cutover.pgbouncer.pause_timeout", e);
-                            None
-                        }
-                    },
-                };
-                if let (Some(admin), Some(green_dsn), Some(pause_timeout)) = (admin, green_dsn, pause_timeout) {
-                    pgbouncer = Some(PgbouncerSettings {
-                        admin,
-                        database: pb.database,
-                        databases_file: pb.databases_file,
-                        green_dsn,
-                        pause_timeout,
-                    });
-                }
-            }
-        }
-        cutover.pgbouncer = pgbouncer;
-
-        let stall_timeout = match &raw.capture.stall_timeout {
-            None => DEFAULT_STALL_TIMEOUT,
-            Some(v) => match parse_duration(v.get_ref()) {
-                Ok(d) if !d.is_zero() => d,
-                Ok(_) => {
-                    problems.push(PlanProblem {
-                        line: line_of(v.span()),
-                        field: "capture.stall_timeout".into(),
-                        message: "must be more than 0".into(),
-                    });
-                    DEFAULT_STALL_TIMEOUT
-                }
-                Err(e) => {
-                    problems.push(PlanProblem {
-                        line: line_of(v.span()),
-                        field: "capture.stall_timeout".into(),
-                        message: e,
-                    });
-                    DEFAULT_STALL_TIMEOUT
-                }
-            },
-        };
-        let positive = |v: &Option<Spanned<i64>>, field: &str, default: i64, problems: &mut Vec<PlanProblem>| -> i64 {
-            match v {
-                None => default,
-                Some(s) if *s.get_ref() > 0 => *s.get_ref(),
-                Some(s) => {
-                    problems.push(PlanProblem {
-                        line: line_of(s.span()),
-                        field: field.into(),
-                        message: "must be a positive number".into(),
-                    });
-                    default
-                }
-            }
-        };
-        let workers = positive(&raw.copy.workers, "copy.workers", default_workers() as i64, &mut problems) as usize;
-        let chunk_rows =
-            positive(&raw.copy.chunk_rows, "copy.chunk_rows", DEFAULT_CHUNK_ROWS as i64, &mut problems) as u64;
-        let max_rows_per_second = match &raw.copy.max_rows_per_second {
-            Some(s) if *s.get_ref() < 0 => {
-                problems.push(PlanProblem {
-                    line: line_of(s.span()),
-                    field: "copy.max_rows_per_second".into(),
-                    message: "must be 0 (unlimited) or positive".into(),
-                });
-                0
-            }
-            Some(s) => *s.get_ref() as u64,
-            None => 0,
-        };
-        let copy = CopySettings {
-            workers,
-            chunk_rows,
-            defer_indexes: raw.copy.defer_indexes.unwrap_or(DEFAULT_DEFER_INDEXES),
-            max_rows_per_second,
-        };
-
-        if raw.tables.is_empty() {
-            problems.push(PlanProblem {
-                line: 1,
-                field: "table".into(),
-                message: "the plan has no [[table]] entries".into(),
-            });
-        }
-        let mut tables = Vec::new();
-        for (i, t) in raw.tables.into_iter().enumerate() {
-            let index = i + 1;
-            let field = format!("table[{index}]");
-            let source_line = line_of(t.source.span());
-            let source = QualifiedName::parse(t.source.get_ref()).map_err(|e| {
-                problems.push(PlanProblem { line: source_line, field: format!("{field}.source"), message: e })
-            });
-            let (target, target_line) = match &t.target {
-                Some(s) => (
-                    QualifiedName::parse(s.get_ref()).map_err(|e| {
-                        problems.push(PlanProblem {
-                            line: line_of(s.span()),
-                            field: format!("{field}.target"),
-                            message: e,
-                        })
-                    }),
-                    line_of(s.span()),
-                ),
-                None => (source.clone(), source_line),
-            };
-            let key_line = line_of(t.key.span());
-            let key = t.key.get_ref().clone();
-            if key.is_empty() {
-                problems.push(PlanProblem {
-                    line: key_line,
-                    field: format!("{field}.key"),
-                    message: "key must name at least one source column".into(),
-                });
-            }
-            if t.columns.is_empty() {
-                problems.push(PlanProblem {
-                    line: source_line,
-                    field: format!("{field}.columns"),
-                    message: "no columns mapped; add [table.columns] with target = \"expression\"".into(),
-                });
-            }
-            let mut columns = IndexMap::new();
-            for (col, expr) in t.columns {
-                let line = line_of(expr.span());
-                if expr.get_ref().trim().is_empty() {
-                    problems.push(PlanProblem {
-                        line,
-                        field: format!("{field}.columns.{col}"),
-                        message: "empty expression".into(),
-                    });
-                }
-                columns.insert(col, (expr.get_ref().clone(), line));
-            }
-            let filter = t.filter.map(|f| (f.get_ref().clone(), line_of(f.span())));
-            if let (Ok(source), Ok(target)) = (source, target) {
-                tables.push(TableEntry {
-                    index,
-                    source,
-                    source_line,
-                    target,
-                    target_line,
-                    key,
-                    key_line,
-                    filter,
-                    columns,
-                });
-            }
-        }
-
+        let mut v = Validator { text, env, problems: Vec::new(), name: raw.name.get_ref().clone() };
+        v.name(&raw.name);
+        let blue = v.conn(Side::Blue, "blue.url", &raw.blue.url);
+        let green = v.conn(Side::Green, "green.url", &raw.green.url);
+        let cutover = v.cutover(raw.cutover);
+        let stall_timeout = v.stall_timeout(&raw.capture.stall_timeout);
+        let copy = v.copy(&raw.copy);
+        let tables = v.tables(raw.tables);
         match (blue, green) {
-            (Some(blue), Some(green)) if problems.is_empty() => Ok(Plan {
+            (Some(blue), Some(green)) if v.problems.is_empty() => Ok(Plan {
                 path: path.to_path_buf(),
-                name,
+                name: v.name,
                 blue,
                 green,
                 copy,
@@ -450,28 +255,9 @@ impl Plan {
                 tables,
                 cutover,
             }),
-            _ => Err(Error::PlanInvalid { path: path.to_path_buf(), problems }),
+            _ => Err(Error::PlanInvalid { path: path.to_path_buf(), problems: v.problems }),
         }
     }
-}
-
-/// Replaces `${VAR}` with the variable's value; returns the first missing variable's name.
-fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            out.push_str(&rest[start..]);
-            return Ok(out);
-        };
-        let var = &after[..end];
-        out.push_str(&env(var).ok_or_else(|| var.to_string())?);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 /// Parses `250ms`, `2s`, `1m`.
@@ -487,14 +273,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("`{text}` is not a duration like 500ms, 2s or 1m")),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{text}` is out of range"))
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
-    (line, column)
 }
 
 #[cfg(test)]

@@ -87,28 +87,10 @@ async fn resolve_table(
     let mut cx = Ctx { entry, problems };
     let src = catalog::table_info(blue, Side::Blue, &entry.source).await?;
     let mut tgt = catalog::table_info(green, Side::Green, &entry.target).await?;
-    // While a copy is under way the deferred keys are dropped on green: what state recorded is
-    // what the table has, as far as the plan is concerned.
-    let mut recorded = None;
-    if let (Some(state), Some(tgt)) = (state, tgt.as_mut()) {
-        if let Some((st, defs)) = state.table_state(green, &id).await? {
-            if matches!(st, TableState::Loading | TableState::Indexing) {
-                for d in &defs {
-                    if let Some(cols) = &d.unique_columns {
-                        if d.owner_is(&entry.target) {
-                            tgt.unique_keys.push(UniqueKey {
-                                name: d.name.clone(),
-                                columns: cols.clone(),
-                                primary: d.kind == "primary key",
-                                replica_identity: false,
-                            });
-                        }
-                    }
-                }
-                recorded = Some(defs);
-            }
-        }
-    }
+    let recorded = match (state, tgt.as_mut()) {
+        (Some(state), Some(tgt)) => recorded_keys(state, green, &id, entry, tgt).await?,
+        _ => None,
+    };
     if src.is_none() {
         cx.report(
             "source",
@@ -133,53 +115,14 @@ async fn resolve_table(
 
     let columns = resolve_columns(&mut cx, &tgt, blue, rules).await?;
     let key = resolve_key(&mut cx, &src, &tgt);
-    if let Some((filter, line)) = &entry.filter {
-        let sql = format!("SELECT ({filter}) FROM {} LIMIT 0", entry.source.quoted());
-        match blue.prepare(&sql).await {
-            Ok(st) if st.columns()[0].type_() == &tokio_postgres::types::Type::BOOL => {}
-            Ok(st) => cx.report(
-                "filter",
-                *line,
-                None,
-                format!("filter has type {}, not boolean", st.columns()[0].type_().name()),
-                None,
-            ),
-            Err(e) => cx.report(
-                "filter",
-                *line,
-                None,
-                format!("filter is not valid on blue {}: {}", entry.source, pg_message(&e)),
-                None,
-            ),
-        }
-    }
-    let sequences = tgt
-        .columns
-        .iter()
-        .filter_map(|c| {
-            let green_sequence = c.sequence.clone()?;
-            let expr = entry.columns.get(&c.name).map(|(e, _)| e.trim().to_string());
-            let blue_sequence = expr
-                .and_then(|e| src.columns.iter().find(|s| s.name == e || ident(&s.name) == e))
-                .and_then(|s| s.sequence.clone());
-            Some(SequenceMapping { column: c.name.clone(), green_sequence, blue_sequence })
-        })
-        .collect();
+    check_filter(&mut cx, blue).await;
+    let sequences = sequences(entry, &src, &tgt);
     let deferred = match recorded {
         Some(defs) => defs,
         None => catalog::deferrable_objects(green, &entry.target, tgt.oid).await?,
     };
     let estimate = estimate(blue, entry, &src).await?;
-    let binary_copy = green
-        .query_one(
-            "SELECT count(*) = 0 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-               AND t.oid >= 16384 AND t.typcategory IN ('A', 'C')",
-            &[&tgt.oid],
-        )
-        .await
-        .map_err(Error::db(format!("green: reading column types of {}", entry.target)))?
-        .get(0);
+    let binary_copy = binary_copy_safe(green, entry, &tgt).await?;
     let table = ResolvedTable {
         id,
         index: entry.index,
@@ -198,32 +141,97 @@ async fn resolve_table(
     Ok(Some(table))
 }
 
+/// While a copy is under way the deferred keys are dropped on green: what state recorded is what
+/// the table has, as far as the plan is concerned. Adds the recorded unique keys to `tgt` and
+/// returns the recorded objects, for an entry whose copy is loading or indexing.
+async fn recorded_keys(
+    state: &State,
+    green: &Client,
+    id: &TableId,
+    entry: &TableEntry,
+    tgt: &mut TableInfo,
+) -> Result<Option<Vec<catalog::DeferredObject>>> {
+    let Some((st, defs)) = state.table_state(green, id).await? else { return Ok(None) };
+    if !matches!(st, TableState::Loading | TableState::Indexing) {
+        return Ok(None);
+    }
+    for d in &defs {
+        if let Some(cols) = &d.unique_columns {
+            if d.owner_is(&entry.target) {
+                tgt.unique_keys.push(UniqueKey {
+                    name: d.name.clone(),
+                    columns: cols.clone(),
+                    primary: d.kind == "primary key",
+                    replica_identity: false,
+                });
+            }
+        }
+    }
+    Ok(Some(defs))
+}
+
+/// The filter must prepare on blue and be boolean.
+async fn check_filter(cx: &mut Ctx<'_>, blue: &Client) {
+    let entry = cx.entry;
+    let Some((filter, line)) = &entry.filter else { return };
+    let sql = format!("SELECT ({filter}) FROM {} LIMIT 0", entry.source.quoted());
+    match blue.prepare(&sql).await {
+        Ok(st) if st.columns()[0].type_() == &tokio_postgres::types::Type::BOOL => {}
+        Ok(st) => cx.report(
+            "filter",
+            *line,
+            None,
+            format!("filter has type {}, not boolean", st.columns()[0].type_().name()),
+            None,
+        ),
+        Err(e) => cx.report(
+            "filter",
+            *line,
+            None,
+            format!("filter is not valid on blue {}: {}", entry.source, pg_message(&e)),
+            None,
+        ),
+    }
+}
+
+/// Sequences owned by target columns, with blue's sequence when the column is copied verbatim.
+fn sequences(entry: &TableEntry, src: &TableInfo, tgt: &TableInfo) -> Vec<SequenceMapping> {
+    tgt.columns
+        .iter()
+        .filter_map(|c| {
+            let green_sequence = c.sequence.clone()?;
+            let expr = entry.columns.get(&c.name).map(|(e, _)| e.trim().to_string());
+            let blue_sequence = expr
+                .and_then(|e| src.columns.iter().find(|s| s.name == e || ident(&s.name) == e))
+                .and_then(|s| s.sequence.clone());
+            Some(SequenceMapping { column: c.name.clone(), green_sequence, blue_sequence })
+        })
+        .collect()
+}
+
+/// Binary COPY is safe unless the target has user-defined array or composite types, whose
+/// binary form embeds server-specific OIDs.
+async fn binary_copy_safe(green: &Client, entry: &TableEntry, tgt: &TableInfo) -> Result<bool> {
+    Ok(green
+        .query_one(
+            "SELECT count(*) = 0 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+               AND t.oid >= 16384 AND t.typcategory IN ('A', 'C')",
+            &[&tgt.oid],
+        )
+        .await
+        .map_err(Error::db(format!("green: reading column types of {}", entry.target)))?
+        .get(0))
+}
+
 async fn resolve_columns(
     cx: &mut Ctx<'_>,
     tgt: &TableInfo,
     blue: &Client,
     rules: &TypeRules,
 ) -> Result<Vec<ResolvedColumn>> {
+    check_named_columns(cx, tgt);
     let entry = cx.entry;
-    for (name, (_, line)) in &entry.columns {
-        match tgt.column(name) {
-            None => cx.report(
-                &format!("columns.{name}"),
-                *line,
-                Some(name),
-                format!("target table {} has no column `{name}`", entry.target),
-                None,
-            ),
-            Some(c) if c.generated => cx.report(
-                &format!("columns.{name}"),
-                *line,
-                Some(name),
-                format!("{}.{name} is a generated column and cannot be written", entry.target),
-                Some(format!("remove `{name}` from [table.columns]")),
-            ),
-            Some(_) => {}
-        }
-    }
     let mut out = Vec::new();
     for col in &tgt.columns {
         let Some((expr, line)) = entry.columns.get(&col.name) else {
@@ -247,57 +255,7 @@ async fn resolve_columns(
             });
             continue;
         };
-        let field = format!("columns.{}", col.name);
-        let sql = format!("SELECT ({expr}) FROM {} LIMIT 0", entry.source.quoted());
-        let expr_type = match blue.prepare(&sql).await {
-            Err(e) => {
-                cx.report(
-                    &field,
-                    *line,
-                    Some(&col.name),
-                    format!("expression `{expr}` is not valid on blue {}: {}", entry.source, pg_message(&e)),
-                    None,
-                );
-                None
-            }
-            Ok(st) => {
-                let ty = st.columns()[0].type_().clone();
-                let row = blue
-                    .query_one("SELECT to_regtype($1)::oid, format_type($2, NULL)", &[&col.type_name, &ty.oid()])
-                    .await
-                    .map_err(Error::db("blue: looking up target types"))?;
-                let target_oid: Option<u32> = row.get(0);
-                let expr_type: String = row.get(1);
-                match target_oid {
-                    None => cx.report(
-                        &field,
-                        *line,
-                        Some(&col.name),
-                        format!("target type {} does not exist on blue, where the transform runs", col.type_name),
-                        Some(format!(
-                            "create the type on blue or map `{}` to an expression of a built-in type",
-                            col.name
-                        )),
-                    ),
-                    Some(oid) if !rules.assignable(ty.oid(), oid) => cx.report(
-                        &field,
-                        *line,
-                        Some(&col.name),
-                        format!(
-                            "expression `{expr}` has type {expr_type}, but {}.{} is {}",
-                            entry.target, col.name, col.type_name
-                        ),
-                        Some(format!(
-                            "convert it explicitly, e.g. `({expr})::{}`, if every value converts",
-                            col.type_name
-                        )),
-                    ),
-                    Some(_) => {}
-                }
-                // Shown in the report only when a conversion happens.
-                Some(if target_oid == Some(ty.oid()) { col.type_name.clone() } else { expr_type })
-            }
-        };
+        let expr_type = expression_type(cx, blue, rules, col, expr, *line).await?;
         out.push(ResolvedColumn {
             name: col.name.clone(),
             target_type: col.type_name.clone(),
@@ -306,6 +264,84 @@ async fn resolve_columns(
         });
     }
     Ok(out)
+}
+
+/// Every column the plan names must exist on green and be writable.
+fn check_named_columns(cx: &mut Ctx<'_>, tgt: &TableInfo) {
+    let entry = cx.entry;
+    for (name, (_, line)) in &entry.columns {
+        match tgt.column(name) {
+            None => cx.report(
+                &format!("columns.{name}"),
+                *line,
+                Some(name),
+                format!("target table {} has no column `{name}`", entry.target),
+                None,
+            ),
+            Some(c) if c.generated => cx.report(
+                &format!("columns.{name}"),
+                *line,
+                Some(name),
+                format!("{}.{name} is a generated column and cannot be written", entry.target),
+                Some(format!("remove `{name}` from [table.columns]")),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+/// The type `expr` has on blue, when it prepares there; reports an expression that does not
+/// prepare or does not assign to the target column's type. The type is shown in the report only
+/// when a conversion happens.
+async fn expression_type(
+    cx: &mut Ctx<'_>,
+    blue: &Client,
+    rules: &TypeRules,
+    col: &catalog::ColumnInfo,
+    expr: &str,
+    line: usize,
+) -> Result<Option<String>> {
+    let entry = cx.entry;
+    let field = format!("columns.{}", col.name);
+    let sql = format!("SELECT ({expr}) FROM {} LIMIT 0", entry.source.quoted());
+    let st = match blue.prepare(&sql).await {
+        Ok(st) => st,
+        Err(e) => {
+            cx.report(
+                &field,
+                line,
+                Some(&col.name),
+                format!("expression `{expr}` is not valid on blue {}: {}", entry.source, pg_message(&e)),
+                None,
+            );
+            return Ok(None);
+        }
+    };
+    let ty = st.columns()[0].type_().clone();
+    let row = blue
+        .query_one("SELECT to_regtype($1)::oid, format_type($2, NULL)", &[&col.type_name, &ty.oid()])
+        .await
+        .map_err(Error::db("blue: looking up target types"))?;
+    let target_oid: Option<u32> = row.get(0);
+    let expr_type: String = row.get(1);
+    match target_oid {
+        None => cx.report(
+            &field,
+            line,
+            Some(&col.name),
+            format!("target type {} does not exist on blue, where the transform runs", col.type_name),
+            Some(format!("create the type on blue or map `{}` to an expression of a built-in type", col.name)),
+        ),
+        Some(oid) if !rules.assignable(ty.oid(), oid) => cx.report(
+            &field,
+            line,
+            Some(&col.name),
+            format!("expression `{expr}` has type {expr_type}, but {}.{} is {}", entry.target, col.name, col.type_name),
+            Some(format!("convert it explicitly, e.g. `({expr})::{}`, if every value converts", col.type_name)),
+        ),
+        Some(_) => {}
+    }
+    Ok(Some(if target_oid == Some(ty.oid()) { col.type_name.clone() } else { expr_type }))
 }
 
 fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec<KeyColumn>> {

@@ -15,7 +15,7 @@ use std::{
 use crate::error::{Error, Result};
 
 fn fail(what: &str, detail: impl std::fmt::Display) -> Error {
-    Error::Runtime(format!("{what}: {detail}"))
+    Error::Sandbox { what: what.to_string(), detail: detail.to_string() }
 }
 
 /// Finds the PostgreSQL server binaries (pg_config --bindir, else the newest
@@ -32,11 +32,12 @@ pub fn bindir() -> Result<PathBuf> {
         candidates.extend(v);
     }
     candidates.into_iter().find(|d| d.join("initdb").exists() && d.join("postgres").exists()).ok_or_else(|| {
-        Error::Runtime(
-            "PostgreSQL server binaries (initdb, postgres, pg_ctl) not found via pg_config --bindir or \
-             /usr/lib/postgresql/*/bin; install them: apt-get install -y postgresql-15"
+        Error::NotInstalled {
+            missing: "PostgreSQL server binaries (initdb, postgres, pg_ctl; looked in pg_config --bindir and \
+                      /usr/lib/postgresql/*/bin)"
                 .into(),
-        )
+            packages: "postgresql-15".into(),
+        }
     })
 }
 
@@ -46,7 +47,7 @@ pub fn pgbouncer_bin() -> Result<PathBuf> {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-        .ok_or_else(|| Error::Runtime("pgbouncer not found; install it: apt-get install -y pgbouncer".into()))
+        .ok_or_else(|| Error::NotInstalled { missing: "pgbouncer".into(), packages: "pgbouncer".into() })
 }
 
 /// Checks, before anything is started, that the server binaries, pgbouncer and (as root) the
@@ -69,11 +70,7 @@ pub fn check_prerequisites() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    Err(Error::Runtime(format!(
-        "not installed: {}; install with: apt-get install -y {} (or run scripts/demo, which does)",
-        missing.join(", "),
-        packages.join(" ")
-    )))
+    Err(Error::NotInstalled { missing: missing.join(", "), packages: packages.join(" ") })
 }
 
 fn is_root() -> bool {

@@ -1,0 +1,173 @@
+//! One copy worker: its blue session imports the run's snapshot; it takes jobs until none are
+//! left, streaming each chunk blue → green and marking it done in the same green transaction,
+//! and rebuilds a table's indexes when it finishes that table's last chunk.
+
+use std::{sync::Arc, time::Instant};
+
+use futures_util::{SinkExt, TryStreamExt};
+use tokio_postgres::Client;
+use tracing::{info, Instrument};
+
+use super::{condition, indexes, Chunk, Job, Shared};
+use crate::{
+    error::{pg_message, Error, Result},
+    pg::{ident, literal},
+    plan::ResolvedTable,
+    state::{State, TableState},
+};
+
+pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
+    if shared.jobs.lock().map(|j| j.is_empty()).unwrap_or(true) {
+        return Ok(());
+    }
+    let blue = shared.plan.blue.connect().await?;
+    let mut green = shared.plan.green.connect().await?;
+    // JIT would compile every chunk's query anew (tens of ms each) for expressions that run a few
+    // thousand times; parallel query workers would compete with our own workers.
+    blue.batch_execute(&format!(
+        "SET jit = off; SET max_parallel_workers_per_gather = 0; \
+         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        literal(&shared.snapshot)
+    ))
+    .await
+    .map_err(Error::db("blue: importing the copy snapshot"))?;
+    // Chunk state commits with the chunk's rows; losing the last commits in a crash only means
+    // redoing those chunks, so waiting for the WAL flush buys nothing.
+    green.batch_execute("SET synchronous_commit = off").await.map_err(Error::db("green: session setup"))?;
+    // Foreign keys on green are enforced by triggers; with indexes kept (defer_indexes = false)
+    // chunks of a referencing table may land before the rows they reference. `replica` skips
+    // those triggers, as logical replication's apply does. It needs superuser; without it the
+    // plan must defer indexes or the tables must have no foreign keys between them.
+    if let Err(e) = green.batch_execute("SET session_replication_role = replica").await {
+        tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
+    }
+    loop {
+        if shared.shutdown.is_triggered() {
+            return Ok(());
+        }
+        let job = shared.jobs.lock().ok().and_then(|mut j| j.pop_front());
+        let Some(job) = job else { return Ok(()) };
+        match job {
+            Job::Rebuild { table } => rebuild(&shared, &green, table).await?,
+            Job::Chunk { table, chunk } => {
+                let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
+                shared.throttle.admit(expected).await;
+                let started = Instant::now();
+                let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
+                    first_block = chunk.first_block, end_block = chunk.end_block);
+                let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, table, &chunk).instrument(span).await?;
+                crate::fault::point("copy.chunk-done").await;
+                tracing::debug!(worker = id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
+                    seconds = started.elapsed().as_secs_f64(), "chunk copied");
+                shared.progress.chunk_done(table, rows, bytes);
+                let last = shared.remaining.lock().map(|mut r| {
+                    r[table] -= 1;
+                    r[table] == 0
+                });
+                if last.unwrap_or(false) {
+                    rebuild(&shared, &green, table).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Streams one chunk blue → green and marks it done in the same green transaction.
+async fn copy_chunk(
+    shared: &Shared,
+    blue: &Client,
+    green: &mut Client,
+    table: usize,
+    chunk: &Chunk,
+) -> Result<(u64, u64)> {
+    let t = &shared.tables[table];
+    let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
+    let out_sql = format!("COPY ({}) TO STDOUT{format}", t.source_select(condition(chunk).as_deref()));
+    // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
+    // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
+    let staging = shared.resumed[table] && !shared.plan.copy.defer_indexes;
+    let stage = ident(&format!("bluegreen_stage_{table}"));
+    let into = if staging { stage.clone() } else { t.target.quoted() };
+    let in_sql = format!("COPY {into} ({}) FROM STDIN{format}", t.target_column_list());
+    let fail = |stage: &str, e: tokio_postgres::Error| Error::ChunkFailed {
+        table: t.target.to_string(),
+        chunk: chunk.number as i64,
+        message: format!("{stage}: {}", pg_message(&e)),
+    };
+    let started = Instant::now();
+    let tx = green.transaction().await.map_err(|e| fail("green begin", e))?;
+    if staging {
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {}) ON COMMIT DELETE ROWS",
+            t.target.quoted()
+        ))
+        .await
+        .map_err(|e| fail("green staging", e))?;
+    }
+    let sink = tx.copy_in(&in_sql).await.map_err(|e| fail("green COPY FROM", e))?;
+    let stream = blue.copy_out(&out_sql).await.map_err(|e| fail("blue COPY TO", e))?;
+    let mut bytes = 0u64;
+    let mut stream = Box::pin(stream.inspect_ok(|b| bytes += b.len() as u64));
+    let mut sink = Box::pin(sink);
+    sink.send_all(&mut stream).await.map_err(|e| fail("streaming", e))?;
+    drop(stream);
+    let mut rows = sink.as_mut().finish().await.map_err(|e| fail("green COPY FROM", e))?;
+    if staging {
+        let cols = t.target_column_list();
+        rows = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {} ({cols}) SELECT {cols} FROM {stage} ON CONFLICT DO NOTHING",
+                    t.target.quoted()
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| fail("green staging", e))?;
+    }
+    shared
+        .state
+        .chunk_done(&tx, &t.id, chunk.number, rows, bytes, started.elapsed().as_secs_f64(), shared.epoch)
+        .await?;
+    tx.commit().await.map_err(|e| fail("green commit", e))?;
+    Ok((rows, bytes))
+}
+
+async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
+    let t = &shared.tables[table];
+    let target = t.target.to_string();
+    shared.state.set_table_state(green, &t.id, TableState::Indexing).await?;
+    crate::fault::point("copy.rebuild").await;
+    let started = Instant::now();
+    if shared.resumed[table] && shared.plan.copy.defer_indexes {
+        dedup(green, &shared.state, t).await?;
+    }
+    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table]).await?;
+    shared.state.set_table_state(green, &t.id, TableState::Done).await?;
+    shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+/// Removes duplicate keys left by chunks copied under different snapshots (a row updated between
+/// two runs may sit in a block range of each). Which copy stays does not matter: the update that
+/// moved the row was captured, and apply re-reads that key from blue once the table is done.
+async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
+    let runs = state.chunk_runs(green, &t.id).await?;
+    if runs < 2 {
+        return Ok(());
+    }
+    let removed = green
+        .execute(
+            &format!(
+                "DELETE FROM {tbl} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, row_number() OVER (PARTITION BY {keys}) AS n \
+                 FROM {tbl}) d WHERE d.n > 1)",
+                tbl = t.target.quoted(),
+                keys = t.target_key_list()
+            ),
+            &[],
+        )
+        .await
+        .map_err(Error::db(format!("green: removing duplicate keys from {}", t.target)))?;
+    info!(table = %t.target, removed, "duplicates from earlier runs removed");
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Every check that must hold before PAUSE (also `cutover --dry-run`): the migration's state on
+//! green, capture on blue, lag, the last verify, PgBouncer, the databases file, and that
+//! `green_dsn` reaches the plan's green database.
+
+use tokio_postgres::Client;
+
+use crate::{
+    capture::Capture,
+    error::{pg_message, Result},
+    pg::{ConnInfo, Side},
+    pgbouncer::{databases_file, plain_name},
+    plan::{Check, PgbouncerSettings, Plan, ResolvedPlan},
+    state::{Phase, State},
+};
+
+/// Every check that must hold before PAUSE, in the order they are shown.
+pub(super) async fn preflight(
+    plan: &Plan,
+    pb: &PgbouncerSettings,
+    resolved: &ResolvedPlan,
+    blue: &Client,
+    green: &Client,
+    state: &State,
+) -> Result<Vec<Check>> {
+    let mut checks = migration_checks(plan, resolved, blue, green, state).await?;
+    checks.extend(pgbouncer_checks(plan, pb, green).await);
+    let sequences: usize = resolved.tables.iter().map(|t| t.sequences.len()).sum();
+    checks.push(Check { name: "sequences to carry".into(), ok: true, detail: sequences.to_string() });
+    Ok(checks)
+}
+
+/// The migration side: copy finished, follower, capture on blue, lag, the last verify.
+async fn migration_checks(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    blue: &Client,
+    green: &Client,
+    state: &State,
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
+
+    let phase = state.phase(green).await?;
+    let following = matches!(phase, Some(Phase::Following { .. }) | Some(Phase::Aborted { .. }));
+    check(
+        "copy finished",
+        following,
+        match &phase {
+            Some(p) if following => format!("phase {}", p.name()),
+            Some(p) => format!("phase {}: wait until `migrate copy` reports following", p.name()),
+            None => "no state".into(),
+        },
+    );
+    let view = state.follower_view(green).await?;
+    let follower = view.follower_active;
+    check(
+        "follower",
+        true,
+        if follower { "running".into() } else { "not running: cutover catches up by itself (slower)".into() },
+    );
+    match Capture::open(plan, resolved, plan.blue.connect().await?).await {
+        Ok(c) => check(
+            "capture on blue",
+            true,
+            match c {
+                Capture::Logical(_) => "replication slot".into(),
+                Capture::Trigger(_) => "change table".into(),
+            },
+        ),
+        Err(e) => check("capture on blue", false, e.to_string()),
+    }
+    let blue_lsn = crate::pg::current_lsn(blue).await?;
+    let oldest = [view.capture_lsn, view.oldest_pending].into_iter().flatten().min();
+    let lag = oldest.map(|o| (blue_lsn - o).max(0) as u64);
+    check(
+        "capture lag",
+        lag.is_some_and(|l| l <= plan.cutover.max_lag_bytes),
+        match lag {
+            Some(l) => format!(
+                "{} behind blue, {} keys pending (bound: {}){}",
+                crate::plan::render_size(l),
+                view.pending,
+                crate::plan::render_size(plan.cutover.max_lag_bytes),
+                if l > plan.cutover.max_lag_bytes && !follower {
+                    "; no follower is running, so it only grows: start `migrate copy`"
+                } else {
+                    ""
+                }
+            ),
+            None => "unknown: capture has not stored a position yet".into(),
+        },
+    );
+    let (verify_equal, verify_at, bad) = (view.verify_equal, view.verify_at.clone(), view.bad_buckets);
+    let unverified: Vec<String> =
+        resolved.tables.iter().filter(|t| !view.verified.contains(&t.id)).map(|t| t.target.to_string()).collect();
+    check(
+        "last verify clean",
+        verify_equal && bad == 0 && unverified.is_empty(),
+        match (&verify_at, unverified.is_empty()) {
+            (None, _) => "never verified: run `migrate verify` first".into(),
+            (Some(_), false) => format!("not verified: {}; run `migrate verify`", unverified.join(", ")),
+            (Some(at), true) if verify_equal && bad == 0 => format!("equal at {at}"),
+            (Some(at), true) => format!("differences at {at}: fix them and run `migrate verify` again"),
+        },
+    );
+    let touched = view.touched;
+    check("keys changed since that verify", true, format!("{touched} (re-verified during the cutover)"));
+    Ok(checks)
+}
+
+/// The PgBouncer side: name, admin console, pool mode, databases file, and `green_dsn`.
+async fn pgbouncer_checks(plan: &Plan, pb: &PgbouncerSettings, green: &Client) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
+
+    check(
+        "pgbouncer database name",
+        plain_name(&pb.database),
+        if plain_name(&pb.database) {
+            pb.database.clone()
+        } else {
+            format!("`{}`: the admin console takes only letters, digits and _", pb.database)
+        },
+    );
+    match pb.admin.connect_raw().await {
+        Ok(admin) => {
+            check("pgbouncer admin console", true, pb.admin.to_string());
+            match crate::plan::prereq::pool_mode(&admin, &pb.database).await {
+                Ok(Some(mode)) => check(
+                    "pgbouncer pool_mode",
+                    mode != "session",
+                    if mode == "session" {
+                        "session: PAUSE would wait for every client to disconnect; use transaction".into()
+                    } else {
+                        mode
+                    },
+                ),
+                Ok(None) => check("pgbouncer pool_mode", false, format!("no database `{}` in PgBouncer", pb.database)),
+                Err(e) => check("pgbouncer pool_mode", false, pg_message(&e)),
+            }
+        }
+        Err(e) => check("pgbouncer admin console", false, e.to_string()),
+    }
+    check(
+        "pgbouncer databases_file",
+        databases_file_ok(pb).is_ok(),
+        match databases_file_ok(pb) {
+            Ok(()) => format!("{} holds `{}` and is writable", pb.databases_file.display(), pb.database),
+            Err(e) => e,
+        },
+    );
+    let (ok, detail) = same_green(plan, pb, green).await;
+    check("green through green_dsn", ok, detail);
+    checks
+}
+
+/// The databases file holds the entry and its directory takes the atomic rename.
+fn databases_file_ok(pb: &PgbouncerSettings) -> std::result::Result<(), String> {
+    let path = &pb.databases_file;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if databases_file::find_entry(&text, &pb.database).is_none() {
+        return Err(format!("{} has no line for `{}`", path.display(), pb.database));
+    }
+    let probe = path.with_extension("migrate-probe");
+    std::fs::write(&probe, b"").map_err(|e| format!("cannot write beside {}: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Connects through `green_dsn` (with the green URL's credentials where it names none) and
+/// checks that it reaches the same server and database as the plan's green.
+async fn same_green(plan: &Plan, pb: &PgbouncerSettings, green: &Client) -> (bool, String) {
+    let info = match ConnInfo::parse(Side::Green, &pb.green_dsn) {
+        Ok(i) => i.with_credentials_of(&plan.green),
+        Err(e) => return (false, format!("green_dsn: {e}")),
+    };
+    const WHO: &str = "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()";
+    let direct = match green.query_one(WHO, &[]).await {
+        Ok(r) => r.get::<_, String>(0),
+        Err(e) => return (false, pg_message(&e)),
+    };
+    let client = match info.connect_raw().await {
+        Ok(c) => c,
+        Err(e) => return (false, format!("green_dsn {info}: {e}")),
+    };
+    match client.query_one(WHO, &[]).await {
+        Ok(r) if r.get::<_, String>(0) == direct => (true, format!("{info} is the plan's green database")),
+        Ok(_) => (false, format!("{info} is not the plan's green database (other server or database)")),
+        Err(e) => (false, pg_message(&e)),
+    }
+}

@@ -1,0 +1,382 @@
+//! The switch itself: stand the follower aside, catch up and re-verify while traffic flows,
+//! PAUSE, drain, final check, sequences, repoint, RELOAD, RESUME; or roll back to blue.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use super::{Ended, Report};
+use crate::{
+    apply,
+    capture::Capture,
+    error::{pg_message, Error, Result},
+    pg::ident,
+    pgbouncer::{databases_file, Bouncer, Paused},
+    plan::{PgbouncerSettings, Plan, ResolvedPlan},
+    shutdown::Shutdown,
+    state::{CutoverStep, Phase, State},
+    verify::KeyCheck,
+};
+
+/// Catching up before the pause may take this long; beyond it the follower is too far behind.
+const CATCH_UP_BUDGET: Duration = Duration::from_secs(120);
+/// Waiting for a follower round to finish before it stands aside.
+const GATE_WAIT: &str = "30s";
+/// Keys compared per query in the re-verify.
+const CHECK_KEYS: usize = 5_000;
+/// Keys named when the final check finds differences.
+const SHOW_KEYS: usize = 5;
+
+/// One cutover in progress.
+pub(super) struct Switch<'a> {
+    plan: &'a Plan,
+    pb: &'a PgbouncerSettings,
+    resolved: &'a ResolvedPlan,
+    state: State,
+    blue: Client,
+    /// Holds the cutover lock and the follow gate; records state.
+    green: Client,
+    /// Capture and apply.
+    work: Client,
+    capture: Capture,
+    bouncer: Bouncer,
+    check: KeyCheck,
+    started: Instant,
+    timeline: Vec<(String, f64)>,
+    /// When PAUSE was sent: clients queue from then until RESUME.
+    paused: Option<Instant>,
+    /// Milliseconds from sending PAUSE to RESUME done.
+    paused_ms: Option<f64>,
+    /// The databases file line replaced, until RELOAD made the switch final.
+    old_line: Option<String>,
+    /// RELOAD pointed PgBouncer at green: from here on there is no way back to blue.
+    committed: bool,
+    sequences: Vec<serde_json::Value>,
+}
+
+impl<'a> Switch<'a> {
+    pub(super) async fn new(
+        plan: &'a Plan,
+        pb: &'a PgbouncerSettings,
+        resolved: &'a ResolvedPlan,
+        blue: Client,
+        green: Client,
+        state: State,
+    ) -> Result<Self> {
+        let work = plan.green.connect().await?;
+        apply::prepare_green(&work).await?;
+        let capture = Capture::open(plan, resolved, plan.blue.connect().await?).await?;
+        let check = KeyCheck::new(&blue, &green).await?;
+        Ok(Self {
+            plan,
+            pb,
+            resolved,
+            state,
+            blue,
+            green,
+            work,
+            capture,
+            bouncer: Bouncer::connect(&pb.admin, &pb.database).await?,
+            check,
+            started: Instant::now(),
+            timeline: Vec::new(),
+            paused: None,
+            paused_ms: None,
+            old_line: None,
+            committed: false,
+            sequences: Vec::new(),
+        })
+    }
+
+    fn mark(&mut self, step: &str, since: Instant) {
+        let ms = since.elapsed().as_secs_f64() * 1000.0;
+        info!(step, ms = format!("{ms:.1}"), "cutover step done");
+        self.timeline.push((step.to_string(), ms));
+    }
+
+    async fn record_step(&self, step: CutoverStep) -> Result<()> {
+        self.state.set_phase(&self.green, &Phase::CuttingOver { step }).await
+    }
+
+    pub(super) async fn execute(&mut self, shutdown: &Shutdown) -> Result<()> {
+        let t = Instant::now();
+        self.green
+            .batch_execute(&format!("SET lock_timeout = '{GATE_WAIT}'"))
+            .await
+            .map_err(Error::db("green: cutover session"))?;
+        self.green
+            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&self.state.gate_key()])
+            .await
+            .map_err(Error::db("green: standing the follower aside (follow gate)"))?;
+        self.record_step(CutoverStep::CatchUp).await?;
+        self.mark("follower stood aside", t);
+
+        let t = Instant::now();
+        let deadline = Instant::now() + CATCH_UP_BUDGET;
+        bounded(CATCH_UP_BUDGET, "catching up before the pause", self.catch_up(deadline, shutdown, "catching up"))
+            .await?;
+        self.mark("catch-up", t);
+        let t = Instant::now();
+        let differing = bounded(CATCH_UP_BUDGET, "re-verify before the pause", self.check_touched(false)).await?.len();
+        info!(differing, "keys changed since the last verify checked; differing ones are checked again in the pause");
+        self.mark("re-verify before pause", t);
+        fault("cutover.caught-up", shutdown).await;
+        interrupted(shutdown)?;
+
+        self.record_step(CutoverStep::Pause).await?;
+        let t = Instant::now();
+        self.paused = Some(t);
+        match self.bouncer.pause(self.pb.pause_timeout, shutdown).await? {
+            Paused::Yes => {}
+            Paused::TimedOut => {
+                return Err(Error::PauseTimedOut { database: self.pb.database.clone(), waited: self.pb.pause_timeout })
+            }
+            Paused::Interrupted => return Err(Error::Interrupted { during: "while pausing".into() }),
+        }
+        self.mark("pause", t);
+        fault("cutover.paused", shutdown).await;
+
+        // Inside the pause, every step together must fit the same budget as PAUSE itself; a
+        // server that stops answering counts as an overrun, not a hang with clients queued.
+        let budget = self.pb.pause_timeout;
+        bounded(budget, "the work in the pause", self.in_pause(Instant::now() + budget, shutdown)).await?;
+        interrupted(shutdown)?;
+
+        self.record_step(CutoverStep::Repoint).await?;
+        fault("cutover.before-repoint", shutdown).await;
+        let t = Instant::now();
+        let old = databases_file::rewrite(&self.pb.databases_file, &self.pb.database, &self.pb.green_dsn)
+            .map_err(|source| Error::File { what: "rewriting", path: self.pb.databases_file.clone(), source })?;
+        self.old_line = Some(old);
+        self.mark("repoint", t);
+        fault("cutover.repointed", shutdown).await;
+        let t = Instant::now();
+        self.bouncer.reload().await?;
+        self.committed = true;
+        self.mark("reload", t);
+        fault("cutover.reloaded", shutdown).await;
+        let t = Instant::now();
+        self.bouncer.resume().await?;
+        self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
+        self.mark("resume", t);
+
+        self.state.set_phase(&self.green, &Phase::Switched).await?;
+        self.save_record("switched").await?;
+        if self.plan.cutover.fence_blue {
+            self.fence_blue().await;
+        }
+        Ok(())
+    }
+
+    /// Drain, final check and sequences, while clients wait.
+    async fn in_pause(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
+        let t = Instant::now();
+        self.catch_up(deadline, shutdown, "draining in the pause").await?;
+        self.mark("drain", t);
+        fault("cutover.drained", shutdown).await;
+        let t = Instant::now();
+        self.final_check().await?;
+        self.mark("verify", t);
+        let t = Instant::now();
+        self.carry_sequences().await?;
+        self.mark("sequences", t);
+        Ok(())
+    }
+
+    /// Captures and applies until green holds everything blue committed when called.
+    async fn catch_up(&mut self, deadline: Instant, shutdown: &Shutdown, what: &str) -> Result<()> {
+        let target = self.capture.target().await?;
+        let all: Vec<crate::state::TableId> = self.resolved.tables.iter().map(|t| t.id.clone()).collect();
+        loop {
+            let stored = self.capture.poll(&mut self.work, &self.state).await?;
+            let applied =
+                apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all).await?;
+            if stored == 0 && applied == 0 && self.capture.reached(target).await? {
+                return Ok(());
+            }
+            interrupted(shutdown)?;
+            if Instant::now() > deadline {
+                return Err(Error::CatchUpTimedOut { what: what.to_string() });
+            }
+        }
+    }
+
+    /// Compares the keys changed since the last verify on both sides and forgets the equal
+    /// ones. Returns the (table, key) pairs that differ.
+    async fn check_touched(&mut self, final_check: bool) -> Result<Vec<(String, Vec<String>)>> {
+        let mut differing = Vec::new();
+        for t in &self.resolved.tables {
+            let keys = self.state.touched_keys(&self.green, &t.id).await?;
+            for batch in keys.chunks(CHECK_KEYS) {
+                let bad = self.check.differing(&self.blue, &self.green, t, batch).await?;
+                let equal: Vec<Vec<String>> = batch.iter().filter(|k| !bad.contains(k)).cloned().collect();
+                self.state.forget_touched(&self.green, &t.id, &equal).await?;
+                differing.extend(bad.into_iter().map(|k| (t.target.to_string(), k)));
+            }
+        }
+        if final_check {
+            info!(differing = differing.len(), "final check of changed keys");
+        }
+        Ok(differing)
+    }
+
+    async fn final_check(&mut self) -> Result<()> {
+        let differing = self.check_touched(true).await?;
+        if differing.is_empty() {
+            return Ok(());
+        }
+        let mut shown = Vec::new();
+        for (table, key) in differing.iter().take(SHOW_KEYS) {
+            let t = self.resolved.tables.iter().find(|t| t.target.to_string() == *table);
+            let how = match t {
+                Some(t) => self.check.describe(&self.blue, &self.green, t, std::slice::from_ref(key)).await?,
+                None => Vec::new(),
+            };
+            let detail = how
+                .iter()
+                .map(|d| match d.kind {
+                    crate::verify::Kind::Differs => d
+                        .columns
+                        .iter()
+                        .map(|(c, b, g)| format!("{c}: blue {b:?}, green {g:?}"))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    ref k => format!("{k:?}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            shown.push(format!("{table} {key:?} ({detail})"));
+        }
+        Err(Error::DrainDiffers { count: differing.len(), shown })
+    }
+
+    /// Sets every green sequence behind a mapped column past blue's value (or green's largest
+    /// value, when the column is transformed), plus the configured gap.
+    async fn carry_sequences(&mut self) -> Result<()> {
+        let gap = self.plan.cutover.sequence_gap;
+        for t in &self.resolved.tables {
+            for s in &t.sequences {
+                let blue_value: Option<i64> = match &s.blue_sequence {
+                    Some(b) => self
+                        .blue
+                        .query_one(
+                            &format!("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {b}"),
+                            &[],
+                        )
+                        .await
+                        .map_err(Error::db(format!("blue: reading sequence {b}")))?
+                        .get(0),
+                    None => None,
+                };
+                let green_max: Option<i64> = self
+                    .green
+                    .query_one(&format!("SELECT max({})::int8 FROM {}", ident(&s.column), t.target.quoted()), &[])
+                    .await
+                    .map_err(Error::db(format!("green: largest {}.{}", t.target, s.column)))?
+                    .get(0);
+                let Some(value) = blue_value.into_iter().chain(green_max).max() else { continue };
+                let set: i64 = self
+                    .green
+                    .query_one("SELECT setval($1::text::regclass, $2)", &[&s.green_sequence, &(value + gap)])
+                    .await
+                    .map_err(Error::db(format!("green: setting sequence {}", s.green_sequence)))?
+                    .get(0);
+                self.sequences.push(serde_json::json!({"sequence": s.green_sequence, "blue": blue_value, "set": set}));
+            }
+        }
+        Ok(())
+    }
+
+    /// New sessions on blue are read-only from now on: a stray writer fails loudly instead of
+    /// writing where nobody reads. Sessions already open are left alone.
+    async fn fence_blue(&self) {
+        let db = self.plan.blue.dbname().unwrap_or_default().to_string();
+        let sql = format!("ALTER DATABASE {} SET default_transaction_read_only = on", ident(&db));
+        match self.blue.batch_execute(&sql).await {
+            Ok(()) => info!(database = %db, "blue fenced: new sessions are read-only"),
+            Err(e) => warn!(error = %pg_message(&e), "could not fence blue (needs database owner)"),
+        }
+    }
+
+    async fn save_record(&self, outcome: &str) -> Result<()> {
+        let record = serde_json::json!({
+            "outcome": outcome,
+            "database": self.pb.database,
+            "paused_ms": self.paused_ms,
+            "total_ms": self.started.elapsed().as_secs_f64() * 1000.0,
+            "steps": self.timeline.iter().map(|(s, ms)| serde_json::json!({"step": s, "ms": ms})).collect::<Vec<_>>(),
+            "sequences": self.sequences,
+        });
+        self.state.set_cutover(&self.green, &record).await
+    }
+
+    fn report(&self, ended: Ended) -> Report {
+        Report {
+            checks: Vec::new(),
+            ended,
+            timeline: self.timeline.clone(),
+            sequences: self.sequences.clone(),
+            paused_ms: self.paused_ms,
+        }
+    }
+
+    /// Turns the outcome of `execute` into the command's outcome, rolling back when needed.
+    pub(super) async fn finish(mut self, result: Result<()>) -> Result<Report> {
+        match result {
+            Ok(()) => Ok(self.report(Ended::Switched { database: self.pb.database.clone() })),
+            Err(e) if self.committed => {
+                Err(Error::AfterRepoint { database: self.pb.database.clone(), source: Box::new(e) })
+            }
+            Err(e) => match self.roll_back(&e.to_string()).await {
+                Ok(()) => Ok(self.report(Ended::Aborted { reason: e.to_string() })),
+                Err(e2) => Err(Error::RollbackFailed {
+                    database: self.pb.database.clone(),
+                    error: Box::new(e),
+                    rollback: Box::new(e2),
+                }),
+            },
+        }
+    }
+
+    async fn roll_back(&mut self, reason: &str) -> Result<()> {
+        let t = Instant::now();
+        if let Some(old) = self.old_line.take() {
+            let value = old.split_once('=').map(|(_, v)| v.trim().to_string()).unwrap_or_default();
+            databases_file::rewrite(&self.pb.databases_file, &self.pb.database, &value)
+                .map_err(|source| Error::File { what: "restoring", path: self.pb.databases_file.clone(), source })?;
+            self.bouncer.reload().await?;
+        }
+        self.bouncer.resume().await?;
+        self.paused = None;
+        self.mark("roll back", t);
+        // Clients flow again; recording the outcome must not hang on a stalled green.
+        let record = async {
+            self.state.set_phase(&self.green, &Phase::Aborted { reason: reason.to_string() }).await?;
+            self.save_record("aborted").await
+        };
+        bounded(Duration::from_secs(10), "recording the abort on green", record).await
+    }
+}
+
+/// Runs `fut`, giving up after `budget` (a server that stopped answering).
+async fn bounded<T>(budget: Duration, what: &str, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(budget, fut)
+        .await
+        .unwrap_or_else(|_| Err(Error::Stalled { what: what.to_string(), waited: budget }))
+}
+
+/// A fault-injection point that a signal can interrupt.
+async fn fault(name: &str, shutdown: &Shutdown) {
+    tokio::select! {
+        _ = crate::fault::point(name) => {}
+        _ = shutdown.wait() => {}
+    }
+}
+
+fn interrupted(shutdown: &Shutdown) -> Result<()> {
+    if shutdown.is_triggered() {
+        return Err(Error::Interrupted { during: "(SIGINT/SIGTERM)".into() });
+    }
+    Ok(())
+}
