@@ -19,6 +19,7 @@ use crate::{
     apply,
     capture::{Capture, Target},
     error::{Error, Result},
+    pg::SidePool,
     plan::{Plan, ResolvedTable},
     retry::{connection_lost, is_transient, Backoff},
     shutdown::Shutdown,
@@ -58,7 +59,8 @@ struct ApplySide {
     plan: Plan,
     state: State,
     tables: Vec<ResolvedTable>,
-    blue: Client,
+    /// Re-reads from blue: a pooled session, replaced by the pool when it breaks.
+    blue: SidePool,
     green: Client,
     applied: u64,
     started: Instant,
@@ -83,7 +85,7 @@ impl Follower {
                 plan: plan.clone(),
                 state,
                 tables: tables.to_vec(),
-                blue: plan.blue.connect().await?,
+                blue: SidePool::new(&plan.blue, 1)?,
                 green,
                 applied: 0,
                 started: Instant::now(),
@@ -273,7 +275,8 @@ impl ApplySide {
         reached: &AtomicBool,
     ) -> Result<Option<Stop>> {
         let ready = self.ready_tables().await?;
-        let applied = apply::apply_batch(&self.blue, &mut self.green, &self.state, &self.tables, &ready).await?;
+        let blue = self.blue.get().await?;
+        let applied = apply::apply_batch(&blue, &mut self.green, &self.state, &self.tables, &ready).await?;
         self.applied += applied as u64;
         if last_report.elapsed() >= REPORT_EVERY {
             *last_report = Instant::now();
@@ -309,10 +312,9 @@ impl ApplySide {
     }
 
     async fn reconnect(&mut self) -> Result<()> {
-        self.blue = self.plan.blue.connect().await?;
         self.green = self.plan.green.connect().await?;
         apply::prepare_green(&self.green).await?;
-        info!("apply reconnected to blue and green");
+        info!("apply reconnected to green (blue sessions come from a pool that replaces broken ones)");
         Ok(())
     }
 }

@@ -36,7 +36,7 @@ pub fn render_text(r: &Report) -> String {
             let _ = writeln!(o, "  {step:<26} {ms:>9.1} ms");
         }
         for s in &r.sequences {
-            let _ = writeln!(o, "  sequence {} set to {}", s["sequence"].as_str().unwrap_or(""), s["set"]);
+            let _ = writeln!(o, "  sequence {} set to {}", s.sequence, s.set);
         }
         if let Some(p) = r.paused_ms {
             let _ = writeln!(o, "traffic paused for {p:.1} ms (PAUSE sent to RESUME done)");

@@ -151,8 +151,8 @@ pub struct Report {
     pub ended: Ended,
     /// Each step with its milliseconds.
     pub timeline: Vec<(String, f64)>,
-    /// Sequences set on green: `sequence`, `blue`, `set`.
-    pub sequences: Vec<serde_json::Value>,
+    /// Sequences set on green.
+    pub sequences: Vec<crate::state::SequenceSet>,
     /// PAUSE sent to RESUME done, when traffic was paused.
     pub paused_ms: Option<f64>,
 }

@@ -15,7 +15,7 @@ use crate::{
     pgbouncer::{databases_file, Bouncer, Paused},
     plan::{PgbouncerSettings, Plan, ResolvedPlan},
     shutdown::Shutdown,
-    state::{CutoverStep, Phase, State},
+    state::{CutoverOutcome, CutoverRecord, CutoverStep, Phase, SequenceSet, State, StepTime},
     verify::KeyCheck,
 };
 
@@ -52,7 +52,7 @@ pub(super) struct Switch<'a> {
     old_line: Option<String>,
     /// RELOAD pointed PgBouncer at green: from here on there is no way back to blue.
     committed: bool,
-    sequences: Vec<serde_json::Value>,
+    sequences: Vec<SequenceSet>,
 }
 
 impl<'a> Switch<'a> {
@@ -162,7 +162,7 @@ impl<'a> Switch<'a> {
         self.mark("resume", t);
 
         self.state.set_phase(&self.green, &Phase::Switched).await?;
-        self.save_record("switched").await?;
+        self.save_record(CutoverOutcome::Switched).await?;
         if self.plan.cutover.fence_blue {
             self.fence_blue().await;
         }
@@ -282,7 +282,7 @@ impl<'a> Switch<'a> {
                     .await
                     .map_err(Error::db(format!("green: setting sequence {}", s.green_sequence)))?
                     .get(0);
-                self.sequences.push(serde_json::json!({"sequence": s.green_sequence, "blue": blue_value, "set": set}));
+                self.sequences.push(SequenceSet { sequence: s.green_sequence.clone(), blue: blue_value, set });
             }
         }
         Ok(())
@@ -299,15 +299,15 @@ impl<'a> Switch<'a> {
         }
     }
 
-    async fn save_record(&self, outcome: &str) -> Result<()> {
-        let record = serde_json::json!({
-            "outcome": outcome,
-            "database": self.pb.database,
-            "paused_ms": self.paused_ms,
-            "total_ms": self.started.elapsed().as_secs_f64() * 1000.0,
-            "steps": self.timeline.iter().map(|(s, ms)| serde_json::json!({"step": s, "ms": ms})).collect::<Vec<_>>(),
-            "sequences": self.sequences,
-        });
+    async fn save_record(&self, outcome: CutoverOutcome) -> Result<()> {
+        let record = CutoverRecord {
+            outcome,
+            database: self.pb.database.clone(),
+            paused_ms: self.paused_ms,
+            total_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            steps: self.timeline.iter().map(|(step, ms)| StepTime { step: step.clone(), ms: *ms }).collect(),
+            sequences: self.sequences.clone(),
+        };
         self.state.set_cutover(&self.green, &record).await
     }
 
@@ -353,7 +353,7 @@ impl<'a> Switch<'a> {
         // Clients flow again; recording the outcome must not hang on a stalled green.
         let record = async {
             self.state.set_phase(&self.green, &Phase::Aborted { reason: reason.to_string() }).await?;
-            self.save_record("aborted").await
+            self.save_record(CutoverOutcome::Aborted).await
         };
         bounded(Duration::from_secs(10), "recording the abort on green", record).await
     }

@@ -123,6 +123,11 @@ impl ConnInfo {
         self.config.get_dbname()
     }
 
+    /// The `sslmode` in force.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
     /// The driver config, for callers that need to hand it on (e.g. to a replication client).
     pub fn config(&self) -> &Config {
         &self.config
@@ -157,7 +162,7 @@ impl ConnInfo {
                     Ok(client)
                 }
                 mode => {
-                    let tls = self.tls_connector()?;
+                    let tls = self.tls_connector().map_err(ConnectFailure::Tls)?;
                     let mut cfg = self.config.clone();
                     cfg.ssl_mode(if mode == SslMode::Prefer { PgSslMode::Prefer } else { PgSslMode::Require });
                     let (client, conn) = cfg.connect(tls).await?;
@@ -174,16 +179,17 @@ impl ConnInfo {
         }
     }
 
-    fn tls_connector(&self) -> Result<MakeTlsConnector, ConnectFailure> {
-        let tls_err = |e: openssl::error::ErrorStack| ConnectFailure::Tls(e.to_string());
+    /// The TLS connector for this string's `sslmode` and `sslrootcert`.
+    pub(super) fn tls_connector(&self) -> Result<MakeTlsConnector, String> {
+        let tls_err = |e: openssl::error::ErrorStack| e.to_string();
         let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(tls_err)?;
         match self.ssl_mode {
             SslMode::VerifyCa | SslMode::VerifyFull => {
                 builder.set_verify(SslVerifyMode::PEER);
                 match &self.ssl_root_cert {
-                    Some(path) => builder
-                        .set_ca_file(path)
-                        .map_err(|e| ConnectFailure::Tls(format!("sslrootcert {}: {e}", path.display())))?,
+                    Some(path) => {
+                        builder.set_ca_file(path).map_err(|e| format!("sslrootcert {}: {e}", path.display()))?
+                    }
                     None => builder.set_default_verify_paths().map_err(tls_err)?,
                 }
             }

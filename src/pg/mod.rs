@@ -4,8 +4,10 @@
 pub mod catalog;
 pub mod conn;
 pub mod lsn;
+pub mod pool;
 pub mod quote;
 
 pub use conn::{ConnError, ConnInfo, Side};
 pub use lsn::{commit_point, current_lsn};
+pub use pool::SidePool;
 pub use quote::{ident, literal, QualifiedName};

@@ -3,7 +3,7 @@
 
 use tokio_postgres::GenericClient;
 
-use super::{decode, Phase, State};
+use super::{decode, CutoverRecord, Phase, State};
 use crate::error::{Error, Result};
 
 /// What cutover's preflight reads about the follower and the last verify.
@@ -45,7 +45,7 @@ pub struct StatusView {
     /// The last verify's summary, with `at`.
     pub last_verify: Option<serde_json::Value>,
     /// The last cutover's record.
-    pub cutover: Option<serde_json::Value>,
+    pub cutover: Option<CutoverRecord>,
 }
 
 impl State {
@@ -109,11 +109,16 @@ impl State {
     }
 
     /// Stores the cutover record (step timeline, pause, sequences).
-    pub async fn set_cutover(&self, green: &impl GenericClient, record: &serde_json::Value) -> Result<()> {
+    pub async fn set_cutover(&self, green: &impl GenericClient, record: &CutoverRecord) -> Result<()> {
+        let record = serde_json::to_value(record).map_err(|e| Error::StateDecode {
+            what: "the cutover record".into(),
+            value: format!("{record:?}"),
+            reason: e.to_string(),
+        })?;
         green
             .execute(
                 &format!("UPDATE {} SET cutover = $1, updated_at = now() WHERE id = 1", self.table("migration")),
-                &[record],
+                &[&record],
             )
             .await
             .map_err(Error::db("green: saving the cutover record"))?;
@@ -246,7 +251,7 @@ impl State {
             apply_rate: r.get(3),
             follower_seen_seconds_ago: r.get(4),
             last_verify: r.get(5),
-            cutover: r.get(6),
+            cutover: r.get::<_, Option<serde_json::Value>>(6).map(|v| decode("the cutover record", v)).transpose()?,
         })
     }
 }

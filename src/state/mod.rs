@@ -13,6 +13,7 @@ mod id;
 mod keys;
 mod migration;
 mod phase;
+mod record;
 mod tables;
 
 pub use gate::{Gate, GATE_NAMESPACE};
@@ -20,6 +21,7 @@ pub use id::TableId;
 pub use keys::KeyEvent;
 pub use migration::{FollowerView, StatusView};
 pub use phase::{CutoverStep, Phase, TableState};
+pub use record::{CutoverOutcome, CutoverRecord, SequenceSet, StepTime};
 pub use tables::{ChunkRecord, TableProgress, TableRecord};
 
 use tokio_postgres::{Client, GenericClient};

@@ -21,7 +21,7 @@ pub use report::{render_json, render_text};
 
 use crate::{
     error::{Error, Result},
-    pg::{commit_point, ident},
+    pg::{commit_point, ident, SidePool},
     plan::{key_condition, Plan, ResolvedPlan, ResolvedTable},
     state::State,
 };
@@ -96,11 +96,14 @@ pub struct Report {
 /// Runs verify over the plan's tables (or the one named by `only`, source or target name).
 pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Result<Report> {
     let started = Instant::now();
-    let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
-    let blue2 = plan.blue.connect().await?;
-    let portable = portable_hash(&blue, &green).await?;
+    // Blue's scan of a table is split over two sessions; all three come from pools, which
+    // replace a session that broke.
+    let (blue_pool, green_pool) = (SidePool::new(&plan.blue, 2)?, SidePool::new(&plan.green, 1)?);
+    let sessions = tokio::try_join!(blue_pool.get(), blue_pool.get(), green_pool.get())?;
+    let (blue, blue2, green): (&Client, &Client, &Client) = (&sessions.0, &sessions.1, &sessions.2);
+    let portable = portable_hash(blue, green).await?;
     let state = State::new(&plan.name);
-    let follower = if state.exists(&green).await? { Some(state.clone()) } else { None };
+    let follower = if state.exists(green).await? { Some(state.clone()) } else { None };
     let mut tables = Vec::new();
     for t in &resolved.tables {
         if only.is_some_and(|o| {
@@ -109,13 +112,12 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
             continue;
         }
         let text = |e: &str| portable.text.replace("{}", e);
-        let (row_hash, key_hash) = if portable.typed && typed_hash_works(&green, t).await {
+        let (row_hash, key_hash) = if portable.typed && typed_hash_works(green, t).await {
             ("hash_record_extended({}, 0)".to_string(), "hash_record_extended({}, 0)".to_string())
         } else {
             (text("{}::text"), text("{}::text"))
         };
-        let v =
-            Verifier { blue: &blue, blue2: &blue2, green: &green, t, row_hash, key_hash, follower: follower.as_ref() };
+        let v = Verifier { blue, blue2, green, t, row_hash, key_hash, follower: follower.as_ref() };
         let span = tracing::info_span!("verify", table = %t.target);
         tables.push(tracing::Instrument::instrument(v.table(), span).await?);
     }
@@ -130,7 +132,7 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
             "seconds": report.seconds,
             "tables": report.tables.iter().map(|t| serde_json::json!({"table": t.table, "differences": t.differences_total})).collect::<Vec<_>>(),
         });
-        state.set_last_verify(&green, &value).await?;
+        state.set_last_verify(green, &value).await?;
     }
     Ok(report)
 }
