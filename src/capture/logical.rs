@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    pg::{ident, literal},
+    pg::{ident, literal, Lsn},
     plan::{Plan, ResolvedPlan, ResolvedTable},
     state::State,
 };
@@ -25,7 +25,7 @@ pub struct Logical {
     slot: String,
     tables: Vec<ResolvedTable>,
     /// Position (bytes) up to which every change is stored on green.
-    captured: i64,
+    captured: Lsn,
 }
 
 impl Logical {
@@ -60,8 +60,8 @@ impl Logical {
                     )
                     .await
                     .map_err(Error::db("blue: creating the replication slot"))?;
-                let lsn: i64 = row.get(0);
-                info!(slot = %slot, lsn, "replication slot created");
+                let lsn: Lsn = row.get(0);
+                info!(slot = %slot, lsn = %lsn, "replication slot created");
                 lsn
             }
         };
@@ -76,14 +76,14 @@ impl Logical {
     }
 
     /// Position up to which changes are stored on green.
-    pub fn captured_lsn(&self) -> i64 {
+    pub fn captured_lsn(&self) -> Lsn {
         self.captured
     }
 
     /// Blue's WAL flush position. Decoding reads only up to the flush position, so this (not the
     /// write position, which runs ahead under `synchronous_commit = off`) is what a peek that
     /// returned nothing proves captured.
-    pub async fn current_lsn(&self) -> Result<i64> {
+    pub async fn current_lsn(&self) -> Result<Lsn> {
         Ok(self
             .blue
             .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
@@ -93,7 +93,7 @@ impl Logical {
     }
 
     /// A position every transaction committed so far on blue lies before; see [`crate::pg::commit_point`].
-    pub async fn committed_lsn(&self) -> Result<i64> {
+    pub async fn committed_lsn(&self) -> Result<Lsn> {
         crate::pg::commit_point(&self.blue).await
     }
 
@@ -136,7 +136,7 @@ impl Logical {
 
     /// Decodes peeked messages into key events; returns them, the end of the last commit, and
     /// the ids of the transactions that produced events.
-    fn decode<'a>(&self, messages: impl Iterator<Item = &'a [u8]>) -> Result<(Vec<KeyEvent>, Option<i64>, Vec<u32>)> {
+    fn decode<'a>(&self, messages: impl Iterator<Item = &'a [u8]>) -> Result<(Vec<KeyEvent>, Option<Lsn>, Vec<u32>)> {
         let mut relations: HashMap<u32, (usize, Relation)> = HashMap::new();
         let mut pending_tx = Vec::new();
         let mut events = Vec::new();
@@ -175,7 +175,7 @@ impl Logical {
                     return Err(super::truncated(&names));
                 }
                 Message::Commit { end_lsn } => {
-                    let lsn = end_lsn as i64;
+                    let lsn = Lsn(end_lsn as i64);
                     if !pending_tx.is_empty() {
                         xids.extend(xid.take());
                     }
@@ -244,7 +244,7 @@ fn all_visible(snapshot: &str, xids: &[u32]) -> bool {
 
 /// The position the slot has confirmed (everything before it is stored on green); `None` when
 /// there is no slot.
-async fn confirmed_position(blue: &Client, slot: &str) -> Result<Option<i64>> {
+async fn confirmed_position(blue: &Client, slot: &str) -> Result<Option<Lsn>> {
     Ok(blue
         .query_opt(
             "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
@@ -252,7 +252,7 @@ async fn confirmed_position(blue: &Client, slot: &str) -> Result<Option<i64>> {
         )
         .await
         .map_err(Error::db("blue: looking for the replication slot"))?
-        .map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0)))
+        .map(|r| r.get::<_, Option<Lsn>>(0).unwrap_or_default()))
 }
 
 /// Stops following when blue's table no longer has the columns the plan was resolved against.

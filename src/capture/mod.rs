@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 
 use crate::{
     error::{Error, Result},
+    pg::Lsn,
     plan::{CaptureMethod, Plan, ResolvedPlan},
     state::State,
 };
@@ -28,7 +29,7 @@ pub use crate::state::KeyEvent;
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
     /// A blue WAL position.
-    Lsn(i64),
+    Lsn(Lsn),
     /// A transaction id horizon (trigger capture): every transaction below it is done.
     Xid(i64),
 }
@@ -96,7 +97,7 @@ impl Capture {
     }
 
     /// Blue's current WAL position and the oldest position not yet captured, as bytes.
-    pub async fn positions(&self) -> Result<(i64, i64)> {
+    pub async fn positions(&self) -> Result<(Lsn, Lsn)> {
         match self {
             Capture::Logical(c) => Ok((c.current_lsn().await?, c.captured_lsn())),
             Capture::Trigger(c) => c.positions().await,

@@ -10,7 +10,7 @@ use tracing::info;
 use super::{KeyEvent, POLL_CHANGES};
 use crate::{
     error::{Error, Result},
-    pg::{ident, literal},
+    pg::{ident, literal, Lsn},
     plan::{Plan, ResolvedPlan, ResolvedTable},
     state::{schema_name, State},
 };
@@ -102,7 +102,7 @@ impl Trigger {
             })?;
             // A change of an entry the plan no longer has is dropped with the others.
             if let Some(t) = table {
-                events.push(KeyEvent { table: t.id.clone(), key, lsn: r.get(4) });
+                events.push(KeyEvent { table: t.id.clone(), key, lsn: Lsn(r.get(4)) });
             }
         }
         let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
@@ -144,7 +144,7 @@ impl Trigger {
     }
 
     /// Blue's current WAL position and the position of the oldest change not yet read.
-    pub async fn positions(&self) -> Result<(i64, i64)> {
+    pub async fn positions(&self) -> Result<(Lsn, Lsn)> {
         let row = self
             .blue
             .query_one(

@@ -71,7 +71,7 @@ async fn migration_checks(
     }
     let blue_lsn = crate::pg::current_lsn(blue).await?;
     let oldest = [view.capture_lsn, view.oldest_pending].into_iter().flatten().min();
-    let lag = oldest.map(|o| (blue_lsn - o).max(0) as u64);
+    let lag = oldest.map(|o| blue_lsn.bytes_after(o));
     check(
         "capture lag",
         lag.is_some_and(|l| l <= plan.cutover.max_lag_bytes),

@@ -1,12 +1,61 @@
 //! WAL positions: blue's current and flush positions as bytes from 0/0 (how state stores them),
 //! and the commit point that verify and cutover wait for capture to pass.
 
-use tokio_postgres::Client;
+use bytes::BytesMut;
+use tokio_postgres::{
+    types::{FromSql, IsNull, ToSql, Type},
+    Client,
+};
 
 use crate::error::{pg_message, Error, Result};
 
+/// A position in blue's WAL, as bytes from `0/0`: what state stores (`bigint`) and compares.
+/// Shown the way PostgreSQL shows an LSN (`16/B374D848`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub i64);
+
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.0 as u64;
+        write!(f, "{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF)
+    }
+}
+
+impl Lsn {
+    /// Bytes from `b` to `self`, never negative.
+    pub fn bytes_after(self, b: Lsn) -> u64 {
+        (self.0 - b.0).max(0) as u64
+    }
+}
+
+impl ToSql for Lsn {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <i64 as ToSql>::accepts(ty)
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+impl<'a> FromSql<'a> for Lsn {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        i64::from_sql(ty, raw).map(Lsn)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <i64 as FromSql>::accepts(ty)
+    }
+}
+
 /// Blue's current WAL write position, as bytes from 0/0.
-pub async fn current_lsn(client: &Client) -> Result<i64> {
+pub async fn current_lsn(client: &Client) -> Result<Lsn> {
     Ok(client
         .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
         .await
@@ -19,7 +68,7 @@ pub async fn current_lsn(client: &Client) -> Result<i64> {
 /// and decoding reads only flushed WAL; so commit a tiny transaction with synchronous_commit on
 /// (a transactional logical message, which pgoutput ignores unless asked), which flushes every
 /// earlier record, and return the flush position after it.
-pub async fn commit_point(blue: &Client) -> Result<i64> {
+pub async fn commit_point(blue: &Client) -> Result<Lsn> {
     let flushed = blue
         .batch_execute(
             "BEGIN; SET LOCAL synchronous_commit = on; \
@@ -31,7 +80,7 @@ pub async fn commit_point(blue: &Client) -> Result<i64> {
         // Without the privilege, wait out the WAL writer (it flushes within 3 x wal_writer_delay).
         tracing::debug!(error = %pg_message(&e), "cannot emit a logical message; waiting for the WAL writer instead");
         tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-        let flush: i64 = blue
+        let flush: Lsn = blue
             .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
             .await
             .map_err(Error::db("blue: reading the WAL position"))?
@@ -43,4 +92,17 @@ pub async fn commit_point(blue: &Client) -> Result<i64> {
         .await
         .map_err(Error::db("blue: reading the WAL position"))?
         .get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_as_postgres_shows_it() {
+        assert_eq!(Lsn(0).to_string(), "0/0");
+        assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
+        assert_eq!(Lsn(10).bytes_after(Lsn(4)), 6);
+        assert_eq!(Lsn(4).bytes_after(Lsn(10)), 0);
+    }
 }

@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use tokio_postgres::GenericClient;
 
 use super::{State, TableId};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    pg::Lsn,
+};
 
 /// A key event: which plan entry, its key values in text form, and the blue WAL position of the
 /// change (for lag).
@@ -16,8 +19,8 @@ pub struct KeyEvent {
     pub table: TableId,
     /// Key column values, text form.
     pub key: Vec<String>,
-    /// Blue LSN of the change, as bytes from 0/0.
-    pub lsn: i64,
+    /// Blue LSN of the change.
+    pub lsn: Lsn,
 }
 
 /// Keys travel as one text per key (a JSON array) because arrays of arrays do not unnest.
@@ -33,7 +36,7 @@ impl State {
             return Ok(());
         }
         // One row per key: ON CONFLICT cannot touch the same row twice in one statement.
-        let mut latest: HashMap<(&TableId, &[String]), i64> = HashMap::new();
+        let mut latest: HashMap<(&TableId, &[String]), Lsn> = HashMap::new();
         for e in events {
             let l = latest.entry((&e.table, e.key.as_slice())).or_insert(e.lsn);
             *l = (*l).max(e.lsn);
@@ -44,7 +47,7 @@ impl State {
         for ((table, key), lsn) in latest {
             tables.push(table.as_str());
             keys.push(serde_json::to_string(key).unwrap_or_default());
-            lsns.push(lsn);
+            lsns.push(lsn.0);
         }
         green
             .execute(
@@ -116,7 +119,7 @@ impl State {
     }
 
     /// Whether capture has passed `lsn` and no key captured at or before it is pending.
-    pub async fn applied_through(&self, green: &impl GenericClient, lsn: i64) -> Result<bool> {
+    pub async fn applied_through(&self, green: &impl GenericClient, lsn: Lsn) -> Result<bool> {
         Ok(green
             .query_one(
                 &format!(
@@ -163,7 +166,7 @@ impl State {
     /// Records which buckets of `id` verified clean at blue position `lsn`, so a later check
     /// (cutover) looks again only at what changed since; when all were clean, the keys applied
     /// before `lsn` are forgotten as touched (this verify saw them).
-    pub async fn record_verified(&self, green: &impl GenericClient, id: &TableId, lsn: i64, ok: &[bool]) -> Result<()> {
+    pub async fn record_verified(&self, green: &impl GenericClient, id: &TableId, lsn: Lsn, ok: &[bool]) -> Result<()> {
         let n = ok.len() as i32;
         let buckets: Vec<i32> = (0..n).collect();
         green

@@ -4,7 +4,10 @@
 use tokio_postgres::GenericClient;
 
 use super::{decode, CutoverRecord, Phase, State};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    pg::Lsn,
+};
 
 /// What cutover's preflight reads about the follower and the last verify.
 #[derive(Debug, Clone)]
@@ -12,9 +15,9 @@ pub struct FollowerView {
     /// A follower wrote progress within the last few seconds.
     pub follower_active: bool,
     /// Every change before this blue position is stored on green.
-    pub capture_lsn: Option<i64>,
+    pub capture_lsn: Option<Lsn>,
     /// The oldest position of a key still pending.
-    pub oldest_pending: Option<i64>,
+    pub oldest_pending: Option<Lsn>,
     /// Keys pending.
     pub pending: i64,
     /// The last verify found no difference.
@@ -126,7 +129,7 @@ impl State {
     }
 
     /// Stores how far capture has stored changes; in capture's own transaction, with the keys.
-    pub async fn set_capture_lsn(&self, green: &impl GenericClient, lsn: i64) -> Result<()> {
+    pub async fn set_capture_lsn(&self, green: &impl GenericClient, lsn: Lsn) -> Result<()> {
         green
             .execute(&format!("UPDATE {} SET capture_lsn = $1 WHERE id = 1", self.table("migration")), &[&lsn])
             .await
@@ -135,7 +138,7 @@ impl State {
     }
 
     /// Stores blue's current position and capture's frontier, for lag.
-    pub async fn record_positions(&self, green: &impl GenericClient, blue_lsn: i64, capture_lsn: i64) -> Result<()> {
+    pub async fn record_positions(&self, green: &impl GenericClient, blue_lsn: Lsn, capture_lsn: Lsn) -> Result<()> {
         green
             .execute(
                 &format!("UPDATE {} SET blue_lsn = $1, capture_lsn = $2 WHERE id = 1", self.table("migration")),

@@ -21,7 +21,7 @@ pub use report::{render_json, render_text};
 
 use crate::{
     error::{Error, Result},
-    pg::{commit_point, ident, SidePool},
+    pg::{commit_point, ident, Lsn, SidePool},
     plan::{key_condition, Plan, ResolvedPlan, ResolvedTable},
     state::State,
 };
@@ -331,7 +331,7 @@ impl Verifier<'_> {
 
     /// Records which buckets verified clean at which blue position, so a later check (cutover)
     /// needs to look again only at what changed since.
-    async fn record(&self, n: i64, position: i64, bad: &std::collections::HashSet<i64>) -> Result<()> {
+    async fn record(&self, n: i64, position: Lsn, bad: &std::collections::HashSet<i64>) -> Result<()> {
         let Some(state) = self.follower else { return Ok(()) };
         let ok: Vec<bool> = (0..n).map(|b| !bad.contains(&b)).collect();
         state.record_verified(self.green, &self.t.id, position, &ok).await
@@ -463,7 +463,7 @@ fn shorten(v: Option<String>) -> Option<String> {
 }
 
 /// Waits (bounded) until capture has passed `lsn` and no key captured before it is pending.
-async fn wait_applied(green: &Client, state: &State, lsn: i64) -> Result<()> {
+async fn wait_applied(green: &Client, state: &State, lsn: Lsn) -> Result<()> {
     let started = Instant::now();
     while started.elapsed() < RECHECK_WAIT {
         if state.applied_through(green, lsn).await? {
