@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::{
     error::{pg_message, Error, Result},
     pg::ident,
-    plan::{key_condition, ResolvedTable},
+    plan::{key_condition, key_condition_via, ResolvedTable},
     state::{State, TableId},
 };
 
@@ -52,9 +52,9 @@ pub async fn apply_batch(
     }
     let mut applied = 0;
     for (id, (keys, seqs)) in by_table {
-        let Some((i, t)) = tables.iter().enumerate().find(|(_, t)| t.id == id) else { continue };
+        let Some(t) = tables.iter().find(|t| t.id == id) else { continue };
         let span = tracing::info_span!("apply", table = %t.target, keys = keys.len());
-        apply_table(blue, green, state, i, t, &keys, &seqs).instrument(span).await?;
+        apply_table(blue, green, state, t, &keys, &seqs).instrument(span).await?;
         crate::fault::point("apply.committed").await;
         applied += keys.len();
     }
@@ -65,7 +65,6 @@ async fn apply_table(
     blue: &Client,
     green: &mut Client,
     state: &State,
-    index: usize,
     t: &ResolvedTable,
     keys: &[Vec<String>],
     seqs: &[i64],
@@ -74,9 +73,11 @@ async fn apply_table(
     let src_types: Vec<String> = t.key.iter().map(|k| k.source_type.clone()).collect();
     let tgt_cols: Vec<String> = t.key.iter().map(|k| ident(&k.target)).collect();
     let tgt_types: Vec<String> = t.key.iter().map(|k| k.target_type.clone()).collect();
+    let through: Vec<String> =
+        t.key.iter().map(|k| if k.via_source_type { &k.source_type } else { &k.target_type }.clone()).collect();
     let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
     let cols = t.target_column_list();
-    let stage = ident(&format!("bluegreen_apply_{index}"));
+    let stage = ident(&format!("bluegreen_apply_{}", t.id.short()));
     let target = t.target.quoted();
     let fail = |what: &str, e: tokio_postgres::Error| Error::Db {
         context: format!("green: apply to {}: {what}", t.target),
@@ -110,22 +111,22 @@ async fn apply_table(
     tx.execute(
         &format!(
             "DELETE FROM {target} t WHERE ({}) AND NOT EXISTS (SELECT 1 FROM {stage} s WHERE {matches_stage})",
-            key_condition(&tgt_cols.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>(), &tgt_types, keys)
+            key_condition_via(
+                &tgt_cols.iter().map(|c| format!("t.{c}")).collect::<Vec<_>>(),
+                &through,
+                &tgt_types,
+                keys
+            )
         ),
         &[],
     )
     .await
     .map_err(|e| fail("deleting keys gone from blue", e))?;
-    let updates: Vec<String> = t
-        .mapped()
-        .filter(|c| !t.key.iter().any(|k| k.target == c.name))
-        .map(|c| format!("{q} = EXCLUDED.{q}", q = ident(&c.name)))
-        .collect();
-    let on_conflict = if updates.is_empty() {
-        format!("ON CONFLICT ({key_list}) DO NOTHING")
-    } else {
-        format!("ON CONFLICT ({key_list}) DO UPDATE SET {}", updates.join(", "))
-    };
+    // Key columns are written too: a key changed on blue to a value that compares equal
+    // (citext `alice` -> `ALICE`, numeric `1.0` -> `1.00`) conflicts with the old row, whose key
+    // text must become the new one.
+    let updates: Vec<String> = t.mapped().map(|c| format!("{q} = EXCLUDED.{q}", q = ident(&c.name))).collect();
+    let on_conflict = format!("ON CONFLICT ({key_list}) DO UPDATE SET {}", updates.join(", "));
     tx.execute(&format!("INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"), &[])
         .await
         .map_err(|e| fail("upserting rows", e))?;

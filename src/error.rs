@@ -298,6 +298,16 @@ pub enum Error {
         /// Source table.
         table: String,
     },
+    /// A planned table was rewritten on blue (VACUUM FULL, CLUSTER, ALTER TABLE) after a copy
+    /// run planned its chunks, in every run; each next run copies it again.
+    #[error(
+        "blue {table} was rewritten (VACUUM FULL, CLUSTER, ALTER TABLE) while the copy ran, run after run; \
+         rerun `migrate copy` once that stops: it copies the table again"
+    )]
+    TableRewritten {
+        /// Source table.
+        table: String,
+    },
     /// Following ended while the copy still needed it.
     #[error("following stopped during the copy: {how}")]
     FollowerStopped {

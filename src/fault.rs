@@ -1,6 +1,7 @@
 //! Fault injection for the crash tests. `MIGRATE_FAULT=<point>` ends the process abruptly at
 //! that point, as SIGKILL would (no cleanup, no RESUME, nothing flushed); `<point>:sleep`
-//! stalls there for up to a minute, so a test can signal the process at a known step. Unset in
+//! stalls there for up to a minute, so a test can signal the process at a known step, and
+//! `<point>:sleep=MS` for that many milliseconds, so a test can act inside a window. Unset in
 //! production, where each point costs one environment lookup.
 
 use std::time::Duration;
@@ -18,5 +19,9 @@ pub async fn point(name: &str) {
     if fault.strip_suffix(":sleep") == Some(name) {
         eprintln!("fault injected: stalling at {name}");
         tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    if let Some(ms) = fault.strip_prefix(name).and_then(|r| r.strip_prefix(":sleep=")) {
+        eprintln!("fault injected: stalling at {name} for {ms} ms");
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
     }
 }

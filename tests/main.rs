@@ -5,6 +5,7 @@ mod support;
 
 mod capture;
 mod copy;
+mod correctness;
 mod crash;
 mod cutover;
 mod entries;

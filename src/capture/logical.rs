@@ -52,13 +52,15 @@ impl Logical {
             Some(position) => position,
             None => {
                 // Waits for transactions running now to finish, so that every later commit is
-                // decoded; the copy snapshot is taken after this returns.
-                let row = blue
-                    .query_one(
-                        "SELECT (lsn - '0/0')::int8 FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                        &[&slot],
-                    )
-                    .await
+                // decoded; the copy snapshot is taken after this returns. A prepared (2PC) or
+                // forgotten transaction makes that wait last: say which, and how to end it.
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+                let create = blue.query_one(
+                    "SELECT (lsn - '0/0')::int8 FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &params,
+                );
+                let row = while_waiting(plan, create, "creating the replication slot")
+                    .await?
                     .map_err(Error::db("blue: creating the replication slot"))?;
                 let lsn: Lsn = row.get(0);
                 info!(slot = %slot, lsn = %lsn, "replication slot created");
@@ -191,6 +193,34 @@ impl Logical {
             }
         }
         Ok((events, end, xids))
+    }
+}
+
+/// How often a wait on blue's open transactions is reported.
+const REPORT_WAIT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `fut` (a statement on blue that waits for the transactions running on blue to end), and
+/// every few seconds until it returns logs which transactions it is waiting for.
+async fn while_waiting<T>(plan: &Plan, fut: impl std::future::Future<Output = T>, what: &str) -> Result<T> {
+    tokio::pin!(fut);
+    let mut watcher = None;
+    loop {
+        tokio::select! {
+            r = &mut fut => return Ok(r),
+            _ = tokio::time::sleep(REPORT_WAIT_EVERY) => {
+                if watcher.is_none() {
+                    watcher = Some(plan.blue.connect().await?);
+                }
+                let Some(w) = &watcher else { continue };
+                let open = crate::pg::catalog::open_transactions(w).await.unwrap_or_default();
+                if open.is_empty() {
+                    tracing::warn!("blue: {what} is waiting for transactions on blue to end");
+                }
+                for t in open {
+                    tracing::warn!("blue: {what} is waiting for a transaction to end: {t}");
+                }
+            }
+        }
     }
 }
 

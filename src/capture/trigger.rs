@@ -38,8 +38,25 @@ impl Trigger {
         .await
         .map_err(Error::db("blue: creating the change table"))?;
         let raw = schema_name(&plan.name);
+        let tbl_type: Option<String> = blue
+            .query_one(
+                "SELECT data_type FROM information_schema.columns \
+                 WHERE table_schema = $1 AND table_name = 'changes' AND column_name = 'tbl'",
+                &[&raw],
+            )
+            .await
+            .map_err(Error::db("blue: reading the change table"))?
+            .get(0);
+        if tbl_type.as_deref() != Some("text") {
+            return Err(Error::StateLayout { schema: format!("{raw} (on blue)"), found: 1, wanted: 2 });
+        }
         drop_stale_triggers(&blue, &raw, resolved).await?;
         for t in &resolved.tables {
+            // The functions are replaced every time (no table lock needed): an older install's
+            // body is brought up to date; the triggers that call them are made once.
+            blue.batch_execute(&functions_sql(&schema, t))
+                .await
+                .map_err(Error::db(format!("blue: creating capture functions for {}", t.source)))?;
             let present: i64 = blue
                 .query_one(
                     "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3)",
@@ -51,7 +68,7 @@ impl Trigger {
             if present == 2 {
                 continue;
             }
-            ddl_with_lock_timeout(&blue, &trigger_sql(&schema, t), &format!("capture triggers on {}", t.source))
+            ddl_with_lock_timeout(&blue, &triggers_sql(&schema, t), &format!("capture triggers on {}", t.source))
                 .await?;
         }
         info!(tables = resolved.tables.len(), "capture triggers installed");
@@ -179,10 +196,12 @@ async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<(
             Ok(()) => return Ok(()),
             Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => {
                 let _ = blue.batch_execute("ROLLBACK").await;
+                let open = crate::pg::catalog::open_transactions(blue).await.unwrap_or_default();
                 tracing::warn!(
                     attempt,
                     what,
-                    "lock not granted within {DDL_LOCK_TIMEOUT} (a long transaction on blue?); retrying"
+                    "lock not granted within {DDL_LOCK_TIMEOUT}; retrying. Open on blue: {}",
+                    if open.is_empty() { "no long transaction seen".to_string() } else { open.join("; ") }
                 );
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(5));
@@ -233,21 +252,20 @@ async fn drop_stale_triggers(blue: &Client, raw: &str, resolved: &ResolvedPlan) 
 /// The trigger function and triggers for entry `t`, named by its id. Keys are taken with `to_jsonb(...) #>> '{}'`,
 /// whose text form does not depend on the writing session's DateStyle. The functions run as
 /// their owner (SECURITY DEFINER, fixed search_path) so the application's roles need no rights
-/// on our schema: their writes must never fail because of capture.
-fn trigger_sql(schema: &str, t: &ResolvedTable) -> String {
+/// on our schema: their writes must never fail because of capture. They pin
+/// `extra_float_digits = 3` (a writer's session with 0 would record a float key rounded to 15
+/// digits, a key that does not exist) and `IntervalStyle = 'postgres'`.
+fn functions_sql(schema: &str, t: &ResolvedTable) -> String {
     let keys = |rec: &str| {
         t.key.iter().map(|k| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(&k.source))).collect::<Vec<_>>().join(", ")
     };
     let tuple = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", ident(&k.source))).collect::<Vec<_>>().join(", ");
-    let func = format!("{schema}.{}", ident(&format!("capture_{}", t.id.short())));
-    let tfunc = format!("{schema}.{}", ident(&format!("truncated_{}", t.id.short())));
+    let (func, tfunc) = function_names(schema, t);
     let i = literal(t.id.as_str());
-    let name = ident(&format!("{}_capture", schema_name_of(schema)));
-    let tname = ident(&format!("{}_truncate", schema_name_of(schema)));
-    let src = t.source.quoted();
     format!(
         "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
-           SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bg$
+           SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS $bg$
          BEGIN
            IF TG_OP <> 'DELETE' THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{new_keys}]);
@@ -258,20 +276,40 @@ fn trigger_sql(schema: &str, t: &ResolvedTable) -> String {
            RETURN NULL;
          END $bg$;
          CREATE OR REPLACE FUNCTION {tfunc}() RETURNS trigger LANGUAGE plpgsql
-           SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $bg$
+           SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS $bg$
          BEGIN
            INSERT INTO {schema}.changes (tbl, truncated) VALUES ({i}, true);
            RETURN NULL;
-         END $bg$;
-         DROP TRIGGER IF EXISTS {name} ON {src};
-         DROP TRIGGER IF EXISTS {tname} ON {src};
-         CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {src} FOR EACH ROW EXECUTE FUNCTION {func}();
-         CREATE TRIGGER {tname} AFTER TRUNCATE ON {src} FOR EACH STATEMENT EXECUTE FUNCTION {tfunc}();
-         COMMENT ON TRIGGER {name} ON {src} IS {comment};",
+         END $bg$;",
         new_keys = keys("NEW"),
         old_keys = keys("OLD"),
         old_tuple = tuple("OLD"),
         new_tuple = tuple("NEW"),
+    )
+}
+
+/// The two capture functions of entry `t`, named by its id.
+fn function_names(schema: &str, t: &ResolvedTable) -> (String, String) {
+    (
+        format!("{schema}.{}", ident(&format!("capture_{}", t.id.short()))),
+        format!("{schema}.{}", ident(&format!("truncated_{}", t.id.short()))),
+    )
+}
+
+/// The triggers on `t`'s source that call its functions (they take a lock that waits for the
+/// table's writers).
+fn triggers_sql(schema: &str, t: &ResolvedTable) -> String {
+    let (func, tfunc) = function_names(schema, t);
+    let name = ident(&format!("{}_capture", schema_name_of(schema)));
+    let tname = ident(&format!("{}_truncate", schema_name_of(schema)));
+    let src = t.source.quoted();
+    format!(
+        "DROP TRIGGER IF EXISTS {name} ON {src};
+         DROP TRIGGER IF EXISTS {tname} ON {src};
+         CREATE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {src} FOR EACH ROW EXECUTE FUNCTION {func}();
+         CREATE TRIGGER {tname} AFTER TRUNCATE ON {src} FOR EACH STATEMENT EXECUTE FUNCTION {tfunc}();
+         COMMENT ON TRIGGER {name} ON {src} IS {comment};",
         comment = literal("bluegreen capture: remove with `migrate cleanup`"),
     )
 }

@@ -1,13 +1,13 @@
 //! `migrate cutover`: preflight, then the switch; prints the checks, the timeline and how it
 //! ended.
 
-use std::fmt::Write;
+use std::{fmt::Write as _, io::Write as _};
 
 use super::{connect_both, resolve_sound, Outcome};
 use crate::{
     cutover::{Ended, Report},
     error::Result,
-    plan::Plan,
+    plan::{Check, Plan},
     shutdown::Shutdown,
 };
 
@@ -16,19 +16,37 @@ pub async fn run(plan: &Plan, dry_run: bool, shutdown: Shutdown) -> Result<Outco
     let (blue, green) = connect_both(plan).await?;
     let (resolved, _) = resolve_sound(plan, &blue, &green).await?;
     drop((blue, green));
-    let report = crate::cutover::run(plan, &resolved, dry_run, shutdown).await?;
+    // Preflight is shown before anything is switched; the rest once the switch ended, however.
+    let mut show_checks = |checks: &[Check]| {
+        print!("{}", render_checks(checks));
+        let _ = std::io::stdout().flush();
+    };
+    let report = crate::cutover::run(plan, &resolved, dry_run, shutdown, &mut show_checks).await?;
     print!("{}", render_text(&report));
+    if let Some(e) = report.error {
+        return Err(e);
+    }
     Ok(if report.ok() { Outcome::Ok } else { Outcome::Problems })
 }
 
-/// The text report: preflight, timeline, how it ended.
+/// The preflight checks.
+pub fn render_checks(checks: &[Check]) -> String {
+    let mut o = String::from("preflight:\n");
+    for c in checks {
+        let _ = writeln!(o, "  [{}] {}: {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+    }
+    o
+}
+
+/// The text report after preflight: timeline, how it ended.
 pub fn render_text(r: &Report) -> String {
     let mut o = String::new();
-    if !r.checks.is_empty() {
-        let _ = writeln!(o, "preflight:");
-        for c in &r.checks {
-            let _ = writeln!(o, "  [{}] {}: {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+    if r.error.is_some() {
+        let _ = writeln!(o, "timeline up to the failure:");
+        for (step, ms) in &r.timeline {
+            let _ = writeln!(o, "  {step:<26} {ms:>9.1} ms");
         }
+        return o;
     }
     if matches!(r.ended, Ended::Switched { .. } | Ended::Aborted { .. }) {
         let _ = writeln!(o, "timeline:");

@@ -58,6 +58,8 @@ struct Shared {
     deferred: Vec<Vec<DeferredObject>>,
     /// Per table: some chunks were copied under an earlier run's snapshot.
     resumed: Vec<bool>,
+    /// Per table: blue's file node when this run planned its chunks.
+    filenodes: Vec<i64>,
     /// Exported blue snapshot that every chunk of this run reads.
     snapshot: String,
     /// This run's number, recorded on each chunk.
@@ -70,6 +72,8 @@ struct Shared {
 /// What `prepare_table` found or made for one table.
 struct Prepared {
     state: TableState,
+    /// Blue's file node when the chunks were planned: block ranges are positions in it.
+    filenode: i64,
     pending: Vec<Chunk>,
     deferred: Vec<DeferredObject>,
     rows_copied: u64,
@@ -93,7 +97,9 @@ pub async fn lock_plan(green: &Client, plan: &str, command: &str) -> Result<()> 
 }
 
 /// Copies every table (resuming from state) and rebuilds deferred objects. Returns `true` when
-/// all tables are done, `false` when `shutdown` fired first (state saved).
+/// all tables are done, `false` when `shutdown` fired first (state saved). A run that finds a
+/// planned table rewritten on blue (VACUUM FULL, CLUSTER, ALTER TABLE) after it planned the
+/// chunks stops, and the next run copies that table again from scratch.
 pub async fn copy_tables(
     plan: &Plan,
     resolved: &ResolvedPlan,
@@ -105,11 +111,43 @@ pub async fn copy_tables(
     if !begin_copy(&state, green, resolved).await? {
         return Ok(true);
     }
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        match copy_run(plan, resolved, &state, green, shutdown).await {
+            Err(Error::TableRewritten { table }) if attempts + 1 < REWRITE_ATTEMPTS => {
+                attempts += 1;
+                warn!(table = %table, "rewritten on blue after its chunks were planned; copying it again");
+            }
+            Err(e) => return Err(e),
+            Ok(false) => {
+                info!("copy stopped; rerun `migrate copy` to resume");
+                return Ok(false);
+            }
+            Ok(true) => break,
+        }
+    }
+    info!(seconds = started.elapsed().as_secs_f64(), tables = resolved.tables.len(), "copy finished");
+    Ok(true)
+}
+
+/// Runs that may find a table rewritten before the copy gives up.
+const REWRITE_ATTEMPTS: u32 = 5;
+
+/// One copy run: plan what is left, export one snapshot, run the workers, validate foreign keys.
+/// `false` when `shutdown` fired.
+async fn copy_run(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    state: &State,
+    green: &mut Client,
+    shutdown: &Shutdown,
+) -> Result<bool> {
     let epoch = state.next_epoch(green).await?;
     let blue = plan.blue.connect().await?;
     let mut prepared = Vec::new();
     for t in &resolved.tables {
-        prepared.push(prepare_table(plan, &state, &blue, green, t).await?);
+        prepared.push(prepare_table(plan, state, &blue, green, t).await?);
     }
     // One snapshot for every chunk of this run, held open by this session until the workers are
     // done: each row version is read exactly once, and whatever changes after it is captured.
@@ -121,6 +159,7 @@ pub async fn copy_tables(
         .await
         .map_err(Error::db("blue: exporting the copy snapshot"))?
         .get(0);
+    crate::fault::point("copy.snapshot-exported").await;
     let jobs = schedule(resolved, &prepared);
     let progress = Progress::new(
         resolved
@@ -131,6 +170,16 @@ pub async fn copy_tables(
             .collect(),
     );
     let logger = progress.spawn_logger();
+    // The workers stop on the first error of this run without stopping the command: the
+    // caller may run again.
+    let run_stop = Shutdown::manual();
+    let relay = {
+        let (outer, run_stop) = (shutdown.clone(), run_stop.clone());
+        tokio::spawn(async move {
+            outer.wait().await;
+            run_stop.trigger();
+        })
+    };
     let shared = Arc::new(Shared {
         plan: plan.clone(),
         tables: resolved.tables.clone(),
@@ -138,15 +187,16 @@ pub async fn copy_tables(
         jobs: Mutex::new(jobs),
         remaining: Mutex::new(prepared.iter().map(|p| p.pending.len()).collect()),
         resumed: prepared.iter().map(|p| p.resumed).collect(),
+        filenodes: prepared.iter().map(|p| p.filenode).collect(),
         deferred: prepared.into_iter().map(|p| p.deferred).collect(),
         snapshot,
         epoch,
         progress: Arc::clone(&progress),
         throttle: Throttle::new(plan.copy.max_rows_per_second),
-        shutdown: shutdown.clone(),
+        shutdown: run_stop.clone(),
     });
-    let started = Instant::now();
-    let first_error = run_workers(&shared, plan.copy.workers.max(1), shutdown).await;
+    let first_error = run_workers(&shared, plan.copy.workers.max(1), &run_stop).await;
+    relay.abort();
     if let Some(l) = logger {
         l.abort();
     }
@@ -156,12 +206,10 @@ pub async fn copy_tables(
         return Err(e);
     }
     if shutdown.is_triggered() {
-        info!("copy stopped; rerun `migrate copy` to resume");
         return Ok(false);
     }
     let all: Vec<DeferredObject> = shared.deferred.iter().flatten().cloned().collect();
     indexes::rebuild_foreign_keys(green, &all).await?;
-    info!(seconds = started.elapsed().as_secs_f64(), tables = resolved.tables.len(), "copy finished");
     Ok(true)
 }
 
@@ -226,7 +274,7 @@ async fn prepare_table(
         let recorded = state.source_filenode(green, &t.id).await?;
         let rewritten = recorded.is_some_and(|f| f != planned.filenode);
         if st == TableState::Done || (st != TableState::Pending && !rewritten) {
-            return load_chunks(green, state, &t.id, st, defs).await;
+            return load_chunks(green, state, &t.id, st, defs, planned.filenode).await;
         }
         if rewritten {
             warn!(table = %t.source, "blue heap was rewritten (VACUUM FULL, CLUSTER?) since the copy began; copying the table again");
@@ -258,7 +306,14 @@ async fn prepare_table(
         .await?;
     tx.commit().await.map_err(Error::db(format!("green: recording chunks of {}", t.target)))?;
     info!(table = %t.id, chunks = planned.chunks.len(), deferred = defs.len(), "table planned");
-    Ok(Prepared { state: TableState::Loading, pending: planned.chunks, deferred: defs, rows_copied: 0, resumed: false })
+    Ok(Prepared {
+        state: TableState::Loading,
+        filenode: planned.filenode,
+        pending: planned.chunks,
+        deferred: defs,
+        rows_copied: 0,
+        resumed: false,
+    })
 }
 
 /// Reads the unfinished chunks a previous run recorded.
@@ -268,6 +323,7 @@ async fn load_chunks(
     id: &TableId,
     st: TableState,
     deferred: Vec<DeferredObject>,
+    filenode: i64,
 ) -> Result<Prepared> {
     let chunks = state.chunks(green, id).await?;
     let rows_copied: i64 = chunks.iter().filter(|c| c.done).map(|c| c.rows).sum();
@@ -277,7 +333,7 @@ async fn load_chunks(
         .map(|c| Chunk { number: c.number, first_block: c.first_block, end_block: c.end_block })
         .collect();
     let resumed = pending.len() < chunks.len();
-    Ok(Prepared { state: st, pending, deferred, rows_copied: rows_copied as u64, resumed })
+    Ok(Prepared { state: st, filenode, pending, deferred, rows_copied: rows_copied as u64, resumed })
 }
 
 /// Orders the work: tables whose rebuild was interrupted first; then chunks round-robin across

@@ -41,6 +41,7 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     if let Err(e) = green.batch_execute("SET session_replication_role = replica").await {
         tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
     }
+    let mut checked = std::collections::HashSet::new();
     loop {
         if shared.shutdown.is_triggered() {
             return Ok(());
@@ -50,6 +51,9 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         match job {
             Job::Rebuild { table } => rebuild(&shared, &green, table).await?,
             Job::Chunk { table, chunk } => {
+                if checked.insert(table) {
+                    check_heap(&shared, &blue, table).await?;
+                }
                 let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
                 shared.throttle.admit(expected).await;
                 let started = Instant::now();
@@ -72,6 +76,42 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     }
 }
 
+/// How long a worker waits for its lock on a table it is about to read. A wait means an ACCESS
+/// EXCLUSIVE request (VACUUM FULL, CLUSTER, ALTER TABLE) is queued on it behind the locks other
+/// workers of this run hold: waiting longer would wait for this run to end, which waits for this
+/// worker.
+const TABLE_LOCK_WAIT: &str = "10s";
+
+/// Before a worker first reads a table in this run: takes its lock (held with the snapshot until
+/// the run ends, so no rewrite can move rows across block ranges from here on) and checks that
+/// the heap is still the one the chunks were planned on. A rewrite in between would make the
+/// remaining chunks read some rows twice and others never.
+async fn check_heap(shared: &Shared, blue: &Client, table: usize) -> Result<()> {
+    let t = &shared.tables[table];
+    let rewritten = || Error::TableRewritten { table: t.source.to_string() };
+    let locked = blue
+        .batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{TABLE_LOCK_WAIT}'; LOCK TABLE {} IN ACCESS SHARE MODE; SET LOCAL lock_timeout = 0",
+            t.source.quoted()
+        ))
+        .await;
+    match locked {
+        Ok(()) => {}
+        // Queued behind a rewrite: let this run end so the rewrite can happen, then copy again.
+        Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => return Err(rewritten()),
+        Err(e) => return Err(Error::db(format!("blue: locking {}", t.source))(e)),
+    }
+    let now: Option<i64> = blue
+        .query_one("SELECT pg_relation_filenode($1::text::regclass)::int8", &[&t.source.quoted()])
+        .await
+        .map_err(Error::db(format!("blue: reading the file node of {}", t.source)))?
+        .get(0);
+    if now != Some(shared.filenodes[table]) {
+        return Err(rewritten());
+    }
+    Ok(())
+}
+
 /// Streams one chunk blue → green and marks it done in the same green transaction.
 async fn copy_chunk(
     shared: &Shared,
@@ -86,7 +126,7 @@ async fn copy_chunk(
     // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
     // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
     let staging = shared.resumed[table] && !shared.plan.copy.defer_indexes;
-    let stage = ident(&format!("bluegreen_stage_{table}"));
+    let stage = ident(&format!("bluegreen_stage_{}", t.id.short()));
     let into = if staging { stage.clone() } else { t.target.quoted() };
     let in_sql = format!("COPY {into} ({}) FROM STDIN{format}", t.target_column_list());
     let fail = |stage: &str, e: tokio_postgres::Error| Error::ChunkFailed {

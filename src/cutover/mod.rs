@@ -65,8 +65,16 @@ async fn try_lock(green: &Client, key: &str) -> Result<bool> {
         .get(0))
 }
 
-/// `migrate cutover`: preflight, then (unless `dry_run`) the switch.
-pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: Shutdown) -> Result<Report> {
+/// `migrate cutover`: preflight, then (unless `dry_run`) the switch. `on_preflight` sees the
+/// checks as soon as they are known, before anything is switched. A failure after the switch
+/// began comes back in [`Report::error`], with the timeline up to it.
+pub async fn run(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    dry_run: bool,
+    shutdown: Shutdown,
+    on_preflight: &mut (dyn FnMut(&[Check]) + Send),
+) -> Result<Report> {
     let pb = settings(plan)?;
     let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
     // A follower finishing a recovery holds the lock for a moment: wait briefly, not forever.
@@ -94,6 +102,7 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: 
         return Ok(Report::ended(Ended::AlreadySwitched { database: pb.database.clone() }));
     }
     let checks = preflight(plan, pb, resolved, &blue, &green, &state).await?;
+    on_preflight(&checks);
     let failed = checks.iter().filter(|c| !c.ok).count();
     let ended = if failed > 0 {
         Some(Ended::ChecksFailed { failed })
@@ -103,14 +112,12 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, dry_run: bool, shutdown: 
         None
     };
     if let Some(ended) = ended {
-        return Ok(Report { checks, ..Report::ended(ended) });
+        return Ok(Report::ended(ended));
     }
     let mut switch = Switch::new(plan, pb, resolved, blue, green, state).await?;
     let span = tracing::info_span!("cutover", plan = %plan.name, database = %pb.database);
     let result = tracing::Instrument::instrument(switch.execute(&shutdown), span).await;
-    let mut report = switch.finish(result).await?;
-    report.checks = checks;
-    Ok(report)
+    Ok(switch.finish(result).await)
 }
 
 /// How a cutover ended, when it did not fail.
@@ -143,12 +150,13 @@ pub enum Ended {
 }
 
 /// What `cutover` did, for the command layer to print.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Report {
-    /// Preflight checks, in order (empty when preflight did not run).
-    pub checks: Vec<Check>,
-    /// How it ended.
+    /// How it ended (when it failed: how far it got).
     pub ended: Ended,
+    /// The failure that ended it, when rolling back was not possible or not enough: traffic
+    /// may be on green, or PgBouncer may need a hand (exit 3).
+    pub error: Option<Error>,
     /// Each step with its milliseconds.
     pub timeline: Vec<(String, f64)>,
     /// Sequences set on green.
@@ -159,7 +167,7 @@ pub struct Report {
 
 impl Report {
     fn ended(ended: Ended) -> Report {
-        Report { checks: Vec::new(), ended, timeline: Vec::new(), sequences: Vec::new(), paused_ms: None }
+        Report { ended, error: None, timeline: Vec::new(), sequences: Vec::new(), paused_ms: None }
     }
 
     /// Whether the command succeeded: switched, already switched, or a clean dry run.

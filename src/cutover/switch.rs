@@ -313,7 +313,7 @@ impl<'a> Switch<'a> {
 
     fn report(&self, ended: Ended) -> Report {
         Report {
-            checks: Vec::new(),
+            error: None,
             ended,
             timeline: self.timeline.clone(),
             sequences: self.sequences.clone(),
@@ -322,19 +322,20 @@ impl<'a> Switch<'a> {
     }
 
     /// Turns the outcome of `execute` into the command's outcome, rolling back when needed.
-    pub(super) async fn finish(mut self, result: Result<()>) -> Result<Report> {
+    pub(super) async fn finish(mut self, result: Result<()>) -> Report {
+        let database = self.pb.database.clone();
         match result {
-            Ok(()) => Ok(self.report(Ended::Switched { database: self.pb.database.clone() })),
-            Err(e) if self.committed => {
-                Err(Error::AfterRepoint { database: self.pb.database.clone(), source: Box::new(e) })
-            }
+            Ok(()) => self.report(Ended::Switched { database }),
+            Err(e) if self.committed => Report {
+                error: Some(Error::AfterRepoint { database: database.clone(), source: Box::new(e) }),
+                ..self.report(Ended::Switched { database })
+            },
             Err(e) => match self.roll_back(&e.to_string()).await {
-                Ok(()) => Ok(self.report(Ended::Aborted { reason: e.to_string() })),
-                Err(e2) => Err(Error::RollbackFailed {
-                    database: self.pb.database.clone(),
-                    error: Box::new(e),
-                    rollback: Box::new(e2),
-                }),
+                Ok(()) => self.report(Ended::Aborted { reason: e.to_string() }),
+                Err(e2) => Report {
+                    error: Some(Error::RollbackFailed { database, error: Box::new(e), rollback: Box::new(e2) }),
+                    ..self.report(Ended::Aborted { reason: "rolling back failed".into() })
+                },
             },
         }
     }

@@ -27,6 +27,11 @@ pub struct ColumnInfo {
     pub generated: bool,
     /// Sequence owned by this column (serial or identity), qualified and quoted.
     pub sequence: Option<String>,
+    /// Values of this type must be compared by their text: their binary form or hash is
+    /// server-specific (enums hash their OID, reg* types are OIDs) or their equality is looser
+    /// than identity (extension and domain types such as citext). Types created in the database
+    /// (OID 16384 and up), enums, reg* types and arrays of any of them.
+    pub hash_by_text: bool,
 }
 
 /// A unique index (or primary key) usable as a row identity: not partial, no expressions.
@@ -146,8 +151,12 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
                     (SELECT d.objid::regclass::text FROM pg_catalog.pg_depend d \
                        JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
                       WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.refobjid = a.attrelid \
-                        AND d.refobjsubid = a.attnum AND d.deptype IN ('a', 'i') LIMIT 1) \
+                        AND d.refobjsubid = a.attnum AND d.deptype IN ('a', 'i') LIMIT 1), \
+                    (t.oid >= 16384 OR t.typtype = 'e' OR t.typname ~ '^_?reg' \
+                     OR coalesce(e.oid >= 16384 OR e.typtype = 'e' OR e.typname ~ '^reg', false)) \
              FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&oid],
         )
@@ -162,6 +171,7 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
             has_default: r.get(4),
             generated: r.get(5),
             sequence: r.get(6),
+            hash_by_text: r.get(7),
         })
         .collect();
     let unique_keys = client
@@ -343,4 +353,29 @@ impl TypeRules {
             && t.element != 0
             && self.assignable_depth(f.element, t.element, depth + 1)
     }
+}
+
+/// Transactions on this server that a lock or a new replication slot may be waiting for, each
+/// described with how to end it: prepared (2PC) transactions first, then transactions open for
+/// more than a few seconds.
+pub async fn open_transactions(client: &Client) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT format('prepared transaction %L in database %s, prepared %s ago by %s: end it with \
+                            COMMIT PREPARED %L or ROLLBACK PREPARED %L', \
+                           gid, database, date_trunc('second', now() - prepared), owner, gid, gid) \
+             FROM pg_catalog.pg_prepared_xacts \
+             UNION ALL \
+             SELECT format('transaction of process %s (%s, application %L, %s) open for %s: end it, or \
+                            pg_terminate_backend(%s)', \
+                           pid, usename, application_name, state, date_trunc('second', now() - xact_start), pid) \
+             FROM pg_catalog.pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND backend_xid IS NOT NULL AND xact_start < now() - interval '5 seconds'",
+            &[],
+        )
+        .await
+        .map_err(Error::db("reading open transactions"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }

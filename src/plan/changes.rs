@@ -40,5 +40,25 @@ pub async fn check_against_state(
             });
         }
     }
-    Ok(recorded.into_iter().filter(|r| !resolved.tables.iter().any(|t| t.id == r.id)).map(|r| r.id).collect())
+    let removed: Vec<_> = recorded.iter().filter(|r| !resolved.tables.iter().any(|t| t.id == r.id)).collect();
+    // An entry whose id changed because another entry now writes its target would look removed
+    // and added; its rows are on green already. Refused, naming both.
+    for r in &removed {
+        if let Some(t) =
+            resolved.tables.iter().find(|t| t.target.to_string() == r.target && !recorded.iter().any(|x| x.id == t.id))
+        {
+            return Err(Error::PlanChanged {
+                path: resolved.path.clone(),
+                line: t.line,
+                entry: format!("table[{}] ({} -> {})", t.index, t.source, t.target),
+                state: r.state.name().to_string(),
+                changes: vec![format!(
+                    "it is now known as `{}`, but state knows `{}` for {}: entries for a target already copied cannot \
+                     be added or split",
+                    t.id, r.id, r.target
+                )],
+            });
+        }
+    }
+    Ok(removed.into_iter().map(|r| r.id.clone()).collect())
 }

@@ -7,13 +7,14 @@ mod file;
 pub mod prereq;
 mod report;
 mod resolve;
+mod sample;
 mod sql;
 
 pub use changes::check_against_state;
 pub use file::{parse_duration, CaptureMethod, CopySettings, CutoverSettings, PgbouncerSettings, Plan, TableEntry};
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;
-pub use sql::key_condition;
+pub use sql::{key_condition, key_condition_via};
 
 use serde::Serialize;
 
@@ -49,6 +50,9 @@ pub struct ResolvedColumn {
     pub expr: Option<String>,
     /// Type the expression has on blue.
     pub expr_type: Option<String>,
+    /// Compared by its text form (see `ColumnInfo::hash_by_text`).
+    #[serde(skip)]
+    pub hash_by_text: bool,
 }
 
 /// A key column on both sides.
@@ -64,6 +68,9 @@ pub struct KeyColumn {
     pub target_type: String,
     /// The key is a single integer column (chunked arithmetically).
     pub integer: bool,
+    /// The types differ and green knows blue's: a captured key's text is read as blue's type
+    /// and then cast, as copy's transform did (see `key_condition_via`).
+    pub via_source_type: bool,
 }
 
 /// A sequence to carry over at cutover.
@@ -292,6 +299,7 @@ mod tests {
             target_type: ty.into(),
             expr: expr.map(str::to_string),
             expr_type: None,
+            hash_by_text: false,
         };
         ResolvedTable {
             id: TableId::from_stored("public.tokens".into()),
@@ -310,6 +318,7 @@ mod tests {
                 source_type: "text".into(),
                 target_type: "text".into(),
                 integer: false,
+                via_source_type: false,
             }],
             filter: Some("active".into()),
             deferred: Vec::new(),

@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use super::{
     file::{Plan, TableEntry},
-    prereq, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable, SequenceMapping, TableId,
+    prereq, Check, Estimate, KeyColumn, Problem, ResolvedColumn, ResolvedPlan, ResolvedTable, SequenceMapping, TableId,
 };
 use crate::{
     error::{pg_message, Error, Result},
@@ -40,7 +40,8 @@ pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<Resol
         }
     }
     check_overlaps(plan, &mut problems);
-    let (capture, checks) = prereq::check(plan, &tables, blue, green, &mut problems).await?;
+    let (capture, mut checks) = prereq::check(plan, &tables, blue, green, &mut problems).await?;
+    checks.push(sample_all(&tables, blue, &mut problems).await?);
     let bytes: u64 = tables.iter().map(|t| t.estimate.bytes).sum();
     Ok(ResolvedPlan {
         name: plan.name.clone(),
@@ -53,6 +54,32 @@ pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<Resol
         checks,
         problems,
         estimated_seconds: bytes as f64 / ESTIMATE_BYTES_PER_SECOND,
+    })
+}
+
+/// Runs every entry's transform over a sample of blue's rows (entries whose columns resolved
+/// without problems), and says so.
+async fn sample_all(tables: &[ResolvedTable], blue: &Client, problems: &mut Vec<Problem>) -> Result<Check> {
+    let mut rows = 0;
+    let mut sampled = 0;
+    for t in tables {
+        let target = t.target.to_string();
+        if problems.iter().any(|p| p.table.as_deref() == Some(target.as_str())) {
+            continue;
+        }
+        let before = problems.len();
+        rows += super::sample::sample(blue, t, problems).await?;
+        sampled += usize::from(problems.len() == before);
+    }
+    let failed = tables.len() - sampled;
+    Ok(Check {
+        name: "transform on blue's rows".into(),
+        ok: failed == 0,
+        detail: format!(
+            "every expression ran over {rows} row(s) sampled from {sampled} table(s) (up to {} each){}",
+            super::sample::SAMPLE_ROWS,
+            if failed > 0 { format!("; {failed} table(s) not sampled or failed") } else { String::new() }
+        ),
     })
 }
 
@@ -114,7 +141,15 @@ async fn resolve_table(
     };
 
     let columns = resolve_columns(&mut cx, &tgt, blue, rules).await?;
-    let key = resolve_key(&mut cx, &src, &tgt);
+    let mut key = resolve_key(&mut cx, &src, &tgt);
+    for k in key.iter_mut().flatten() {
+        k.via_source_type = k.source_type != k.target_type
+            && green
+                .query_one("SELECT to_regtype($1) IS NOT NULL", &[&k.source_type])
+                .await
+                .map_err(Error::db("green: looking up key types"))?
+                .get::<_, bool>(0);
+    }
     check_filter(&mut cx, blue).await;
     let sequences = sequences(entry, &src, &tgt);
     let deferred = match recorded {
@@ -252,6 +287,7 @@ async fn resolve_columns(
                 target_type: col.type_name.clone(),
                 expr: None,
                 expr_type: None,
+                hash_by_text: col.hash_by_text,
             });
             continue;
         };
@@ -261,6 +297,7 @@ async fn resolve_columns(
             target_type: col.type_name.clone(),
             expr: Some(expr.clone()),
             expr_type,
+            hash_by_text: col.hash_by_text,
         });
     }
     Ok(out)
@@ -378,6 +415,7 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
             source_type: sc.type_name.clone(),
             target_type,
             integer: integer && entry.key.len() == 1,
+            via_source_type: false,
         });
     }
     if key.len() != entry.key.len() {
@@ -451,6 +489,29 @@ async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<
 /// Two entries writing one target table must each carry a filter (the operator's statement that
 /// they partition the rows); otherwise they would overwrite each other's rows unknowingly.
 fn check_overlaps(plan: &Plan, problems: &mut Vec<Problem>) {
+    // Capture turns a change of a source table into a key of one entry: a second entry over the
+    // same source would never receive its changes (or receive the first one's).
+    let mut by_source: HashMap<String, Vec<&TableEntry>> = HashMap::new();
+    for t in &plan.tables {
+        by_source.entry(t.source.to_string()).or_default().push(t);
+    }
+    let mut shared: Vec<_> = by_source.into_iter().filter(|(_, e)| e.len() > 1).collect();
+    shared.sort_by_key(|(_, e)| e[0].index);
+    for (source, entries) in shared {
+        let paths: Vec<String> = entries.iter().map(|e| e.path()).collect();
+        problems.push(Problem {
+            field: paths.join(", "),
+            line: Some(entries[1].source_line),
+            table: Some(source.clone()),
+            column: None,
+            message: format!(
+                "{} all read {source}; capture follows one entry per source table, so the others would miss \
+                 its changes",
+                paths.join(" and ")
+            ),
+            fix: Some("use one entry per source table".into()),
+        });
+    }
     let mut by_target: HashMap<String, Vec<&TableEntry>> = HashMap::new();
     for t in &plan.tables {
         by_target.entry(t.target.to_string()).or_default().push(t);

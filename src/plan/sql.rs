@@ -7,10 +7,23 @@ use crate::pg::literal;
 /// `(k1, k2) IN (SELECT * FROM unnest(ARRAY[..]::t1[], ARRAY[..]::t2[]))`, or `k = ANY(..)` for
 /// one column, with the key values as literals (COPY takes no parameters).
 pub fn key_condition(columns: &[String], types: &[String], keys: &[Vec<String>]) -> String {
+    key_condition_via(columns, types, types, keys)
+}
+
+/// [`key_condition`] for keys in their text form on blue (`through`, the source types) matched
+/// against columns of `types` (the target types): each value is read as the source type, then
+/// cast to the target type, exactly as copy's `(column)::target_type` did. Reading the text as
+/// the target type directly would give another value where the two disagree (a `float8` key's
+/// text read as `numeric` keeps 17 digits; the cast keeps 15).
+pub fn key_condition_via(columns: &[String], through: &[String], types: &[String], keys: &[Vec<String>]) -> String {
     let arrays: Vec<String> = (0..columns.len())
         .map(|c| {
             let vals: Vec<String> = keys.iter().map(|k| literal(k.get(c).map(String::as_str).unwrap_or(""))).collect();
-            format!("ARRAY[{}]::{}[]", vals.join(", "), types[c])
+            if through[c] == types[c] {
+                format!("ARRAY[{}]::{}[]", vals.join(", "), types[c])
+            } else {
+                format!("ARRAY[{}]::{}[]::{}[]", vals.join(", "), through[c], types[c])
+            }
         })
         .collect();
     if columns.len() == 1 {
@@ -28,6 +41,13 @@ mod tests {
     fn key_conditions() {
         let one = key_condition(&["\"id\"".into()], &["bigint".into()], &[vec!["1".into()], vec!["2".into()]]);
         assert_eq!(one, "\"id\" = ANY(ARRAY['1', '2']::bigint[])");
+        let via = key_condition_via(
+            &["\"k\"".into()],
+            &["double precision".into()],
+            &["numeric".into()],
+            &[vec!["0.1".into()]],
+        );
+        assert_eq!(via, "\"k\" = ANY(ARRAY['0.1']::double precision[]::numeric[])");
         let two = key_condition(
             &["\"a\"".into(), "\"b\"".into()],
             &["text".into(), "text".into()],

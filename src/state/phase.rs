@@ -66,7 +66,8 @@ pub enum Phase {
     },
     /// Set by `cutover` after RESUME on green. Final.
     Switched,
-    /// Set by `cutover` when it gave up and left traffic on blue; following goes on. Next:
+    /// Set by `cutover` when it gave up and left traffic on blue (also when it failed before
+    /// its first recorded step); following goes on. Next:
     /// `CuttingOver` (another attempt), or `Copying` when the plan gained a table.
     Aborted {
         /// Why.
@@ -106,7 +107,8 @@ impl Phase {
             Phase::Following { .. } => &["copying", "following"],
             Phase::CuttingOver { .. } => &["following", "aborted", "cutting-over"],
             Phase::Switched => &["cutting-over", "switched"],
-            Phase::Aborted { .. } => &["cutting-over", "aborted"],
+            // From `following` too: a cutover that failed before its first recorded step.
+            Phase::Aborted { .. } => &["following", "cutting-over", "aborted"],
         }
     }
 

@@ -14,6 +14,8 @@ use crate::{
 pub struct TableRecord {
     /// Its id.
     pub id: TableId,
+    /// Its target table.
+    pub target: String,
     /// Its copy state.
     pub state: TableState,
     /// What defined its rows when its copy began (see `ResolvedTable::definition`).
@@ -141,7 +143,7 @@ impl State {
     /// Every entry state knows, with its definition.
     pub async fn recorded_tables(&self, green: &impl GenericClient) -> Result<Vec<TableRecord>> {
         let rows = green
-            .query(&format!("SELECT tbl, state, definition FROM {} ORDER BY tbl", self.table("tables")), &[])
+            .query(&format!("SELECT tbl, state, definition, target FROM {} ORDER BY tbl", self.table("tables")), &[])
             .await
             .map_err(Error::db("green: reading table states"))?;
         rows.iter()
@@ -153,7 +155,7 @@ impl State {
                     value: name.clone(),
                     reason: "not a table state".into(),
                 })?;
-                Ok(TableRecord { id, state, definition: r.get(2) })
+                Ok(TableRecord { id, state, definition: r.get(2), target: r.get(3) })
             })
             .collect()
     }

@@ -21,8 +21,8 @@ pub use report::{render_json, render_text};
 
 use crate::{
     error::{Error, Result},
-    pg::{commit_point, ident, Lsn, SidePool},
-    plan::{key_condition, Plan, ResolvedPlan, ResolvedTable},
+    pg::{commit_point, ident, literal, Lsn, SidePool},
+    plan::{Plan, ResolvedPlan, ResolvedTable},
     state::State,
 };
 
@@ -115,9 +115,9 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
         let (row_hash, key_hash) = if portable.typed && typed_hash_works(green, t).await {
             ("hash_record_extended({}, 0)".to_string(), "hash_record_extended({}, 0)".to_string())
         } else {
-            (text("{}::text"), text("{}::text"))
+            (text("({})::text"), text("({})::text"))
         };
-        let v = Verifier { blue, blue2, green, t, row_hash, key_hash, follower: follower.as_ref() };
+        let v = Verifier { blue, blue2, green, t, row_hash, key_hash, follower: follower.as_ref(), source_keys: false };
         let span = tracing::info_span!("verify", table = %t.target);
         tables.push(tracing::Instrument::instrument(v.table(), span).await?);
     }
@@ -182,9 +182,18 @@ impl KeyCheck {
         let row_hash = if self.hashing.typed && typed_hash_works(green, t).await {
             "hash_record_extended({}, 0)".to_string()
         } else {
-            self.hashing.text.replace("{}", "{}::text")
+            self.hashing.text.replace("{}", "({})::text")
         };
-        let v = Verifier { blue, blue2: blue, green, t, row_hash, key_hash: String::new(), follower: None };
+        let v = Verifier {
+            blue,
+            blue2: blue,
+            green,
+            t,
+            row_hash,
+            key_hash: String::new(),
+            follower: None,
+            source_keys: true,
+        };
         let hashes = v.hashes(keys).await?;
         Ok(keys.iter().filter(|k| hashes.get(*k).is_some_and(|(b, g)| b != g)).cloned().collect())
     }
@@ -197,8 +206,16 @@ impl KeyCheck {
         t: &ResolvedTable,
         keys: &[Vec<String>],
     ) -> Result<Vec<Difference>> {
-        let v =
-            Verifier { blue, blue2: blue, green, t, row_hash: String::new(), key_hash: String::new(), follower: None };
+        let v = Verifier {
+            blue,
+            blue2: blue,
+            green,
+            t,
+            row_hash: String::new(),
+            key_hash: String::new(),
+            follower: None,
+            source_keys: true,
+        };
         v.describe(keys).await
     }
 }
@@ -212,13 +229,40 @@ struct Hashing {
     text: &'static str,
 }
 
-/// Whether every mapped target column type has an extended hash function (json, xml, point do not).
+/// Whether every column hashed by its type has an extended hash function (json, xml, point do
+/// not).
 async fn typed_hash_works(green: &Client, t: &ResolvedTable) -> bool {
-    let nulls: Vec<String> = t.mapped().map(|c| format!("NULL::{}", c.target_type)).collect();
-    green
-        .query_one(&format!("SELECT hash_record_extended(r, 0) FROM (SELECT {}) r", nulls.join(", ")), &[])
-        .await
-        .is_ok()
+    let nulls: Vec<String> = t
+        .mapped()
+        .map(|c| if hashed_as_text(t, c) { "NULL::text".to_string() } else { format!("NULL::{}", c.target_type) })
+        .collect();
+    green.query_one(&format!("SELECT hash_record_extended(ROW({}), 0)", nulls.join(", ")), &[]).await.is_ok()
+}
+
+/// The alias of a row inside verify's queries. Whole rows are never referenced by it (a column of
+/// that name would shadow it): rows are rebuilt column by column with [`row_of`].
+const ROW: &str = "bg_row";
+
+/// Key columns and columns whose type compares loosely or hashes server-specifically are
+/// compared by their exact text: `1.0` and `1.00`, `alice` and `ALICE` (citext) differ.
+fn hashed_as_text(t: &ResolvedTable, c: &crate::plan::ResolvedColumn) -> bool {
+    c.hash_by_text || t.key.iter().any(|k| k.target == c.name)
+}
+
+/// `ROW(bg_row."a", bg_row."b"::text, …)`: the row to hash, each column typed or as text.
+fn row_of(t: &ResolvedTable) -> String {
+    let cols: Vec<String> = t
+        .mapped()
+        .map(|c| {
+            let col = format!("{ROW}.{}", ident(&c.name));
+            if hashed_as_text(t, c) {
+                format!("{col}::text")
+            } else {
+                col
+            }
+        })
+        .collect();
+    format!("ROW({})", cols.join(", "))
 }
 
 struct Verifier<'a> {
@@ -227,23 +271,30 @@ struct Verifier<'a> {
     blue2: &'a Client,
     green: &'a Client,
     t: &'a ResolvedTable,
-    /// Row hash expression with `{}` for the row `r`.
+    /// Row hash expression with `{}` for the row (see [`row_of`]).
     row_hash: String,
     /// Hash expression with `{}` for a row of key columns.
     key_hash: String,
     follower: Option<&'a State>,
+    /// Keys are given in blue's text (captured keys), not as the transformed rows show them.
+    source_keys: bool,
 }
 
 impl Verifier<'_> {
-    /// The row hash of `r`.
+    /// The row hash.
     fn rh(&self) -> String {
-        self.row_hash.replace("{}", "r")
+        self.row_hash.replace("{}", &row_of(self.t))
     }
 
-    /// The bucket hash of `r`'s key.
+    /// The bucket hash of the row's key (by its text, so equal-comparing keys of different text
+    /// land where their text says).
     fn kh(&self) -> String {
-        let cols: Vec<String> = self.t.key.iter().map(|k| format!("r.{}", ident(&k.target))).collect();
-        self.key_hash.replace("{}", &format!("ROW({})", cols.join(", ")))
+        self.key_hash.replace("{}", &format!("ROW({})", self.key_texts().join(", ")))
+    }
+
+    /// The key columns' text.
+    fn key_texts(&self) -> Vec<String> {
+        self.t.key.iter().map(|k| format!("{ROW}.{}::text", ident(&k.target))).collect()
     }
 
     /// The rows as `r` on each side: blue's transforming SELECT, green's mapped columns.
@@ -259,7 +310,7 @@ impl Verifier<'_> {
         let (_, gs) = self.sources();
         let summary = |src: &str| {
             format!(
-                "SELECT abs({kh} % {n}) AS b, count(*), coalesce(sum({rh}), 0)::text FROM ({src}) r GROUP BY 1",
+                "SELECT abs({kh} % {n}) AS b, count(*), coalesce(sum({rh}), 0)::text FROM ({src}) {ROW} GROUP BY 1",
                 kh = self.kh(),
                 rh = self.rh(),
             )
@@ -339,10 +390,9 @@ impl Verifier<'_> {
 
     /// (key values, row hash) of every row in one bucket, on one side.
     async fn bucket_rows(&self, client: &Client, src: &str, bucket: i64, n: i64) -> Result<HashMap<Vec<String>, i64>> {
-        let keys: Vec<String> = self.t.key.iter().map(|k| format!("r.{}::text", ident(&k.target))).collect();
         let sql = format!(
-            "SELECT ARRAY[{}], {} FROM ({src}) r WHERE abs({} % {n}) = {bucket}",
-            keys.join(", "),
+            "SELECT ARRAY[{}], {} FROM ({src}) {ROW} WHERE abs({} % {n}) = {bucket}",
+            self.key_texts().join(", "),
             self.rh(),
             self.kh()
         );
@@ -387,15 +437,31 @@ impl Verifier<'_> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let tgt_cols: Vec<String> = self.t.key.iter().map(|k| format!("r.{}", ident(&k.target))).collect();
-        let types: Vec<String> = self.t.key.iter().map(|k| k.target_type.clone()).collect();
         let (bs, gs) = self.sources();
         let src = if blue { bs } else { gs };
-        let keys_text: Vec<String> = self.t.key.iter().map(|k| format!("r.{}::text", ident(&k.target))).collect();
+        // Rows are found by joining the given key texts, and named by them: a key given in
+        // blue's text (a captured key) finds its row as apply wrote it, through blue's type.
+        let mut on = Vec::new();
+        let mut arrays = Vec::new();
+        let mut names = Vec::new();
+        for (i, k) in self.t.key.iter().enumerate() {
+            let vals: Vec<String> =
+                keys.iter().map(|key| literal(key.get(i).map(String::as_str).unwrap_or(""))).collect();
+            arrays.push(format!("ARRAY[{}]::text[]", vals.join(", ")));
+            names.push(format!("k{i}"));
+            let through = if self.source_keys && k.via_source_type {
+                format!("::{}::{}", k.source_type, k.target_type)
+            } else {
+                format!("::{}", k.target_type)
+            };
+            on.push(format!("{ROW}.{} = bg_key.k{i}{through}", ident(&k.target)));
+        }
         let sql = format!(
-            "SELECT ARRAY[{}], {what} FROM ({src}) r WHERE {}",
-            keys_text.join(", "),
-            key_condition(&tgt_cols, &types, keys)
+            "SELECT ARRAY[{}], {what} FROM ({src}) {ROW} JOIN unnest({}) AS bg_key({}) ON {}",
+            names.iter().map(|n| format!("bg_key.{n}")).collect::<Vec<_>>().join(", "),
+            arrays.join(", "),
+            names.join(", "),
+            on.join(" AND ")
         );
         let client = if blue { self.blue } else { self.green };
         client.query(&sql, &[]).await.map_err(Error::db(format!(
@@ -426,8 +492,10 @@ impl Verifier<'_> {
     /// Full rows for the keys on both sides, diffed column by column.
     async fn describe(&self, keys: &[Vec<String>]) -> Result<Vec<Difference>> {
         let cols: Vec<String> = self.t.mapped().map(|c| c.name.clone()).collect();
-        let arr =
-            format!("ARRAY[{}]", cols.iter().map(|c| format!("r.{}::text", ident(c))).collect::<Vec<_>>().join(", "));
+        let arr = format!(
+            "ARRAY[{}]",
+            cols.iter().map(|c| format!("{ROW}.{}::text", ident(c))).collect::<Vec<_>>().join(", ")
+        );
         let fetch = |rows: Vec<tokio_postgres::Row>| -> HashMap<Vec<String>, Vec<Option<String>>> {
             rows.iter().map(|r| (r.get(0), r.get(1))).collect()
         };

@@ -18,7 +18,8 @@ pub use cluster::{Bouncer, Cluster};
 /// Blue: `wal_level=logical`.
 pub fn blue_cluster() -> &'static Cluster {
     static C: OnceLock<Cluster> = OnceLock::new();
-    C.get_or_init(|| Cluster::start("blue", &[]))
+    // Prepared transactions allowed: the 2PC tests prepare one before capture starts.
+    C.get_or_init(|| Cluster::start("blue", &["max_prepared_transactions=10"]))
 }
 
 /// Green: a second cluster, as in production.
@@ -280,5 +281,76 @@ impl Oauth {
         let text = Oauth::plan_text().replace("workers = 2\nchunk_rows = 50000\ndefer_indexes = true", copy);
         assert!(text.contains(copy), "plan [copy] section not found");
         self.write_plan(&text)
+    }
+}
+
+/// A scenario built from SQL: blue and green databases made by the given scripts, and plans
+/// over them. For the shapes the OAuth fixture does not have (odd key types, enums, encodings).
+pub struct Custom {
+    /// Blue database.
+    pub blue: TestDb,
+    /// Green database.
+    pub green: TestDb,
+    /// Working directory for plan files.
+    pub dir: tempfile::TempDir,
+}
+
+impl Custom {
+    /// Blue and green made by `blue_sql` and `green_sql`.
+    pub fn new(blue_sql: &str, green_sql: &str) -> Custom {
+        let c = Custom {
+            blue: TestDb::create(blue_cluster(), "cblue", None),
+            green: TestDb::create(green_cluster(), "cgreen", None),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        c.blue.psql(blue_sql);
+        c.green.psql(green_sql);
+        c
+    }
+
+    /// The plan name: unique per scenario (slots are per cluster).
+    pub fn name(&self) -> String {
+        format!("c-{}", self.green.name.replace('_', "-"))
+    }
+
+    /// Rewrites `bluegreen_custom` in `sql` to this scenario's state schema.
+    pub fn sql(&self, sql: &str) -> String {
+        sql.replace("bluegreen_custom", &format!("bluegreen_{}", self.name().replace('-', "_")))
+    }
+
+    /// Writes a plan with capture `method` and the given `[[table]]` entries.
+    pub fn plan(&self, method: &str, copy: &str, tables: &str) -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = self.dir.path().join(format!("plan{}.toml", N.fetch_add(1, Ordering::SeqCst)));
+        let text = format!(
+            "name = \"{}\"\n[blue]\nurl = \"${{BLUE_URL}}\"\n[green]\nurl = \"${{GREEN_URL}}\"\n\
+             [copy]\n{copy}\n[capture]\nmethod = \"{method}\"\n{tables}\n",
+            self.name()
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `migrate ARGS` against this scenario.
+    pub fn migrate(&self, args: &[&str]) -> assert_cmd::Command {
+        let mut c = assert_cmd::Command::cargo_bin("migrate").unwrap();
+        c.env("BLUE_URL", self.blue.url()).env("GREEN_URL", self.green.url()).env("MIGRATE_LOG", "info").args(args);
+        c.timeout(std::time::Duration::from_secs(300));
+        c
+    }
+
+    /// `migrate ARGS` in the background, stderr captured.
+    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"));
+        c.env("BLUE_URL", self.blue.url())
+            .env("GREEN_URL", self.green.url())
+            .env("MIGRATE_LOG", "warn")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.spawn().expect("start migrate")
     }
 }

@@ -1,0 +1,69 @@
+//! The transform run over a sample of blue's real rows while planning, so that a value a type
+//! cannot take (a DMY date read as MDY, `abc` into an integer) shows at plan time, with its
+//! column, instead of failing `copy` half-way.
+
+use tokio_postgres::Client;
+
+use super::{Problem, ResolvedTable};
+use crate::{
+    error::{pg_message, Error, Result},
+    pg::ident,
+};
+
+/// Rows of each table the transform runs over (a random sample of larger tables).
+pub const SAMPLE_ROWS: u64 = 1000;
+
+/// Runs `t`'s transform over up to [`SAMPLE_ROWS`] of blue's rows, in a read-only transaction.
+/// Returns how many rows it read; a failure becomes a problem naming the first column that
+/// fails alone (or the entry, when none does).
+pub async fn sample(blue: &Client, t: &ResolvedTable, problems: &mut Vec<Problem>) -> Result<u64> {
+    // Every value is rendered as text (`length(s::text)`), so no expression can be skipped as
+    // an unused output; in a read-only transaction with a time limit.
+    let rows = t.estimate.rows.max(1);
+    let percent = if rows <= SAMPLE_ROWS { 100.0 } else { (SAMPLE_ROWS as f64 * 300.0 / rows as f64).min(100.0) };
+    let from = format!("{} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7)", t.source.quoted());
+    let filter = t.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+    let run = |list: String| {
+        format!("SELECT count(*)::int8, sum(length(s::text)) FROM (SELECT {list} FROM {from}{filter} LIMIT {SAMPLE_ROWS}) s")
+    };
+    match read_only(blue, &run(t.select_list())).await? {
+        Ok(n) => return Ok(n),
+        Err(whole) => {
+            for c in t.mapped() {
+                let list =
+                    format!("({})::{} AS {}", c.expr.as_deref().unwrap_or("NULL"), c.target_type, ident(&c.name));
+                if let Err(e) = read_only(blue, &run(list)).await? {
+                    problems.push(problem(t, Some(&c.name), &e));
+                    return Ok(0);
+                }
+            }
+            problems.push(problem(t, None, &whole));
+        }
+    }
+    Ok(0)
+}
+
+fn problem(t: &ResolvedTable, column: Option<&str>, e: &tokio_postgres::Error) -> Problem {
+    Problem {
+        field: match column {
+            Some(c) => format!("table[{}].columns.{c}", t.index),
+            None => format!("table[{}]", t.index),
+        },
+        line: Some(t.line),
+        table: Some(t.target.to_string()),
+        column: column.map(str::to_string),
+        message: format!("the transform fails on blue's rows of {}: {}", t.source, pg_message(e)),
+        fix: Some("make the expression accept every value blue holds (plan ran it over a sample of real rows)".into()),
+    }
+}
+
+/// Runs `sql` in a read-only transaction bounded in time: `Ok(Ok(rows))`, or `Ok(Err(e))` when
+/// the statement failed (a finding, not a failure of `plan`).
+async fn read_only(blue: &Client, sql: &str) -> Result<std::result::Result<u64, tokio_postgres::Error>> {
+    blue.batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = '30s'")
+        .await
+        .map_err(Error::db("blue: sampling rows"))?;
+    let r = blue.query_one(sql, &[]).await;
+    let _ = blue.batch_execute("ROLLBACK").await;
+    Ok(r.map(|row| row.get::<_, i64>(0) as u64))
+}
