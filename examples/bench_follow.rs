@@ -92,7 +92,9 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::manual();
     let follower = {
         let (plan, shutdown) = (plan.clone(), shutdown.clone());
-        tokio::spawn(async move { bluegreen::run(&plan, Command::Copy { no_follow: false }, shutdown).await })
+        tokio::spawn(async move {
+            bluegreen::run(&plan, Command::Copy { no_follow: false, recopy: Vec::new() }, shutdown).await
+        })
     };
     let state = "bluegreen_bench_follow";
     let started = Instant::now();

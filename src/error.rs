@@ -308,6 +308,20 @@ pub enum Error {
         /// Source table.
         table: String,
     },
+    /// A planned table changed on blue behind capture's back; following stops.
+    #[error("{what}; following stopped so green does not drift: resume with `migrate copy PLAN --recopy {table}` (after updating the plan if its columns changed), or start over")]
+    Drift {
+        /// The entry.
+        table: String,
+        /// What happened.
+        what: String,
+    },
+    /// A migration stopped for drift is not resumed until the operator says how.
+    #[error("following stopped because tables changed on blue: {}; rerun with `--recopy TABLE` for each (after updating the plan if its columns changed), or start over", tables.join("; "))]
+    Drifted {
+        /// Each entry with what happened.
+        tables: Vec<String>,
+    },
     /// Following ended while the copy still needed it.
     #[error("following stopped during the copy: {how}")]
     FollowerStopped {
@@ -419,7 +433,8 @@ impl Error {
             | Error::PlanInvalid { .. }
             | Error::Unresolved { .. }
             | Error::PlanChanged { .. }
-            | Error::NoSuchTable { .. } => 2,
+            | Error::NoSuchTable { .. }
+            | Error::Drifted { .. } => 2,
             _ => 3,
         }
     }

@@ -28,6 +28,22 @@ use crate::{
 
 /// How often lag and progress are written to state (for `status`) and the phase is checked.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Compares blue's catalog with the shapes recorded when each copy began; a drift is stored on
+/// green (so no rerun resumes past it) and returned as the error that stops following.
+async fn drift(state: &State, green: &Client, blue: &Client) -> Result<Option<Error>> {
+    let recorded: Vec<(String, crate::capture::drift::Shape)> = state
+        .source_shapes(green)
+        .await?
+        .into_iter()
+        .filter_map(|(id, v)| Some((id.as_str().to_string(), serde_json::from_value(v).ok()?)))
+        .collect();
+    let Some((id, what)) = crate::capture::drift::drifted(blue, &recorded).await? else { return Ok(None) };
+    state.mark_drifted(green, &crate::state::TableId::from_stored(id.clone()), &what).await?;
+    Ok(Some(Error::Drift { table: id, what }))
+}
+
+/// How often blue's catalog is compared with the recorded table shapes.
+const SHAPE_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Idle wait between polls when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
 
@@ -53,6 +69,11 @@ struct CaptureSide {
     state: State,
     capture: Capture,
     green: Client,
+    /// A second blue session for catalog checks.
+    blue: Client,
+    /// When blue's catalog was last compared with the recorded shapes.
+    shapes_checked: Option<Instant>,
+    tables: Vec<ResolvedTable>,
 }
 
 struct ApplySide {
@@ -80,6 +101,9 @@ impl Follower {
                 state: state.clone(),
                 capture,
                 green: plan.green.connect().await?,
+                blue: plan.blue.connect().await?,
+                shapes_checked: None,
+                tables: tables.to_vec(),
             },
             apply: ApplySide {
                 plan: plan.clone(),
@@ -168,9 +192,33 @@ impl CaptureSide {
         r
     }
 
+    /// Compares blue's catalog with the shapes recorded when each copy began, every
+    /// [`SHAPE_CHECK_EVERY`]; a drift is stored (so no rerun resumes past it) and stops following.
+    async fn check_shapes(&mut self) -> Result<()> {
+        if self.shapes_checked.is_some_and(|t| t.elapsed() < SHAPE_CHECK_EVERY) {
+            return Ok(());
+        }
+        if let Some(e) = drift(&self.state, &self.green, &self.blue).await? {
+            return Err(e);
+        }
+        self.shapes_checked = Some(Instant::now());
+        Ok(())
+    }
+
     /// One capture poll; records positions; notes when the catch-up target is reached.
     async fn poll(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
-        let stored = self.capture.poll(&mut self.green, &self.state).await?;
+        self.check_shapes().await?;
+        let stored = match self.capture.poll(&mut self.green, &self.state).await {
+            Err(Error::SchemaChanged { table, was, now }) => {
+                // Seen by decoding before the catalog check: stored the same way.
+                let e = Error::SchemaChanged { table: table.clone(), was, now };
+                if let Some(t) = self.tables_by_source(&table) {
+                    self.state.mark_drifted(&self.green, &t, &e.to_string()).await?;
+                }
+                return Err(e);
+            }
+            r => r?,
+        };
         let (current, frontier) = self.capture.positions().await?;
         self.state.record_positions(&self.green, current, frontier).await?;
         if catch_up {
@@ -189,7 +237,13 @@ impl CaptureSide {
         Ok(stored)
     }
 
+    /// The entry reading source `name` (qualified, as capture names it).
+    fn tables_by_source(&self, name: &str) -> Option<crate::state::TableId> {
+        self.tables.iter().find(|t| t.source.to_string() == name).map(|t| t.id.clone())
+    }
+
     async fn reconnect(&mut self) -> Result<()> {
+        self.blue = self.plan.blue.connect().await?;
         self.capture.reconnected(self.plan.blue.connect().await?);
         self.green = self.plan.green.connect().await?;
         info!("capture reconnected to blue and green; resuming from the stored position");
@@ -227,7 +281,7 @@ impl ApplySide {
                         warn!(error = %e, "apply: reconnect failed");
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.explain(e).await),
             }
         }
     }
@@ -293,6 +347,16 @@ impl ApplySide {
         }
         self.idle = applied == 0;
         Ok(None)
+    }
+
+    /// An error that stops apply is explained by a drift of blue's schema when there is one
+    /// (apply may meet a renamed table before capture's next catalog check does).
+    async fn explain(&self, e: Error) -> Error {
+        let Ok(blue) = self.blue.get().await else { return e };
+        match drift(&self.state, &self.green, &blue).await {
+            Ok(Some(drift)) => drift,
+            _ => e,
+        }
     }
 
     /// Entries whose copy is done: only their keys may be applied.

@@ -89,6 +89,11 @@ enum Cmd {
         /// Exit once the copy is done and green has applied everything blue committed by then.
         #[arg(long)]
         no_follow: bool,
+        /// Empty this table on green and copy it again (source or target name; repeatable). The
+        /// way to resume after following stopped because the table changed on blue (renamed,
+        /// rewritten, columns changed): update the plan first if its columns changed.
+        #[arg(long, value_name = "TABLE")]
+        recopy: Vec<String>,
     },
     /// Checksum every table on both sides, bucket by bucket, and name each differing key and
     /// column. Safe beside a following `copy`. Exit 0 equal, 1 differences.
@@ -141,7 +146,7 @@ fn main() -> ExitCode {
     let (path, command) = match cli.command {
         Cmd::Demo { .. } => unreachable!("handled above"),
         Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
-        Cmd::Copy { plan, no_follow } => (plan.plan, Command::Copy { no_follow }),
+        Cmd::Copy { plan, no_follow, recopy } => (plan.plan, Command::Copy { no_follow, recopy }),
         Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),
         Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),

@@ -307,3 +307,128 @@ fn a_transform_that_fails_on_real_rows_is_found_by_plan() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("every expression ran over 3 row(s) sampled from 1 table(s)"), "{r:?}");
 }
+
+fn drift_entry() -> &'static str {
+    "[[table]]\nsource = \"public.t\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nn = \"n\"\n"
+}
+
+fn alter_type_stops_following(method: &str) {
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL);";
+    let c = Custom::new(&format!("{schema} INSERT INTO t SELECT i, i FROM generate_series(1, 1000) i;"), schema);
+    let plan = c.plan(method, "workers = 1", drift_entry());
+    copy_no_follow(&c, &plan);
+    // No row change follows: only the catalog tells.
+    c.blue.psql("ALTER TABLE t ALTER COLUMN n TYPE bigint USING n * 10");
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 3, "following went on over a rewritten table:\n{r:?}");
+    assert!(r.stderr.contains("columns of public.t changed on blue") && r.stderr.contains("--recopy"), "{r:?}");
+    // A plain rerun does not resume past it.
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("following stopped because tables changed on blue: public.t:"), "{r:?}");
+    // The operator says how: copy it again.
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow", "--recopy", "public.t"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same(&c, "SELECT id, n FROM t", "SELECT id, n FROM t");
+    assert_eq!(c.green.psql("SELECT max(n) FROM t"), "10000");
+}
+
+#[test]
+fn alter_column_type_using_stops_following_until_recopy_logical() {
+    alter_type_stops_following("logical");
+}
+
+#[test]
+fn alter_column_type_using_stops_following_until_recopy_trigger() {
+    alter_type_stops_following("trigger");
+}
+
+fn rename_stops_following(method: &str) {
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL);";
+    let c = Custom::new(&format!("{schema} INSERT INTO t SELECT i, i FROM generate_series(1, 1000) i;"), schema);
+    let plan = c.plan(method, "workers = 1", drift_entry());
+    let mut child = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
+    let started = Instant::now();
+    while c.green.psql(&c.sql("SELECT to_regclass('bluegreen_custom.migration') IS NOT NULL")) != "t"
+        || c.green.psql(&c.sql("SELECT state->>'phase' FROM bluegreen_custom.migration")) != "following"
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "copy did not reach following");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.blue.psql("ALTER TABLE t RENAME TO t_old; UPDATE t_old SET n = n + 1 WHERE id <= 10;");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            child.kill().unwrap();
+            panic!("following went on over a renamed table");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("public.t was renamed on blue to public.t_old"), "{err}");
+}
+
+#[test]
+fn a_planned_table_renamed_on_blue_stops_following_logical() {
+    rename_stops_following("logical");
+}
+
+#[test]
+fn a_planned_table_renamed_on_blue_stops_following_trigger() {
+    rename_stops_following("trigger");
+}
+
+#[test]
+fn a_latin1_blue_verifies_against_a_utf8_green() {
+    let schema = "CREATE TABLE people (k text PRIMARY KEY, name text NOT NULL, n int);";
+    // Blue in LATIN1 (a database of its own encoding), green in UTF8 as usual.
+    let latin1 = format!("latin1_{}", std::process::id());
+    crate::support::blue_cluster().psql(
+        "postgres",
+        &format!("CREATE DATABASE {latin1} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"),
+    );
+    let c = Custom {
+        blue: crate::support::TestDb { cluster: crate::support::blue_cluster(), name: latin1 },
+        green: crate::support::TestDb::create(crate::support::green_cluster(), "cgreen", None),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    // Non-ASCII by code point (chr), not by the bytes of this source file: psql's client
+    // encoding here is not UTF8, and LATIN1 would store UTF8 bytes as two characters each.
+    c.blue.psql(&format!(
+        "{schema} INSERT INTO people VALUES ('caf' || chr(233), 'Zo' || chr(235), 1), \
+           ('na' || chr(239) || 've', chr(197) || 'ngstr' || chr(246) || 'm', 2), ('plain', 'plain', 3), \
+           (chr(223), 'Stra' || chr(223) || 'e', 4);"
+    ));
+    c.green.psql(schema);
+    let plan = c.plan(
+        "logical",
+        "workers = 1",
+        "[[table]]\nsource = \"public.people\"\nkey = [\"k\"]\n[table.columns]\nk = \"k\"\nname = \"name\"\nn = \"n\"\n",
+    );
+    copy_no_follow(&c, &plan);
+    // Compared as UTF8 bytes on both sides: the same text is stored in other bytes on blue.
+    let utf8 = |db: &crate::support::TestDb| {
+        db.psql(
+            "SELECT count(*) || ':' || md5(string_agg(convert_to(r::text, 'UTF8'), '\\x0a'::bytea \
+             ORDER BY convert_to(r::text, 'UTF8'))) FROM (SELECT k, name, n FROM people) r",
+        )
+    };
+    assert_eq!(utf8(&c.blue), utf8(&c.green), "green differs from blue");
+    let r = run(&mut c.migrate(&["verify", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "false differences across encodings:\n{r:?}");
+    // A change on green, and a row whose key blue's encoding cannot even hold.
+    c.green.psql(
+        "UPDATE people SET name = 'Zoe' WHERE k = 'caf' || chr(233); \
+         INSERT INTO people VALUES (chr(10003) || ' only on green', 'x', 5);",
+    );
+    assert_eq!(c.green.psql("SELECT count(*) FROM people WHERE name = 'Zoe'"), "1");
+    let r = run(&mut c.migrate(&["verify", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("key (café): column name differs"), "{r:?}");
+    assert!(r.stdout.contains("key (✓ only on green): extra on green"), "{r:?}");
+}

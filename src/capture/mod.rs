@@ -7,6 +7,7 @@
 //! `advance`, no replication-protocol client needed), or row triggers into a change table on
 //! blue where logical decoding is not available.
 
+pub mod drift;
 pub mod logical;
 pub mod pgoutput;
 mod trigger;

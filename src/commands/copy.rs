@@ -4,12 +4,12 @@ use super::{connect_both, resolve_sound, Outcome};
 use crate::{error::Result, plan::Plan, shutdown::Shutdown};
 
 /// Runs `copy` (and following, unless `no_follow` once caught up).
-pub async fn run(plan: &Plan, no_follow: bool, shutdown: Shutdown) -> Result<Outcome> {
+pub async fn run(plan: &Plan, no_follow: bool, recopy: &[String], shutdown: Shutdown) -> Result<Outcome> {
     let (blue, green) = connect_both(plan).await?;
     // Lock before reading catalogs: a running copy drops and rebuilds green's indexes, and
     // catalog functions read those rows without a snapshot ("cache lookup failed").
     crate::copy::lock_plan(&green, &plan.name, "copy").await?;
     let (resolved, removed) = resolve_sound(plan, &blue, &green).await?;
-    crate::copy::run(plan, &resolved, &removed, green, shutdown, no_follow).await?;
+    crate::copy::run(plan, &resolved, &removed, recopy, green, shutdown, no_follow).await?;
     Ok(Outcome::Ok)
 }

@@ -44,6 +44,8 @@ pub enum Command {
     Copy {
         /// Exit once the copy is done and green has caught up.
         no_follow: bool,
+        /// Entries to empty on green and copy again (source or target names).
+        recopy: Vec<String>,
     },
     /// Show progress from state on green.
     Status {
@@ -84,7 +86,7 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
     let plan = Plan::load(path)?;
     match command {
         Command::Plan { format, offline } => plan::run(&plan, format, offline).await,
-        Command::Copy { no_follow } => copy::run(&plan, no_follow, shutdown).await,
+        Command::Copy { no_follow, recopy } => copy::run(&plan, no_follow, &recopy, shutdown).await,
         Command::Verify { format, table } => verify::run(&plan, format, table.as_deref()).await,
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, shutdown).await,
         Command::Cleanup { force } => cleanup::run(&plan, force).await,

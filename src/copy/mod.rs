@@ -213,6 +213,40 @@ async fn copy_run(
     Ok(true)
 }
 
+/// Refuses to resume while an entry's source drifted on blue, unless the operator named it in
+/// `recopy`: then its green table is emptied and it is copied again (capture goes on).
+async fn refuse_drifted(state: &State, green: &Client, resolved: &ResolvedPlan, recopy: &[String]) -> Result<()> {
+    let find = |name: &str| {
+        resolved.tables.iter().find(|t| {
+            name == t.id.as_str()
+                || name == t.target.to_string()
+                || name == t.source.to_string()
+                || name == t.target.name
+                || name == t.source.name
+        })
+    };
+    for name in recopy {
+        let Some(t) = find(name) else { return Err(Error::NoSuchTable { name: name.clone() }) };
+        // Its rows go now; with foreign keys off (replica), as apply writes, so tables that
+        // reference it keep theirs until it is back.
+        green
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {}",
+                t.target.quoted()
+            ))
+            .await
+            .map_err(Error::db(format!("green: emptying {} to copy it again", t.target)))?;
+        state.restart_table(green, &t.id).await?;
+        green.batch_execute("COMMIT").await.map_err(Error::db("green: commit"))?;
+        info!(table = %t.id, "emptied on green; it is copied again");
+    }
+    let drifted = state.drifted(green).await?;
+    if drifted.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Drifted { tables: drifted.into_iter().map(|(id, what)| format!("{id}: {what}")).collect() })
+}
+
 /// Moves the migration to `copying` when there is something to copy: everything (a first or
 /// resumed copy), or entries added to a plan that was following. `false` when the copy is done.
 async fn begin_copy(state: &State, green: &Client, resolved: &ResolvedPlan) -> Result<bool> {
@@ -287,6 +321,8 @@ async fn prepare_table(
         }
     }
     let defs = if plan.copy.defer_indexes { t.deferred.clone() } else { Vec::new() };
+    // What the source is now: following stops if blue changes it behind capture's back.
+    let shape = serde_json::to_value(crate::capture::drift::shape(blue, t).await?).unwrap_or_default();
     let records: Vec<ChunkRecord> = planned
         .chunks
         .iter()
@@ -302,7 +338,16 @@ async fn prepare_table(
     state.add_chunks(&tx, &t.id, &records).await?;
     indexes::drop_all(&tx, &defs).await?;
     state
-        .begin_table(&tx, &t.id, &t.target.to_string(), t.estimate.rows, &defs, &t.definition(), planned.filenode)
+        .begin_table(
+            &tx,
+            &t.id,
+            &t.target.to_string(),
+            t.estimate.rows,
+            &defs,
+            &t.definition(),
+            planned.filenode,
+            &shape,
+        )
         .await?;
     tx.commit().await.map_err(Error::db(format!("green: recording chunks of {}", t.target)))?;
     info!(table = %t.id, chunks = planned.chunks.len(), deferred = defs.len(), "table planned");
@@ -366,6 +411,7 @@ pub async fn run(
     plan: &Plan,
     resolved: &ResolvedPlan,
     removed: &[TableId],
+    recopy: &[String],
     mut green: Client,
     shutdown: Shutdown,
     no_follow: bool,
@@ -377,6 +423,7 @@ pub async fn run(
         info!("this migration is switched already; nothing to copy or follow");
         return Ok(());
     }
+    refuse_drifted(&state, &green, resolved, recopy).await?;
     if !removed.is_empty() {
         // Capture setup below drops their triggers or publication membership on blue.
         state.forget_tables(&green, removed).await?;

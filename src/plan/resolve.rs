@@ -64,7 +64,8 @@ async fn sample_all(tables: &[ResolvedTable], blue: &Client, problems: &mut Vec<
     let mut sampled = 0;
     for t in tables {
         let target = t.target.to_string();
-        if problems.iter().any(|p| p.table.as_deref() == Some(target.as_str())) {
+        // A sampled expression may have ended the session (pg_terminate_backend in a filter).
+        if blue.is_closed() || problems.iter().any(|p| p.table.as_deref() == Some(target.as_str())) {
             continue;
         }
         let before = problems.len();

@@ -26,6 +26,23 @@ pub async fn sample(blue: &Client, t: &ResolvedTable, problems: &mut Vec<Problem
     let run = |list: String| {
         format!("SELECT count(*)::int8, sum(length(s::text)) FROM (SELECT {list} FROM {from}{filter} LIMIT {SAMPLE_ROWS}) s")
     };
+    // The filter first, alone: a failure there is the filter's.
+    if let Some(f) = &t.filter {
+        let sql = format!("SELECT count(*)::int8 FROM (SELECT 1 FROM {from} WHERE ({f}) LIMIT {SAMPLE_ROWS}) s");
+        if let Err(e) = read_only(blue, &sql).await? {
+            problems.push(Problem {
+                field: format!("table[{}].filter", t.index),
+                line: Some(t.line),
+                table: Some(t.target.to_string()),
+                column: None,
+                message: format!("filter `{f}` fails on blue's rows of {}: {}", t.source, failure(blue, &e)),
+                fix: Some(
+                    "make the filter hold for every row blue holds (plan ran it over a sample of real rows)".into(),
+                ),
+            });
+            return Ok(0);
+        }
+    }
     match read_only(blue, &run(t.select_list())).await? {
         Ok(n) => return Ok(n),
         Err(whole) => {
@@ -57,13 +74,24 @@ fn problem(t: &ResolvedTable, column: Option<&str>, e: &tokio_postgres::Error) -
     }
 }
 
+/// What a failed sample says, with a session the expression itself ended named as such.
+fn failure(blue: &Client, e: &tokio_postgres::Error) -> String {
+    if blue.is_closed() {
+        format!("it ended plan's own session on blue ({})", pg_message(e))
+    } else {
+        pg_message(e)
+    }
+}
+
 /// Runs `sql` in a read-only transaction bounded in time: `Ok(Ok(rows))`, or `Ok(Err(e))` when
-/// the statement failed (a finding, not a failure of `plan`).
+/// the statement failed (a finding, not a failure of `plan`), including by ending the session.
 async fn read_only(blue: &Client, sql: &str) -> Result<std::result::Result<u64, tokio_postgres::Error>> {
     blue.batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = '30s'")
         .await
         .map_err(Error::db("blue: sampling rows"))?;
     let r = blue.query_one(sql, &[]).await;
-    let _ = blue.batch_execute("ROLLBACK").await;
+    if !blue.is_closed() {
+        let _ = blue.batch_execute("ROLLBACK").await;
+    }
     Ok(r.map(|row| row.get::<_, i64>(0) as u64))
 }

@@ -1,7 +1,7 @@
 //! Captured keys waiting to be applied (`pending`), keys applied since the last verify
 //! (`touched`), and verify buckets found clean at a blue position (`verified`).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use tokio_postgres::GenericClient;
 
@@ -36,7 +36,9 @@ impl State {
             return Ok(());
         }
         // One row per key: ON CONFLICT cannot touch the same row twice in one statement.
-        let mut latest: HashMap<(&TableId, &[String]), Lsn> = HashMap::new();
+        // In (entry, key) order, the order apply locks them in too: two transactions locking the
+        // same pending rows in the same order cannot deadlock.
+        let mut latest: BTreeMap<(&TableId, &[String]), Lsn> = BTreeMap::new();
         for e in events {
             let l = latest.entry((&e.table, e.key.as_slice())).or_insert(e.lsn);
             *l = (*l).max(e.lsn);
@@ -54,7 +56,7 @@ impl State {
                 &format!(
                     "INSERT INTO {pending} (tbl, key, seq, lsn) \
                      SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), nextval('{seq}'), l \
-                     FROM unnest($1::text[], $2::text[], $3::int8[]) AS e(t, k, l) \
+                     FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS e(t, k, l, o) ORDER BY o \
                      ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, lsn = EXCLUDED.lsn",
                     pending = self.table("pending"),
                     seq = self.table("pending_seq").replace('\'', "''"),
@@ -96,7 +98,9 @@ impl State {
         green
             .execute(
                 &format!(
-                    "WITH done AS (DELETE FROM {pending} WHERE seq = ANY($1) RETURNING tbl, key, coalesce(lsn, 0) AS lsn) \
+                    "WITH locked AS (SELECT seq FROM {pending} WHERE seq = ANY($1) ORDER BY tbl COLLATE \"C\", key COLLATE \"C\" FOR UPDATE), \
+                          done AS (DELETE FROM {pending} p USING locked WHERE p.seq = locked.seq \
+                                   RETURNING p.tbl, p.key, coalesce(p.lsn, 0) AS lsn) \
                      INSERT INTO {touched} (tbl, key, lsn) SELECT tbl, key, lsn FROM done \
                      ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
                     pending = self.table("pending"),

@@ -169,18 +169,12 @@ impl State {
         Ok(())
     }
 
-    /// Whether a follower wrote its progress within the last few seconds.
-    pub async fn follower_active(&self, green: &impl GenericClient) -> Result<bool> {
+    /// How far capture has stored changes (it moves on every capture round while blue writes).
+    pub async fn capture_position(&self, green: &impl GenericClient) -> Result<Option<Lsn>> {
         Ok(green
-            .query_one(
-                &format!(
-                    "SELECT coalesce(follower_seen_at > now() - interval '5 seconds', false) FROM {} WHERE id = 1",
-                    self.table("migration")
-                ),
-                &[],
-            )
+            .query_one(&format!("SELECT capture_lsn FROM {} WHERE id = 1", self.table("migration")), &[])
             .await
-            .map_err(Error::db("green: reading follower progress"))?
+            .map_err(Error::db("green: reading the capture position"))?
             .get(0))
     }
 

@@ -92,7 +92,8 @@ impl State {
              CREATE TABLE IF NOT EXISTS {s}.tables (
                  tbl text PRIMARY KEY, target text NOT NULL, state text NOT NULL,
                  rows_estimated bigint NOT NULL DEFAULT 0, deferred jsonb NOT NULL DEFAULT '[]',
-                 definition jsonb, source_filenode bigint, updated_at timestamptz NOT NULL DEFAULT now());
+                 definition jsonb, source_filenode bigint, source_shape jsonb, drift text,
+                 updated_at timestamptz NOT NULL DEFAULT now());
              CREATE TABLE IF NOT EXISTS {s}.chunks (
                  tbl text NOT NULL, chunk int NOT NULL, first_block bigint, end_block bigint,
                  done boolean NOT NULL DEFAULT false, epoch int, rows bigint, bytes bigint, seconds float8,

@@ -88,6 +88,7 @@ impl State {
         deferred: &[DeferredObject],
         definition: &serde_json::Value,
         filenode: i64,
+        shape: &serde_json::Value,
     ) -> Result<()> {
         let deferred = serde_json::to_value(deferred).map_err(|e| Error::StateDecode {
             what: format!("the deferred objects of {id}"),
@@ -97,11 +98,12 @@ impl State {
         green
             .execute(
                 &format!(
-                    "INSERT INTO {t} (tbl, target, state, rows_estimated, deferred, definition, source_filenode) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                    "INSERT INTO {t} (tbl, target, state, rows_estimated, deferred, definition, source_filenode, source_shape) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                      ON CONFLICT (tbl) DO UPDATE SET target = EXCLUDED.target, state = EXCLUDED.state, \
                        rows_estimated = EXCLUDED.rows_estimated, deferred = EXCLUDED.deferred, \
-                       definition = EXCLUDED.definition, source_filenode = EXCLUDED.source_filenode, updated_at = now()",
+                       definition = EXCLUDED.definition, source_filenode = EXCLUDED.source_filenode, \
+                       source_shape = EXCLUDED.source_shape, drift = NULL, updated_at = now()",
                     t = self.table("tables")
                 ),
                 &[
@@ -112,6 +114,7 @@ impl State {
                     &deferred,
                     definition,
                     &filenode,
+                    shape,
                 ],
             )
             .await
@@ -158,6 +161,67 @@ impl State {
                 Ok(TableRecord { id, state, definition: r.get(2), target: r.get(3) })
             })
             .collect()
+    }
+
+    /// The shape of each copied entry's source table, recorded when its copy began (an entry
+    /// still copying is watched by the copy itself).
+    pub async fn source_shapes(&self, green: &impl GenericClient) -> Result<Vec<(TableId, serde_json::Value)>> {
+        Ok(green
+            .query(
+                &format!(
+                    "SELECT tbl, source_shape FROM {} WHERE source_shape IS NOT NULL AND state = $1 ORDER BY tbl",
+                    self.table("tables")
+                ),
+                &[&TableState::Done.name()],
+            )
+            .await
+            .map_err(Error::db("green: reading recorded table shapes"))?
+            .iter()
+            .map(|r| (TableId::from_stored(r.get(0)), r.get(1)))
+            .collect())
+    }
+
+    /// Records that an entry's source drifted on blue (see `capture::drift`): following stops
+    /// and stays stopped until the entry is copied again.
+    pub async fn mark_drifted(&self, green: &impl GenericClient, id: &TableId, what: &str) -> Result<()> {
+        green
+            .execute(
+                &format!("UPDATE {} SET drift = $2, updated_at = now() WHERE tbl = $1", self.table("tables")),
+                &[&id.as_str(), &what],
+            )
+            .await
+            .map_err(Error::db(format!("green: recording the drift of {id}")))?;
+        Ok(())
+    }
+
+    /// Entries whose source drifted, with what happened.
+    pub async fn drifted(&self, green: &impl GenericClient) -> Result<Vec<(TableId, String)>> {
+        Ok(green
+            .query(
+                &format!("SELECT tbl, drift FROM {} WHERE drift IS NOT NULL ORDER BY tbl", self.table("tables")),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading table drift"))?
+            .iter()
+            .map(|r| (TableId::from_stored(r.get(0)), r.get(1)))
+            .collect())
+    }
+
+    /// Sends an entry back to the start: not copied, no chunks, no drift. In the transaction
+    /// that empties its green table.
+    pub async fn restart_table(&self, green: &impl GenericClient, id: &TableId) -> Result<()> {
+        green
+            .execute(
+                &format!(
+                    "UPDATE {} SET state = $2, drift = NULL, source_shape = NULL, updated_at = now() WHERE tbl = $1",
+                    self.table("tables")
+                ),
+                &[&id.as_str(), &TableState::Pending.name()],
+            )
+            .await
+            .map_err(Error::db(format!("green: restarting {id}")))?;
+        self.reset_chunks(green, id).await
     }
 
     /// Entries whose copy is done: only their keys may be applied.

@@ -33,6 +33,9 @@ const MAX_SHOWN: usize = 100;
 /// Rechecks of a difference while a follower applies, and the wait for it each time.
 const RECHECK_ROUNDS: u32 = 5;
 const RECHECK_WAIT: Duration = Duration::from_secs(10);
+/// Capture's position unchanged this long after a commit point: no follower is running.
+const CAPTURE_SILENT: Duration = Duration::from_secs(3);
+
 /// Values longer than this are shortened in reports.
 const SHOW_CHARS: usize = 60;
 
@@ -141,8 +144,16 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
 /// (no text rendering: 1.5x faster here on jsonb-heavy rows), and equal values hash equal (jsonb
 /// key order, numeric scale). Its result is only known to agree between servers of the same
 /// version and architecture, so both are asked for a probe value; when they disagree, md5 of the
-/// row's text (portable by definition) is used instead.
+/// row's text (portable by definition) is used instead. When the two databases store text in
+/// different encodings (a LATIN1 blue), the same text has other bytes on each side: every hash
+/// is then taken over the text converted to UTF8.
 async fn portable_hash(blue: &Client, green: &Client) -> Result<Hashing> {
+    const ENCODING: &str = "SELECT current_setting('server_encoding')";
+    let encodings = tokio::try_join!(blue.query_one(ENCODING, &[]), green.query_one(ENCODING, &[]))
+        .map_err(Error::db("reading server encodings"))?;
+    if encodings.0.get::<_, String>(0) != encodings.1.get::<_, String>(0) {
+        return Ok(Hashing { typed: false, text: "('x' || left(md5(convert_to({}, 'UTF8')), 16))::bit(64)::bigint" });
+    }
     const PROBE: &str = "SELECT hash_record_extended(r, 0), hashtextextended(r::text, 0) FROM \
         (SELECT 'bluegreen ✓'::text, '{\"b\": [1, 2.50]}'::jsonb, ARRAY[1.5::numeric, NULL], \
                 '2001-02-03 04:05:06+07'::timestamptz, 'x'::bytea) r";
@@ -464,27 +475,46 @@ impl Verifier<'_> {
             on.join(" AND ")
         );
         let client = if blue { self.blue } else { self.green };
-        client.query(&sql, &[]).await.map_err(Error::db(format!(
-            "{}: reading rows of {} by key",
-            if blue { "blue" } else { "green" },
-            self.t.target
-        )))
+        match client.query(&sql, &[]).await {
+            // A key blue's encoding cannot hold (it came from green) is on no row of blue:
+            // look the keys up one by one and leave those out.
+            Err(e) if keys.len() > 1 && e.code().is_some_and(|c| c.code() == "22P05") => {
+                let mut rows = Vec::new();
+                for k in keys {
+                    rows.extend(Box::pin(self.by_key(blue, std::slice::from_ref(k), what)).await?);
+                }
+                Ok(rows)
+            }
+            Err(e) if e.code().is_some_and(|c| c.code() == "22P05") => Ok(Vec::new()),
+            r => r.map_err(Error::db(format!(
+                "{}: reading rows of {} by key",
+                if blue { "blue" } else { "green" },
+                self.t.target
+            ))),
+        }
     }
 
     /// While a follower runs, differences may be changes not applied yet: wait until apply has
-    /// passed blue's current position, then look again. Keeps only what persists.
+    /// passed blue's current position (decided from positions stored on green, not from how
+    /// recently the follower reported), then look again. Keeps only what persists.
     async fn recheck(&self, mut keys: Vec<Vec<String>>) -> Result<Vec<Vec<String>>> {
         let Some(state) = self.follower else { return Ok(keys) };
         for _ in 0..RECHECK_ROUNDS {
-            let active = state.follower_active(self.green).await?;
-            tracing::debug!(table = %self.t.target, keys = keys.len(), active, "recheck");
-            if keys.is_empty() || !active {
+            if keys.is_empty() {
                 break;
             }
             let lsn = commit_point(self.blue).await?;
-            wait_applied(self.green, state, lsn).await?;
-            let hashes = self.hashes(&keys).await?;
-            keys.retain(|k| hashes.get(k).is_some_and(|(b, g)| b != g));
+            let applied = wait_applied(self.green, state, lsn).await?;
+            tracing::debug!(table = %self.t.target, keys = keys.len(), ?applied, "recheck");
+            match applied {
+                Applied::Yes => {
+                    let hashes = self.hashes(&keys).await?;
+                    keys.retain(|k| hashes.get(k).is_some_and(|(b, g)| b != g));
+                }
+                Applied::NotYet => {}
+                // Nobody captures or applies: what differs now is what green has.
+                Applied::Stuck => break,
+            }
         }
         Ok(keys)
     }
@@ -530,14 +560,35 @@ fn shorten(v: Option<String>) -> Option<String> {
     v.map(|s| if s.chars().count() > SHOW_CHARS { s.chars().take(SHOW_CHARS).collect::<String>() + "…" } else { s })
 }
 
+/// How a wait for apply to pass a position ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// Everything captured up to the position is applied.
+    Yes,
+    /// Not yet, but capture moved during the wait: a follower is at work.
+    NotYet,
+    /// Capture's position did not move for a while: no follower is running.
+    Stuck,
+}
+
 /// Waits (bounded) until capture has passed `lsn` and no key captured before it is pending.
-async fn wait_applied(green: &Client, state: &State, lsn: Lsn) -> Result<()> {
+/// A running capture records a new position every round once blue's WAL moved (and the commit
+/// point just moved it): a position that stays put for [`CAPTURE_SILENT`] means nobody captures.
+async fn wait_applied(green: &Client, state: &State, lsn: Lsn) -> Result<Applied> {
     let started = Instant::now();
+    let mut position = state.capture_position(green).await?;
+    let mut moved = Instant::now();
     while started.elapsed() < RECHECK_WAIT {
         if state.applied_through(green, lsn).await? {
-            return Ok(());
+            return Ok(Applied::Yes);
+        }
+        let now = state.capture_position(green).await?;
+        if now != position {
+            (position, moved) = (now, Instant::now());
+        } else if moved.elapsed() > CAPTURE_SILENT {
+            return Ok(Applied::Stuck);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(())
+    Ok(Applied::NotYet)
 }
