@@ -206,9 +206,11 @@ pub enum Error {
         /// Phase refused.
         to: String,
     },
-    /// `--table` names no entry of the plan.
-    #[error("--table {name}: no such table in the plan (give a source or target name)")]
+    /// `--table` or `--recopy` names no entry of the plan.
+    #[error("{flag} {name}: no such table in the plan (give a source or target name)")]
     NoSuchTable {
+        /// The option, e.g. `--table`.
+        flag: &'static str,
         /// The name given.
         name: String,
     },

@@ -432,3 +432,90 @@ fn a_latin1_blue_verifies_against_a_utf8_green() {
     assert!(r.stdout.contains("key (café): column name differs"), "{r:?}");
     assert!(r.stdout.contains("key (✓ only on green): extra on green"), "{r:?}");
 }
+
+#[test]
+fn a_column_renamed_on_blue_is_copied_again_with_the_updated_plan() {
+    let schema = "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL);";
+    let c = Custom::new(&format!("{schema} INSERT INTO t SELECT i, i FROM generate_series(1, 500) i;"), schema);
+    let plan = c.plan("logical", "workers = 1", drift_entry());
+    copy_no_follow(&c, &plan);
+    c.blue.psql("ALTER TABLE t RENAME COLUMN n TO m; UPDATE t SET m = m + 1000 WHERE id <= 5;");
+    // The old plan no longer resolves: refused before anything runs.
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("column \"n\" does not exist"), "{r:?}");
+    // The plan follows blue's new column; the entry is copied again with it.
+    let updated = c.plan(
+        "logical",
+        "workers = 1",
+        "[[table]]\nsource = \"public.t\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nn = \"m\"\n",
+    );
+    let r = run(&mut c.migrate(&["copy", updated.to_str().unwrap(), "--no-follow", "--recopy", "t"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same(&c, "SELECT id, m FROM t", "SELECT id, n FROM t");
+    c.blue.psql("UPDATE t SET m = -1 WHERE id = 7");
+    copy_no_follow(&c, &updated);
+    assert_same(&c, "SELECT id, m FROM t", "SELECT id, n FROM t");
+}
+
+/// Inserts a parent and its child in one transaction on blue, and deletes an old pair, until
+/// stopped; returns how many pairs it wrote.
+fn pair_writer(url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut n: u64 = 100_000;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO parent VALUES ({n}, 'p{n}'); INSERT INTO child VALUES ({n}, {n}, 'c{n}'); \
+                         DELETE FROM child WHERE id = {old}; DELETE FROM parent WHERE id = {old}; COMMIT;",
+                        old = n - 50
+                    ))
+                    .await
+                    .unwrap();
+            }
+            n - 100_000
+        })
+    })
+}
+
+#[test]
+fn foreign_key_validation_racing_apply_does_not_fail_the_copy() {
+    let schema = "CREATE TABLE parent (id int PRIMARY KEY, v text NOT NULL);
+        CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id), v text NOT NULL);";
+    let entries = "[[table]]\nsource = \"public.parent\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nv = \"v\"\n\
+                   [[table]]\nsource = \"public.child\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nparent_id = \"parent_id\"\nv = \"v\"\n";
+    for round in 0..2 {
+        let c = Custom::new(
+            &format!(
+                "{schema} INSERT INTO parent SELECT i, 'p' || i FROM generate_series(1, 20000) i;
+                 INSERT INTO child SELECT i, i, 'c' || i FROM generate_series(1, 20000) i; ANALYZE;"
+            ),
+            schema,
+        );
+        let plan = c.plan("logical", "workers = 2\nchunk_rows = 5000\ndefer_indexes = true", entries);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = pair_writer(c.blue.url(), stop.clone());
+        let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let pairs = writer.join().unwrap();
+        assert_eq!(
+            r.code, 0,
+            "round {round}: copy failed on a race that resolves itself ({pairs} pairs written):\n{r:?}"
+        );
+        copy_no_follow(&c, &plan);
+        assert_same(&c, "SELECT id, v FROM parent", "SELECT id, v FROM parent");
+        assert_same(&c, "SELECT id, parent_id, v FROM child", "SELECT id, parent_id, v FROM child");
+        assert_eq!(
+            c.green.psql(
+                "SELECT bool_and(convalidated) FROM pg_constraint WHERE contype = 'f' AND conrelid = 'child'::regclass"
+            ),
+            "t"
+        );
+        assert!(pairs > 100, "the writer hardly wrote: {pairs}");
+    }
+}

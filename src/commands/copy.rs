@@ -9,7 +9,7 @@ pub async fn run(plan: &Plan, no_follow: bool, recopy: &[String], shutdown: Shut
     // Lock before reading catalogs: a running copy drops and rebuilds green's indexes, and
     // catalog functions read those rows without a snapshot ("cache lookup failed").
     crate::copy::lock_plan(&green, &plan.name, "copy").await?;
-    let (resolved, removed) = resolve_sound(plan, &blue, &green).await?;
+    let (resolved, removed) = resolve_sound(plan, &blue, &green, recopy).await?;
     crate::copy::run(plan, &resolved, &removed, recopy, green, shutdown, no_follow).await?;
     Ok(Outcome::Ok)
 }

@@ -14,7 +14,7 @@ use crate::{
 /// Runs `cutover` (or only its preflight) and prints its report.
 pub async fn run(plan: &Plan, dry_run: bool, shutdown: Shutdown) -> Result<Outcome> {
     let (blue, green) = connect_both(plan).await?;
-    let (resolved, _) = resolve_sound(plan, &blue, &green).await?;
+    let (resolved, _) = resolve_sound(plan, &blue, &green, &[]).await?;
     drop((blue, green));
     // Preflight is shown before anything is switched; the rest once the switch ended, however.
     let mut show_checks = |checks: &[Check]| {

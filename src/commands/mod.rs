@@ -107,6 +107,7 @@ pub async fn resolve_sound(
     plan: &Plan,
     blue: &Client,
     green: &Client,
+    recopy: &[String],
 ) -> Result<(ResolvedPlan, Vec<crate::state::TableId>)> {
     let resolved = crate::plan::resolve(plan, blue, green).await?;
     if !resolved.problems.is_empty() {
@@ -116,6 +117,6 @@ pub async fn resolve_sound(
         return Err(Error::Unresolved { count: resolved.problems.len() });
     }
     let state = crate::state::State::new(&plan.name);
-    let removed = crate::plan::check_against_state(&resolved, &state, green).await?;
+    let removed = crate::plan::check_against_state(&resolved, &state, green, recopy).await?;
     Ok((resolved, removed))
 }

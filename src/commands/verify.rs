@@ -6,7 +6,7 @@ use crate::{error::Result, plan::Plan};
 /// Runs `verify` and prints its report; `Problems` when anything differs.
 pub async fn run(plan: &Plan, format: Format, table: Option<&str>) -> Result<Outcome> {
     let (blue, green) = connect_both(plan).await?;
-    let (resolved, _) = resolve_sound(plan, &blue, &green).await?;
+    let (resolved, _) = resolve_sound(plan, &blue, &green, &[]).await?;
     drop((blue, green));
     let report = crate::verify::run(plan, &resolved, table).await?;
     print!(

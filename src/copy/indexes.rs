@@ -50,8 +50,14 @@ pub async fn rebuild_keys_and_indexes(green: &Client, table: &str, objects: &[De
     Ok(())
 }
 
+/// How long validating a foreign key is retried while apply catches up.
+const VALIDATE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Adds foreign keys as NOT VALID (no scan, brief lock), then validates them (a scan that does
-/// not block writes).
+/// not block writes). Apply writes with foreign keys off and rows arrive by key, not in the
+/// application's order: a child can land a moment before its parent. A validation that fails
+/// on a missing row is retried (bounded, logged) until apply has caught up; only a violation
+/// that outlasts the wait fails the copy.
 pub async fn rebuild_foreign_keys(green: &Client, objects: &[DeferredObject]) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for o in objects.iter().filter(|o| o.kind == "foreign key") {
@@ -64,11 +70,31 @@ pub async fn rebuild_foreign_keys(green: &Client, objects: &[DeferredObject]) ->
                 .await
                 .map_err(Error::db(format!("green: adding foreign key {}", o.name)))?;
         }
-        green
-            .batch_execute(&format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", o.owner, crate::pg::ident(&o.name)))
-            .await
-            .map_err(Error::db(format!("green: validating foreign key {}", o.name)))?;
+        validate(green, o).await?;
         info!(constraint = %o.name, "foreign key validated");
+    }
+    Ok(())
+}
+
+async fn validate(green: &Client, o: &DeferredObject) -> Result<()> {
+    let sql = format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", o.owner, crate::pg::ident(&o.name));
+    let started = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(250);
+    for attempt in 1.. {
+        match green.batch_execute(&sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code().is_some_and(|c| c.code() == "23503") && started.elapsed() < VALIDATE_WAIT => {
+                tracing::warn!(
+                    constraint = %o.name,
+                    attempt,
+                    error = %crate::error::pg_message(&e),
+                    "foreign key not valid yet (apply writes rows by key, a child may land before its parent); retrying"
+                );
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(Error::db(format!("green: validating foreign key {}", o.name))(e)),
+        }
     }
     Ok(())
 }

@@ -216,17 +216,10 @@ async fn copy_run(
 /// Refuses to resume while an entry's source drifted on blue, unless the operator named it in
 /// `recopy`: then its green table is emptied and it is copied again (capture goes on).
 async fn refuse_drifted(state: &State, green: &Client, resolved: &ResolvedPlan, recopy: &[String]) -> Result<()> {
-    let find = |name: &str| {
-        resolved.tables.iter().find(|t| {
-            name == t.id.as_str()
-                || name == t.target.to_string()
-                || name == t.source.to_string()
-                || name == t.target.name
-                || name == t.source.name
-        })
-    };
     for name in recopy {
-        let Some(t) = find(name) else { return Err(Error::NoSuchTable { name: name.clone() }) };
+        let Some(t) = resolved.tables.iter().find(|t| t.named_by_any(std::slice::from_ref(name))) else {
+            return Err(Error::NoSuchTable { flag: "--recopy", name: name.clone() });
+        };
         // Its rows go now; with foreign keys off (replica), as apply writes, so tables that
         // reference it keep theirs until it is back.
         green

@@ -114,8 +114,14 @@ impl<'a> Switch<'a> {
 
         let t = Instant::now();
         let deadline = Instant::now() + CATCH_UP_BUDGET;
-        bounded(CATCH_UP_BUDGET, "catching up before the pause", self.catch_up(deadline, shutdown, "catching up"))
-            .await?;
+        // The catch-up's own deadline names a slow catch-up; this bound only catches a server
+        // that stopped answering.
+        bounded(
+            CATCH_UP_BUDGET + Duration::from_secs(30),
+            "catching up before the pause",
+            self.catch_up(deadline, shutdown, "catching up"),
+        )
+        .await?;
         self.mark("catch-up", t);
         let t = Instant::now();
         let differing = bounded(CATCH_UP_BUDGET, "re-verify before the pause", self.check_touched(false)).await?.len();
@@ -184,16 +190,33 @@ impl<'a> Switch<'a> {
         Ok(())
     }
 
-    /// Captures and applies until green holds everything blue committed when called.
+    /// Captures and applies until green holds everything blue committed when called. It chases
+    /// that fixed point, not "a round with nothing new" (which never comes while the
+    /// application writes): capture until it has passed the point, note the last key stored
+    /// then, apply until no key stored up to there is pending. Keys captured later are the
+    /// follower's (before the pause) or the drain's (in it).
     async fn catch_up(&mut self, deadline: Instant, shutdown: &Shutdown, what: &str) -> Result<()> {
         let target = self.capture.target().await?;
         let all: Vec<crate::state::TableId> = self.resolved.tables.iter().map(|t| t.id.clone()).collect();
+        let mut mark = None;
+        let mut last_report = Instant::now();
         loop {
-            let stored = self.capture.poll(&mut self.work, &self.state).await?;
-            let applied =
-                apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all).await?;
-            if stored == 0 && applied == 0 && self.capture.reached(target).await? {
-                return Ok(());
+            if mark.is_none() {
+                self.capture.poll(&mut self.work, &self.state).await?;
+                if self.capture.reached(target).await? {
+                    mark = Some(self.state.last_seq(&self.work).await?);
+                }
+            }
+            if let Some(m) = mark {
+                if !self.state.pending_through(&self.work, m).await? {
+                    return Ok(());
+                }
+            }
+            apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all).await?;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                let pending = self.state.pending_count(&self.work).await?;
+                info!(step = what, captured_to_target = mark.is_some(), pending, "catching up");
             }
             interrupted(shutdown)?;
             if Instant::now() > deadline {

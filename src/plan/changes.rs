@@ -12,11 +12,13 @@ use crate::{
 };
 
 /// Checks the resolved plan against what state recorded; returns the ids state knows that the
-/// plan no longer has. Nothing is changed.
+/// plan no longer has. Nothing is changed. Entries named in `recopy` (to be emptied and copied
+/// again) may have changed.
 pub async fn check_against_state(
     resolved: &ResolvedPlan,
     state: &State,
     green: &impl GenericClient,
+    recopy: &[String],
 ) -> Result<Vec<TableId>> {
     if !state.exists(green).await? {
         return Ok(Vec::new());
@@ -24,6 +26,9 @@ pub async fn check_against_state(
     state.check_layout(green).await?;
     let recorded = state.recorded_tables(green).await?;
     for t in &resolved.tables {
+        if t.named_by_any(recopy) {
+            continue;
+        }
         let Some(r) = recorded.iter().find(|r| r.id == t.id) else { continue };
         if r.state == TableState::Pending {
             continue;

@@ -200,6 +200,18 @@ impl ResolvedTable {
         out
     }
 
+    /// Whether one of `names` names this entry: its id, or its source or target, qualified or
+    /// not (how `--table` and `--recopy` take tables).
+    pub fn named_by_any(&self, names: &[String]) -> bool {
+        names.iter().any(|n| {
+            *n == self.id.as_str()
+                || *n == self.target.to_string()
+                || *n == self.source.to_string()
+                || *n == self.target.name
+                || *n == self.source.name
+        })
+    }
+
     /// Quoted key columns on blue: `"a", "b"`.
     pub fn source_key_list(&self) -> String {
         self.key.iter().map(|k| ident(&k.source)).collect::<Vec<_>>().join(", ")

@@ -113,6 +113,24 @@ impl State {
         Ok(())
     }
 
+    /// The newest pending entry's number (0 when none): every key stored so far has it or less.
+    pub async fn last_seq(&self, green: &impl GenericClient) -> Result<i64> {
+        Ok(green
+            .query_one(&format!("SELECT coalesce(max(seq), 0)::int8 FROM {}", self.table("pending")), &[])
+            .await
+            .map_err(Error::db("green: reading pending keys"))?
+            .get(0))
+    }
+
+    /// Whether a key stored at or before entry `seq` is still pending.
+    pub async fn pending_through(&self, green: &impl GenericClient, seq: i64) -> Result<bool> {
+        Ok(green
+            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {} WHERE seq <= $1)", self.table("pending")), &[&seq])
+            .await
+            .map_err(Error::db("green: reading pending keys"))?
+            .get(0))
+    }
+
     /// Keys pending.
     pub async fn pending_count(&self, green: &impl GenericClient) -> Result<i64> {
         Ok(green

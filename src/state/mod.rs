@@ -100,6 +100,7 @@ impl State {
                  finished_at timestamptz, PRIMARY KEY (tbl, chunk));
              CREATE TABLE IF NOT EXISTS {s}.touched (
                  tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (tbl, key));
+             ALTER TABLE {s}.tables ADD COLUMN IF NOT EXISTS source_shape jsonb, ADD COLUMN IF NOT EXISTS drift text;
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
             plan = literal(plan),

@@ -125,7 +125,7 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
         tables.push(tracing::Instrument::instrument(v.table(), span).await?);
     }
     if only.is_some() && tables.is_empty() {
-        return Err(Error::NoSuchTable { name: only.unwrap_or_default().to_string() });
+        return Err(Error::NoSuchTable { flag: "--table", name: only.unwrap_or_default().to_string() });
     }
     let equal = tables.iter().all(|t| t.differences_total == 0);
     let report = Report { plan: plan.name.clone(), tables, equal, seconds: started.elapsed().as_secs_f64() };
