@@ -412,6 +412,17 @@ pub enum Error {
         /// Why the roll back failed.
         rollback: Box<Error>,
     },
+    /// `cleanup` could not restore indexes or constraints an unfinished copy dropped.
+    #[error(
+        "cleanup refused: an unfinished copy left these off green and they could not be restored:\n  {}\n\
+         fix what blocks them (or run `migrate copy` to finish), then `migrate cleanup` again; \
+         `--force` removes the state anyway and leaves them missing",
+        objects.join("\n  ")
+    )]
+    CleanupRefused {
+        /// Each object, why it failed and the statement that restores it.
+        objects: Vec<String>,
+    },
     /// `cleanup` found a `copy` running.
     #[error("{source}; stop it first, or pass --force to remove its objects anyway")]
     CopyRunning {

@@ -4,10 +4,7 @@
 //! bounded backoff; capture resumes from the position stored on green.
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,7 +16,7 @@ use crate::{
     apply,
     capture::{Capture, Target},
     error::{Error, Result},
-    pg::SidePool,
+    pg::{Lsn, SidePool},
     plan::{Plan, ResolvedTable},
     retry::{connection_lost, is_transient, Backoff},
     shutdown::Shutdown,
@@ -46,6 +43,10 @@ async fn drift(state: &State, green: &Client, blue: &Client) -> Result<Option<Er
 const SHAPE_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Idle wait between polls when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
+
+/// Set by capture once it has stored every change up to the `--no-follow` target: the blue
+/// position apply must then have passed.
+type Reached = Arc<Mutex<Option<Lsn>>>;
 
 /// Why following stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +122,7 @@ impl Follower {
     /// Runs until stopped. `catch_up` turns true when the caller wants to stop once green has
     /// everything blue committed up to that moment.
     pub async fn run(self, shutdown: Shutdown, catch_up: watch::Receiver<bool>) -> Result<Stop> {
-        let reached = Arc::new(AtomicBool::new(false));
+        let reached: Reached = Arc::new(Mutex::new(None));
         let capture_stop = Shutdown::manual();
         let mut capture_task =
             tokio::spawn(capture_loop(self.capture, capture_stop.clone(), catch_up.clone(), Arc::clone(&reached)));
@@ -147,7 +148,7 @@ async fn capture_loop(
     mut side: CaptureSide,
     stop: Shutdown,
     catch_up: watch::Receiver<bool>,
-    reached: Arc<AtomicBool>,
+    reached: Reached,
 ) -> Result<()> {
     let mut target: Option<Target> = None;
     let mut backoff = Backoff::default();
@@ -182,7 +183,12 @@ async fn capture_loop(
 
 impl CaptureSide {
     /// One capture poll, unless a cutover has stood the follower aside.
-    async fn round(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
+    async fn round(
+        &mut self,
+        catch_up: bool,
+        target: &mut Option<Target>,
+        reached: &Mutex<Option<Lsn>>,
+    ) -> Result<usize> {
         match self.state.enter_gate(&self.green).await? {
             (Gate::Go, _) => {}
             (Gate::Wait | Gate::Live, _) => return Ok(0),
@@ -206,7 +212,12 @@ impl CaptureSide {
     }
 
     /// One capture poll; records positions; notes when the catch-up target is reached.
-    async fn poll(&mut self, catch_up: bool, target: &mut Option<Target>, reached: &AtomicBool) -> Result<usize> {
+    async fn poll(
+        &mut self,
+        catch_up: bool,
+        target: &mut Option<Target>,
+        reached: &Mutex<Option<Lsn>>,
+    ) -> Result<usize> {
         self.check_shapes().await?;
         let stored = match self.capture.poll(&mut self.green, &self.state).await {
             Err(Error::SchemaChanged { table, was, now }) => {
@@ -231,7 +242,7 @@ impl CaptureSide {
                 }
             };
             if self.capture.reached(t).await? {
-                reached.store(true, Ordering::SeqCst);
+                *reached.lock().unwrap_or_else(|e| e.into_inner()) = Some(t.lsn());
             }
         }
         Ok(stored)
@@ -256,7 +267,7 @@ impl ApplySide {
         &mut self,
         shutdown: &Shutdown,
         catch_up: &watch::Receiver<bool>,
-        reached: &AtomicBool,
+        reached: &Mutex<Option<Lsn>>,
     ) -> Result<Stop> {
         let mut last_report = Instant::now() - REPORT_EVERY;
         let mut backoff = Backoff::default();
@@ -289,7 +300,12 @@ impl ApplySide {
     /// One apply round, unless a cutover has stood the follower aside; stops once green is live.
     /// A cutover that died half-way (its phase is still `cutting-over` but nobody holds the
     /// gate) is finished or rolled back from here, so PgBouncer is never left paused.
-    async fn round(&mut self, last_report: &mut Instant, catch_up: bool, reached: &AtomicBool) -> Result<Option<Stop>> {
+    async fn round(
+        &mut self,
+        last_report: &mut Instant,
+        catch_up: bool,
+        reached: &Mutex<Option<Lsn>>,
+    ) -> Result<Option<Stop>> {
         let (gate, phase) = self.state.enter_gate(&self.green).await?;
         if let Some(Phase::CuttingOver { step }) = &phase {
             if gate != Gate::Wait {
@@ -326,7 +342,7 @@ impl ApplySide {
         &mut self,
         last_report: &mut Instant,
         catch_up: bool,
-        reached: &AtomicBool,
+        reached: &Mutex<Option<Lsn>>,
     ) -> Result<Option<Stop>> {
         let ready = self.ready_tables().await?;
         let blue = self.blue.get().await?;
@@ -336,14 +352,14 @@ impl ApplySide {
             *last_report = Instant::now();
             self.report().await?;
         }
-        if catch_up
-            && ready.len() == self.tables.len()
-            && applied == 0
-            && reached.load(Ordering::SeqCst)
-            && self.pending().await? == 0
-        {
-            self.report().await?;
-            return Ok(Some(Stop::CaughtUp));
+        // Keys of changes after the target (the application goes on writing) do not keep
+        // `--no-follow` from ending.
+        let target = *reached.lock().unwrap_or_else(|e| e.into_inner());
+        if let (true, true, Some(target)) = (catch_up, ready.len() == self.tables.len(), target) {
+            if !self.state.pending_through(&self.green, target).await? {
+                self.report().await?;
+                return Ok(Some(Stop::CaughtUp));
+            }
         }
         self.idle = applied == 0;
         Ok(None)
@@ -363,10 +379,6 @@ impl ApplySide {
     async fn ready_tables(&self) -> Result<Vec<crate::state::TableId>> {
         let done = self.state.done_tables(&self.green).await?;
         Ok(self.tables.iter().filter(|t| done.contains(&t.id)).map(|t| t.id.clone()).collect())
-    }
-
-    async fn pending(&self) -> Result<i64> {
-        self.state.pending_count(&self.green).await
     }
 
     /// Writes lag, pending count and apply rate to state.

@@ -140,3 +140,38 @@ fn a_stalled_green_is_detected_by_timeouts() {
     assert!(log.contains("no answer within"), "the stall was not reported:\n{log}");
     converge_and_compare(&s, &plan);
 }
+
+/// A copy killed while rebuilding indexes left them (and the foreign keys) off green: `cleanup`
+/// rebuilds them before it removes the state and says so, or, where the rows do not allow it
+/// (a table not fully copied), refuses and lists each with the statement that restores it.
+#[test]
+fn cleanup_after_a_copy_killed_mid_rebuild_restores_green_or_refuses() {
+    let s = Oauth::new(5_000);
+    let plan = plan(&s, "logical");
+    let r = run(s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]).env("MIGRATE_FAULT", "copy.rebuild"));
+    assert_eq!(r.code, 137, "the fault did not fire: {r:?}");
+    let indexes =
+        |s: &Oauth| s.green.psql("SELECT count(*) FROM pg_index WHERE indrelid = 'oauth2_access_tokens'::regclass");
+    let foreign = |s: &Oauth| s.green.psql("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND convalidated");
+    assert!(indexes(&s) != "4" || foreign(&s) != "2", "nothing was left off green: the test proves nothing");
+    let state = |s: &Oauth| s.green.psql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bluegreen%'");
+    let r = run(&mut s.migrate(&["cleanup", plan.to_str().unwrap()]));
+    match r.code {
+        0 => {
+            assert!(r.stdout.contains("restored on green: "), "{r:?}");
+            assert_eq!(foreign(&s), "2", "validated foreign keys");
+        }
+        3 => {
+            // Refused: what could not be restored is listed, and nothing was removed.
+            assert!(r.stderr.contains("cleanup refused") && r.stderr.contains("VALIDATE CONSTRAINT"), "{r:?}");
+            assert_eq!(state(&s), "1", "state removed although cleanup refused");
+            let forced = run(&mut s.migrate(&["cleanup", plan.to_str().unwrap(), "--force"]));
+            assert_eq!(forced.code, 0, "{forced:?}");
+            assert!(forced.stderr.contains("not restored (--force)"), "{forced:?}");
+        }
+        _ => panic!("{r:?}"),
+    }
+    // Indexes and keys are back either way (only foreign keys need the rows).
+    assert_eq!(indexes(&s), "4", "indexes of oauth2_access_tokens");
+    assert_eq!(state(&s), "0");
+}

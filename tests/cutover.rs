@@ -153,6 +153,11 @@ fn cutover_through_pgbouncer_under_load() {
     // Cleanup works on the fenced blue and leaves nothing of ours there.
     let r = run(&mut s.migrate(&["cleanup", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
+    // Status still tells the story: switched, when, and cleaned up.
+    let st = run(&mut s.migrate(&["status", plan.to_str().unwrap()]));
+    assert_eq!(st.code, 0, "{st:?}");
+    assert!(st.stdout.contains("phase switched") && st.stdout.contains("last cutover: switched"), "{st:?}");
+    assert!(st.stdout.contains("cleaned up at"), "{st:?}");
     let db = &s.blue.name;
     assert_eq!(s.blue.psql(&format!("SELECT count(*) FROM pg_replication_slots WHERE database = '{db}'")), "0");
     assert_eq!(s.blue.psql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bluegreen%'"), "0");
@@ -471,6 +476,9 @@ fn cutover_with_trigger_capture() {
 #[test]
 fn catch_up_converges_while_the_application_writes_fast() {
     let s = Oauth::new(5_000);
+    // Each commit flushed, as in production: every capture round then finds new commits (with
+    // asynchronous commit they become decodable in 200 ms batches, leaving quiet rounds).
+    s.blue.cluster.psql("postgres", &format!("ALTER DATABASE {} SET synchronous_commit = on", s.blue.name));
     let (bouncer, plan) = setup(&s, "2s", "");
     let app = App::start(app_url(&bouncer), 1000, "fast");
     let mut copy = spawn_copy(&s, &plan, &[]);

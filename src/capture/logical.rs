@@ -295,16 +295,27 @@ fn check_shape(t: &ResolvedTable, rel: &Relation) -> Result<()> {
     Err(Error::SchemaChanged { table: t.source.to_string(), was, now })
 }
 
+/// How long cleanup waits for a session still holding the slot to let it go.
+const SLOT_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Drops the slot and publication (cleanup).
 pub async fn drop_objects(blue: &Client, plan: &str) -> Result<()> {
     let slot = super::object_name(plan);
-    let active: Option<i32> = blue
-        .query_opt("SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&slot])
-        .await
-        .map_err(Error::db("blue: looking for the replication slot"))?
-        .and_then(|r| r.get(0));
-    if let Some(pid) = active {
-        return Err(Error::SlotInUse { slot: slot.to_string(), pid });
+    // The session of a `copy` that just died holds the slot until blue notices: wait a little.
+    let started = std::time::Instant::now();
+    loop {
+        let active: Option<i32> = blue
+            .query_opt("SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .map_err(Error::db("blue: looking for the replication slot"))?
+            .and_then(|r| r.get(0));
+        match active {
+            None => break,
+            Some(pid) if started.elapsed() > SLOT_RELEASE_WAIT => {
+                return Err(Error::SlotInUse { slot: slot.to_string(), pid });
+            }
+            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
     }
     blue.execute(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",

@@ -31,8 +31,20 @@ pub use crate::state::KeyEvent;
 pub enum Target {
     /// A blue WAL position.
     Lsn(Lsn),
-    /// A transaction id horizon (trigger capture): every transaction below it is done.
-    Xid(i64),
+    /// A transaction id horizon (trigger capture): every transaction below it is done; and
+    /// blue's WAL position when it was taken, which every change before it lies at or below.
+    Xid(i64, Lsn),
+}
+
+impl Target {
+    /// The WAL position every change committed before the target lies at or below: green holds
+    /// everything up to the target once capture reached it and no key stored for a change at
+    /// or below this position is pending.
+    pub fn lsn(&self) -> Lsn {
+        match *self {
+            Target::Lsn(l) | Target::Xid(_, l) => l,
+        }
+    }
 }
 
 /// The configured capture, ready to poll.
@@ -84,7 +96,13 @@ impl Capture {
     pub async fn target(&self) -> Result<Target> {
         match self {
             Capture::Logical(c) => c.committed_lsn().await.map(Target::Lsn),
-            Capture::Trigger(c) => c.xid_horizon().await.map(Target::Xid),
+            Capture::Trigger(c) => {
+                // The insert position (not the write position, which lags it): a change row
+                // records the insert position when it was written, so every change of a
+                // transaction committed by now lies at or below this.
+                let lsn = crate::pg::insert_lsn(&c.blue).await?;
+                c.xid_horizon().await.map(|x| Target::Xid(x, lsn))
+            }
         }
     }
 
@@ -92,7 +110,7 @@ impl Capture {
     pub async fn reached(&self, target: Target) -> Result<bool> {
         match (self, target) {
             (Capture::Logical(c), Target::Lsn(l)) => Ok(c.captured_lsn() >= l),
-            (Capture::Trigger(c), Target::Xid(x)) => c.reached(x).await,
+            (Capture::Trigger(c), Target::Xid(x, _)) => c.reached(x).await,
             _ => Err(Error::Internal("capture target of the wrong kind")),
         }
     }

@@ -38,11 +38,16 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
     let state = State::new(&plan.name);
     state.check_layout(green).await?;
     let phase = state.phase(green).await?;
-    let (tables, view) = if phase.is_some() {
-        (state.table_progress(green).await?, Some(state.status_view(green).await?))
-    } else {
-        (Vec::new(), None)
+    let (tables, view, drift) = match phase {
+        // A switched migration whose state `cleanup` retired keeps only its migration row.
+        Some(_) if !state.exists(green).await? => (Vec::new(), Some(state.status_view(green).await?), Vec::new()),
+        Some(_) => {
+            (state.table_progress(green).await?, Some(state.status_view(green).await?), state.drifted(green).await?)
+        }
+        None => (Vec::new(), None, Vec::new()),
     };
+    let drift: Vec<serde_json::Value> =
+        drift.iter().map(|(id, what)| serde_json::json!({ "table": id.as_str(), "what": what })).collect();
     let tables: Vec<serde_json::Value> = tables
         .iter()
         .map(|t| {
@@ -69,6 +74,8 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
         "tables": tables,
         "last_verify": view.last_verify,
         "cutover": view.cutover,
+        "cleaned_up_at": view.cleaned_up_at,
+        "drift": drift,
         "capture": capture,
         "blue": blue,
     }))
@@ -124,6 +131,16 @@ pub fn render_text(value: &serde_json::Value) -> String {
             c.get("paused_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
             c.get("total_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN)
         ));
+    }
+    for d in value["drift"].as_array().into_iter().flatten() {
+        o.push_str(&format!(
+            "  STOPPED: {}: resume with `migrate copy PLAN --recopy {}`\n",
+            d["what"].as_str().unwrap_or(""),
+            d["table"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(at) = value["cleaned_up_at"].as_str() {
+        o.push_str(&format!("  cleaned up at {at}: migrate's objects on blue and its state on green are gone\n"));
     }
     if let Some(w) = value["blue"]["warning"].as_str() {
         o.push_str(&format!("  WARNING: {w}\n"));

@@ -59,6 +59,15 @@ const VALIDATE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// on a missing row is retried (bounded, logged) until apply has caught up; only a violation
 /// that outlasts the wait fails the copy.
 pub async fn rebuild_foreign_keys(green: &Client, objects: &[DeferredObject]) -> Result<()> {
+    rebuild_foreign_keys_within(green, objects, VALIDATE_WAIT).await
+}
+
+/// [`rebuild_foreign_keys`], retrying a validation for at most `wait` (zero: once).
+pub async fn rebuild_foreign_keys_within(
+    green: &Client,
+    objects: &[DeferredObject],
+    wait: std::time::Duration,
+) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for o in objects.iter().filter(|o| o.kind == "foreign key") {
         if !seen.insert(o.create_sql.clone()) {
@@ -70,20 +79,20 @@ pub async fn rebuild_foreign_keys(green: &Client, objects: &[DeferredObject]) ->
                 .await
                 .map_err(Error::db(format!("green: adding foreign key {}", o.name)))?;
         }
-        validate(green, o).await?;
+        validate(green, o, wait).await?;
         info!(constraint = %o.name, "foreign key validated");
     }
     Ok(())
 }
 
-async fn validate(green: &Client, o: &DeferredObject) -> Result<()> {
+async fn validate(green: &Client, o: &DeferredObject, within: std::time::Duration) -> Result<()> {
     let sql = format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", o.owner, crate::pg::ident(&o.name));
     let started = std::time::Instant::now();
     let mut wait = std::time::Duration::from_millis(250);
     for attempt in 1.. {
         match green.batch_execute(&sql).await {
             Ok(()) => return Ok(()),
-            Err(e) if e.code().is_some_and(|c| c.code() == "23503") && started.elapsed() < VALIDATE_WAIT => {
+            Err(e) if e.code().is_some_and(|c| c.code() == "23503") && started.elapsed() < within => {
                 tracing::warn!(
                     constraint = %o.name,
                     attempt,

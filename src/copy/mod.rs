@@ -84,17 +84,27 @@ struct Prepared {
 /// [`Error::Busy`] when another process holds it.
 pub async fn lock_plan(green: &Client, plan: &str, command: &str) -> Result<()> {
     let key = format!("{LOCK_NAMESPACE}{plan}");
-    let got: bool = green
-        .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
-        .await
-        .map_err(Error::db("green: taking the plan lock"))?
-        .get(0);
-    if got {
-        Ok(())
-    } else {
-        Err(Error::Busy { plan: plan.to_string(), command: command.to_string() })
+    // A `copy` killed a moment ago holds the lock until green notices its session is gone:
+    // try for a few seconds before calling the plan busy.
+    let started = std::time::Instant::now();
+    loop {
+        let got: bool = green
+            .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
+            .await
+            .map_err(Error::db("green: taking the plan lock"))?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if started.elapsed() > PLAN_LOCK_WAIT {
+            return Err(Error::Busy { plan: plan.to_string(), command: command.to_string() });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// How long a command waits for the plan lock of a `copy` that may have just died.
+const PLAN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Copies every table (resuming from state) and rebuilds deferred objects. Returns `true` when
 /// all tables are done, `false` when `shutdown` fired first (state saved). A run that finds a
@@ -238,6 +248,47 @@ async fn refuse_drifted(state: &State, green: &Client, resolved: &ResolvedPlan, 
         return Ok(());
     }
     Err(Error::Drifted { tables: drifted.into_iter().map(|(id, what)| format!("{id}: {what}")).collect() })
+}
+
+/// For `cleanup` of a copy that did not finish: rebuilds the indexes and constraints it dropped
+/// and has not rebuilt (every entry not `done`), and adds and validates the foreign keys it
+/// recorded. Returns what it restored, and what it could not (each with the statement that
+/// restores it and why it failed).
+pub async fn restore_deferred(green: &Client, state: &State) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut restored, mut failed) = (Vec::new(), Vec::new());
+    let mut foreign = Vec::new();
+    for r in state.recorded_tables(green).await? {
+        let Some((st, defs)) = state.table_state(green, &r.id).await? else { continue };
+        foreign.extend(defs.iter().filter(|d| d.kind == "foreign key").cloned());
+        if st == TableState::Done {
+            continue;
+        }
+        for d in defs.iter().filter(|d| d.kind != "foreign key") {
+            match indexes::rebuild_keys_and_indexes(green, &r.target, std::slice::from_ref(d)).await {
+                Ok(()) => restored.push(format!("{} {} on {}", d.kind, d.name, r.target)),
+                Err(e) => failed.push(format!("{} {} on {} ({e}): {}", d.kind, d.name, r.target, d.create_sql)),
+            }
+        }
+    }
+    // No follower runs now: a foreign key that does not validate at once will not; it stays
+    // NOT VALID (new writes are checked) and is listed.
+    let mut seen = std::collections::HashSet::new();
+    foreign.retain(|d| seen.insert(d.create_sql.clone()));
+    for d in &foreign {
+        match indexes::rebuild_foreign_keys_within(green, std::slice::from_ref(d), std::time::Duration::ZERO).await {
+            Ok(()) => restored.push(format!("foreign key {} on {}", d.name, d.owner)),
+            Err(e) => failed.push(format!(
+                "foreign key {} on {} ({e}): fix the rows, then `{} NOT VALID` if it is missing and \
+                 `ALTER TABLE {} VALIDATE CONSTRAINT {}`",
+                d.name,
+                d.owner,
+                d.create_sql,
+                d.owner,
+                crate::pg::ident(&d.name)
+            )),
+        }
+    }
+    Ok((restored, failed))
 }
 
 /// Moves the migration to `copying` when there is something to copy: everything (a first or

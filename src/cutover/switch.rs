@@ -192,31 +192,27 @@ impl<'a> Switch<'a> {
 
     /// Captures and applies until green holds everything blue committed when called. It chases
     /// that fixed point, not "a round with nothing new" (which never comes while the
-    /// application writes): capture until it has passed the point, note the last key stored
-    /// then, apply until no key stored up to there is pending. Keys captured later are the
-    /// follower's (before the pause) or the drain's (in it).
+    /// application writes): capture until it has passed the point, then apply until no key of
+    /// a change at or below it is pending. Keys of later changes are the follower's (before the
+    /// pause) or the drain's (in it).
     async fn catch_up(&mut self, deadline: Instant, shutdown: &Shutdown, what: &str) -> Result<()> {
         let target = self.capture.target().await?;
         let all: Vec<crate::state::TableId> = self.resolved.tables.iter().map(|t| t.id.clone()).collect();
-        let mut mark = None;
+        let mut captured = false;
         let mut last_report = Instant::now();
         loop {
-            if mark.is_none() {
+            if !captured {
                 self.capture.poll(&mut self.work, &self.state).await?;
-                if self.capture.reached(target).await? {
-                    mark = Some(self.state.last_seq(&self.work).await?);
-                }
+                captured = self.capture.reached(target).await?;
             }
-            if let Some(m) = mark {
-                if !self.state.pending_through(&self.work, m).await? {
-                    return Ok(());
-                }
+            if captured && !self.state.pending_through(&self.work, target.lsn()).await? {
+                return Ok(());
             }
             apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all).await?;
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
                 let pending = self.state.pending_count(&self.work).await?;
-                info!(step = what, captured_to_target = mark.is_some(), pending, "catching up");
+                info!(step = what, captured_to_target = captured, pending, "catching up");
             }
             interrupted(shutdown)?;
             if Instant::now() > deadline {

@@ -63,6 +63,15 @@ pub async fn current_lsn(client: &Client) -> Result<Lsn> {
         .get(0))
 }
 
+/// Blue's current WAL insert position (ahead of the write position), as bytes from 0/0.
+pub async fn insert_lsn(client: &Client) -> Result<Lsn> {
+    Ok(client
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[])
+        .await
+        .map_err(Error::db("blue: reading the WAL position"))?
+        .get(0))
+}
+
 /// A blue WAL position that every transaction committed so far lies before, and that decoding
 /// can reach. Under `synchronous_commit = off` a commit is visible before its WAL is flushed,
 /// and decoding reads only flushed WAL; so commit a tiny transaction with synchronous_commit on

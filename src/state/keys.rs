@@ -54,10 +54,11 @@ impl State {
         green
             .execute(
                 &format!(
-                    "INSERT INTO {pending} (tbl, key, seq, lsn) \
-                     SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), nextval('{seq}'), l \
+                    "INSERT INTO {pending} (tbl, key, seq, lsn, first_lsn) \
+                     SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), nextval('{seq}'), l, l \
                      FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS e(t, k, l, o) ORDER BY o \
-                     ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, lsn = EXCLUDED.lsn",
+                     ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, lsn = EXCLUDED.lsn, \
+                       first_lsn = least({pending}.first_lsn, EXCLUDED.first_lsn)",
                     pending = self.table("pending"),
                     seq = self.table("pending_seq").replace('\'', "''"),
                 ),
@@ -113,19 +114,18 @@ impl State {
         Ok(())
     }
 
-    /// The newest pending entry's number (0 when none): every key stored so far has it or less.
-    pub async fn last_seq(&self, green: &impl GenericClient) -> Result<i64> {
+    /// Whether a key is pending for a change at or below blue position `lsn`. A key captured
+    /// again keeps the position of its oldest change not yet applied (`first_lsn`), so a key
+    /// written again after `lsn` cannot hide an earlier change that green does not have yet.
+    pub async fn pending_through(&self, green: &impl GenericClient, lsn: Lsn) -> Result<bool> {
         Ok(green
-            .query_one(&format!("SELECT coalesce(max(seq), 0)::int8 FROM {}", self.table("pending")), &[])
-            .await
-            .map_err(Error::db("green: reading pending keys"))?
-            .get(0))
-    }
-
-    /// Whether a key stored at or before entry `seq` is still pending.
-    pub async fn pending_through(&self, green: &impl GenericClient, seq: i64) -> Result<bool> {
-        Ok(green
-            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {} WHERE seq <= $1)", self.table("pending")), &[&seq])
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE coalesce(first_lsn, lsn) <= $1)",
+                    self.table("pending")
+                ),
+                &[&lsn],
+            )
             .await
             .map_err(Error::db("green: reading pending keys"))?
             .get(0))
@@ -145,7 +145,8 @@ impl State {
         Ok(green
             .query_one(
                 &format!(
-                    "SELECT coalesce(capture_lsn >= $1, false) AND NOT EXISTS (SELECT 1 FROM {} WHERE lsn <= $1) \
+                    "SELECT coalesce(capture_lsn >= $1, false) \
+                       AND NOT EXISTS (SELECT 1 FROM {} WHERE coalesce(first_lsn, lsn) <= $1) \
                      FROM {} WHERE id = 1",
                     self.table("pending"),
                     self.table("migration")

@@ -49,6 +49,8 @@ pub struct StatusView {
     pub last_verify: Option<serde_json::Value>,
     /// The last cutover's record.
     pub cutover: Option<CutoverRecord>,
+    /// When `cleanup` removed the rest of a switched migration's state.
+    pub cleaned_up_at: Option<String>,
 }
 
 impl State {
@@ -158,7 +160,7 @@ impl State {
                     "UPDATE {m} SET pending_keys = p.n, \
                         lag_bytes = greatest(0, blue_lsn - least(coalesce(p.oldest, capture_lsn), capture_lsn)), \
                         applied_keys = $1, apply_rate = $2, follower_seen_at = now() \
-                     FROM (SELECT count(*) AS n, min(lsn) AS oldest FROM {p}) p WHERE id = 1",
+                     FROM (SELECT count(*) AS n, min(coalesce(first_lsn, lsn)) AS oldest FROM {p}) p WHERE id = 1",
                     m = self.table("migration"),
                     p = self.table("pending")
                 ),
@@ -233,8 +235,9 @@ impl State {
                 &format!(
                     "SELECT lag_bytes, pending_keys, applied_keys, apply_rate, \
                             extract(epoch FROM now() - follower_seen_at)::float8, \
-                            last_verify || jsonb_build_object('at', last_verify_at), cutover \
-                     FROM {} WHERE id = 1",
+                            last_verify || jsonb_build_object('at', last_verify_at), cutover, \
+                            (to_jsonb(m) ->> 'cleaned_up_at') \
+                     FROM {} m WHERE id = 1",
                     self.table("migration")
                 ),
                 &[],
@@ -249,6 +252,7 @@ impl State {
             follower_seen_seconds_ago: r.get(4),
             last_verify: r.get(5),
             cutover: r.get::<_, Option<serde_json::Value>>(6).map(|v| decode("the cutover record", v)).transpose()?,
+            cleaned_up_at: r.get(7),
         })
     }
 }

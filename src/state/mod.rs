@@ -86,7 +86,7 @@ impl State {
                  ok boolean NOT NULL, verified_at timestamptz NOT NULL, PRIMARY KEY (tbl, bucket));
              CREATE SEQUENCE IF NOT EXISTS {s}.pending_seq;
              CREATE TABLE IF NOT EXISTS {s}.pending (
-                 tbl text NOT NULL, key text[] NOT NULL, seq bigint NOT NULL, lsn bigint,
+                 tbl text NOT NULL, key text[] NOT NULL, seq bigint NOT NULL, lsn bigint, first_lsn bigint,
                  PRIMARY KEY (tbl, key));
              CREATE UNIQUE INDEX IF NOT EXISTS pending_seq ON {s}.pending (seq);
              CREATE TABLE IF NOT EXISTS {s}.tables (
@@ -101,6 +101,7 @@ impl State {
              CREATE TABLE IF NOT EXISTS {s}.touched (
                  tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (tbl, key));
              ALTER TABLE {s}.tables ADD COLUMN IF NOT EXISTS source_shape jsonb, ADD COLUMN IF NOT EXISTS drift text;
+             ALTER TABLE {s}.pending ADD COLUMN IF NOT EXISTS first_lsn bigint;
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
             plan = literal(plan),
@@ -122,7 +123,8 @@ impl State {
             .await
             .map_err(Error::db("green: reading the state layout"))?;
         let (exists, tbl_type): (bool, Option<String>) = (row.get(0), row.get(1));
-        if exists && tbl_type.as_deref() != Some("text") {
+        // No pending table at all: a switched migration that `cleanup` retired.
+        if exists && tbl_type.as_deref().is_some_and(|t| t != "text") {
             return Err(Error::StateLayout { schema: self.raw.clone(), found: 1, wanted: LAYOUT });
         }
         Ok(())
@@ -135,6 +137,21 @@ impl State {
             .await
             .map_err(Error::db("green: looking for migration state"))?
             .get(0))
+    }
+
+    /// Removes everything but the `migration` row of a switched migration, and records when:
+    /// `status` still says that it switched, when, and that it was cleaned up.
+    pub async fn retire(&self, green: &Client) -> Result<()> {
+        let s = &self.schema;
+        green
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {s}.tables, {s}.chunks, {s}.pending, {s}.touched, {s}.verified;
+                 DROP SEQUENCE IF EXISTS {s}.pending_seq;
+                 ALTER TABLE {s}.migration ADD COLUMN IF NOT EXISTS cleaned_up_at timestamptz;
+                 UPDATE {s}.migration SET cleaned_up_at = now(), updated_at = now() WHERE id = 1;"
+            ))
+            .await
+            .map_err(Error::db("green: retiring migration state"))
     }
 
     /// Removes this plan's state (cleanup).
