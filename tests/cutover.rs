@@ -428,6 +428,24 @@ fn preflight_names_what_is_wrong() {
     assert_eq!(r.code, 0, "{r:?}");
     let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("[ok] foreign keys between planned tables: 2 hold"), "{r:?}");
+
+    // A row green has without the row it references (apply writes with foreign keys off):
+    // refused, naming the key.
+    s.green.psql(
+        "SET session_replication_role = replica; \
+         UPDATE oauth2_access_tokens SET client_id = 'no-such-client' WHERE signature = (SELECT min(signature) FROM oauth2_access_tokens);",
+    );
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("[FAIL] foreign keys between planned tables: oauth2_access_tokens_client_id_fkey: 1 row(s) of oauth2_access_tokens without their row in oauth2_clients"),
+        "{r:?}"
+    );
+    s.green.psql(
+        "SET session_replication_role = replica; \
+         UPDATE oauth2_access_tokens SET client_id = (SELECT min(id) FROM oauth2_clients) WHERE client_id = 'no-such-client'",
+    );
 
     // green_dsn pointing at blue's database: refused before anything is paused.
     let text = std::fs::read_to_string(&plan).unwrap().replace(

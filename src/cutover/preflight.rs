@@ -105,7 +105,60 @@ async fn migration_checks(
     );
     let touched = view.touched;
     check("keys changed since that verify", true, format!("{touched} (re-verified during the cutover)"));
+    let (ok, detail) = foreign_keys_hold(resolved, green).await?;
+    check("foreign keys between planned tables", ok, detail);
     Ok(checks)
+}
+
+/// Rows (at most this many per foreign key) without the row they reference are named.
+const ORPHANS_SHOWN: i64 = 3;
+
+/// Proves green's foreign keys between planned tables hold: apply writes with
+/// `session_replication_role = replica`, so nothing else checks the rows it wrote. A child row
+/// whose key columns are all set must find its parent (MATCH SIMPLE).
+async fn foreign_keys_hold(resolved: &ResolvedPlan, green: &Client) -> Result<(bool, String)> {
+    let targets: Vec<String> = resolved.tables.iter().map(|t| t.target.quoted()).collect();
+    let fks = green
+        .query(
+            "SELECT c.conname::text, c.conrelid::regclass::text, c.confrelid::regclass::text, \
+                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(c.conkey) WITH ORDINALITY k(n, o) \
+                          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o), \
+                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(c.confkey) WITH ORDINALITY k(n, o) \
+                          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o) \
+             FROM pg_catalog.pg_constraint c \
+             WHERE c.contype = 'f' AND c.conrelid = ANY($1::text[]::regclass[]) AND c.confrelid = ANY($1::text[]::regclass[]) \
+             ORDER BY 1",
+            &[&targets],
+        )
+        .await
+        .map_err(crate::error::Error::db("green: reading foreign keys"))?;
+    let mut broken = Vec::new();
+    for fk in &fks {
+        let (name, child, parent): (String, String, String) = (fk.get(0), fk.get(1), fk.get(2));
+        let (cols, refs): (Vec<String>, Vec<String>) = (fk.get(3), fk.get(4));
+        let set = cols.iter().map(|c| format!("ch.{c} IS NOT NULL")).collect::<Vec<_>>().join(" AND ");
+        let matches = cols.iter().zip(&refs).map(|(c, r)| format!("p.{r} = ch.{c}")).collect::<Vec<_>>().join(" AND ");
+        let orphans: i64 = green
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {child} ch WHERE {set} \
+                     AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {matches}) LIMIT {ORPHANS_SHOWN}) o"
+                ),
+                &[],
+            )
+            .await
+            .map_err(crate::error::Error::db(format!("green: checking foreign key {name}")))?
+            .get(0);
+        if orphans > 0 {
+            let at_least = if orphans >= ORPHANS_SHOWN { "at least " } else { "" };
+            broken.push(format!("{name}: {at_least}{orphans} row(s) of {child} without their row in {parent}"));
+        }
+    }
+    Ok(if broken.is_empty() {
+        (true, format!("{} hold", fks.len()))
+    } else {
+        (false, format!("{}; find out why (`migrate verify`), fix green, run cutover again", broken.join("; ")))
+    })
 }
 
 /// The PgBouncer side: name, admin console, pool mode, databases file, and `green_dsn`.
