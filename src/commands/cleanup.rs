@@ -24,7 +24,12 @@ pub async fn run(plan: &Plan, force: bool) -> Result<Outcome> {
     let mut phase = None;
     if state.exists(&green).await? {
         phase = state.phase(&green).await?;
-        let (done, failed) = crate::copy::restore_deferred(&green, &state).await?;
+        // A switched migration's green is the application's now: nothing of ours to restore.
+        let (done, failed) = if phase == Some(Phase::Switched) {
+            (Vec::new(), Vec::new())
+        } else {
+            crate::copy::restore_deferred(&green, &state).await?
+        };
         restored = done;
         if !failed.is_empty() && !force {
             return Err(Error::CleanupRefused { objects: failed });

@@ -259,6 +259,7 @@ pub async fn restore_deferred(green: &Client, state: &State) -> Result<(Vec<Stri
     let mut foreign = Vec::new();
     for r in state.recorded_tables(green).await? {
         let Some((st, defs)) = state.table_state(green, &r.id).await? else { continue };
+        // Foreign keys come back only at the end of a copy, so a done table's may be missing too.
         foreign.extend(defs.iter().filter(|d| d.kind == "foreign key").cloned());
         if st == TableState::Done {
             continue;

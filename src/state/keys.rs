@@ -58,7 +58,7 @@ impl State {
                      SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), nextval('{seq}'), l, l \
                      FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS e(t, k, l, o) ORDER BY o \
                      ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, lsn = EXCLUDED.lsn, \
-                       first_lsn = least({pending}.first_lsn, EXCLUDED.first_lsn)",
+                       first_lsn = least(coalesce({pending}.first_lsn, {pending}.lsn), EXCLUDED.first_lsn)",
                     pending = self.table("pending"),
                     seq = self.table("pending_seq").replace('\'', "''"),
                 ),

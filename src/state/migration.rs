@@ -171,6 +171,21 @@ impl State {
         Ok(())
     }
 
+    /// Whether a follower wrote its progress within `window`.
+    pub async fn follower_seen_within(&self, green: &impl GenericClient, window: std::time::Duration) -> Result<bool> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "SELECT coalesce(follower_seen_at > now() - make_interval(secs => $1), false) FROM {} WHERE id = 1",
+                    self.table("migration")
+                ),
+                &[&window.as_secs_f64()],
+            )
+            .await
+            .map_err(Error::db("green: reading follower progress"))?
+            .get(0))
+    }
+
     /// How far capture has stored changes (it moves on every capture round while blue writes).
     pub async fn capture_position(&self, green: &impl GenericClient) -> Result<Option<Lsn>> {
         Ok(green

@@ -33,8 +33,11 @@ const MAX_SHOWN: usize = 100;
 /// Rechecks of a difference while a follower applies, and the wait for it each time.
 const RECHECK_ROUNDS: u32 = 5;
 const RECHECK_WAIT: Duration = Duration::from_secs(10);
-/// Capture's position unchanged this long after a commit point: no follower is running.
+/// Capture's position unchanged this long after a commit point, and no follower report for
+/// [`FOLLOWER_SILENT`]: no follower is running (a running one may sit on one big transaction).
 const CAPTURE_SILENT: Duration = Duration::from_secs(3);
+/// See [`CAPTURE_SILENT`]; a busy follower reports every second.
+const FOLLOWER_SILENT: Duration = Duration::from_secs(5);
 
 /// Values longer than this are shortened in reports.
 const SHOW_CHARS: usize = 60;
@@ -585,7 +588,7 @@ async fn wait_applied(green: &Client, state: &State, lsn: Lsn) -> Result<Applied
         let now = state.capture_position(green).await?;
         if now != position {
             (position, moved) = (now, Instant::now());
-        } else if moved.elapsed() > CAPTURE_SILENT {
+        } else if moved.elapsed() > CAPTURE_SILENT && !state.follower_seen_within(green, FOLLOWER_SILENT).await? {
             return Ok(Applied::Stuck);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
