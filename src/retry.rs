@@ -50,6 +50,26 @@ impl Backoff {
     }
 }
 
+/// Asks `ready` every 200 ms until it says yes or `within` has passed; whether it said yes.
+/// For conditions another session settles soon: a dead `copy`'s lock or slot that its server
+/// has not let go of yet, apply passing a position.
+pub async fn wait_until<F, Fut>(within: Duration, mut ready: F) -> Result<bool>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if ready().await? {
+            return Ok(true);
+        }
+        if started.elapsed() > within {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Errors worth retrying: lost or refused connections and server shutdowns (after a reconnect),
 /// serialization failures and deadlocks (on the same connection), and an object in use (55006:
 /// the slot is still held by the blue session of a `copy` that was just killed, until blue

@@ -15,6 +15,28 @@ fn copy_no_follow(c: &Custom, plan: &std::path::Path) {
     assert_eq!(r.code, 0, "{r:?}");
 }
 
+/// Reads `child`'s stderr in a thread: the receiver gets a message when a line matches `seen`;
+/// the thread returns all of it once the child ends.
+fn watch_stderr(
+    child: &mut std::process::Child,
+    seen: impl Fn(&str) -> bool + Send + 'static,
+) -> (std::sync::mpsc::Receiver<()>, std::thread::JoinHandle<String>) {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            if seen(&line) {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    (rx, reader)
+}
+
 fn assert_same(c: &Custom, blue: &str, green: &str) {
     assert_eq!(
         fingerprint(&c.blue, blue),
@@ -202,19 +224,7 @@ fn heap_rewrite_during_a_resumed_copy_loses_no_rows() {
         &["copy", plan.to_str().unwrap(), "--no-follow"],
         &[("MIGRATE_FAULT", "copy.snapshot-exported:sleep=3000"), ("MIGRATE_LOG", "info")],
     );
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            if line.contains("stalling at copy.snapshot-exported") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
+    let (rx, reader) = watch_stderr(&mut child, |line| line.contains("stalling at copy.snapshot-exported"));
     rx.recv_timeout(Duration::from_secs(60)).expect("run 2 never reached its snapshot");
     let blue = c.blue.url();
     let vacuum = std::thread::spawn(move || vacuum_full(&blue, "big"));
@@ -247,20 +257,9 @@ fn prepared_transaction_is_named(method: &str) {
         "[[table]]\nsource = \"public.p\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nv = \"v\"\n",
     );
     let mut child = c.spawn(&["copy", plan.to_str().unwrap(), "--no-follow"], &[]);
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
     let needle = format!("prepared transaction '{gid}'");
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-            if line.contains(&needle) && line.contains("ROLLBACK PREPARED") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
+    let (rx, reader) =
+        watch_stderr(&mut child, move |line| line.contains(&needle) && line.contains("ROLLBACK PREPARED"));
     let named = rx.recv_timeout(Duration::from_secs(30));
     c.blue.psql(&format!("ROLLBACK PREPARED '{gid}'"));
     let status = child.wait().unwrap();
@@ -354,13 +353,7 @@ fn rename_stops_following(method: &str) {
     let c = Custom::new(&format!("{schema} INSERT INTO t SELECT i, i FROM generate_series(1, 1000) i;"), schema);
     let plan = c.plan(method, "workers = 1", drift_entry());
     let mut child = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
-    let started = Instant::now();
-    while c.green.psql(&c.sql("SELECT to_regclass('bluegreen_custom.migration') IS NOT NULL")) != "t"
-        || c.green.psql(&c.sql("SELECT state->>'phase' FROM bluegreen_custom.migration")) != "following"
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "copy did not reach following");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_phase("following");
     c.blue.psql("ALTER TABLE t RENAME TO t_old; UPDATE t_old SET n = n + 1 WHERE id <= 10;");
     let started = Instant::now();
     let status = loop {

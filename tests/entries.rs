@@ -22,19 +22,6 @@ fn entry<'a>(entries: &'a [String], target: &str) -> &'a String {
         .unwrap_or_else(|| panic!("no entry {target}"))
 }
 
-fn wait_phase(s: &Oauth, phase: &str) {
-    let started = Instant::now();
-    loop {
-        let ready = s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.migration') IS NOT NULL")) == "t"
-            && s.green.psql(&s.sql("SELECT state->>'phase' FROM bluegreen_oauth_v2.migration")) == phase;
-        if ready {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(90), "copy did not reach {phase}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// One write to every planned table, so every entry has keys to route.
 fn write_every_table(s: &Oauth, n: u32) {
     s.blue.psql(&format!(
@@ -61,7 +48,7 @@ fn reordered_added_and_removed(method: &str) {
     let first: String = entries.iter().filter(|e| **e != events).cloned().collect();
     let plan1 = s.write_plan(&format!("{head}{first}"));
     let mut child = s.spawn(&["copy", plan1.to_str().unwrap()]);
-    wait_phase(&s, "following");
+    s.wait_phase("following");
     let writer = Writer::start(s.blue.url(), Duration::from_millis(2));
     for n in 0..3 {
         write_every_table(&s, n);
@@ -83,7 +70,7 @@ fn reordered_added_and_removed(method: &str) {
         assert!(started.elapsed() < Duration::from_secs(90), "the entry added to a following plan was not copied");
         std::thread::sleep(Duration::from_millis(100));
     }
-    wait_phase(&s, "following");
+    s.wait_phase("following");
     for n in 3..6 {
         write_every_table(&s, n);
     }

@@ -2,7 +2,7 @@
 //! key and column, equal-but-differently-written values pass, and a following copy under a
 //! concurrent writer never produces a false difference.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{run, writer::Writer, Oauth};
 
@@ -103,16 +103,7 @@ fn no_false_differences_under_live_writes() {
     let s = Oauth::new(10_000);
     let plan = s.plan_with_copy("workers = 2\nchunk_rows = 2000\ndefer_indexes = true");
     let mut child = s.spawn(&["copy", plan.to_str().unwrap()]);
-    let started = Instant::now();
-    loop {
-        let ready = s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.migration') IS NOT NULL")) == "t"
-            && s.green.psql(&s.sql("SELECT state->>'phase' FROM bluegreen_oauth_v2.migration")) == "following";
-        if ready {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "copy did not reach following");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.wait_phase("following");
     let writer = Writer::start(s.blue.url(), Duration::from_millis(3));
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(500));
@@ -132,16 +123,7 @@ fn no_false_differences_while_the_follower_report_is_stale() {
     let s = Oauth::new(10_000);
     let plan = s.plan_with_copy("workers = 2\nchunk_rows = 2000\ndefer_indexes = true");
     let mut child = s.spawn(&["copy", plan.to_str().unwrap()]);
-    let started = Instant::now();
-    loop {
-        let ready = s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.migration') IS NOT NULL")) == "t"
-            && s.green.psql(&s.sql("SELECT state->>'phase' FROM bluegreen_oauth_v2.migration")) == "following";
-        if ready {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "copy did not reach following");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.wait_phase("following");
     let writer = Writer::start(s.blue.url(), Duration::from_millis(2));
     // Keeps the follower's last report 30 s old, as a follower stuck in retries would leave it.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

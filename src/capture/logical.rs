@@ -86,12 +86,7 @@ impl Logical {
     /// write position, which runs ahead under `synchronous_commit = off`) is what a peek that
     /// returned nothing proves captured.
     pub async fn current_lsn(&self) -> Result<Lsn> {
-        Ok(self
-            .blue
-            .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
-            .await
-            .map_err(Error::db("blue: reading the WAL position"))?
-            .get(0))
+        crate::pg::flush_lsn(&self.blue).await
     }
 
     /// A position every transaction committed so far on blue lies before; see [`crate::pg::commit_point`].
@@ -302,19 +297,17 @@ const SLOT_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10
 pub async fn drop_objects(blue: &Client, plan: &str) -> Result<()> {
     let slot = super::object_name(plan);
     // The session of a `copy` that just died holds the slot until blue notices: wait a little.
-    let started = std::time::Instant::now();
-    loop {
-        let active: Option<i32> = blue
-            .query_opt("SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&slot])
-            .await
-            .map_err(Error::db("blue: looking for the replication slot"))?
-            .and_then(|r| r.get(0));
-        match active {
-            None => break,
-            Some(pid) if started.elapsed() > SLOT_RELEASE_WAIT => {
-                return Err(Error::SlotInUse { slot: slot.to_string(), pid });
-            }
-            Some(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+    let holder = || async {
+        Ok::<Option<i32>, Error>(
+            blue.query_opt("SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = $1", &[&slot])
+                .await
+                .map_err(Error::db("blue: looking for the replication slot"))?
+                .and_then(|r| r.get(0)),
+        )
+    };
+    if !crate::retry::wait_until(SLOT_RELEASE_WAIT, || async { Ok(holder().await?.is_none()) }).await? {
+        if let Some(pid) = holder().await? {
+            return Err(Error::SlotInUse { slot: slot.to_string(), pid });
         }
     }
     blue.execute(

@@ -86,20 +86,18 @@ pub async fn lock_plan(green: &Client, plan: &str, command: &str) -> Result<()> 
     let key = format!("{LOCK_NAMESPACE}{plan}");
     // A `copy` killed a moment ago holds the lock until green notices its session is gone:
     // try for a few seconds before calling the plan busy.
-    let started = std::time::Instant::now();
-    loop {
-        let got: bool = green
+    let got = crate::retry::wait_until(PLAN_LOCK_WAIT, || async {
+        Ok(green
             .query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key])
             .await
             .map_err(Error::db("green: taking the plan lock"))?
-            .get(0);
-        if got {
-            return Ok(());
-        }
-        if started.elapsed() > PLAN_LOCK_WAIT {
-            return Err(Error::Busy { plan: plan.to_string(), command: command.to_string() });
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            .get(0))
+    })
+    .await?;
+    if got {
+        Ok(())
+    } else {
+        Err(Error::Busy { plan: plan.to_string(), command: command.to_string() })
     }
 }
 

@@ -110,10 +110,7 @@ async fn migration_checks(
         // Apply writes a child a moment before its parent (one transaction per table): look
         // again once it has passed what blue has committed now.
         let lsn = crate::pg::commit_point(blue).await?;
-        let started = std::time::Instant::now();
-        while started.elapsed() < std::time::Duration::from_secs(10) && !state.applied_through(green, lsn).await? {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        crate::retry::wait_until(std::time::Duration::from_secs(10), || state.applied_through(green, lsn)).await?;
         (ok, detail) = foreign_keys_hold(resolved, green).await?;
     }
     check("foreign keys between planned tables", ok, detail);

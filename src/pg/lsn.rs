@@ -56,17 +56,23 @@ impl<'a> FromSql<'a> for Lsn {
 
 /// Blue's current WAL write position, as bytes from 0/0.
 pub async fn current_lsn(client: &Client) -> Result<Lsn> {
-    Ok(client
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
-        .await
-        .map_err(Error::db("blue: reading the WAL position"))?
-        .get(0))
+    position(client, "pg_current_wal_lsn").await
 }
 
 /// Blue's current WAL insert position (ahead of the write position), as bytes from 0/0.
 pub async fn insert_lsn(client: &Client) -> Result<Lsn> {
+    position(client, "pg_current_wal_insert_lsn").await
+}
+
+/// Blue's WAL flush position: decoding reads only up to it.
+pub async fn flush_lsn(client: &Client) -> Result<Lsn> {
+    position(client, "pg_current_wal_flush_lsn").await
+}
+
+/// One of the `pg_current_wal_*_lsn` functions, as bytes from 0/0.
+async fn position(client: &Client, function: &str) -> Result<Lsn> {
     Ok(client
-        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[])
+        .query_one(&format!("SELECT ({function}() - '0/0')::int8"), &[])
         .await
         .map_err(Error::db("blue: reading the WAL position"))?
         .get(0))
@@ -89,18 +95,8 @@ pub async fn commit_point(blue: &Client) -> Result<Lsn> {
         // Without the privilege, wait out the WAL writer (it flushes within 3 x wal_writer_delay).
         tracing::debug!(error = %pg_message(&e), "cannot emit a logical message; waiting for the WAL writer instead");
         tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-        let flush: Lsn = blue
-            .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
-            .await
-            .map_err(Error::db("blue: reading the WAL position"))?
-            .get(0);
-        return Ok(flush);
     }
-    Ok(blue
-        .query_one("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8", &[])
-        .await
-        .map_err(Error::db("blue: reading the WAL position"))?
-        .get(0))
+    flush_lsn(blue).await
 }
 
 #[cfg(test)]

@@ -8,6 +8,6 @@ pub mod pool;
 pub mod quote;
 
 pub use conn::{ConnError, ConnInfo, Side};
-pub use lsn::{commit_point, current_lsn, insert_lsn, Lsn};
+pub use lsn::{commit_point, current_lsn, flush_lsn, insert_lsn, Lsn};
 pub use pool::SidePool;
 pub use quote::{ident, literal, QualifiedName};

@@ -54,6 +54,15 @@ pub struct TableProgress {
     pub chunks: i64,
 }
 
+/// A stored table state, or an error naming the entry and the value.
+fn stored_state(id: &TableId, name: String) -> Result<TableState> {
+    TableState::from_name(&name).ok_or_else(|| Error::StateDecode {
+        what: format!("the copy state of {id}"),
+        value: name,
+        reason: "not a table state".into(),
+    })
+}
+
 impl State {
     /// Reads an entry's state and its recorded deferred objects.
     pub async fn table_state(
@@ -66,12 +75,7 @@ impl State {
             .await
             .map_err(Error::db(format!("green: reading state of {id}")))?;
         let Some(r) = row else { return Ok(None) };
-        let name: String = r.get(0);
-        let state = TableState::from_name(&name).ok_or_else(|| Error::StateDecode {
-            what: format!("the copy state of {id}"),
-            value: name.clone(),
-            reason: "not a table state".into(),
-        })?;
+        let state = stored_state(id, r.get(0))?;
         let deferred = decode(&format!("the deferred objects of {id}"), r.get(1))?;
         Ok(Some((state, deferred)))
     }
@@ -152,12 +156,7 @@ impl State {
         rows.iter()
             .map(|r| {
                 let id = TableId::from_stored(r.get(0));
-                let name: String = r.get(1);
-                let state = TableState::from_name(&name).ok_or_else(|| Error::StateDecode {
-                    what: format!("the copy state of {id}"),
-                    value: name.clone(),
-                    reason: "not a table state".into(),
-                })?;
+                let state = stored_state(&id, r.get(1))?;
                 Ok(TableRecord { id, state, definition: r.get(2), target: r.get(3) })
             })
             .collect()

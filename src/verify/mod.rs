@@ -112,9 +112,7 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
     let follower = if state.exists(green).await? { Some(state.clone()) } else { None };
     let mut tables = Vec::new();
     for t in &resolved.tables {
-        if only.is_some_and(|o| {
-            o != t.target.to_string() && o != t.source.to_string() && o != t.target.name && o != t.source.name
-        }) {
+        if only.is_some_and(|o| !t.named_by_any(&[o.to_string()])) {
             continue;
         }
         let text = |e: &str| portable.text.replace("{}", e);
@@ -198,16 +196,7 @@ impl KeyCheck {
         } else {
             self.hashing.text.replace("{}", "({})::text")
         };
-        let v = Verifier {
-            blue,
-            blue2: blue,
-            green,
-            t,
-            row_hash,
-            key_hash: String::new(),
-            follower: None,
-            source_keys: true,
-        };
+        let v = Verifier::for_captured_keys(blue, green, t, row_hash);
         let hashes = v.hashes(keys).await?;
         Ok(keys.iter().filter(|k| hashes.get(*k).is_some_and(|(b, g)| b != g)).cloned().collect())
     }
@@ -220,17 +209,7 @@ impl KeyCheck {
         t: &ResolvedTable,
         keys: &[Vec<String>],
     ) -> Result<Vec<Difference>> {
-        let v = Verifier {
-            blue,
-            blue2: blue,
-            green,
-            t,
-            row_hash: String::new(),
-            key_hash: String::new(),
-            follower: None,
-            source_keys: true,
-        };
-        v.describe(keys).await
+        Verifier::for_captured_keys(blue, green, t, String::new()).describe(keys).await
     }
 }
 
@@ -292,6 +271,14 @@ struct Verifier<'a> {
     follower: Option<&'a State>,
     /// Keys are given in blue's text (captured keys), not as the transformed rows show them.
     source_keys: bool,
+}
+
+impl<'a> Verifier<'a> {
+    /// A verifier of single keys given in blue's text (cutover's re-checks): no buckets, no
+    /// follower to wait for.
+    fn for_captured_keys(blue: &'a Client, green: &'a Client, t: &'a ResolvedTable, row_hash: String) -> Self {
+        Verifier { blue, blue2: blue, green, t, row_hash, key_hash: String::new(), follower: None, source_keys: true }
+    }
 }
 
 impl Verifier<'_> {

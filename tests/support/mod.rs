@@ -158,14 +158,7 @@ impl Oauth {
     /// `migrate ARGS` to start in the background: stdout discarded, stderr captured for failure
     /// messages (warnings and errors only, so the unread pipe never fills).
     pub fn background(&self, args: &[&str]) -> std::process::Command {
-        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"));
-        c.env("BLUE_URL", self.blue.url())
-            .env("GREEN_URL", self.green.url())
-            .env("MIGRATE_LOG", "warn")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        c
+        background(&self.blue, &self.green, args)
     }
 
     /// Starts `migrate ARGS` in the background (see [`Oauth::background`]).
@@ -175,10 +168,47 @@ impl Oauth {
 
     /// `migrate ARGS` with BLUE_URL and GREEN_URL pointing at this scenario.
     pub fn migrate(&self, args: &[&str]) -> assert_cmd::Command {
-        let mut c = assert_cmd::Command::cargo_bin("migrate").unwrap();
-        c.env("BLUE_URL", self.blue.url()).env("GREEN_URL", self.green.url()).env("MIGRATE_LOG", "info").args(args);
-        c.timeout(std::time::Duration::from_secs(300));
-        c
+        migrate(&self.blue, &self.green, args)
+    }
+
+    /// Waits (up to 90 s) until this scenario's migration is in `phase`.
+    pub fn wait_phase(&self, phase: &str) {
+        wait_phase(&self.green, &self.sql("bluegreen_oauth_v2"), phase);
+    }
+}
+
+/// `migrate ARGS` with BLUE_URL and GREEN_URL pointing at `blue` and `green`.
+fn migrate(blue: &TestDb, green: &TestDb, args: &[&str]) -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::cargo_bin("migrate").unwrap();
+    c.env("BLUE_URL", blue.url()).env("GREEN_URL", green.url()).env("MIGRATE_LOG", "info").args(args);
+    c.timeout(std::time::Duration::from_secs(300));
+    c
+}
+
+/// `migrate ARGS` to start in the background against `blue` and `green`: stdout discarded,
+/// stderr captured (warnings and errors only, so an unread pipe never fills).
+fn background(blue: &TestDb, green: &TestDb, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"));
+    c.env("BLUE_URL", blue.url())
+        .env("GREEN_URL", green.url())
+        .env("MIGRATE_LOG", "warn")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
+/// Waits (up to 90 s) until the migration whose state is in `schema` on `green` is in `phase`.
+fn wait_phase(green: &TestDb, schema: &str, phase: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let ready = green.psql(&format!("SELECT to_regclass('{schema}.migration') IS NOT NULL")) == "t"
+            && green.psql(&format!("SELECT state->>'phase' FROM {schema}.migration")) == phase;
+        if ready {
+            return;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(90), "the migration did not reach {phase}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
@@ -333,21 +363,17 @@ impl Custom {
 
     /// `migrate ARGS` against this scenario.
     pub fn migrate(&self, args: &[&str]) -> assert_cmd::Command {
-        let mut c = assert_cmd::Command::cargo_bin("migrate").unwrap();
-        c.env("BLUE_URL", self.blue.url()).env("GREEN_URL", self.green.url()).env("MIGRATE_LOG", "info").args(args);
-        c.timeout(std::time::Duration::from_secs(300));
-        c
+        migrate(&self.blue, &self.green, args)
+    }
+
+    /// Waits (up to 90 s) until this scenario's migration is in `phase`.
+    pub fn wait_phase(&self, phase: &str) {
+        wait_phase(&self.green, &self.sql("bluegreen_custom"), phase);
     }
 
     /// `migrate ARGS` in the background, stderr captured.
     pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
-        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"));
-        c.env("BLUE_URL", self.blue.url())
-            .env("GREEN_URL", self.green.url())
-            .env("MIGRATE_LOG", "warn")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        let mut c = background(&self.blue, &self.green, args);
         for (k, v) in env {
             c.env(k, v);
         }
