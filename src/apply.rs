@@ -33,16 +33,21 @@ pub async fn prepare_green(green: &Client) -> Result<()> {
     Ok(())
 }
 
-/// Applies one batch of pending keys of the `ready` tables. Returns how many keys were applied.
+/// Keys applied by one batch, by entry, in blue's text form.
+pub type Applied = BTreeMap<TableId, Vec<Vec<String>>>;
+
+/// Applies one batch of pending keys of the `ready` tables. Returns the keys applied (the
+/// cutover re-checks foreign keys for exactly those rows).
 pub async fn apply_batch(
     blue: &Client,
     green: &mut Client,
     state: &State,
     tables: &[ResolvedTable],
     ready: &[TableId],
-) -> Result<usize> {
+) -> Result<Applied> {
+    let mut applied = Applied::new();
     if ready.is_empty() {
-        return Ok(0);
+        return Ok(applied);
     }
     let mut by_table: BTreeMap<TableId, (Vec<Vec<String>>, Vec<i64>)> = BTreeMap::new();
     for (id, key, seq) in state.pending_batch(green, ready, BATCH_KEYS).await? {
@@ -50,13 +55,12 @@ pub async fn apply_batch(
         e.0.push(key);
         e.1.push(seq);
     }
-    let mut applied = 0;
     for (id, (keys, seqs)) in by_table {
         let Some(t) = tables.iter().find(|t| t.id == id) else { continue };
         let span = tracing::info_span!("apply", table = %t.target, keys = keys.len());
         apply_table(blue, green, state, t, &keys, &seqs).instrument(span).await?;
         crate::fault::point("apply.committed").await;
-        applied += keys.len();
+        applied.insert(id, keys);
     }
     Ok(applied)
 }

@@ -377,6 +377,15 @@ pub enum Error {
         /// The budget.
         waited: Duration,
     },
+    /// The work in the pause (drain, final check, sequences, in_pause hooks) overran.
+    #[error(
+        "the work in the pause did not finish within pause_timeout ({waited:?}); traffic was resumed on blue: \
+         raise pause_timeout, or cut over when blue takes fewer writes"
+    )]
+    PauseBudget {
+        /// The budget.
+        waited: Duration,
+    },
     /// Green did not catch up within the cutover's budget.
     #[error("{what}: green did not catch up with blue in time")]
     CatchUpTimedOut {
@@ -391,13 +400,31 @@ pub enum Error {
         /// The first few, described.
         shown: Vec<String>,
     },
-    /// A failure after RELOAD: traffic is on green already.
-    #[error("PgBouncer already points at green, but: {source}; run `RESUME {database}` on the admin console if clients wait")]
-    AfterRepoint {
-        /// PgBouncer database.
-        database: String,
+    /// Green's foreign keys between planned tables would not hold after the switch.
+    #[error("green's foreign keys would not hold after the switch: {}; run `migrate verify`", shown.join("; "))]
+    OrphanRows {
+        /// Each broken foreign key with a few of its rows.
+        shown: Vec<String>,
+    },
+    /// A failure once traffic moved to green (after RELOAD, or after the v2 entry resumed).
+    #[error("traffic is on green already, but: {source}; {advice}")]
+    AfterSwitch {
+        /// What the operator should check or run.
+        advice: String,
         /// What failed.
         source: Box<Error>,
+    },
+    /// A `[[cutover.hook]]` failed or ran out of time.
+    #[error("{at} hook `{run}` failed: {why}{}", if output.is_empty() { String::new() } else { format!(" ({output})") })]
+    HookFailed {
+        /// Its point.
+        at: &'static str,
+        /// The command.
+        run: String,
+        /// Exit code, or why it was killed.
+        why: String,
+        /// The last line it printed.
+        output: String,
     },
     /// The cutover failed and so did its roll back.
     #[error(

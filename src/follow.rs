@@ -346,7 +346,11 @@ impl ApplySide {
     ) -> Result<Option<Stop>> {
         let ready = self.ready_tables().await?;
         let blue = self.blue.get().await?;
-        let applied = apply::apply_batch(&blue, &mut self.green, &self.state, &self.tables, &ready).await?;
+        let applied: usize = apply::apply_batch(&blue, &mut self.green, &self.state, &self.tables, &ready)
+            .await?
+            .values()
+            .map(Vec::len)
+            .sum();
         self.applied += applied as u64;
         if last_report.elapsed() >= REPORT_EVERY {
             *last_report = Instant::now();

@@ -9,6 +9,7 @@ mod correctness;
 mod crash;
 mod cutover;
 mod entries;
+mod handover;
 mod identifiers;
 mod plan;
 mod security;

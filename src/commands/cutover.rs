@@ -46,6 +46,7 @@ pub fn render_text(r: &Report) -> String {
         for (step, ms) in &r.timeline {
             let _ = writeln!(o, "  {step:<26} {ms:>9.1} ms");
         }
+        o.push_str(&render_hooks(&r.hooks));
         return o;
     }
     if matches!(r.ended, Ended::Switched { .. } | Ended::Aborted { .. }) {
@@ -56,23 +57,45 @@ pub fn render_text(r: &Report) -> String {
         for s in &r.sequences {
             let _ = writeln!(o, "  sequence {} set to {}", s.sequence, s.set);
         }
+        o.push_str(&render_hooks(&r.hooks));
         if let Some(p) = r.paused_ms {
             let _ = writeln!(o, "traffic paused for {p:.1} ms (PAUSE sent to RESUME done)");
         }
     }
     let _ = match &r.ended {
         Ended::NoState => writeln!(o, "cutover not attempted: no migration state on green; run `migrate copy` first"),
-        Ended::AlreadySwitched { database } => {
-            writeln!(o, "already switched: PgBouncer database `{database}` points at green")
-        }
+        Ended::AlreadySwitched { traffic } => writeln!(o, "already switched: {traffic}"),
         Ended::ChecksFailed { failed } => {
             writeln!(o, "cutover not attempted: {failed} check(s) failed; traffic stays on blue")
         }
         Ended::DryRunPassed => writeln!(o, "dry run: every check passed; nothing was changed"),
-        Ended::Switched { database } => writeln!(o, "switched: PgBouncer database `{database}` now points at green"),
+        Ended::Switched { traffic } => writeln!(o, "switched: {traffic}"),
         Ended::Aborted { reason } => {
             writeln!(o, "cutover aborted: {reason}\ntraffic stays on blue; following continues")
         }
     };
+    o
+}
+
+/// Each hook run: point, command, how it ended, and the last line it printed.
+fn render_hooks(hooks: &[crate::state::HookRecord]) -> String {
+    let mut o = String::new();
+    for h in hooks {
+        let how = match (&h.note, h.exit) {
+            (Some(note), _) => note.clone(),
+            (None, Some(code)) => format!("exit {code}"),
+            (None, None) => "no exit code".into(),
+        };
+        let last = h.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        let _ = writeln!(
+            o,
+            "  hook {} `{}`: {} ({how}, {:.1} ms){}",
+            h.at,
+            h.run,
+            if h.ok { "ok" } else { "FAILED" },
+            h.ms,
+            if last.is_empty() { String::new() } else { format!(": {last}") }
+        );
+    }
     o
 }

@@ -14,13 +14,15 @@
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
+mod foreign_keys;
+mod hooks;
 mod preflight;
 mod switch;
 
 use crate::{
     error::{Error, Result},
     pgbouncer::{databases_file, Bouncer},
-    plan::{Check, PgbouncerSettings, Plan, ResolvedPlan},
+    plan::{Check, PgbouncerSettings, Plan, ResolvedPlan, SwitchMode, V1AfterSwitch},
     shutdown::Shutdown,
     state::{CutoverStep, Phase, State},
 };
@@ -49,8 +51,8 @@ fn settings(plan: &Plan) -> Result<&PgbouncerSettings> {
                 line,
                 field: "cutover.pgbouncer".into(),
                 message: format!(
-                    "cutover needs a [cutover.pgbouncer] section (admin_url, database, databases_file, \
-                     green_dsn); add it {place}"
+                    "cutover needs a [cutover.pgbouncer] section (admin_url, database, and databases_file \
+                     with green_dsn, or mode = \"handover\" with v2_database); add it {place}"
                 ),
             }],
         }
@@ -99,7 +101,7 @@ pub async fn run(
         recover(pb, &green, &state, step).await?;
     }
     if state.phase(&green).await? == Some(Phase::Switched) {
-        return Ok(Report::ended(Ended::AlreadySwitched { database: pb.database.clone() }));
+        return Ok(Report::ended(Ended::AlreadySwitched { traffic: traffic_on_green(pb) }));
     }
     let checks = preflight(plan, pb, resolved, &blue, &green, &state).await?;
     on_preflight(&checks);
@@ -127,8 +129,8 @@ pub enum Ended {
     NoState,
     /// An earlier cutover switched already.
     AlreadySwitched {
-        /// The PgBouncer database.
-        database: String,
+        /// Where traffic goes now, in words.
+        traffic: String,
     },
     /// Preflight found problems: not attempted, traffic stays on blue.
     ChecksFailed {
@@ -139,8 +141,8 @@ pub enum Ended {
     DryRunPassed,
     /// Traffic is on green.
     Switched {
-        /// The PgBouncer database.
-        database: String,
+        /// Where traffic goes now, in words.
+        traffic: String,
     },
     /// Rolled back: traffic stays on blue, following continues.
     Aborted {
@@ -163,11 +165,13 @@ pub struct Report {
     pub sequences: Vec<crate::state::SequenceSet>,
     /// PAUSE sent to RESUME done, when traffic was paused.
     pub paused_ms: Option<f64>,
+    /// Each hook run.
+    pub hooks: Vec<crate::state::HookRecord>,
 }
 
 impl Report {
     fn ended(ended: Ended) -> Report {
-        Report { ended, error: None, timeline: Vec::new(), sequences: Vec::new(), paused_ms: None }
+        Report { ended, error: None, timeline: Vec::new(), sequences: Vec::new(), paused_ms: None, hooks: Vec::new() }
     }
 
     /// Whether the command succeeded: switched, already switched, or a clean dry run.
@@ -176,23 +180,65 @@ impl Report {
     }
 }
 
+/// Where traffic goes once switched, for the report.
+fn traffic_on_green(pb: &PgbouncerSettings) -> String {
+    match &pb.mode {
+        SwitchMode::Repoint { .. } => format!("PgBouncer database `{}` points at green", pb.database),
+        SwitchMode::Handover { v2_database, v1_after_switch } => format!(
+            "the v2 entry `{v2_database}` (green) takes traffic; the v1 entry `{}` {}",
+            pb.database,
+            match v1_after_switch {
+                V1AfterSwitch::Disable => "is disabled",
+                V1AfterSwitch::Pause => "stays paused",
+            }
+        ),
+    }
+}
+
 /// Finishes or rolls back a cutover that stopped at `step` (its process died).
 async fn recover(pb: &PgbouncerSettings, green: &Client, state: &State, step: CutoverStep) -> Result<()> {
     let mut bouncer = Bouncer::connect(&pb.admin, &pb.database).await?;
-    let green_line = format!("{} = {}", pb.database, pb.green_dsn);
-    let repointed = step.green_may_be_live()
-        && std::fs::read_to_string(&pb.databases_file)
-            .ok()
-            .and_then(|text| databases_file::find_entry(&text, &pb.database).map(|r| text[r].trim() == green_line))
-            .unwrap_or(false);
-    if repointed {
-        // Everything before the repoint (drain, final check, sequences) had completed.
-        bouncer.reload().await?;
-        bouncer.resume().await?;
+    let finished = match &pb.mode {
+        SwitchMode::Repoint { databases_file, green_dsn } => {
+            let green_line = format!("{} = {}", pb.database, green_dsn);
+            let repointed = step.green_may_be_live()
+                && std::fs::read_to_string(databases_file)
+                    .ok()
+                    .and_then(|text| {
+                        databases_file::find_entry(&text, &pb.database).map(|r| text[r].trim() == green_line)
+                    })
+                    .unwrap_or(false);
+            if repointed {
+                // Everything before the repoint (drain, final check, sequences) had completed.
+                bouncer.reload().await?;
+                bouncer.resume().await?;
+            } else {
+                bouncer.resume().await?;
+            }
+            repointed
+        }
+        SwitchMode::Handover { v2_database, v1_after_switch } => {
+            let mut v2 = Bouncer::connect(&pb.admin, v2_database).await?;
+            // The v2 entry is paused from the cutover's first step until the switch resumes it.
+            let resumed = step.green_may_be_live() && v2.entry().await?.is_some_and(|e| !e.paused);
+            if resumed {
+                v2.enable().await?;
+                v2.resume().await?;
+                if *v1_after_switch == V1AfterSwitch::Disable {
+                    bouncer.disable().await?;
+                    bouncer.kill().await?;
+                }
+            } else {
+                bouncer.enable().await?;
+                bouncer.resume().await?;
+            }
+            resumed
+        }
+    };
+    if finished {
         state.set_phase(green, &Phase::Switched).await?;
         info!(step = %step, "the interrupted cutover was finished: traffic is on green");
     } else {
-        bouncer.resume().await?;
         let reason = format!("a cutover stopped at step `{step}`; rolled back, traffic stays on blue");
         state.set_phase(green, &Phase::Aborted { reason }).await?;
         info!(step = %step, "the interrupted cutover was rolled back: traffic stays on blue");

@@ -8,8 +8,8 @@ use crate::{
     capture::Capture,
     error::{pg_message, Result},
     pg::{ConnInfo, Side},
-    pgbouncer::{databases_file, plain_name},
-    plan::{Check, PgbouncerSettings, Plan, ResolvedPlan},
+    pgbouncer::{databases_file, plain_name, Bouncer},
+    plan::{Check, PgbouncerSettings, Plan, ResolvedPlan, SwitchMode},
     state::{Phase, State},
 };
 
@@ -23,7 +23,7 @@ pub(super) async fn preflight(
     state: &State,
 ) -> Result<Vec<Check>> {
     let mut checks = migration_checks(plan, resolved, blue, green, state).await?;
-    checks.extend(pgbouncer_checks(plan, pb, green).await);
+    checks.extend(pgbouncer_checks(plan, pb, blue, green).await);
     let sequences: usize = resolved.tables.iter().map(|t| t.sequences.len()).sum();
     checks.push(Check { name: "sequences to carry".into(), ok: true, detail: sequences.to_string() });
     Ok(checks)
@@ -105,121 +105,106 @@ async fn migration_checks(
     );
     let touched = view.touched;
     check("keys changed since that verify", true, format!("{touched} (re-verified during the cutover)"));
-    let (mut ok, mut detail) = foreign_keys_hold(resolved, green).await?;
+    let mut fks = super::foreign_keys::ForeignKeys::load(resolved, green).await?;
+    let (mut ok, mut detail) = fks.check_all(resolved, green).await?;
     if !ok && follower {
         // Apply writes a child a moment before its parent (one transaction per table): look
         // again once it has passed what blue has committed now.
         let lsn = crate::pg::commit_point(blue).await?;
         crate::retry::wait_until(std::time::Duration::from_secs(10), || state.applied_through(green, lsn)).await?;
-        (ok, detail) = foreign_keys_hold(resolved, green).await?;
+        (ok, detail) = fks.check_all(resolved, green).await?;
     }
     check("foreign keys between planned tables", ok, detail);
     Ok(checks)
 }
 
-/// Rows (at most this many per foreign key) without the row they reference are named.
-const ORPHANS_SHOWN: i64 = 3;
-
-/// Proves green's foreign keys between planned tables hold: apply writes with
-/// `session_replication_role = replica`, so nothing else checks the rows it wrote. A child row
-/// whose key columns are all set must find its parent (MATCH SIMPLE).
-async fn foreign_keys_hold(resolved: &ResolvedPlan, green: &Client) -> Result<(bool, String)> {
-    let targets: Vec<String> = resolved.tables.iter().map(|t| t.target.quoted()).collect();
-    let fks = green
-        .query(
-            "SELECT c.conname::text, c.conrelid::regclass::text, c.confrelid::regclass::text, \
-                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(c.conkey) WITH ORDINALITY k(n, o) \
-                          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o), \
-                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(c.confkey) WITH ORDINALITY k(n, o) \
-                          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o) \
-             FROM pg_catalog.pg_constraint c \
-             WHERE c.contype = 'f' AND c.conrelid = ANY($1::text[]::regclass[]) AND c.confrelid = ANY($1::text[]::regclass[]) \
-             ORDER BY 1",
-            &[&targets],
-        )
-        .await
-        .map_err(crate::error::Error::db("green: reading foreign keys"))?;
-    let mut broken = Vec::new();
-    for fk in &fks {
-        let (name, child, parent): (String, String, String) = (fk.get(0), fk.get(1), fk.get(2));
-        let (cols, refs): (Vec<String>, Vec<String>) = (fk.get(3), fk.get(4));
-        let set = cols.iter().map(|c| format!("ch.{c} IS NOT NULL")).collect::<Vec<_>>().join(" AND ");
-        let matches = cols.iter().zip(&refs).map(|(c, r)| format!("p.{r} = ch.{c}")).collect::<Vec<_>>().join(" AND ");
-        let orphans: i64 = green
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM (SELECT 1 FROM {child} ch WHERE {set} \
-                     AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {matches}) LIMIT {ORPHANS_SHOWN}) o"
-                ),
-                &[],
-            )
-            .await
-            .map_err(crate::error::Error::db(format!("green: checking foreign key {name}")))?
-            .get(0);
-        if orphans > 0 {
-            let at_least = if orphans >= ORPHANS_SHOWN { "at least " } else { "" };
-            broken.push(format!("{name}: {at_least}{orphans} row(s) of {child} without their row in {parent}"));
-        }
-    }
-    Ok(if broken.is_empty() {
-        (true, format!("{} hold", fks.len()))
-    } else {
-        (false, format!("{}; find out why (`migrate verify`), fix green, run cutover again", broken.join("; ")))
-    })
-}
-
-/// The PgBouncer side: name, admin console, pool mode, databases file, and `green_dsn`.
-async fn pgbouncer_checks(plan: &Plan, pb: &PgbouncerSettings, green: &Client) -> Vec<Check> {
+/// The PgBouncer side: mode and hooks, names, admin console, pool modes, the entries'
+/// servers, and the databases file (repoint) or the v2 entry (handover).
+async fn pgbouncer_checks(plan: &Plan, pb: &PgbouncerSettings, blue: &Client, green: &Client) -> Vec<Check> {
     let mut checks = Vec::new();
     let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
 
-    check(
-        "pgbouncer database name",
-        plain_name(&pb.database),
-        if plain_name(&pb.database) {
-            pb.database.clone()
-        } else {
-            format!("`{}`: the admin console takes only letters, digits and _", pb.database)
-        },
-    );
-    match pb.admin.connect_raw().await {
+    check("cutover mode", true, pb.describe());
+    if !plan.cutover.hooks.is_empty() {
+        let hooks: Vec<String> = plan.cutover.hooks.iter().map(|h| h.describe()).collect();
+        check("hooks", true, hooks.join("; "));
+    }
+    let mut names = vec![pb.database.as_str()];
+    if let SwitchMode::Handover { v2_database, .. } = &pb.mode {
+        names.push(v2_database);
+    }
+    for name in &names {
+        check(
+            "pgbouncer database name",
+            plain_name(name),
+            if plain_name(name) {
+                name.to_string()
+            } else {
+                format!("`{name}`: the admin console takes only letters, digits and _")
+            },
+        );
+    }
+    let admin = match pb.admin.connect_raw().await {
         Ok(admin) => {
             check("pgbouncer admin console", true, pb.admin.to_string());
-            match crate::plan::prereq::pool_mode(&admin, &pb.database).await {
-                Ok(Some(mode)) => check(
-                    "pgbouncer pool_mode",
-                    mode != "session",
-                    if mode == "session" {
-                        "session: PAUSE would wait for every client to disconnect; use transaction".into()
-                    } else {
-                        mode
-                    },
-                ),
-                Ok(None) => check("pgbouncer pool_mode", false, format!("no database `{}` in PgBouncer", pb.database)),
-                Err(e) => check("pgbouncer pool_mode", false, pg_message(&e)),
-            }
+            admin
         }
-        Err(e) => check("pgbouncer admin console", false, e.to_string()),
+        Err(e) => {
+            check("pgbouncer admin console", false, e.to_string());
+            return checks;
+        }
+    };
+    for name in &names {
+        match crate::plan::prereq::pool_mode(&admin, name).await {
+            Ok(Some(mode)) => check(
+                &format!("pgbouncer pool_mode of {name}"),
+                mode != "session",
+                if mode == "session" {
+                    "session: PAUSE would wait for every client to disconnect; use transaction".into()
+                } else {
+                    mode
+                },
+            ),
+            Ok(None) => {
+                check(&format!("pgbouncer pool_mode of {name}"), false, format!("no database `{name}` in PgBouncer"))
+            }
+            Err(e) => check(&format!("pgbouncer pool_mode of {name}"), false, pg_message(&e)),
+        }
     }
-    check(
-        "pgbouncer databases_file",
-        databases_file_ok(pb).is_ok(),
-        match databases_file_ok(pb) {
-            Ok(()) => format!("{} holds `{}` and is writable", pb.databases_file.display(), pb.database),
-            Err(e) => e,
-        },
-    );
-    let (ok, detail) = same_green(plan, pb, green).await;
-    check("green through green_dsn", ok, detail);
+    let (ok, detail) = entry_reaches(&pb.admin, &pb.database, &plan.blue, blue).await;
+    check(&format!("pgbouncer {} reaches blue", pb.database), ok, detail);
+    match &pb.mode {
+        SwitchMode::Repoint { databases_file, green_dsn } => {
+            let file = databases_file_ok(databases_file, &pb.database);
+            check(
+                "pgbouncer databases_file",
+                file.is_ok(),
+                match file {
+                    Ok(()) => format!("{} holds `{}` and is writable", databases_file.display(), pb.database),
+                    Err(e) => e,
+                },
+            );
+            let (ok, detail) = match ConnInfo::parse(Side::Green, green_dsn) {
+                Ok(i) => same_server(&i.with_credentials_of(&plan.green), green, "green_dsn", "green").await,
+                Err(e) => (false, format!("green_dsn: {e}")),
+            };
+            check("green through green_dsn", ok, detail);
+        }
+        SwitchMode::Handover { v2_database, .. } => {
+            let (ok, detail) = entry_reaches(&pb.admin, v2_database, &plan.green, green).await;
+            check(&format!("pgbouncer {v2_database} reaches green"), ok, detail);
+            let (ok, detail) = v2_held(&pb.admin, v2_database).await;
+            check(&format!("pgbouncer {v2_database} receives no traffic yet"), ok, detail);
+        }
+    }
     checks
 }
 
 /// The databases file holds the entry and its directory takes the atomic rename.
-fn databases_file_ok(pb: &PgbouncerSettings) -> std::result::Result<(), String> {
-    let path = &pb.databases_file;
+fn databases_file_ok(path: &std::path::Path, database: &str) -> std::result::Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if databases_file::find_entry(&text, &pb.database).is_none() {
-        return Err(format!("{} has no line for `{}`", path.display(), pb.database));
+    if databases_file::find_entry(&text, database).is_none() {
+        return Err(format!("{} has no line for `{database}`", path.display()));
     }
     let probe = path.with_extension("migrate-probe");
     std::fs::write(&probe, b"").map_err(|e| format!("cannot write beside {}: {e}", path.display()))?;
@@ -227,25 +212,71 @@ fn databases_file_ok(pb: &PgbouncerSettings) -> std::result::Result<(), String> 
     Ok(())
 }
 
-/// Connects through `green_dsn` (with the green URL's credentials where it names none) and
-/// checks that it reaches the same server and database as the plan's green.
-async fn same_green(plan: &Plan, pb: &PgbouncerSettings, green: &Client) -> (bool, String) {
-    let info = match ConnInfo::parse(Side::Green, &pb.green_dsn) {
-        Ok(i) => i.with_credentials_of(&plan.green),
-        Err(e) => return (false, format!("green_dsn: {e}")),
+/// Whether PgBouncer's entry `name` connects to the same server and database as `side`
+/// (reached directly through `direct`): its host, port and database from SHOW DATABASES, with
+/// the plan's credentials for that side.
+async fn entry_reaches(admin: &ConnInfo, name: &str, side: &ConnInfo, direct: &Client) -> (bool, String) {
+    let entry = match Bouncer::connect(admin, name).await {
+        Ok(b) => b.entry().await,
+        Err(e) => Err(e),
     };
+    let e = match entry {
+        Ok(Some(e)) => e,
+        Ok(None) => return (false, format!("no database `{name}` in PgBouncer")),
+        Err(e) => return (false, e.to_string()),
+    };
+    let mut dsn = format!("dbname='{}'", e.database.replace('\\', "\\\\").replace('\'', "\\'"));
+    if !e.host.is_empty() {
+        dsn.push_str(&format!(" host='{}'", e.host));
+    }
+    if !e.port.is_empty() {
+        dsn.push_str(&format!(" port={}", e.port));
+    }
+    match ConnInfo::parse(side.side, &dsn) {
+        Ok(i) => {
+            same_server(&i.with_credentials_of(side), direct, &format!("entry `{name}`"), &side.side.to_string()).await
+        }
+        Err(err) => (false, format!("entry `{name}` ({dsn}): {err}")),
+    }
+}
+
+/// Handover: the v2 entry must not have served green before the switch: paused or disabled
+/// (the cutover pauses it first), or without clients.
+async fn v2_held(admin: &ConnInfo, name: &str) -> (bool, String) {
+    let b = match Bouncer::connect(admin, name).await {
+        Ok(b) => b,
+        Err(e) => return (false, e.to_string()),
+    };
+    match (b.entry().await, b.clients().await) {
+        (Ok(Some(e)), _) if e.paused => (true, "paused".into()),
+        (Ok(Some(e)), _) if e.disabled => (true, "disabled; the cutover pauses it first".into()),
+        (Ok(Some(_)), Ok(0)) => (true, "no clients; the cutover pauses it first".into()),
+        (Ok(Some(_)), Ok(n)) => (
+            false,
+            format!(
+                "{n} client(s) are using it and it is not paused: the v2 application may have written to green; \
+                 `PAUSE {name}` (or stop the v2 application), then `migrate verify` and cutover again"
+            ),
+        ),
+        (Ok(None), _) => (false, format!("no database `{name}` in PgBouncer")),
+        (Err(e), _) | (_, Err(e)) => (false, e.to_string()),
+    }
+}
+
+/// Connects through `info` and checks that it reaches the same server and database as `direct`.
+async fn same_server(info: &ConnInfo, direct: &Client, what: &str, side: &str) -> (bool, String) {
     const WHO: &str = "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()";
-    let direct = match green.query_one(WHO, &[]).await {
+    let direct = match direct.query_one(WHO, &[]).await {
         Ok(r) => r.get::<_, String>(0),
         Err(e) => return (false, pg_message(&e)),
     };
     let client = match info.connect_raw().await {
         Ok(c) => c,
-        Err(e) => return (false, format!("green_dsn {info}: {e}")),
+        Err(e) => return (false, format!("{what} {info}: {e}")),
     };
     match client.query_one(WHO, &[]).await {
-        Ok(r) if r.get::<_, String>(0) == direct => (true, format!("{info} is the plan's green database")),
-        Ok(_) => (false, format!("{info} is not the plan's green database (other server or database)")),
+        Ok(r) if r.get::<_, String>(0) == direct => (true, format!("{what} {info} is the plan's {side} database")),
+        Ok(_) => (false, format!("{what} {info} is not the plan's {side} database (other server or database)")),
         Err(e) => (false, pg_message(&e)),
     }
 }

@@ -1,21 +1,27 @@
-//! The switch itself: stand the follower aside, catch up and re-verify while traffic flows,
-//! PAUSE, drain, final check, sequences, repoint, RELOAD, RESUME; or roll back to blue.
+//! The switch itself: stand the follower aside, catch up, check foreign keys and re-verify while
+//! traffic flows, `before_pause` hooks, PAUSE, drain, final check, sequences, `in_pause` hooks,
+//! then move traffic (repoint: rewrite the line, RELOAD, RESUME; handover: hold the v1 entry,
+//! resume the v2 entry); or roll back to blue.
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use super::{Ended, Report};
+use super::{
+    foreign_keys::ForeignKeys,
+    hooks::{self, HookEnv},
+    Ended, Report,
+};
 use crate::{
-    apply,
+    apply::{self, Applied},
     capture::Capture,
     error::{pg_message, Error, Result},
     pg::ident,
     pgbouncer::{databases_file, Bouncer, Paused},
-    plan::{PgbouncerSettings, Plan, ResolvedPlan},
+    plan::{HookPoint, PgbouncerSettings, Plan, ResolvedPlan, SwitchMode, V1AfterSwitch},
     shutdown::Shutdown,
-    state::{CutoverOutcome, CutoverRecord, CutoverStep, Phase, SequenceSet, State, StepTime},
+    state::{CutoverOutcome, CutoverRecord, CutoverStep, HookRecord, Phase, SequenceSet, State, StepTime},
     verify::KeyCheck,
 };
 
@@ -23,6 +29,13 @@ use crate::{
 const CATCH_UP_BUDGET: Duration = Duration::from_secs(120);
 /// Waiting for a follower round to finish before it stands aside.
 const GATE_WAIT: &str = "30s";
+/// PgBouncer's wait before retrying a failed server login, shortened while the v2 entry resumes.
+const LOGIN_RETRY: &str = "server_login_retry";
+const SWITCH_LOGIN_RETRY: f64 = 0.05;
+/// Catch-up rounds before the pause stop once one takes less than this...
+const ROUND_SHORT: Duration = Duration::from_millis(300);
+/// ...or after this many.
+const MAX_ROUNDS: usize = 6;
 /// Keys compared per query in the re-verify.
 const CHECK_KEYS: usize = 5_000;
 /// Keys named when the final check finds differences.
@@ -40,8 +53,18 @@ pub(super) struct Switch<'a> {
     /// Capture and apply.
     work: Client,
     capture: Capture,
+    /// The application's entry (in handover mode: the v1 application's).
     bouncer: Bouncer,
+    /// Handover mode: the v2 application's entry, held paused until the switch.
+    v2: Option<Bouncer>,
     check: KeyCheck,
+    fks: ForeignKeys,
+    /// Keys applied since the full foreign-key check, re-checked in the pause.
+    applied: Option<Applied>,
+    hooks: Vec<HookRecord>,
+    hook_env: HookEnv,
+    /// Handover: the v1 entry was disabled (an abort enables it again).
+    v1_disabled: bool,
     started: Instant,
     timeline: Vec<(String, f64)>,
     /// When PAUSE was sent: clients queue from then until RESUME.
@@ -50,7 +73,8 @@ pub(super) struct Switch<'a> {
     paused_ms: Option<f64>,
     /// The databases file line replaced, until RELOAD made the switch final.
     old_line: Option<String>,
-    /// RELOAD pointed PgBouncer at green: from here on there is no way back to blue.
+    /// Traffic may reach green (RELOAD, or the v2 entry resumed): from here on there is no
+    /// way back to blue.
     committed: bool,
     sequences: Vec<SequenceSet>,
 }
@@ -68,6 +92,22 @@ impl<'a> Switch<'a> {
         apply::prepare_green(&work).await?;
         let capture = Capture::open(plan, resolved, plan.blue.connect().await?).await?;
         let check = KeyCheck::new(&blue, &green).await?;
+        let fks = ForeignKeys::load(resolved, &green).await?;
+        let v2 = match &pb.mode {
+            SwitchMode::Handover { v2_database, .. } => Some(Bouncer::connect(&pb.admin, v2_database).await?),
+            SwitchMode::Repoint { .. } => None,
+        };
+        let mut hook_env: HookEnv = vec![
+            ("MIGRATE_PLAN", plan.name.clone()),
+            ("MIGRATE_MODE", pb.mode.name().to_string()),
+            ("MIGRATE_DATABASE", pb.database.clone()),
+            ("MIGRATE_BLUE", plan.blue.to_string()),
+            ("MIGRATE_GREEN", plan.green.to_string()),
+            ("MIGRATE_PAUSE_TIMEOUT_MS", pb.pause_timeout.as_millis().to_string()),
+        ];
+        if let SwitchMode::Handover { v2_database, .. } = &pb.mode {
+            hook_env.push(("MIGRATE_V2_DATABASE", v2_database.clone()));
+        }
         Ok(Self {
             plan,
             pb,
@@ -78,7 +118,13 @@ impl<'a> Switch<'a> {
             work,
             capture,
             bouncer: Bouncer::connect(&pb.admin, &pb.database).await?,
+            v2,
             check,
+            fks,
+            applied: None,
+            hooks: Vec::new(),
+            hook_env,
+            v1_disabled: false,
             started: Instant::now(),
             timeline: Vec::new(),
             paused: None,
@@ -111,23 +157,48 @@ impl<'a> Switch<'a> {
             .map_err(Error::db("green: standing the follower aside (follow gate)"))?;
         self.record_step(CutoverStep::CatchUp).await?;
         self.mark("follower stood aside", t);
+        self.hold_v2(shutdown).await?;
 
-        let t = Instant::now();
+        // Catch up and re-verify in rounds: each round only has the writes made during the one
+        // before, so under a steady writer they shrink until one is short; the drain in the
+        // pause then has only that round's writes.
         let deadline = Instant::now() + CATCH_UP_BUDGET;
-        // The catch-up's own deadline names a slow catch-up; this bound only catches a server
-        // that stopped answering.
-        bounded(
-            CATCH_UP_BUDGET + Duration::from_secs(30),
-            "catching up before the pause",
-            self.catch_up(deadline, shutdown, "catching up"),
-        )
-        .await?;
-        self.mark("catch-up", t);
-        let t = Instant::now();
-        let differing = bounded(CATCH_UP_BUDGET, "re-verify before the pause", self.check_touched(false)).await?.len();
-        info!(differing, "keys changed since the last verify checked; differing ones are checked again in the pause");
-        self.mark("re-verify before pause", t);
+        for round in 1..=MAX_ROUNDS {
+            let round_started = Instant::now();
+            let name = if round == 1 { String::new() } else { format!(" (round {round})") };
+            // The catch-up's own deadline names a slow catch-up; this bound only catches a
+            // server that stopped answering.
+            bounded(
+                CATCH_UP_BUDGET + Duration::from_secs(30),
+                "catching up before the pause",
+                self.catch_up(deadline, shutdown, "catching up"),
+            )
+            .await?;
+            self.mark(&format!("catch-up{name}"), round_started);
+            if round == 1 {
+                let t = Instant::now();
+                let (ok, detail) =
+                    bounded(CATCH_UP_BUDGET, "checking foreign keys", self.fks.check_all(self.resolved, &self.green))
+                        .await?;
+                // Orphans now may be a child applied a moment before its parent; the pause
+                // looks at them again, with every key applied from here on.
+                info!(hold = ok, detail = %detail, "foreign keys between planned tables checked; changed rows are checked again in the pause");
+                self.applied = Some(Applied::new());
+                self.mark("foreign keys", t);
+            }
+            let t = Instant::now();
+            let differing =
+                bounded(CATCH_UP_BUDGET, "re-verify before the pause", self.check_touched(false)).await?.len();
+            info!(differing, round, "keys changed since the last verify checked; differing ones are checked again in the pause");
+            self.mark(&format!("re-verify before pause{name}"), t);
+            interrupted(shutdown)?;
+            if round_started.elapsed() < ROUND_SHORT {
+                break;
+            }
+        }
         fault("cutover.caught-up", shutdown).await;
+        interrupted(shutdown)?;
+        self.run_hooks(HookPoint::BeforePause, None, shutdown).await?;
         interrupted(shutdown)?;
 
         self.record_step(CutoverStep::Pause).await?;
@@ -146,14 +217,59 @@ impl<'a> Switch<'a> {
         // Inside the pause, every step together must fit the same budget as PAUSE itself; a
         // server that stops answering counts as an overrun, not a hang with clients queued.
         let budget = self.pb.pause_timeout;
-        bounded(budget, "the work in the pause", self.in_pause(Instant::now() + budget, shutdown)).await?;
+        tokio::time::timeout(budget, self.in_pause(Instant::now() + budget, shutdown))
+            .await
+            .unwrap_or(Err(Error::PauseBudget { waited: budget }))?;
         interrupted(shutdown)?;
 
         self.record_step(CutoverStep::Repoint).await?;
         fault("cutover.before-repoint", shutdown).await;
+        match &self.pb.mode {
+            SwitchMode::Repoint { databases_file, green_dsn } => {
+                self.repoint(databases_file, green_dsn, shutdown).await?
+            }
+            SwitchMode::Handover { v1_after_switch, .. } => self.hand_over(*v1_after_switch, shutdown).await?,
+        }
+
+        self.state.set_phase(&self.green, &Phase::Switched).await?;
+        let hooks = self.run_hooks(HookPoint::AfterSwitch, None, shutdown).await;
+        self.save_record(CutoverOutcome::Switched).await?;
+        if self.plan.cutover.fence_blue {
+            self.fence_blue().await;
+        }
+        hooks
+    }
+
+    /// Handover mode: makes sure the v2 entry is paused, so no v2 statement reaches green before
+    /// the switch (it stays paused if this cutover aborts).
+    async fn hold_v2(&mut self, shutdown: &Shutdown) -> Result<()> {
+        let Some(v2) = self.v2.as_mut() else { return Ok(()) };
         let t = Instant::now();
-        let old = databases_file::rewrite(&self.pb.databases_file, &self.pb.database, &self.pb.green_dsn)
-            .map_err(|source| Error::File { what: "rewriting", path: self.pb.databases_file.clone(), source })?;
+        let entry = v2.entry().await?;
+        if entry.as_ref().is_some_and(|e| e.paused) {
+            return Ok(());
+        }
+        let database = match &self.pb.mode {
+            SwitchMode::Handover { v2_database, .. } => v2_database.clone(),
+            SwitchMode::Repoint { .. } => return Ok(()),
+        };
+        match v2.pause(self.pb.pause_timeout, shutdown).await? {
+            Paused::Yes => {}
+            Paused::TimedOut => {
+                v2.resume().await?;
+                return Err(Error::PauseTimedOut { database, waited: self.pb.pause_timeout });
+            }
+            Paused::Interrupted => return Err(Error::Interrupted { during: "while pausing the v2 entry".into() }),
+        }
+        self.mark("v2 entry paused", t);
+        Ok(())
+    }
+
+    /// Repoint mode: rewrite the entry's line to green, RELOAD (the point of no return), RESUME.
+    async fn repoint(&mut self, databases_file: &std::path::Path, green_dsn: &str, shutdown: &Shutdown) -> Result<()> {
+        let t = Instant::now();
+        let old = databases_file::rewrite(databases_file, &self.pb.database, green_dsn)
+            .map_err(|source| Error::File { what: "rewriting", path: databases_file.to_path_buf(), source })?;
         self.old_line = Some(old);
         self.mark("repoint", t);
         fault("cutover.repointed", shutdown).await;
@@ -166,16 +282,79 @@ impl<'a> Switch<'a> {
         self.bouncer.resume().await?;
         self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
         self.mark("resume", t);
+        Ok(())
+    }
 
-        self.state.set_phase(&self.green, &Phase::Switched).await?;
-        self.save_record(CutoverOutcome::Switched).await?;
-        if self.plan.cutover.fence_blue {
-            self.fence_blue().await;
+    /// Handover mode: the v1 entry never resumes (v1 statements must not succeed anywhere once
+    /// green is live: blue is no longer followed, green has the other schema). Disabled first, so
+    /// no new v1 client gets in; then the v2 entry resumes (the point of no return); then the v1
+    /// entry's queued clients are dropped with an error.
+    async fn hand_over(&mut self, v1_after: V1AfterSwitch, shutdown: &Shutdown) -> Result<()> {
+        let t = Instant::now();
+        if v1_after == V1AfterSwitch::Disable {
+            self.bouncer.disable().await?;
+            self.v1_disabled = true;
+        }
+        self.mark("hold v1 entry", t);
+        fault("cutover.v1-held", shutdown).await;
+        let t = Instant::now();
+        let v2 = self.v2.as_mut().ok_or(Error::Internal("handover without a v2 entry"))?;
+        // A client that logged in to the paused v2 entry before its pool ever had a server
+        // connection made PgBouncer try one, which the pause closed; PgBouncer then waits
+        // `server_login_retry` (15 s by default) before trying again, and those clients with
+        // it. Shortened for the moment of the switch, then put back.
+        let retry = v2.config(LOGIN_RETRY).await?;
+        let shortened = match retry.as_deref().and_then(|r| r.parse::<f64>().ok()) {
+            Some(r) if r > SWITCH_LOGIN_RETRY => v2.set(LOGIN_RETRY, &SWITCH_LOGIN_RETRY.to_string()).await.is_ok(),
+            _ => false,
+        };
+        v2.enable().await?;
+        v2.resume().await?;
+        self.committed = true;
+        self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
+        self.mark("resume v2 entry", t);
+        fault("cutover.v2-resumed", shutdown).await;
+        if v1_after == V1AfterSwitch::Disable {
+            let t = Instant::now();
+            self.bouncer.kill().await?;
+            self.mark("v1 clients dropped", t);
+        }
+        if let (true, Some(original)) = (shortened, retry) {
+            let t = Instant::now();
+            let v2 = self.v2.as_ref().ok_or(Error::Internal("handover without a v2 entry"))?;
+            let served = async {
+                while v2.waiting().await? > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok::<_, Error>(())
+            };
+            if let Err(e) = bounded(Duration::from_secs(2), "v2 clients getting a server", served).await {
+                warn!(error = %e, "v2 clients still wait for a server connection");
+            }
+            v2.set(LOGIN_RETRY, &original).await?;
+            self.mark("v2 clients served", t);
         }
         Ok(())
     }
 
-    /// Drain, final check and sequences, while clients wait.
+    /// Runs the hooks at `at` (if any) as one timeline step.
+    async fn run_hooks(&mut self, at: HookPoint, deadline: Option<Instant>, shutdown: &Shutdown) -> Result<()> {
+        if !self.plan.cutover.hooks.iter().any(|h| h.at == at) {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let mut env = self.hook_env.clone();
+        match at {
+            HookPoint::AfterSwitch => env.push(("MIGRATE_OUTCOME", "switched".into())),
+            HookPoint::OnAbort => env.push(("MIGRATE_OUTCOME", "aborted".into())),
+            _ => {}
+        }
+        let result = hooks::run(&self.plan.cutover.hooks, at, &env, deadline, shutdown, &mut self.hooks).await;
+        self.mark(&format!("{} hooks", at.name()), t);
+        result
+    }
+
+    /// Drain, final check, foreign keys, sequences and `in_pause` hooks, while clients wait.
     async fn in_pause(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
         let t = Instant::now();
         self.catch_up(deadline, shutdown, "draining in the pause").await?;
@@ -185,9 +364,16 @@ impl<'a> Switch<'a> {
         self.final_check().await?;
         self.mark("verify", t);
         let t = Instant::now();
+        let none = Applied::new();
+        let broken = self.fks.check_changed(self.resolved, &self.green, self.applied.as_ref().unwrap_or(&none)).await?;
+        if !broken.is_empty() {
+            return Err(Error::OrphanRows { shown: broken });
+        }
+        self.mark("foreign keys in pause", t);
+        let t = Instant::now();
         self.carry_sequences().await?;
         self.mark("sequences", t);
-        Ok(())
+        self.run_hooks(HookPoint::InPause, Some(deadline), shutdown).await
     }
 
     /// Captures and applies until green holds everything blue committed when called. It chases
@@ -208,7 +394,13 @@ impl<'a> Switch<'a> {
             if captured && !self.state.pending_through(&self.work, target.lsn()).await? {
                 return Ok(());
             }
-            apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all).await?;
+            let applied =
+                apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all).await?;
+            if let Some(since) = self.applied.as_mut() {
+                for (id, keys) in applied {
+                    since.entry(id).or_default().extend(keys);
+                }
+            }
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
                 let pending = self.state.pending_count(&self.work).await?;
@@ -326,6 +518,8 @@ impl<'a> Switch<'a> {
             total_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             steps: self.timeline.iter().map(|(step, ms)| StepTime { step: step.clone(), ms: *ms }).collect(),
             sequences: self.sequences.clone(),
+            mode: Some(self.pb.mode.name().to_string()),
+            hooks: self.hooks.clone(),
         };
         self.state.set_cutover(&self.green, &record).await
     }
@@ -337,6 +531,7 @@ impl<'a> Switch<'a> {
             timeline: self.timeline.clone(),
             sequences: self.sequences.clone(),
             paused_ms: self.paused_ms,
+            hooks: self.hooks.clone(),
         }
     }
 
@@ -344,11 +539,22 @@ impl<'a> Switch<'a> {
     pub(super) async fn finish(mut self, result: Result<()>) -> Report {
         let database = self.pb.database.clone();
         match result {
-            Ok(()) => self.report(Ended::Switched { database }),
-            Err(e) if self.committed => Report {
-                error: Some(Error::AfterRepoint { database: database.clone(), source: Box::new(e) }),
-                ..self.report(Ended::Switched { database })
-            },
+            Ok(()) => self.report(Ended::Switched { traffic: super::traffic_on_green(self.pb) }),
+            Err(e) if self.committed => {
+                let advice = match &self.pb.mode {
+                    SwitchMode::Repoint { .. } => {
+                        format!("run `RESUME {database}` on PgBouncer's admin console if clients wait")
+                    }
+                    SwitchMode::Handover { v2_database, .. } => format!(
+                        "check on PgBouncer's admin console that `{v2_database}` is resumed (RESUME {v2_database}) \
+                         and `{database}` stays paused or disabled"
+                    ),
+                };
+                Report {
+                    error: Some(Error::AfterSwitch { advice, source: Box::new(e) }),
+                    ..self.report(Ended::Switched { traffic: super::traffic_on_green(self.pb) })
+                }
+            }
             Err(e) => match self.roll_back(&e.to_string()).await {
                 Ok(()) => self.report(Ended::Aborted { reason: e.to_string() }),
                 Err(e2) => Report {
@@ -361,15 +567,27 @@ impl<'a> Switch<'a> {
 
     async fn roll_back(&mut self, reason: &str) -> Result<()> {
         let t = Instant::now();
-        if let Some(old) = self.old_line.take() {
+        if let (Some(old), SwitchMode::Repoint { databases_file, .. }) = (self.old_line.take(), &self.pb.mode) {
             let value = old.split_once('=').map(|(_, v)| v.trim().to_string()).unwrap_or_default();
-            databases_file::rewrite(&self.pb.databases_file, &self.pb.database, &value)
-                .map_err(|source| Error::File { what: "restoring", path: self.pb.databases_file.clone(), source })?;
+            databases_file::rewrite(databases_file, &self.pb.database, &value).map_err(|source| Error::File {
+                what: "restoring",
+                path: databases_file.clone(),
+                source,
+            })?;
             self.bouncer.reload().await?;
+        }
+        if self.v1_disabled {
+            self.bouncer.enable().await?;
+            self.v1_disabled = false;
         }
         self.bouncer.resume().await?;
         self.paused = None;
         self.mark("roll back", t);
+        // Undoing what an in_pause hook flipped is the on_abort hooks' job; they run with
+        // traffic flowing again, and their failure does not change how the cutover ended.
+        if let Err(e) = self.run_hooks(HookPoint::OnAbort, None, &Shutdown::manual()).await {
+            warn!(error = %e, "an on_abort hook failed");
+        }
         // Clients flow again; recording the outcome must not hang on a stalled green.
         let record = async {
             self.state.set_phase(&self.green, &Phase::Aborted { reason: reason.to_string() }).await?;

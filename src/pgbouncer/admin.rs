@@ -96,8 +96,24 @@ impl Bouncer {
         self.command("RELOAD").await
     }
 
-    /// The host, port and database PgBouncer currently uses for the entry (from SHOW DATABASES).
-    pub async fn target(&self) -> Result<Option<(String, String, String)>> {
+    /// `DISABLE db`: new client connections are refused.
+    pub async fn disable(&self) -> Result<()> {
+        self.command(&format!("DISABLE {}", self.db())).await
+    }
+
+    /// `ENABLE db`, undoing DISABLE.
+    pub async fn enable(&self) -> Result<()> {
+        self.command(&format!("ENABLE {}", self.db())).await
+    }
+
+    /// `KILL db`: every client and server connection of the database is dropped at once (its
+    /// clients get an error); it then stays paused until RESUME.
+    pub async fn kill(&self) -> Result<()> {
+        self.command(&format!("KILL {}", self.db())).await
+    }
+
+    /// The entry as PgBouncer has it now (SHOW DATABASES), if it has one.
+    pub async fn entry(&self) -> Result<Option<Entry>> {
         let rows = self.admin.simple_query("SHOW DATABASES").await.map_err(|e| Error::Pgbouncer {
             command: "SHOW DATABASES".into(),
             message: pg_message(&e),
@@ -107,12 +123,82 @@ impl Bouncer {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
                 if r.get("name") == Some(self.db()) {
                     let get = |k: &str| r.get(k).unwrap_or("").to_string();
-                    return Ok(Some((get("host"), get("port"), get("database"))));
+                    return Ok(Some(Entry {
+                        host: get("host"),
+                        port: get("port"),
+                        database: get("database"),
+                        paused: get("paused") == "1",
+                        disabled: get("disabled") == "1",
+                    }));
                 }
             }
         }
         Ok(None)
     }
+
+    /// A setting's current value (SHOW CONFIG).
+    pub async fn config(&self, key: &str) -> Result<Option<String>> {
+        let rows = self.admin.simple_query("SHOW CONFIG").await.map_err(|e| Error::Pgbouncer {
+            command: "SHOW CONFIG".into(),
+            message: pg_message(&e),
+            by_hand: false,
+        })?;
+        Ok(rows.into_iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("key") == Some(key) => {
+                r.get("value").map(str::to_string)
+            }
+            _ => None,
+        }))
+    }
+
+    /// `SET key = 'value'` on the running PgBouncer (until its next RELOAD or restart).
+    pub async fn set(&self, key: &str, value: &str) -> Result<()> {
+        self.command(&format!("SET {key} = '{}'", value.replace('\'', ""))).await
+    }
+
+    /// Client connections of the database waiting for a server (SHOW POOLS `cl_waiting`).
+    pub async fn waiting(&self) -> Result<u64> {
+        self.pool_counts(&["cl_waiting"]).await
+    }
+
+    /// Client connections of the database that are using or waiting for a server (SHOW POOLS).
+    pub async fn clients(&self) -> Result<u64> {
+        self.pool_counts(&["cl_active", "cl_waiting"]).await
+    }
+
+    async fn pool_counts(&self, columns: &[&str]) -> Result<u64> {
+        let rows = self.admin.simple_query("SHOW POOLS").await.map_err(|e| Error::Pgbouncer {
+            command: "SHOW POOLS".into(),
+            message: pg_message(&e),
+            by_hand: false,
+        })?;
+        let mut n = 0;
+        for m in rows {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                if r.get("database") == Some(self.db()) {
+                    for k in columns {
+                        n += r.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A database entry as PgBouncer has it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Server host it connects to.
+    pub host: String,
+    /// Server port.
+    pub port: String,
+    /// Database name on the server.
+    pub database: String,
+    /// Paused (PAUSE/KILL without RESUME since).
+    pub paused: bool,
+    /// Disabled (DISABLE without ENABLE since).
+    pub disabled: bool,
 }
 
 /// Whether `name` can be passed to the admin console as it is.

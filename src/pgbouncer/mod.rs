@@ -4,4 +4,4 @@
 mod admin;
 pub mod databases_file;
 
-pub use admin::{plain_name, Bouncer, Paused};
+pub use admin::{plain_name, Bouncer, Entry, Paused};

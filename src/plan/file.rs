@@ -30,6 +30,8 @@ pub const DEFAULT_DEFER_INDEXES: bool = true;
 pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lag (bytes of blue WAL not yet applied) above which cutover refuses to start.
 pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
+/// A hook without a `timeout` is killed after this (an `in_pause` hook must set a smaller one).
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How far past blue's value green sequences are set at cutover.
 pub const DEFAULT_SEQUENCE_GAP: i64 = 1000;
 /// `status` warns when our slot holds back more of blue's WAL than this (an orphaned slot
@@ -95,16 +97,29 @@ struct RawCutover {
     fence_blue: Option<bool>,
     sequence_gap: Option<i64>,
     max_lag_bytes: Option<u64>,
+    #[serde(default, rename = "hook")]
+    hooks: Vec<RawHook>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPgbouncer {
     admin_url: Spanned<String>,
-    database: String,
-    databases_file: PathBuf,
-    green_dsn: Spanned<String>,
+    database: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    databases_file: Option<Spanned<PathBuf>>,
+    green_dsn: Option<Spanned<String>>,
+    v2_database: Option<Spanned<String>>,
+    v1_after_switch: Option<Spanned<String>>,
     pause_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    at: Spanned<String>,
+    run: Spanned<String>,
+    timeout: Option<Spanned<String>>,
 }
 
 /// How changes on blue are captured.
@@ -202,6 +217,8 @@ pub struct CutoverSettings {
     pub sequence_gap: i64,
     /// Preflight refuses when capture lag exceeds this.
     pub max_lag_bytes: u64,
+    /// `[[cutover.hook]]`, in file order.
+    pub hooks: Vec<Hook>,
 }
 
 /// `[cutover.pgbouncer]`.
@@ -209,14 +226,129 @@ pub struct CutoverSettings {
 pub struct PgbouncerSettings {
     /// Admin console connection.
     pub admin: ConnInfo,
-    /// The database entry clients use.
+    /// The database entry the application uses (in `handover` mode: the v1 application's,
+    /// pointing at blue).
     pub database: String,
-    /// The `%include`d file holding that entry's line.
-    pub databases_file: PathBuf,
-    /// What the entry points at after the switch (libpq key=value form); may hold a password.
-    pub green_dsn: String,
-    /// Budget for `PAUSE`.
+    /// How traffic moves to green.
+    pub mode: SwitchMode,
+    /// Budget for `PAUSE` and everything done while traffic is paused.
     pub pause_timeout: Duration,
+}
+
+/// How the cutover moves traffic to green.
+#[derive(Debug, Clone)]
+pub enum SwitchMode {
+    /// One entry, repointed at green: right when the application's SQL works on both schemas.
+    Repoint {
+        /// The `%include`d file holding the entry's line.
+        databases_file: PathBuf,
+        /// What the entry points at after the switch (libpq key=value form); may hold a password.
+        green_dsn: String,
+    },
+    /// The application changes version with the database: the v1 application uses `database`
+    /// (blue), the v2 application `v2_database` (green, paused until the switch). Nothing is
+    /// rewritten; the switch resumes the v2 entry and never lets a v1 statement reach green.
+    Handover {
+        /// The v2 application's entry, pointing at green.
+        v2_database: String,
+        /// What becomes of the v1 entry after the switch.
+        v1_after_switch: V1AfterSwitch,
+    },
+}
+
+impl PgbouncerSettings {
+    /// The mode and its entries, as `plan` and `cutover --dry-run` show them.
+    pub fn describe(&self) -> String {
+        match &self.mode {
+            SwitchMode::Repoint { databases_file, .. } => format!(
+                "repoint: entry `{}` is rewritten in {} from blue to green (the application's SQL must work on both)",
+                self.database,
+                databases_file.display()
+            ),
+            SwitchMode::Handover { v2_database, v1_after_switch } => format!(
+                "handover: v1 entry `{}` (blue) is paused, then {}; v2 entry `{v2_database}` (green) stays paused \
+                 until the switch resumes it",
+                self.database,
+                match v1_after_switch {
+                    V1AfterSwitch::Disable => "disabled and its clients dropped with an error",
+                    V1AfterSwitch::Pause => "left paused (its clients wait until query_wait_timeout fails them)",
+                }
+            ),
+        }
+    }
+}
+
+impl Hook {
+    /// `in_pause `cmd` (at most 1s)`.
+    pub fn describe(&self) -> String {
+        format!("{} `{}` (at most {:?})", self.at.name(), self.run, self.timeout)
+    }
+}
+
+impl SwitchMode {
+    /// `repoint` or `handover`, as written in the plan.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SwitchMode::Repoint { .. } => "repoint",
+            SwitchMode::Handover { .. } => "handover",
+        }
+    }
+}
+
+/// The v1 entry after a handover. Either way its clients get an error, never blue (whose writes
+/// nobody follows any more) and never green.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V1AfterSwitch {
+    /// `DISABLE` then `KILL`: new and queued clients get an error at once.
+    Disable,
+    /// Stays paused: clients queue until PgBouncer's `query_wait_timeout` fails them.
+    Pause,
+}
+
+/// Where in the cutover a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookPoint {
+    /// After the catch-up, just before PAUSE; failing aborts (traffic stays on blue).
+    BeforePause,
+    /// In the pause, after the drain, the final check and sequences, before traffic moves;
+    /// failing or overrunning aborts back to blue.
+    InPause,
+    /// Once traffic is on green; a failure is reported, nothing is rolled back.
+    AfterSwitch,
+    /// After a cutover rolled back to blue (e.g. to undo what an `in_pause` hook flipped).
+    OnAbort,
+}
+
+impl HookPoint {
+    /// The name used in the plan and in `MIGRATE_HOOK`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HookPoint::BeforePause => "before_pause",
+            HookPoint::InPause => "in_pause",
+            HookPoint::AfterSwitch => "after_switch",
+            HookPoint::OnAbort => "on_abort",
+        }
+    }
+
+    fn parse(s: &str) -> Option<HookPoint> {
+        [HookPoint::BeforePause, HookPoint::InPause, HookPoint::AfterSwitch, HookPoint::OnAbort]
+            .into_iter()
+            .find(|p| p.name() == s)
+    }
+}
+
+/// A `[[cutover.hook]]`: a shell command run at a named point of the cutover.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    /// When it runs.
+    pub at: HookPoint,
+    /// The command, run with `sh -c`.
+    pub run: String,
+    /// Killed (with its process group) and counted as failed past this.
+    pub timeout: Duration,
+    /// Line of its `at` in the plan.
+    pub line: Line,
 }
 
 impl Plan {
@@ -307,6 +439,57 @@ id = "id"
         let plan = Plan::parse(Path::new("plans/reference.toml"), text, &env).expect("reference.toml parses");
         assert!(plan.cutover.pgbouncer.is_some());
         assert!(!plan.tables.is_empty());
+    }
+
+    fn problems(extra: &str) -> Vec<(usize, String, String)> {
+        match Plan::parse(Path::new("p.toml"), &format!("{MINIMAL}{extra}"), &env) {
+            Err(Error::PlanInvalid { problems, .. }) => {
+                problems.into_iter().map(|p| (p.line, p.field, p.message)).collect()
+            }
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cutover_modes_and_hooks() {
+        let admin = "[cutover.pgbouncer]\nadmin_url = \"postgres://pgbouncer@localhost:6432/pgbouncer\"\ndatabase = \"app\"\n";
+        let handover = format!(
+            "[cutover]\n{admin}mode = \"handover\"\nv2_database = \"app_v2\"\npause_timeout = \"3s\"\n\
+             [[cutover.hook]]\nat = \"in_pause\"\nrun = \"true\"\ntimeout = \"1s\"\n\
+             [[cutover.hook]]\nat = \"after_switch\"\nrun = \"echo done\"\n"
+        );
+        let plan = Plan::parse(Path::new("p.toml"), &format!("{MINIMAL}{handover}"), &env).unwrap();
+        let pb = plan.cutover.pgbouncer.unwrap();
+        assert!(matches!(
+            pb.mode,
+            SwitchMode::Handover { ref v2_database, v1_after_switch: V1AfterSwitch::Disable } if v2_database == "app_v2"
+        ));
+        assert_eq!(plan.cutover.hooks.len(), 2);
+        assert_eq!(plan.cutover.hooks[1].timeout, DEFAULT_HOOK_TIMEOUT);
+
+        // Each mode names what it lacks, with the line of `mode` (line 16 of the file).
+        let p = problems(&format!("[cutover]\n{admin}mode = \"handover\"\n"));
+        assert!(p.iter().any(|(l, f, _)| *l == 16 && f == "cutover.pgbouncer.v2_database"), "{p:?}");
+        let p = problems(&format!("[cutover]\n{admin}databases_file = \"/x\"\n"));
+        assert!(p.iter().any(|(_, f, m)| f == "cutover.pgbouncer.green_dsn" && m.contains("repoint")), "{p:?}");
+        let p = problems(&format!("[cutover]\n{admin}mode = \"swap\"\n"));
+        assert!(p.iter().any(|(_, f, m)| f == "cutover.pgbouncer.mode" && m.contains("swap")), "{p:?}");
+        let p = problems(&format!(
+            "[cutover]\n{admin}mode = \"handover\"\nv2_database = \"app_v2\"\ngreen_dsn = \"host=x\"\n"
+        ));
+        assert!(p.iter().any(|(_, f, m)| f == "cutover.pgbouncer.green_dsn" && m.contains("not used")), "{p:?}");
+
+        // Hooks: an unknown point, an empty command, and in_pause hooks that cannot fit the pause.
+        let p = problems("[cutover]\n[[cutover.hook]]\nat = \"during\"\nrun = \"x\"\n");
+        assert!(p.iter().any(|(l, f, _)| *l == 14 && f == "cutover.hook[1].at"), "{p:?}");
+        let p = problems("[cutover]\n[[cutover.hook]]\nat = \"in_pause\"\nrun = \" \"\ntimeout = \"1s\"\n");
+        assert!(p.iter().any(|(_, f, _)| f == "cutover.hook[1].run"), "{p:?}");
+        let p = problems(&format!(
+            "[cutover]\n{admin}mode = \"handover\"\nv2_database = \"app_v2\"\n\
+             [[cutover.hook]]\nat = \"in_pause\"\nrun = \"x\"\ntimeout = \"1500ms\"\n\
+             [[cutover.hook]]\nat = \"in_pause\"\nrun = \"y\"\ntimeout = \"1s\"\n"
+        ));
+        assert!(p.iter().any(|(_, _, m)| m.contains("pause_timeout")), "{p:?}");
     }
 
     #[test]

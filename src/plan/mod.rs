@@ -11,7 +11,10 @@ mod sample;
 mod sql;
 
 pub use changes::check_against_state;
-pub use file::{parse_duration, CaptureMethod, CopySettings, CutoverSettings, PgbouncerSettings, Plan, TableEntry};
+pub use file::{
+    parse_duration, CaptureMethod, CopySettings, CutoverSettings, Hook, HookPoint, PgbouncerSettings, Plan, SwitchMode,
+    TableEntry, V1AfterSwitch,
+};
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;
 pub use sql::{key_condition, key_condition_via};

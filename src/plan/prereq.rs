@@ -234,22 +234,43 @@ async fn pgbouncer(pb: &super::PgbouncerSettings, checks: &mut Vec<Check>, probl
             None,
         )),
     }
-    match std::fs::read_to_string(&pb.databases_file) {
-        Ok(text) if crate::pgbouncer::databases_file::find_entry(&text, &pb.database).is_some() => checks.push(Check {
-            name: "pgbouncer databases_file".into(),
-            ok: true,
-            detail: pb.databases_file.display().to_string(),
-        }),
-        Ok(_) => problems.push(plan_problem(
-            &format!("{field}.databases_file"),
-            format!("{} has no line for database `{}`", pb.databases_file.display(), pb.database),
-            None,
-        )),
-        Err(e) => problems.push(plan_problem(
-            &format!("{field}.databases_file"),
-            format!("cannot read {}: {e}", pb.databases_file.display()),
-            None,
-        )),
+    match &pb.mode {
+        super::SwitchMode::Repoint { databases_file, .. } => match std::fs::read_to_string(databases_file) {
+            Ok(text) if crate::pgbouncer::databases_file::find_entry(&text, &pb.database).is_some() => {
+                checks.push(Check {
+                    name: "pgbouncer databases_file".into(),
+                    ok: true,
+                    detail: databases_file.display().to_string(),
+                })
+            }
+            Ok(_) => problems.push(plan_problem(
+                &format!("{field}.databases_file"),
+                format!("{} has no line for database `{}`", databases_file.display(), pb.database),
+                None,
+            )),
+            Err(e) => problems.push(plan_problem(
+                &format!("{field}.databases_file"),
+                format!("cannot read {}: {e}", databases_file.display()),
+                None,
+            )),
+        },
+        super::SwitchMode::Handover { v2_database, .. } => match pool_mode(&client, v2_database).await {
+            Ok(Some(mode)) => checks.push(Check {
+                name: format!("pgbouncer pool_mode of {v2_database}"),
+                ok: mode != "session",
+                detail: mode,
+            }),
+            Ok(None) => problems.push(plan_problem(
+                &format!("{field}.v2_database"),
+                format!("PgBouncer has no database entry `{v2_database}` (the v2 application's, pointing at green)"),
+                Some(format!("add `{v2_database} = <green>` to PgBouncer's databases, RELOAD, and PAUSE it")),
+            )),
+            Err(e) => problems.push(plan_problem(
+                &format!("{field}.admin_url"),
+                format!("SHOW DATABASES failed: {}", pg_message(&e)),
+                None,
+            )),
+        },
     }
 }
 

@@ -20,6 +20,7 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
         if c.defer_indexes { "deferred" } else { "kept" },
         if c.max_rows_per_second > 0 { format!(", at most {} rows/s", c.max_rows_per_second) } else { String::new() }
     );
+    o.push_str(&cutover_text(plan));
     let Some(r) = resolved else {
         let _ = writeln!(o, "  (offline: the file is valid; catalogs, types and prerequisites were not checked)\n");
         for t in &plan.tables {
@@ -90,6 +91,42 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
     o
 }
 
+/// The cutover's mode, entries and hooks.
+fn cutover_text(plan: &Plan) -> String {
+    let mut o = String::new();
+    match &plan.cutover.pgbouncer {
+        Some(pb) => {
+            let _ = writeln!(o, "  cutover {}", pb.describe());
+        }
+        None => {
+            let _ = writeln!(o, "  cutover (no [cutover.pgbouncer] section: `cutover` cannot run)");
+        }
+    }
+    for h in &plan.cutover.hooks {
+        let _ = writeln!(o, "    hook {}", h.describe());
+    }
+    o
+}
+
+/// The cutover section as JSON.
+fn cutover_json(plan: &Plan) -> serde_json::Value {
+    let pb = plan.cutover.pgbouncer.as_ref();
+    serde_json::json!({
+        "mode": pb.map(|p| p.mode.name()),
+        "database": pb.map(|p| &p.database),
+        "v2_database": pb.and_then(|p| match &p.mode {
+            super::SwitchMode::Handover { v2_database, .. } => Some(v2_database),
+            super::SwitchMode::Repoint { .. } => None,
+        }),
+        "described": pb.map(|p| p.describe()),
+        "hooks": plan.cutover.hooks.iter().map(|h| serde_json::json!({
+            "at": h.at.name(),
+            "run": h.run,
+            "timeout_ms": h.timeout.as_millis() as u64,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn problem_line(plan: &Plan, p: &super::Problem) -> String {
     let loc = match p.line {
         Some(l) => format!("{}:{l}: ", plan.path.display()),
@@ -118,6 +155,7 @@ pub fn render_json(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
             "blue": r.blue,
             "green": r.green,
             "copy": r.copy,
+            "cutover": cutover_json(plan),
             "capture": r.capture,
             "tables": r.tables,
             "checks": r.checks,
@@ -133,6 +171,7 @@ pub fn render_json(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
             "blue": plan.blue.to_string(),
             "green": plan.green.to_string(),
             "copy": plan.copy,
+            "cutover": cutover_json(plan),
             "tables": plan.tables.iter().map(|t| serde_json::json!({
                 "index": t.index,
                 "source": t.source,

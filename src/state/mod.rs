@@ -21,7 +21,7 @@ pub use id::TableId;
 pub use keys::KeyEvent;
 pub use migration::{FollowerView, StatusView};
 pub use phase::{CutoverStep, Phase, TableState};
-pub use record::{CutoverOutcome, CutoverRecord, SequenceSet, StepTime};
+pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
 pub use tables::{ChunkRecord, TableProgress, TableRecord};
 
 use tokio_postgres::{Client, GenericClient};

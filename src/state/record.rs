@@ -48,4 +48,30 @@ pub struct CutoverRecord {
     pub steps: Vec<StepTime>,
     /// Sequences set on green.
     pub sequences: Vec<SequenceSet>,
+    /// `repoint` or `handover` (absent in records of earlier versions).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Each hook run, in order.
+    #[serde(default)]
+    pub hooks: Vec<HookRecord>,
+}
+
+/// One `[[cutover.hook]]` run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookRecord {
+    /// The point it ran at (`before_pause`, `in_pause`, `after_switch`, `on_abort`).
+    pub at: String,
+    /// The command.
+    pub run: String,
+    /// Its exit code; `None` when it was killed or could not start.
+    pub exit: Option<i32>,
+    /// Whether it succeeded (exit 0 within its time).
+    pub ok: bool,
+    /// Milliseconds it ran.
+    pub ms: f64,
+    /// Why it failed, when it did not simply exit non-zero (killed after its timeout, could
+    /// not start).
+    pub note: Option<String>,
+    /// The end of its stdout and stderr.
+    pub output: String,
 }

@@ -69,29 +69,157 @@ impl Validator<'_> {
         cutover.sequence_gap = c.sequence_gap.unwrap_or(DEFAULT_SEQUENCE_GAP);
         cutover.max_lag_bytes = c.max_lag_bytes.unwrap_or(DEFAULT_MAX_LAG_BYTES);
         if let Some(pb) = c.pgbouncer {
-            let admin = self.conn(Side::Pgbouncer, "cutover.pgbouncer.admin_url", &pb.admin_url);
-            let green_dsn = self.interpolated("cutover.pgbouncer.green_dsn", &pb.green_dsn);
-            let pause_timeout = match &pb.pause_timeout {
-                None => Some(DEFAULT_PAUSE_TIMEOUT),
-                Some(s) => match parse_duration(s.get_ref()) {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        self.problem(self.line(s.span()), "cutover.pgbouncer.pause_timeout", e);
-                        None
-                    }
-                },
-            };
-            if let (Some(admin), Some(green_dsn), Some(pause_timeout)) = (admin, green_dsn, pause_timeout) {
-                cutover.pgbouncer = Some(PgbouncerSettings {
-                    admin,
-                    database: pb.database,
-                    databases_file: pb.databases_file,
-                    green_dsn,
-                    pause_timeout,
-                });
+            cutover.pgbouncer = self.pgbouncer(pb);
+        }
+        cutover.hooks = c.hooks.iter().enumerate().filter_map(|(i, h)| self.hook(i + 1, h)).collect();
+        let budget = cutover.pgbouncer.as_ref().map(|pb| pb.pause_timeout).unwrap_or(DEFAULT_PAUSE_TIMEOUT);
+        let in_pause: Vec<&Hook> = cutover.hooks.iter().filter(|h| h.at == HookPoint::InPause).collect();
+        let total: Duration = in_pause.iter().map(|h| h.timeout).sum();
+        if let Some(first) = in_pause.first() {
+            // The drain and the final check need part of the budget too.
+            if total >= budget {
+                self.problem(
+                    first.line,
+                    "cutover.hook.timeout",
+                    format!(
+                        "the in_pause hooks may take {total:?} together, but everything in the pause must fit \
+                         pause_timeout ({budget:?}); give each a smaller `timeout` or raise pause_timeout"
+                    ),
+                );
             }
         }
         cutover
+    }
+
+    fn pgbouncer(&mut self, pb: RawPgbouncer) -> Option<PgbouncerSettings> {
+        const F: &str = "cutover.pgbouncer";
+        let admin = self.conn(Side::Pgbouncer, "cutover.pgbouncer.admin_url", &pb.admin_url);
+        let pause_timeout = match &pb.pause_timeout {
+            None => Some(DEFAULT_PAUSE_TIMEOUT),
+            Some(s) => match parse_duration(s.get_ref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.problem(self.line(s.span()), "cutover.pgbouncer.pause_timeout", e);
+                    None
+                }
+            },
+        };
+        let database = pb.database.get_ref().clone();
+        let mode_name = pb.mode.as_ref().map(|m| m.get_ref().as_str()).unwrap_or("repoint");
+        let mode_line = pb.mode.as_ref().map(|m| self.line(m.span())).unwrap_or(self.line(pb.database.span()));
+        let mode = match mode_name {
+            "repoint" => {
+                if let Some(v) = &pb.v2_database {
+                    self.problem(self.line(v.span()), format!("{F}.v2_database"), "only used with mode = \"handover\"");
+                }
+                if let Some(v) = &pb.v1_after_switch {
+                    self.problem(
+                        self.line(v.span()),
+                        format!("{F}.v1_after_switch"),
+                        "only used with mode = \"handover\"",
+                    );
+                }
+                let missing = |what: &str| format!("mode = \"repoint\" needs `{what}`");
+                let file = match &pb.databases_file {
+                    Some(f) => Some(f.get_ref().clone()),
+                    None => {
+                        self.problem(mode_line, format!("{F}.databases_file"), missing("databases_file"));
+                        None
+                    }
+                };
+                let dsn = match &pb.green_dsn {
+                    Some(d) => self.interpolated("cutover.pgbouncer.green_dsn", d),
+                    None => {
+                        self.problem(mode_line, format!("{F}.green_dsn"), missing("green_dsn"));
+                        None
+                    }
+                };
+                file.zip(dsn).map(|(databases_file, green_dsn)| SwitchMode::Repoint { databases_file, green_dsn })
+            }
+            "handover" => {
+                for (field, line) in [
+                    ("databases_file", pb.databases_file.as_ref().map(|f| f.span())),
+                    ("green_dsn", pb.green_dsn.as_ref().map(|d| d.span())),
+                ] {
+                    if let Some(span) = line {
+                        self.problem(
+                            self.line(span),
+                            format!("{F}.{field}"),
+                            "not used with mode = \"handover\" (the v2 entry already points at green)",
+                        );
+                    }
+                }
+                let v1_after_switch = match pb.v1_after_switch.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+                    None | Some(("disable", _)) => Some(V1AfterSwitch::Disable),
+                    Some(("pause", _)) => Some(V1AfterSwitch::Pause),
+                    Some((other, span)) => {
+                        self.problem(
+                            self.line(span),
+                            format!("{F}.v1_after_switch"),
+                            format!("`{other}`: expected \"disable\" or \"pause\""),
+                        );
+                        None
+                    }
+                };
+                let v2 = match &pb.v2_database {
+                    Some(v) if v.get_ref() == &database => {
+                        self.problem(
+                            self.line(v.span()),
+                            format!("{F}.v2_database"),
+                            "must differ from `database` (the v1 entry)",
+                        );
+                        None
+                    }
+                    Some(v) => Some(v.get_ref().clone()),
+                    None => {
+                        self.problem(mode_line, format!("{F}.v2_database"), "mode = \"handover\" needs `v2_database`, the v2 application's PgBouncer entry (pointing at green)");
+                        None
+                    }
+                };
+                v2.zip(v1_after_switch)
+                    .map(|(v2_database, v1_after_switch)| SwitchMode::Handover { v2_database, v1_after_switch })
+            }
+            other => {
+                self.problem(
+                    mode_line,
+                    format!("{F}.mode"),
+                    format!("`{other}`: expected \"repoint\" or \"handover\""),
+                );
+                None
+            }
+        };
+        Some(PgbouncerSettings { admin: admin?, database, mode: mode?, pause_timeout: pause_timeout? })
+    }
+
+    fn hook(&mut self, n: usize, raw: &RawHook) -> Option<Hook> {
+        let field = format!("cutover.hook[{n}]");
+        let line = self.line(raw.at.span());
+        let at = HookPoint::parse(raw.at.get_ref());
+        if at.is_none() {
+            self.problem(
+                line,
+                format!("{field}.at"),
+                format!("`{}`: expected before_pause, in_pause, after_switch or on_abort", raw.at.get_ref()),
+            );
+        }
+        if raw.run.get_ref().trim().is_empty() {
+            self.problem(self.line(raw.run.span()), format!("{field}.run"), "is empty");
+        }
+        let timeout = match &raw.timeout {
+            None => Some(DEFAULT_HOOK_TIMEOUT),
+            Some(t) => match parse_duration(t.get_ref()) {
+                Ok(d) if !d.is_zero() => Some(d),
+                Ok(_) => {
+                    self.problem(self.line(t.span()), format!("{field}.timeout"), "must be more than 0");
+                    None
+                }
+                Err(e) => {
+                    self.problem(self.line(t.span()), format!("{field}.timeout"), e);
+                    None
+                }
+            },
+        };
+        Some(Hook { at: at?, run: raw.run.get_ref().clone(), timeout: timeout?, line })
     }
 
     pub(super) fn stall_timeout(&mut self, raw: &Option<Spanned<String>>) -> Duration {
