@@ -386,6 +386,17 @@ pub enum Error {
         /// The budget.
         waited: Duration,
     },
+    /// Catch-up rounds before the pause did not get shorter: blue is written faster than apply.
+    #[error(
+        "green is not catching up with blue: catch-up rounds took {} ms, each holding the writes of the one before; \
+         blue takes writes faster than apply keeps up, so the drain would not fit the pause. Nothing was paused; \
+         cut over when blue takes fewer writes (docs/performance.md has the rates measured)",
+        rounds_ms.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(", ")
+    )]
+    NotConverging {
+        /// Each round's milliseconds.
+        rounds_ms: Vec<f64>,
+    },
     /// Green did not catch up within the cutover's budget.
     #[error("{what}: green did not catch up with blue in time")]
     CatchUpTimedOut {

@@ -401,3 +401,97 @@ fn final_check_in_the_pause_proves_foreign_keys() {
     assert_eq!(fingerprint(&c.blue, "SELECT * FROM tokens"), fingerprint(&c.green, "SELECT * FROM tokens"));
     bouncer.stop();
 }
+
+fn show_databases(b: &Bouncer, name: &str) -> (bool, bool) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&b.admin_url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        for m in c.simple_query("SHOW DATABASES").await.unwrap() {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                if r.get("name") == Some(name) {
+                    return (r.get("paused") == Some("1"), r.get("disabled") == Some("1"));
+                }
+            }
+        }
+        panic!("no entry {name}");
+    })
+}
+
+fn wait_phase_of(c: &Custom, plan: &Path, phase: &str) {
+    let started = Instant::now();
+    loop {
+        let r = run(&mut c.migrate(&["status", plan.to_str().unwrap(), "--format", "json"]));
+        let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        if st["phase"] == phase {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "phase did not become {phase}: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A handover cutover killed just before the v2 entry resumes is rolled back by the running
+/// follower (v1 enabled and resumed, v2 still paused); one killed just after is finished by it
+/// (v1 disabled, phase switched), and nothing v1 acknowledged is lost.
+#[test]
+fn handover_killed_half_way_is_recovered_by_the_follower() {
+    let c = Custom::new(BLUE, GREEN);
+    let bouncer = Bouncer::start(
+        "transaction",
+        &format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, c.blue.name),
+    );
+    let mut dbs = std::fs::read_to_string(&bouncer.databases_file).unwrap();
+    dbs.push_str(&format!(
+        "app_v2 = host=127.0.0.1 port={} dbname={} user=postgres\n",
+        green_cluster().port,
+        c.green.name
+    ));
+    std::fs::write(&bouncer.databases_file, dbs).unwrap();
+    admin(&bouncer, "RELOAD");
+    let stop = Arc::new(AtomicBool::new(false));
+    let v1 = writer(
+        bouncer.port,
+        "app",
+        stop.clone(),
+        || true,
+        |n| {
+            let t = format!("v1-{n}");
+            let sql = format!("INSERT INTO tokens (token, revoked) VALUES ('{t}', false)");
+            (t, "insert", sql)
+        },
+    );
+    let p = plan(&c, &bouncer, "");
+    let mut copy = c.spawn(&["copy", p.to_str().unwrap()], &[]);
+    c.wait_phase("following");
+    let r = run(&mut c.migrate(&["verify", p.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "verify: {r:?}");
+
+    let r = run(c.migrate(&["cutover", p.to_str().unwrap()]).env("MIGRATE_FAULT", "cutover.v1-held"));
+    assert_eq!(r.code, 137, "{r:?}");
+    wait_phase_of(&c, &p, "aborted");
+    assert_eq!(show_databases(&bouncer, "app"), (false, false), "v1 entry not resumed and enabled");
+    assert!(show_databases(&bouncer, "app_v2").0, "v2 entry resumed by a roll back");
+    assert_v1_flows(&c);
+
+    std::thread::sleep(Duration::from_secs(1));
+    let r = run(&mut c.migrate(&["verify", p.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "verify: {r:?}");
+    let r = run(c.migrate(&["cutover", p.to_str().unwrap()]).env("MIGRATE_FAULT", "cutover.v2-resumed"));
+    assert_eq!(r.code, 137, "{r:?}");
+    wait_phase_of(&c, &p, "switched");
+    let st = copy_exit(&mut copy);
+    assert!(st.success(), "copy after the recovered switch: {st}");
+    assert!(!show_databases(&bouncer, "app_v2").0, "v2 entry still paused");
+    assert!(show_databases(&bouncer, "app").1, "v1 entry not disabled");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let v1 = v1.join().unwrap();
+    let green: std::collections::HashSet<String> =
+        c.green.psql("SELECT token FROM tokens").lines().map(str::to_string).collect();
+    for (t, _) in &v1.acked {
+        assert!(green.contains(t), "acknowledged v1 write {t} is not on green");
+    }
+    assert!(!v1.errors.is_empty(), "v1 kept succeeding after the switch");
+    bouncer.stop();
+}

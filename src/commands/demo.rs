@@ -41,11 +41,15 @@ pub struct DemoReport {
     pub floor_stall: Duration,
 }
 
-/// Stops everything the demo started, however it ends.
-struct Sandbox {
-    blue: LocalCluster,
-    green: LocalCluster,
-    bouncer: Option<LocalBouncer>,
+/// Blue, green and a PgBouncer in temporary directories (the demo's, and the benchmarks');
+/// dropping it stops them all, however the run ends.
+pub struct Sandbox {
+    /// Blue, with the OAuth fixture in database `app`.
+    pub blue: LocalCluster,
+    /// Green, with the v2 schema in database `app`.
+    pub green: LocalCluster,
+    /// PgBouncer serving `app` → blue.
+    pub bouncer: Option<LocalBouncer>,
 }
 
 impl Drop for Sandbox {
@@ -64,7 +68,7 @@ fn step(title: &str) {
 
 /// Starts blue, green and PgBouncer, loads the fixture and writes the plan; returns the
 /// sandbox, its working directory and the plan's path.
-async fn start_sandbox(rows: u32) -> Result<(Sandbox, PathBuf, PathBuf)> {
+pub async fn start_sandbox(rows: u32) -> Result<(Sandbox, PathBuf, PathBuf)> {
     step("starting blue and green PostgreSQL clusters and a PgBouncer in temporary directories");
     let mut sandbox = Sandbox {
         blue: LocalCluster::start("demo-blue", &[])?,
@@ -240,7 +244,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Waits until the copy is done and green follows with little lag.
-async fn wait_following(plan: &crate::plan::Plan, shutdown: &Shutdown) -> Result<()> {
+pub async fn wait_following(plan: &crate::plan::Plan, shutdown: &Shutdown) -> Result<()> {
     let green = plan.green.connect().await?;
     let state = State::new(&plan.name);
     let started = Instant::now();
@@ -265,7 +269,7 @@ async fn wait_following(plan: &crate::plan::Plan, shutdown: &Shutdown) -> Result
 }
 
 /// PAUSE, rewrite the line (to the same target), RELOAD, RESUME: the bare mechanics of a switch.
-async fn hand_switch(admin_url: &str, databases_file: &std::path::Path, dsn: &str) -> Result<()> {
+pub async fn hand_switch(admin_url: &str, databases_file: &std::path::Path, dsn: &str) -> Result<()> {
     let admin = crate::pg::ConnInfo::parse(crate::pg::Side::Pgbouncer, admin_url)?.connect_raw().await?;
     let run = |sql: &'static str| {
         let admin = &admin;

@@ -36,6 +36,8 @@ const SWITCH_LOGIN_RETRY: f64 = 0.05;
 const ROUND_SHORT: Duration = Duration::from_millis(300);
 /// ...or after this many.
 const MAX_ROUNDS: usize = 6;
+/// A round longer than this and than the one before: apply is falling behind.
+const DIVERGING_MS: f64 = 1000.0;
 /// Keys compared per query in the re-verify.
 const CHECK_KEYS: usize = 5_000;
 /// Keys named when the final check finds differences.
@@ -159,43 +161,7 @@ impl<'a> Switch<'a> {
         self.mark("follower stood aside", t);
         self.hold_v2(shutdown).await?;
 
-        // Catch up and re-verify in rounds: each round only has the writes made during the one
-        // before, so under a steady writer they shrink until one is short; the drain in the
-        // pause then has only that round's writes.
-        let deadline = Instant::now() + CATCH_UP_BUDGET;
-        for round in 1..=MAX_ROUNDS {
-            let round_started = Instant::now();
-            let name = if round == 1 { String::new() } else { format!(" (round {round})") };
-            // The catch-up's own deadline names a slow catch-up; this bound only catches a
-            // server that stopped answering.
-            bounded(
-                CATCH_UP_BUDGET + Duration::from_secs(30),
-                "catching up before the pause",
-                self.catch_up(deadline, shutdown, "catching up"),
-            )
-            .await?;
-            self.mark(&format!("catch-up{name}"), round_started);
-            if round == 1 {
-                let t = Instant::now();
-                let (ok, detail) =
-                    bounded(CATCH_UP_BUDGET, "checking foreign keys", self.fks.check_all(self.resolved, &self.green))
-                        .await?;
-                // Orphans now may be a child applied a moment before its parent; the pause
-                // looks at them again, with every key applied from here on.
-                info!(hold = ok, detail = %detail, "foreign keys between planned tables checked; changed rows are checked again in the pause");
-                self.applied = Some(Applied::new());
-                self.mark("foreign keys", t);
-            }
-            let t = Instant::now();
-            let differing =
-                bounded(CATCH_UP_BUDGET, "re-verify before the pause", self.check_touched(false)).await?.len();
-            info!(differing, round, "keys changed since the last verify checked; differing ones are checked again in the pause");
-            self.mark(&format!("re-verify before pause{name}"), t);
-            interrupted(shutdown)?;
-            if round_started.elapsed() < ROUND_SHORT {
-                break;
-            }
-        }
+        self.catch_up_rounds(shutdown).await?;
         fault("cutover.caught-up", shutdown).await;
         interrupted(shutdown)?;
         self.run_hooks(HookPoint::BeforePause, None, shutdown).await?;
@@ -238,6 +204,67 @@ impl<'a> Switch<'a> {
             self.fence_blue().await;
         }
         hooks
+    }
+
+    /// Catches up and re-verifies in rounds while traffic flows: each round only has the writes
+    /// made during the one before, so under a steady writer they shrink until one is short, and
+    /// the drain in the pause then has only that round's writes. Refuses (before anything is
+    /// paused) when the rounds show apply cannot keep up.
+    async fn catch_up_rounds(&mut self, shutdown: &Shutdown) -> Result<()> {
+        let deadline = Instant::now() + CATCH_UP_BUDGET;
+        let mut rounds_ms: Vec<f64> = Vec::new();
+        for round in 1..=MAX_ROUNDS {
+            let round_started = Instant::now();
+            let name = if round == 1 { String::new() } else { format!(" (round {round})") };
+            // The catch-up's own deadline names a slow catch-up; this bound only catches a
+            // server that stopped answering.
+            bounded(
+                CATCH_UP_BUDGET + Duration::from_secs(30),
+                "catching up before the pause",
+                self.catch_up(deadline, shutdown, "catching up"),
+            )
+            .await?;
+            self.mark(&format!("catch-up{name}"), round_started);
+            if round == 1 {
+                let t = Instant::now();
+                let (ok, detail) =
+                    bounded(CATCH_UP_BUDGET, "checking foreign keys", self.fks.check_all(self.resolved, &self.green))
+                        .await?;
+                // Orphans now may be a child applied a moment before its parent; the pause
+                // looks at them again, with every key applied from here on.
+                info!(hold = ok, detail = %detail, "foreign keys between planned tables checked; changed rows are checked again in the pause");
+                self.applied = Some(Applied::new());
+                self.mark("foreign keys", t);
+            }
+            let t = Instant::now();
+            let differing =
+                bounded(CATCH_UP_BUDGET, "re-verify before the pause", self.check_touched(false)).await?.len();
+            info!(
+                differing,
+                round, "keys changed since the last verify checked; differing ones are checked again in the pause"
+            );
+            self.mark(&format!("re-verify before pause{name}"), t);
+            interrupted(shutdown)?;
+            if round_started.elapsed() < ROUND_SHORT {
+                break;
+            }
+            rounds_ms.push(round_started.elapsed().as_secs_f64() * 1000.0);
+            // Each round holds the writes of the one before: a long round longer than the one
+            // before means blue is written faster than apply keeps up, and the drain would not
+            // fit the pause. Said now, before any client waits.
+            if let [.., before, last] = rounds_ms[..] {
+                if last > before && last > DIVERGING_MS {
+                    return Err(Error::NotConverging { rounds_ms });
+                }
+            }
+            // Rounds that stay level: the drain holds about one round's writes, which fits when
+            // a round takes well within the pause budget.
+            let last = Duration::from_secs_f64(rounds_ms.last().copied().unwrap_or_default() / 1000.0);
+            if round == MAX_ROUNDS && last * 2 > self.pb.pause_timeout {
+                return Err(Error::NotConverging { rounds_ms });
+            }
+        }
+        Ok(())
     }
 
     /// Handover mode: makes sure the v2 entry is paused, so no v2 statement reaches green before

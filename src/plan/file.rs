@@ -452,7 +452,8 @@ id = "id"
 
     #[test]
     fn cutover_modes_and_hooks() {
-        let admin = "[cutover.pgbouncer]\nadmin_url = \"postgres://pgbouncer@localhost:6432/pgbouncer\"\ndatabase = \"app\"\n";
+        let admin =
+            "[cutover.pgbouncer]\nadmin_url = \"postgres://pgbouncer@localhost:6432/pgbouncer\"\ndatabase = \"app\"\n";
         let handover = format!(
             "[cutover]\n{admin}mode = \"handover\"\nv2_database = \"app_v2\"\npause_timeout = \"3s\"\n\
              [[cutover.hook]]\nat = \"in_pause\"\nrun = \"true\"\ntimeout = \"1s\"\n\
