@@ -369,7 +369,7 @@ pub enum Error {
     },
     /// PAUSE did not complete within its budget.
     #[error(
-        "PAUSE {database} did not complete within {waited:?}: a transaction on blue kept a server connection busy"
+        "PAUSE {database} did not complete within {waited:?}: a transaction kept one of its server connections busy"
     )]
     PauseTimedOut {
         /// PgBouncer database.

@@ -20,6 +20,8 @@ use crate::{
     state::HookRecord,
 };
 
+/// A hook in the pause is killed this long before the pause budget ends.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 /// Output kept per hook (the end of it).
 const OUTPUT_KEPT: usize = 4096;
 
@@ -37,8 +39,10 @@ pub(super) async fn run(
     records: &mut Vec<HookRecord>,
 ) -> Result<()> {
     for hook in hooks.iter().filter(|h| h.at == at) {
+        // Inside the pause the hook must be killed (and recorded) before the pause budget itself
+        // runs out, or the abort would name the budget and lose the hook's record.
         let budget = match deadline {
-            Some(d) => hook.timeout.min(d.saturating_duration_since(Instant::now())),
+            Some(d) => hook.timeout.min(d.saturating_duration_since(Instant::now()).saturating_sub(DEADLINE_MARGIN)),
             None => hook.timeout,
         };
         let record = run_one(hook, budget, env, shutdown).await;
@@ -93,6 +97,8 @@ async fn run_one(hook: &Hook, budget: Duration, env: &HookEnv, shutdown: &Shutdo
         }
     };
     let pid = child.id();
+    // If this future is dropped (the cutover gave up around it), the whole group still goes.
+    let mut guard = GroupGuard(pid);
     let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
     let read_out = tokio::spawn(async move { read_all(out.as_mut()).await });
     let read_err = tokio::spawn(async move { read_all(err.as_mut()).await });
@@ -114,11 +120,12 @@ async fn run_one(hook: &Hook, budget: Duration, env: &HookEnv, shutdown: &Shutdo
         }
     };
     if status.is_none() {
-        if let Some(pid) = pid {
+        if let Some(pid) = guard.0.take() {
             kill_group(pid);
         }
         let _ = child.wait().await;
     }
+    guard.0 = None;
     // A background process it left holding the pipes must not hold the cutover.
     let grace = Duration::from_millis(200);
     let stdout = tokio::time::timeout(grace, read_out).await.ok().and_then(|r| r.ok()).unwrap_or_default();
@@ -139,6 +146,17 @@ async fn read_all(pipe: Option<&mut (impl tokio::io::AsyncRead + Unpin)>) -> Vec
         let _ = p.read_to_end(&mut buf).await;
     }
     buf
+}
+
+/// Kills the hook's process group when dropped while armed.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            kill_group(pid);
+        }
+    }
 }
 
 /// SIGKILL to the hook's whole process group.

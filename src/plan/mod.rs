@@ -299,7 +299,11 @@ impl ResolvedPlan {
         }
         steps.push("follow: apply captured keys to green until stopped or switched".into());
         steps.push("verify: checksum every table in key-hash buckets on both sides".into());
-        steps.push("cutover: PAUSE, drain, re-verify, sequences, repoint PgBouncer, RESUME".into());
+        steps.push(
+            "cutover: catch up and re-verify in rounds, PAUSE, drain, final check (rows, foreign keys), sequences, \
+             in_pause hooks, move traffic as the cutover line says"
+                .into(),
+        );
         steps
     }
 }

@@ -255,11 +255,17 @@ async fn pgbouncer(pb: &super::PgbouncerSettings, checks: &mut Vec<Check>, probl
             )),
         },
         super::SwitchMode::Handover { v2_database, .. } => match pool_mode(&client, v2_database).await {
-            Ok(Some(mode)) => checks.push(Check {
-                name: format!("pgbouncer pool_mode of {v2_database}"),
-                ok: mode != "session",
-                detail: mode,
-            }),
+            Ok(Some(mode)) => {
+                let ok = mode != "session";
+                checks.push(Check { name: format!("pgbouncer pool_mode of {v2_database}"), ok, detail: mode });
+                if !ok {
+                    problems.push(plan_problem(
+                        &format!("{field}.v2_database"),
+                        format!("PgBouncer database `{v2_database}` uses pool_mode=session; PAUSE would wait for every client to disconnect"),
+                        Some("set pool_mode = transaction for that database".into()),
+                    ));
+                }
+            }
             Ok(None) => problems.push(plan_problem(
                 &format!("{field}.v2_database"),
                 format!("PgBouncer has no database entry `{v2_database}` (the v2 application's, pointing at green)"),
