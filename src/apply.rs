@@ -44,13 +44,14 @@ pub async fn apply_batch(
     state: &State,
     tables: &[ResolvedTable],
     ready: &[TableId],
+    part: (usize, usize),
 ) -> Result<Applied> {
     let mut applied = Applied::new();
     if ready.is_empty() {
         return Ok(applied);
     }
     let mut by_table: BTreeMap<TableId, (Vec<Vec<String>>, Vec<i64>)> = BTreeMap::new();
-    for (id, key, seq) in state.pending_batch(green, ready, BATCH_KEYS).await? {
+    for (id, key, seq) in state.pending_batch(green, ready, BATCH_KEYS, part).await? {
         let e = by_table.entry(id).or_default();
         e.0.push(key);
         e.1.push(seq);
@@ -88,6 +89,7 @@ async fn apply_table(
         source: e,
     };
 
+    let started = std::time::Instant::now();
     let tx = green.transaction().await.map_err(|e| fail("begin", e))?;
     tx.batch_execute(&format!(
         "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {target} WITH NO DATA"
@@ -108,6 +110,7 @@ async fn apply_table(
     sink.send_all(&mut stream).await.map_err(|e| fail("re-reading keys from blue", e))?;
     drop(stream);
     sink.as_mut().finish().await.map_err(|e| fail("COPY into staging", e))?;
+    let staged = started.elapsed();
 
     let key_list = tgt_cols.join(", ");
     let matches_stage = tgt_cols.iter().map(|c| format!("s.{c} = t.{c}")).collect::<Vec<_>>().join(" AND ");
@@ -126,6 +129,7 @@ async fn apply_table(
     )
     .await
     .map_err(|e| fail("deleting keys gone from blue", e))?;
+    let deleted = started.elapsed();
     // Key columns are written too: a key changed on blue to a value that compares equal
     // (citext `alice` -> `ALICE`, numeric `1.0` -> `1.00`) conflicts with the old row, whose key
     // text must become the new one.
@@ -134,8 +138,11 @@ async fn apply_table(
     tx.execute(&format!("INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"), &[])
         .await
         .map_err(|e| fail("upserting rows", e))?;
+    let upserted = started.elapsed();
     // Only the entries read for this batch: a key captured again meanwhile has a new seq and stays.
     state.finish_batch(&tx, seqs).await?;
+    let finished = started.elapsed();
     tx.commit().await.map_err(|e| fail("commit", e))?;
+    tracing::debug!(keys = keys.len(), ?staged, ?deleted, ?upserted, ?finished, total = ?started.elapsed(), "applied");
     Ok(())
 }

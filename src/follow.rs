@@ -4,7 +4,10 @@
 //! bounded backoff; capture resumes from the position stored on green.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -25,6 +28,11 @@ use crate::{
 
 /// How often lag and progress are written to state (for `status`) and the phase is checked.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Blue positions kept for the lag in time: an hour of reports. Further behind, the lag in
+/// time is unknown (`null`), the lag in bytes still shown.
+const POSITIONS_KEPT: usize = 3600;
+/// The apply rate `status` shows is measured over this much recent time.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// Compares blue's catalog with the shapes recorded when each copy began; a drift is stored on
 /// green (so no rerun resumes past it) and returned as the error that stops following.
 async fn drift(state: &State, green: &Client, blue: &Client) -> Result<Option<Error>> {
@@ -59,10 +67,10 @@ pub enum Stop {
     CaughtUp,
 }
 
-/// The follower: a capture side and an apply side.
+/// The follower: a capture side and `[capture] apply_workers` apply sides.
 pub struct Follower {
     capture: CaptureSide,
-    apply: ApplySide,
+    apply: Vec<ApplySide>,
 }
 
 struct CaptureSide {
@@ -84,8 +92,14 @@ struct ApplySide {
     /// Re-reads from blue: a pooled session, replaced by the pool when it breaks.
     blue: SidePool,
     green: Client,
-    applied: u64,
-    started: Instant,
+    /// This worker's share of the key hashes: (index, count).
+    part: (usize, usize),
+    /// Keys applied by every worker of this follower.
+    applied: Arc<AtomicU64>,
+    /// Recent (time, applied) samples, for the current rate.
+    samples: std::collections::VecDeque<(Instant, u64)>,
+    /// Blue's position once a report, for the lag in time.
+    positions: std::collections::VecDeque<(Instant, Lsn)>,
     /// The last round applied nothing.
     idle: bool,
 }
@@ -93,9 +107,26 @@ struct ApplySide {
 impl Follower {
     /// A follower over an already set-up capture.
     pub async fn new(plan: &Plan, tables: &[ResolvedTable], capture: Capture) -> Result<Self> {
-        let green = plan.green.connect().await?;
-        apply::prepare_green(&green).await?;
         let state = State::new(&plan.name);
+        let workers = plan.apply_workers.max(1);
+        let applied = Arc::new(AtomicU64::new(0));
+        let mut apply = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let green = plan.green.connect().await?;
+            apply::prepare_green(&green).await?;
+            apply.push(ApplySide {
+                plan: plan.clone(),
+                state: state.clone(),
+                tables: tables.to_vec(),
+                blue: SidePool::new(&plan.blue, 1)?,
+                green,
+                part: (index, workers),
+                applied: Arc::clone(&applied),
+                samples: std::collections::VecDeque::new(),
+                positions: std::collections::VecDeque::new(),
+                idle: false,
+            });
+        }
         Ok(Self {
             capture: CaptureSide {
                 plan: plan.clone(),
@@ -106,16 +137,7 @@ impl Follower {
                 shapes_checked: None,
                 tables: tables.to_vec(),
             },
-            apply: ApplySide {
-                plan: plan.clone(),
-                state,
-                tables: tables.to_vec(),
-                blue: SidePool::new(&plan.blue, 1)?,
-                green,
-                applied: 0,
-                started: Instant::now(),
-                idle: false,
-            },
+            apply,
         })
     }
 
@@ -127,8 +149,12 @@ impl Follower {
         let mut capture_task =
             tokio::spawn(capture_loop(self.capture, capture_stop.clone(), catch_up.clone(), Arc::clone(&reached)));
         let mut apply = self.apply;
+        // The first worker to stop (signal, switch, caught up, or an error) stops them all; one
+        // dropped mid-batch leaves its green transaction to roll back, and apply is idempotent.
+        let workers =
+            futures_util::future::select_all(apply.iter_mut().map(|w| Box::pin(w.run(&shutdown, &catch_up, &reached))));
         let result = tokio::select! {
-            r = apply.run(&shutdown, &catch_up, &reached) => r,
+            (r, _, _) = workers => r,
             r = &mut capture_task => {
                 let r = r.unwrap_or_else(|e| Err(Error::TaskPanicked { task: "capture", message: e.to_string() }));
                 // Capture stops only with an error or when told; either way apply stops too.
@@ -346,13 +372,14 @@ impl ApplySide {
     ) -> Result<Option<Stop>> {
         let ready = self.ready_tables().await?;
         let blue = self.blue.get().await?;
-        let applied: usize = apply::apply_batch(&blue, &mut self.green, &self.state, &self.tables, &ready)
+        let applied: usize = apply::apply_batch(&blue, &mut self.green, &self.state, &self.tables, &ready, self.part)
             .await?
             .values()
             .map(Vec::len)
             .sum();
-        self.applied += applied as u64;
-        if last_report.elapsed() >= REPORT_EVERY {
+        self.applied.fetch_add(applied as u64, Ordering::Relaxed);
+        // One worker reports for all.
+        if self.part.0 == 0 && last_report.elapsed() >= REPORT_EVERY {
             *last_report = Instant::now();
             self.report().await?;
         }
@@ -385,10 +412,37 @@ impl ApplySide {
         Ok(self.tables.iter().filter(|t| done.contains(&t.id)).map(|t| t.id.clone()).collect())
     }
 
-    /// Writes lag, pending count and apply rate to state.
+    /// Writes lag, pending count and the current apply rate (over the last
+    /// [`RATE_WINDOW`]) to state.
     async fn report(&mut self) -> Result<()> {
-        let rate = self.applied as f64 / self.started.elapsed().as_secs_f64().max(0.001);
-        self.state.report_follower(&self.green, self.applied as i64, rate).await
+        let now = Instant::now();
+        let applied = self.applied.load(Ordering::Relaxed);
+        self.samples.push_back((now, applied));
+        while self.samples.len() > 2 && self.samples.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
+            self.samples.pop_front();
+        }
+        let rate = match self.samples.front() {
+            Some((t, n)) if now - *t >= Duration::from_millis(500) => (applied - n) as f64 / (now - *t).as_secs_f64(),
+            _ => 0.0,
+        };
+        let (blue, oldest) = self.state.report_follower(&self.green, applied as i64, rate).await?;
+        // Blue's position over time: the oldest change green lacks was made after the last
+        // sample at or below it.
+        let lag = match (blue, oldest) {
+            (Some(blue), Some(oldest)) => {
+                self.positions.push_back((now, blue));
+                while self.positions.len() > POSITIONS_KEPT {
+                    self.positions.pop_front();
+                }
+                if oldest >= blue {
+                    Some(0.0)
+                } else {
+                    self.positions.iter().rev().find(|(_, l)| *l <= oldest).map(|(t, _)| (now - *t).as_secs_f64())
+                }
+            }
+            _ => None,
+        };
+        self.state.report_lag_seconds(&self.green, lag).await
     }
 
     async fn reconnect(&mut self) -> Result<()> {

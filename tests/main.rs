@@ -9,6 +9,7 @@ mod correctness;
 mod crash;
 mod cutover;
 mod entries;
+mod follow;
 mod handover;
 mod identifiers;
 mod plan;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use futures_util::TryStreamExt;
 use tokio_postgres::Client;
 use tracing::info;
 
@@ -13,7 +14,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    pg::{ident, literal, Lsn},
+    pg::{ident, literal, ConnInfo, Lsn},
     plan::{Plan, ResolvedPlan, ResolvedTable},
     state::State,
 };
@@ -26,6 +27,10 @@ pub struct Logical {
     tables: Vec<ResolvedTable>,
     /// Position (bytes) up to which every change is stored on green.
     captured: Lsn,
+    /// Where blue is, for the second session (boxed: a connection config is large).
+    info: Box<ConnInfo>,
+    /// A second session on blue (visibility checks while `blue` streams a peek).
+    watch: Option<Client>,
 }
 
 impl Logical {
@@ -67,14 +72,21 @@ impl Logical {
                 lsn
             }
         };
-        Ok(Self { blue, slot, tables: resolved.tables.clone(), captured })
+        Ok(Self { blue, slot, tables: resolved.tables.clone(), captured, info: Box::new(plan.blue.clone()), watch: None })
     }
 
     /// The slot `copy` created, without touching the publication; `None` when there is no slot.
     pub async fn open(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Option<Self>> {
         let slot = super::object_name(&plan.name);
         let position = confirmed_position(&blue, &slot).await?;
-        Ok(position.map(|captured| Self { blue, slot, tables: resolved.tables.clone(), captured }))
+        Ok(position.map(|captured| Self {
+            blue,
+            slot,
+            tables: resolved.tables.clone(),
+            captured,
+            info: Box::new(plan.blue.clone()),
+            watch: None,
+        }))
     }
 
     /// Position up to which changes are stored on green.
@@ -94,29 +106,55 @@ impl Logical {
         crate::pg::commit_point(&self.blue).await
     }
 
-    /// One capture round; see [`super::Capture::poll`].
+    /// One capture round; see [`super::Capture::poll`]. The peeked changes are streamed, not
+    /// collected: keys are stored on green in chunks of [`STORE_CHUNK`] as they come (apply
+    /// starts on them at once), so memory stays bounded whatever the size of a transaction.
+    /// The position is stored, and the slot advanced, only once the whole peek is stored: a
+    /// crash in between stores some keys twice, which apply does not mind.
     pub async fn poll(&mut self, green: &mut Client, state: &State) -> Result<usize> {
+        let started = std::time::Instant::now();
         let now = self.current_lsn().await?;
+        let sql = format!(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
+             'proto_version', '1', 'publication_names', {})",
+            literal(&self.slot)
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.slot, &POLL_CHANGES];
         let rows = self
             .blue
-            .query(
-                &format!(
-                    "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-                     'proto_version', '1', 'publication_names', {})",
-                    literal(&self.slot)
-                ),
-                &[&self.slot, &POLL_CHANGES],
-            )
+            .query_raw(&sql, params.iter().copied())
             .await
             .map_err(Error::db("blue: reading the replication slot"))?;
-        let (events, end, xids) = self.decode(rows.iter().map(|r| r.get::<_, &[u8]>(0)))?;
+        futures_util::pin_mut!(rows);
+        let mut decoder = Decoder::new(&self.tables);
+        let (watch, info) = (&mut self.watch, &self.info);
+        let (mut messages, mut stored, mut xids) = (0usize, 0usize, Vec::new());
+        while let Some(row) = rows.try_next().await.map_err(Error::db("blue: reading the replication slot"))? {
+            messages += 1;
+            xids.extend(decoder.feed(row.get::<_, &[u8]>(0))?);
+            if decoder.ready.len() + decoder.in_tx.len() >= STORE_CHUNK {
+                // Keys of the open transaction may be stored before its commit message arrives,
+                // and apply re-reads them from blue at once: wait until blue shows the commits.
+                wait_visible(second_session(watch, info).await?, &xids).await?;
+                xids.clear();
+                decoder.release_open_transaction();
+                let chunk = std::mem::take(&mut decoder.ready);
+                state.store_keys(&*green, &chunk).await?;
+                stored += chunk.len();
+            }
+        }
         wait_visible(&self.blue, &xids).await?;
+        let events = std::mem::take(&mut decoder.ready);
         // With nothing decoded, every commit before `now` is known to be captured.
-        let position = end.unwrap_or(now).max(self.captured);
+        let position = decoder.end.unwrap_or(now).max(self.captured);
         let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
         state.store_keys(&tx, &events).await?;
         state.set_capture_lsn(&tx, position).await?;
         tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
+        stored += events.len();
+        if stored > 0 {
+            tracing::debug!(messages, stored, ms = started.elapsed().as_millis() as u64, "captured");
+        }
         crate::fault::point("capture.stored").await;
         if position > self.captured {
             self.blue
@@ -128,66 +166,100 @@ impl Logical {
                 .map_err(Error::db("blue: advancing the replication slot"))?;
             self.captured = position;
         }
-        Ok(events.len())
+        Ok(stored)
+    }
+}
+
+/// A second session on blue, for visibility checks while the first streams a peek.
+async fn second_session<'a>(watch: &'a mut Option<Client>, info: &ConnInfo) -> Result<&'a Client> {
+    if watch.as_ref().is_none_or(Client::is_closed) {
+        *watch = Some(info.connect().await?);
+    }
+    watch.as_ref().ok_or(Error::Internal("no blue session for visibility checks"))
+}
+
+/// Keys stored per green statement while a peek streams: bounds memory (a million-row
+/// transaction once held 750 MB) and lets apply start before a large transaction is all read.
+pub const STORE_CHUNK: usize = 50_000;
+
+/// Turns pgoutput messages into key events, one message at a time.
+struct Decoder<'a> {
+    tables: &'a [ResolvedTable],
+    relations: HashMap<u32, (usize, Relation)>,
+    /// Keys of the open transaction (entry index, key).
+    in_tx: Vec<(usize, Vec<String>)>,
+    /// The open transaction's commit record position.
+    final_lsn: Option<Lsn>,
+    /// Events ready to store.
+    ready: Vec<KeyEvent>,
+    /// The end of the last commit.
+    end: Option<Lsn>,
+}
+
+impl<'a> Decoder<'a> {
+    fn new(tables: &'a [ResolvedTable]) -> Self {
+        Self { tables, relations: HashMap::new(), in_tx: Vec::new(), final_lsn: None, ready: Vec::new(), end: None }
     }
 
-    /// Decodes peeked messages into key events; returns them, the end of the last commit, and
-    /// the ids of the transactions that produced events.
-    fn decode<'a>(&self, messages: impl Iterator<Item = &'a [u8]>) -> Result<(Vec<KeyEvent>, Option<Lsn>, Vec<u32>)> {
-        let mut relations: HashMap<u32, (usize, Relation)> = HashMap::new();
-        let mut pending_tx = Vec::new();
-        let mut events = Vec::new();
-        let mut end = None;
-        let mut xid = None;
-        let mut xids = Vec::new();
-        for data in messages {
-            match pgoutput::decode(data)
-                .map_err(|e| Error::Decode { what: "pgoutput".into(), message: e.to_string() })?
-            {
-                Message::Relation(rel) => {
-                    if let Some(i) =
-                        self.tables.iter().position(|t| t.source.schema == rel.namespace && t.source.name == rel.name)
-                    {
-                        check_shape(&self.tables[i], &rel)?;
-                        relations.insert(rel.relid, (i, rel));
-                    }
+    /// Decodes one message. Returns the transaction id when a transaction begins.
+    fn feed(&mut self, data: &[u8]) -> Result<Option<u32>> {
+        let message =
+            pgoutput::decode(data).map_err(|e| Error::Decode { what: "pgoutput".into(), message: e.to_string() })?;
+        match message {
+            Message::Relation(rel) => {
+                if let Some(i) =
+                    self.tables.iter().position(|t| t.source.schema == rel.namespace && t.source.name == rel.name)
+                {
+                    check_shape(&self.tables[i], &rel)?;
+                    self.relations.insert(rel.relid, (i, rel));
                 }
-                Message::Change { relid, new, old } => {
-                    let Some((i, rel)) = relations.get(&relid) else { continue };
-                    let keys: Vec<String> = self.tables[*i].key.iter().map(|k| k.source.clone()).collect();
-                    for tuple in [new, old].into_iter().flatten() {
-                        // A key is missing only when it is an unchanged TOASTed value of an update's
-                        // new row; the key did not change then, and the old row is not sent.
-                        if let Some(key) = pgoutput::key_of(rel, &keys, &tuple) {
-                            pending_tx.push((*i, key));
-                        }
-                    }
-                }
-                Message::Truncate { relids } => {
-                    let names: Vec<String> = relids
-                        .iter()
-                        .filter_map(|r| relations.get(r))
-                        .map(|(i, _)| self.tables[*i].source.to_string())
-                        .collect();
-                    return Err(super::truncated(&names));
-                }
-                Message::Commit { end_lsn } => {
-                    let lsn = Lsn(end_lsn as i64);
-                    if !pending_tx.is_empty() {
-                        xids.extend(xid.take());
-                    }
-                    events.extend(pending_tx.drain(..).map(|(i, key)| KeyEvent {
-                        table: self.tables[i].id.clone(),
-                        key,
-                        lsn,
-                    }));
-                    end = Some(lsn);
-                }
-                Message::Begin { xid: x } => xid = Some(x),
-                Message::Other => {}
             }
+            Message::Change { relid, new, old } => {
+                let Some((i, rel)) = self.relations.get(&relid) else { return Ok(None) };
+                let keys: Vec<String> = self.tables[*i].key.iter().map(|k| k.source.clone()).collect();
+                for tuple in [new, old].into_iter().flatten() {
+                    // A key is missing only when it is an unchanged TOASTed value of an update's
+                    // new row; the key did not change then, and the old row is not sent.
+                    if let Some(key) = pgoutput::key_of(rel, &keys, &tuple) {
+                        self.in_tx.push((*i, key));
+                    }
+                }
+            }
+            Message::Truncate { relids } => {
+                let names: Vec<String> = relids
+                    .iter()
+                    .filter_map(|r| self.relations.get(r))
+                    .map(|(i, _)| self.tables[*i].source.to_string())
+                    .collect();
+                return Err(super::truncated(&names));
+            }
+            Message::Commit { end_lsn } => {
+                let lsn = Lsn(end_lsn as i64);
+                self.release(lsn);
+                self.final_lsn = None;
+                self.end = Some(lsn);
+            }
+            Message::Begin { final_lsn, xid } => {
+                self.final_lsn = Some(Lsn(final_lsn as i64));
+                return Ok(Some(xid));
+            }
+            Message::Other => {}
         }
-        Ok((events, end, xids))
+        Ok(None)
+    }
+
+    /// Moves the open transaction's keys so far to the ready events, at its commit record's
+    /// position (its end is not known before the commit message; the start is no later, so
+    /// "pending at or below a position" only errs on the side of waiting).
+    fn release_open_transaction(&mut self) {
+        if let Some(lsn) = self.final_lsn {
+            self.release(lsn);
+        }
+    }
+
+    fn release(&mut self, lsn: Lsn) {
+        let tables = self.tables;
+        self.ready.extend(self.in_tx.drain(..).map(|(i, key)| KeyEvent { table: tables[i].id.clone(), key, lsn }));
     }
 }
 

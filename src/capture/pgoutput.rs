@@ -9,6 +9,8 @@ use std::collections::HashMap;
 pub enum Message {
     /// Start of a transaction.
     Begin {
+        /// The position of the transaction's commit record.
+        final_lsn: u64,
         /// The transaction's id (32 bits, as pgoutput sends it).
         xid: u32,
     },
@@ -115,9 +117,9 @@ pub fn decode(data: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { buf: data, pos: 0 };
     Ok(match r.u8("message type")? {
         b'B' => {
-            r.u64("final lsn")?;
+            let final_lsn = r.u64("final lsn")?;
             r.u64("commit timestamp")?;
-            Message::Begin { xid: r.u32("xid")? }
+            Message::Begin { final_lsn, xid: r.u32("xid")? }
         }
         b'C' => {
             r.u8("commit flags")?;

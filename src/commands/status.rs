@@ -84,6 +84,7 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
 fn capture_json(v: &StatusView) -> serde_json::Value {
     serde_json::json!({
         "lag_bytes": v.lag_bytes,
+        "lag_seconds": v.lag_seconds,
         "pending_keys": v.pending_keys,
         "applied_keys": v.applied_keys,
         "apply_keys_per_second": v.apply_rate,
@@ -116,8 +117,9 @@ pub fn render_text(value: &serde_json::Value) -> String {
     let c = &value["capture"];
     if !c["lag_bytes"].is_null() {
         o.push_str(&format!(
-            "  capture lag {} bytes, {} keys pending, {} applied ({:.0}/s), follower seen {:.0}s ago\n",
+            "  capture lag {} bytes{}, {} keys pending, {} applied ({:.0}/s now), follower seen {:.0}s ago\n",
             c["lag_bytes"],
+            c["lag_seconds"].as_f64().map(|s| format!(" (about {s:.0} s behind)")).unwrap_or_default(),
             c["pending_keys"],
             c["applied_keys"],
             c["apply_keys_per_second"].as_f64().unwrap_or(0.0),

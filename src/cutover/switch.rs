@@ -422,7 +422,8 @@ impl<'a> Switch<'a> {
                 return Ok(());
             }
             let applied =
-                apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all).await?;
+                apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all, (0, 1))
+                    .await?;
             if let Some(since) = self.applied.as_mut() {
                 for (id, keys) in applied {
                     since.entry(id).or_default().extend(keys);

@@ -30,6 +30,9 @@ pub const DEFAULT_DEFER_INDEXES: bool = true;
 pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lag (bytes of blue WAL not yet applied) above which cutover refuses to start.
 pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 * 1024 * 1024;
+/// Apply sessions when the plan names none: two kept up with twice the keys of one on this
+/// project's 2-core machine; more mostly contend for the same target rows' indexes.
+pub const DEFAULT_APPLY_WORKERS: usize = 2;
 /// A hook without a `timeout` is killed after this (an `in_pause` hook must set a smaller one).
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How far past blue's value green sequences are set at cutover.
@@ -77,6 +80,7 @@ struct RawCapture {
     method: Option<CaptureMethod>,
     warn_retained_bytes: Option<u64>,
     stall_timeout: Option<Spanned<String>>,
+    apply_workers: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +161,9 @@ pub struct Plan {
     pub warn_retained_bytes: u64,
     /// `[capture] stall_timeout`: a following round with no answer for this long reconnects.
     pub stall_timeout: Duration,
+    /// `[capture] apply_workers`: apply sessions on green, each taking the pending keys of its
+    /// share of the key hashes.
+    pub apply_workers: usize,
     /// `[[table]]` entries in file order.
     pub tables: Vec<TableEntry>,
     /// `[cutover]`, if present.
@@ -372,6 +379,19 @@ impl Plan {
         let green = v.conn(Side::Green, "green.url", &raw.green.url);
         let cutover = v.cutover(raw.cutover);
         let stall_timeout = v.stall_timeout(&raw.capture.stall_timeout);
+        let apply_workers = match &raw.capture.apply_workers {
+            None => DEFAULT_APPLY_WORKERS,
+            Some(n) if (1..=16).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                let line = validate::line_col(text, n.span().start).0;
+                v.problems.push(PlanProblem {
+                    line,
+                    field: "capture.apply_workers".into(),
+                    message: format!("{} is out of range: 1 to 16", n.get_ref()),
+                });
+                DEFAULT_APPLY_WORKERS
+            }
+        };
         let copy = v.copy(&raw.copy);
         let tables = v.tables(raw.tables);
         match (blue, green) {
@@ -384,6 +404,7 @@ impl Plan {
                 capture: raw.capture.method.unwrap_or_default(),
                 warn_retained_bytes: raw.capture.warn_retained_bytes.unwrap_or(DEFAULT_WARN_RETAINED_BYTES),
                 stall_timeout,
+                apply_workers,
                 tables,
                 cutover,
             }),

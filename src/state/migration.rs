@@ -41,8 +41,11 @@ pub struct StatusView {
     pub pending_keys: Option<i64>,
     /// Keys applied by the current follower.
     pub applied_keys: i64,
-    /// Keys applied per second, recent.
+    /// Keys applied per second over the last few seconds.
     pub apply_rate: Option<f64>,
+    /// How long ago blue was at the oldest change green does not have yet (about; sampled
+    /// every second by the follower).
+    pub lag_seconds: Option<f64>,
     /// Seconds since the follower last wrote progress.
     pub follower_seen_seconds_ago: Option<f64>,
     /// The last verify's summary, with `at`.
@@ -152,20 +155,36 @@ impl State {
     }
 
     /// Writes lag, pending count and apply rate. Lag: blue's position minus the oldest position
-    /// not yet on green (the oldest pending key, or capture's frontier).
-    pub async fn report_follower(&self, green: &impl GenericClient, applied: i64, rate: f64) -> Result<()> {
-        green
-            .execute(
+    /// not yet on green (the oldest pending key, or capture's frontier). Returns blue's position
+    /// and that oldest one, for the lag in time.
+    pub async fn report_follower(
+        &self,
+        green: &impl GenericClient,
+        applied: i64,
+        rate: f64,
+    ) -> Result<(Option<Lsn>, Option<Lsn>)> {
+        let r = green
+            .query_opt(
                 &format!(
                     "UPDATE {m} SET pending_keys = p.n, \
                         lag_bytes = greatest(0, blue_lsn - least(coalesce(p.oldest, capture_lsn), capture_lsn)), \
                         applied_keys = $1, apply_rate = $2, follower_seen_at = now() \
-                     FROM (SELECT count(*) AS n, min(coalesce(first_lsn, lsn)) AS oldest FROM {p}) p WHERE id = 1",
+                     FROM (SELECT count(*) AS n, min(coalesce(first_lsn, lsn)) AS oldest FROM {p}) p WHERE id = 1 \
+                     RETURNING blue_lsn, least(coalesce(p.oldest, capture_lsn), capture_lsn)",
                     m = self.table("migration"),
                     p = self.table("pending")
                 ),
                 &[&applied, &rate],
             )
+            .await
+            .map_err(Error::db("green: saving follower progress"))?;
+        Ok(r.map(|r| (r.get(0), r.get(1))).unwrap_or_default())
+    }
+
+    /// Writes how long ago blue was at the oldest position not yet on green.
+    pub async fn report_lag_seconds(&self, green: &impl GenericClient, seconds: Option<f64>) -> Result<()> {
+        green
+            .execute(&format!("UPDATE {} SET lag_seconds = $1 WHERE id = 1", self.table("migration")), &[&seconds])
             .await
             .map_err(Error::db("green: saving follower progress"))?;
         Ok(())
@@ -251,7 +270,7 @@ impl State {
                     "SELECT lag_bytes, pending_keys, applied_keys, apply_rate, \
                             extract(epoch FROM now() - follower_seen_at)::float8, \
                             last_verify || jsonb_build_object('at', last_verify_at), cutover, \
-                            (to_jsonb(m) ->> 'cleaned_up_at') \
+                            (to_jsonb(m) ->> 'cleaned_up_at'), (to_jsonb(m) ->> 'lag_seconds')::float8 \
                      FROM {} m WHERE id = 1",
                     self.table("migration")
                 ),
@@ -268,6 +287,7 @@ impl State {
             last_verify: r.get(5),
             cutover: r.get::<_, Option<serde_json::Value>>(6).map(|v| decode("the cutover record", v)).transpose()?,
             cleaned_up_at: r.get(7),
+            lag_seconds: r.get(8),
         })
     }
 }

@@ -102,6 +102,7 @@ impl State {
                  tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (tbl, key));
              ALTER TABLE {s}.tables ADD COLUMN IF NOT EXISTS source_shape jsonb, ADD COLUMN IF NOT EXISTS drift text;
              ALTER TABLE {s}.pending ADD COLUMN IF NOT EXISTS first_lsn bigint;
+             ALTER TABLE {s}.migration ADD COLUMN IF NOT EXISTS lag_seconds float8;
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
             plan = literal(plan),

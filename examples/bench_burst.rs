@@ -1,0 +1,156 @@
+//! Burst benchmark: one transaction updating every row of `pgbench_accounts` (scale 10: 1M rows)
+//! on blue, followed by PostgreSQL's own logical replication (publication + subscription) and by
+//! `migrate copy`, measured in the same run on the same clusters (each on its own pair of
+//! databases, one after the other, so they do not share the CPU). Prints both times, the ratio,
+//! and the peak memory of the `migrate` process.
+//!
+//!     cargo build --release && cargo run --release --example bench_burst -- [--scale 10] [--method logical|trigger]
+
+#[path = "../tests/support/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use cluster::Cluster;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+const PLAN: &str = r#"
+name = "bench-burst"
+[blue]
+url = "${BLUE_URL}"
+[green]
+url = "${GREEN_URL}"
+[capture]
+method = "METHOD"
+[[table]]
+source = "pgbench_accounts"
+key = ["aid"]
+[table.columns]
+aid = "aid"
+bid = "bid"
+abalance = "abalance"
+filler = "filler"
+"#;
+
+fn pgbench(c: &Cluster, db: &str, args: &[&str]) {
+    let out = std::process::Command::new(c.bindir.join("pgbench"))
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &c.port.to_string()])
+        .args(args)
+        .arg(db)
+        .output()
+        .expect("run pgbench");
+    assert!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The burst: every account updated in one transaction; returns the commit's end position.
+fn burst(blue: &Cluster, db: &str) -> i64 {
+    // Flushed at commit (the clusters run with synchronous_commit = off): the flush position
+    // read next then lies past the commit.
+    blue.psql(db, "SET synchronous_commit = on; UPDATE pgbench_accounts SET abalance = abalance + 1");
+    blue.psql(db, "SELECT (pg_current_wal_flush_lsn() - '0/0')::int8").parse().unwrap()
+}
+
+fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> f64 {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what} did not finish within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Peak resident memory (VmHWM) of a process, in MB.
+fn peak_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let scale = arg("--scale", "10");
+    let method = arg("--method", "logical");
+    let migrate = std::env::current_exe().unwrap().parent().unwrap().join("../migrate");
+    assert!(migrate.exists(), "build the binary first: cargo build --release ({})", migrate.display());
+    let blue = Cluster::start("bb-blue", &["shared_buffers=512MB"]);
+    let green = Cluster::start("bb-green", &["shared_buffers=512MB", "max_logical_replication_workers=8"]);
+    for db in ["native", "ours"] {
+        blue.psql("postgres", &format!("CREATE DATABASE {db}"));
+        green.psql("postgres", &format!("CREATE DATABASE {db}"));
+        pgbench(&blue, db, &["-i", "-q", "-s", &scale]);
+        pgbench(&green, db, &["-i", "-q", "-I", "dtp", "-s", &scale]);
+        green.psql(db, "TRUNCATE pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history");
+    }
+    let rows: i64 = blue.psql("ours", "SELECT count(*) FROM pgbench_accounts").parse().unwrap();
+
+    // Native: publication + subscription, initial sync, then the burst.
+    blue.psql("native", "CREATE PUBLICATION p FOR TABLE pgbench_accounts");
+    green.psql(
+        "native",
+        &format!(
+            "CREATE SUBSCRIPTION s CONNECTION 'host=127.0.0.1 port={} dbname=native user=postgres' PUBLICATION p",
+            blue.port
+        ),
+    );
+    wait("the subscription's initial sync", Duration::from_secs(600), || {
+        green.psql("native", "SELECT bool_and(srsubstate = 'r') FROM pg_subscription_rel") == "t"
+    });
+    // Done when green has every updated row (every balance was 0, each is now 1): the slot's
+    // confirmed position is no proof, a subscriber confirms positions it has only received.
+    burst(&blue, "native");
+    let native = wait("native replication of the burst", Duration::from_secs(600), || {
+        std::thread::sleep(Duration::from_millis(100));
+        green.psql("native", "SELECT count(*) FROM pgbench_accounts WHERE abalance = 1") == rows.to_string()
+    });
+    green.psql("native", "ALTER SUBSCRIPTION s DISABLE");
+
+    // Ours: copy, follow, then the same burst.
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("bench.toml");
+    std::fs::write(&plan, PLAN.replace("METHOD", &method)).unwrap();
+    let mut child = std::process::Command::new(&migrate)
+        .args(["copy", plan.to_str().unwrap()])
+        .env("BLUE_URL", blue.url("ours"))
+        .env("GREEN_URL", green.url("ours"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start migrate copy");
+    let state = "bluegreen_bench_burst";
+    wait("copy", Duration::from_secs(600), || {
+        green.psql("ours", &format!("SELECT to_regclass('{state}.migration') IS NOT NULL")) == "t"
+            && green.psql("ours", &format!("SELECT state->>'phase' FROM {state}.migration")) == "following"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let before_mb = peak_mb(child.id());
+    let lsn = burst(&blue, "ours");
+    let ours = wait("migrate's following of the burst", Duration::from_secs(900), || {
+        green.psql(
+            "ours",
+            &format!(
+                "SELECT coalesce(capture_lsn, 0) >= {lsn} AND NOT EXISTS (SELECT 1 FROM {state}.pending) FROM {state}.migration"
+            ),
+        ) == "t"
+            || (method == "trigger"
+                && green.psql("ours", &format!("SELECT NOT EXISTS (SELECT 1 FROM {state}.pending)")) == "t"
+                && blue.psql("ours", &format!("SELECT count(*) FROM {state}.changes")) == "0"
+                && green.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts") == rows.to_string())
+    });
+    let peak = peak_mb(child.id());
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let fp = |c: &Cluster| c.psql("ours", "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a");
+    let equal = fp(&blue) == fp(&green);
+    println!("burst: UPDATE of {rows} rows in one transaction, {method} capture");
+    println!("native logical replication: {native:.1} s");
+    println!("migrate copy following:     {ours:.1} s  ({:.0} rows/s)", rows as f64 / ours);
+    println!("ratio: {:.2}x native", ours / native);
+    println!("migrate peak memory: {peak:.0} MB (before the burst {before_mb:.0} MB)");
+    println!("green equal to blue after the burst: {equal}");
+}

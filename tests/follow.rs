@@ -1,0 +1,154 @@
+//! Following bulk writes: a million-row transaction (updates, deletes, inserts and key changes
+//! in one) and then a burst of small transactions, for both capture methods, in bounded memory;
+//! and several apply workers under key changes that move keys between their shares. Each
+//! proves green equal to transform(blue) with an independent query.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{fingerprint, run, Custom};
+
+const BLUE: &str = "CREATE TABLE acct (id int PRIMARY KEY, bal int NOT NULL, note text NOT NULL);";
+const GREEN: &str = "CREATE TABLE acct (id bigint PRIMARY KEY, bal bigint NOT NULL, note text NOT NULL);";
+const ENTRY: &str = "[[table]]\nsource = \"public.acct\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\n\
+                     bal = \"bal::bigint * 10\"\nnote = \"upper(note)\"\n";
+const TRANSFORM: &str = "SELECT id::bigint, bal::bigint * 10, upper(note) FROM acct";
+const TARGET: &str = "SELECT id, bal, note FROM acct";
+
+fn assert_same(c: &Custom) {
+    assert_eq!(fingerprint(&c.blue, TRANSFORM), fingerprint(&c.green, TARGET), "green differs from transform(blue)");
+}
+
+/// Peak resident memory (VmHWM) of a running process, in MB.
+fn peak_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+}
+
+/// `copy --no-follow` in the background; returns its exit status and the largest peak memory
+/// seen while it ran.
+fn catch_up_measured(c: &Custom, plan: &std::path::Path) -> (std::process::ExitStatus, f64, String) {
+    let mut child = c.spawn(&["copy", plan.to_str().unwrap(), "--no-follow"], &[]);
+    let started = Instant::now();
+    let mut peak = 0f64;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if let Some(mb) = peak_mb(child.id()) {
+            peak = peak.max(mb);
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "copy --no-follow did not end within 600 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status, peak, stderr)
+}
+
+fn million_row_transaction(method: &str) {
+    let c = Custom::new(
+        &format!("{BLUE} INSERT INTO acct SELECT g, g % 1000, 'n' || g FROM generate_series(1, 1000000) g;"),
+        GREEN,
+    );
+    let plan = c.plan(method, "", ENTRY);
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // One transaction: every row updated, some deleted, some inserted, some keys changed.
+    c.blue.psql(
+        "BEGIN;
+         UPDATE acct SET bal = bal + 1;
+         DELETE FROM acct WHERE id % 97 = 0;
+         UPDATE acct SET id = id + 2000000, note = note || '-moved' WHERE id % 1009 = 1;
+         INSERT INTO acct SELECT g, 7, 'new' || g FROM generate_series(3000001, 3020000) g;
+         COMMIT;",
+    );
+    let started = Instant::now();
+    let (status, peak, stderr) = catch_up_measured(&c, &plan);
+    assert!(status.success(), "copy --no-follow after the big transaction: {status}\n{stderr}");
+    eprintln!(
+        "{method}: a 1M-row transaction followed in {:.1} s, peak memory {peak:.0} MB",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(peak > 0.0 && peak < 300.0, "peak memory {peak:.0} MB following a 1M-row transaction");
+    assert_same(&c);
+
+    // Then a burst of small transactions (one row each), with a delete and a key change among them.
+    c.blue.psql(
+        "DO $$ BEGIN
+           FOR i IN 1..20000 LOOP
+             UPDATE acct SET bal = bal + 5 WHERE id = i * 37;
+             IF i % 100 = 0 THEN DELETE FROM acct WHERE id = i * 41; END IF;
+             IF i % 250 = 0 THEN UPDATE acct SET id = -id WHERE id = i * 43; END IF;
+             COMMIT;
+           END LOOP;
+         END $$;",
+    );
+    let (status, _, stderr) = catch_up_measured(&c, &plan);
+    assert!(status.success(), "copy --no-follow after the burst: {status}\n{stderr}");
+    assert_same(&c);
+}
+
+#[test]
+fn a_million_row_transaction_and_a_burst_follow_in_bounded_memory_logical() {
+    million_row_transaction("logical");
+}
+
+#[test]
+fn a_million_row_transaction_and_a_burst_follow_in_bounded_memory_trigger() {
+    million_row_transaction("trigger");
+}
+
+/// Four apply workers, each taking its share of the key hashes, while blue moves keys: a key
+/// changed leaves one share and enters another, chains of changes cross shares, values change
+/// under moved keys. Green ends equal to transform(blue).
+#[test]
+fn apply_workers_stay_correct_when_keys_move_between_shares() {
+    let c =
+        Custom::new(&format!("{BLUE} INSERT INTO acct SELECT g, g, 'n' || g FROM generate_series(1, 20000) g;"), GREEN);
+    let plan = c.plan("logical", "", &format!("apply_workers = 4\n{ENTRY}"));
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut follower = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
+    c.wait_phase("following");
+    // Each round moves a key (old and new hash to different shares most of the time), moves it
+    // again, changes the value under it, and frees its old key for a new row.
+    c.blue.psql(
+        "DO $$ BEGIN
+           FOR i IN 1..3000 LOOP
+             UPDATE acct SET id = id + 100000 WHERE id = i;
+             UPDATE acct SET bal = bal + 1 WHERE id = i + 100000;
+             IF i % 3 = 0 THEN UPDATE acct SET id = id + 100000 WHERE id = i + 100000; END IF;
+             INSERT INTO acct VALUES (i, -i, 'reused' || i);
+             IF i % 7 = 0 THEN DELETE FROM acct WHERE id = i + 5000; END IF;
+             COMMIT;
+           END LOOP;
+         END $$;",
+    );
+    // Status: the apply rate is the current one (nothing applied for the last seconds: 0, not
+    // a lifetime average), and the lag is given in time as well as in bytes.
+    let status = || -> serde_json::Value {
+        let r = run(&mut c.migrate(&["status", plan.to_str().unwrap(), "--format", "json"]));
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    let started = Instant::now();
+    while status()["capture"]["pending_keys"] != 0 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the follower did not catch up: {}", status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(7));
+    let st = status();
+    assert_eq!(st["capture"]["apply_keys_per_second"].as_f64(), Some(0.0), "{st}");
+    assert!(st["capture"]["applied_keys"].as_i64().is_some_and(|n| n > 3000), "{st}");
+    assert!(st["capture"]["lag_seconds"].as_f64().is_some_and(|s| s < 3.0), "{st}");
+    let _ = std::process::Command::new("kill").args(["-INT", &follower.id().to_string()]).status();
+    let st = follower.wait().unwrap();
+    assert!(st.success(), "follower: {st}");
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same(&c);
+    assert_eq!(c.green.psql("SELECT count(*) FROM acct WHERE note LIKE 'REUSED%'"), "3000");
+}
