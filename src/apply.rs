@@ -74,6 +74,53 @@ async fn apply_table(
     keys: &[Vec<String>],
     seqs: &[i64],
 ) -> Result<()> {
+    let tx = green.transaction().await.map_err(|e| fail(t, "begin", e))?;
+    write_rows(blue, &tx, t, keys).await?;
+    // Only the entries read for this batch: a key captured again meanwhile has a new seq and stays.
+    state.finish_batch(&tx, seqs).await?;
+    tx.commit().await.map_err(|e| fail(t, "commit", e))?;
+    Ok(())
+}
+
+/// Applies keys straight from capture, without storing them in pending first (the pending
+/// insert, read, lock and delete were most of apply's cost for bulk writes). A key that is
+/// pending already (an apply may hold an older read of it) is stored in pending instead, with
+/// a new seq, as capture always did: the apply holding the older read then leaves it pending.
+/// Locking the pending rows first waits for such an apply to commit. Returns how many keys were
+/// applied here.
+pub async fn apply_direct(
+    blue: &Client,
+    green: &mut Client,
+    state: &State,
+    t: &ResolvedTable,
+    events: &[crate::state::KeyEvent],
+) -> Result<usize> {
+    let tx = green.transaction().await.map_err(|e| fail(t, "begin", e))?;
+    let keys: Vec<Vec<String>> = events.iter().map(|e| e.key.clone()).collect();
+    let busy = state.lock_pending(&tx, &t.id, &keys).await?;
+    let (later, now): (Vec<_>, Vec<_>) = events.iter().cloned().partition(|e| busy.contains(&e.key));
+    state.store_keys(&tx, &later).await?;
+    let keys: Vec<Vec<String>> = now.iter().map(|e| e.key.clone()).collect();
+    if !keys.is_empty() {
+        write_rows(blue, &tx, t, &keys).await?;
+        state.record_touched(&tx, &now).await?;
+    }
+    tx.commit().await.map_err(|e| fail(t, "commit", e))?;
+    Ok(now.len())
+}
+
+fn fail(t: &ResolvedTable, what: &str, e: tokio_postgres::Error) -> Error {
+    Error::Db { context: format!("green: apply to {}: {what}", t.target), source: e }
+}
+
+/// Re-reads `keys` from blue through the transform into a staging table, deletes the keys gone
+/// from blue, and upserts the rest, in `tx`.
+async fn write_rows(
+    blue: &Client,
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &ResolvedTable,
+    keys: &[Vec<String>],
+) -> Result<()> {
     let src_cols: Vec<String> = t.key.iter().map(|k| ident(&k.source)).collect();
     let src_types: Vec<String> = t.key.iter().map(|k| k.source_type.clone()).collect();
     let tgt_cols: Vec<String> = t.key.iter().map(|k| ident(&k.target)).collect();
@@ -84,22 +131,16 @@ async fn apply_table(
     let cols = t.target_column_list();
     let stage = ident(&format!("bluegreen_apply_{}", t.id.short()));
     let target = t.target.quoted();
-    let fail = |what: &str, e: tokio_postgres::Error| Error::Db {
-        context: format!("green: apply to {}: {what}", t.target),
-        source: e,
-    };
 
-    let started = std::time::Instant::now();
-    let tx = green.transaction().await.map_err(|e| fail("begin", e))?;
     tx.batch_execute(&format!(
         "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {target} WITH NO DATA"
     ))
     .await
-    .map_err(|e| fail("staging table", e))?;
+    .map_err(|e| fail(t, "staging table", e))?;
     let sink = tx
         .copy_in(&format!("COPY {stage} ({cols}) FROM STDIN{format}"))
         .await
-        .map_err(|e| fail("COPY into staging", e))?;
+        .map_err(|e| fail(t, "COPY into staging", e))?;
     let select = t.source_select(Some(&key_condition(&src_cols, &src_types, keys)));
     let stream = blue
         .copy_out(&format!("COPY ({select}) TO STDOUT{format}"))
@@ -107,10 +148,9 @@ async fn apply_table(
         .map_err(|e| Error::Db { context: format!("blue: re-reading keys of {}", t.source), source: e })?;
     let mut stream = Box::pin(stream.map_err(|e| e));
     let mut sink = Box::pin(sink);
-    sink.send_all(&mut stream).await.map_err(|e| fail("re-reading keys from blue", e))?;
+    sink.send_all(&mut stream).await.map_err(|e| fail(t, "re-reading keys from blue", e))?;
     drop(stream);
-    sink.as_mut().finish().await.map_err(|e| fail("COPY into staging", e))?;
-    let staged = started.elapsed();
+    sink.as_mut().finish().await.map_err(|e| fail(t, "COPY into staging", e))?;
 
     let key_list = tgt_cols.join(", ");
     let matches_stage = tgt_cols.iter().map(|c| format!("s.{c} = t.{c}")).collect::<Vec<_>>().join(" AND ");
@@ -128,8 +168,7 @@ async fn apply_table(
         &[],
     )
     .await
-    .map_err(|e| fail("deleting keys gone from blue", e))?;
-    let deleted = started.elapsed();
+    .map_err(|e| fail(t, "deleting keys gone from blue", e))?;
     // Key columns are written too: a key changed on blue to a value that compares equal
     // (citext `alice` -> `ALICE`, numeric `1.0` -> `1.00`) conflicts with the old row, whose key
     // text must become the new one.
@@ -137,12 +176,6 @@ async fn apply_table(
     let on_conflict = format!("ON CONFLICT ({key_list}) DO UPDATE SET {}", updates.join(", "));
     tx.execute(&format!("INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"), &[])
         .await
-        .map_err(|e| fail("upserting rows", e))?;
-    let upserted = started.elapsed();
-    // Only the entries read for this batch: a key captured again meanwhile has a new seq and stays.
-    state.finish_batch(&tx, seqs).await?;
-    let finished = started.elapsed();
-    tx.commit().await.map_err(|e| fail("commit", e))?;
-    tracing::debug!(keys = keys.len(), ?staged, ?deleted, ?upserted, ?finished, total = ?started.elapsed(), "applied");
+        .map_err(|e| fail(t, "upserting rows", e))?;
     Ok(())
 }

@@ -83,6 +83,10 @@ struct CaptureSide {
     /// When blue's catalog was last compared with the recorded shapes.
     shapes_checked: Option<Instant>,
     tables: Vec<ResolvedTable>,
+    /// Keys applied by the follower (capture applies copied entries' keys itself).
+    applied: Arc<AtomicU64>,
+    /// What capture had applied itself at the last count.
+    applied_by_capture: u64,
 }
 
 struct ApplySide {
@@ -106,7 +110,8 @@ struct ApplySide {
 
 impl Follower {
     /// A follower over an already set-up capture.
-    pub async fn new(plan: &Plan, tables: &[ResolvedTable], capture: Capture) -> Result<Self> {
+    pub async fn new(plan: &Plan, tables: &[ResolvedTable], mut capture: Capture) -> Result<Self> {
+        let applied_by_capture = capture.apply_directly(true);
         let state = State::new(&plan.name);
         let workers = plan.apply_workers.max(1);
         let applied = Arc::new(AtomicU64::new(0));
@@ -136,6 +141,8 @@ impl Follower {
                 blue: plan.blue.connect().await?,
                 shapes_checked: None,
                 tables: tables.to_vec(),
+                applied: Arc::clone(&applied),
+                applied_by_capture,
             },
             apply,
         })
@@ -184,8 +191,11 @@ async fn capture_loop(
         }
         let wants = *catch_up.borrow();
         let waited = side.plan.stall_timeout;
-        let round = tokio::time::timeout(waited, side.round(wants, &mut target, &reached)).await;
-        match round.unwrap_or_else(|_| Err(Error::Stalled { what: "capture".into(), waited })) {
+        // A round streaming a large transaction takes long; it counts as stalled only once it
+        // stops moving.
+        let progress = side.capture.progress();
+        match crate::retry::unless_stalled(side.round(wants, &mut target, &reached), &progress, waited, "capture").await
+        {
             Ok(stored) => {
                 backoff.reset();
                 if stored == 0 {
@@ -245,7 +255,11 @@ impl CaptureSide {
         reached: &Mutex<Option<Lsn>>,
     ) -> Result<usize> {
         self.check_shapes().await?;
-        let stored = match self.capture.poll(&mut self.green, &self.state).await {
+        let polled = self.capture.poll(&mut self.green, &self.state).await;
+        let by_capture = self.capture.apply_directly(true);
+        self.applied.fetch_add(by_capture - self.applied_by_capture, Ordering::Relaxed);
+        self.applied_by_capture = by_capture;
+        let stored = match polled {
             Err(Error::SchemaChanged { table, was, now }) => {
                 // Seen by decoding before the catalog check: stored the same way.
                 let e = Error::SchemaChanged { table: table.clone(), was, now };

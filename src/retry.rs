@@ -99,3 +99,51 @@ fn db_code(e: &Error) -> Option<&str> {
         _ => None,
     }
 }
+
+/// When a long-running step last made progress: a round that streams a large transaction is
+/// slow, not stalled, as long as it keeps moving.
+#[derive(Debug)]
+pub struct Progress {
+    base: std::time::Instant,
+    /// Milliseconds after `base` of the last progress.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self { base: std::time::Instant::now(), last: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+impl Progress {
+    /// Notes progress now.
+    pub fn touch(&self) {
+        self.last.store(self.base.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Time since the last progress.
+    pub fn idle(&self) -> Duration {
+        self.base.elapsed().saturating_sub(Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Relaxed)))
+    }
+}
+
+/// Runs `fut`, failing with [`Error::Stalled`] once `progress` has not moved for `waited`.
+pub async fn unless_stalled<T>(
+    fut: impl std::future::Future<Output = Result<T>>,
+    progress: &Progress,
+    waited: Duration,
+    what: &str,
+) -> Result<T> {
+    progress.touch();
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            r = &mut fut => return r,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if progress.idle() > waited {
+                    return Err(Error::Stalled { what: what.to_string(), waited });
+                }
+            }
+        }
+    }
+}

@@ -29,8 +29,18 @@ pub struct Logical {
     captured: Lsn,
     /// Where blue is, for the second session (boxed: a connection config is large).
     info: Box<ConnInfo>,
-    /// A second session on blue (visibility checks while `blue` streams a peek).
+    /// A second session on blue (visibility checks while `blue` streams a peek, re-reads of
+    /// keys applied straight from capture).
     watch: Option<Client>,
+    /// Apply the keys of copied entries at once instead of storing them in pending (the
+    /// follower; not the cutover, which tracks every key it applies).
+    pub direct: bool,
+    /// Keys applied that way so far.
+    pub applied_directly: u64,
+    /// Touched as a round moves (the follower's stall watch).
+    pub progress: std::sync::Arc<crate::retry::Progress>,
+    /// Sessions applying keys straight from capture.
+    sessions: DirectSessions,
 }
 
 impl Logical {
@@ -72,7 +82,18 @@ impl Logical {
                 lsn
             }
         };
-        Ok(Self { blue, slot, tables: resolved.tables.clone(), captured, info: Box::new(plan.blue.clone()), watch: None })
+        Ok(Self {
+            blue,
+            slot,
+            tables: resolved.tables.clone(),
+            captured,
+            info: Box::new(plan.blue.clone()),
+            watch: None,
+            direct: false,
+            applied_directly: 0,
+            progress: Default::default(),
+            sessions: DirectSessions::new(plan),
+        })
     }
 
     /// The slot `copy` created, without touching the publication; `None` when there is no slot.
@@ -86,6 +107,10 @@ impl Logical {
             captured,
             info: Box::new(plan.blue.clone()),
             watch: None,
+            direct: false,
+            applied_directly: 0,
+            progress: Default::default(),
+            sessions: DirectSessions::new(plan),
         }))
     }
 
@@ -114,6 +139,8 @@ impl Logical {
     pub async fn poll(&mut self, green: &mut Client, state: &State) -> Result<usize> {
         let started = std::time::Instant::now();
         let now = self.current_lsn().await?;
+        let direct: Vec<crate::state::TableId> =
+            if self.direct { state.done_tables(&*green).await? } else { Vec::new() };
         let sql = format!(
             "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
              'proto_version', '1', 'publication_names', {})",
@@ -127,10 +154,15 @@ impl Logical {
             .map_err(Error::db("blue: reading the replication slot"))?;
         futures_util::pin_mut!(rows);
         let mut decoder = Decoder::new(&self.tables);
-        let (watch, info) = (&mut self.watch, &self.info);
+        let (watch, info, applied, sessions) =
+            (&mut self.watch, &self.info, &mut self.applied_directly, &mut self.sessions);
         let (mut messages, mut stored, mut xids) = (0usize, 0usize, Vec::new());
+        let progress = std::sync::Arc::clone(&self.progress);
         while let Some(row) = rows.try_next().await.map_err(Error::db("blue: reading the replication slot"))? {
             messages += 1;
+            if messages % 1000 == 0 {
+                progress.touch();
+            }
             xids.extend(decoder.feed(row.get::<_, &[u8]>(0))?);
             if decoder.ready.len() + decoder.in_tx.len() >= STORE_CHUNK {
                 // Keys of the open transaction may be stored before its commit message arrives,
@@ -139,19 +171,21 @@ impl Logical {
                 xids.clear();
                 decoder.release_open_transaction();
                 let chunk = std::mem::take(&mut decoder.ready);
-                state.store_keys(&*green, &chunk).await?;
                 stored += chunk.len();
+                *applied += deliver(sessions, green, state, &self.tables, &direct, chunk).await? as u64;
+                progress.touch();
             }
         }
         wait_visible(&self.blue, &xids).await?;
         let events = std::mem::take(&mut decoder.ready);
+        stored += events.len();
+        if !events.is_empty() {
+            self.applied_directly +=
+                deliver(&mut self.sessions, green, state, &self.tables, &direct, events).await? as u64;
+        }
         // With nothing decoded, every commit before `now` is known to be captured.
         let position = decoder.end.unwrap_or(now).max(self.captured);
-        let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
-        state.store_keys(&tx, &events).await?;
-        state.set_capture_lsn(&tx, position).await?;
-        tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
-        stored += events.len();
+        state.set_capture_lsn(&*green, position).await?;
         if stored > 0 {
             tracing::debug!(messages, stored, ms = started.elapsed().as_millis() as u64, "captured");
         }
@@ -167,6 +201,84 @@ impl Logical {
             self.captured = position;
         }
         Ok(stored)
+    }
+}
+
+/// Hands captured keys on: applied at once for the entries in `direct` (copied, and this is
+/// the follower), each session its own share of the keys, stored in pending for the others.
+/// Returns how many were applied.
+async fn deliver(
+    sessions: &mut DirectSessions,
+    green: &mut Client,
+    state: &State,
+    tables: &[ResolvedTable],
+    direct: &[crate::state::TableId],
+    events: Vec<KeyEvent>,
+) -> Result<usize> {
+    let (now, later): (Vec<KeyEvent>, Vec<KeyEvent>) = events.into_iter().partition(|e| direct.contains(&e.table));
+    state.store_keys(&*green, &later).await?;
+    if now.is_empty() {
+        return Ok(0);
+    }
+    let sessions = sessions.ready().await?;
+    let mut applied = 0;
+    for t in tables.iter().filter(|t| direct.contains(&t.id)) {
+        let mut shares: Vec<Vec<KeyEvent>> = vec![Vec::new(); sessions.len()];
+        for e in now.iter().filter(|e| e.table == t.id) {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&e.key, &mut h);
+            shares[(std::hash::Hasher::finish(&h) % sessions.len() as u64) as usize].push(e.clone());
+        }
+        let work = sessions
+            .iter_mut()
+            .zip(&shares)
+            .filter(|(_, share)| !share.is_empty())
+            .map(|((blue, green), share)| crate::apply::apply_direct(blue, green, state, t, share));
+        match futures_util::future::try_join_all(work).await {
+            Ok(n) => applied += n.into_iter().sum::<usize>(),
+            // Keys that differ as text but compare equal on green (citext) land in different
+            // shares and write one row: two sessions can deadlock on such pairs. Applying is
+            // idempotent, so the chunk is applied again by one session.
+            Err(e) if crate::retry::is_transient(&e) && !crate::retry::connection_lost(&e) => {
+                tracing::info!(error = %e, table = %t.target, "applying a chunk in shares failed; applying it in one session");
+                let (blue, green) = &mut sessions[0];
+                for share in shares.iter().filter(|s| !s.is_empty()) {
+                    applied += crate::apply::apply_direct(blue, green, state, t, share).await?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(applied)
+}
+
+/// Blue and green sessions that apply keys straight from capture, one share of each chunk per
+/// pair (`[capture] apply_workers` of them), opened when first needed and again when broken.
+pub struct DirectSessions {
+    blue: Box<ConnInfo>,
+    green: Box<ConnInfo>,
+    count: usize,
+    open: Vec<(Client, Client)>,
+}
+
+impl DirectSessions {
+    fn new(plan: &Plan) -> Self {
+        Self {
+            blue: Box::new(plan.blue.clone()),
+            green: Box::new(plan.green.clone()),
+            count: plan.apply_workers.max(1),
+            open: Vec::new(),
+        }
+    }
+
+    async fn ready(&mut self) -> Result<&mut [(Client, Client)]> {
+        self.open.retain(|(b, g)| !b.is_closed() && !g.is_closed());
+        while self.open.len() < self.count {
+            let green = self.green.connect().await?;
+            crate::apply::prepare_green(&green).await?;
+            self.open.push((self.blue.connect().await?, green));
+        }
+        Ok(&mut self.open)
     }
 }
 

@@ -49,8 +49,8 @@ impl Target {
 
 /// The configured capture, ready to poll.
 pub enum Capture {
-    /// Logical slot.
-    Logical(logical::Logical),
+    /// Logical slot (boxed: it carries its sessions and their settings).
+    Logical(Box<logical::Logical>),
     /// Triggers and a change table.
     Trigger(trigger::Trigger),
 }
@@ -66,7 +66,7 @@ impl Capture {
     pub async fn setup(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Capture> {
         match resolved.capture.method {
             CaptureMethod::Trigger => Ok(Capture::Trigger(trigger::Trigger::setup(plan, resolved, blue).await?)),
-            _ => Ok(Capture::Logical(logical::Logical::setup(plan, resolved, blue).await?)),
+            _ => Ok(Capture::Logical(Box::new(logical::Logical::setup(plan, resolved, blue).await?))),
         }
     }
 
@@ -75,7 +75,7 @@ impl Capture {
     pub async fn open(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Capture> {
         let check = plan.blue.connect().await?;
         if let Some(l) = logical::Logical::open(plan, resolved, blue).await? {
-            return Ok(Capture::Logical(l));
+            return Ok(Capture::Logical(Box::new(l)));
         }
         match trigger::Trigger::open(plan, resolved, check).await? {
             Some(t) => Ok(Capture::Trigger(t)),
@@ -120,6 +120,26 @@ impl Capture {
         match self {
             Capture::Logical(c) => Ok((c.current_lsn().await?, c.captured_lsn())),
             Capture::Trigger(c) => c.positions().await,
+        }
+    }
+
+    /// Lets logical capture apply the keys of copied entries itself (the follower), and returns
+    /// how many keys it applied that way so far.
+    pub fn apply_directly(&mut self, on: bool) -> u64 {
+        match self {
+            Capture::Logical(c) => {
+                c.direct = on;
+                c.applied_directly
+            }
+            Capture::Trigger(_) => 0,
+        }
+    }
+
+    /// What logical capture's rounds touch as they move (trigger capture's rounds are short).
+    pub fn progress(&self) -> std::sync::Arc<crate::retry::Progress> {
+        match self {
+            Capture::Logical(c) => std::sync::Arc::clone(&c.progress),
+            Capture::Trigger(_) => std::sync::Arc::new(crate::retry::Progress::default()),
         }
     }
 

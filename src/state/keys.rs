@@ -132,6 +132,57 @@ impl State {
         Ok(())
     }
 
+    /// Locks the pending rows of `keys` of entry `id` (in the order capture and apply lock
+    /// them) and returns the keys that are pending.
+    pub async fn lock_pending(
+        &self,
+        green: &impl GenericClient,
+        id: &TableId,
+        keys: &[Vec<String>],
+    ) -> Result<std::collections::HashSet<Vec<String>>> {
+        Ok(green
+            .query(
+                &format!(
+                    "SELECT key FROM {} WHERE tbl = $1 AND key IN \
+                       (SELECT ARRAY(SELECT jsonb_array_elements_text(k::jsonb)) FROM unnest($2::text[]) k) \
+                     ORDER BY tbl COLLATE \"C\", key COLLATE \"C\" FOR UPDATE",
+                    self.table("pending")
+                ),
+                &[&id.as_str(), &json_keys(keys.iter())],
+            )
+            .await
+            .map_err(Error::db("green: locking pending keys"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Records keys applied straight from capture as touched (cutover re-verifies them).
+    pub async fn record_touched(&self, green: &impl GenericClient, events: &[KeyEvent]) -> Result<()> {
+        let mut latest: BTreeMap<(&TableId, &[String]), Lsn> = BTreeMap::new();
+        for e in events {
+            let l = latest.entry((&e.table, e.key.as_slice())).or_insert(e.lsn);
+            *l = (*l).max(e.lsn);
+        }
+        let tables: Vec<&str> = latest.keys().map(|(t, _)| t.as_str()).collect();
+        let keys: Vec<String> = latest.keys().map(|(_, k)| serde_json::to_string(k).unwrap_or_default()).collect();
+        let lsns: Vec<i64> = latest.values().map(|l| l.0).collect();
+        green
+            .execute(
+                &format!(
+                    "INSERT INTO {touched} (tbl, key, lsn) \
+                     SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), l \
+                     FROM unnest($1::text[], $2::text[], $3::int8[]) AS e(t, k, l) \
+                     ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
+                    touched = self.table("touched"),
+                ),
+                &[&tables, &keys, &lsns],
+            )
+            .await
+            .map_err(Error::db("green: recording applied keys"))?;
+        Ok(())
+    }
+
     /// Whether a key is pending for a change at or below blue position `lsn`. A key captured
     /// again keeps the position of its oldest change not yet applied (`first_lsn`), so a key
     /// written again after `lsn` cannot hide an earlier change that green does not have yet.

@@ -70,6 +70,26 @@ impl State {
         format!("{}.{}", self.schema, ident(name))
     }
 
+    /// Statements adding columns that state of an earlier version lacks. Only when missing:
+    /// `ADD COLUMN IF NOT EXISTS` takes an exclusive lock even when the column exists, and with
+    /// the follower's sessions reading these tables that lock deadlocked.
+    fn add_columns(&self, columns: &[(&str, &str, &str)]) -> String {
+        columns
+            .iter()
+            .map(|(table, column, ty)| {
+                format!(
+                    "DO $add$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                       WHERE attrelid = '{t}'::regclass AND attname = {c} AND NOT attisdropped) \
+                     THEN ALTER TABLE {t} ADD COLUMN {ci} {ty}; END IF; END $add$;",
+                    t = self.table(table).replace('\'', "''"),
+                    c = literal(column),
+                    ci = ident(column),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Creates the schema and tables if missing; refuses state written by an older layout.
     pub async fn ensure(&self, green: &Client, plan: &str) -> Result<()> {
         let s = &self.schema;
@@ -100,12 +120,16 @@ impl State {
                  finished_at timestamptz, PRIMARY KEY (tbl, chunk));
              CREATE TABLE IF NOT EXISTS {s}.touched (
                  tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (tbl, key));
-             ALTER TABLE {s}.tables ADD COLUMN IF NOT EXISTS source_shape jsonb, ADD COLUMN IF NOT EXISTS drift text;
-             ALTER TABLE {s}.pending ADD COLUMN IF NOT EXISTS first_lsn bigint;
-             ALTER TABLE {s}.migration ADD COLUMN IF NOT EXISTS lag_seconds float8;
+             {added}
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
             plan = literal(plan),
+            added = self.add_columns(&[
+                ("tables", "source_shape", "jsonb"),
+                ("tables", "drift", "text"),
+                ("pending", "first_lsn", "bigint"),
+                ("migration", "lag_seconds", "float8"),
+            ]),
         );
         self.check_layout(green).await?;
         green.batch_execute(&sql).await.map_err(Error::db("green: creating migration state"))
