@@ -102,14 +102,14 @@ fn a_million_row_transaction_and_a_burst_follow_in_bounded_memory_trigger() {
     million_row_transaction("trigger");
 }
 
-/// Four apply workers, each taking its share of the key hashes, while blue moves keys: a key
-/// changed leaves one share and enters another, chains of changes cross shares, values change
-/// under moved keys. Green ends equal to transform(blue).
-#[test]
-fn apply_workers_stay_correct_when_keys_move_between_shares() {
+/// Four shares while blue moves keys: a key changed leaves one share and enters another, chains
+/// of changes cross shares, values change under moved keys. With logical capture the shares are
+/// capture's direct-apply sessions (and the workers take what was pending); with trigger
+/// capture they are the apply workers' shares of pending. Green ends equal to transform(blue).
+fn keys_moving_between_shares(method: &str) {
     let c =
         Custom::new(&format!("{BLUE} INSERT INTO acct SELECT g, g, 'n' || g FROM generate_series(1, 20000) g;"), GREEN);
-    let plan = c.plan("logical", "", &format!("apply_workers = 4\n{ENTRY}"));
+    let plan = c.plan(method, "", &format!("apply_workers = 4\n{ENTRY}"));
     let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
     let mut follower = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
@@ -151,4 +151,14 @@ fn apply_workers_stay_correct_when_keys_move_between_shares() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_same(&c);
     assert_eq!(c.green.psql("SELECT count(*) FROM acct WHERE note LIKE 'REUSED%'"), "3000");
+}
+
+#[test]
+fn apply_shares_stay_correct_when_keys_move_between_them_logical() {
+    keys_moving_between_shares("logical");
+}
+
+#[test]
+fn apply_shares_stay_correct_when_keys_move_between_them_trigger() {
+    keys_moving_between_shares("trigger");
 }

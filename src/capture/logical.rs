@@ -29,8 +29,7 @@ pub struct Logical {
     captured: Lsn,
     /// Where blue is, for the second session (boxed: a connection config is large).
     info: Box<ConnInfo>,
-    /// A second session on blue (visibility checks while `blue` streams a peek, re-reads of
-    /// keys applied straight from capture).
+    /// A second session on blue (visibility checks while `blue` streams a peek).
     watch: Option<Client>,
     /// Apply the keys of copied entries at once instead of storing them in pending (the
     /// follower; not the cutover, which tracks every key it applies).
@@ -129,6 +128,12 @@ impl Logical {
     /// A position every transaction committed so far on blue lies before; see [`crate::pg::commit_point`].
     pub async fn committed_lsn(&self) -> Result<Lsn> {
         crate::pg::commit_point(&self.blue).await
+    }
+
+    /// Drops the sessions besides `blue` (a reconnect after a stall must not reuse a hung one).
+    pub fn reset_sessions(&mut self) {
+        self.watch = None;
+        self.sessions.reset();
     }
 
     /// One capture round; see [`super::Capture::poll`]. The peeked changes are streamed, not
@@ -262,6 +267,11 @@ pub struct DirectSessions {
 }
 
 impl DirectSessions {
+    /// Drops the open sessions (after a stall: one may hang without being closed).
+    fn reset(&mut self) {
+        self.open.clear();
+    }
+
     fn new(plan: &Plan) -> Self {
         Self {
             blue: Box::new(plan.blue.clone()),

@@ -146,7 +146,10 @@ impl Capture {
     /// Replaces the blue connection after it was lost.
     pub fn reconnected(&mut self, blue: Client) {
         match self {
-            Capture::Logical(c) => c.blue = blue,
+            Capture::Logical(c) => {
+                c.blue = blue;
+                c.reset_sessions();
+            }
             Capture::Trigger(c) => c.blue = blue,
         }
     }
