@@ -6,6 +6,9 @@
 //!
 //!     cargo build --release && cargo run --release --example bench_burst -- [--scale 10] [--method logical|trigger]
 
+#[path = "support/pgbench.rs"]
+mod pgbench_plan;
+
 #[path = "../tests/support/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
@@ -13,39 +16,7 @@ mod cluster;
 use std::time::{Duration, Instant};
 
 use cluster::Cluster;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
-}
-
-const PLAN: &str = r#"
-name = "bench-burst"
-[blue]
-url = "${BLUE_URL}"
-[green]
-url = "${GREEN_URL}"
-[capture]
-method = "METHOD"
-[[table]]
-source = "pgbench_accounts"
-key = ["aid"]
-[table.columns]
-aid = "aid"
-bid = "bid"
-abalance = "abalance"
-filler = "filler"
-"#;
-
-fn pgbench(c: &Cluster, db: &str, args: &[&str]) {
-    let out = std::process::Command::new(c.bindir.join("pgbench"))
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &c.port.to_string()])
-        .args(args)
-        .arg(db)
-        .output()
-        .expect("run pgbench");
-    assert!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
-}
+use pgbench_plan::{arg, run as pgbench};
 
 /// The burst: every account updated in one transaction; returns the commit's end position.
 fn burst(blue: &Cluster, db: &str) -> i64 {
@@ -114,7 +85,7 @@ fn main() {
     // Ours: copy, follow, then the same burst.
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("bench.toml");
-    std::fs::write(&plan, PLAN.replace("METHOD", &method)).unwrap();
+    std::fs::write(&plan, pgbench_plan::plan("bench-burst", &method, false)).unwrap();
     let mut child = std::process::Command::new(&migrate)
         .args(["copy", plan.to_str().unwrap()])
         .env("BLUE_URL", blue.url("ours"))

@@ -5,6 +5,9 @@
 //!
 //!     cargo run --release --example bench_follow -- [--scale 10] [--seconds 30] [--clients 4] [--method logical|trigger]
 
+#[path = "support/pgbench.rs"]
+mod pgbench_plan;
+
 #[path = "../tests/support/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
@@ -16,55 +19,7 @@ use std::{
 
 use bluegreen::{copy::Shutdown, Command};
 use cluster::Cluster;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
-}
-
-const PLAN: &str = r#"
-name = "bench-follow"
-[blue]
-url = "${BLUE_URL}"
-[green]
-url = "${GREEN_URL}"
-[capture]
-method = "METHOD"
-[[table]]
-source = "pgbench_accounts"
-key = ["aid"]
-[table.columns]
-aid = "aid"
-bid = "bid"
-abalance = "abalance"
-filler = "filler"
-[[table]]
-source = "pgbench_tellers"
-key = ["tid"]
-[table.columns]
-tid = "tid"
-bid = "bid"
-tbalance = "tbalance"
-filler = "filler"
-[[table]]
-source = "pgbench_branches"
-key = ["bid"]
-[table.columns]
-bid = "bid"
-bbalance = "bbalance"
-filler = "filler"
-"#;
-
-fn pgbench(c: &Cluster, db: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(c.bindir.join("pgbench"))
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-p", &c.port.to_string()])
-        .args(args)
-        .arg(db)
-        .output()
-        .expect("run pgbench");
-    assert!(out.status.success(), "pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
+use pgbench_plan::{arg, run as pgbench};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -85,7 +40,7 @@ async fn main() -> anyhow::Result<()> {
     green.psql("app", "TRUNCATE pgbench_accounts, pgbench_tellers, pgbench_branches");
     let dir = tempfile::tempdir()?;
     let plan = dir.path().join("bench.toml");
-    std::fs::write(&plan, PLAN.replace("METHOD", &method))?;
+    std::fs::write(&plan, pgbench_plan::plan("bench-follow", &method, true))?;
     std::env::set_var("BLUE_URL", blue.url("app"));
     std::env::set_var("GREEN_URL", green.url("app"));
 

@@ -93,6 +93,23 @@ fn admin(b: &Bouncer, sql: &str) {
     });
 }
 
+/// A PgBouncer with `app` → blue and `app_v2` → green.
+fn two_entries(c: &Custom) -> Bouncer {
+    let bouncer = Bouncer::start(
+        "transaction",
+        &format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, c.blue.name),
+    );
+    let mut dbs = std::fs::read_to_string(&bouncer.databases_file).unwrap();
+    dbs.push_str(&format!(
+        "app_v2 = host=127.0.0.1 port={} dbname={} user=postgres\n",
+        green_cluster().port,
+        c.green.name
+    ));
+    std::fs::write(&bouncer.databases_file, dbs).unwrap();
+    admin(&bouncer, "RELOAD");
+    bouncer
+}
+
 fn flag(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default().trim().to_string()
 }
@@ -130,18 +147,7 @@ fn handover_switches_application_versions_and_no_v1_statement_reaches_green() {
     let (blue_from, green_from) = (log_len(&blue_log), log_len(&green_log));
     let tag = c.green.name.clone();
 
-    let bouncer = Bouncer::start(
-        "transaction",
-        &format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, c.blue.name),
-    );
-    let mut dbs = std::fs::read_to_string(&bouncer.databases_file).unwrap();
-    dbs.push_str(&format!(
-        "app_v2 = host=127.0.0.1 port={} dbname={} user=postgres\n",
-        green_cluster().port,
-        c.green.name
-    ));
-    std::fs::write(&bouncer.databases_file, dbs).unwrap();
-    admin(&bouncer, "RELOAD");
+    let bouncer = two_entries(&c);
     admin(&bouncer, "PAUSE app_v2");
 
     let dir = tempfile::tempdir().unwrap();
@@ -437,18 +443,7 @@ fn wait_phase_of(c: &Custom, plan: &Path, phase: &str) {
 #[test]
 fn handover_killed_half_way_is_recovered_by_the_follower() {
     let c = Custom::new(BLUE, GREEN);
-    let bouncer = Bouncer::start(
-        "transaction",
-        &format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, c.blue.name),
-    );
-    let mut dbs = std::fs::read_to_string(&bouncer.databases_file).unwrap();
-    dbs.push_str(&format!(
-        "app_v2 = host=127.0.0.1 port={} dbname={} user=postgres\n",
-        green_cluster().port,
-        c.green.name
-    ));
-    std::fs::write(&bouncer.databases_file, dbs).unwrap();
-    admin(&bouncer, "RELOAD");
+    let bouncer = two_entries(&c);
     let stop = Arc::new(AtomicBool::new(false));
     let v1 = writer(
         bouncer.port,

@@ -81,7 +81,11 @@ impl Logical {
                 lsn
             }
         };
-        Ok(Self {
+        Ok(Self::new(plan, resolved, blue, slot, captured))
+    }
+
+    fn new(plan: &Plan, resolved: &ResolvedPlan, blue: Client, slot: String, captured: Lsn) -> Self {
+        Self {
             blue,
             slot,
             tables: resolved.tables.clone(),
@@ -92,25 +96,14 @@ impl Logical {
             applied_directly: 0,
             progress: Default::default(),
             sessions: DirectSessions::new(plan),
-        })
+        }
     }
 
     /// The slot `copy` created, without touching the publication; `None` when there is no slot.
     pub async fn open(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Option<Self>> {
         let slot = super::object_name(&plan.name);
         let position = confirmed_position(&blue, &slot).await?;
-        Ok(position.map(|captured| Self {
-            blue,
-            slot,
-            tables: resolved.tables.clone(),
-            captured,
-            info: Box::new(plan.blue.clone()),
-            watch: None,
-            direct: false,
-            applied_directly: 0,
-            progress: Default::default(),
-            sessions: DirectSessions::new(plan),
-        }))
+        Ok(position.map(|captured| Self::new(plan, resolved, blue, slot, captured)))
     }
 
     /// Position up to which changes are stored on green.

@@ -140,6 +140,19 @@ impl State {
         id: &TableId,
         keys: &[Vec<String>],
     ) -> Result<std::collections::HashSet<Vec<String>>> {
+        // Only capture adds pending rows, and this is capture: with none of the entry's rows
+        // visible (apply's uncommitted deletes still are), none can appear or be in flight.
+        let any: bool = green
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {} WHERE tbl = $1)", self.table("pending")),
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(Error::db("green: locking pending keys"))?
+            .get(0);
+        if !any {
+            return Ok(Default::default());
+        }
         Ok(green
             .query(
                 &format!(
