@@ -75,11 +75,33 @@ async fn apply_table(
     seqs: &[i64],
 ) -> Result<()> {
     let tx = green.transaction().await.map_err(|e| fail(t, "begin", e))?;
-    write_rows(blue, &tx, t, keys).await?;
+    if let Err(e) = write_rows(blue, &tx, t, keys, true).await {
+        drop(tx);
+        return Err(delete_first(blue, green, t, keys, e).await);
+    }
     // Only the entries read for this batch: a key captured again meanwhile has a new seq and stays.
     state.finish_batch(&tx, seqs).await?;
     tx.commit().await.map_err(|e| fail(t, "commit", e))?;
     Ok(())
+}
+
+/// After an [`crate::retry::order_conflict`] (an upsert met a row another session is about to
+/// delete), commits this batch's deletes of keys gone from blue on their own: two sessions
+/// each holding the other's delete then both get through on the retry. Deleting a key blue no
+/// longer has is right whenever it happens; the keys stay pending. Returns `e` to retry.
+async fn delete_first(blue: &Client, green: &mut Client, t: &ResolvedTable, keys: &[Vec<String>], e: Error) -> Error {
+    if !crate::retry::order_conflict(&e) {
+        return e;
+    }
+    let deleted = async {
+        let tx = green.transaction().await.map_err(|e| fail(t, "begin", e))?;
+        write_rows(blue, &tx, t, keys, false).await?;
+        tx.commit().await.map_err(|e| fail(t, "commit", e))
+    };
+    if let Err(d) = deleted.await {
+        tracing::warn!(error = %d, "deleting keys gone from blue ahead of a retry failed");
+    }
+    e
 }
 
 /// Applies keys straight from capture, without storing them in pending first (the pending
@@ -102,7 +124,10 @@ pub async fn apply_direct(
     state.store_keys(&tx, &later).await?;
     let keys: Vec<Vec<String>> = now.iter().map(|e| e.key.clone()).collect();
     if !keys.is_empty() {
-        write_rows(blue, &tx, t, &keys).await?;
+        if let Err(e) = write_rows(blue, &tx, t, &keys, true).await {
+            drop(tx);
+            return Err(delete_first(blue, green, t, &keys, e).await);
+        }
         state.record_touched(&tx, &now).await?;
     }
     tx.commit().await.map_err(|e| fail(t, "commit", e))?;
@@ -114,12 +139,13 @@ fn fail(t: &ResolvedTable, what: &str, e: tokio_postgres::Error) -> Error {
 }
 
 /// Re-reads `keys` from blue through the transform into a staging table, deletes the keys gone
-/// from blue, and upserts the rest, in `tx`.
+/// from blue, and (with `upsert`) upserts the rest, in `tx`.
 async fn write_rows(
     blue: &Client,
     tx: &tokio_postgres::Transaction<'_>,
     t: &ResolvedTable,
     keys: &[Vec<String>],
+    upsert: bool,
 ) -> Result<()> {
     let src_cols: Vec<String> = t.key.iter().map(|k| ident(&k.source)).collect();
     let src_types: Vec<String> = t.key.iter().map(|k| k.source_type.clone()).collect();
@@ -169,6 +195,9 @@ async fn write_rows(
     )
     .await
     .map_err(|e| fail(t, "deleting keys gone from blue", e))?;
+    if !upsert {
+        return Ok(());
+    }
     // Key columns are written too: a key changed on blue to a value that compares equal
     // (citext `alice` -> `ALICE`, numeric `1.0` -> `1.00`) conflicts with the old row, whose key
     // text must become the new one.

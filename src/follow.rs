@@ -21,7 +21,7 @@ use crate::{
     error::{Error, Result},
     pg::{Lsn, SidePool},
     plan::{Plan, ResolvedTable},
-    retry::{connection_lost, is_transient, Backoff},
+    retry::{connection_lost, retry_later, Backoff},
     shutdown::Shutdown,
     state::{Gate, Phase, State},
 };
@@ -202,7 +202,7 @@ async fn capture_loop(
                     tokio::time::sleep(IDLE).await;
                 }
             }
-            Err(e) if is_transient(&e) => {
+            Err(e) if retry_later(&e) => {
                 let lost = connection_lost(&e);
                 backoff.wait(e, &stop, "capture").await?;
                 if !lost {
@@ -322,7 +322,7 @@ impl ApplySide {
             match round.unwrap_or_else(|_| Err(Error::Stalled { what: "apply".into(), waited })) {
                 Ok(Some(stop)) => return Ok(stop),
                 Ok(None) => backoff.reset(),
-                Err(e) if is_transient(&e) => {
+                Err(e) if retry_later(&e) => {
                     let lost = connection_lost(&e);
                     backoff.wait(e, shutdown, "apply").await?;
                     if !lost {

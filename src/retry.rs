@@ -78,6 +78,20 @@ pub fn is_transient(e: &Error) -> bool {
     connection_lost(e) || db_code(e).is_some_and(|c| matches!(c, "40001" | "40P01" | "55006"))
 }
 
+/// A unique or exclusion violation on green between rows that sessions applying different keys
+/// wrote in the wrong order: blue moved a unique value from one key to another (delete one row,
+/// insert another with its email), the new row's session came first. It clears once the old
+/// key's delete lands, so followers retry it (bounded by the usual 300 s); a violation that does
+/// not clear is green's constraint that blue lacks, and is reported then.
+pub fn order_conflict(e: &Error) -> bool {
+    db_code(e).is_some_and(|c| matches!(c, "23505" | "23P01"))
+}
+
+/// What a follower loop retries: transient errors and [`order_conflict`]s.
+pub fn retry_later(e: &Error) -> bool {
+    is_transient(e) || order_conflict(e)
+}
+
 /// The connection is gone or the server is going away: reconnect before retrying.
 pub fn connection_lost(e: &Error) -> bool {
     match e {

@@ -162,3 +162,45 @@ fn apply_shares_stay_correct_when_keys_move_between_them_logical() {
 fn apply_shares_stay_correct_when_keys_move_between_them_trigger() {
     keys_moving_between_shares("trigger");
 }
+
+/// A unique value moved on blue from one key to another (the row deleted, a new row inserted
+/// with its email) lands in two shares: the new row's share may come first and meet the old
+/// row on green's unique index. It must not stop following.
+fn unique_value_moving_between_keys(method: &str) {
+    let schema = "CREATE TABLE u (id int PRIMARY KEY, email text NOT NULL UNIQUE);";
+    let c = Custom::new(&format!("{schema} INSERT INTO u SELECT g, 'e' || g FROM generate_series(1, 4000) g;"), schema);
+    let plan = c.plan(
+        method,
+        "",
+        "apply_workers = 4\n[[table]]\nsource = \"public.u\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nemail = \"email\"\n",
+    );
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    // One transaction moving every email to a new key, then several small ones doing it again.
+    c.blue.psql(
+        "BEGIN; CREATE TEMP TABLE m AS SELECT id, email FROM u; DELETE FROM u;
+         INSERT INTO u SELECT id + 10000, email FROM m; COMMIT;",
+    );
+    c.blue.psql(
+        "DO $$ BEGIN
+           FOR i IN 1..1000 LOOP
+             DELETE FROM u WHERE id = i + 10000;
+             INSERT INTO u VALUES (i + 20000, 'e' || i);
+             COMMIT;
+           END LOOP;
+         END $$;",
+    );
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(fingerprint(&c.blue, "SELECT id, email FROM u"), fingerprint(&c.green, "SELECT id, email FROM u"));
+}
+
+#[test]
+fn a_unique_value_moving_between_keys_does_not_stop_following_logical() {
+    unique_value_moving_between_keys("logical");
+}
+
+#[test]
+fn a_unique_value_moving_between_keys_does_not_stop_following_trigger() {
+    unique_value_moving_between_keys("trigger");
+}

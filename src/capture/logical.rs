@@ -234,15 +234,15 @@ async fn deliver(
             .map(|((blue, green), share)| crate::apply::apply_direct(blue, green, state, t, share));
         match futures_util::future::try_join_all(work).await {
             Ok(n) => applied += n.into_iter().sum::<usize>(),
-            // Keys that differ as text but compare equal on green (citext) land in different
-            // shares and write one row: two sessions can deadlock on such pairs. Applying is
-            // idempotent, so the chunk is applied again by one session.
-            Err(e) if crate::retry::is_transient(&e) && !crate::retry::connection_lost(&e) => {
-                tracing::info!(error = %e, table = %t.target, "applying a chunk in shares failed; applying it in one session");
+            // Shares can collide on green: keys that differ as text but compare equal (citext)
+            // write one row and can deadlock; a unique value moved on blue from one key to
+            // another is inserted by one share before the other deletes it. Applying is
+            // idempotent, so the table's part of the chunk is applied again in one transaction
+            // (deletes before upserts).
+            Err(e) if crate::retry::retry_later(&e) && !crate::retry::connection_lost(&e) => {
+                tracing::info!(error = %e, table = %t.target, "applying a chunk in shares failed; applying it in one transaction");
                 let (blue, green) = &mut sessions[0];
-                for share in shares.iter().filter(|s| !s.is_empty()) {
-                    applied += crate::apply::apply_direct(blue, green, state, t, share).await?;
-                }
+                applied += crate::apply::apply_direct(blue, green, state, t, &shares.concat()).await?;
             }
             Err(e) => return Err(e),
         }

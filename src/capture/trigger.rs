@@ -123,6 +123,9 @@ impl Trigger {
             }
         }
         let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
+        // Durable before blue forgets the changes, whatever the session's setting (the
+        // cutover's apply session turns synchronous_commit off).
+        tx.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(Error::db("green: begin"))?;
         state.store_keys(&tx, &events).await?;
         tx.commit().await.map_err(Error::db("green: storing captured keys"))?;
         // Only now that green holds them may blue forget them.

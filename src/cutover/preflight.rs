@@ -249,7 +249,7 @@ async fn v2_held(admin: &ConnInfo, name: &str) -> (bool, String) {
     };
     match (b.entry().await, b.clients().await) {
         (Ok(Some(e)), _) if e.paused => (true, "paused".into()),
-        (Ok(Some(e)), _) if e.disabled => (true, "disabled; the cutover pauses it first".into()),
+        (Ok(Some(e)), Ok(0)) if e.disabled => (true, "disabled, no clients; the cutover pauses it first".into()),
         (Ok(Some(_)), Ok(0)) => (true, "no clients; the cutover pauses it first".into()),
         (Ok(Some(_)), Ok(n)) => (
             false,

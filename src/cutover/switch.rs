@@ -164,8 +164,21 @@ impl<'a> Switch<'a> {
         self.catch_up_rounds(shutdown).await?;
         fault("cutover.caught-up", shutdown).await;
         interrupted(shutdown)?;
-        self.run_hooks(HookPoint::BeforePause, None, shutdown).await?;
-        interrupted(shutdown)?;
+        if self.plan.cutover.hooks.iter().any(|h| h.at == HookPoint::BeforePause) {
+            self.run_hooks(HookPoint::BeforePause, None, shutdown).await?;
+            interrupted(shutdown)?;
+            // Nothing was applied while the hooks ran: catch up once more, or the drain in the
+            // pause would hold all of their time's writes.
+            let t = Instant::now();
+            let deadline = Instant::now() + CATCH_UP_BUDGET;
+            bounded(
+                CATCH_UP_BUDGET + Duration::from_secs(30),
+                "catching up after the before_pause hooks",
+                self.catch_up(deadline, shutdown, "catching up after the before_pause hooks"),
+            )
+            .await?;
+            self.mark("catch-up after hooks", t);
+        }
 
         self.record_step(CutoverStep::Pause).await?;
         let t = Instant::now();
@@ -336,8 +349,11 @@ impl<'a> Switch<'a> {
             _ => false,
         };
         v2.enable().await?;
-        v2.resume().await?;
+        // From the first RESUME sent the v2 entry may serve green, even if no answer comes back
+        // (a retry on a fresh console session may fail after the first took effect): never roll
+        // back to v1 from here.
         self.committed = true;
+        v2.resume().await?;
         self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
         self.mark("resume v2 entry", t);
         fault("cutover.v2-resumed", shutdown).await;

@@ -134,9 +134,16 @@ impl State {
     }
 
     /// Stores how far capture has stored changes; in capture's own transaction, with the keys.
+    /// Flushed at commit whatever the session's `synchronous_commit` (the cutover's apply
+    /// session turns it off): blue forgets the changes once this returns, and the flush also
+    /// makes every key stored before it durable.
     pub async fn set_capture_lsn(&self, green: &impl GenericClient, lsn: Lsn) -> Result<()> {
         green
-            .execute(&format!("UPDATE {} SET capture_lsn = $1 WHERE id = 1", self.table("migration")), &[&lsn])
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL synchronous_commit = on; UPDATE {} SET capture_lsn = {} WHERE id = 1; COMMIT;",
+                self.table("migration"),
+                lsn.0
+            ))
             .await
             .map_err(Error::db("green: saving the capture position"))?;
         Ok(())
