@@ -111,7 +111,8 @@ struct ApplySide {
 impl Follower {
     /// A follower over an already set-up capture.
     pub async fn new(plan: &Plan, tables: &[ResolvedTable], mut capture: Capture) -> Result<Self> {
-        let applied_by_capture = capture.apply_directly(true);
+        capture.apply_directly();
+        let applied_by_capture = capture.applied_directly();
         let state = State::new(&plan.name);
         let workers = plan.apply_workers.max(1);
         let applied = Arc::new(AtomicU64::new(0));
@@ -256,7 +257,7 @@ impl CaptureSide {
     ) -> Result<usize> {
         self.check_shapes().await?;
         let polled = self.capture.poll(&mut self.green, &self.state).await;
-        let by_capture = self.capture.apply_directly(true);
+        let by_capture = self.capture.applied_directly();
         self.applied.fetch_add(by_capture - self.applied_by_capture, Ordering::Relaxed);
         self.applied_by_capture = by_capture;
         let stored = match polled {

@@ -1,6 +1,7 @@
 //! Stage 2: capture. Every committed write on blue to a planned table becomes a key event
-//! (table, key) stored durably in green's pending table together with the position reached;
-//! only then is blue told (slot advanced, change rows deleted). A crash at any instant loses no
+//! (table, key) stored durably in green's pending table (or, for the follower's logical
+//! capture of a copied entry, applied at once), then the position reached is stored; only then
+//! is blue told (slot advanced, change rows deleted). A crash at any instant loses no
 //! change: at worst a key is stored twice, and apply is idempotent.
 //!
 //! Two sources: a logical slot with pgoutput read through the SQL interface (`peek` then
@@ -21,7 +22,8 @@ use crate::{
     state::State,
 };
 
-/// Keys read per poll; bounds one green transaction.
+/// Changes asked for per poll (the peek returns whole transactions, so one poll can hold more;
+/// they are handed on in chunks of `logical::STORE_CHUNK`).
 pub const POLL_CHANGES: i32 = 20_000;
 
 pub use crate::state::KeyEvent;
@@ -123,14 +125,17 @@ impl Capture {
         }
     }
 
-    /// Lets logical capture apply the keys of copied entries itself (the follower), and returns
-    /// how many keys it applied that way so far.
-    pub fn apply_directly(&mut self, on: bool) -> u64 {
+    /// Lets logical capture apply the keys of copied entries itself (the follower's capture).
+    pub fn apply_directly(&mut self) {
+        if let Capture::Logical(c) = self {
+            c.direct = true;
+        }
+    }
+
+    /// Keys capture has applied itself so far.
+    pub fn applied_directly(&self) -> u64 {
         match self {
-            Capture::Logical(c) => {
-                c.direct = on;
-                c.applied_directly
-            }
+            Capture::Logical(c) => c.applied_directly,
             Capture::Trigger(_) => 0,
         }
     }

@@ -170,13 +170,7 @@ impl<'a> Switch<'a> {
             // Nothing was applied while the hooks ran: catch up once more, or the drain in the
             // pause would hold all of their time's writes.
             let t = Instant::now();
-            let deadline = Instant::now() + CATCH_UP_BUDGET;
-            bounded(
-                CATCH_UP_BUDGET + Duration::from_secs(30),
-                "catching up after the before_pause hooks",
-                self.catch_up(deadline, shutdown, "catching up after the before_pause hooks"),
-            )
-            .await?;
+            self.catch_up_before_pause(Instant::now() + CATCH_UP_BUDGET, shutdown).await?;
             self.mark("catch-up after hooks", t);
         }
 
@@ -229,14 +223,7 @@ impl<'a> Switch<'a> {
         for round in 1..=MAX_ROUNDS {
             let round_started = Instant::now();
             let name = if round == 1 { String::new() } else { format!(" (round {round})") };
-            // The catch-up's own deadline names a slow catch-up; this bound only catches a
-            // server that stopped answering.
-            bounded(
-                CATCH_UP_BUDGET + Duration::from_secs(30),
-                "catching up before the pause",
-                self.catch_up(deadline, shutdown, "catching up"),
-            )
-            .await?;
+            self.catch_up_before_pause(deadline, shutdown).await?;
             self.mark(&format!("catch-up{name}"), round_started);
             if round == 1 {
                 let t = Instant::now();
@@ -278,6 +265,17 @@ impl<'a> Switch<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A catch-up while traffic flows. Its own deadline names a slow catch-up; the outer bound
+    /// only catches a server that stopped answering.
+    async fn catch_up_before_pause(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
+        bounded(
+            CATCH_UP_BUDGET + Duration::from_secs(30),
+            "catching up before the pause",
+            self.catch_up(deadline, shutdown, "catching up"),
+        )
+        .await
     }
 
     /// Handover mode: makes sure the v2 entry is paused, so no v2 statement reaches green before

@@ -215,25 +215,7 @@ async fn pgbouncer(pb: &super::PgbouncerSettings, checks: &mut Vec<Check>, probl
     };
     checks.push(Check { name: "pgbouncer admin console".into(), ok: true, detail: pb.admin.to_string() });
     // The admin console speaks only the simple query protocol.
-    match pool_mode(&client, &pb.database).await {
-        Ok(Some(mode)) => {
-            let ok = mode != "session";
-            checks.push(Check { name: format!("pgbouncer pool_mode of {}", pb.database), ok, detail: mode.clone() });
-            if !ok {
-                problems.push(plan_problem(&format!("{field}.database"), format!("PgBouncer database `{}` uses pool_mode=session; PAUSE would wait for every client to disconnect", pb.database), Some("set pool_mode = transaction for that database".into())));
-            }
-        }
-        Ok(None) => problems.push(plan_problem(
-            &format!("{field}.database"),
-            format!("PgBouncer has no database entry `{}`", pb.database),
-            None,
-        )),
-        Err(e) => problems.push(plan_problem(
-            &format!("{field}.admin_url"),
-            format!("SHOW DATABASES failed: {}", pg_message(&e)),
-            None,
-        )),
-    }
+    entry_pool_mode(&client, &pb.database, &format!("{field}.database"), None, checks, problems).await;
     match &pb.mode {
         super::SwitchMode::Repoint { databases_file, .. } => match std::fs::read_to_string(databases_file) {
             Ok(text) if crate::pgbouncer::databases_file::find_entry(&text, &pb.database).is_some() => {
@@ -254,29 +236,41 @@ async fn pgbouncer(pb: &super::PgbouncerSettings, checks: &mut Vec<Check>, probl
                 None,
             )),
         },
-        super::SwitchMode::Handover { v2_database, .. } => match pool_mode(&client, v2_database).await {
-            Ok(Some(mode)) => {
-                let ok = mode != "session";
-                checks.push(Check { name: format!("pgbouncer pool_mode of {v2_database}"), ok, detail: mode });
-                if !ok {
-                    problems.push(plan_problem(
-                        &format!("{field}.v2_database"),
-                        format!("PgBouncer database `{v2_database}` uses pool_mode=session; PAUSE would wait for every client to disconnect"),
-                        Some("set pool_mode = transaction for that database".into()),
-                    ));
-                }
+        super::SwitchMode::Handover { v2_database, .. } => {
+            let fix = format!("add `{v2_database} = <green>` to PgBouncer's databases, RELOAD, and PAUSE it");
+            entry_pool_mode(&client, v2_database, &format!("{field}.v2_database"), Some(fix), checks, problems).await
+        }
+    }
+}
+
+/// Checks that PgBouncer has entry `name` and that its pool mode lets PAUSE finish; `key` is
+/// the plan key naming it, `missing_fix` what to do when it is absent.
+async fn entry_pool_mode(
+    client: &Client,
+    name: &str,
+    key: &str,
+    missing_fix: Option<String>,
+    checks: &mut Vec<Check>,
+    problems: &mut Vec<Problem>,
+) {
+    match pool_mode(client, name).await {
+        Ok(Some(mode)) => {
+            let ok = mode != "session";
+            checks.push(Check { name: format!("pgbouncer pool_mode of {name}"), ok, detail: mode });
+            if !ok {
+                problems.push(plan_problem(
+                    key,
+                    format!("PgBouncer database `{name}` uses pool_mode=session; PAUSE would wait for every client to disconnect"),
+                    Some("set pool_mode = transaction for that database".into()),
+                ));
             }
-            Ok(None) => problems.push(plan_problem(
-                &format!("{field}.v2_database"),
-                format!("PgBouncer has no database entry `{v2_database}` (the v2 application's, pointing at green)"),
-                Some(format!("add `{v2_database} = <green>` to PgBouncer's databases, RELOAD, and PAUSE it")),
-            )),
-            Err(e) => problems.push(plan_problem(
-                &format!("{field}.admin_url"),
-                format!("SHOW DATABASES failed: {}", pg_message(&e)),
-                None,
-            )),
-        },
+        }
+        Ok(None) => problems.push(plan_problem(key, format!("PgBouncer has no database entry `{name}`"), missing_fix)),
+        Err(e) => problems.push(plan_problem(
+            "cutover.pgbouncer.admin_url",
+            format!("SHOW DATABASES failed: {}", pg_message(&e)),
+            None,
+        )),
     }
 }
 

@@ -28,6 +28,16 @@ fn json_keys<'a>(keys: impl Iterator<Item = &'a Vec<String>>) -> Vec<String> {
     keys.map(|k| serde_json::to_string(k).unwrap_or_default()).collect()
 }
 
+/// Each (entry, key) once, with its newest position, in (entry, key) order.
+fn latest(events: &[KeyEvent]) -> BTreeMap<(&TableId, &[String]), Lsn> {
+    let mut latest: BTreeMap<(&TableId, &[String]), Lsn> = BTreeMap::new();
+    for e in events {
+        let l = latest.entry((&e.table, e.key.as_slice())).or_insert(e.lsn);
+        *l = (*l).max(e.lsn);
+    }
+    latest
+}
+
 impl State {
     /// Stores key events in pending (newest position wins; a fresh `seq` marks the key as
     /// changed again, so an apply that read the older entry will not delete this one).
@@ -38,11 +48,7 @@ impl State {
         // One row per key: ON CONFLICT cannot touch the same row twice in one statement.
         // In (entry, key) order, the order apply locks them in too: two transactions locking the
         // same pending rows in the same order cannot deadlock.
-        let mut latest: BTreeMap<(&TableId, &[String]), Lsn> = BTreeMap::new();
-        for e in events {
-            let l = latest.entry((&e.table, e.key.as_slice())).or_insert(e.lsn);
-            *l = (*l).max(e.lsn);
-        }
+        let latest = latest(events);
         let mut tables = Vec::with_capacity(latest.len());
         let mut keys = Vec::with_capacity(latest.len());
         let mut lsns = Vec::with_capacity(latest.len());
@@ -172,11 +178,7 @@ impl State {
 
     /// Records keys applied straight from capture as touched (cutover re-verifies them).
     pub async fn record_touched(&self, green: &impl GenericClient, events: &[KeyEvent]) -> Result<()> {
-        let mut latest: BTreeMap<(&TableId, &[String]), Lsn> = BTreeMap::new();
-        for e in events {
-            let l = latest.entry((&e.table, e.key.as_slice())).or_insert(e.lsn);
-            *l = (*l).max(e.lsn);
-        }
+        let latest = latest(events);
         let tables: Vec<&str> = latest.keys().map(|(t, _)| t.as_str()).collect();
         let keys: Vec<String> = latest.keys().map(|(_, k)| serde_json::to_string(k).unwrap_or_default()).collect();
         let lsns: Vec<i64> = latest.values().map(|l| l.0).collect();
