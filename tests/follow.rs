@@ -204,3 +204,44 @@ fn a_unique_value_moving_between_keys_does_not_stop_following_logical() {
 fn a_unique_value_moving_between_keys_does_not_stop_following_trigger() {
     unique_value_moving_between_keys("trigger");
 }
+
+/// A rerun of `copy` while another session reads the state (a follower, `status`, a cutover's
+/// preflight) does not wait on it: state of an earlier version gets its columns only when they
+/// are missing. `ADD COLUMN IF NOT EXISTS` took an exclusive lock even when the column existed
+/// and waited behind every reader (and once deadlocked with the follower's sessions).
+#[test]
+fn a_rerun_does_not_wait_for_readers_of_the_state() {
+    let c =
+        Custom::new(&format!("{BLUE} INSERT INTO acct SELECT g, g, 'n' || g FROM generate_series(1, 100) g;"), GREEN);
+    let plan = c.plan("logical", "", ENTRY);
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let reader = c
+        .green
+        .cluster
+        .psql_cmd(&c.green.name)
+        .args(["-c", &c.sql("BEGIN; SELECT count(*) FROM bluegreen_custom.migration, bluegreen_custom.tables, bluegreen_custom.pending; \
+             SELECT pg_sleep(30); COMMIT;")])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reader = Guard(reader);
+    std::thread::sleep(Duration::from_millis(500));
+    c.blue.psql("UPDATE acct SET bal = bal + 1 WHERE id < 10");
+    let started = Instant::now();
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "the rerun waited {:?} for a reader", started.elapsed());
+    assert_same(&c);
+    drop(reader);
+}
+
+/// Kills the child when dropped (a failed assertion must not leave it holding its lock).
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
