@@ -2,7 +2,8 @@
 //! on blue, followed by PostgreSQL's own logical replication (publication + subscription) and by
 //! `migrate copy`, measured in the same run on the same clusters (each on its own pair of
 //! databases, one after the other, so they do not share the CPU). Prints both times, the ratio,
-//! and the peak memory of the `migrate` process.
+//! and the peak memory of the `migrate` process; then `migrate verify` and the same burst again
+//! (from then on every key applied is recorded for the cutover).
 //!
 //!     cargo build --release && cargo run --release --example bench_burst -- [--scale 10] [--method logical|trigger]
 
@@ -100,19 +101,34 @@ fn main() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let before_mb = peak_mb(child.id());
-    let lsn = burst(&blue, "ours");
-    let ours = wait("migrate's following of the burst", Duration::from_secs(900), || {
-        green.psql(
-            "ours",
-            &format!(
-                "SELECT coalesce(capture_lsn, 0) >= {lsn} AND NOT EXISTS (SELECT 1 FROM {state}.pending) FROM {state}.migration"
-            ),
-        ) == "t"
-            || (method == "trigger"
-                && green.psql("ours", &format!("SELECT NOT EXISTS (SELECT 1 FROM {state}.pending)")) == "t"
-                && blue.psql("ours", &format!("SELECT count(*) FROM {state}.changes")) == "0"
-                && green.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts") == rows.to_string())
-    });
+    let follow = |what: &str| {
+        let lsn = burst(&blue, "ours");
+        let sum = blue.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts");
+        wait(what, Duration::from_secs(900), || {
+            green.psql(
+                "ours",
+                &format!(
+                    "SELECT coalesce(capture_lsn, 0) >= {lsn} AND NOT EXISTS (SELECT 1 FROM {state}.pending) FROM {state}.migration"
+                ),
+            ) == "t"
+                || (method == "trigger"
+                    && green.psql("ours", &format!("SELECT NOT EXISTS (SELECT 1 FROM {state}.pending)")) == "t"
+                    && blue.psql("ours", &format!("SELECT count(*) FROM {state}.changes")) == "0"
+                    && green.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts") == sum)
+        })
+    };
+    let ours = follow("migrate's following of the burst");
+    // Once a verify has started, every key applied is also recorded for the cutover to
+    // re-verify: the same burst again, after a verify.
+    let verified = std::process::Command::new(&migrate)
+        .args(["verify", plan.to_str().unwrap()])
+        .env("BLUE_URL", blue.url("ours"))
+        .env("GREEN_URL", green.url("ours"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run migrate verify");
+    assert!(verified.success(), "migrate verify found differences before the second burst");
+    let after_verify = follow("migrate's following of the burst after a verify");
     let peak = peak_mb(child.id());
     let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
     let _ = child.wait();
@@ -122,6 +138,10 @@ fn main() {
     println!("native logical replication: {native:.1} s");
     println!("migrate copy following:     {ours:.1} s  ({:.0} rows/s)", rows as f64 / ours);
     println!("ratio: {:.2}x native", ours / native);
+    println!(
+        "the same burst after a verify (keys recorded as touched): {after_verify:.1} s, {:.2}x native",
+        after_verify / native
+    );
     println!("migrate peak memory: {peak:.0} MB (before the burst {before_mb:.0} MB)");
     println!("green equal to blue after the burst: {equal}");
 }

@@ -245,3 +245,37 @@ impl Drop for Guard {
         let _ = self.0.wait();
     }
 }
+
+/// Keys applied straight from capture are recorded for the cutover to re-verify only once a
+/// verify has started: before that the first verify covers them, and recording them was half
+/// of a burst's apply time. After a verify started, every applied key is recorded.
+#[test]
+fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started() {
+    let c =
+        Custom::new(&format!("{BLUE} INSERT INTO acct SELECT g, g, 'n' || g FROM generate_series(1, 5000) g;"), GREEN);
+    let plan = c.plan("logical", "", ENTRY);
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let follower = Guard(c.spawn(&["copy", plan.to_str().unwrap()], &[]));
+    c.wait_phase("following");
+    let applied = |changed: i64| {
+        let started = Instant::now();
+        while c.green.psql("SELECT count(*) FROM acct WHERE bal = 10 * (id + 1000000)") != changed.to_string() {
+            assert!(started.elapsed() < Duration::from_secs(60), "the follower did not apply the updates");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let touched = || c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.touched"));
+
+    c.blue.psql("UPDATE acct SET bal = id + 1000000 WHERE id <= 1000");
+    applied(1000);
+    assert_eq!(touched(), "0", "keys applied before any verify were recorded");
+
+    let r = run(&mut c.migrate(&["verify", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    c.blue.psql("UPDATE acct SET bal = id + 1000000 WHERE id BETWEEN 2001 AND 2500");
+    applied(1500);
+    assert_eq!(touched(), "500", "keys applied after a verify started must be recorded");
+    drop(follower);
+    assert_same(&c);
+}

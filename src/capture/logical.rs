@@ -40,6 +40,9 @@ pub struct Logical {
     pub progress: std::sync::Arc<crate::retry::Progress>,
     /// Sessions applying keys straight from capture.
     sessions: DirectSessions,
+    /// A verify has started, so keys applied directly are recorded as touched (read again
+    /// before each chunk until it is true; it never goes back).
+    verify_started: bool,
 }
 
 impl Logical {
@@ -96,6 +99,7 @@ impl Logical {
             applied_directly: 0,
             progress: Default::default(),
             sessions: DirectSessions::new(plan),
+            verify_started: false,
         }
     }
 
@@ -152,8 +156,8 @@ impl Logical {
             .map_err(Error::db("blue: reading the replication slot"))?;
         futures_util::pin_mut!(rows);
         let mut decoder = Decoder::new(&self.tables);
-        let (watch, info, applied, sessions) =
-            (&mut self.watch, &self.info, &mut self.applied_directly, &mut self.sessions);
+        let (watch, info, applied, sessions, verify_started) =
+            (&mut self.watch, &self.info, &mut self.applied_directly, &mut self.sessions, &mut self.verify_started);
         let (mut messages, mut stored, mut xids) = (0usize, 0usize, Vec::new());
         let progress = std::sync::Arc::clone(&self.progress);
         while let Some(row) = rows.try_next().await.map_err(Error::db("blue: reading the replication slot"))? {
@@ -170,7 +174,8 @@ impl Logical {
                 decoder.release_open_transaction();
                 let chunk = std::mem::take(&mut decoder.ready);
                 stored += chunk.len();
-                *applied += deliver(sessions, green, state, &self.tables, &direct, chunk).await? as u64;
+                let to = Delivery { tables: &self.tables, direct: &direct, verify_started };
+                *applied += deliver(sessions, green, state, to, chunk).await? as u64;
                 progress.touch();
             }
         }
@@ -178,8 +183,8 @@ impl Logical {
         let events = std::mem::take(&mut decoder.ready);
         stored += events.len();
         if !events.is_empty() {
-            self.applied_directly +=
-                deliver(&mut self.sessions, green, state, &self.tables, &direct, events).await? as u64;
+            let to = Delivery { tables: &self.tables, direct: &direct, verify_started: &mut self.verify_started };
+            self.applied_directly += deliver(&mut self.sessions, green, state, to, events).await? as u64;
         }
         // With nothing decoded, every commit before `now` is known to be captured.
         let position = decoder.end.unwrap_or(now).max(self.captured);
@@ -202,6 +207,15 @@ impl Logical {
     }
 }
 
+/// Where [`deliver`] sends a chunk of keys.
+struct Delivery<'a> {
+    tables: &'a [ResolvedTable],
+    /// Entries applied at once.
+    direct: &'a [crate::state::TableId],
+    /// See [`Logical::verify_started`].
+    verify_started: &'a mut bool,
+}
+
 /// Hands captured keys on: applied at once for the entries in `direct` (copied, and this is
 /// the follower), each session its own share of the keys, stored in pending for the others.
 /// Returns how many were applied.
@@ -209,15 +223,22 @@ async fn deliver(
     sessions: &mut DirectSessions,
     green: &mut Client,
     state: &State,
-    tables: &[ResolvedTable],
-    direct: &[crate::state::TableId],
+    to: Delivery<'_>,
     events: Vec<KeyEvent>,
 ) -> Result<usize> {
+    let Delivery { tables, direct, verify_started } = to;
     let (now, later): (Vec<KeyEvent>, Vec<KeyEvent>) = events.into_iter().partition(|e| direct.contains(&e.table));
     state.store_keys(&*green, &later).await?;
     if now.is_empty() {
         return Ok(0);
     }
+    // Read after the chunk was decoded: when no verify has started yet, every change in it lies
+    // before the position of any verify that starts later, which covers it (no need to record
+    // the keys as touched; recording was half of a burst's apply time).
+    if !*verify_started {
+        *verify_started = state.verify_started(&*green).await?;
+    }
+    let record = *verify_started;
     let sessions = sessions.ready().await?;
     let mut applied = 0;
     for t in tables.iter().filter(|t| direct.contains(&t.id)) {
@@ -231,7 +252,7 @@ async fn deliver(
             .iter_mut()
             .zip(&shares)
             .filter(|(_, share)| !share.is_empty())
-            .map(|((blue, green), share)| crate::apply::apply_direct(blue, green, state, t, share));
+            .map(|((blue, green), share)| crate::apply::apply_direct(blue, green, state, t, share, record));
         match futures_util::future::try_join_all(work).await {
             Ok(n) => applied += n.into_iter().sum::<usize>(),
             // Shares can collide on green: keys that differ as text but compare equal (citext)
@@ -242,7 +263,7 @@ async fn deliver(
             Err(e) if crate::retry::retry_later(&e) && !crate::retry::connection_lost(&e) => {
                 tracing::info!(error = %e, table = %t.target, "applying a chunk in shares failed; applying it in one transaction");
                 let (blue, green) = &mut sessions[0];
-                applied += crate::apply::apply_direct(blue, green, state, t, &shares.concat()).await?;
+                applied += crate::apply::apply_direct(blue, green, state, t, &shares.concat(), record).await?;
             }
             Err(e) => return Err(e),
         }

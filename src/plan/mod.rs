@@ -17,7 +17,7 @@ pub use file::{
 };
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;
-pub use sql::{key_condition, key_condition_via};
+pub use sql::{key_condition, key_condition_via, key_rows_via};
 
 use serde::Serialize;
 

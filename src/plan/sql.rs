@@ -16,7 +16,29 @@ pub fn key_condition(columns: &[String], types: &[String], keys: &[Vec<String>])
 /// the target type directly would give another value where the two disagree (a `float8` key's
 /// text read as `numeric` keeps 17 digits; the cast keeps 15).
 pub fn key_condition_via(columns: &[String], through: &[String], types: &[String], keys: &[Vec<String>]) -> String {
-    let arrays: Vec<String> = (0..columns.len())
+    let arrays = key_arrays(through, types, keys);
+    if columns.len() == 1 {
+        format!("{} = ANY({})", columns[0], arrays[0])
+    } else {
+        format!("({}) IN (SELECT * FROM unnest({}))", columns.join(", "), arrays.join(", "))
+    }
+}
+
+/// The keys as a row source named `alias` with `columns`, read as in [`key_condition_via`]:
+/// `unnest(ARRAY[..]::t1[], ARRAY[..]::t2[]) AS alias (c1, c2)`.
+pub fn key_rows_via(
+    alias: &str,
+    columns: &[String],
+    through: &[String],
+    types: &[String],
+    keys: &[Vec<String>],
+) -> String {
+    format!("unnest({}) AS {alias} ({})", key_arrays(through, types, keys).join(", "), columns.join(", "))
+}
+
+/// One typed array literal per key column.
+fn key_arrays(through: &[String], types: &[String], keys: &[Vec<String>]) -> Vec<String> {
+    (0..types.len())
         .map(|c| {
             let vals: Vec<String> = keys.iter().map(|k| literal(k.get(c).map(String::as_str).unwrap_or(""))).collect();
             if through[c] == types[c] {
@@ -25,12 +47,7 @@ pub fn key_condition_via(columns: &[String], through: &[String], types: &[String
                 format!("ARRAY[{}]::{}[]::{}[]", vals.join(", "), through[c], types[c])
             }
         })
-        .collect();
-    if columns.len() == 1 {
-        format!("{} = ANY({})", columns[0], arrays[0])
-    } else {
-        format!("({}) IN (SELECT * FROM unnest({}))", columns.join(", "), arrays.join(", "))
-    }
+        .collect()
 }
 
 #[cfg(test)]
@@ -54,5 +71,13 @@ mod tests {
             &[vec!["x'y".into(), "z".into()]],
         );
         assert_eq!(two, "(\"a\", \"b\") IN (SELECT * FROM unnest(ARRAY['x''y']::text[], ARRAY['z']::text[]))");
+        let rows = key_rows_via(
+            "k",
+            &["\"a\"".into(), "\"b\"".into()],
+            &["text".into(), "double precision".into()],
+            &["text".into(), "numeric".into()],
+            &[vec!["x".into(), "1".into()]],
+        );
+        assert_eq!(rows, "unnest(ARRAY['x']::text[], ARRAY['1']::double precision[]::numeric[]) AS k (\"a\", \"b\")");
     }
 }

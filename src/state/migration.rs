@@ -221,6 +221,35 @@ impl State {
             .get(0))
     }
 
+    /// Records that a verify has started (once, before it reads any position). Until then no
+    /// key needs recording as touched: the first clean verify covers every change before its
+    /// position, and a key applied before any verify began changed before that position.
+    pub async fn mark_verify_started(&self, green: &impl GenericClient) -> Result<()> {
+        green
+            .execute(
+                &format!(
+                    "UPDATE {} SET verify_started_at = coalesce(verify_started_at, now()) WHERE id = 1",
+                    self.table("migration")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: recording that verify started"))?;
+        Ok(())
+    }
+
+    /// Whether a verify has ever started; see [`Self::mark_verify_started`].
+    pub async fn verify_started(&self, green: &impl GenericClient) -> Result<bool> {
+        Ok(green
+            .query_one(
+                &format!("SELECT verify_started_at IS NOT NULL FROM {} WHERE id = 1", self.table("migration")),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading whether verify started"))?
+            .get(0))
+    }
+
     /// Stores the last verify's summary.
     pub async fn set_last_verify(&self, green: &impl GenericClient, summary: &serde_json::Value) -> Result<()> {
         green

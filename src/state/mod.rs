@@ -129,6 +129,7 @@ impl State {
                 ("tables", "drift", "text"),
                 ("pending", "first_lsn", "bigint"),
                 ("migration", "lag_seconds", "float8"),
+                ("migration", "verify_started_at", "timestamptz"),
             ]),
         );
         self.check_layout(green).await?;

@@ -110,6 +110,10 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
     let portable = portable_hash(blue, green).await?;
     let state = State::new(&plan.name);
     let follower = if state.exists(green).await? { Some(state.clone()) } else { None };
+    if let Some(state) = &follower {
+        // Before any position is read: from here on, direct apply records what it applies.
+        state.mark_verify_started(green).await?;
+    }
     let mut tables = Vec::new();
     for t in &resolved.tables {
         if only.is_some_and(|o| !t.named_by_any(&[o.to_string()])) {
