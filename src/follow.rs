@@ -51,6 +51,9 @@ async fn drift(state: &State, green: &Client, blue: &Client) -> Result<Option<Er
 const SHAPE_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Idle wait between polls when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
+/// Keys applied since the touched log was last found empty beyond which the follower compacts
+/// it even while busy (see [`crate::state::State::compact_touched`]).
+const COMPACT_BACKLOG: u64 = 2_000_000;
 
 /// Set by capture once it has stored every change up to the `--no-follow` target: the blue
 /// position apply must then have passed.
@@ -87,6 +90,8 @@ struct CaptureSide {
     applied: Arc<AtomicU64>,
     /// What capture had applied itself at the last count.
     applied_by_capture: u64,
+    /// Keys applied (as counted in `applied`) up to which the touched log is compacted, about.
+    compacted: u64,
 }
 
 struct ApplySide {
@@ -144,6 +149,7 @@ impl Follower {
                 tables: tables.to_vec(),
                 applied: Arc::clone(&applied),
                 applied_by_capture,
+                compacted: 0,
             },
             apply,
         })
@@ -230,9 +236,26 @@ impl CaptureSide {
             (Gate::Go, _) => {}
             (Gate::Wait | Gate::Live, _) => return Ok(0),
         }
-        let r = self.poll(catch_up, target, reached).await;
+        let mut r = self.poll(catch_up, target, reached).await;
+        if let Ok(stored) = r {
+            r = self.compact(stored == 0).await.map(|()| stored);
+        }
         self.state.leave_gate(&self.green).await;
         r
+    }
+
+    /// Moves a share of the touched log into `touched` when idle, or when the log has grown
+    /// past [`COMPACT_BACKLOG`] keys under load that never lets the follower idle. Under the
+    /// gate: a cutover reading `touched` has stood the follower aside.
+    async fn compact(&mut self, idle: bool) -> Result<()> {
+        let applied = self.applied.load(Ordering::Relaxed);
+        if !idle && applied.saturating_sub(self.compacted) < COMPACT_BACKLOG {
+            return Ok(());
+        }
+        let moved = self.state.compact_touched(&self.green, crate::state::COMPACT_ROWS).await?;
+        // Nothing left: the log holds at most what was applied since.
+        self.compacted = if moved == 0 { applied } else { self.compacted + moved };
+        Ok(())
     }
 
     /// Compares blue's catalog with the shapes recorded when each copy began, every

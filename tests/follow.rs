@@ -265,7 +265,12 @@ fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let touched = || c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.touched"));
+    // Recorded in the touched log first, moved into `touched` by an idle follower.
+    let touched = || {
+        c.green.psql(&c.sql(
+            "SELECT count(*) FROM (SELECT key FROM bluegreen_custom.touched UNION SELECT key FROM bluegreen_custom.touched_log) k",
+        ))
+    };
 
     c.blue.psql("UPDATE acct SET bal = id + 1000000 WHERE id <= 1000");
     applied(1000);
@@ -276,6 +281,12 @@ fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started() {
     c.blue.psql("UPDATE acct SET bal = id + 1000000 WHERE id BETWEEN 2001 AND 2500");
     applied(1500);
     assert_eq!(touched(), "500", "keys applied after a verify started must be recorded");
+    let started = Instant::now();
+    while c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.touched_log")) != "0" {
+        assert!(started.elapsed() < Duration::from_secs(30), "the idle follower did not compact the touched log");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.touched")), "500");
     drop(follower);
     assert_same(&c);
 }

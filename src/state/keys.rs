@@ -11,6 +11,10 @@ use crate::{
     pg::Lsn,
 };
 
+/// Touched-log rows moved into `touched` per statement: about a tenth of a second of work, so
+/// an idle follower's compaction never holds capture up for long.
+pub const COMPACT_ROWS: i64 = 20_000;
+
 /// A key event: which plan entry, its key values in text form, and the blue WAL position of the
 /// change (for lag).
 #[derive(Debug, Clone, PartialEq)]
@@ -104,8 +108,9 @@ impl State {
     }
 
     /// Removes the applied entries `seqs` from pending (a key captured again meanwhile has a new
-    /// seq and stays) and remembers them as touched, so cutover re-verifies exactly the keys
-    /// changed since the last verify. In apply's transaction.
+    /// seq and stays) and remembers them as touched (in the log; see [`Self::compact_touched`]),
+    /// so cutover re-verifies exactly the keys changed since the last verify. In apply's
+    /// transaction.
     pub async fn finish_batch(&self, green: &impl GenericClient, seqs: &[i64]) -> Result<()> {
         // Locked first in (entry, key) order, the order capture's upsert takes them in: the two
         // never deadlock. Then deleted by `seq` through its index: a join against the locked
@@ -126,10 +131,9 @@ impl State {
                 &format!(
                     "WITH done AS (DELETE FROM {pending} WHERE seq = ANY($1) \
                                    RETURNING tbl, key, coalesce(lsn, 0) AS lsn) \
-                     INSERT INTO {touched} (tbl, key, lsn) SELECT tbl, key, lsn FROM done \
-                     ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
+                     INSERT INTO {log} (tbl, key, lsn) SELECT tbl, key, lsn FROM done",
                     pending = self.table("pending"),
-                    touched = self.table("touched"),
+                    log = self.table("touched_log"),
                 ),
                 &[&seqs],
             )
@@ -176,7 +180,9 @@ impl State {
             .collect())
     }
 
-    /// Records keys applied straight from capture as touched (cutover re-verifies them).
+    /// Records keys applied straight from capture as touched (cutover re-verifies them), in the
+    /// log: an append without an index costs a tenth of an upsert into `touched`, which was half
+    /// of a burst's apply time.
     pub async fn record_touched(&self, green: &impl GenericClient, events: &[KeyEvent]) -> Result<()> {
         let latest = latest(events);
         let tables: Vec<&str> = latest.keys().map(|(t, _)| t.as_str()).collect();
@@ -185,16 +191,44 @@ impl State {
         green
             .execute(
                 &format!(
-                    "INSERT INTO {touched} (tbl, key, lsn) \
+                    "INSERT INTO {} (tbl, key, lsn) \
                      SELECT t, ARRAY(SELECT jsonb_array_elements_text(k::jsonb)), l \
-                     FROM unnest($1::text[], $2::text[], $3::int8[]) AS e(t, k, l) \
-                     ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
-                    touched = self.table("touched"),
+                     FROM unnest($1::text[], $2::text[], $3::int8[]) AS e(t, k, l)",
+                    self.table("touched_log"),
                 ),
                 &[&tables, &keys, &lsns],
             )
             .await
             .map_err(Error::db("green: recording applied keys"))?;
+        Ok(())
+    }
+
+    /// Moves up to `limit` rows of the touched log into `touched`, one row per key (the largest
+    /// position). Returns how many log rows were moved. The follower runs it when idle (and,
+    /// under load that never lets it idle, once the log has grown); whoever reads `touched`
+    /// runs it to the end first. Keys are upserted in (entry, key) order, so two of these at
+    /// once (the log rows each takes are its own) cannot deadlock.
+    pub async fn compact_touched(&self, green: &impl GenericClient, limit: i64) -> Result<u64> {
+        green
+            .execute(
+                &format!(
+                    "WITH moved AS (DELETE FROM {log} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {log} LIMIT $1)) \
+                                    RETURNING tbl, key, lsn) \
+                     INSERT INTO {touched} (tbl, key, lsn) \
+                     SELECT tbl, key, max(lsn) FROM moved GROUP BY tbl, key ORDER BY tbl COLLATE \"C\", key COLLATE \"C\" \
+                     ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
+                    log = self.table("touched_log"),
+                    touched = self.table("touched"),
+                ),
+                &[&limit],
+            )
+            .await
+            .map_err(Error::db("green: compacting applied keys"))
+    }
+
+    /// Runs [`Self::compact_touched`] until the log is empty.
+    pub async fn compact_all_touched(&self, green: &impl GenericClient) -> Result<()> {
+        while self.compact_touched(green, COMPACT_ROWS).await? > 0 {}
         Ok(())
     }
 
@@ -242,8 +276,10 @@ impl State {
             .get(0))
     }
 
-    /// Keys of `id` applied since the last verify.
+    /// Keys of `id` applied since the last verify (moved out of the log first: see
+    /// [`Self::compact_touched`]).
     pub async fn touched_keys(&self, green: &impl GenericClient, id: &TableId) -> Result<Vec<Vec<String>>> {
+        self.compact_all_touched(green).await?;
         Ok(green
             .query(&format!("SELECT key FROM {} WHERE tbl = $1", self.table("touched")), &[&id.as_str()])
             .await
@@ -300,6 +336,13 @@ impl State {
             green
                 .execute(
                     &format!("DELETE FROM {} WHERE tbl = $1 AND lsn <= $2", self.table("touched")),
+                    &[&id.as_str(), &lsn],
+                )
+                .await
+                .map_err(Error::db("green: clearing verified keys"))?;
+            green
+                .execute(
+                    &format!("DELETE FROM {} WHERE tbl = $1 AND lsn <= $2", self.table("touched_log")),
                     &[&id.as_str(), &lsn],
                 )
                 .await

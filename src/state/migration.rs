@@ -274,7 +274,8 @@ impl State {
                             coalesce((last_verify->>'equal')::boolean, false), last_verify_at::text, \
                             (SELECT min(lsn) FROM {p}), (SELECT count(*) FROM {p}), \
                             (SELECT count(*) FROM {v} WHERE NOT ok), \
-                            ARRAY(SELECT DISTINCT tbl FROM {v}), (SELECT count(*) FROM {t}) \
+                            ARRAY(SELECT DISTINCT tbl FROM {v}), \
+                            (SELECT count(*) FROM (SELECT tbl, key FROM {t} UNION SELECT tbl, key FROM {t}_log) k) \
                      FROM {m} WHERE id = 1",
                     m = self.table("migration"),
                     p = self.table("pending"),

@@ -18,7 +18,7 @@ mod tables;
 
 pub use gate::{Gate, GATE_NAMESPACE};
 pub use id::TableId;
-pub use keys::KeyEvent;
+pub use keys::{KeyEvent, COMPACT_ROWS};
 pub use migration::{FollowerView, StatusView};
 pub use phase::{CutoverStep, Phase, TableState};
 pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
@@ -120,6 +120,7 @@ impl State {
                  finished_at timestamptz, PRIMARY KEY (tbl, chunk));
              CREATE TABLE IF NOT EXISTS {s}.touched (
                  tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (tbl, key));
+             CREATE TABLE IF NOT EXISTS {s}.touched_log (tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL);
              {added}
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
@@ -171,7 +172,7 @@ impl State {
         let s = &self.schema;
         green
             .batch_execute(&format!(
-                "DROP TABLE IF EXISTS {s}.tables, {s}.chunks, {s}.pending, {s}.touched, {s}.verified;
+                "DROP TABLE IF EXISTS {s}.tables, {s}.chunks, {s}.pending, {s}.touched, {s}.touched_log, {s}.verified;
                  DROP SEQUENCE IF EXISTS {s}.pending_seq;
                  ALTER TABLE {s}.migration ADD COLUMN IF NOT EXISTS cleaned_up_at timestamptz;
                  UPDATE {s}.migration SET cleaned_up_at = now(), updated_at = now() WHERE id = 1;"

@@ -238,7 +238,7 @@ impl State {
     /// and verified buckets (their rows on green stay).
     pub async fn forget_tables(&self, green: &impl GenericClient, ids: &[TableId]) -> Result<()> {
         let ids: Vec<&str> = ids.iter().map(TableId::as_str).collect();
-        for t in ["tables", "chunks", "pending", "touched", "verified"] {
+        for t in ["tables", "chunks", "pending", "touched", "touched_log", "verified"] {
             green
                 .execute(&format!("DELETE FROM {} WHERE tbl = ANY($1)", self.table(t)), &[&ids])
                 .await
