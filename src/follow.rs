@@ -287,7 +287,7 @@ impl CaptureSide {
             Err(Error::SchemaChanged { table, was, now }) => {
                 // Seen by decoding before the catalog check: stored the same way.
                 let e = Error::SchemaChanged { table: table.clone(), was, now };
-                if let Some(t) = self.tables_by_source(&table) {
+                for t in self.tables_by_source(&table) {
                     self.state.mark_drifted(&self.green, &t, &e.to_string()).await?;
                 }
                 return Err(e);
@@ -312,9 +312,9 @@ impl CaptureSide {
         Ok(stored)
     }
 
-    /// The entry reading source `name` (qualified, as capture names it).
-    fn tables_by_source(&self, name: &str) -> Option<crate::state::TableId> {
-        self.tables.iter().find(|t| t.source.to_string() == name).map(|t| t.id.clone())
+    /// The entries reading source `name` (qualified, as capture names it).
+    fn tables_by_source(&self, name: &str) -> Vec<crate::state::TableId> {
+        self.tables.iter().filter(|t| t.source.to_string() == name).map(|t| t.id.clone()).collect()
     }
 
     async fn reconnect(&mut self) -> Result<()> {

@@ -14,4 +14,5 @@ mod handover;
 mod identifiers;
 mod plan;
 mod security;
+mod shapes;
 mod verify;

@@ -49,7 +49,10 @@ impl Logical {
     /// Creates the publication (exactly the planned tables) and the slot, unless they exist.
     pub async fn setup(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Self> {
         let slot = super::object_name(&plan.name);
-        let tables: Vec<String> = resolved.tables.iter().map(|t| t.source.quoted()).collect();
+        // Each source table once, however many entries read it.
+        let mut tables: Vec<String> = resolved.tables.iter().map(|t| t.source.quoted()).collect();
+        tables.sort();
+        tables.dedup();
         let has_pub: bool = blue
             .query_one("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)", &[&slot])
             .await
@@ -321,7 +324,8 @@ pub const STORE_CHUNK: usize = 50_000;
 /// Turns pgoutput messages into key events, one message at a time.
 struct Decoder<'a> {
     tables: &'a [ResolvedTable],
-    relations: HashMap<u32, (usize, Relation)>,
+    /// Relation id → the entries reading it (indexes into `tables`) and its columns.
+    relations: HashMap<u32, (Vec<usize>, Relation)>,
     /// Keys of the open transaction (entry index, key).
     in_tx: Vec<(usize, Vec<String>)>,
     /// The open transaction's commit record position.
@@ -343,21 +347,28 @@ impl<'a> Decoder<'a> {
             pgoutput::decode(data).map_err(|e| Error::Decode { what: "pgoutput".into(), message: e.to_string() })?;
         match message {
             Message::Relation(rel) => {
-                if let Some(i) =
-                    self.tables.iter().position(|t| t.source.schema == rel.namespace && t.source.name == rel.name)
-                {
+                let entries: Vec<usize> = (0..self.tables.len())
+                    .filter(|&i| {
+                        self.tables[i].source.schema == rel.namespace && self.tables[i].source.name == rel.name
+                    })
+                    .collect();
+                if let Some(&i) = entries.first() {
                     check_shape(&self.tables[i], &rel)?;
-                    self.relations.insert(rel.relid, (i, rel));
+                    self.relations.insert(rel.relid, (entries, rel));
                 }
             }
             Message::Change { relid, new, old } => {
-                let Some((i, rel)) = self.relations.get(&relid) else { return Ok(None) };
-                let keys: Vec<String> = self.tables[*i].key.iter().map(|k| k.source.clone()).collect();
-                for tuple in [new, old].into_iter().flatten() {
-                    // A key is missing only when it is an unchanged TOASTed value of an update's
-                    // new row; the key did not change then, and the old row is not sent.
-                    if let Some(key) = pgoutput::key_of(rel, &keys, &tuple) {
-                        self.in_tx.push((*i, key));
+                let Some((entries, rel)) = self.relations.get(&relid) else { return Ok(None) };
+                // Every entry over the source gets the change, each by its own key.
+                for &i in entries {
+                    let keys: Vec<String> = self.tables[i].key.iter().map(|k| k.source.clone()).collect();
+                    for tuple in [&new, &old].into_iter().flatten() {
+                        // A key is missing only when it is an unchanged TOASTed value of an
+                        // update's new row; the key did not change then, and the old row is not
+                        // sent.
+                        if let Some(key) = pgoutput::key_of(rel, &keys, tuple) {
+                            self.in_tx.push((i, key));
+                        }
                     }
                 }
             }
@@ -365,7 +376,7 @@ impl<'a> Decoder<'a> {
                 let names: Vec<String> = relids
                     .iter()
                     .filter_map(|r| self.relations.get(r))
-                    .map(|(i, _)| self.tables[*i].source.to_string())
+                    .map(|(e, _)| self.tables[e[0]].source.to_string())
                     .collect();
                 return Err(super::truncated(&names));
             }

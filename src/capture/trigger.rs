@@ -10,9 +10,9 @@ use tracing::info;
 use super::{KeyEvent, POLL_CHANGES};
 use crate::{
     error::{Error, Result},
-    pg::{ident, literal, Lsn},
+    pg::{ident, literal, Lsn, QualifiedName},
     plan::{Plan, ResolvedPlan, ResolvedTable},
-    state::{schema_name, State},
+    state::{schema_name, short_name, State},
 };
 
 /// Triggers and the change table on blue.
@@ -51,24 +51,29 @@ impl Trigger {
             return Err(Error::StateLayout { schema: format!("{raw} (on blue)"), found: 1, wanted: 2 });
         }
         drop_stale_triggers(&blue, &raw, resolved).await?;
-        for t in &resolved.tables {
+        for entries in by_source(&resolved.tables) {
+            let source = &entries[0].source;
             // The functions are replaced every time (no table lock needed): an older install's
-            // body is brought up to date; the triggers that call them are made once.
-            blue.batch_execute(&functions_sql(&schema, t))
+            // body is brought up to date, and entries added or removed over the same source are
+            // in it. The triggers that call them are made once, or again when they call other
+            // functions (an install from before one function per source table).
+            blue.batch_execute(&functions_sql(&schema, &entries))
                 .await
-                .map_err(Error::db(format!("blue: creating capture functions for {}", t.source)))?;
+                .map_err(Error::db(format!("blue: creating capture functions for {source}")))?;
+            let (func, tfunc) = function_names(&schema, source);
             let present: i64 = blue
                 .query_one(
-                    "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = $1::text::regclass AND tgname IN ($2, $3)",
-                    &[&t.source.quoted(), &format!("{raw}_capture"), &format!("{raw}_truncate")],
+                    "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = $1::text::regclass \
+                       AND ((tgname = $2 AND tgfoid = to_regproc($4)::oid) OR (tgname = $3 AND tgfoid = to_regproc($5)::oid))",
+                    &[&source.quoted(), &format!("{raw}_capture"), &format!("{raw}_truncate"), &func, &tfunc],
                 )
                 .await
-                .map_err(Error::db(format!("blue: looking for capture triggers on {}", t.source)))?
+                .map_err(Error::db(format!("blue: looking for capture triggers on {source}")))?
                 .get(0);
             if present == 2 {
                 continue;
             }
-            ddl_with_lock_timeout(&blue, &triggers_sql(&schema, t), &format!("capture triggers on {}", t.source))
+            ddl_with_lock_timeout(&blue, &triggers_sql(&schema, source), &format!("capture triggers on {source}"))
                 .await?;
         }
         info!(tables = resolved.tables.len(), "capture triggers installed");
@@ -252,61 +257,88 @@ async fn drop_stale_triggers(blue: &Client, raw: &str, resolved: &ResolvedPlan) 
     Ok(())
 }
 
-/// The trigger function and triggers for entry `t`, named by its id. Keys are taken with `to_jsonb(...) #>> '{}'`,
-/// whose text form does not depend on the writing session's DateStyle. The functions run as
-/// their owner (SECURITY DEFINER, fixed search_path) so the application's roles need no rights
-/// on our schema: their writes must never fail because of capture. They pin
+/// The planned entries grouped by source table, in plan order: one trigger per source table
+/// records a change for every entry that reads it.
+fn by_source(tables: &[ResolvedTable]) -> Vec<Vec<&ResolvedTable>> {
+    let mut groups: Vec<Vec<&ResolvedTable>> = Vec::new();
+    for t in tables {
+        match groups.iter_mut().find(|g| g[0].source == t.source) {
+            Some(g) => g.push(t),
+            None => groups.push(vec![t]),
+        }
+    }
+    groups
+}
+
+/// The trigger functions of one source table, recording a change row for each of `entries`
+/// (every entry over that source), named by the source table. Keys are taken with
+/// `to_jsonb(...) #>> '{}'`, whose text form does not depend on the writing session's DateStyle.
+/// The functions run as their owner (SECURITY DEFINER, fixed search_path) so the application's
+/// roles need no rights on our schema: their writes must never fail because of capture. They pin
 /// `extra_float_digits = 3` (a writer's session with 0 would record a float key rounded to 15
 /// digits, a key that does not exist) and `IntervalStyle = 'postgres'`.
-fn functions_sql(schema: &str, t: &ResolvedTable) -> String {
-    let keys = |rec: &str| {
-        t.key.iter().map(|k| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(&k.source))).collect::<Vec<_>>().join(", ")
-    };
-    let tuple = |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", ident(&k.source))).collect::<Vec<_>>().join(", ");
-    let (func, tfunc) = function_names(schema, t);
-    let i = literal(t.id.as_str());
-    format!(
-        "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
-           SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS $bg$
-         BEGIN
+fn functions_sql(schema: &str, entries: &[&ResolvedTable]) -> String {
+    let mut rows = String::new();
+    let mut truncated = String::new();
+    for t in entries {
+        let keys = |rec: &str| {
+            t.key
+                .iter()
+                .map(|k| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(&k.source)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let tuple =
+            |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", ident(&k.source))).collect::<Vec<_>>().join(", ");
+        let i = literal(t.id.as_str());
+        rows.push_str(&format!(
+            "
            IF TG_OP <> 'DELETE' THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{new_keys}]);
            END IF;
            IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW({old_tuple}) IS DISTINCT FROM ROW({new_tuple})) THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{old_keys}]);
-           END IF;
+           END IF;",
+            new_keys = keys("NEW"),
+            old_keys = keys("OLD"),
+            old_tuple = tuple("OLD"),
+            new_tuple = tuple("NEW"),
+        ));
+        truncated.push_str(&format!("\n           INSERT INTO {schema}.changes (tbl, truncated) VALUES ({i}, true);"));
+    }
+    let (func, tfunc) = function_names(schema, &entries[0].source);
+    format!(
+        "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
+           SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS $bg$
+         BEGIN{rows}
            RETURN NULL;
          END $bg$;
          CREATE OR REPLACE FUNCTION {tfunc}() RETURNS trigger LANGUAGE plpgsql
            SECURITY DEFINER SET search_path = pg_catalog, pg_temp
            SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS $bg$
-         BEGIN
-           INSERT INTO {schema}.changes (tbl, truncated) VALUES ({i}, true);
+         BEGIN{truncated}
            RETURN NULL;
-         END $bg$;",
-        new_keys = keys("NEW"),
-        old_keys = keys("OLD"),
-        old_tuple = tuple("OLD"),
-        new_tuple = tuple("NEW"),
+         END $bg$;"
     )
 }
 
-/// The two capture functions of entry `t`, named by its id.
-fn function_names(schema: &str, t: &ResolvedTable) -> (String, String) {
+/// The two capture functions of a source table, named by it.
+fn function_names(schema: &str, source: &QualifiedName) -> (String, String) {
+    let short = short_name(&source.to_string());
     (
-        format!("{schema}.{}", ident(&format!("capture_{}", t.id.short()))),
-        format!("{schema}.{}", ident(&format!("truncated_{}", t.id.short()))),
+        format!("{schema}.{}", ident(&format!("capture_src_{short}"))),
+        format!("{schema}.{}", ident(&format!("truncated_src_{short}"))),
     )
 }
 
-/// The triggers on `t`'s source that call its functions (they take a lock that waits for the
-/// table's writers).
-fn triggers_sql(schema: &str, t: &ResolvedTable) -> String {
-    let (func, tfunc) = function_names(schema, t);
+/// The triggers on `source` that call its functions (they take a lock that waits for the
+/// table's writers). Dropped and made in one transaction: no write goes unrecorded between.
+fn triggers_sql(schema: &str, source: &QualifiedName) -> String {
+    let (func, tfunc) = function_names(schema, source);
     let name = ident(&format!("{}_capture", schema_name_of(schema)));
     let tname = ident(&format!("{}_truncate", schema_name_of(schema)));
-    let src = t.source.quoted();
+    let src = source.quoted();
     format!(
         "DROP TRIGGER IF EXISTS {name} ON {src};
          DROP TRIGGER IF EXISTS {tname} ON {src};

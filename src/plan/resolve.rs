@@ -490,29 +490,8 @@ async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<
 /// Two entries writing one target table must each carry a filter (the operator's statement that
 /// they partition the rows); otherwise they would overwrite each other's rows unknowingly.
 fn check_overlaps(plan: &Plan, problems: &mut Vec<Problem>) {
-    // Capture turns a change of a source table into a key of one entry: a second entry over the
-    // same source would never receive its changes (or receive the first one's).
-    let mut by_source: HashMap<String, Vec<&TableEntry>> = HashMap::new();
-    for t in &plan.tables {
-        by_source.entry(t.source.to_string()).or_default().push(t);
-    }
-    let mut shared: Vec<_> = by_source.into_iter().filter(|(_, e)| e.len() > 1).collect();
-    shared.sort_by_key(|(_, e)| e[0].index);
-    for (source, entries) in shared {
-        let paths: Vec<String> = entries.iter().map(|e| e.path()).collect();
-        problems.push(Problem {
-            field: paths.join(", "),
-            line: Some(entries[1].source_line),
-            table: Some(source.clone()),
-            column: None,
-            message: format!(
-                "{} all read {source}; capture follows one entry per source table, so the others would miss \
-                 its changes",
-                paths.join(" and ")
-            ),
-            fix: Some("use one entry per source table".into()),
-        });
-    }
+    // Entries may share a source (a table split in two, or kept and also summarised): capture
+    // turns each change of it into a key of every entry that reads it.
     let mut by_target: HashMap<String, Vec<&TableEntry>> = HashMap::new();
     for t in &plan.tables {
         by_target.entry(t.target.to_string()).or_default().push(t);

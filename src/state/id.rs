@@ -49,7 +49,7 @@ impl TableId {
     /// A short name derived from the id alone, for objects whose names are length-limited
     /// (trigger functions on blue).
     pub fn short(&self) -> String {
-        stable_hash(&self.0)[..12].to_string()
+        short_name(&self.0)
     }
 }
 
@@ -57,6 +57,12 @@ impl std::fmt::Display for TableId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// A 12-character name derived from `text` alone, for objects on blue whose names are
+/// length-limited (trigger functions named by their source table).
+pub fn short_name(text: &str) -> String {
+    stable_hash(text)[..12].to_string()
 }
 
 /// FNV-1a, 64 bits, as hex: stable across builds and Rust versions (std's hasher is not

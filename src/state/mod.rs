@@ -17,7 +17,7 @@ mod record;
 mod tables;
 
 pub use gate::{Gate, GATE_NAMESPACE};
-pub use id::TableId;
+pub use id::{short_name, TableId};
 pub use keys::{KeyEvent, COMPACT_ROWS};
 pub use migration::{FollowerView, StatusView};
 pub use phase::{CutoverStep, Phase, TableState};
