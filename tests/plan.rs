@@ -270,10 +270,8 @@ fn odd_values_in_a_plan_are_problems_not_crashes() {
         Place {
             from: "source = \"public.hydra_oauth2_refresh\"",
             to: "source = \"{}\"",
-            problem: &[
-                "table[3].source [public.oauth2_refresh_tokens]: source table public.",
-                " does not exist on blue",
-            ],
+            // Named by the source, not the target.
+            problem: &["table[3].source [public.", "]: source table public.", " does not exist on blue"],
             empty: Some("table[3].source: empty name part in ``"),
             sound: None,
         },

@@ -87,3 +87,39 @@ fn one_source_feeds_two_targets_under_writes_logical() {
 fn one_source_feeds_two_targets_under_writes_trigger() {
     one_source_two_targets("trigger");
 }
+
+/// A view (or anything else that is not a table) as a source is refused naming the source, why,
+/// and what to do; a missing source is named as the source too (it was reported under the
+/// target's name).
+#[test]
+fn a_view_or_missing_source_is_named_as_the_source() {
+    let c = Custom::new(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL); \
+         CREATE VIEW active_users AS SELECT id, email FROM users;",
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL);",
+    );
+    let entry = |source: &str| {
+        format!(
+            "[[table]]\nsource = \"{source}\"\ntarget = \"public.accounts\"\nkey = [\"id\"]\n\
+             [table.columns]\nid = \"id\"\nemail = \"email\"\n"
+        )
+    };
+    let plan = c.plan("logical", "", &entry("public.active_users"));
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains(
+            "table[1].source [public.active_users]: source public.active_users is a view on blue, not a table"
+        ),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("capture follows tables"), "{r:?}");
+    let plan = c.plan("logical", "", &entry("public.userz"));
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("table[1].source [public.userz]: source table public.userz does not exist on blue"),
+        "{r:?}"
+    );
+    assert!(!r.stdout.contains("[public.accounts]"), "the target is not what is missing: {r:?}");
+}

@@ -113,6 +113,30 @@ impl TableInfo {
     }
 }
 
+/// What `table` is when it is not a table: "a view", "a materialized view", ...; `None` when
+/// no relation of that name exists.
+pub async fn relation_kind(client: &Client, table: &QualifiedName) -> Result<Option<&'static str>> {
+    let kind: Option<String> = client
+        .query_opt(
+            "SELECT c.relkind::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(Error::db(format!("reading catalog for {table} (kind)")))?
+        .map(|r| r.get(0));
+    Ok(kind.map(|k| match k.as_str() {
+        "v" => "a view",
+        "m" => "a materialized view",
+        "f" => "a foreign table",
+        "S" => "a sequence",
+        "i" | "I" => "an index",
+        "c" => "a composite type",
+        "t" => "a TOAST table",
+        _ => "not a table",
+    }))
+}
+
 /// Looks a table up; `None` when it does not exist (or is not a table).
 pub async fn table_info(client: &Client, side: Side, table: &QualifiedName) -> Result<Option<TableInfo>> {
     with_qualified_names(client, table_info_inner(client, side, table)).await

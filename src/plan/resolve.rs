@@ -103,6 +103,31 @@ impl Ctx<'_> {
     }
 }
 
+/// Why `name` (the entry's `what`, on `side`) is no table, and what to do.
+async fn not_a_table(
+    client: &Client,
+    what: &str,
+    side: &str,
+    name: &crate::pg::QualifiedName,
+) -> Result<(String, String)> {
+    Ok(match catalog::relation_kind(client, name).await? {
+        Some(kind) => (
+            format!("{what} {name} is {kind} on {side}, not a table"),
+            if what == "source" {
+                "capture follows tables: name as `source` the table whose rows become the target's rows, and \
+                 compute the other columns in [table.columns]"
+                    .to_string()
+            } else {
+                "name the table the rows are written to".to_string()
+            },
+        ),
+        None => (
+            format!("{what} table {name} does not exist on {side}"),
+            "check the schema and the name (both are case-sensitive as written)".to_string(),
+        ),
+    })
+}
+
 async fn resolve_table(
     entry: &TableEntry,
     id: TableId,
@@ -120,22 +145,19 @@ async fn resolve_table(
         _ => None,
     };
     if src.is_none() {
-        cx.report(
-            "source",
-            entry.source_line,
-            None,
-            format!("source table {} does not exist on blue", entry.source),
-            None,
-        );
+        let (message, fix) = not_a_table(blue, "source", "blue", &entry.source).await?;
+        cx.problems.push(Problem {
+            field: format!("{}.source", entry.path()),
+            line: Some(entry.source_line),
+            table: Some(entry.source.to_string()),
+            column: None,
+            message,
+            fix: Some(fix),
+        });
     }
     if tgt.is_none() {
-        cx.report(
-            "target",
-            entry.target_line,
-            None,
-            format!("target table {} does not exist on green", entry.target),
-            None,
-        );
+        let (message, fix) = not_a_table(green, "target", "green", &entry.target).await?;
+        cx.report("target", entry.target_line, None, message, Some(fix));
     }
     let (Some(src), Some(tgt)) = (src, tgt) else {
         return Ok(None);
