@@ -123,3 +123,56 @@ fn a_view_or_missing_source_is_named_as_the_source() {
     );
     assert!(!r.stdout.contains("[public.accounts]"), "the target is not what is missing: {r:?}");
 }
+
+/// Expressions whose value changes from one read to the next (volatile functions, the clock)
+/// are plan problems naming the column: copy, re-reads and verify would never agree. A value
+/// derived from the row passes.
+#[test]
+fn volatile_expressions_are_named_by_plan() {
+    let c = Custom::new(
+        "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL); INSERT INTO items VALUES (1, 'a'); \
+         CREATE SEQUENCE counter; \
+         CREATE FUNCTION tag(text) RETURNS text LANGUAGE sql AS $$ SELECT 'tag:' || $1 $$;",
+        "CREATE TABLE items (id bigint PRIMARY KEY, uid uuid NOT NULL, name text NOT NULL, seen timestamptz, n bigint);",
+    );
+    let entry = |uid: &str, name: &str, seen: &str, n: &str| {
+        format!(
+            "[[table]]\nsource = \"public.items\"\ntarget = \"public.items\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\n\
+             uid = \"{uid}\"\nname = \"{name}\"\nseen = \"{seen}\"\nn = \"{n}\"\n"
+        )
+    };
+    let plan = c.plan(
+        "logical",
+        "",
+        &entry("gen_random_uuid()", "name || random()::text", "clock_timestamp()", "nextval('counter')"),
+    );
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    for (column, call) in
+        [("uid", "gen_random_uuid()"), ("name", "random()"), ("seen", "clock_timestamp()"), ("n", "nextval()")]
+    {
+        let line = r.stdout.lines().find(|l| l.contains(&format!("table[1].columns.{column} "))).unwrap_or_default();
+        assert!(line.contains(call) && line.contains("changes from one read to the next"), "{column}: {r:?}");
+    }
+    assert!(r.stdout.contains("md5(<key column>::text)::uuid"), "{r:?}");
+
+    // The clock, as a function or a keyword, and a function of the user's left VOLATILE.
+    let plan = c.plan(
+        "logical",
+        "",
+        &entry("md5(id::text)::uuid", "tag(name)", "now()", "extract(epoch from current_timestamp)::bigint"),
+    );
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(!r.stdout.contains("table[1].columns.uid "), "a UUID derived from the key is deterministic: {r:?}");
+    assert!(r.stdout.contains("table[1].columns.name ") && r.stdout.contains("tag()"), "{r:?}");
+    assert!(r.stdout.contains("declare it IMMUTABLE"), "{r:?}");
+    assert!(r.stdout.contains("table[1].columns.seen ") && r.stdout.contains("now()"), "{r:?}");
+    assert!(r.stdout.contains("table[1].columns.n ") && r.stdout.contains("current_timestamp"), "{r:?}");
+
+    // Deterministic everywhere: sound.
+    c.blue.psql("ALTER FUNCTION tag(text) IMMUTABLE");
+    let plan = c.plan("logical", "", &entry("md5(id::text)::uuid", "tag(name)", "NULL::timestamptz", "id * 2"));
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+}

@@ -113,6 +113,58 @@ impl TableInfo {
     }
 }
 
+/// The functions `expr` (an expression over rows of `source`) calls that give another value each
+/// time a row is read: volatile ones (`random()`, `gen_random_uuid()`, `clock_timestamp()`,
+/// `nextval()`, through operators too), and the clock functions that are only stable (`now()`,
+/// `current_timestamp`, ...: fixed within one transaction, but copy, apply and verify each read
+/// in their own). Found in the stored query tree of a temporary view of the expression (every
+/// function and operator call is there by OID; built-in functions are pinned and so absent from
+/// `pg_depend`), made in a transaction rolled back: the catalog knows each function's
+/// volatility, whatever its name.
+pub async fn changing_calls(client: &Client, source: &QualifiedName, expr: &str) -> Result<Vec<String>> {
+    let ctx = || format!("blue: checking the volatility of an expression over {source}");
+    client.batch_execute("BEGIN").await.map_err(Error::db(ctx()))?;
+    let found = async {
+        client
+            .batch_execute(&format!(
+                "CREATE TEMP VIEW bluegreen_volatility AS SELECT ({expr}) AS v FROM {}",
+                source.quoted()
+            ))
+            .await?;
+        client
+            .query(
+                "SELECT DISTINCT p.proname || '()' FROM pg_catalog.pg_rewrite r, \
+                   regexp_matches(r.ev_action::text, ':(?:funcid|opfuncid) (\\d+)', 'g') m \
+                   JOIN pg_catalog.pg_proc p ON p.oid = m[1]::oid \
+                 WHERE r.ev_class = 'pg_temp.bluegreen_volatility'::regclass \
+                   AND (p.provolatile = 'v' OR p.proname IN ('now', 'transaction_timestamp', 'statement_timestamp')) \
+                 ORDER BY 1",
+                &[],
+            )
+            .await
+    }
+    .await;
+    client.batch_execute("ROLLBACK").await.map_err(Error::db(ctx()))?;
+    let mut calls: Vec<String> = match found {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        // The expression prepared fine already; a role without TEMP rights on blue cannot make
+        // the view. Say so rather than refuse the plan.
+        Err(e) => {
+            tracing::warn!(source = %source, error = %crate::error::pg_message(&e), "cannot check an expression for volatile functions");
+            Vec::new()
+        }
+    };
+    // The SQL-standard clock keywords are no function calls: nothing depends on them.
+    let words: Vec<String> =
+        expr.to_lowercase().split(|c: char| !(c.is_alphanumeric() || c == '_')).map(str::to_string).collect();
+    for kw in ["current_timestamp", "current_date", "current_time", "localtimestamp", "localtime"] {
+        if words.iter().any(|w| w == kw) {
+            calls.push(kw.to_string());
+        }
+    }
+    Ok(calls)
+}
+
 /// What `table` is when it is not a table: "a view", "a materialized view", ...; `None` when
 /// no relation of that name exists.
 pub async fn relation_kind(client: &Client, table: &QualifiedName) -> Result<Option<&'static str>> {

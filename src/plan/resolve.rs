@@ -401,6 +401,28 @@ async fn expression_type(
         ),
         Some(_) => {}
     }
+    let calls = catalog::changing_calls(blue, &entry.source, expr).await?;
+    if !calls.is_empty() {
+        cx.report(
+            &field,
+            line,
+            Some(&col.name),
+            format!(
+                "expression `{expr}` calls {}, whose value changes from one read to the next: copy, the \
+                 re-read after each write on blue and verify would each compute another value, so \
+                 verify never finds {}.{} equal and the cutover cannot pass",
+                calls.join(", "),
+                entry.target,
+                col.name
+            ),
+            Some(
+                "compute the value from the row instead, e.g. a UUID derived from the key: \
+                 `md5(<key column>::text)::uuid`; or leave the column to its default on green. A function \
+                 of yours that gives the same result for the same row: declare it IMMUTABLE (or STABLE) on blue"
+                    .to_string(),
+            ),
+        );
+    }
     Ok(Some(if target_oid == Some(ty.oid()) { col.type_name.clone() } else { expr_type }))
 }
 
