@@ -90,8 +90,11 @@ struct CaptureSide {
     applied: Arc<AtomicU64>,
     /// What capture had applied itself at the last count.
     applied_by_capture: u64,
-    /// Keys applied (as counted in `applied`) up to which the touched log is compacted, about.
-    compacted: u64,
+    /// Keys applied (as counted in `applied`) when the touched log was last compacted, about;
+    /// `None` before the first compaction (the log may hold an earlier run's keys).
+    compacted: Option<u64>,
+    /// The last compaction moved nothing.
+    log_empty: bool,
 }
 
 struct ApplySide {
@@ -149,7 +152,8 @@ impl Follower {
                 tables: tables.to_vec(),
                 applied: Arc::clone(&applied),
                 applied_by_capture,
-                compacted: 0,
+                compacted: None,
+                log_empty: false,
             },
             apply,
         })
@@ -249,12 +253,18 @@ impl CaptureSide {
     /// gate: a cutover reading `touched` has stood the follower aside.
     async fn compact(&mut self, idle: bool) -> Result<()> {
         let applied = self.applied.load(Ordering::Relaxed);
-        if !idle && applied.saturating_sub(self.compacted) < COMPACT_BACKLOG {
+        let since = self.compacted.map(|c| applied.saturating_sub(c));
+        // Idle with nothing applied since the log was found empty: it still is (only apply
+        // appends to it), and looking would scan its heap every round.
+        if since == Some(0) && self.log_empty {
+            return Ok(());
+        }
+        if !idle && since.is_some_and(|n| n < COMPACT_BACKLOG) {
             return Ok(());
         }
         let moved = self.state.compact_touched(&self.green, crate::state::COMPACT_ROWS).await?;
-        // Nothing left: the log holds at most what was applied since.
-        self.compacted = if moved == 0 { applied } else { self.compacted + moved };
+        self.log_empty = (moved as i64) < crate::state::COMPACT_ROWS;
+        self.compacted = Some(if self.log_empty { applied } else { self.compacted.unwrap_or(0) + moved });
         Ok(())
     }
 

@@ -288,5 +288,20 @@ fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started() {
     }
     assert_eq!(c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.touched")), "500");
     drop(follower);
+
+    // State verified by a version that did not mark when verify started (the column is added
+    // empty on upgrade): the verify it did record still turns recording on.
+    c.green.psql(&c.sql("UPDATE bluegreen_custom.migration SET verify_started_at = NULL"));
+    let follower = Guard(c.spawn(&["copy", plan.to_str().unwrap()], &[]));
+    c.blue.psql("UPDATE acct SET bal = id + 1000000 WHERE id BETWEEN 3001 AND 3100");
+    applied(1600);
+    assert_eq!(touched(), "600", "keys applied after an older version's verify must be recorded");
+    drop(follower);
+    assert_same(&c);
+
+    // A table copied again needs a new verify before a cutover: its verified buckets go.
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow", "--recopy", "public.acct"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.verified")), "0");
     assert_same(&c);
 }

@@ -459,6 +459,8 @@ impl<'a> Switch<'a> {
     /// ones. Returns the (table, key) pairs that differ.
     async fn check_touched(&mut self, final_check: bool) -> Result<Vec<(String, Vec<String>)>> {
         let mut differing = Vec::new();
+        // The follower stands aside while a cutover runs: nothing else compacts meanwhile.
+        self.state.compact_all_touched(&self.green).await?;
         for t in &self.resolved.tables {
             let keys = self.state.touched_keys(&self.green, &t.id).await?;
             for batch in keys.chunks(CHECK_KEYS) {

@@ -226,10 +226,22 @@ impl State {
             .map_err(Error::db("green: compacting applied keys"))
     }
 
-    /// Runs [`Self::compact_touched`] until the log is empty.
-    pub async fn compact_all_touched(&self, green: &impl GenericClient) -> Result<()> {
-        while self.compact_touched(green, COMPACT_ROWS).await? > 0 {}
-        Ok(())
+    /// Moves all of the touched log into `touched`, in one statement (one scan of the log).
+    pub async fn compact_all_touched(&self, green: &impl GenericClient) -> Result<u64> {
+        green
+            .execute(
+                &format!(
+                    "WITH moved AS (DELETE FROM {log} RETURNING tbl, key, lsn) \
+                     INSERT INTO {touched} (tbl, key, lsn) \
+                     SELECT tbl, key, max(lsn) FROM moved GROUP BY tbl, key ORDER BY tbl COLLATE \"C\", key COLLATE \"C\" \
+                     ON CONFLICT (tbl, key) DO UPDATE SET lsn = greatest({touched}.lsn, EXCLUDED.lsn)",
+                    log = self.table("touched_log"),
+                    touched = self.table("touched"),
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: compacting applied keys"))
     }
 
     /// Whether a key is pending for a change at or below blue position `lsn`. A key captured
@@ -276,10 +288,9 @@ impl State {
             .get(0))
     }
 
-    /// Keys of `id` applied since the last verify (moved out of the log first: see
-    /// [`Self::compact_touched`]).
+    /// Keys of `id` applied since the last verify that are in `touched` (the caller moves the
+    /// log in first: [`Self::compact_all_touched`]).
     pub async fn touched_keys(&self, green: &impl GenericClient, id: &TableId) -> Result<Vec<Vec<String>>> {
-        self.compact_all_touched(green).await?;
         Ok(green
             .query(&format!("SELECT key FROM {} WHERE tbl = $1", self.table("touched")), &[&id.as_str()])
             .await
@@ -335,7 +346,12 @@ impl State {
         if ok.iter().all(|o| *o) {
             green
                 .execute(
-                    &format!("DELETE FROM {} WHERE tbl = $1 AND lsn <= $2", self.table("touched")),
+                    // Locked in the order compaction upserts them in: the two cannot deadlock.
+                    &format!(
+                        "DELETE FROM {t} WHERE (tbl, key) IN (SELECT tbl, key FROM {t} WHERE tbl = $1 AND lsn <= $2 \
+                           ORDER BY tbl COLLATE \"C\", key COLLATE \"C\" FOR UPDATE)",
+                        t = self.table("touched")
+                    ),
                     &[&id.as_str(), &lsn],
                 )
                 .await

@@ -238,11 +238,17 @@ impl State {
         Ok(())
     }
 
-    /// Whether a verify has ever started; see [`Self::mark_verify_started`].
+    /// Whether a verify has ever started; see [`Self::mark_verify_started`]. A verify that
+    /// finished or recorded buckets counts too (one run by a version that did not mark its start).
     pub async fn verify_started(&self, green: &impl GenericClient) -> Result<bool> {
         Ok(green
             .query_one(
-                &format!("SELECT verify_started_at IS NOT NULL FROM {} WHERE id = 1", self.table("migration")),
+                &format!(
+                    "SELECT verify_started_at IS NOT NULL OR last_verify_at IS NOT NULL \
+                            OR EXISTS (SELECT 1 FROM {}) FROM {} WHERE id = 1",
+                    self.table("verified"),
+                    self.table("migration")
+                ),
                 &[],
             )
             .await
@@ -275,12 +281,13 @@ impl State {
                             (SELECT min(lsn) FROM {p}), (SELECT count(*) FROM {p}), \
                             (SELECT count(*) FROM {v} WHERE NOT ok), \
                             ARRAY(SELECT DISTINCT tbl FROM {v}), \
-                            (SELECT count(*) FROM (SELECT tbl, key FROM {t} UNION SELECT tbl, key FROM {t}_log) k) \
+                            (SELECT count(*) FROM (SELECT tbl, key FROM {t} UNION SELECT tbl, key FROM {l}) k) \
                      FROM {m} WHERE id = 1",
                     m = self.table("migration"),
                     p = self.table("pending"),
                     v = self.table("verified"),
                     t = self.table("touched"),
+                    l = self.table("touched_log"),
                 ),
                 &[],
             )

@@ -220,6 +220,12 @@ impl State {
             )
             .await
             .map_err(Error::db(format!("green: restarting {id}")))?;
+        // Its rows are copied again: what verify found of the old ones no longer holds, and
+        // the cutover must wait for a verify of the new ones.
+        green
+            .execute(&format!("DELETE FROM {} WHERE tbl = $1", self.table("verified")), &[&id.as_str()])
+            .await
+            .map_err(Error::db(format!("green: restarting {id}")))?;
         self.reset_chunks(green, id).await
     }
 
