@@ -203,7 +203,9 @@ async fn write_rows(
     // (citext `alice` -> `ALICE`, numeric `1.0` -> `1.00`) conflicts with the old row, whose key
     // text must become the new one.
     let updates: Vec<String> = t.mapped().map(|c| format!("{q} = EXCLUDED.{q}", q = ident(&c.name))).collect();
-    let on_conflict = format!("ON CONFLICT ({key_list}) DO UPDATE SET {}", updates.join(", "));
+    // The green unique key: the mapped key columns, plus any the plan sets to a constant.
+    let conflict: Vec<String> = tgt_cols.iter().cloned().chain(t.constant_key.iter().map(|c| ident(c))).collect();
+    let on_conflict = format!("ON CONFLICT ({}) DO UPDATE SET {}", conflict.join(", "), updates.join(", "));
     tx.execute(&format!("INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"), &[])
         .await
         .map_err(|e| fail(t, "upserting rows", e))?;

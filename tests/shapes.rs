@@ -176,3 +176,78 @@ fn volatile_expressions_are_named_by_plan() {
     let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
 }
+
+/// A tenant id added to green's primary key, set by a plan constant from the environment:
+/// `plan` accepts the key (the rest of it maps onto blue's key), and copy and follow under
+/// writes (updates, key changes, deletes) upsert on the whole green key.
+fn constant_key_column(method: &str) {
+    let nid = "5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11";
+    let c = Custom::new(
+        "CREATE TABLE tok (sig text PRIMARY KEY, v int NOT NULL); \
+         INSERT INTO tok SELECT 's' || g, g FROM generate_series(1, 5000) g;",
+        "CREATE TABLE tok (nid uuid NOT NULL, sig text NOT NULL, v int NOT NULL, PRIMARY KEY (nid, sig));",
+    );
+    let tables =
+        "[constants]\nnid = \"${SHAPES_NID}\"\nbump = \"5\"\n\n[[table]]\nsource = \"public.tok\"\nkey = [\"sig\"]\n\
+                  [table.columns]\nnid = \":nid\"\nsig = \"sig\"\nv = \"v + :bump::int\"\n";
+    let plan = c.plan(method, "", tables);
+    let r = run(c.migrate(&["plan", plan.to_str().unwrap()]).env("SHAPES_NID", nid));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("key       sig -> sig (text), nid (constant)"), "{r:?}");
+    assert!(r.stdout.contains(&format!("'{nid}'")), "the constant is shown as the literal it becomes: {r:?}");
+
+    let mut follower = c.spawn(&["copy", plan.to_str().unwrap()], &[("SHAPES_NID", nid)]);
+    c.wait_phase("following");
+    c.blue.psql(
+        "DO $$ BEGIN
+           FOR i IN 1..600 LOOP
+             CASE i % 3
+               WHEN 0 THEN UPDATE tok SET v = v + 1000 WHERE sig = 's' || i;
+               WHEN 1 THEN UPDATE tok SET sig = sig || '-moved' WHERE sig = 's' || i;
+               ELSE DELETE FROM tok WHERE sig = 's' || i;
+             END CASE;
+             INSERT INTO tok VALUES ('new' || i, -i);
+             COMMIT;
+           END LOOP;
+         END $$;",
+    );
+    let _ = std::process::Command::new("kill").args(["-INT", &follower.id().to_string()]).status();
+    assert!(follower.wait().unwrap().success());
+    let r = run(c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]).env("SHAPES_NID", nid));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        fingerprint(&c.blue, &format!("SELECT '{nid}'::uuid, sig, v + 5 FROM tok")),
+        fingerprint(&c.green, "SELECT nid, sig, v FROM tok"),
+        "green differs from transform(blue)"
+    );
+    assert_eq!(c.green.psql("SELECT count(*) FROM tok WHERE sig LIKE '%-moved'"), "200");
+    let r = run(c.migrate(&["verify", plan.to_str().unwrap()]).env("SHAPES_NID", nid));
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn a_constant_key_column_from_the_environment_logical() {
+    constant_key_column("logical");
+}
+
+#[test]
+fn a_constant_key_column_from_the_environment_trigger() {
+    constant_key_column("trigger");
+}
+
+/// Constants that are not there are named: an unknown `:name`, and an unset variable.
+#[test]
+fn unknown_constants_and_unset_variables_are_named() {
+    let c =
+        Custom::new("CREATE TABLE tok (sig text PRIMARY KEY);", "CREATE TABLE tok (nid uuid, sig text PRIMARY KEY);");
+    let plan = c.plan(
+        "logical",
+        "",
+        "[constants]\nnid = \"${SHAPES_UNSET_NID}\"\n\n[[table]]\nsource = \"public.tok\"\nkey = [\"sig\"]\n\
+         [table.columns]\nnid = \":tenant\"\nsig = \"sig\"\n",
+    );
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("constants.nid: environment variable `SHAPES_UNSET_NID` is not set"), "{r:?}");
+    assert!(r.stderr.contains("table[1].columns.nid: `:tenant` is no constant of the plan"), "{r:?}");
+}

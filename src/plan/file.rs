@@ -15,6 +15,7 @@ use crate::{
     pg::{ConnInfo, QualifiedName, Side},
 };
 
+mod constants;
 mod validate;
 use validate::{line_col, Validator};
 
@@ -54,6 +55,8 @@ struct RawPlan {
     copy: RawCopy,
     #[serde(default)]
     capture: RawCapture,
+    #[serde(default)]
+    constants: IndexMap<String, Spanned<String>>,
     #[serde(default, rename = "table")]
     tables: Vec<RawTable>,
     cutover: Option<RawCutover>,
@@ -164,6 +167,9 @@ pub struct Plan {
     /// `[capture] apply_workers`: apply sessions on green, each taking the pending keys of its
     /// share of the key hashes.
     pub apply_workers: usize,
+    /// `[constants]`: name → value (`${VAR}` substituted), in file order. Expressions and
+    /// filters reference them as `:name`, already replaced by quoted literals in `tables`.
+    pub constants: IndexMap<String, String>,
     /// `[[table]]` entries in file order.
     pub tables: Vec<TableEntry>,
     /// `[cutover]`, if present.
@@ -202,8 +208,12 @@ pub struct TableEntry {
     pub key_line: Line,
     /// Optional filter over the source row.
     pub filter: Option<(String, Line)>,
-    /// Target column → (expression over the source row, line), in file order.
+    /// Target column → (expression over the source row, line), in file order; `:name`
+    /// constants replaced by their quoted literals.
     pub columns: IndexMap<String, (String, Line)>,
+    /// Target columns set to a constant (`:name` or one quoted literal, optionally cast): they
+    /// may complete green's key beyond the columns the source key maps to.
+    pub constant_columns: Vec<String>,
 }
 
 impl TableEntry {
@@ -393,7 +403,8 @@ impl Plan {
             }
         };
         let copy = v.copy(&raw.copy);
-        let tables = v.tables(raw.tables);
+        let constants = v.constants(raw.constants);
+        let tables = v.tables(raw.tables, &constants);
         match (blue, green) {
             (Some(blue), Some(green)) if v.problems.is_empty() => Ok(Plan {
                 path: path.to_path_buf(),
@@ -405,6 +416,7 @@ impl Plan {
                 warn_retained_bytes: raw.capture.warn_retained_bytes.unwrap_or(DEFAULT_WARN_RETAINED_BYTES),
                 stall_timeout,
                 apply_workers,
+                constants,
                 tables,
                 cutover,
             }),

@@ -113,6 +113,10 @@ pub struct ResolvedTable {
     pub columns: Vec<ResolvedColumn>,
     /// Key columns.
     pub key: Vec<KeyColumn>,
+    /// Green key columns set to a constant by the plan (a tenant id in every primary key): with
+    /// `key`'s target columns they make the unique key apply upserts on. Rows of the entry are
+    /// told apart by `key` alone (the constant is the same in each).
+    pub constant_key: Vec<String>,
     /// Filter over the source row.
     pub filter: Option<String>,
     /// Indexes and constraints dropped before the bulk load and rebuilt after.
@@ -339,6 +343,7 @@ mod tests {
                 integer: false,
                 via_source_type: false,
             }],
+            constant_key: Vec::new(),
             filter: Some("active".into()),
             deferred: Vec::new(),
             sequences: Vec::new(),

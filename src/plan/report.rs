@@ -39,8 +39,12 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
     let _ = writeln!(o, "  capture {:?}: {}\n", r.capture.method, r.capture.reason);
     for t in &r.tables {
         let _ = writeln!(o, "table[{}] {} -> {}", t.index, t.source, t.target);
-        let key: Vec<String> =
-            t.key.iter().map(|k| format!("{} -> {} ({})", k.source, k.target, k.source_type)).collect();
+        let key: Vec<String> = t
+            .key
+            .iter()
+            .map(|k| format!("{} -> {} ({})", k.source, k.target, k.source_type))
+            .chain(t.constant_key.iter().map(|c| format!("{c} (constant)")))
+            .collect();
         let _ = writeln!(o, "  key       {}", key.join(", "));
         let _ = writeln!(o, "  filter    {}", t.filter.as_deref().unwrap_or("(none)"));
         let _ = writeln!(o, "  estimate  ~{} rows, {}", t.estimate.rows, human_bytes(t.estimate.bytes));

@@ -164,7 +164,10 @@ async fn resolve_table(
     };
 
     let columns = resolve_columns(&mut cx, &tgt, blue, rules).await?;
-    let mut key = resolve_key(&mut cx, &src, &tgt);
+    let (mut key, constant_key) = match resolve_key(&mut cx, &src, &tgt) {
+        Some((k, c)) => (Some(k), c),
+        None => (None, Vec::new()),
+    };
     for k in key.iter_mut().flatten() {
         k.via_source_type = k.source_type != k.target_type
             && green
@@ -189,6 +192,7 @@ async fn resolve_table(
         target: entry.target.clone(),
         columns,
         key: key.unwrap_or_default(),
+        constant_key,
         filter: entry.filter.as_ref().map(|(f, _)| f.clone()),
         deferred,
         sequences,
@@ -314,11 +318,17 @@ async fn resolve_columns(
             });
             continue;
         };
-        let expr_type = expression_type(cx, blue, rules, col, expr, *line).await?;
+        // A constant is typed by its target: `:nid` into a uuid column is `'…'::uuid` (a quoted
+        // literal in a SELECT list would be text).
+        let expr = match entry.constant_columns.contains(&col.name) && !expr.contains("::") {
+            true => format!("{}::{}", expr.trim(), col.type_name),
+            false => expr.clone(),
+        };
+        let expr_type = expression_type(cx, blue, rules, col, &expr, *line).await?;
         out.push(ResolvedColumn {
             name: col.name.clone(),
             target_type: col.type_name.clone(),
-            expr: Some(expr.clone()),
+            expr: Some(expr),
             expr_type,
             hash_by_text: col.hash_by_text,
         });
@@ -426,7 +436,8 @@ async fn expression_type(
     Ok(Some(if target_oid == Some(ty.oid()) { col.type_name.clone() } else { expr_type }))
 }
 
-fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec<KeyColumn>> {
+/// The entry's key, and the constant columns that complete the green unique key it maps onto.
+fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<(Vec<KeyColumn>, Vec<String>)> {
     let entry = cx.entry;
     let mut key = Vec::new();
     for k in &entry.key {
@@ -489,12 +500,19 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
     }
     let mut target_set: Vec<&str> = key.iter().map(|k| k.target.as_str()).collect();
     target_set.sort();
-    let green_unique = tgt.unique_keys.iter().any(|u| {
-        let mut cols: Vec<&str> = u.columns.iter().map(String::as_str).collect();
-        cols.sort();
-        cols == target_set
-    });
-    if !green_unique {
+    // A unique key made of exactly the mapped columns, or of them plus columns the plan sets to
+    // a constant; the smallest such key is the one apply upserts on.
+    let constant = |c: &str| entry.constant_columns.iter().any(|k| k == c);
+    let green_unique = tgt
+        .unique_keys
+        .iter()
+        .filter(|u| {
+            target_set.iter().all(|t| u.columns.iter().any(|c| c == t))
+                && u.columns.iter().all(|c| target_set.contains(&c.as_str()) || constant(c))
+        })
+        .min_by_key(|u| u.columns.len())
+        .map(|u| u.columns.iter().filter(|c| !target_set.contains(&c.as_str())).cloned().collect::<Vec<String>>());
+    if green_unique.is_none() {
         cx.report(
             "key",
             entry.key_line,
@@ -505,13 +523,14 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<Vec
                 entry.target
             ),
             Some(format!(
-                "add a unique index on {} ({}) or choose a key that maps onto one",
+                "add a unique index on {} ({}) or choose a key that maps onto one (columns the plan sets \
+                 to a constant may complete it)",
                 entry.target,
                 target_set.join(", ")
             )),
         );
     }
-    Some(key)
+    Some((key, green_unique.unwrap_or_default()))
 }
 
 async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<Estimate> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use toml::Spanned;
 
-use super::*;
+use super::{constants, *};
 
 /// Checks a parsed file section by section, collecting every problem with its line and key.
 pub(super) struct Validator<'a> {
@@ -267,18 +267,53 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn tables(&mut self, raw: Vec<RawTable>) -> Vec<TableEntry> {
+    /// `[constants]`: names usable as `:name`, values with `${VAR}` substituted.
+    pub(super) fn constants(&mut self, raw: IndexMap<String, Spanned<String>>) -> IndexMap<String, String> {
+        let mut out = IndexMap::new();
+        for (name, value) in raw {
+            let field = format!("constants.{name}");
+            if !constants::valid_name(&name) {
+                self.problem(
+                    self.line(value.span()),
+                    &field,
+                    format!("`{name}` cannot be referenced as `:{name}`: use letters, digits and _, not first a digit"),
+                );
+                continue;
+            }
+            if let Some(v) = self.interpolated(&field, &value) {
+                out.insert(name, v);
+            }
+        }
+        out
+    }
+
+    pub(super) fn tables(&mut self, raw: Vec<RawTable>, constants: &IndexMap<String, String>) -> Vec<TableEntry> {
         if raw.is_empty() {
             self.problem(1, "table", "the plan has no [[table]] entries");
         }
-        raw.into_iter().enumerate().filter_map(|(i, t)| self.table(i + 1, t)).collect()
+        raw.into_iter().enumerate().filter_map(|(i, t)| self.table(i + 1, t, constants)).collect()
+    }
+
+    /// `expr` with `:name` constants substituted, or a problem naming the unknown one.
+    fn with_constants(&mut self, line: Line, field: &str, expr: &str, constants: &IndexMap<String, String>) -> String {
+        match constants::substitute(expr, constants) {
+            Ok(e) => e,
+            Err(name) => {
+                self.problem(
+                    line,
+                    field,
+                    format!("`:{name}` is no constant of the plan; define it under [constants] (`{name} = \"...\"`)"),
+                );
+                expr.to_string()
+            }
+        }
     }
 
     fn qualified(&mut self, field: String, value: &Spanned<String>) -> Option<QualifiedName> {
         QualifiedName::parse(value.get_ref()).map_err(|e| self.problem(self.line(value.span()), field, e)).ok()
     }
 
-    fn table(&mut self, index: usize, t: RawTable) -> Option<TableEntry> {
+    fn table(&mut self, index: usize, t: RawTable, constants: &IndexMap<String, String>) -> Option<TableEntry> {
         let field = format!("table[{index}]");
         let source_line = self.line(t.source.span());
         let source = self.qualified(format!("{field}.source"), &t.source);
@@ -299,14 +334,23 @@ impl Validator<'_> {
             );
         }
         let mut columns = IndexMap::new();
+        let mut constant_columns = Vec::new();
         for (col, expr) in t.columns {
             let line = self.line(expr.span());
+            let path = format!("{field}.columns.{col}");
             if expr.get_ref().trim().is_empty() {
-                self.problem(line, format!("{field}.columns.{col}"), "empty expression");
+                self.problem(line, &path, "empty expression");
             }
-            columns.insert(col, (expr.get_ref().clone(), line));
+            if constants::is_constant(expr.get_ref()) {
+                constant_columns.push(col.clone());
+            }
+            let e = self.with_constants(line, &path, expr.get_ref(), constants);
+            columns.insert(col, (e, line));
         }
-        let filter = t.filter.map(|f| (f.get_ref().clone(), self.line(f.span())));
+        let filter = t.filter.map(|f| {
+            let line = self.line(f.span());
+            (self.with_constants(line, &format!("{field}.filter"), f.get_ref(), constants), line)
+        });
         Some(TableEntry {
             index,
             source: source?,
@@ -317,6 +361,7 @@ impl Validator<'_> {
             key_line,
             filter,
             columns,
+            constant_columns,
         })
     }
 }
