@@ -58,15 +58,25 @@ impl Logical {
             .await
             .map_err(Error::db("blue: looking for the publication"))?
             .get(0);
+        // A partitioned table's changes are published as the partitioned table's (whichever
+        // partition holds the row, partitions created later included), so they reach its entry.
         if has_pub {
             // Keep it listing exactly the planned tables, even if the plan changed.
-            blue.batch_execute(&format!("ALTER PUBLICATION {} SET TABLE {}", ident(&slot), tables.join(", ")))
-                .await
-                .map_err(Error::db("blue: updating the publication"))?;
+            blue.batch_execute(&format!(
+                "ALTER PUBLICATION {p} SET TABLE {}; ALTER PUBLICATION {p} SET (publish_via_partition_root = true)",
+                tables.join(", "),
+                p = ident(&slot)
+            ))
+            .await
+            .map_err(Error::db("blue: updating the publication"))?;
         } else {
-            blue.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", ident(&slot), tables.join(", ")))
-                .await
-                .map_err(Error::db("blue: creating the publication"))?;
+            blue.batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                ident(&slot),
+                tables.join(", ")
+            ))
+            .await
+            .map_err(Error::db("blue: creating the publication"))?;
         }
         let captured = match confirmed_position(&blue, &slot).await? {
             Some(position) => position,

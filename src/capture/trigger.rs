@@ -228,7 +228,8 @@ async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<(
 async fn drop_stale_triggers(blue: &Client, raw: &str, resolved: &ResolvedPlan) -> Result<()> {
     let stale: Vec<String> = blue
         .query(
-            "SELECT DISTINCT tgrelid::regclass::text FROM pg_catalog.pg_trigger WHERE tgname IN ($1, $2)",
+            // Not the clones a partitioned table's triggers have on its partitions: they go with it.
+            "SELECT DISTINCT tgrelid::regclass::text FROM pg_catalog.pg_trigger WHERE tgname IN ($1, $2) AND tgparentid = 0",
             &[&format!("{raw}_capture"), &format!("{raw}_truncate")],
         )
         .await

@@ -373,6 +373,7 @@ async fn prepare_table(
             number: c.number,
             first_block: c.first_block,
             end_block: c.end_block,
+            part: c.part.clone(),
             done: false,
             rows: 0,
         })
@@ -418,7 +419,7 @@ async fn load_chunks(
     let pending: Vec<Chunk> = chunks
         .iter()
         .filter(|c| !c.done)
-        .map(|c| Chunk { number: c.number, first_block: c.first_block, end_block: c.end_block })
+        .map(|c| Chunk { number: c.number, first_block: c.first_block, end_block: c.end_block, part: c.part.clone() })
         .collect();
     let resumed = pending.len() < chunks.len();
     Ok(Prepared { state: st, filenode, pending, deferred, rows_copied: rows_copied as u64, resumed })

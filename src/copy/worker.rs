@@ -101,12 +101,8 @@ async fn check_heap(shared: &Shared, blue: &Client, table: usize) -> Result<()> 
         Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => return Err(rewritten()),
         Err(e) => return Err(Error::db(format!("blue: locking {}", t.source))(e)),
     }
-    let now: Option<i64> = blue
-        .query_one("SELECT pg_relation_filenode($1::text::regclass)::int8", &[&t.source.quoted()])
-        .await
-        .map_err(Error::db(format!("blue: reading the file node of {}", t.source)))?
-        .get(0);
-    if now != Some(shared.filenodes[table]) {
+    let now = super::chunk::heap_signature(blue, t).await?;
+    if now != shared.filenodes[table] {
         return Err(rewritten());
     }
     Ok(())
@@ -122,7 +118,8 @@ async fn copy_chunk(
 ) -> Result<(u64, u64)> {
     let t = &shared.tables[table];
     let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
-    let out_sql = format!("COPY ({}) TO STDOUT{format}", t.source_select(condition(chunk).as_deref()));
+    let out_sql =
+        format!("COPY ({}) TO STDOUT{format}", t.source_select_from(chunk.part.as_deref(), condition(chunk).as_deref()));
     // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
     // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
     let staging = shared.resumed[table] && !shared.plan.copy.defer_indexes;
@@ -199,8 +196,9 @@ async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
     let removed = green
         .execute(
             &format!(
-                "DELETE FROM {tbl} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, row_number() OVER (PARTITION BY {keys}) AS n \
-                 FROM {tbl}) d WHERE d.n > 1)",
+                // (tableoid, ctid): a ctid names a row only within one partition.
+                "DELETE FROM {tbl} WHERE (tableoid, ctid) IN (SELECT tableoid, ctid FROM \
+                 (SELECT tableoid, ctid, row_number() OVER (PARTITION BY {keys}) AS n FROM {tbl}) d WHERE d.n > 1)",
                 tbl = t.target.quoted(),
                 keys = t.target_key_list()
             ),

@@ -165,6 +165,22 @@ pub async fn changing_calls(client: &Client, source: &QualifiedName, expr: &str)
     Ok(calls)
 }
 
+/// The leaf partitions of partitioned table `table`.
+pub async fn leaf_partitions(client: &Client, table: &QualifiedName) -> Result<Vec<QualifiedName>> {
+    Ok(client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_partition_tree($1::text::regclass) p \
+             JOIN pg_catalog.pg_class c ON c.oid = p.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE p.isleaf ORDER BY c.oid",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(Error::db(format!("reading the partitions of {table}")))?
+        .iter()
+        .map(|r| QualifiedName { schema: r.get(0), name: r.get(1) })
+        .collect())
+}
+
 /// What `table` is when it is not a table: "a view", "a materialized view", ...; `None` when
 /// no relation of that name exists.
 pub async fn relation_kind(client: &Client, table: &QualifiedName) -> Result<Option<&'static str>> {
@@ -345,10 +361,13 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
         .map_err(Error::db(ctx))?;
     for r in rows {
         let qualified: String = r.get(2);
+        // A partitioned table's index reads `CREATE INDEX … ON ONLY t`: replayed so, it would
+        // stay invalid, on the parent alone. Without ONLY it is built on every partition.
+        let create: String = r.get(1);
         out.push(DeferredObject {
             name: r.get(0),
             kind: "index".into(),
-            create_sql: r.get(1),
+            create_sql: create.replacen(" ON ONLY ", " ON ", 1),
             drop_sql: format!("DROP INDEX IF EXISTS {qualified}"),
             owner: r.get(3),
             unique_columns: r.get(4),

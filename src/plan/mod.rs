@@ -155,6 +155,12 @@ impl ResolvedTable {
 
     /// The transforming SELECT over blue restricted by `condition` (and the plan's filter).
     pub fn source_select(&self, condition: Option<&str>) -> String {
+        self.source_select_from(None, condition)
+    }
+
+    /// [`Self::source_select`] reading `part` (one leaf partition of the source, quoted) under
+    /// the source's name instead of the source itself.
+    pub fn source_select_from(&self, part: Option<&str>, condition: Option<&str>) -> String {
         let mut conds = Vec::new();
         if let Some(c) = condition {
             conds.push(format!("({c})"));
@@ -163,7 +169,11 @@ impl ResolvedTable {
             conds.push(format!("({f})"));
         }
         let where_ = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-        format!("SELECT {} FROM {}{}", self.select_list(), self.source.quoted(), where_)
+        let from = match part {
+            Some(p) => format!("{p} AS {}", ident(&self.source.name)),
+            None => self.source.quoted(),
+        };
+        format!("SELECT {} FROM {from}{where_}", self.select_list())
     }
 
     /// What defines the rows this entry puts on green: source, key, every column's expression

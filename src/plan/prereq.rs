@@ -122,12 +122,38 @@ async fn replica_identity(
         let Some(info) = catalog::table_info(blue, Side::Blue, &t.source).await? else {
             continue;
         };
+        // A partitioned table's changes are decoded in its partitions, each with its own
+        // replica identity: every one must carry the key.
+        let mut heaps = vec![(t.source.clone(), info)];
+        if heaps[0].1.partitioned {
+            for leaf in catalog::leaf_partitions(blue, &t.source).await? {
+                if let Some(info) = catalog::table_info(blue, Side::Blue, &leaf).await? {
+                    heaps.push((leaf, info));
+                }
+            }
+        }
+        for (source, info) in heaps {
+            identity_covers_key(t, &source, &info, checks, problems);
+        }
+    }
+    Ok(())
+}
+
+/// One table's (or partition's) replica identity against entry `t`'s key.
+fn identity_covers_key(
+    t: &ResolvedTable,
+    source: &crate::pg::QualifiedName,
+    info: &catalog::TableInfo,
+    checks: &mut Vec<Check>,
+    problems: &mut Vec<Problem>,
+) {
+    {
         let covered = match info.identity_columns() {
             None => true,
             Some(cols) => !cols.is_empty() && t.key.iter().all(|k| cols.contains(&k.source)),
         };
         checks.push(Check {
-            name: format!("replica identity of {}", t.source),
+            name: format!("replica identity of {source}"),
             ok: covered,
             detail: match info.identity_columns() {
                 None => "full".into(),
@@ -142,21 +168,20 @@ async fn replica_identity(
                 .find(|u| u.columns.iter().all(|c| t.key.iter().any(|k| &k.source == c)))
             {
                 Some(u) => {
-                    format!("ALTER TABLE {} REPLICA IDENTITY USING INDEX {};", t.source.quoted(), ident(&u.name))
+                    format!("ALTER TABLE {} REPLICA IDENTITY USING INDEX {};", source.quoted(), ident(&u.name))
                 }
-                None => format!("ALTER TABLE {} REPLICA IDENTITY FULL;", t.source.quoted()),
+                None => format!("ALTER TABLE {} REPLICA IDENTITY FULL;", source.quoted()),
             };
             problems.push(Problem {
                 field: format!("table[{}].key", t.index),
                 line: None,
-                table: Some(t.source.to_string()),
+                table: Some(source.to_string()),
                 column: None,
-                message: format!("replica identity of blue {} does not include the key ({}); deletes and key changes could not be captured, and publishing it would make the application's UPDATEs fail", t.source, t.source_key_list()),
+                message: format!("replica identity of blue {source} does not include the key ({}); deletes and key changes could not be captured, and publishing it would make the application's UPDATEs fail", t.source_key_list()),
                 fix: Some(fix),
             });
         }
     }
-    Ok(())
 }
 
 async fn green_empty(

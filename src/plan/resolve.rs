@@ -534,10 +534,27 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<(Ve
 }
 
 async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<Estimate> {
-    let bytes = src.total_bytes.max(0) as u64;
-    let rows = if src.reltuples >= 0.0 {
-        src.reltuples as u64
-    } else if src.total_bytes < EXACT_COUNT_BELOW_BYTES {
+    // A partitioned table holds nothing itself: its leaves' statistics add up (-1 where a leaf
+    // was never analyzed, as for a table).
+    let (reltuples, total_bytes) = if src.partitioned {
+        let row = blue
+            .query_one(
+                "SELECT CASE WHEN bool_and(c.reltuples >= 0) THEN sum(c.reltuples)::float8 ELSE -1 END, \
+                        coalesce(sum(pg_total_relation_size(p.relid)), 0)::int8 \
+                 FROM pg_catalog.pg_partition_tree($1::text::regclass) p JOIN pg_catalog.pg_class c ON c.oid = p.relid \
+                 WHERE p.isleaf",
+                &[&entry.source.quoted()],
+            )
+            .await
+            .map_err(Error::db(format!("blue: sizing the partitions of {}", entry.source)))?;
+        (row.get::<_, Option<f64>>(0).unwrap_or(-1.0), row.get::<_, i64>(1))
+    } else {
+        (src.reltuples, src.total_bytes)
+    };
+    let bytes = total_bytes.max(0) as u64;
+    let rows = if reltuples >= 0.0 {
+        reltuples as u64
+    } else if total_bytes < EXACT_COUNT_BELOW_BYTES {
         let n: i64 = blue
             .query_one(&format!("SELECT count(*) FROM {}", entry.source.quoted()), &[])
             .await

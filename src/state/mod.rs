@@ -131,6 +131,7 @@ impl State {
                 ("pending", "first_lsn", "bigint"),
                 ("migration", "lag_seconds", "float8"),
                 ("migration", "verify_started_at", "timestamptz"),
+                ("chunks", "part", "text"),
             ]),
         );
         self.check_layout(green).await?;

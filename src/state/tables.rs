@@ -31,6 +31,8 @@ pub struct ChunkRecord {
     pub first_block: Option<i64>,
     /// End heap block (exclusive); `None` is unbounded.
     pub end_block: Option<i64>,
+    /// The leaf partition it reads, for a partitioned source.
+    pub part: Option<String>,
     /// Its rows are on green.
     pub done: bool,
     /// Rows it copied (0 until done).
@@ -267,15 +269,16 @@ impl State {
         let numbers: Vec<i32> = chunks.iter().map(|c| c.number).collect();
         let firsts: Vec<Option<i64>> = chunks.iter().map(|c| c.first_block).collect();
         let ends: Vec<Option<i64>> = chunks.iter().map(|c| c.end_block).collect();
+        let parts: Vec<Option<&str>> = chunks.iter().map(|c| c.part.as_deref()).collect();
         green
             .execute(
                 &format!(
-                    "INSERT INTO {} (tbl, chunk, first_block, end_block) \
-                     SELECT $1, n, f, e FROM unnest($2::int[], $3::int8[], $4::int8[]) AS c(n, f, e) \
+                    "INSERT INTO {} (tbl, chunk, first_block, end_block, part) \
+                     SELECT $1, n, f, e, p FROM unnest($2::int[], $3::int8[], $4::int8[], $5::text[]) AS c(n, f, e, p) \
                      ON CONFLICT DO NOTHING",
                     self.table("chunks")
                 ),
-                &[&id.as_str(), &numbers, &firsts, &ends],
+                &[&id.as_str(), &numbers, &firsts, &ends, &parts],
             )
             .await
             .map_err(Error::db(format!("green: recording chunks of {id}")))?;
@@ -287,7 +290,7 @@ impl State {
         Ok(green
             .query(
                 &format!(
-                    "SELECT chunk, first_block, end_block, done, COALESCE(rows, 0) FROM {} WHERE tbl = $1 ORDER BY chunk",
+                    "SELECT chunk, first_block, end_block, done, COALESCE(rows, 0), part FROM {} WHERE tbl = $1 ORDER BY chunk",
                     self.table("chunks")
                 ),
                 &[&id.as_str()],
@@ -301,6 +304,7 @@ impl State {
                 end_block: r.get(2),
                 done: r.get(3),
                 rows: r.get(4),
+                part: r.get(5),
             })
             .collect())
     }
