@@ -53,12 +53,14 @@ const LEAVES: &str = "(SELECT t.relid FROM pg_catalog.pg_partition_tree($1::text
 async fn heaps(blue: &Client, table: &ResolvedTable) -> Result<Vec<(Option<String>, i64, f64)>> {
     let rows = blue
         .query(
-            &format!("SELECT CASE WHEN p.relid = $1::text::regclass THEN NULL \
+            &format!(
+                "SELECT CASE WHEN p.relid = $1::text::regclass THEN NULL \
                          ELSE format('%I.%I', n.nspname, c.relname) END, \
                     (pg_relation_size(p.relid) / current_setting('block_size')::int8)::int8, c.reltuples::float8 \
              FROM {LEAVES} p \
              JOIN pg_catalog.pg_class c ON c.oid = p.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             ORDER BY c.oid"),
+             ORDER BY c.oid"
+            ),
             &[&table.source.quoted()],
         )
         .await
@@ -70,11 +72,13 @@ async fn heaps(blue: &Client, table: &ResolvedTable) -> Result<Vec<(Option<Strin
 pub async fn heap_signature(blue: &Client, table: &ResolvedTable) -> Result<i64> {
     let row = blue
         .query_one(
-            &format!("SELECT CASE WHEN count(*) = 1 AND bool_and(p.relid = $1::text::regclass) \
+            &format!(
+                "SELECT CASE WHEN count(*) = 1 AND bool_and(p.relid = $1::text::regclass) \
                          THEN max(pg_relation_filenode(p.relid))::int8 \
                          ELSE hashtextextended(string_agg(p.relid::oid::text || ':' || \
                               coalesce(pg_relation_filenode(p.relid)::text, ''), ',' ORDER BY p.relid::oid), 0) END \
-             FROM {LEAVES} p"),
+             FROM {LEAVES} p"
+            ),
             &[&table.source.quoted()],
         )
         .await

@@ -118,8 +118,10 @@ async fn copy_chunk(
 ) -> Result<(u64, u64)> {
     let t = &shared.tables[table];
     let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
-    let out_sql =
-        format!("COPY ({}) TO STDOUT{format}", t.source_select_from(chunk.part.as_deref(), condition(chunk).as_deref()));
+    let out_sql = format!(
+        "COPY ({}) TO STDOUT{format}",
+        t.source_select_from(chunk.part.as_deref(), condition(chunk).as_deref())
+    );
     // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
     // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
     let staging = shared.resumed[table] && !shared.plan.copy.defer_indexes;

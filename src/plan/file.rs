@@ -474,6 +474,22 @@ id = "id"
         assert!(!plan.tables.is_empty());
     }
 
+    #[test]
+    fn split_example_parses_as_plan() {
+        let text = include_str!("../../plans/split-and-constants.toml");
+        let env = |k: &str| {
+            Some(if k == "GREEN_NID" {
+                "5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11".into()
+            } else {
+                format!("postgres://localhost/{k}")
+            })
+        };
+        let plan = Plan::parse(Path::new("plans/split-and-constants.toml"), text, &env).expect("the example parses");
+        assert_eq!(plan.tables[0].columns["nid"].0, "'5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11'");
+        assert_eq!(plan.tables[0].constant_columns, vec!["nid".to_string()]);
+        assert_eq!(plan.tables[0].source, plan.tables[1].source);
+    }
+
     fn problems(extra: &str) -> Vec<(usize, String, String)> {
         match Plan::parse(Path::new("p.toml"), &format!("{MINIMAL}{extra}"), &env) {
             Err(Error::PlanInvalid { problems, .. }) => {
