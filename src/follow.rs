@@ -42,7 +42,14 @@ async fn drift(state: &State, green: &Client, blue: &Client) -> Result<Option<Er
         .into_iter()
         .filter_map(|(id, v)| Some((id.as_str().to_string(), serde_json::from_value(v).ok()?)))
         .collect();
-    let Some((id, what)) = crate::capture::drift::drifted(blue, &recorded).await? else { return Ok(None) };
+    let mut accepted = Vec::new();
+    let found = crate::capture::drift::drifted(blue, &recorded, &mut accepted).await?;
+    // Partitions created (empty) since: part of the table from now on.
+    for (id, shape) in accepted {
+        let shape = serde_json::to_value(shape).unwrap_or_default();
+        state.set_source_shape(green, &crate::state::TableId::from_stored(id), &shape).await?;
+    }
+    let Some((id, what)) = found else { return Ok(None) };
     state.mark_drifted(green, &crate::state::TableId::from_stored(id.clone()), &what).await?;
     Ok(Some(Error::Drift { table: id, what }))
 }

@@ -307,6 +307,7 @@ fn partitioned_tables(method: &str) {
     assert!(writer.wait().unwrap().success(), "every write on blue must succeed");
     c.wait_phase("following");
     // A partition created while following: its rows are captured under the parent's entry.
+    // Created and written at once: every row in it is younger than the partition.
     c.blue.psql("CREATE TABLE ev_2026 PARTITION OF ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')");
     c.blue.psql("INSERT INTO ev SELECT g, date '2026-03-01', 'late' FROM generate_series(200001, 200500) g");
     c.blue.psql("UPDATE ev SET at = date '2026-05-05' WHERE id BETWEEN 1000 AND 1100 AND at < date '2025-01-01'");
@@ -333,6 +334,17 @@ fn partitioned_tables(method: &str) {
     );
     let r = run(&mut c.migrate(&["verify", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
+
+    // Rows that arrive without a row change stop following, named: a table attached holding
+    // rows, and a partition truncated.
+    c.blue.psql(
+        "CREATE TABLE ev_2027 (id int NOT NULL, at date NOT NULL, v text); \
+         INSERT INTO ev_2027 SELECT g, date '2027-02-02', 'attached' FROM generate_series(1, 10) g; \
+         ALTER TABLE ev ATTACH PARTITION ev_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
+    );
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("partition public.ev_2027 of public.ev was attached on blue holding rows"), "{r:?}");
 }
 
 #[test]

@@ -164,6 +164,23 @@ impl State {
             .collect()
     }
 
+    /// Replaces an entry's recorded source shape (a partition created since is part of it).
+    pub async fn set_source_shape(
+        &self,
+        green: &impl GenericClient,
+        id: &TableId,
+        shape: &serde_json::Value,
+    ) -> Result<()> {
+        green
+            .execute(
+                &format!("UPDATE {} SET source_shape = $2, updated_at = now() WHERE tbl = $1", self.table("tables")),
+                &[&id.as_str(), shape],
+            )
+            .await
+            .map_err(Error::db(format!("green: recording the shape of {id}")))?;
+        Ok(())
+    }
+
     /// The shape of each copied entry's source table, recorded when its copy began (an entry
     /// still copying is watched by the copy itself).
     pub async fn source_shapes(&self, green: &impl GenericClient) -> Result<Vec<(TableId, serde_json::Value)>> {
