@@ -182,7 +182,14 @@ async fn write_rows(
     sink.as_mut().finish().await.map_err(|e| fail(t, "COPY into staging", e))?;
 
     let key_list = tgt_cols.join(", ");
-    let matches_gone = tgt_cols.iter().map(|c| format!("g.{c} = t.{c}")).collect::<Vec<_>>().join(" AND ");
+    // Only this entry's rows: where green's key holds a constant (a tenant id), another entry
+    // may write the same mapped key with another constant.
+    let constants = t.constant_key.iter().filter_map(|c| {
+        let col = t.columns.iter().find(|r| &r.name == c)?;
+        Some(format!("t.{} = ({})::{}", ident(c), col.expr.as_deref()?, col.target_type))
+    });
+    let matches_gone =
+        tgt_cols.iter().map(|c| format!("g.{c} = t.{c}")).chain(constants).collect::<Vec<_>>().join(" AND ");
     // Keys gone from blue (deleted, filtered out, or changed away) go from green. Only the
     // keys not re-read are looked up in the target: an update burst has none, and probing the
     // target's key index for every key of the batch was a third of apply's time.

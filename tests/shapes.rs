@@ -356,3 +356,30 @@ fn partitioned_source_and_target_under_writes_logical() {
 fn partitioned_source_and_target_under_writes_trigger() {
     partitioned_tables("trigger");
 }
+
+/// Two blue tables (one per tenant) merged into one green table keyed by (tenant, id): a row
+/// deleted from one tenant's table leaves the other tenant's row with the same id on green.
+#[test]
+fn a_delete_in_one_tenant_keeps_the_other_tenants_row() {
+    let c = Custom::new(
+        "CREATE TABLE a_users (id int PRIMARY KEY, name text); CREATE TABLE b_users (id int PRIMARY KEY, name text);
+         INSERT INTO a_users SELECT g, 'a' || g FROM generate_series(1, 100) g;
+         INSERT INTO b_users SELECT g, 'b' || g FROM generate_series(1, 100) g;",
+        "CREATE TABLE users (tenant text NOT NULL, id bigint NOT NULL, name text, PRIMARY KEY (tenant, id));",
+    );
+    let entry = |tenant: &str| {
+        format!(
+            "[[table]]\nsource = \"public.{tenant}_users\"\ntarget = \"public.users\"\nkey = [\"id\"]\nfilter = \"id > 0\"\n\
+             [table.columns]\ntenant = \"'{tenant}'\"\nid = \"id\"\nname = \"name\"\n"
+        )
+    };
+    let plan = c.plan("logical", "", &format!("{}\n{}", entry("a"), entry("b")));
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    c.blue.psql("DELETE FROM a_users WHERE id <= 10; UPDATE b_users SET name = 'renamed' WHERE id = 20");
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(c.green.psql("SELECT count(*) FROM users WHERE tenant = 'a'"), "90");
+    assert_eq!(c.green.psql("SELECT count(*) FROM users WHERE tenant = 'b'"), "100", "tenant b's rows went too");
+    assert_eq!(c.green.psql("SELECT name FROM users WHERE tenant = 'b' AND id = 20"), "renamed");
+}

@@ -308,19 +308,25 @@ fn functions_sql(schema: &str, entries: &[&ResolvedTable]) -> String {
         truncated.push_str(&format!("\n           INSERT INTO {schema}.changes (tbl, truncated) VALUES ({i}, true);"));
     }
     let (func, tfunc) = function_names(schema, &entries[0].source);
+    // The bodies hold names from blue (key columns, the entry's id): the dollar quote's tag is
+    // one that none of them contains, so no name can end the body early.
+    let tag = (0..)
+        .map(|n| if n == 0 { "$bg$".to_string() } else { format!("$bg{n}$") })
+        .find(|t| !rows.contains(t.as_str()) && !truncated.contains(t.as_str()))
+        .unwrap_or_default();
     format!(
         "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
            SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS $bg$
+           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS {tag}
          BEGIN{rows}
            RETURN NULL;
-         END $bg$;
+         END {tag};
          CREATE OR REPLACE FUNCTION {tfunc}() RETURNS trigger LANGUAGE plpgsql
            SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS $bg$
+           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS {tag}
          BEGIN{truncated}
            RETURN NULL;
-         END $bg$;"
+         END {tag};"
     )
 }
 

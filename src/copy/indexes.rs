@@ -29,6 +29,20 @@ pub async fn drop_all(tx: &tokio_postgres::Transaction<'_>, objects: &[DeferredO
 /// which wait until every table has its keys). Skips what already exists.
 pub async fn rebuild_keys_and_indexes(green: &Client, table: &str, objects: &[DeferredObject]) -> Result<()> {
     green.batch_execute(BUILD_SETTINGS).await.map_err(Error::db("green: index build settings"))?;
+    // Entries writing one target each rebuild its objects when their copy ends, maybe at the
+    // same moment: one at a time, so the second finds them made instead of failing on
+    // "multiple primary keys".
+    let lock = format!("bluegreen rebuild {table}");
+    green
+        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock])
+        .await
+        .map_err(Error::db(format!("green: waiting to rebuild the indexes of {table}")))?;
+    let built = rebuild_locked(green, table, objects).await;
+    let _ = green.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock]).await;
+    built
+}
+
+async fn rebuild_locked(green: &Client, table: &str, objects: &[DeferredObject]) -> Result<()> {
     // Primary and unique keys first: apply needs them for ON CONFLICT.
     let mut ordered: Vec<&DeferredObject> = objects.iter().filter(|o| o.kind != "foreign key").collect();
     ordered.sort_by_key(|o| match o.kind.as_str() {

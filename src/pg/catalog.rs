@@ -154,9 +154,20 @@ pub async fn changing_calls(client: &Client, source: &QualifiedName, expr: &str)
             Vec::new()
         }
     };
-    // The SQL-standard clock keywords are no function calls: nothing depends on them.
+    // The SQL-standard clock keywords are no function calls: nothing depends on them. Looked
+    // for outside quotes (a literal 'localtime' or a column "current_date" is no clock).
+    let mut unquoted = String::with_capacity(expr.len());
+    let mut quote: Option<char> = None;
+    for c in expr.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None => unquoted.push(c),
+        }
+    }
     let words: Vec<String> =
-        expr.to_lowercase().split(|c: char| !(c.is_alphanumeric() || c == '_')).map(str::to_string).collect();
+        unquoted.to_lowercase().split(|c: char| !(c.is_alphanumeric() || c == '_')).map(str::to_string).collect();
     for kw in ["current_timestamp", "current_date", "current_time", "localtimestamp", "localtime"] {
         if words.iter().any(|w| w == kw) {
             calls.push(kw.to_string());

@@ -13,48 +13,82 @@ pub(super) fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// `expr` with every `:name` outside quotes replaced by the constant's quoted literal. A `:name`
-/// counts only where it starts a term (not `::type`, not the `1:n` of an array slice). Returns
-/// the first name that is no constant.
+/// `expr` with every `:name` outside quotes and comments replaced by the constant's quoted
+/// literal. A `:name` counts only where it starts a term (not `::type`, not the `1:n` of an
+/// array slice). Quotes are SQL's: `'…'` (with `E'…'` backslash escapes), `"…"`,
+/// `$tag$…$tag$`; comments `--` to the end of the line and `/* … */`. Returns the first name
+/// that is no constant.
 pub(super) fn substitute(expr: &str, constants: &IndexMap<String, String>) -> Result<String, String> {
     let chars: Vec<char> = expr.chars().collect();
     let mut out = String::with_capacity(expr.len());
-    let mut quote: Option<char> = None;
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
-        if let Some(q) = quote {
-            out.push(c);
-            if c == q {
-                quote = None;
+        let skip = match c {
+            '\'' => {
+                let escapes = i > 0 && matches!(chars[i - 1], 'E' | 'e') && !word_char_before(&chars, i - 1);
+                quoted_end(&chars, i, escapes)
             }
-            i += 1;
-            continue;
-        }
-        match c {
-            '\'' | '"' => {
-                quote = Some(c);
-                out.push(c);
-                i += 1;
+            '"' => chars[i + 1..].iter().position(|&d| d == '"').map_or(chars.len(), |p| i + p + 2),
+            '$' => dollar_end(&chars, i).unwrap_or(i + 1),
+            '-' if chars.get(i + 1) == Some(&'-') => {
+                chars[i..].iter().position(|&d| d == '\n').map_or(chars.len(), |p| i + p + 1)
             }
-            ':' if chars.get(i + 1) == Some(&':') => {
-                out.push_str("::");
-                i += 2;
-            }
+            '/' if chars.get(i + 1) == Some(&'*') => (i + 2..chars.len().saturating_sub(1))
+                .find(|&j| chars[j] == '*' && chars[j + 1] == '/')
+                .map_or(chars.len(), |j| j + 2),
+            ':' if chars.get(i + 1) == Some(&':') => i + 2,
             ':' if starts_term(&chars, i) => {
-                let end = (i + 1..chars.len()).find(|&j| !(chars[j].is_ascii_alphanumeric() || chars[j] == '_'));
-                let name: String = chars[i + 1..end.unwrap_or(chars.len())].iter().collect();
+                let end = (i + 1..chars.len())
+                    .find(|&j| !(chars[j].is_ascii_alphanumeric() || chars[j] == '_'))
+                    .unwrap_or(chars.len());
+                let name: String = chars[i + 1..end].iter().collect();
                 let value = constants.get(&name).ok_or_else(|| name.clone())?;
                 out.push_str(&literal(value));
-                i = end.unwrap_or(chars.len());
+                i = end;
+                continue;
             }
-            _ => {
-                out.push(c);
-                i += 1;
-            }
-        }
+            _ => i + 1,
+        };
+        out.extend(&chars[i..skip.min(chars.len())]);
+        i = skip.min(chars.len()).max(i + 1);
     }
     Ok(out)
+}
+
+/// Whether the character before `i` continues a name (so `E` at `i` is not a string prefix).
+fn word_char_before(chars: &[char], i: usize) -> bool {
+    i > 0 && (chars[i - 1].is_alphanumeric() || chars[i - 1] == '_')
+}
+
+/// The index after the `'…'` string starting at `start` (`''` inside it is a quote; with
+/// `escapes`, so is `\'`).
+fn quoted_end(chars: &[char], start: usize, escapes: bool) -> usize {
+    let mut j = start + 1;
+    while j < chars.len() {
+        match chars[j] {
+            '\\' if escapes => j += 2,
+            '\'' if chars.get(j + 1) == Some(&'\'') => j += 2,
+            '\'' => return j + 1,
+            _ => j += 1,
+        }
+    }
+    chars.len()
+}
+
+/// The index after the dollar-quoted string starting at `start` (`$tag$ … $tag$`), or `None`
+/// when no dollar quote starts there (a `$1` parameter).
+fn dollar_end(chars: &[char], start: usize) -> Option<usize> {
+    let close = chars[start + 1..].iter().position(|&c| c == '$')? + start + 1;
+    let tag: String = chars[start..=close].iter().collect();
+    if !tag[1..tag.len() - 1].chars().all(|c| c.is_alphanumeric() || c == '_')
+        || tag[1..].starts_with(|c: char| c.is_ascii_digit())
+        || word_char_before(chars, start)
+    {
+        return None;
+    }
+    let body: String = chars[close + 1..].iter().collect();
+    Some(body.find(&tag).map_or(chars.len(), |p| close + 1 + body[..p].chars().count() + tag.chars().count()))
 }
 
 /// Whether the `:` at `i` begins a `:name` reference: a name follows, and no name, number or
@@ -85,7 +119,7 @@ pub(super) fn is_constant(expr: &str) -> bool {
     let value = match split {
         Some(at) => {
             let cast = e[at + 2..].trim();
-            if cast.is_empty() || cast.contains(['\'', ':']) {
+            if !type_name(cast) {
                 return false;
             }
             e[..at].trim()
@@ -99,6 +133,26 @@ pub(super) fn is_constant(expr: &str) -> bool {
         && value.starts_with('\'')
         && value.ends_with('\'')
         && !value[1..value.len() - 1].replace("''", "").contains('\'')
+}
+
+/// Whether `text` reads as a type name: words (quoted or not, dotted), an optional modifier
+/// list of numbers, and array brackets (`uuid`, `character varying(10)`, `public."My Type"[]`).
+fn type_name(text: &str) -> bool {
+    let t = text.trim();
+    let base = t.trim_end_matches("[]").trim_end();
+    let base = match base.split_once('(') {
+        Some((name, rest)) => {
+            let Some(args) = rest.strip_suffix(')') else { return false };
+            if !args.chars().all(|c| c.is_ascii_digit() || c == ',' || c == ' ') {
+                return false;
+            }
+            name
+        }
+        None => base,
+    };
+    !base.trim().is_empty()
+        && base.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | ' ' | '.' | '"'))
+        && base.matches('"').count() % 2 == 0
 }
 
 #[cfg(test)]
@@ -118,6 +172,15 @@ mod tests {
         assert_eq!(substitute("x::text || ':nid' || \":nid\"", &c).unwrap(), "x::text || ':nid' || \":nid\"");
         assert_eq!(substitute("arr[1:n]", &c).unwrap(), "arr[1:n]");
         assert_eq!(substitute(":nope", &c).unwrap_err(), "nope");
+        // Other quotes and comments are left alone.
+        assert_eq!(substitute("$$:nid$$ || $t$ :nid $t$ || :nid", &c).unwrap(), "$$:nid$$ || $t$ :nid $t$ || '5b2a'");
+        assert_eq!(substitute("E'it\\'s :nid' || :nid", &c).unwrap(), "E'it\\'s :nid' || '5b2a'");
+        assert_eq!(substitute("x -- :nid\n+ :nid /* :nid */", &c).unwrap(), "x -- :nid\n+ '5b2a' /* :nid */");
+        assert_eq!(substitute("f($1) || :nid", &c).unwrap(), "f($1) || '5b2a'");
+        assert_eq!(
+            substitute("data->>'k' || data #> '{a}' || :who", &c).unwrap(),
+            "data->>'k' || data #> '{a}' || 'O''Brien'"
+        );
     }
 
     #[test]
@@ -131,5 +194,7 @@ mod tests {
         assert!(!is_constant(":nid || id"));
         assert!(!is_constant("'a' || 'b'"));
         assert!(!is_constant("x::uuid"));
+        assert!(!is_constant("'x'::text || name"), "a cast followed by more expression is no constant");
+        assert!(is_constant("'x'::public.\"My Type\"[]"));
     }
 }
