@@ -36,17 +36,39 @@ const WRITES: &str = "DO $$ BEGIN
     END LOOP;
   END $$;";
 
-fn assert_split_equal(c: &Custom) {
-    assert_eq!(
-        fingerprint(&c.blue, "SELECT id::bigint, lower(email) FROM users"),
-        fingerprint(&c.green, "SELECT id, email FROM accounts"),
-        "accounts differ from transform(blue)"
-    );
-    assert_eq!(
-        fingerprint(&c.blue, "SELECT id::bigint, upper(name), bio FROM users"),
-        fingerprint(&c.green, "SELECT user_id, name, bio FROM profiles"),
-        "profiles differ from transform(blue)"
-    );
+/// Green equals transform(blue) for each (blue query, green query, what) by an independent
+/// query on each side.
+fn assert_transformed(c: &Custom, pairs: &[(&str, &str, &str)]) {
+    for (blue, green, what) in pairs {
+        assert_eq!(fingerprint(&c.blue, blue), fingerprint(&c.green, green), "{what} differs from transform(blue)");
+    }
+}
+
+/// Runs `writes` on blue while `copy` copies and starts following; returns the follower once
+/// the writes are done and it follows.
+fn copy_under_writes(c: &Custom, plan: &std::path::Path, writes: &str) -> std::process::Child {
+    let mut writer = c.blue.cluster.psql_cmd(&c.blue.name).args(["-c", writes]).spawn().unwrap();
+    let follower = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
+    let started = Instant::now();
+    while writer.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(300), "the writer did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(writer.wait().unwrap().success(), "every write on blue must succeed");
+    c.wait_phase("following");
+    follower
+}
+
+/// Stops the follower (SIGINT) and catches up with `copy --no-follow` (with `env`).
+fn stop_and_catch_up(c: &Custom, plan: &std::path::Path, mut follower: std::process::Child, env: &[(&str, &str)]) {
+    let _ = std::process::Command::new("kill").args(["-INT", &follower.id().to_string()]).status();
+    assert!(follower.wait().unwrap().success());
+    let mut cmd = c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let r = run(&mut cmd);
+    assert_eq!(r.code, 0, "{r:?}");
 }
 
 fn one_source_two_targets(method: &str) {
@@ -56,20 +78,15 @@ fn one_source_two_targets(method: &str) {
     assert_eq!(r.code, 0, "a plan reading one source into two targets is sound: {r:?}");
 
     // Writes run through the copy and the follow.
-    let mut writer = c.blue.cluster.psql_cmd(&c.blue.name).args(["-c", WRITES]).spawn().unwrap();
-    let mut follower = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
-    let started = Instant::now();
-    while writer.try_wait().unwrap().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(300), "the writer did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(writer.wait().unwrap().success(), "every write on blue must succeed");
-    c.wait_phase("following");
-    let _ = std::process::Command::new("kill").args(["-INT", &follower.id().to_string()]).status();
-    assert!(follower.wait().unwrap().success());
-    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
-    assert_eq!(r.code, 0, "{r:?}");
-    assert_split_equal(&c);
+    let follower = copy_under_writes(&c, &plan, WRITES);
+    stop_and_catch_up(&c, &plan, follower, &[]);
+    assert_transformed(
+        &c,
+        &[
+            ("SELECT id::bigint, lower(email) FROM users", "SELECT id, email FROM accounts", "accounts"),
+            ("SELECT id::bigint, upper(name), bio FROM users", "SELECT user_id, name, bio FROM profiles", "profiles"),
+        ],
+    );
     // The writes reached both targets: one changed on each side, a key change, a delete.
     assert_eq!(c.green.psql("SELECT count(*) FROM accounts WHERE email LIKE 'moved%'"), "417");
     assert_eq!(c.green.psql("SELECT count(*) FROM profiles WHERE name LIKE 'RENAMED%'"), "417");
@@ -196,7 +213,7 @@ fn constant_key_column(method: &str) {
     assert!(r.stdout.contains("key       sig -> sig (text), nid (constant)"), "{r:?}");
     assert!(r.stdout.contains(&format!("'{nid}'")), "the constant is shown as the literal it becomes: {r:?}");
 
-    let mut follower = c.spawn(&["copy", plan.to_str().unwrap()], &[("SHAPES_NID", nid)]);
+    let follower = c.spawn(&["copy", plan.to_str().unwrap()], &[("SHAPES_NID", nid)]);
     c.wait_phase("following");
     c.blue.psql(
         "DO $$ BEGIN
@@ -211,14 +228,10 @@ fn constant_key_column(method: &str) {
            END LOOP;
          END $$;",
     );
-    let _ = std::process::Command::new("kill").args(["-INT", &follower.id().to_string()]).status();
-    assert!(follower.wait().unwrap().success());
-    let r = run(c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]).env("SHAPES_NID", nid));
-    assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(
-        fingerprint(&c.blue, &format!("SELECT '{nid}'::uuid, sig, v + 5 FROM tok")),
-        fingerprint(&c.green, "SELECT nid, sig, v FROM tok"),
-        "green differs from transform(blue)"
+    stop_and_catch_up(&c, &plan, follower, &[("SHAPES_NID", nid)]);
+    assert_transformed(
+        &c,
+        &[(&format!("SELECT '{nid}'::uuid, sig, v + 5 FROM tok"), "SELECT nid, sig, v FROM tok", "tok")],
     );
     assert_eq!(c.green.psql("SELECT count(*) FROM tok WHERE sig LIKE '%-moved'"), "200");
     let r = run(c.migrate(&["verify", plan.to_str().unwrap()]).env("SHAPES_NID", nid));
@@ -297,33 +310,19 @@ fn partitioned_tables(method: &str) {
           COMMIT;
         END LOOP;
       END $$;";
-    let mut writer = c.blue.cluster.psql_cmd(&c.blue.name).args(["-c", writes]).spawn().unwrap();
-    let mut follower = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
-    let started = Instant::now();
-    while writer.try_wait().unwrap().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(300), "the writer did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(writer.wait().unwrap().success(), "every write on blue must succeed");
-    c.wait_phase("following");
+    let follower = copy_under_writes(&c, &plan, writes);
     // A partition created while following: its rows are captured under the parent's entry.
     // Created and written at once: every row in it is younger than the partition.
     c.blue.psql("CREATE TABLE ev_2026 PARTITION OF ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')");
     c.blue.psql("INSERT INTO ev SELECT g, date '2026-03-01', 'late' FROM generate_series(200001, 200500) g");
     c.blue.psql("UPDATE ev SET at = date '2026-05-05' WHERE id BETWEEN 1000 AND 1100 AND at < date '2025-01-01'");
-    let _ = std::process::Command::new("kill").args(["-INT", &follower.id().to_string()]).status();
-    assert!(follower.wait().unwrap().success());
-    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
-    assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(
-        fingerprint(&c.blue, "SELECT id::bigint, at, v FROM ev"),
-        fingerprint(&c.green, "SELECT id, at, v FROM ev"),
-        "ev differs from transform(blue)"
-    );
-    assert_eq!(
-        fingerprint(&c.blue, "SELECT id::bigint, kind, upper(msg) FROM log"),
-        fingerprint(&c.green, "SELECT id, kind, msg FROM log"),
-        "log differs from transform(blue)"
+    stop_and_catch_up(&c, &plan, follower, &[]);
+    assert_transformed(
+        &c,
+        &[
+            ("SELECT id::bigint, at, v FROM ev", "SELECT id, at, v FROM ev", "ev"),
+            ("SELECT id::bigint, kind, upper(msg) FROM log", "SELECT id, kind, msg FROM log", "log"),
+        ],
     );
     assert_eq!(c.green.psql("SELECT count(*) FROM ev WHERE v = 'late'"), "500");
     // Green routed each row to its partition, and the deferred index is back on every one.
