@@ -196,3 +196,46 @@ fn passwords_never_leak() {
     let (args, out, err) = outputs.last().unwrap();
     assert!(!out.contains(PASSWORD) && !err.contains(PASSWORD), "`migrate {args}` printed the password");
 }
+
+/// libpq's conventions: a URL without a password takes it from `PGPASSWORD`, else from the
+/// password file (`PGPASSFILE`), which is ignored when others may read it, as libpq does. An
+/// empty variable in a URL is refused, naming it.
+#[test]
+fn password_from_pgpassword_or_a_password_file_and_empty_urls_refused() {
+    let sec = secure();
+    let s = Oauth::on(sec.cluster, green_cluster(), 1_000);
+    let port = sec.cluster.port;
+    let url = format!("postgres://migrator@127.0.0.1:{port}/{}?sslmode=require", s.blue.name);
+    let plan = s.write_plan(&Oauth::plan_text());
+    let dir = tempfile::tempdir().unwrap();
+    let passfile = dir.path().join("pgpass");
+    let plan_with = |env: &[(&str, &str)]| {
+        let mut cmd = s.migrate(&["plan", plan.to_str().unwrap()]);
+        cmd.env("BLUE_URL", &url).env_remove("PGPASSWORD").env("PGPASSFILE", &passfile);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let r = run(&mut cmd);
+        assert!(!format!("{}{}", r.stdout, r.stderr).contains(PASSWORD), "the password leaked: {r:?}");
+        r
+    };
+
+    let r = plan_with(&[]);
+    assert_eq!(r.code, 1, "no password anywhere: {r:?}");
+    assert!(r.stderr.contains("blue") && r.stderr.contains("password missing"), "{r:?}");
+    let r = plan_with(&[("PGPASSWORD", PASSWORD)]);
+    assert_eq!(r.code, 0, "PGPASSWORD: {r:?}");
+
+    std::fs::write(&passfile, format!("# test\n127.0.0.1:{port}:{}:migrator:{PASSWORD}\n", s.blue.name)).unwrap();
+    Command::new("chmod").arg("600").arg(&passfile).status().unwrap();
+    let r = plan_with(&[]);
+    assert_eq!(r.code, 0, "password file: {r:?}");
+    Command::new("chmod").arg("644").arg(&passfile).status().unwrap();
+    let r = plan_with(&[]);
+    assert_eq!(r.code, 1, "a password file others may read is ignored: {r:?}");
+    assert!(r.stderr.contains("group or world access"), "{r:?}");
+
+    let r = run(s.migrate(&["plan", plan.to_str().unwrap()]).env("BLUE_URL", ""));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("blue.url: environment variable `BLUE_URL` is empty"), "{r:?}");
+}

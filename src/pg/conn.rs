@@ -49,6 +49,8 @@ pub struct ConnInfo {
     pub side: Side,
     config: Config,
     ssl_mode: SslMode,
+    /// `sslmode` was in the string (libpq's `PGSSLMODE` applies only when it was not).
+    ssl_mode_given: bool,
     ssl_root_cert: Option<PathBuf>,
 }
 
@@ -93,7 +95,73 @@ impl ConnInfo {
         if config.get_application_name().is_none() {
             config.application_name("migrate");
         }
-        Ok(Self { side, config, ssl_mode: ssl_mode.unwrap_or(SslMode::Prefer), ssl_root_cert })
+        Ok(Self {
+            side,
+            config,
+            ssl_mode_given: ssl_mode.is_some(),
+            ssl_mode: ssl_mode.unwrap_or(SslMode::Prefer),
+            ssl_root_cert,
+        })
+    }
+
+    /// Fills in what the string leaves out the way libpq (and so `psql`) does: `PGHOST`,
+    /// `PGPORT`, `PGUSER` (else the login name), `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`,
+    /// and the password from `PGPASSWORD` or the password file (`PGPASSFILE`, else
+    /// `~/.pgpass`). A bad `PGPORT` or `PGSSLMODE` is named; the password never is.
+    pub fn with_libpq_defaults(mut self, env: super::libpq::Env<'_>) -> Result<Self, ConnError> {
+        let invalid = |reason: String| ConnError::Invalid { side: self.side, reason };
+        if self.config.get_hosts().is_empty() {
+            if let Some(h) = env("PGHOST").filter(|h| !h.is_empty()) {
+                if h.starts_with('/') {
+                    self.config.host_path(&h);
+                } else {
+                    self.config.host(&h);
+                }
+            }
+        }
+        if self.config.get_ports().is_empty() {
+            if let Some(p) = env("PGPORT").filter(|p| !p.is_empty()) {
+                let port = p.parse::<u16>().map_err(|_| invalid(format!("PGPORT `{p}` is not a port number")))?;
+                self.config.port(port);
+            }
+        }
+        if self.config.get_user().is_none() {
+            if let Some(u) = env("PGUSER").or_else(|| env("USER")).filter(|u| !u.is_empty()) {
+                self.config.user(&u);
+            }
+        }
+        if self.config.get_dbname().is_none() {
+            if let Some(d) = env("PGDATABASE").filter(|d| !d.is_empty()) {
+                self.config.dbname(&d);
+            }
+        }
+        if !self.ssl_mode_given {
+            if let Some(m) = env("PGSSLMODE").filter(|m| !m.is_empty()) {
+                self.ssl_mode = m.parse().map_err(|e: String| invalid(format!("PGSSLMODE: {e}")))?;
+            }
+        }
+        if self.ssl_root_cert.is_none() {
+            self.ssl_root_cert = env("PGSSLROOTCERT").filter(|c| !c.is_empty()).map(PathBuf::from);
+        }
+        if self.config.get_password().is_none() {
+            let password = env("PGPASSWORD").or_else(|| {
+                let text = super::libpq::read_passfile(&super::libpq::passfile(env)?)?;
+                use tokio_postgres::config::Host;
+                let host = match self.config.get_hosts().first() {
+                    Some(Host::Tcp(h)) => h.clone(),
+                    Some(Host::Unix(p)) => p.display().to_string(),
+                    None => "localhost".into(),
+                };
+                let port = self.config.get_ports().first().copied().unwrap_or(5432);
+                let user = self.config.get_user()?.to_string();
+                let db = self.config.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
+                super::libpq::password_for(&text, &host, port, &db, &user)
+            });
+            if let Some(p) = password {
+                self.config.password(p);
+            }
+        }
+        Ok(self)
     }
 
     /// Sets `application_name` (we use `migrate/<plan>` so DBAs can see who is connected).

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod conn;
+pub mod libpq;
 pub mod lsn;
 pub mod pool;
 pub mod quote;

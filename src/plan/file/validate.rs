@@ -49,7 +49,18 @@ impl Validator<'_> {
 
     pub(super) fn conn(&mut self, side: Side, field: &str, value: &Spanned<String>) -> Option<ConnInfo> {
         let url = self.interpolated(field, value)?;
-        match ConnInfo::parse(side, &url) {
+        // An empty variable in a connection string is a mistake (an unexported variable in a
+        // script), not a request for every default: `postgres://localhost:5432/` is not what
+        // was meant.
+        if let Some(var) =
+            referenced_vars(value.get_ref()).into_iter().find(|v| (self.env)(v).is_some_and(|x| x.is_empty()))
+        {
+            self.problem(self.line(value.span()), field, format!("environment variable `{var}` is empty"));
+            return None;
+        }
+        // libpq's variables come from the process environment, like psql's.
+        let process = |k: &str| std::env::var(k).ok();
+        match ConnInfo::parse(side, &url).and_then(|c| c.with_libpq_defaults(&process)) {
             Ok(c) => Some(c.with_application_name(&format!("migrate/{}", self.name))),
             Err(e) => {
                 self.problem(self.line(value.span()), field, e.to_string());
@@ -364,6 +375,19 @@ impl Validator<'_> {
             constant_columns,
         })
     }
+}
+
+/// The names of the `${VAR}` references in `text`.
+fn referenced_vars(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else { break };
+        out.push(after[..end].to_string());
+        rest = &after[end + 1..];
+    }
+    out
 }
 
 /// Replaces `${VAR}` with the variable's value; returns the first missing variable's name.
