@@ -138,8 +138,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Cmd::Demo { .. }) || std::io::stderr().is_terminal();
     init_tracing(cli.log_format, cli.verbose, quiet);
+    let json = matches!(cli.log_format, LogFormat::Json);
     if let Cmd::Demo { rows, rate } = cli.command {
-        return block_on(|shutdown| async move {
+        return block_on(json, |shutdown| async move {
             bluegreen::demo::run(rows, rate, shutdown).await.map(|(outcome, _)| outcome)
         });
     }
@@ -152,11 +153,12 @@ fn main() -> ExitCode {
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
         Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
     };
-    block_on(|shutdown| async move { bluegreen::run(&path, command, shutdown).await })
+    block_on(json, |shutdown| async move { bluegreen::run(&path, command, shutdown).await })
 }
 
 /// Runs one command on a fresh runtime with signal handling and maps its result to an exit code.
-fn block_on<F, Fut>(f: F) -> ExitCode
+/// With JSON logs the final error is a JSON log line too, so the log stays JSON to its end.
+fn block_on<F, Fut>(json: bool, f: F) -> ExitCode
 where
     F: FnOnce(Shutdown) -> Fut,
     Fut: std::future::Future<Output = bluegreen::Result<Outcome>>,
@@ -172,6 +174,10 @@ where
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Problems) => ExitCode::from(1),
+        Err(e) if json => {
+            tracing::error!(exit_code = e.exit_code(), error = %e, "migrate failed");
+            ExitCode::from(e.exit_code())
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())

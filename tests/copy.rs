@@ -126,3 +126,39 @@ fn second_copy_of_the_same_plan_is_refused() {
     first.kill().unwrap();
     first.wait().unwrap();
 }
+
+/// A copy that fails (exit 3) is shown by `status` with its error until the next copy starts,
+/// and with `--log-format json` its last stderr line is JSON too.
+#[test]
+fn status_shows_a_failed_copy_and_json_logs_stay_json() {
+    let c = crate::support::Custom::new(
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL); INSERT INTO t SELECT g, g FROM generate_series(1, 100) g; \
+         UPDATE t SET v = -1 WHERE id = 50;",
+        "CREATE TABLE t (id bigint PRIMARY KEY, v int NOT NULL CONSTRAINT v_positive CHECK (v >= 0));",
+    );
+    let plan = c.plan(
+        "logical",
+        "",
+        "[[table]]\nsource = \"public.t\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nv = \"v\"\n",
+    );
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow", "--log-format", "json"]));
+    assert_eq!(r.code, 3, "{r:?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    let line: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {last}"));
+    assert_eq!(line["level"], "ERROR", "{last}");
+    assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("v_positive")), "{last}");
+
+    let r = run(&mut c.migrate(&["status", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("FAILED: `copy` exited at") && r.stdout.contains("v_positive"), "{r:?}");
+    let r = run(&mut c.migrate(&["status", plan.to_str().unwrap(), "--format", "json"]));
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(st["last_error"]["command"], "copy", "{st}");
+
+    // Fixed, the next copy runs to the end and the failure is gone from status.
+    c.green.psql("ALTER TABLE t DROP CONSTRAINT v_positive");
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut c.migrate(&["status", plan.to_str().unwrap()]));
+    assert!(!r.stdout.contains("FAILED"), "{r:?}");
+}

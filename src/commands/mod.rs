@@ -86,11 +86,36 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
     let plan = Plan::load(path)?;
     match command {
         Command::Plan { format, offline } => plan::run(&plan, format, offline).await,
-        Command::Copy { no_follow, recopy } => copy::run(&plan, no_follow, &recopy, shutdown).await,
+        Command::Copy { no_follow, recopy } => {
+            let copied = copy::run(&plan, no_follow, &recopy, shutdown).await;
+            if let Err(e) = &copied {
+                record_failure(&plan, "copy", e).await;
+            }
+            copied
+        }
         Command::Verify { format, table } => verify::run(&plan, format, table.as_deref()).await,
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, shutdown).await,
         Command::Cleanup { force } => cleanup::run(&plan, force).await,
         Command::Status { format } => status::run(&plan, format).await,
+    }
+}
+
+/// Records a failed run in the state on green, for `status` (best effort: green may be what
+/// failed). Plan problems and refusals (exit 1 and 2) are not runs that failed.
+async fn record_failure(plan: &Plan, command: &str, e: &crate::error::Error) {
+    if e.exit_code() != 3 {
+        return;
+    }
+    let recorded = async {
+        let green = plan.green.connect().await?;
+        let state = crate::state::State::new(&plan.name);
+        if state.phase(&green).await?.is_some() {
+            state.record_failure(&green, command, &e.to_string()).await?;
+        }
+        Ok::<(), crate::error::Error>(())
+    };
+    if let Err(err) = recorded.await {
+        tracing::warn!(error = %err, "could not record the failure on green for `status`");
     }
 }
 

@@ -75,6 +75,7 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
         "last_verify": view.last_verify,
         "cutover": view.cutover,
         "cleaned_up_at": view.cleaned_up_at,
+        "last_error": view.last_error,
         "drift": drift,
         "capture": capture,
         "blue": blue,
@@ -100,6 +101,14 @@ pub fn render_text(value: &serde_json::Value) -> String {
         format!("plan {}  phase {}\n", value["plan"].as_str().unwrap_or(""), value["phase"].as_str().unwrap_or(""));
     if value["has_state"] != serde_json::Value::Bool(true) {
         o.push_str("  no state on green yet: `migrate copy` has not run\n");
+    }
+    if let Some(e) = value["last_error"].as_object() {
+        o.push_str(&format!(
+            "  FAILED: `{}` exited at {}: {}\n",
+            e.get("command").and_then(|v| v.as_str()).unwrap_or("?"),
+            e.get("at").and_then(|v| v.as_str()).unwrap_or("?"),
+            e.get("error").and_then(|v| v.as_str()).unwrap_or("?")
+        ));
     }
     let tables = value["tables"].as_array().cloned().unwrap_or_default();
     let w = tables.iter().map(|t| t["table"].as_str().unwrap_or("").chars().count()).max().unwrap_or(0);

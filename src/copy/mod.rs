@@ -463,6 +463,7 @@ pub async fn run(
     lock_plan(&green, &plan.name, "copy").await?;
     let state = State::new(&plan.name);
     state.ensure(&green, &plan.name).await?;
+    state.clear_failure(&green).await?;
     if state.phase(&green).await? == Some(Phase::Switched) {
         info!("this migration is switched already; nothing to copy or follow");
         return Ok(());

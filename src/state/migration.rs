@@ -54,6 +54,8 @@ pub struct StatusView {
     pub cutover: Option<CutoverRecord>,
     /// When `cleanup` removed the rest of a switched migration's state.
     pub cleaned_up_at: Option<String>,
+    /// The last failed run since the last `copy` started: `command`, `error`, `at`.
+    pub last_error: Option<serde_json::Value>,
 }
 
 impl State {
@@ -256,6 +258,32 @@ impl State {
             .get(0))
     }
 
+    /// Records that a run of `command` failed with `error` (no password: errors show
+    /// connection strings redacted); `status` shows it until the next `copy` starts.
+    pub async fn record_failure(&self, green: &impl GenericClient, command: &str, error: &str) -> Result<()> {
+        green
+            .execute(
+                &format!(
+                    "UPDATE {} SET last_error = jsonb_build_object('command', $1::text, 'error', $2::text, \
+                       'at', now()::text) WHERE id = 1",
+                    self.table("migration")
+                ),
+                &[&command, &error],
+            )
+            .await
+            .map_err(Error::db("green: recording a failed run"))?;
+        Ok(())
+    }
+
+    /// Forgets the last failure (a new `copy` runs).
+    pub async fn clear_failure(&self, green: &impl GenericClient) -> Result<()> {
+        green
+            .execute(&format!("UPDATE {} SET last_error = NULL WHERE id = 1", self.table("migration")), &[])
+            .await
+            .map_err(Error::db("green: clearing the last failure"))?;
+        Ok(())
+    }
+
     /// Stores the last verify's summary.
     pub async fn set_last_verify(&self, green: &impl GenericClient, summary: &serde_json::Value) -> Result<()> {
         green
@@ -314,7 +342,7 @@ impl State {
                     "SELECT lag_bytes, pending_keys, applied_keys, apply_rate, \
                             extract(epoch FROM now() - follower_seen_at)::float8, \
                             last_verify || jsonb_build_object('at', last_verify_at), cutover, \
-                            (to_jsonb(m) ->> 'cleaned_up_at'), (to_jsonb(m) ->> 'lag_seconds')::float8 \
+                            (to_jsonb(m) ->> 'cleaned_up_at'), (to_jsonb(m) ->> 'lag_seconds')::float8, to_jsonb(m) -> 'last_error' \
                      FROM {} m WHERE id = 1",
                     self.table("migration")
                 ),
@@ -332,6 +360,7 @@ impl State {
             cutover: r.get::<_, Option<serde_json::Value>>(6).map(|v| decode("the cutover record", v)).transpose()?,
             cleaned_up_at: r.get(7),
             lag_seconds: r.get(8),
+            last_error: r.get::<_, Option<serde_json::Value>>(9).filter(|v| !v.is_null()),
         })
     }
 }

@@ -132,6 +132,7 @@ impl State {
                 ("migration", "lag_seconds", "float8"),
                 ("migration", "verify_started_at", "timestamptz"),
                 ("chunks", "part", "text"),
+                ("migration", "last_error", "jsonb"),
             ]),
         );
         self.check_layout(green).await?;
