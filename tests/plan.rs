@@ -353,3 +353,25 @@ fn odd_values_in_a_plan_are_problems_not_crashes() {
     assert_eq!(cases, 78);
     assert_eq!(s.blue.psql("SELECT count(*) > 0 FROM hydra_client"), "t", "blue was changed by plan");
 }
+
+/// Managed PostgreSQL (RDS, Aurora) grants replication through membership in
+/// `rds_replication`, not the role attribute: `plan` sees it.
+#[test]
+fn replication_through_rds_replication_membership_is_seen() {
+    let c =
+        crate::support::Custom::new("CREATE TABLE t (id int PRIMARY KEY);", "CREATE TABLE t (id bigint PRIMARY KEY);");
+    let user = format!("rds_{}", c.blue.name);
+    c.blue.psql(&format!(
+        "DO $$ BEGIN CREATE ROLE rds_replication; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+         CREATE ROLE {user} LOGIN NOREPLICATION; GRANT SELECT ON t TO {user};"
+    ));
+    let plan = c.plan("auto", "", "[[table]]\nsource = \"public.t\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\n");
+    let url = c.blue.url().replace("user=postgres", &format!("user={user}")).replace("postgres@", &format!("{user}@"));
+    let r = run(c.migrate(&["plan", plan.to_str().unwrap()]).env("BLUE_URL", &url));
+    assert!(r.stdout.contains("FAIL  blue REPLICATION privilege: no"), "{r:?}");
+    assert!(r.stdout.contains("GRANT rds_replication TO"), "the fix for managed servers is named: {r:?}");
+    c.blue.psql(&format!("GRANT rds_replication TO {user}"));
+    let r = run(c.migrate(&["plan", plan.to_str().unwrap()]).env("BLUE_URL", &url));
+    assert!(r.stdout.contains("ok    blue REPLICATION privilege: yes (member of rds_replication)"), "{r:?}");
+    c.blue.psql(&format!("REVOKE SELECT ON t FROM {user}; DROP OWNED BY {user}; DROP ROLE {user}"));
+}

@@ -44,6 +44,7 @@ async fn capture_decision(
         .query_one(
             "SELECT current_setting('wal_level'), \
                     (SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user), \
+                    (SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_catalog.pg_roles WHERE rolname = 'rds_replication'), \
                     current_setting('max_replication_slots')::int \
                       - (SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_name <> $1)::int, \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), \
@@ -54,10 +55,14 @@ async fn capture_decision(
         .await
         .map_err(Error::db("blue: reading wal_level and replication settings"))?;
     let wal_level: String = row.get(0);
-    let replication: bool = row.get::<_, Option<bool>>(1).unwrap_or(false);
-    let free_slots: i32 = row.get(2);
-    let has_slot: bool = row.get(3);
-    if let Some(other) = row.get::<_, Option<String>>(4) {
+    let attribute: bool = row.get::<_, Option<bool>>(1).unwrap_or(false);
+    // RDS and Aurora grant replication through membership in `rds_replication`, not the role
+    // attribute (which their users cannot hold).
+    let rds: bool = row.get::<_, Option<bool>>(2).unwrap_or(false);
+    let replication = attribute || rds;
+    let free_slots: i32 = row.get(3);
+    let has_slot: bool = row.get(4);
+    if let Some(other) = row.get::<_, Option<String>>(5) {
         problems.push(plan_problem(
             "name",
             format!("replication slot {slot} on blue belongs to database {other}: another migration on this server uses the plan name `{}`", plan.name),
@@ -68,7 +73,11 @@ async fn capture_decision(
     checks.push(Check {
         name: "blue REPLICATION privilege".into(),
         ok: replication,
-        detail: if replication { "yes".into() } else { "no".into() },
+        detail: match (attribute, rds) {
+            (true, _) => "yes".into(),
+            (false, true) => "yes (member of rds_replication)".into(),
+            _ => "no".into(),
+        },
     });
     checks.push(Check {
         name: "blue free replication slot".into(),
@@ -77,11 +86,18 @@ async fn capture_decision(
     });
     let mut why_not = Vec::new();
     if wal_level != "logical" {
-        why_not
-            .push(format!("wal_level is {wal_level} (fix: ALTER SYSTEM SET wal_level = logical; then restart blue)"));
+        why_not.push(format!(
+            "wal_level is {wal_level} (fix: ALTER SYSTEM SET wal_level = logical; then restart blue; \
+                on RDS/Aurora set rds.logical_replication = 1 in the parameter group, on Cloud SQL the flag \
+                cloudsql.logical_decoding = on, then reboot)"
+        ));
     }
     if !replication {
-        why_not.push("the role lacks REPLICATION (fix: ALTER ROLE <migrator> REPLICATION)".to_string());
+        why_not.push(
+            "the role lacks REPLICATION (fix: ALTER ROLE <migrator> REPLICATION; on RDS/Aurora: GRANT rds_replication \
+             TO <migrator>; on Cloud SQL: ALTER USER <migrator> WITH REPLICATION)"
+                .to_string(),
+        );
     }
     if free_slots <= 0 && !has_slot {
         why_not.push(
