@@ -261,3 +261,36 @@ fn cleanup_refuses_while_copy_runs() {
     let r = run(&mut s.migrate(&["cleanup", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
 }
+
+/// `[capture] ddl_lock_timeout` and `ddl_attempts` bound how long trigger installation waits
+/// behind a transaction holding the table (the application's writes queue behind the wait).
+#[test]
+fn trigger_install_lock_wait_follows_the_plan_knobs() {
+    let c = crate::support::Custom::new(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10);",
+        "CREATE TABLE t (id bigint PRIMARY KEY);",
+    );
+    let mut holder = c
+        .blue
+        .cluster
+        .psql_cmd(&c.blue.name)
+        .args(["-c", "BEGIN; LOCK TABLE t IN ROW EXCLUSIVE MODE; SELECT pg_sleep(20); COMMIT;"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let plan = c.plan(
+        "trigger",
+        "",
+        "ddl_lock_timeout = \"100ms\"\nddl_attempts = 2\n[[table]]\nsource = \"public.t\"\nkey = [\"id\"]\n\
+         [table.columns]\nid = \"id\"\n",
+    );
+    let started = std::time::Instant::now();
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    let took = started.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("table lock not granted in 2 attempts"), "{r:?}");
+    assert!(took < std::time::Duration::from_secs(10), "gave up after {took:?}, not after two short waits");
+}

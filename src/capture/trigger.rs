@@ -50,7 +50,7 @@ impl Trigger {
         if tbl_type.as_deref() != Some("text") {
             return Err(Error::StateLayout { schema: format!("{raw} (on blue)"), found: 1, wanted: 2 });
         }
-        drop_stale_triggers(&blue, &raw, resolved).await?;
+        drop_stale_triggers(&blue, &raw, resolved, plan.ddl_lock).await?;
         for entries in by_source(&resolved.tables) {
             let source = &entries[0].source;
             // The functions are replaced every time (no table lock needed): an older install's
@@ -73,8 +73,13 @@ impl Trigger {
             if present == 2 {
                 continue;
             }
-            ddl_with_lock_timeout(&blue, &triggers_sql(&schema, source), &format!("capture triggers on {source}"))
-                .await?;
+            ddl_with_lock_timeout(
+                &blue,
+                &triggers_sql(&schema, source),
+                &format!("capture triggers on {source}"),
+                plan.ddl_lock,
+            )
+            .await?;
         }
         info!(tables = resolved.tables.len(), "capture triggers installed");
         Ok(Self { blue, schema, tables: resolved.tables.clone() })
@@ -186,20 +191,17 @@ impl Trigger {
     }
 }
 
-/// How long DDL on blue may wait for a table lock before it gives up and tries again. CREATE
-/// TRIGGER needs a lock that conflicts with writes; while it waits, every new write to the table
-/// queues behind it, so the wait must be short or the application stalls behind one long
-/// transaction.
-const DDL_LOCK_TIMEOUT: &str = "1s";
-/// Attempts before giving up on the lock.
-const DDL_ATTEMPTS: u32 = 30;
-
-/// Runs DDL on blue in one transaction with a short `lock_timeout`, retrying on lock timeouts.
-async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<()> {
+/// Runs DDL on blue in one transaction with a short `lock_timeout`, retrying on lock timeouts
+/// (`lock`: the wait per attempt and the attempts, `[capture] ddl_lock_timeout` and
+/// `ddl_attempts`). CREATE TRIGGER needs a lock that conflicts with writes; while it waits,
+/// every new write to the table queues behind it, so the wait must be short or the application
+/// stalls behind one long transaction.
+async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str, lock: (std::time::Duration, u32)) -> Result<()> {
+    let (timeout, attempts) = lock;
+    let ms = timeout.as_millis();
     let mut wait = std::time::Duration::from_millis(200);
-    for attempt in 1..=DDL_ATTEMPTS {
-        let res =
-            blue.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; {sql}; COMMIT")).await;
+    for attempt in 1..=attempts {
+        let res = blue.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{ms}ms'; {sql}; COMMIT")).await;
         match res {
             Ok(()) => return Ok(()),
             Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => {
@@ -208,7 +210,7 @@ async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<(
                 tracing::warn!(
                     attempt,
                     what,
-                    "lock not granted within {DDL_LOCK_TIMEOUT}; retrying. Open on blue: {}",
+                    "lock not granted within {ms} ms; retrying. Open on blue: {}",
                     if open.is_empty() { "no long transaction seen".to_string() } else { open.join("; ") }
                 );
                 tokio::time::sleep(wait).await;
@@ -220,12 +222,17 @@ async fn ddl_with_lock_timeout(blue: &Client, sql: &str, what: &str) -> Result<(
             }
         }
     }
-    Err(Error::LockNotGranted { what: what.to_string(), attempts: DDL_ATTEMPTS })
+    Err(Error::LockNotGranted { what: what.to_string(), attempts })
 }
 
 /// Removes our triggers from tables the plan no longer captures (an entry removed from the plan):
 /// their changes would only pile up in the change table.
-async fn drop_stale_triggers(blue: &Client, raw: &str, resolved: &ResolvedPlan) -> Result<()> {
+async fn drop_stale_triggers(
+    blue: &Client,
+    raw: &str,
+    resolved: &ResolvedPlan,
+    lock: (std::time::Duration, u32),
+) -> Result<()> {
     let stale: Vec<String> = blue
         .query(
             // Not the clones a partitioned table's triggers have on its partitions: they go with it.
@@ -252,7 +259,8 @@ async fn drop_stale_triggers(blue: &Client, raw: &str, resolved: &ResolvedPlan) 
             ident(&format!("{raw}_capture")),
             ident(&format!("{raw}_truncate")),
         );
-        ddl_with_lock_timeout(blue, &sql, &format!("removing capture triggers from {rel} (no longer planned)")).await?;
+        ddl_with_lock_timeout(blue, &sql, &format!("removing capture triggers from {rel} (no longer planned)"), lock)
+            .await?;
         info!(table = %rel, "capture triggers removed: the plan no longer has this table");
     }
     Ok(())

@@ -28,7 +28,7 @@ pub async fn run(plan: &Plan, force: bool) -> Result<Outcome> {
         let (done, failed) = if phase == Some(Phase::Switched) {
             (Vec::new(), Vec::new())
         } else {
-            crate::copy::restore_deferred(&green, &state).await?
+            crate::copy::restore_deferred(&green, &state, &plan.copy).await?
         };
         restored = done;
         if !failed.is_empty() && !force {

@@ -10,9 +10,16 @@ use crate::{
     pg::catalog::DeferredObject,
 };
 
-/// Settings for index builds on green: more memory and parallel workers make CREATE INDEX and
-/// ADD PRIMARY KEY several times faster than the defaults (64 MB, 2 workers).
-pub const BUILD_SETTINGS: &str = "SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 4";
+/// Settings for index builds on green (`[copy] index_build_memory`, `index_build_workers`):
+/// more memory and parallel workers make CREATE INDEX and ADD PRIMARY KEY several times faster
+/// than the server defaults (64 MB, 2 workers).
+pub fn build_settings(copy: &crate::plan::CopySettings) -> String {
+    format!(
+        "SET maintenance_work_mem = {}; SET max_parallel_maintenance_workers = {}",
+        crate::pg::literal(&copy.index_build_memory),
+        copy.index_build_workers
+    )
+}
 
 /// Drops the objects (foreign keys first, so referenced keys can go) inside the caller's
 /// transaction.
@@ -27,8 +34,13 @@ pub async fn drop_all(tx: &tokio_postgres::Transaction<'_>, objects: &[DeferredO
 
 /// Rebuilds the table's own indexes and unique/primary/exclusion constraints (not foreign keys,
 /// which wait until every table has its keys). Skips what already exists.
-pub async fn rebuild_keys_and_indexes(green: &Client, table: &str, objects: &[DeferredObject]) -> Result<()> {
-    green.batch_execute(BUILD_SETTINGS).await.map_err(Error::db("green: index build settings"))?;
+pub async fn rebuild_keys_and_indexes(
+    green: &Client,
+    table: &str,
+    objects: &[DeferredObject],
+    copy: &crate::plan::CopySettings,
+) -> Result<()> {
+    green.batch_execute(&build_settings(copy)).await.map_err(Error::db("green: index build settings"))?;
     // Entries writing one target each rebuild its objects when their copy ends, maybe at the
     // same moment: one at a time, so the second finds them made instead of failing on
     // "multiple primary keys".

@@ -12,7 +12,7 @@ mod worker;
 
 pub use crate::shutdown::Shutdown;
 pub use chunk::{condition, Chunk};
-pub use indexes::BUILD_SETTINGS;
+pub use indexes::build_settings;
 
 use std::{
     collections::VecDeque,
@@ -252,7 +252,11 @@ async fn refuse_drifted(state: &State, green: &Client, resolved: &ResolvedPlan, 
 /// and has not rebuilt (every entry not `done`), and adds and validates the foreign keys it
 /// recorded. Returns what it restored, and what it could not (each with the statement that
 /// restores it and why it failed).
-pub async fn restore_deferred(green: &Client, state: &State) -> Result<(Vec<String>, Vec<String>)> {
+pub async fn restore_deferred(
+    green: &Client,
+    state: &State,
+    copy: &crate::plan::CopySettings,
+) -> Result<(Vec<String>, Vec<String>)> {
     let (mut restored, mut failed) = (Vec::new(), Vec::new());
     let mut foreign = Vec::new();
     for r in state.recorded_tables(green).await? {
@@ -263,7 +267,7 @@ pub async fn restore_deferred(green: &Client, state: &State) -> Result<(Vec<Stri
             continue;
         }
         for d in defs.iter().filter(|d| d.kind != "foreign key") {
-            match indexes::rebuild_keys_and_indexes(green, &r.target, std::slice::from_ref(d)).await {
+            match indexes::rebuild_keys_and_indexes(green, &r.target, std::slice::from_ref(d), copy).await {
                 Ok(()) => restored.push(format!("{} {} on {}", d.kind, d.name, r.target)),
                 Err(e) => failed.push(format!("{} {} on {} ({e}): {}", d.kind, d.name, r.target, d.create_sql)),
             }

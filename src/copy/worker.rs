@@ -181,7 +181,7 @@ async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
     if shared.resumed[table] && shared.plan.copy.defer_indexes {
         dedup(green, &shared.state, t).await?;
     }
-    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table]).await?;
+    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await?;
     shared.state.set_table_state(green, &t.id, TableState::Done).await?;
     shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
     Ok(())

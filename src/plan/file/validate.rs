@@ -270,12 +270,54 @@ impl Validator<'_> {
             Some(s) => *s.get_ref() as u64,
             None => 0,
         };
+        let index_build_memory = match &raw.index_build_memory {
+            None => DEFAULT_INDEX_BUILD_MEMORY.to_string(),
+            Some(m) if memory_setting(m.get_ref()) => m.get_ref().trim().to_string(),
+            Some(m) => {
+                self.problem(
+                    self.line(m.span()),
+                    "copy.index_build_memory",
+                    format!("`{}` is not an amount of memory like 512MB or 2GB", m.get_ref()),
+                );
+                DEFAULT_INDEX_BUILD_MEMORY.to_string()
+            }
+        };
+        let index_build_workers = match &raw.index_build_workers {
+            None => DEFAULT_INDEX_BUILD_WORKERS,
+            Some(n) if (0..=64).contains(n.get_ref()) => *n.get_ref(),
+            Some(n) => {
+                self.problem(self.line(n.span()), "copy.index_build_workers", "must be 0 to 64");
+                DEFAULT_INDEX_BUILD_WORKERS
+            }
+        } as u32;
         CopySettings {
             workers,
             chunk_rows,
             defer_indexes: raw.defer_indexes.unwrap_or(DEFAULT_DEFER_INDEXES),
             max_rows_per_second,
+            index_build_memory,
+            index_build_workers,
         }
+    }
+
+    /// `[capture] ddl_lock_timeout` and `ddl_attempts`.
+    pub(super) fn ddl_lock(&mut self, raw: &RawCapture) -> (Duration, u32) {
+        let timeout = match &raw.ddl_lock_timeout {
+            None => DEFAULT_DDL_LOCK_TIMEOUT,
+            Some(v) => match parse_duration(v.get_ref()) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.problem(self.line(v.span()), "capture.ddl_lock_timeout", "must be more than 0");
+                    DEFAULT_DDL_LOCK_TIMEOUT
+                }
+                Err(e) => {
+                    self.problem(self.line(v.span()), "capture.ddl_lock_timeout", e);
+                    DEFAULT_DDL_LOCK_TIMEOUT
+                }
+            },
+        };
+        let attempts = self.positive(&raw.ddl_attempts, "capture.ddl_attempts", i64::from(DEFAULT_DDL_ATTEMPTS));
+        (timeout, attempts.min(10_000) as u32)
     }
 
     /// `[constants]`: names usable as `:name`, values with `${VAR}` substituted.
@@ -375,6 +417,13 @@ impl Validator<'_> {
             constant_columns,
         })
     }
+}
+
+/// Whether `text` is a memory amount PostgreSQL takes: digits, optionally a unit.
+fn memory_setting(text: &str) -> bool {
+    let t = text.trim();
+    let digits = t.chars().take_while(char::is_ascii_digit).count();
+    digits > 0 && matches!(t[digits..].trim(), "" | "kB" | "MB" | "GB" | "TB")
 }
 
 /// The names of the `${VAR}` references in `text`.
