@@ -4,7 +4,7 @@
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
 use bluegreen::{shutdown::Shutdown, Command, Format, Outcome};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// Zero-downtime PostgreSQL blue/green migrations with schema transforms.
 #[derive(Parser)]
@@ -132,10 +132,34 @@ enum Cmd {
         #[command(flatten)]
         format: FormatArg,
     },
+    /// Print a shell completion script, e.g. `migrate completions bash >
+    /// /etc/bash_completion.d/migrate`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `migrate man > /usr/local/share/man/man1/migrate.1`.
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "migrate", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: writing the man page: {e}");
+                    ExitCode::from(3)
+                }
+            };
+        }
+        _ => {}
+    }
     let quiet = matches!(cli.command, Cmd::Demo { .. }) || std::io::stderr().is_terminal();
     init_tracing(cli.log_format, cli.verbose, quiet);
     let json = matches!(cli.log_format, LogFormat::Json);
@@ -145,7 +169,7 @@ fn main() -> ExitCode {
         });
     }
     let (path, command) = match cli.command {
-        Cmd::Demo { .. } => unreachable!("handled above"),
+        Cmd::Demo { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
         Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
         Cmd::Copy { plan, no_follow, recopy } => (plan.plan, Command::Copy { no_follow, recopy }),
         Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),

@@ -375,3 +375,16 @@ fn replication_through_rds_replication_membership_is_seen() {
     assert!(r.stdout.contains("ok    blue REPLICATION privilege: yes (member of rds_replication)"), "{r:?}");
     c.blue.psql(&format!("REVOKE SELECT ON t FROM {user}; DROP OWNED BY {user}; DROP ROLE {user}"));
 }
+
+/// Shell completions and the man page are generated from the same command line definition.
+#[test]
+fn completions_and_man_page_come_from_the_command_line() {
+    let out = assert_cmd::Command::cargo_bin("migrate").unwrap().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("_migrate()") && text.contains("--recopy") && text.contains("cutover"), "{text}");
+    let out = assert_cmd::Command::cargo_bin("migrate").unwrap().arg("man").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(".TH migrate 1") && text.contains("cutover") && text.contains("status"), "{text}");
+}
