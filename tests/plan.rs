@@ -250,8 +250,19 @@ fn odd_values_in_a_plan_are_problems_not_crashes() {
     }
     let places = [
         Place {
-            from: "scopes = \"array_remove(string_to_array(scope, ' '), '')\"",
-            to: "scopes = \"{}\"",
+            // `scope` is left behind, so `drop` says so (a source column reaching no target
+            // column is a problem of its own).
+            from: "drop = [\"form_data\"]                 # dropped in v2: a source column left behind must be named\n\
+                   [table.columns]\n\
+                   signature = \"signature\"\n\
+                   nid = \"'5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11'::uuid\"\n\
+                   request_id = \"request_id\"\n\
+                   requested_at = \"requested_at AT TIME ZONE 'UTC'\"\n\
+                   client_id = \"client_id\"\n\
+                   scopes = \"array_remove(string_to_array(scope, ' '), '')\"",
+            to: "drop = [\"form_data\", \"scope\"]\n[table.columns]\nsignature = \"signature\"\n\
+                 nid = \"'5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11'::uuid\"\nrequest_id = \"request_id\"\n\
+                 requested_at = \"requested_at AT TIME ZONE 'UTC'\"\nclient_id = \"client_id\"\nscopes = \"{}\"",
             problem: &["table[2].columns.scopes [public.oauth2_access_tokens.scopes]: expression `{}` "],
             empty: Some("table[2].columns.scopes: empty expression"),
             // integer[] may be assigned to text[] (element-wise, anything to text).

@@ -382,3 +382,64 @@ fn a_delete_in_one_tenant_keeps_the_other_tenants_row() {
     assert_eq!(c.green.psql("SELECT count(*) FROM users WHERE tenant = 'b'"), "100", "tenant b's rows went too");
     assert_eq!(c.green.psql("SELECT name FROM users WHERE tenant = 'b' AND id = 20"), "renamed");
 }
+
+/// Same-named columns map by default: an entry without [table.columns] copies and follows every
+/// column. A source column that reaches no target column is a problem naming it, until `drop`
+/// says it is left behind.
+#[test]
+fn same_named_columns_map_by_default_and_a_forgotten_column_is_named() {
+    let c = Custom::new(
+        "CREATE TABLE people (id int PRIMARY KEY, email text NOT NULL, nickname text, created_at timestamptz NOT NULL);
+         INSERT INTO people SELECT g, 'p' || g || '@x', CASE WHEN g % 3 = 0 THEN 'nick' || g END, now() - g * interval '1 day'
+         FROM generate_series(1, 500) g;",
+        "CREATE TABLE people (id bigint PRIMARY KEY, email text NOT NULL, nickname text,
+                              created_at timestamptz NOT NULL DEFAULT now(), migrated_at timestamptz DEFAULT now());
+         CREATE TABLE slim (id bigint PRIMARY KEY, email text NOT NULL);",
+    );
+    let plan = c.plan("logical", "", "[[table]]\nsource = \"public.people\"\nkey = [\"id\"]\n");
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("<- same name   [integer]") && r.stdout.contains("<- default"), "{r:?}");
+    let follower = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
+    c.wait_phase("following");
+    c.blue.psql("UPDATE people SET nickname = 'changed' WHERE id <= 10; DELETE FROM people WHERE id > 490");
+    stop_and_catch_up(&c, &plan, follower, &[]);
+    assert_transformed(
+        &c,
+        &[(
+            "SELECT id::bigint, email, nickname, created_at FROM people",
+            "SELECT id, email, nickname, created_at FROM people",
+            "people",
+        )],
+    );
+
+    // A target without some source columns: each one left behind is named, then silenced by drop.
+    let c2 = Custom::new(
+        "CREATE TABLE people (id int PRIMARY KEY, email text NOT NULL, nickname text, created_at timestamptz);",
+        "CREATE TABLE people (id bigint PRIMARY KEY, email text NOT NULL);",
+    );
+    let plan = c2.plan("logical", "", "[[table]]\nsource = \"public.people\"\nkey = [\"id\"]\n");
+    let r = run(&mut c2.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("source column public.people.nickname reaches no target column"), "{r:?}");
+    assert!(r.stdout.contains("source column public.people.created_at reaches no target column"), "{r:?}");
+    assert!(r.stdout.contains("drop = [\"nickname\"]"), "the fix names drop: {r:?}");
+    let plan = c2.plan(
+        "logical",
+        "",
+        "[[table]]\nsource = \"public.people\"\nkey = [\"id\"]\ndrop = [\"nickname\", \"created_at\"]\n",
+    );
+    let r = run(&mut c2.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let plan = c2.plan(
+        "logical",
+        "",
+        "[[table]]\nsource = \"public.people\"\nkey = [\"id\"]\ndrop = [\"nickname\", \"creatd_at\"]\n",
+    );
+    let r = run(&mut c2.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("table[1].drop") && r.stdout.contains("`creatd_at` is not a column of public.people"),
+        "{r:?}"
+    );
+}

@@ -107,6 +107,7 @@ struct RawTable {
     target: Option<Spanned<String>>,
     key: Spanned<Vec<String>>,
     filter: Option<Spanned<String>>,
+    drop: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     columns: IndexMap<String, Spanned<String>>,
 }
@@ -235,6 +236,11 @@ pub struct TableEntry {
     /// Target columns set to a constant (`:name` or one quoted literal, optionally cast): they
     /// may complete green's key beyond the columns the source key maps to.
     pub constant_columns: Vec<String>,
+    /// `drop`: source columns that on purpose reach no target column, with its line.
+    pub drop: (Vec<String>, Line),
+    /// Target columns mapped by default from the same-named source column (filled in when the
+    /// plan is resolved; `columns` then holds them too).
+    pub same_name: Vec<String>,
 }
 
 impl TableEntry {

@@ -56,6 +56,8 @@ pub struct ResolvedColumn {
     /// Compared by its text form (see `ColumnInfo::hash_by_text`).
     #[serde(skip)]
     pub hash_by_text: bool,
+    /// Mapped by default from the same-named source column (`plan` shows `<- same name`).
+    pub same_name: bool,
 }
 
 /// A key column on both sides.
@@ -211,7 +213,16 @@ impl ResolvedTable {
             if b != a {
                 let show =
                     |v: &serde_json::Value| v.as_str().map(|s| format!("`{s}`")).unwrap_or_else(|| "default".into());
-                out.push(format!("column {name} was {} and is now {}", show(b), show(a)));
+                let why = match self.columns.iter().find(|c| &c.name == name) {
+                    // A copy begun before same-named columns mapped by default: say how to keep
+                    // what green holds.
+                    Some(c) if c.same_name && b.is_null() => format!(
+                        " (same-named columns map by default now; to leave {name} to its default as before, \
+                         add \"{name}\" to the entry's drop)"
+                    ),
+                    _ => String::new(),
+                };
+                out.push(format!("column {name} was {} and is now {}{why}", show(b), show(a)));
             }
         }
         out

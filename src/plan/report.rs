@@ -52,6 +52,8 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
         let width = t.columns.iter().map(|c| c.name.len()).max().unwrap_or(0).max(12);
         for col in &t.columns {
             let from = match (&col.expr, &col.expr_type) {
+                (Some(_), Some(ty)) if col.same_name && ty != &col.target_type => format!("same name   [{ty}]"),
+                (Some(_), _) if col.same_name => "same name".into(),
                 (Some(e), Some(ty)) if ty != &col.target_type => format!("{e}   [{ty}]"),
                 (Some(e), _) => e.clone(),
                 (None, _) => "default".into(),

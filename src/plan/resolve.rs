@@ -40,6 +40,7 @@ pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<Resol
         }
     }
     check_overlaps(plan, &mut problems);
+    check_unreached(plan, &tables, &mut problems);
     let (capture, mut checks) = prereq::check(plan, &tables, blue, green, &mut problems).await?;
     checks.push(sample_all(&tables, blue, &mut problems).await?);
     let bytes: u64 = tables.iter().map(|t| t.estimate.bytes).sum();
@@ -103,6 +104,92 @@ impl Ctx<'_> {
     }
 }
 
+/// `entry` with every target column it does not name mapped from the source column of the same
+/// name, unless that source column is in `drop` or the target column cannot be written
+/// (generated).
+fn with_same_names(entry: &TableEntry, src: &TableInfo, tgt: &TableInfo) -> TableEntry {
+    let mut effective = entry.clone();
+    for col in tgt.columns.iter().filter(|c| !c.generated && !entry.columns.contains_key(&c.name)) {
+        let from_source = src.column(&col.name).is_some_and(|s| !s.generated);
+        if from_source && !entry.drop.0.contains(&col.name) {
+            effective.columns.insert(col.name.clone(), (ident(&col.name), entry.source_line));
+            effective.same_name.push(col.name.clone());
+        }
+    }
+    effective
+}
+
+/// Source columns of every entry that reach no target column: not mapped by name, not named in
+/// any expression, filter or key of an entry over that source, and not in `drop`. Entries that
+/// share a source are taken together (a table split in two). A name counts as used wherever it
+/// appears as a word in an expression: a quoted string holding it counts too.
+fn check_unreached(plan: &Plan, tables: &[ResolvedTable], problems: &mut Vec<Problem>) {
+    for (i, t) in tables.iter().enumerate() {
+        if tables[..i].iter().any(|o| o.source == t.source) {
+            continue;
+        }
+        let siblings: Vec<&ResolvedTable> = tables.iter().filter(|o| o.source == t.source).collect();
+        let entries: Vec<&TableEntry> =
+            plan.tables.iter().filter(|e| siblings.iter().any(|s| s.index == e.index)).collect();
+        let texts: Vec<&str> = siblings
+            .iter()
+            .flat_map(|s| s.columns.iter().filter_map(|c| c.expr.as_deref()).chain(s.filter.as_deref()))
+            .chain(siblings.iter().flat_map(|s| s.key.iter().map(|k| k.source.as_str())))
+            .collect();
+        for (name, _) in &t.source_columns {
+            if entries.iter().any(|e| e.drop.0.contains(name)) || texts.iter().any(|x| mentions(x, name)) {
+                continue;
+            }
+            let first = entries.first().map(|e| (e.path(), e.source_line)).unwrap_or_default();
+            problems.push(Problem {
+                field: first.0.clone(),
+                line: Some(first.1),
+                table: Some(t.source.to_string()),
+                column: Some(name.clone()),
+                message: format!(
+                    "source column {}.{name} reaches no target column: its values would be lost",
+                    t.source
+                ),
+                fix: Some(format!(
+                    "map it (`<target column> = \"{name}\"` under [table.columns]), or say it is left behind: \
+                     drop = [\"{name}\"]"
+                )),
+            });
+        }
+    }
+    // A `drop` naming no source column is a typo that silences nothing.
+    for e in &plan.tables {
+        let Some(t) = tables.iter().find(|t| t.index == e.index) else { continue };
+        for d in &e.drop.0 {
+            if !t.source_columns.iter().any(|(n, _)| n == d) {
+                problems.push(Problem {
+                    field: format!("{}.drop", e.path()),
+                    line: Some(e.drop.1),
+                    table: Some(e.source.to_string()),
+                    column: Some(d.clone()),
+                    message: format!("`{d}` is not a column of {}", e.source),
+                    fix: None,
+                });
+            }
+        }
+    }
+}
+
+/// Whether `expr` names column `name` as a word (unquoted names compare without case).
+fn mentions(expr: &str, name: &str) -> bool {
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+    let (hay, needle) = if name.chars().any(char::is_uppercase) {
+        (expr.to_string(), name.to_string())
+    } else {
+        (expr.to_lowercase(), name.to_string())
+    };
+    hay.match_indices(&needle).any(|(at, m)| {
+        let before = hay[..at].chars().next_back();
+        let after = hay[at + m.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
+}
+
 /// Why `name` (the entry's `what`, on `side`) is no table, and what to do.
 async fn not_a_table(
     client: &Client,
@@ -162,6 +249,19 @@ async fn resolve_table(
     let (Some(src), Some(tgt)) = (src, tgt) else {
         return Ok(None);
     };
+    // From here on, the entry with its same-named columns mapped.
+    let effective = with_same_names(entry, &src, &tgt);
+    let mut cx = Ctx { entry: &effective, problems: cx.problems };
+    let entry = &effective;
+    if entry.columns.is_empty() {
+        cx.report(
+            "columns",
+            entry.source_line,
+            None,
+            format!("no columns mapped: no column of {} has a same-named column on {}", entry.target, entry.source),
+            Some("add [table.columns] with target = \"expression over the source row\"".into()),
+        );
+    }
 
     let columns = resolve_columns(&mut cx, &tgt, blue, rules).await?;
     let (mut key, constant_key) = match resolve_key(&mut cx, &src, &tgt) {
@@ -315,6 +415,7 @@ async fn resolve_columns(
                 expr: None,
                 expr_type: None,
                 hash_by_text: col.hash_by_text,
+                same_name: false,
             });
             continue;
         };
@@ -331,6 +432,7 @@ async fn resolve_columns(
             expr: Some(expr),
             expr_type,
             hash_by_text: col.hash_by_text,
+            same_name: entry.same_name.contains(&col.name),
         });
     }
     Ok(out)

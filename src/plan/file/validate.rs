@@ -379,13 +379,6 @@ impl Validator<'_> {
         if key.is_empty() {
             self.problem(key_line, format!("{field}.key"), "key must name at least one source column");
         }
-        if t.columns.is_empty() {
-            self.problem(
-                source_line,
-                format!("{field}.columns"),
-                "no columns mapped; add [table.columns] with target = \"expression\"",
-            );
-        }
         let mut columns = IndexMap::new();
         let mut constant_columns = Vec::new();
         for (col, expr) in t.columns {
@@ -400,6 +393,10 @@ impl Validator<'_> {
             let e = self.with_constants(line, &path, expr.get_ref(), constants);
             columns.insert(col, (e, line));
         }
+        let drop = match &t.drop {
+            Some(d) => (d.get_ref().clone(), self.line(d.span())),
+            None => (Vec::new(), source_line),
+        };
         let filter = t.filter.map(|f| {
             let line = self.line(f.span());
             (self.with_constants(line, &format!("{field}.filter"), f.get_ref(), constants), line)
@@ -415,6 +412,8 @@ impl Validator<'_> {
             filter,
             columns,
             constant_columns,
+            drop,
+            same_name: Vec::new(),
         })
     }
 }
