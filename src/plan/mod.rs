@@ -344,6 +344,7 @@ mod tests {
             expr: expr.map(str::to_string),
             expr_type: None,
             hash_by_text: false,
+            same_name: false,
         };
         ResolvedTable {
             id: TableId::from_stored("public.tokens".into()),
