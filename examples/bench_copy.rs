@@ -12,7 +12,7 @@ mod cluster;
 use std::{path::Path, time::Instant};
 
 use bluegreen::{
-    copy::{build_settings, Shutdown},
+    copy::Shutdown,
     plan::{resolve, Plan},
     Command,
 };
@@ -142,7 +142,7 @@ async fn raw_floor(plan_path: &Path) -> anyhow::Result<f64> {
     sink.send_all(&mut stream.as_mut().map_err(|e| e)).await?;
     sink.as_mut().finish().await?;
     let copied = started.elapsed().as_secs_f64();
-    green.batch_execute(&build_settings(&plan.copy)).await?;
+    green.batch_execute(&plan.copy.index_build_sql()).await?;
     let mut order: Vec<_> = t.deferred.iter().filter(|d| d.kind != "foreign key").collect();
     order.sort_by_key(|d| d.kind != "primary key");
     for d in order {

@@ -10,17 +10,6 @@ use crate::{
     pg::catalog::DeferredObject,
 };
 
-/// Settings for index builds on green (`[copy] index_build_memory`, `index_build_workers`):
-/// more memory and parallel workers make CREATE INDEX and ADD PRIMARY KEY several times faster
-/// than the server defaults (64 MB, 2 workers).
-pub fn build_settings(copy: &crate::plan::CopySettings) -> String {
-    format!(
-        "SET maintenance_work_mem = {}; SET max_parallel_maintenance_workers = {}",
-        crate::pg::literal(&copy.index_build_memory),
-        copy.index_build_workers
-    )
-}
-
 /// Drops the objects (foreign keys first, so referenced keys can go) inside the caller's
 /// transaction.
 pub async fn drop_all(tx: &tokio_postgres::Transaction<'_>, objects: &[DeferredObject]) -> Result<()> {
@@ -40,7 +29,7 @@ pub async fn rebuild_keys_and_indexes(
     objects: &[DeferredObject],
     copy: &crate::plan::CopySettings,
 ) -> Result<()> {
-    green.batch_execute(&build_settings(copy)).await.map_err(Error::db("green: index build settings"))?;
+    green.batch_execute(&copy.index_build_sql()).await.map_err(Error::db("green: index build settings"))?;
     // Entries writing one target each rebuild its objects when their copy ends, maybe at the
     // same moment: one at a time, so the second finds them made instead of failing on
     // "multiple primary keys".

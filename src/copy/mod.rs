@@ -12,7 +12,6 @@ mod worker;
 
 pub use crate::shutdown::Shutdown;
 pub use chunk::{condition, Chunk};
-pub use indexes::build_settings;
 
 use std::{
     collections::VecDeque,
