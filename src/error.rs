@@ -403,6 +403,17 @@ pub enum Error {
         /// The step.
         what: String,
     },
+    /// A cutover stopped half-way and this run's plan has no `[cutover.pgbouncer]` to finish or
+    /// undo it with.
+    #[error(
+        "a cutover stopped half-way (at step {step}), and this plan has no [cutover.pgbouncer] section to \
+         recover it with: PgBouncer may still hold the application paused. Run `migrate cutover` with the \
+         plan the cutover ran with (it recovers first), or RESUME the entry on PgBouncer's console by hand"
+    )]
+    CutoverUnrecoverable {
+        /// The step recorded.
+        step: String,
+    },
     /// Rows still differ after the drain.
     #[error("{count} row(s) differ between blue and green after the drain, e.g. {}; run `migrate verify` for details", shown.join(", "))]
     DrainDiffers {

@@ -393,6 +393,11 @@ impl ApplySide {
                 if gate == Gate::Go {
                     self.state.leave_gate(&self.green).await;
                 }
+                if self.plan.cutover.pgbouncer.is_none() {
+                    // This follower's plan cannot reach PgBouncer: saying "recovering" every
+                    // round while nothing happens would hide a paused entry.
+                    return Err(Error::CutoverUnrecoverable { step: step.to_string() });
+                }
                 warn!(step = %step, "a cutover stopped half-way; recovering it");
                 crate::cutover::recover_abandoned(&self.plan).await?;
                 return Ok(None);

@@ -305,3 +305,28 @@ fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started() {
     assert_eq!(c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.verified")), "0");
     assert_same(&c);
 }
+
+/// A cutover that stopped half-way cannot be finished or undone by a follower whose plan has no
+/// `[cutover.pgbouncer]`: it stops, saying what to do, instead of reporting "recovering" while
+/// PgBouncer may still hold the application paused.
+#[test]
+fn a_half_way_cutover_without_pgbouncer_settings_stops_the_follower_with_what_to_do() {
+    let c =
+        Custom::new(&format!("{BLUE} INSERT INTO acct SELECT g, g, 'n' || g FROM generate_series(1, 100) g;"), GREEN);
+    let plan = c.plan("logical", "", ENTRY);
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    c.green.psql(
+        &c.sql("UPDATE bluegreen_custom.migration SET state = '{\"phase\": \"cutting-over\", \"step\": \"pause\"}'"),
+    );
+    let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("no [cutover.pgbouncer] section to recover it with"), "{r:?}");
+
+    // `cutover` says the section is missing before it connects anywhere (blue unreachable here).
+    let r = run(c
+        .migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"])
+        .env("BLUE_URL", "postgres://postgres@127.0.0.1:1/x"));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("[cutover.pgbouncer]") && !r.stderr.contains("cannot connect"), "{r:?}");
+}

@@ -36,7 +36,8 @@ fn cutover_lock_key(plan: &str) -> String {
     format!("bluegreen.cutover:{plan}")
 }
 
-fn settings(plan: &Plan) -> Result<&PgbouncerSettings> {
+/// The plan's `[cutover.pgbouncer]`, or a plan error saying where to add it.
+pub fn settings(plan: &Plan) -> Result<&PgbouncerSettings> {
     plan.cutover.pgbouncer.as_ref().ok_or_else(|| {
         // Where the section belongs: under `[cutover]` when the plan has one, else at the end.
         let text = std::fs::read_to_string(&plan.path).unwrap_or_default();
