@@ -13,8 +13,6 @@ use crate::{
 
 /// Runs `cutover` (or only its preflight) and prints its report.
 pub async fn run(plan: &Plan, dry_run: bool, shutdown: Shutdown) -> Result<Outcome> {
-    // Before connecting and sampling: without the section there is nothing to cut over with.
-    crate::cutover::settings(plan)?;
     let (blue, green) = connect_both(plan).await?;
     let (resolved, _) = resolve_sound(plan, &blue, &green, &[]).await?;
     drop((blue, green));
