@@ -563,6 +563,9 @@ id = "id"
             "{p:?}"
         );
         assert!(p.iter().any(|(_, f, _)| f == "copy.index_build_workers"), "{p:?}");
+        let p = problems("[capture]\nddl_lock_timeout = \"0s\"\nstall_timeout = \"soon\"\n");
+        assert!(p.iter().any(|(_, f, m)| f == "capture.ddl_lock_timeout" && m == "must be more than 0"), "{p:?}");
+        assert!(p.iter().any(|(_, f, m)| f == "capture.stall_timeout" && m.contains("not a duration")), "{p:?}");
     }
 
     #[test]

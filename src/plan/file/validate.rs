@@ -234,16 +234,21 @@ impl Validator<'_> {
     }
 
     pub(super) fn stall_timeout(&mut self, raw: &Option<Spanned<String>>) -> Duration {
-        let Some(v) = raw else { return DEFAULT_STALL_TIMEOUT };
+        self.positive_duration(raw, "capture.stall_timeout", DEFAULT_STALL_TIMEOUT)
+    }
+
+    /// A duration more than 0, or a problem on `field` (and `default`).
+    fn positive_duration(&mut self, raw: &Option<Spanned<String>>, field: &str, default: Duration) -> Duration {
+        let Some(v) = raw else { return default };
         match parse_duration(v.get_ref()) {
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
-                self.problem(self.line(v.span()), "capture.stall_timeout", "must be more than 0");
-                DEFAULT_STALL_TIMEOUT
+                self.problem(self.line(v.span()), field, "must be more than 0");
+                default
             }
             Err(e) => {
-                self.problem(self.line(v.span()), "capture.stall_timeout", e);
-                DEFAULT_STALL_TIMEOUT
+                self.problem(self.line(v.span()), field, e);
+                default
             }
         }
     }
@@ -302,20 +307,8 @@ impl Validator<'_> {
 
     /// `[capture] ddl_lock_timeout` and `ddl_attempts`.
     pub(super) fn ddl_lock(&mut self, raw: &RawCapture) -> (Duration, u32) {
-        let timeout = match &raw.ddl_lock_timeout {
-            None => DEFAULT_DDL_LOCK_TIMEOUT,
-            Some(v) => match parse_duration(v.get_ref()) {
-                Ok(d) if !d.is_zero() => d,
-                Ok(_) => {
-                    self.problem(self.line(v.span()), "capture.ddl_lock_timeout", "must be more than 0");
-                    DEFAULT_DDL_LOCK_TIMEOUT
-                }
-                Err(e) => {
-                    self.problem(self.line(v.span()), "capture.ddl_lock_timeout", e);
-                    DEFAULT_DDL_LOCK_TIMEOUT
-                }
-            },
-        };
+        let timeout =
+            self.positive_duration(&raw.ddl_lock_timeout, "capture.ddl_lock_timeout", DEFAULT_DDL_LOCK_TIMEOUT);
         let attempts = self.positive(&raw.ddl_attempts, "capture.ddl_attempts", i64::from(DEFAULT_DDL_ATTEMPTS));
         (timeout, attempts.min(10_000) as u32)
     }
