@@ -150,7 +150,7 @@ async fn write_rows(
     keys: &[Vec<String>],
     upsert: bool,
 ) -> Result<()> {
-    let src_cols: Vec<String> = t.key.iter().map(|k| ident(&k.source)).collect();
+    let src_cols: Vec<String> = t.key.iter().map(|k| t.qualified(&k.source)).collect();
     let src_types: Vec<String> = t.key.iter().map(|k| k.source_type.clone()).collect();
     let tgt_cols: Vec<String> = t.key.iter().map(|k| ident(&k.target)).collect();
     let tgt_types: Vec<String> = t.key.iter().map(|k| k.target_type.clone()).collect();

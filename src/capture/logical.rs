@@ -15,7 +15,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     pg::{ident, literal, ConnInfo, Lsn},
-    plan::{Plan, ResolvedPlan, ResolvedTable},
+    plan::{KeyText, Plan, ResolvedPlan, ResolvedTable},
     state::State,
 };
 
@@ -49,8 +49,12 @@ impl Logical {
     /// Creates the publication (exactly the planned tables) and the slot, unless they exist.
     pub async fn setup(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Self> {
         let slot = super::object_name(&plan.name);
-        // Each source table once, however many entries read it.
-        let mut tables: Vec<String> = resolved.tables.iter().map(|t| t.source.quoted()).collect();
+        // Each source and joined table once, however many entries read it.
+        let mut tables: Vec<String> = resolved
+            .tables
+            .iter()
+            .flat_map(|t| std::iter::once(t.source.quoted()).chain(t.joins.iter().map(|j| j.table.quoted())))
+            .collect();
         tables.sort();
         tables.dedup();
         let has_pub: bool = blue
@@ -179,13 +183,16 @@ impl Logical {
                 progress.touch();
             }
             xids.extend(decoder.feed(row.get::<_, &[u8]>(0))?);
-            if decoder.ready.len() + decoder.in_tx.len() >= STORE_CHUNK {
+            if decoder.ready.len() + decoder.links.len() + decoder.in_tx.len() >= STORE_CHUNK {
                 // Keys of the open transaction may be stored before its commit message arrives,
                 // and apply re-reads them from blue at once: wait until blue shows the commits.
-                wait_visible(second_session(watch, info).await?, &xids).await?;
+                let session = second_session(watch, info).await?;
+                wait_visible(session, &xids).await?;
                 xids.clear();
                 decoder.release_open_transaction();
-                let chunk = std::mem::take(&mut decoder.ready);
+                let mut chunk = std::mem::take(&mut decoder.ready);
+                let links = std::mem::take(&mut decoder.links);
+                chunk.extend(super::trace::resolve(session, &self.tables, links, KeyText::Output).await?);
                 stored += chunk.len();
                 let to = Delivery { tables: &self.tables, direct: &direct, verify_started };
                 *applied += deliver(sessions, green, state, to, chunk).await? as u64;
@@ -193,7 +200,9 @@ impl Logical {
             }
         }
         wait_visible(&self.blue, &xids).await?;
-        let events = std::mem::take(&mut decoder.ready);
+        let mut events = std::mem::take(&mut decoder.ready);
+        let links = std::mem::take(&mut decoder.links);
+        events.extend(super::trace::resolve(&self.blue, &self.tables, links, KeyText::Output).await?);
         stored += events.len();
         if !events.is_empty() {
             let to = Delivery { tables: &self.tables, direct: &direct, verify_started: &mut self.verify_started };
@@ -331,24 +340,59 @@ async fn second_session<'a>(watch: &'a mut Option<Client>, info: &ConnInfo) -> R
 /// transaction once held 750 MB) and lets apply start before a large transaction is all read.
 pub const STORE_CHUNK: usize = 50_000;
 
+/// How an entry reads a table: as its driving table, or as one of its joins.
+#[derive(Debug, Clone, Copy)]
+struct Role {
+    /// Entry index.
+    entry: usize,
+    /// Join index, for a joined table.
+    join: Option<usize>,
+}
+
+/// The roles of table `schema.name` among `tables`.
+fn roles(tables: &[ResolvedTable], schema: &str, name: &str) -> Vec<Role> {
+    let mut out = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        if t.source.schema == schema && t.source.name == name {
+            out.push(Role { entry: i, join: None });
+        }
+        for (j, join) in t.joins.iter().enumerate() {
+            if join.table.schema == schema && join.table.name == name {
+                out.push(Role { entry: i, join: Some(j) });
+            }
+        }
+    }
+    out
+}
+
 /// Turns pgoutput messages into key events, one message at a time.
 struct Decoder<'a> {
     tables: &'a [ResolvedTable],
-    /// Relation id → the entries reading it (indexes into `tables`) and its columns.
-    relations: HashMap<u32, (Vec<usize>, Relation)>,
-    /// Keys of the open transaction (entry index, key).
-    in_tx: Vec<(usize, Vec<String>)>,
+    /// Relation id → how entries read it and its columns.
+    relations: HashMap<u32, (Vec<Role>, Relation)>,
+    /// Keys (driving table) and link values (joined table) of the open transaction.
+    in_tx: Vec<(Role, Vec<String>)>,
     /// The open transaction's commit record position.
     final_lsn: Option<Lsn>,
     /// Events ready to store.
     ready: Vec<KeyEvent>,
+    /// Link values of joined tables' writes, ready to trace.
+    links: Vec<super::trace::Link>,
     /// The end of the last commit.
     end: Option<Lsn>,
 }
 
 impl<'a> Decoder<'a> {
     fn new(tables: &'a [ResolvedTable]) -> Self {
-        Self { tables, relations: HashMap::new(), in_tx: Vec::new(), final_lsn: None, ready: Vec::new(), end: None }
+        Self {
+            tables,
+            relations: HashMap::new(),
+            in_tx: Vec::new(),
+            final_lsn: None,
+            ready: Vec::new(),
+            links: Vec::new(),
+            end: None,
+        }
     }
 
     /// Decodes one message. Returns the transaction id when a transaction begins.
@@ -357,27 +401,29 @@ impl<'a> Decoder<'a> {
             pgoutput::decode(data).map_err(|e| Error::Decode { what: "pgoutput".into(), message: e.to_string() })?;
         match message {
             Message::Relation(rel) => {
-                let entries: Vec<usize> = (0..self.tables.len())
-                    .filter(|&i| {
-                        self.tables[i].source.schema == rel.namespace && self.tables[i].source.name == rel.name
-                    })
-                    .collect();
-                if let Some(&i) = entries.first() {
-                    check_shape(&self.tables[i], &rel)?;
-                    self.relations.insert(rel.relid, (entries, rel));
+                let roles = roles(self.tables, &rel.namespace, &rel.name);
+                if let Some(&r) = roles.first() {
+                    check_shape(&self.tables[r.entry], r.join, &rel)?;
+                    self.relations.insert(rel.relid, (roles, rel));
                 }
             }
             Message::Change { relid, new, old } => {
-                let Some((entries, rel)) = self.relations.get(&relid) else { return Ok(None) };
-                // Every entry over the source gets the change, each by its own key.
-                for &i in entries {
-                    let keys: Vec<String> = self.tables[i].key.iter().map(|k| k.source.clone()).collect();
+                let Some((roles, rel)) = self.relations.get(&relid) else { return Ok(None) };
+                // Every entry reading the table gets the change: by its key where it drives the
+                // entry, by its link values where it is joined.
+                for &r in roles {
+                    let t = &self.tables[r.entry];
+                    let columns: Vec<String> = match r.join {
+                        None => t.key.iter().map(|k| k.source.clone()).collect(),
+                        Some(j) => t.joins[j].link_columns(),
+                    };
                     for tuple in [&new, &old].into_iter().flatten() {
                         // A key is missing only when it is an unchanged TOASTed value of an
                         // update's new row; the key did not change then, and the old row is not
-                        // sent.
-                        if let Some(key) = pgoutput::key_of(rel, &keys, tuple) {
-                            self.in_tx.push((i, key));
+                        // sent. Link values are also missing where NULL: such a row joins
+                        // nothing.
+                        if let Some(key) = pgoutput::key_of(rel, &columns, tuple) {
+                            self.in_tx.push((r, key));
                         }
                     }
                 }
@@ -386,7 +432,7 @@ impl<'a> Decoder<'a> {
                 let names: Vec<String> = relids
                     .iter()
                     .filter_map(|r| self.relations.get(r))
-                    .map(|(e, _)| self.tables[e[0]].source.to_string())
+                    .map(|(_, rel)| format!("{}.{}", rel.namespace, rel.name))
                     .collect();
                 return Err(super::truncated(&names));
             }
@@ -415,8 +461,12 @@ impl<'a> Decoder<'a> {
     }
 
     fn release(&mut self, lsn: Lsn) {
-        let tables = self.tables;
-        self.ready.extend(self.in_tx.drain(..).map(|(i, key)| KeyEvent { table: tables[i].id.clone(), key, lsn }));
+        for (r, values) in self.in_tx.drain(..) {
+            match r.join {
+                None => self.ready.push(KeyEvent { table: self.tables[r.entry].id.clone(), key: values, lsn }),
+                Some(join) => self.links.push(super::trace::Link { entry: r.entry, join, values, lsn }),
+            }
+        }
     }
 }
 
@@ -509,14 +559,19 @@ async fn confirmed_position(blue: &Client, slot: &str) -> Result<Option<Lsn>> {
         .map(|r| r.get::<_, Option<Lsn>>(0).unwrap_or_default()))
 }
 
-/// Stops following when blue's table no longer has the columns the plan was resolved against.
-fn check_shape(t: &ResolvedTable, rel: &Relation) -> Result<()> {
-    if rel.columns == t.source_columns {
+/// Stops following when blue's table (entry `t`'s source, or its join `join`) no longer has the
+/// columns the plan was resolved against.
+fn check_shape(t: &ResolvedTable, join: Option<usize>, rel: &Relation) -> Result<()> {
+    let (table, columns) = match join {
+        None => (&t.source, &t.source_columns),
+        Some(j) => (&t.joins[j].table, &t.joins[j].columns),
+    };
+    if &rel.columns == columns {
         return Ok(());
     }
-    let was: Vec<String> = t.source_columns.iter().map(|(n, _)| n.clone()).collect();
+    let was: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
     let now: Vec<String> = rel.columns.iter().map(|(n, _)| n.clone()).collect();
-    Err(Error::SchemaChanged { table: t.source.to_string(), was, now })
+    Err(Error::SchemaChanged { table: table.to_string(), was, now })
 }
 
 /// How long cleanup waits for a session still holding the slot to let it go.

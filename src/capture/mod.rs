@@ -11,6 +11,7 @@
 pub mod drift;
 pub mod logical;
 pub mod pgoutput;
+mod trace;
 mod trigger;
 
 use tokio_postgres::Client;

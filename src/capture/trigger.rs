@@ -7,11 +7,11 @@
 use tokio_postgres::Client;
 use tracing::info;
 
-use super::{KeyEvent, POLL_CHANGES};
+use super::{trace::Link, KeyEvent, POLL_CHANGES};
 use crate::{
     error::{Error, Result},
     pg::{ident, literal, Lsn, QualifiedName},
-    plan::{Plan, ResolvedPlan, ResolvedTable},
+    plan::{KeyText, Plan, ResolvedPlan, ResolvedTable},
     state::{schema_name, short_name, State},
 };
 
@@ -51,13 +51,13 @@ impl Trigger {
             return Err(Error::StateLayout { schema: format!("{raw} (on blue)"), found: 1, wanted: 2 });
         }
         drop_stale_triggers(&blue, &raw, resolved, plan.ddl_lock).await?;
-        for entries in by_source(&resolved.tables) {
-            let source = &entries[0].source;
+        for (source, roles) in by_table(&resolved.tables) {
+            let source = &source;
             // The functions are replaced every time (no table lock needed): an older install's
             // body is brought up to date, and entries added or removed over the same source are
             // in it. The triggers that call them are made once, or again when they call other
             // functions (an install from before one function per source table).
-            blue.batch_execute(&functions_sql(&schema, &entries))
+            blue.batch_execute(&functions_sql(&schema, source, &roles))
                 .await
                 .map_err(Error::db(format!("blue: creating capture functions for {source}")))?;
             let (func, tfunc) = function_names(&schema, source);
@@ -115,11 +115,25 @@ impl Trigger {
         }
         let mut ids = Vec::with_capacity(rows.len());
         let mut events = Vec::with_capacity(rows.len());
+        let mut links = Vec::new();
         for r in &rows {
-            let id: String = r.get(1);
-            let table = self.tables.iter().find(|t| t.id.as_str() == id);
+            let tag: String = r.get(1);
+            let (id, alias) = match tag.split_once(LINK_TAG) {
+                Some((id, alias)) => (id, Some(alias)),
+                None => (tag.as_str(), None),
+            };
+            let entry = self.tables.iter().position(|t| t.id.as_str() == id);
+            let join = match (entry, alias) {
+                (Some(e), Some(a)) => self.tables[e].joins.iter().position(|j| j.alias == a).map(Some),
+                (_, None) => Some(None),
+                (None, Some(_)) => None,
+            };
             if r.get::<_, bool>(3) {
-                let names: Vec<String> = table.map(|t| t.source.to_string()).into_iter().collect();
+                let names: Vec<String> = match (entry, join) {
+                    (Some(e), Some(Some(j))) => vec![self.tables[e].joins[j].table.to_string()],
+                    (Some(e), _) => vec![self.tables[e].source.to_string()],
+                    _ => Vec::new(),
+                };
                 return Err(super::truncated(&names));
             }
             ids.push(r.get::<_, i64>(0));
@@ -127,11 +141,16 @@ impl Trigger {
                 what: format!("change {}", r.get::<_, i64>(0)),
                 message: format!("unusable key: {e}"),
             })?;
-            // A change of an entry the plan no longer has is dropped with the others.
-            if let Some(t) = table {
-                events.push(KeyEvent { table: t.id.clone(), key, lsn: Lsn(r.get(4)) });
+            let lsn = Lsn(r.get(4));
+            // A change of an entry (or join) the plan no longer has is dropped with the others.
+            match (entry, join) {
+                (Some(e), Some(None)) => events.push(KeyEvent { table: self.tables[e].id.clone(), key, lsn }),
+                (Some(entry), Some(Some(join))) => links.push(Link { entry, join, values: key, lsn }),
+                _ => {}
             }
         }
+        // The rows are below blue's xmin: every write they record is visible to this read.
+        events.extend(super::trace::resolve(&self.blue, &self.tables, links, KeyText::Json).await?);
         let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
         // Durable before blue forgets the changes, whatever the session's setting (the
         // cutover's apply session turns synchronous_commit off).
@@ -244,7 +263,7 @@ async fn drop_stale_triggers(
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect();
-    let planned: Vec<String> = resolved.tables.iter().map(|t| t.source.quoted()).collect();
+    let planned: Vec<String> = by_table(&resolved.tables).iter().map(|(t, _)| t.quoted()).collect();
     for rel in stale {
         let still: bool = blue
             .query_one("SELECT $1::text::regclass = ANY($2::text[]::regclass[])", &[&rel, &planned])
@@ -266,56 +285,74 @@ async fn drop_stale_triggers(
     Ok(())
 }
 
-/// The planned entries grouped by source table, in plan order: one trigger per source table
-/// records a change for every entry that reads it.
-fn by_source(tables: &[ResolvedTable]) -> Vec<Vec<&ResolvedTable>> {
-    let mut groups: Vec<Vec<&ResolvedTable>> = Vec::new();
+/// Separates an entry's id from a join's alias in the change table's `tbl` (a unit separator:
+/// in no id or alias).
+const LINK_TAG: char = '\u{1f}';
+
+/// What a table's trigger records for one entry reading it.
+struct TriggerRole {
+    /// `tbl` of its change rows: the entry's id, then the join's alias for a joined table.
+    tag: String,
+    /// The columns recorded: the entry's key, or the join's link columns.
+    columns: Vec<String>,
+    /// A joined table: rows whose link values hold a NULL join nothing and are not recorded.
+    link: bool,
+}
+
+/// Every table capture reads (sources and joined tables), in plan order, with what its one
+/// trigger records for each entry that reads it.
+fn by_table(tables: &[ResolvedTable]) -> Vec<(QualifiedName, Vec<TriggerRole>)> {
+    let mut groups: Vec<(QualifiedName, Vec<TriggerRole>)> = Vec::new();
+    let mut add = |table: &QualifiedName, role: TriggerRole| match groups.iter_mut().find(|g| &g.0 == table) {
+        Some(g) => g.1.push(role),
+        None => groups.push((table.clone(), vec![role])),
+    };
     for t in tables {
-        match groups.iter_mut().find(|g| g[0].source == t.source) {
-            Some(g) => g.push(t),
-            None => groups.push(vec![t]),
+        let columns = t.key.iter().map(|k| k.source.clone()).collect();
+        add(&t.source, TriggerRole { tag: t.id.as_str().to_string(), columns, link: false });
+        for j in &t.joins {
+            let tag = format!("{}{LINK_TAG}{}", t.id.as_str(), j.alias);
+            add(&j.table, TriggerRole { tag, columns: j.link_columns(), link: true });
         }
     }
     groups
 }
 
-/// The trigger functions of one source table, recording a change row for each of `entries`
-/// (every entry over that source), named by the source table. Keys are taken with
-/// `to_jsonb(...) #>> '{}'`, whose text form does not depend on the writing session's DateStyle.
+/// The trigger functions of one table, recording a change row for each of `roles` (every entry
+/// that reads it), named by the table. Keys are taken with `to_jsonb(...) #>> '{}'`, whose text
+/// form does not depend on the writing session's DateStyle.
 /// The functions run as their owner (SECURITY DEFINER, fixed search_path) so the application's
 /// roles need no rights on our schema: their writes must never fail because of capture. They pin
 /// `extra_float_digits = 3` (a writer's session with 0 would record a float key rounded to 15
 /// digits, a key that does not exist) and `IntervalStyle = 'postgres'`.
-fn functions_sql(schema: &str, entries: &[&ResolvedTable]) -> String {
+fn functions_sql(schema: &str, table: &QualifiedName, roles: &[TriggerRole]) -> String {
     let mut rows = String::new();
     let mut truncated = String::new();
-    for t in entries {
+    for role in roles {
         let keys = |rec: &str| {
-            t.key
-                .iter()
-                .map(|k| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(&k.source)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            role.columns.iter().map(|c| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(c))).collect::<Vec<_>>().join(", ")
         };
-        let tuple =
-            |rec: &str| t.key.iter().map(|k| format!("{rec}.{}", ident(&k.source))).collect::<Vec<_>>().join(", ");
-        let i = literal(t.id.as_str());
+        let tuple = |rec: &str| role.columns.iter().map(|c| format!("{rec}.{}", ident(c))).collect::<Vec<_>>().join(", ");
+        let some = |rec: &str| if role.link { format!(" AND ROW({}) IS NOT NULL", tuple(rec)) } else { String::new() };
+        let i = literal(&role.tag);
         rows.push_str(&format!(
             "
-           IF TG_OP <> 'DELETE' THEN
+           IF TG_OP <> 'DELETE'{new_some} THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{new_keys}]);
            END IF;
-           IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW({old_tuple}) IS DISTINCT FROM ROW({new_tuple})) THEN
+           IF (TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW({old_tuple}) IS DISTINCT FROM ROW({new_tuple}))){old_some} THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{old_keys}]);
            END IF;",
             new_keys = keys("NEW"),
             old_keys = keys("OLD"),
             old_tuple = tuple("OLD"),
             new_tuple = tuple("NEW"),
+            new_some = some("NEW"),
+            old_some = some("OLD"),
         ));
         truncated.push_str(&format!("\n           INSERT INTO {schema}.changes (tbl, truncated) VALUES ({i}, true);"));
     }
-    let (func, tfunc) = function_names(schema, &entries[0].source);
+    let (func, tfunc) = function_names(schema, table);
     // The bodies hold names from blue (key columns, the entry's id): the dollar quote's tag is
     // one that none of them contains, so no name can end the body early.
     let tag = (0..)
@@ -373,7 +410,9 @@ fn schema_name_of(quoted: &str) -> String {
 pub async fn drop_objects(blue: &Client, plan: &Plan) -> Result<()> {
     let raw = schema_name(&plan.name);
     let schema = ident(&raw);
-    for src in plan.tables.iter().map(|t| &t.source) {
+    let tables: Vec<&QualifiedName> =
+        plan.tables.iter().flat_map(|t| std::iter::once(&t.source).chain(t.joins.iter().map(|j| &j.table))).collect();
+    for src in tables {
         let exists: bool = blue
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&src.quoted()])
             .await

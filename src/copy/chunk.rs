@@ -123,14 +123,15 @@ pub fn split(blocks: i64, n: i64) -> Vec<Chunk> {
         .collect()
 }
 
-/// The condition selecting the chunk's rows.
-pub fn condition(chunk: &Chunk) -> Option<String> {
+/// The condition selecting the chunk's rows of the table SQL names `table` (quoted; joined
+/// tables have a `ctid` too).
+pub fn condition(chunk: &Chunk, table: &str) -> Option<String> {
     let mut parts = Vec::new();
     if let Some(b) = chunk.first_block {
-        parts.push(format!("ctid >= '({b},0)'::tid"));
+        parts.push(format!("{table}.ctid >= '({b},0)'::tid"));
     }
     if let Some(b) = chunk.end_block {
-        parts.push(format!("ctid < '({b},0)'::tid"));
+        parts.push(format!("{table}.ctid < '({b},0)'::tid"));
     }
     (!parts.is_empty()).then(|| parts.join(" AND "))
 }
@@ -150,7 +151,7 @@ mod tests {
         assert_eq!(chunks[2].end_block, None);
         assert_eq!(split(0, 5).len(), 1);
         assert_eq!(split(2, 5).len(), 2);
-        assert_eq!(condition(&chunks[1]).unwrap(), "ctid >= '(334,0)'::tid AND ctid < '(668,0)'::tid");
-        assert_eq!(condition(&split(0, 1)[0]), None);
+        assert_eq!(condition(&chunks[1], "t").unwrap(), "t.ctid >= '(334,0)'::tid AND t.ctid < '(668,0)'::tid");
+        assert_eq!(condition(&split(0, 1)[0], "t"), None);
     }
 }

@@ -89,10 +89,14 @@ const TABLE_LOCK_WAIT: &str = "10s";
 async fn check_heap(shared: &Shared, blue: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let rewritten = || Error::TableRewritten { table: t.source.to_string() };
+    // Joined tables too: a rewriting ALTER is not MVCC-safe, the run's snapshot would see them
+    // empty.
+    let tables: Vec<String> =
+        std::iter::once(t.source.quoted()).chain(t.joins.iter().map(|j| j.table.quoted())).collect();
     let locked = blue
         .batch_execute(&format!(
             "SET LOCAL lock_timeout = '{TABLE_LOCK_WAIT}'; LOCK TABLE {} IN ACCESS SHARE MODE; SET LOCAL lock_timeout = 0",
-            t.source.quoted()
+            tables.join(", ")
         ))
         .await;
     match locked {
@@ -120,7 +124,7 @@ async fn copy_chunk(
     let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
     let out_sql = format!(
         "COPY ({}) TO STDOUT{format}",
-        t.source_select_from(chunk.part.as_deref(), condition(chunk).as_deref())
+        t.source_select_from(chunk.part.as_deref(), condition(chunk, &t.qualifier()).as_deref())
     );
     // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
     // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.

@@ -121,14 +121,14 @@ impl TableInfo {
 /// function and operator call is there by OID; built-in functions are pinned and so absent from
 /// `pg_depend`), made in a transaction rolled back: the catalog knows each function's
 /// volatility, whatever its name.
-pub async fn changing_calls(client: &Client, source: &QualifiedName, expr: &str) -> Result<Vec<String>> {
+/// `from` is the FROM clause the expression is evaluated over; `source` names it in messages.
+pub async fn changing_calls(client: &Client, source: &QualifiedName, from: &str, expr: &str) -> Result<Vec<String>> {
     let ctx = || format!("blue: checking the volatility of an expression over {source}");
     client.batch_execute("BEGIN").await.map_err(Error::db(ctx()))?;
     let found = async {
         client
             .batch_execute(&format!(
-                "CREATE TEMP VIEW bluegreen_volatility AS SELECT ({expr}) AS v FROM {}",
-                source.quoted()
+                "CREATE TEMP VIEW bluegreen_volatility AS SELECT ({expr}) AS v FROM {from}"
             ))
             .await?;
         client
@@ -174,6 +174,31 @@ pub async fn changing_calls(client: &Client, source: &QualifiedName, expr: &str)
         }
     }
     Ok(calls)
+}
+
+/// The tables and views `exprs` read over `from` (in a temporary view, rolled back), by OID and
+/// name: what the expressions' subqueries read as well as the FROM clause's own tables. A
+/// relation read in a function's body stays invisible. Empty when blue does not let us make
+/// the view (already warned about by [`changing_calls`]).
+pub async fn relations_read(client: &Client, from: &str, exprs: &[String]) -> Result<Vec<(u32, String)>> {
+    let list: Vec<String> = exprs.iter().enumerate().map(|(i, e)| format!("({e}) AS v{i}")).collect();
+    let list = if list.is_empty() { "1 AS v".to_string() } else { list.join(", ") };
+    client.batch_execute("BEGIN").await.map_err(Error::db("blue: listing what a plan entry reads"))?;
+    let found = async {
+        client.batch_execute(&format!("CREATE TEMP VIEW bluegreen_reads AS SELECT {list} FROM {from}")).await?;
+        client
+            .query(
+                "SELECT DISTINCT d.refobjid, d.refobjid::regclass::text FROM pg_catalog.pg_depend d \
+                   JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+                 WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.refclassid = 'pg_catalog.pg_class'::regclass \
+                   AND r.ev_class = 'pg_temp.bluegreen_reads'::regclass AND d.refobjid <> r.ev_class",
+                &[],
+            )
+            .await
+    }
+    .await;
+    client.batch_execute("ROLLBACK").await.map_err(Error::db("blue: listing what a plan entry reads"))?;
+    Ok(found.map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect()).unwrap_or_default())
 }
 
 /// The leaf partitions of partitioned table `table`.

@@ -108,8 +108,22 @@ struct RawTable {
     key: Spanned<Vec<String>>,
     filter: Option<Spanned<String>>,
     drop: Option<Spanned<Vec<String>>>,
+    alias: Option<Spanned<String>>,
+    #[serde(default, rename = "join")]
+    joins: Vec<RawJoin>,
     #[serde(default)]
     columns: IndexMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJoin {
+    alias: Spanned<String>,
+    table: Spanned<String>,
+    on: Spanned<IndexMap<String, String>>,
+    kind: Option<Spanned<String>>,
+    pick: Option<Spanned<String>>,
+    also: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +255,29 @@ pub struct TableEntry {
     /// Target columns mapped by default from the same-named source column (filled in when the
     /// plan is resolved; `columns` then holds them too).
     pub same_name: Vec<String>,
+    /// The name expressions use for the driving (source) table: `alias`, else the table's name.
+    pub alias: Option<String>,
+    /// Tables joined to each driving row, in order (`[[table.join]]`).
+    pub joins: Vec<JoinEntry>,
+}
+
+/// One `[[table.join]]`: a table joined to each driving row, at most one row of it per row.
+#[derive(Debug, Clone)]
+pub struct JoinEntry {
+    /// The name expressions use for it.
+    pub alias: String,
+    /// The joined table on blue.
+    pub table: QualifiedName,
+    /// Line of `alias`.
+    pub line: Line,
+    /// `on`: joined column = expression over the driving table and earlier joins, in order.
+    pub on: Vec<(String, String)>,
+    /// `kind = "inner"`: a driving row without a match makes no target row.
+    pub inner: bool,
+    /// `pick`: the ORDER BY that chooses one row where several match.
+    pub pick: Option<String>,
+    /// `also`: a further condition on the joined row.
+    pub also: Option<String>,
 }
 
 impl TableEntry {

@@ -12,12 +12,12 @@ mod sql;
 
 pub use changes::check_against_state;
 pub use file::{
-    parse_duration, CaptureMethod, CopySettings, CutoverSettings, Hook, HookPoint, PgbouncerSettings, Plan, SwitchMode,
-    TableEntry, V1AfterSwitch,
+    parse_duration, CaptureMethod, CopySettings, CutoverSettings, Hook, HookPoint, JoinEntry, PgbouncerSettings, Plan,
+    SwitchMode, TableEntry, V1AfterSwitch,
 };
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;
-pub use sql::{key_condition, key_condition_via, key_rows_via};
+pub use sql::{key_condition, key_condition_via, key_rows_via, trace_sql, KeyText};
 
 use serde::Serialize;
 
@@ -89,6 +89,75 @@ pub struct SequenceMapping {
     pub blue_sequence: Option<String>,
 }
 
+/// One `on` equality of a join: the joined table's column and the expression it equals.
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinOn {
+    /// Column of the joined table.
+    pub column: String,
+    /// Its type (`format_type` on blue).
+    pub type_name: String,
+    /// Expression over the driving table and earlier joins.
+    pub expr: String,
+}
+
+/// A table joined to each driving row, resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolvedJoin {
+    /// The name expressions use for it.
+    pub alias: String,
+    /// The joined table on blue.
+    pub table: QualifiedName,
+    /// A driving row without a match makes no target row.
+    pub inner: bool,
+    /// The equalities that link a joined row to the rows before it: its *link columns*. A
+    /// change of the joined table is traced to driving rows by their values (see
+    /// [`sql::trace_sql`]).
+    pub on: Vec<JoinOn>,
+    /// ORDER BY choosing one row where several match, ending in the table's unique key.
+    pub pick: Option<String>,
+    /// A further condition on the joined row.
+    pub also: Option<String>,
+    /// Why it matches at most one row per driving row (for `plan`).
+    pub proof: String,
+    /// The joined table's columns (name, type OID) when resolved; capture stops if blue
+    /// reports another shape.
+    #[serde(skip)]
+    pub columns: Vec<(String, u32)>,
+}
+
+impl ResolvedJoin {
+    /// The join as SQL, after the FROM items before it.
+    pub fn render(&self) -> String {
+        let a = ident(&self.alias);
+        let mut conds: Vec<String> = self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
+        if let Some(also) = &self.also {
+            conds.push(format!("({also})"));
+        }
+        let kind = if self.inner { "JOIN" } else { "LEFT JOIN" };
+        match &self.pick {
+            None => format!(" {kind} {} AS {a} ON {}", self.table.quoted(), conds.join(" AND ")),
+            Some(order) => format!(
+                " {kind} LATERAL (SELECT * FROM {} AS {a} WHERE {} ORDER BY {order} LIMIT 1) AS {a} ON true",
+                self.table.quoted(),
+                conds.join(" AND ")
+            ),
+        }
+    }
+
+    /// The join with only its `on` equalities, as an inner join: every candidate row, whatever
+    /// `pick` and `also` choose (tracing wants a superset).
+    pub fn render_candidates(&self) -> String {
+        let a = ident(&self.alias);
+        let conds: Vec<String> = self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
+        format!(" JOIN {} AS {a} ON {}", self.table.quoted(), conds.join(" AND "))
+    }
+
+    /// The link column names.
+    pub fn link_columns(&self) -> Vec<String> {
+        self.on.iter().map(|o| o.column.clone()).collect()
+    }
+}
+
 /// Size estimate from blue's statistics.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Estimate {
@@ -134,6 +203,11 @@ pub struct ResolvedTable {
     /// blue reports another shape.
     #[serde(skip)]
     pub source_columns: Vec<(String, u32)>,
+    /// The name expressions use for the source (driving) table when it differs from how the
+    /// FROM clause names it: the plan's `alias`, or the table's name once there are joins.
+    pub alias: Option<String>,
+    /// Tables joined to each driving row, in order.
+    pub joins: Vec<ResolvedJoin>,
 }
 
 impl ResolvedTable {
@@ -171,11 +245,30 @@ impl ResolvedTable {
             conds.push(format!("({f})"));
         }
         let where_ = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-        let from = match part {
-            Some(p) => format!("{p} AS {}", ident(&self.source.name)),
-            None => self.source.quoted(),
+        format!("SELECT {} FROM {}{where_}", self.select_list(), self.from_clause(part))
+    }
+
+    /// The FROM clause: the source (or leaf `part` of it) under its alias, then the joins.
+    pub fn from_clause(&self, part: Option<&str>) -> String {
+        let mut from = match (part, &self.alias) {
+            (Some(p), _) => format!("{p} AS {}", self.qualifier()),
+            (None, Some(a)) => format!("{} AS {}", self.source.quoted(), ident(a)),
+            (None, None) => self.source.quoted(),
         };
-        format!("SELECT {} FROM {from}{where_}", self.select_list())
+        for j in &self.joins {
+            from.push_str(&j.render());
+        }
+        from
+    }
+
+    /// How SQL over [`Self::from_clause`] names the driving table (quoted).
+    pub fn qualifier(&self) -> String {
+        ident(self.alias.as_deref().unwrap_or(&self.source.name))
+    }
+
+    /// `column` of the driving table, qualified: unambiguous beside joined tables.
+    pub fn qualified(&self, column: &str) -> String {
+        format!("{}.{}", self.qualifier(), ident(column))
     }
 
     /// What defines the rows this entry puts on green: source, key, every column's expression
@@ -189,6 +282,7 @@ impl ResolvedTable {
             "key": self.key.iter().map(|k| &k.source).collect::<Vec<_>>(),
             "columns": columns,
             "filter": self.filter,
+            "joins": self.joins.iter().map(ResolvedJoin::render).collect::<Vec<_>>(),
         })
     }
 
@@ -197,9 +291,14 @@ impl ResolvedTable {
     pub fn changes_from(&self, stored: &serde_json::Value) -> Vec<String> {
         let now = self.definition();
         let mut out = Vec::new();
-        for field in ["source", "key", "filter"] {
-            if stored[field] != now[field] {
-                out.push(format!("{field} was {} and is now {}", stored[field], now[field]));
+        for field in ["source", "key", "filter", "joins"] {
+            // A definition stored before joins existed has none.
+            let was = match (field, &stored[field]) {
+                ("joins", serde_json::Value::Null) => serde_json::json!([]),
+                (_, v) => v.clone(),
+            };
+            if was != now[field] {
+                out.push(format!("{field} was {was} and is now {}", now[field]));
             }
         }
         let (empty, none) = (serde_json::Map::new(), serde_json::Value::Null);
@@ -372,6 +471,8 @@ mod tests {
             estimate: Estimate { rows: 0, bytes: 0 },
             binary_copy: true,
             source_columns: Vec::new(),
+            alias: None,
+            joins: Vec::new(),
         }
     }
 

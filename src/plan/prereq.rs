@@ -151,8 +151,81 @@ async fn replica_identity(
         for (source, info) in heaps {
             identity_covers_key(t, &source, &info, checks, problems);
         }
+        for (n, j) in t.joins.iter().enumerate() {
+            let Some(info) = catalog::table_info(blue, Side::Blue, &j.table).await? else { continue };
+            let mut heaps = vec![(j.table.clone(), info)];
+            if heaps[0].1.partitioned {
+                for leaf in catalog::leaf_partitions(blue, &j.table).await? {
+                    if let Some(info) = catalog::table_info(blue, Side::Blue, &leaf).await? {
+                        heaps.push((leaf, info));
+                    }
+                }
+            }
+            for (table, info) in heaps {
+                identity_covers_links(t, n, &table, &info, checks, problems);
+            }
+        }
     }
     Ok(())
+}
+
+/// A joined table's replica identity against its link columns (join `n` of entry `t`): a
+/// delete, or an update that moves the row to other driving rows, is traced by the old row's
+/// link values, which logical decoding sends only for the columns of the replica identity.
+fn identity_covers_links(
+    t: &ResolvedTable,
+    n: usize,
+    table: &crate::pg::QualifiedName,
+    info: &catalog::TableInfo,
+    checks: &mut Vec<Check>,
+    problems: &mut Vec<Problem>,
+) {
+    let links = t.joins[n].link_columns();
+    let identity = info.identity_columns();
+    let covered = match &identity {
+        None => true,
+        Some(cols) => !cols.is_empty() && links.iter().all(|l| cols.contains(l)),
+    };
+    let name = format!("replica identity of {table} (joined as {})", t.joins[n].alias);
+    if checks.iter().any(|c| c.name == name) {
+        return;
+    }
+    checks.push(Check {
+        name,
+        ok: covered,
+        detail: match &identity {
+            None => "full".into(),
+            Some(c) if c.is_empty() => "none".into(),
+            Some(c) => format!("{} (links: {})", c.join(", "), links.join(", ")),
+        },
+    });
+    if covered {
+        return;
+    }
+    let why = match &identity {
+        Some(c) if c.is_empty() => "it has no replica identity: publishing it would make the application's UPDATEs \
+                                    and DELETEs of it fail"
+            .to_string(),
+        _ => format!(
+            "its replica identity does not hold the link column(s) ({}): when a row of it is deleted, or moved to \
+             another row of {}, logical decoding does not say which row it joined before, and that target row \
+             would keep it",
+            links.join(", "),
+            t.source
+        ),
+    };
+    problems.push(Problem {
+        field: format!("table[{}].join[{}]", t.index, n + 1),
+        line: None,
+        table: Some(table.to_string()),
+        column: None,
+        message: format!("joined table {table}: {why}"),
+        fix: Some(format!(
+            "SET lock_timeout = '1s'; ALTER TABLE {} REPLICA IDENTITY FULL;  (brief lock, no rewrite; more WAL \
+             per update and delete of it), or capture by triggers: [capture] method = \"trigger\"",
+            table.quoted()
+        )),
+    });
 }
 
 /// One table's (or partition's) replica identity against entry `t`'s key.

@@ -47,6 +47,24 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
             .collect();
         let _ = writeln!(o, "  key       {}", key.join(", "));
         let _ = writeln!(o, "  filter    {}", t.filter.as_deref().unwrap_or("(none)"));
+        if let Some(a) = &t.alias {
+            let _ = writeln!(o, "  alias     {a}");
+        }
+        for j in &t.joins {
+            let on: Vec<String> = j.on.iter().map(|o| format!("{}.{} = {}", j.alias, o.column, o.expr)).collect();
+            let kind = if j.inner { "inner" } else { "left" };
+            let _ = writeln!(o, "  join      {} {} ({kind}) on {}", j.alias, j.table, on.join(" AND "));
+            let _ = writeln!(o, "            {}", j.proof);
+            // How a write to it reaches the target: by the written row's link values, before
+            // and after the write.
+            let _ = writeln!(
+                o,
+                "            a write to {} re-reads the rows of {} joined to its old and new ({})",
+                j.table,
+                t.source,
+                j.link_columns().join(", ")
+            );
+        }
         let _ = writeln!(o, "  estimate  ~{} rows, {}", t.estimate.rows, human_bytes(t.estimate.bytes));
         let _ = writeln!(o, "  columns");
         let width = t.columns.iter().map(|c| c.name.len()).max().unwrap_or(0).max(12);

@@ -89,6 +89,9 @@ async fn sample_all(tables: &[ResolvedTable], blue: &Client, problems: &mut Vec<
 struct Ctx<'a> {
     entry: &'a TableEntry,
     problems: &'a mut Vec<Problem>,
+    /// The FROM clause expressions are prepared over: the source under its alias, then the
+    /// joins resolved so far.
+    from: String,
 }
 
 impl Ctx<'_> {
@@ -107,12 +110,18 @@ impl Ctx<'_> {
 /// `entry` with every target column it does not name mapped from the source column of the same
 /// name, unless that source column is in `drop` or the target column cannot be written
 /// (generated).
-fn with_same_names(entry: &TableEntry, src: &TableInfo, tgt: &TableInfo) -> TableEntry {
+fn with_same_names(entry: &TableEntry, src: &TableInfo, tgt: &TableInfo, alias: Option<&str>) -> TableEntry {
     let mut effective = entry.clone();
     for col in tgt.columns.iter().filter(|c| !c.generated && !entry.columns.contains_key(&c.name)) {
         let from_source = src.column(&col.name).is_some_and(|s| !s.generated);
         if from_source && !entry.drop.0.contains(&col.name) {
-            effective.columns.insert(col.name.clone(), (ident(&col.name), entry.source_line));
+            // Beside joined tables, the driving table's column (JOINS.md #5: a name that only a
+            // joined table has needs an expression).
+            let expr = match alias {
+                Some(a) => format!("{}.{}", ident(a), ident(&col.name)),
+                None => ident(&col.name),
+            };
+            effective.columns.insert(col.name.clone(), (expr, entry.source_line));
             effective.same_name.push(col.name.clone());
         }
     }
@@ -200,12 +209,13 @@ async fn not_a_table(
     Ok(match catalog::relation_kind(client, name).await? {
         Some(kind) => (
             format!("{what} {name} is {kind} on {side}, not a table"),
-            if what == "source" {
-                "capture follows tables: name as `source` the table whose rows become the target's rows, and \
-                 compute the other columns in [table.columns]"
-                    .to_string()
-            } else {
-                "name the table the rows are written to".to_string()
+            match what {
+                "source" => "capture follows tables: name as `source` the table whose rows become the target's rows, \
+                             and join the others ([[table.join]]) to build one target row from several tables"
+                    .to_string(),
+                "joined" => "capture follows tables: join the tables it reads instead, one [[table.join]] each"
+                    .to_string(),
+                _ => "name the table the rows are written to".to_string(),
             },
         ),
         None => (
@@ -224,7 +234,7 @@ async fn resolve_table(
     state: Option<&State>,
     problems: &mut Vec<Problem>,
 ) -> Result<Option<ResolvedTable>> {
-    let mut cx = Ctx { entry, problems };
+    let mut cx = Ctx { entry, problems, from: String::new() };
     let src = catalog::table_info(blue, Side::Blue, &entry.source).await?;
     let mut tgt = catalog::table_info(green, Side::Green, &entry.target).await?;
     let recorded = match (state, tgt.as_mut()) {
@@ -249,10 +259,20 @@ async fn resolve_table(
     let (Some(src), Some(tgt)) = (src, tgt) else {
         return Ok(None);
     };
+    // Named in expressions by its alias once there are joins (the default alias is its name).
+    let alias = (entry.alias.is_some() || !entry.joins.is_empty())
+        .then(|| entry.alias.clone().unwrap_or_else(|| entry.source.name.clone()));
     // From here on, the entry with its same-named columns mapped.
-    let effective = with_same_names(entry, &src, &tgt);
-    let mut cx = Ctx { entry: &effective, problems: cx.problems };
+    let effective = with_same_names(entry, &src, &tgt, alias.as_deref());
+    let from = match &alias {
+        Some(a) => format!("{} AS {}", entry.source.quoted(), ident(a)),
+        None => entry.source.quoted(),
+    };
+    let mut cx = Ctx { entry: &effective, problems: cx.problems, from };
     let entry = &effective;
+    let Some((joins, join_oids)) = resolve_joins(&mut cx, blue).await? else {
+        return Ok(None);
+    };
     if entry.columns.is_empty() {
         cx.report(
             "columns",
@@ -264,7 +284,7 @@ async fn resolve_table(
     }
 
     let columns = resolve_columns(&mut cx, &tgt, blue, rules).await?;
-    let (mut key, constant_key) = match resolve_key(&mut cx, &src, &tgt) {
+    let (mut key, constant_key) = match resolve_key(&mut cx, &src, &tgt, alias.as_deref()) {
         Some((k, c)) => (Some(k), c),
         None => (None, Vec::new()),
     };
@@ -277,7 +297,8 @@ async fn resolve_table(
                 .get::<_, bool>(0);
     }
     check_filter(&mut cx, blue).await;
-    let sequences = sequences(entry, &src, &tgt);
+    check_reads(&mut cx, blue, &columns, src.oid, &join_oids).await?;
+    let sequences = sequences(entry, &src, &tgt, alias.as_deref());
     let deferred = match recorded {
         Some(defs) => defs,
         None => catalog::deferrable_objects(green, &entry.target, tgt.oid).await?,
@@ -299,6 +320,8 @@ async fn resolve_table(
         estimate,
         binary_copy,
         source_columns: src.columns.iter().filter(|c| !c.generated).map(|c| (c.name.clone(), c.type_oid)).collect(),
+        alias,
+        joins,
     };
     Ok(Some(table))
 }
@@ -336,7 +359,7 @@ async fn recorded_keys(
 async fn check_filter(cx: &mut Ctx<'_>, blue: &Client) {
     let entry = cx.entry;
     let Some((filter, line)) = &entry.filter else { return };
-    let sql = format!("SELECT ({filter}) FROM {} LIMIT 0", entry.source.quoted());
+    let sql = format!("SELECT ({filter}) FROM {} LIMIT 0", cx.from);
     match blue.prepare(&sql).await {
         Ok(st) if st.columns()[0].type_() == &tokio_postgres::types::Type::BOOL => {}
         Ok(st) => cx.report(
@@ -357,14 +380,14 @@ async fn check_filter(cx: &mut Ctx<'_>, blue: &Client) {
 }
 
 /// Sequences owned by target columns, with blue's sequence when the column is copied verbatim.
-fn sequences(entry: &TableEntry, src: &TableInfo, tgt: &TableInfo) -> Vec<SequenceMapping> {
+fn sequences(entry: &TableEntry, src: &TableInfo, tgt: &TableInfo, alias: Option<&str>) -> Vec<SequenceMapping> {
     tgt.columns
         .iter()
         .filter_map(|c| {
             let green_sequence = c.sequence.clone()?;
             let expr = entry.columns.get(&c.name).map(|(e, _)| e.trim().to_string());
             let blue_sequence = expr
-                .and_then(|e| src.columns.iter().find(|s| s.name == e || ident(&s.name) == e))
+                .and_then(|e| src.columns.iter().find(|s| verbatim(&e, alias, &s.name)))
                 .and_then(|s| s.sequence.clone());
             Some(SequenceMapping { column: c.name.clone(), green_sequence, blue_sequence })
         })
@@ -475,7 +498,7 @@ async fn expression_type(
 ) -> Result<Option<String>> {
     let entry = cx.entry;
     let field = format!("columns.{}", col.name);
-    let sql = format!("SELECT ({expr}) FROM {} LIMIT 0", entry.source.quoted());
+    let sql = format!("SELECT ({expr}) FROM {} LIMIT 0", cx.from);
     let st = match blue.prepare(&sql).await {
         Ok(st) => st,
         Err(e) => {
@@ -513,7 +536,7 @@ async fn expression_type(
         ),
         Some(_) => {}
     }
-    let calls = catalog::changing_calls(blue, &entry.source, expr).await?;
+    let calls = catalog::changing_calls(blue, &entry.source, &cx.from, expr).await?;
     if !calls.is_empty() {
         cx.report(
             &field,
@@ -539,7 +562,12 @@ async fn expression_type(
 }
 
 /// The entry's key, and the constant columns that complete the green unique key it maps onto.
-fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<(Vec<KeyColumn>, Vec<String>)> {
+fn resolve_key(
+    cx: &mut Ctx<'_>,
+    src: &TableInfo,
+    tgt: &TableInfo,
+    alias: Option<&str>,
+) -> Option<(Vec<KeyColumn>, Vec<String>)> {
     let entry = cx.entry;
     let mut key = Vec::new();
     for k in &entry.key {
@@ -553,8 +581,7 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<(Ve
             );
             continue;
         };
-        let target =
-            entry.columns.iter().find(|(_, (e, _))| e.trim() == k || e.trim() == ident(k)).map(|(t, _)| t.clone());
+        let target = entry.columns.iter().find(|(_, (e, _))| verbatim(e, alias, k)).map(|(t, _)| t.clone());
         let Some(target) = target else {
             cx.report(
                 "key",
@@ -633,6 +660,189 @@ fn resolve_key(cx: &mut Ctx<'_>, src: &TableInfo, tgt: &TableInfo) -> Option<(Ve
         );
     }
     Some((key, green_unique.unwrap_or_default()))
+}
+
+/// Whether `expr` is exactly source column `col`: `col`, `"col"`, or either qualified by the
+/// driving table's alias.
+fn verbatim(expr: &str, alias: Option<&str>, col: &str) -> bool {
+    let e = expr.trim();
+    let bare = |x: &str| x == col || x == ident(col);
+    bare(e)
+        || alias.is_some_and(|a| {
+            [format!("{a}."), format!("{}.", ident(a))].iter().any(|p| e.strip_prefix(p.as_str()).is_some_and(bare))
+        })
+}
+
+/// Resolves the entry's joins in order, each prepared on blue over the FROM clause before it
+/// (so its expressions see only earlier tables), and extends `cx.from` by each. Returns the
+/// joins and their tables' OIDs, or `None` when a joined table is missing.
+async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<super::ResolvedJoin>, Vec<u32>)>> {
+    let entry = cx.entry;
+    let mut out = Vec::new();
+    let mut oids = Vec::new();
+    let mut missing = false;
+    for (n, j) in entry.joins.iter().enumerate() {
+        let field = format!("join[{}]", n + 1);
+        let Some(info) = catalog::table_info(blue, Side::Blue, &j.table).await? else {
+            let (message, fix) = not_a_table(blue, "joined", "blue", &j.table).await?;
+            cx.report(&format!("{field}.table"), j.line, None, message, Some(fix));
+            missing = true;
+            continue;
+        };
+        let mut on = Vec::new();
+        for (col, expr) in &j.on {
+            match info.column(col) {
+                Some(c) => {
+                    on.push(super::JoinOn { column: col.clone(), type_name: c.type_name.clone(), expr: expr.clone() })
+                }
+                None => cx.report(
+                    &format!("{field}.on.{col}"),
+                    j.line,
+                    Some(col),
+                    format!("joined table {} has no column `{col}`", j.table),
+                    None,
+                ),
+            }
+        }
+        let linked: Vec<&str> = j.on.iter().map(|(c, _)| c.as_str()).collect();
+        // `=` never matches NULL, so a unique key whose columns are all linked admits at most
+        // one row per row before it; `also` only narrows.
+        let unique = info.unique_keys.iter().find(|u| u.columns.iter().all(|c| linked.contains(&c.as_str())));
+        let a = ident(&j.alias);
+        // Ties under `pick` are broken by a unique key, so that copy, every re-read and verify
+        // choose the same row.
+        let tie = info
+            .unique_keys
+            .iter()
+            .find(|u| u.columns.iter().all(|c| info.column(c).is_some_and(|c| c.not_null)))
+            .map(|u| u.columns.iter().map(|c| format!("{a}.{}", ident(c))).collect::<Vec<_>>().join(", "));
+        let (pick, proof) = match (&j.pick, unique, &tie) {
+            (None, Some(u), _) => (None, format!("at most one row: unique ({}) = on", u.columns.join(", "))),
+            (Some(p), _, Some(tie)) => {
+                (Some(format!("{p}, {tie}")), format!("one row chosen: ORDER BY {p}, then {tie}"))
+            }
+            (Some(_), _, None) => {
+                cx.report(
+                    &format!("{field}.pick"),
+                    j.line,
+                    None,
+                    format!(
+                        "{} has no primary key or unique index on NOT NULL columns to break ties of `pick`: \
+                         copy, re-reads and verify could each choose another row",
+                        j.table
+                    ),
+                    Some(format!("add a primary key to {}", j.table)),
+                );
+                (None, String::new())
+            }
+            (None, None, _) => {
+                let keys: Vec<String> = info.unique_keys.iter().map(|u| format!("({})", u.columns.join(", "))).collect();
+                cx.report(
+                    &format!("{field}.on"),
+                    j.line,
+                    None,
+                    format!(
+                        "join {} ({}) on ({}) can match several rows of one driving row: no unique key of it is \
+                         within the `on` columns (its unique keys: {})",
+                        j.alias,
+                        j.table,
+                        linked.join(", "),
+                        if keys.is_empty() { "none".to_string() } else { keys.join(", ") }
+                    ),
+                    Some(format!(
+                        "say which row wins, e.g. pick = \"{}.<column> DESC\" (ties are broken by the table's key), \
+                         or join on a unique key",
+                        j.alias
+                    )),
+                );
+                (None, String::new())
+            }
+        };
+        let join = super::ResolvedJoin {
+            alias: j.alias.clone(),
+            table: j.table.clone(),
+            inner: j.inner,
+            on,
+            pick,
+            also: j.also.clone(),
+            proof,
+            columns: info.columns.iter().filter(|c| !c.generated).map(|c| (c.name.clone(), c.type_oid)).collect(),
+        };
+        let from = format!("{}{}", cx.from, join.render());
+        if let Err(e) = blue.prepare(&format!("SELECT 1 FROM {from} LIMIT 0")).await {
+            cx.report(
+                &field,
+                j.line,
+                None,
+                format!("join {} is not valid on blue: {}", j.alias, pg_message(&e)),
+                Some("`on` expressions may use the driving table and earlier joins only".into()),
+            );
+            missing = true;
+            continue;
+        }
+        let exprs: Vec<&String> = j.on.iter().map(|(_, e)| e).chain(j.pick.iter()).chain(j.also.iter()).collect();
+        for e in exprs {
+            let calls = catalog::changing_calls(blue, &entry.source, &from, e).await?;
+            if !calls.is_empty() {
+                cx.report(
+                    &field,
+                    j.line,
+                    None,
+                    format!(
+                        "join {} calls {}, whose value changes from one read to the next: copy, re-reads and \
+                         verify would join other rows",
+                        j.alias,
+                        calls.join(", ")
+                    ),
+                    None,
+                );
+            }
+        }
+        cx.from = from;
+        oids.push(info.oid);
+        out.push(join);
+    }
+    Ok((!missing).then_some((out, oids)))
+}
+
+/// Every table the entry's expressions and filter read must be the source or a joined table:
+/// a change to any other (a subquery over it) would never reach green.
+async fn check_reads(
+    cx: &mut Ctx<'_>,
+    blue: &Client,
+    columns: &[ResolvedColumn],
+    source: u32,
+    joined: &[u32],
+) -> Result<()> {
+    let entry = cx.entry;
+    let exprs: Vec<String> = columns
+        .iter()
+        .filter_map(|c| c.expr.clone())
+        .chain(entry.filter.as_ref().map(|(f, _)| f.clone()))
+        .collect();
+    // Only when everything prepared: a broken expression is reported already.
+    if !blue.prepare(&format!("SELECT {} FROM {} LIMIT 0", if exprs.is_empty() { "1".into() } else { exprs.iter().map(|e| format!("({e})")).collect::<Vec<_>>().join(", ") }, cx.from)).await.is_ok() {
+        return Ok(());
+    }
+    for (oid, name) in catalog::relations_read(blue, &cx.from, &exprs).await? {
+        if oid == source || joined.contains(&oid) {
+            continue;
+        }
+        cx.report(
+            "columns",
+            entry.source_line,
+            None,
+            format!(
+                "an expression or the filter of this entry reads {name}, whose changes are not captured: a write \
+                 to it would never reach green"
+            ),
+            Some(format!(
+                "join it with [[table.join]] (alias, table = \"{name}\", on = {{ <column> = \"<expression>\" }}): \
+                 capture then traces its changes to the rows that read it"
+            )),
+        );
+    }
+    Ok(())
 }
 
 async fn estimate(blue: &Client, entry: &TableEntry, src: &TableInfo) -> Result<Estimate> {

@@ -21,7 +21,12 @@ pub async fn sample(blue: &Client, t: &ResolvedTable, problems: &mut Vec<Problem
     // an unused output; in a read-only transaction with a time limit.
     let rows = t.estimate.rows.max(1);
     let percent = if rows <= SAMPLE_ROWS { 100.0 } else { (SAMPLE_ROWS as f64 * 300.0 / rows as f64).min(100.0) };
-    let from = format!("{} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7)", t.source.quoted());
+    let joins: String = t.joins.iter().map(super::ResolvedJoin::render).collect();
+    let item = match &t.alias {
+        Some(a) => format!("{} AS {}", t.source.quoted(), ident(a)),
+        None => t.source.quoted(),
+    };
+    let from = format!("{item} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7){joins}");
     let filter = t.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
     let run = |list: String| {
         format!("SELECT count(*)::int8, sum(length(s::text)) FROM (SELECT {list} FROM {from}{filter} LIMIT {SAMPLE_ROWS}) s")

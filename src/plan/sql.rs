@@ -36,6 +36,44 @@ pub fn key_rows_via(
     format!("unnest({}) AS {alias} ({})", key_arrays(through, types, keys).join(", "), columns.join(", "))
 }
 
+/// How a key is written as text: as each capture method records it, so that keys of one row
+/// compare equal whichever way they came (direct apply matches keys by text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyText {
+    /// The type's output function, as pgoutput renders values (logical capture).
+    Output,
+    /// `to_jsonb(v) #>> '{}'`, as the capture triggers record keys.
+    Json,
+}
+
+impl KeyText {
+    /// `expr` rendered as text this way.
+    pub fn render(self, expr: &str) -> String {
+        match self {
+            KeyText::Output => format!("({expr})::text"),
+            KeyText::Json => format!("to_jsonb({expr}) #>> '{{}}'"),
+        }
+    }
+}
+
+/// The driving keys of `t` whose rows a row of join `join` with link values `links` (the joined
+/// table's `on` columns, as text) is, or was, part of: the driving table and the joins before it
+/// (every candidate row, whatever `pick`, `also` or the filter choose: a superset is harmless,
+/// apply rewrites or deletes what blue says) where the join's `on` expressions equal the values.
+/// Used with the values of a changed joined row before and after the change, at a moment the
+/// change is visible on blue.
+pub fn trace_sql(t: &super::ResolvedTable, join: usize, links: &[Vec<String>], text: KeyText) -> String {
+    let j = &t.joins[join];
+    let keys: Vec<String> = t.key.iter().map(|k| text.render(&t.qualified(&k.source))).collect();
+    let mut from = format!("{} AS {}", t.source.quoted(), t.qualifier());
+    for before in &t.joins[..join] {
+        from.push_str(&before.render_candidates());
+    }
+    let exprs: Vec<String> = j.on.iter().map(|o| format!("({})", o.expr)).collect();
+    let types: Vec<String> = j.on.iter().map(|o| o.type_name.clone()).collect();
+    format!("SELECT DISTINCT {} FROM {from} WHERE {}", keys.join(", "), key_condition(&exprs, &types, links))
+}
+
 /// One typed array literal per key column.
 fn key_arrays(through: &[String], types: &[String], keys: &[Vec<String>]) -> Vec<String> {
     (0..types.len())

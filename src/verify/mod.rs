@@ -333,8 +333,9 @@ impl Verifier<'_> {
             .map_err(Error::db(format!("blue: size of {}", self.t.source)))?
             .get(0);
         let half = blocks / 2 + 1;
-        let lower = summary(&self.t.source_select(Some(&format!("ctid < '({half},0)'::tid"))));
-        let upper = summary(&self.t.source_select(Some(&format!("ctid >= '({half},0)'::tid"))));
+        let q = self.t.qualifier();
+        let lower = summary(&self.t.source_select(Some(&format!("{q}.ctid < '({half},0)'::tid"))));
+        let upper = summary(&self.t.source_select(Some(&format!("{q}.ctid >= '({half},0)'::tid"))));
         let gq = summary(&gs);
         let (b1, b2, g) =
             tokio::join!(self.blue.query(&lower, &[]), self.blue2.query(&upper, &[]), self.green.query(&gq, &[]));

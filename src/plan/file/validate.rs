@@ -355,6 +355,51 @@ impl Validator<'_> {
         }
     }
 
+    /// Whether `name` can be an alias written unquoted in expressions (a lower-case identifier).
+    fn alias_name(&mut self, line: Line, field: &str, name: &str) -> bool {
+        let ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            self.problem(
+                line,
+                field,
+                format!("alias `{name}` must be a lower-case name (letters, digits, _), as expressions write it"),
+            );
+        }
+        ok
+    }
+
+    fn join(&mut self, field: &str, j: &RawJoin, constants: &IndexMap<String, String>) -> Option<JoinEntry> {
+        let line = self.line(j.alias.span());
+        let alias_ok = self.alias_name(line, &format!("{field}.alias"), j.alias.get_ref());
+        let table = self.qualified(format!("{field}.table"), &j.table);
+        let on_line = self.line(j.on.span());
+        if j.on.get_ref().is_empty() {
+            self.problem(on_line, format!("{field}.on"), "`on` must name at least one column of the joined table");
+        }
+        let on: Vec<(String, String)> = j
+            .on
+            .get_ref()
+            .iter()
+            .map(|(c, e)| (c.clone(), self.with_constants(on_line, &format!("{field}.on.{c}"), e, constants)))
+            .collect();
+        let inner = match j.kind.as_ref().map(|k| k.get_ref().as_str()) {
+            None | Some("left") => false,
+            Some("inner") => true,
+            Some(other) => {
+                let l = self.line(j.kind.as_ref().map(|k| k.span()).unwrap_or_default());
+                self.problem(l, format!("{field}.kind"), format!("kind `{other}` is not `left` or `inner`"));
+                false
+            }
+        };
+        let text = |v: &Option<Spanned<String>>, name: &str, me: &mut Self| {
+            v.as_ref().map(|x| me.with_constants(me.line(x.span()), &format!("{field}.{name}"), x.get_ref(), constants))
+        };
+        let pick = text(&j.pick, "pick", self);
+        let also = text(&j.also, "also", self);
+        Some(JoinEntry { alias: alias_ok.then(|| j.alias.get_ref().clone())?, table: table?, line, on, inner, pick, also })
+    }
+
     fn qualified(&mut self, field: String, value: &Spanned<String>) -> Option<QualifiedName> {
         QualifiedName::parse(value.get_ref()).map_err(|e| self.problem(self.line(value.span()), field, e)).ok()
     }
@@ -394,8 +439,27 @@ impl Validator<'_> {
             let line = self.line(f.span());
             (self.with_constants(line, &format!("{field}.filter"), f.get_ref(), constants), line)
         });
+        let alias = t.alias.as_ref().and_then(|a| {
+            self.alias_name(self.line(a.span()), &format!("{field}.alias"), a.get_ref()).then(|| a.get_ref().clone())
+        });
+        let mut joins = Vec::new();
+        for (n, j) in t.joins.iter().enumerate() {
+            if let Some(j) = self.join(&format!("{field}.join[{}]", n + 1), j, constants) {
+                let taken = alias.as_deref().unwrap_or_else(|| source.as_ref().map_or("", |s| s.name.as_str()));
+                if j.alias == taken || joins.iter().any(|o: &JoinEntry| o.alias == j.alias) {
+                    self.problem(
+                        j.line,
+                        format!("{field}.join[{}].alias", n + 1),
+                        format!("alias `{}` is used twice in this entry; each table needs its own", j.alias),
+                    );
+                }
+                joins.push(j);
+            }
+        }
         Some(TableEntry {
             index,
+            alias,
+            joins,
             source: source?,
             source_line,
             target: target?,
