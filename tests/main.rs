@@ -12,6 +12,7 @@ mod entries;
 mod follow;
 mod handover;
 mod identifiers;
+mod joins;
 mod plan;
 mod security;
 mod shapes;

@@ -41,7 +41,12 @@ const TRACE_BATCH: usize = 10_000;
 /// Turns `links` into driving key events, reading blue through `blue` (where every write the
 /// links come from is visible). Each key carries the latest position among the links of its
 /// batch: a later position only makes the cutover wait for it longer.
-pub async fn resolve(blue: &Client, tables: &[ResolvedTable], links: Vec<Link>, text: KeyText) -> Result<Vec<KeyEvent>> {
+pub async fn resolve(
+    blue: &Client,
+    tables: &[ResolvedTable],
+    links: Vec<Link>,
+    text: KeyText,
+) -> Result<Vec<KeyEvent>> {
     let mut groups: BTreeMap<(usize, usize), BTreeMap<Vec<String>, Lsn>> = BTreeMap::new();
     for l in links {
         let lsn = groups.entry((l.entry, l.join)).or_default().entry(l.values).or_insert(l.lsn);

@@ -330,9 +330,14 @@ fn functions_sql(schema: &str, table: &QualifiedName, roles: &[TriggerRole]) -> 
     let mut truncated = String::new();
     for role in roles {
         let keys = |rec: &str| {
-            role.columns.iter().map(|c| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(c))).collect::<Vec<_>>().join(", ")
+            role.columns
+                .iter()
+                .map(|c| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        let tuple = |rec: &str| role.columns.iter().map(|c| format!("{rec}.{}", ident(c))).collect::<Vec<_>>().join(", ");
+        let tuple =
+            |rec: &str| role.columns.iter().map(|c| format!("{rec}.{}", ident(c))).collect::<Vec<_>>().join(", ");
         let some = |rec: &str| if role.link { format!(" AND ROW({}) IS NOT NULL", tuple(rec)) } else { String::new() };
         let i = literal(&role.tag);
         rows.push_str(&format!(

@@ -127,9 +127,7 @@ pub async fn changing_calls(client: &Client, source: &QualifiedName, from: &str,
     client.batch_execute("BEGIN").await.map_err(Error::db(ctx()))?;
     let found = async {
         client
-            .batch_execute(&format!(
-                "CREATE TEMP VIEW bluegreen_volatility AS SELECT ({expr}) AS v FROM {from}"
-            ))
+            .batch_execute(&format!("CREATE TEMP VIEW bluegreen_volatility AS SELECT ({expr}) AS v FROM {from}"))
             .await?;
         client
             .query(

@@ -129,7 +129,8 @@ impl ResolvedJoin {
     /// The join as SQL, after the FROM items before it.
     pub fn render(&self) -> String {
         let a = ident(&self.alias);
-        let mut conds: Vec<String> = self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
+        let mut conds: Vec<String> =
+            self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
         if let Some(also) = &self.also {
             conds.push(format!("({also})"));
         }
@@ -144,12 +145,13 @@ impl ResolvedJoin {
         }
     }
 
-    /// The join with only its `on` equalities, as an inner join: every candidate row, whatever
-    /// `pick` and `also` choose (tracing wants a superset).
+    /// The join with only its `on` equalities: every candidate row, whatever `pick` and `also`
+    /// choose (tracing wants a superset). A left join: a row of a table before it with no match
+    /// here still leads on where a later `on` does not need this one.
     pub fn render_candidates(&self) -> String {
         let a = ident(&self.alias);
         let conds: Vec<String> = self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
-        format!(" JOIN {} AS {a} ON {}", self.table.quoted(), conds.join(" AND "))
+        format!(" LEFT JOIN {} AS {a} ON {}", self.table.quoted(), conds.join(" AND "))
     }
 
     /// The link column names.

@@ -213,8 +213,9 @@ async fn not_a_table(
                 "source" => "capture follows tables: name as `source` the table whose rows become the target's rows, \
                              and join the others ([[table.join]]) to build one target row from several tables"
                     .to_string(),
-                "joined" => "capture follows tables: join the tables it reads instead, one [[table.join]] each"
-                    .to_string(),
+                "joined" => {
+                    "capture follows tables: join the tables it reads instead, one [[table.join]] each".to_string()
+                }
                 _ => "name the table the rows are written to".to_string(),
             },
         ),
@@ -711,15 +712,16 @@ async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<su
         let a = ident(&j.alias);
         // Ties under `pick` are broken by a unique key, so that copy, every re-read and verify
         // choose the same row.
-        let tie = info
-            .unique_keys
-            .iter()
-            .find(|u| u.columns.iter().all(|c| info.column(c).is_some_and(|c| c.not_null)))
-            .map(|u| u.columns.iter().map(|c| format!("{a}.{}", ident(c))).collect::<Vec<_>>().join(", "));
-        let (pick, proof) = match (&j.pick, unique, &tie) {
+        let tie =
+            info.unique_keys.iter().find(|u| u.columns.iter().all(|c| info.column(c).is_some_and(|c| c.not_null)));
+        let (pick, proof) = match (&j.pick, unique, tie) {
             (None, Some(u), _) => (None, format!("at most one row: unique ({}) = on", u.columns.join(", "))),
             (Some(p), _, Some(tie)) => {
-                (Some(format!("{p}, {tie}")), format!("one row chosen: ORDER BY {p}, then {tie}"))
+                let order: Vec<String> = tie.columns.iter().map(|c| format!("{a}.{}", ident(c))).collect();
+                (
+                    Some(format!("{p}, {}", order.join(", "))),
+                    format!("one row chosen: ORDER BY {p}, ties broken by ({})", tie.columns.join(", ")),
+                )
             }
             (Some(_), _, None) => {
                 cx.report(
@@ -736,7 +738,8 @@ async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<su
                 (None, String::new())
             }
             (None, None, _) => {
-                let keys: Vec<String> = info.unique_keys.iter().map(|u| format!("({})", u.columns.join(", "))).collect();
+                let keys: Vec<String> =
+                    info.unique_keys.iter().map(|u| format!("({})", u.columns.join(", "))).collect();
                 cx.report(
                     &format!("{field}.on"),
                     j.line,
@@ -780,8 +783,14 @@ async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<su
             missing = true;
             continue;
         }
-        let exprs: Vec<&String> = j.on.iter().map(|(_, e)| e).chain(j.pick.iter()).chain(j.also.iter()).collect();
-        for e in exprs {
+        // A pick is an ORDER BY list, checked as one inside a subquery.
+        let exprs: Vec<String> =
+            j.on.iter()
+                .map(|(_, e)| e.clone())
+                .chain(j.pick.iter().map(|p| format!("(SELECT 1 ORDER BY {p} LIMIT 1)")))
+                .chain(j.also.iter().cloned())
+                .collect();
+        for e in &exprs {
             let calls = catalog::changing_calls(blue, &entry.source, &from, e).await?;
             if !calls.is_empty() {
                 cx.report(
@@ -815,13 +824,22 @@ async fn check_reads(
     joined: &[u32],
 ) -> Result<()> {
     let entry = cx.entry;
-    let exprs: Vec<String> = columns
-        .iter()
-        .filter_map(|c| c.expr.clone())
-        .chain(entry.filter.as_ref().map(|(f, _)| f.clone()))
-        .collect();
+    let exprs: Vec<String> =
+        columns.iter().filter_map(|c| c.expr.clone()).chain(entry.filter.as_ref().map(|(f, _)| f.clone())).collect();
     // Only when everything prepared: a broken expression is reported already.
-    if !blue.prepare(&format!("SELECT {} FROM {} LIMIT 0", if exprs.is_empty() { "1".into() } else { exprs.iter().map(|e| format!("({e})")).collect::<Vec<_>>().join(", ") }, cx.from)).await.is_ok() {
+    if !blue
+        .prepare(&format!(
+            "SELECT {} FROM {} LIMIT 0",
+            if exprs.is_empty() {
+                "1".into()
+            } else {
+                exprs.iter().map(|e| format!("({e})")).collect::<Vec<_>>().join(", ")
+            },
+            cx.from
+        ))
+        .await
+        .is_ok()
+    {
         return Ok(());
     }
     for (oid, name) in catalog::relations_read(blue, &cx.from, &exprs).await? {

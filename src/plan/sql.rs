@@ -66,12 +66,32 @@ pub fn trace_sql(t: &super::ResolvedTable, join: usize, links: &[Vec<String>], t
     let j = &t.joins[join];
     let keys: Vec<String> = t.key.iter().map(|k| text.render(&t.qualified(&k.source))).collect();
     let mut from = format!("{} AS {}", t.source.quoted(), t.qualifier());
-    for before in &t.joins[..join] {
+    // Only the joins the `on` expressions reach, directly or through each other's: an
+    // unrelated join would multiply rows (or, as an inner join, drop them).
+    let mut texts: Vec<&str> = j.on.iter().map(|o| o.expr.as_str()).collect();
+    let mut path = vec![false; join];
+    for k in (0..join).rev() {
+        if texts.iter().any(|e| refers_to(e, &t.joins[k].alias)) {
+            path[k] = true;
+            texts.extend(t.joins[k].on.iter().map(|o| o.expr.as_str()));
+        }
+    }
+    for (before, _) in t.joins[..join].iter().zip(&path).filter(|(_, on)| **on) {
         from.push_str(&before.render_candidates());
     }
     let exprs: Vec<String> = j.on.iter().map(|o| format!("({})", o.expr)).collect();
     let types: Vec<String> = j.on.iter().map(|o| o.type_name.clone()).collect();
     format!("SELECT DISTINCT {} FROM {from} WHERE {}", keys.join(", "), key_condition(&exprs, &types, links))
+}
+
+/// Whether `expr` names something of `alias` (`alias.` or `"alias".`, as a word; unquoted
+/// names fold to lower case, aliases are lower case). A false positive only adds a join.
+fn refers_to(expr: &str, alias: &str) -> bool {
+    let lower = expr.to_lowercase();
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+    [format!("{alias}."), format!("\"{alias}\".")]
+        .iter()
+        .any(|pat| lower.match_indices(pat.as_str()).any(|(at, _)| !lower[..at].chars().next_back().is_some_and(word)))
 }
 
 /// One typed array literal per key column.

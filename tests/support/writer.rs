@@ -64,18 +64,133 @@ fn statement(n: u64) -> String {
     }
 }
 
+/// The OAuth writer's transaction that commits late: new rows only (nothing the other session
+/// waits for).
+fn late_token(n: u64) -> String {
+    format!(
+        "BEGIN; \
+         INSERT INTO hydra_oauth2_access (signature, request_id, requested_at, client_id, session_data, active) \
+         VALUES ('late-{n}', 'req-late-{n}', now() AT TIME ZONE 'UTC', 'client-000002', '{{\"late\": true}}', true); \
+         UPDATE hydra_oauth2_access SET scope = 'late' WHERE signature = 'late-{n}'; \
+         INSERT INTO hydra_oauth2_revocation (request_id, revoked_at, reason) VALUES ('late-{n}', now(), 'late')"
+    )
+}
+
+/// A login of the flow tables picked at random (through the primary key index).
+const LOGIN: &str = "(SELECT challenge FROM hydra_oauth2_authentication_request \
+     WHERE challenge >= 'login-' || floor(random() * 2500)::int ORDER BY challenge LIMIT 1)";
+/// A consent request picked at random.
+const CONSENT: &str = "(SELECT challenge FROM hydra_oauth2_consent_request \
+     WHERE challenge >= 'consent-' || floor(random() * 2500)::int ORDER BY challenge LIMIT 1)";
+/// A handled consent picked at random.
+const HANDLED: &str = "(SELECT challenge FROM hydra_oauth2_consent_request_handled \
+     WHERE challenge >= 'consent-' || floor(random() * 2500)::int ORDER BY challenge LIMIT 1)";
+
+/// Writes to every table of the merged flow (login request, login handled, consent request,
+/// consent handled): inserts, deletes (with cascades), join-column updates (consents moving
+/// between logins, leaving and entering the join, handled rows re-keyed), a consent that wins
+/// the latest-consent pick or ties it, key changes that cascade, unused columns.
+fn flow_statement(n: u64) -> String {
+    match n % 17 {
+        0 => format!(
+            "INSERT INTO hydra_oauth2_authentication_request (challenge, requested_scope, subject, client_id, request_url, context, requested_at) \
+             VALUES ('wl-{n}', 'openid w', 'wuser-{n}', 'client-000003', 'https://w/{n}', '{{\"w\": {n}}}', now() AT TIME ZONE 'UTC')"
+        ),
+        1 => "INSERT INTO hydra_oauth2_authentication_request_handled (challenge, subject, remember, error, handled_at) \
+              SELECT l.challenge, l.subject, true, '{}', now() FROM hydra_oauth2_authentication_request l \
+              WHERE l.challenge >= 'login-' || floor(random() * 2500)::int \
+                AND NOT EXISTS (SELECT 1 FROM hydra_oauth2_authentication_request_handled h WHERE h.challenge = l.challenge) \
+              ORDER BY l.challenge LIMIT 1"
+            .to_string(),
+        2 => format!(
+            "UPDATE hydra_oauth2_authentication_request_handled SET error = CASE WHEN error = '{{}}' THEN '{{\"e\": {n}}}' ELSE '{{}}' END \
+             WHERE challenge = {LOGIN}"
+        ),
+        3 => format!("DELETE FROM hydra_oauth2_authentication_request_handled WHERE challenge = {LOGIN}"),
+        // A new latest consent: it wins the pick.
+        4 => format!(
+            "INSERT INTO hydra_oauth2_consent_request (challenge, login_challenge, subject, client_id, requested_scope, requested_at) \
+             VALUES ('wc-{n}', {LOGIN}, 'wuser', 'client-000004', 'openid w{n}', now() AT TIME ZONE 'UTC' + interval '1 day')"
+        ),
+        // A consent tying another one's requested_at: the key breaks the tie.
+        5 => format!(
+            "INSERT INTO hydra_oauth2_consent_request (challenge, login_challenge, subject, client_id, requested_scope, requested_at) \
+             SELECT 'a-tie-{n}', login_challenge, subject, client_id, 'tie', requested_at FROM hydra_oauth2_consent_request \
+             WHERE challenge = {CONSENT} AND login_challenge IS NOT NULL"
+        ),
+        6 => format!("UPDATE hydra_oauth2_consent_request SET login_challenge = {LOGIN} WHERE challenge = {CONSENT}"),
+        7 => format!("UPDATE hydra_oauth2_consent_request SET login_challenge = NULL WHERE challenge = {CONSENT}"),
+        8 => format!("DELETE FROM hydra_oauth2_consent_request WHERE challenge = {CONSENT}"),
+        9 => "INSERT INTO hydra_oauth2_consent_request_handled (challenge, granted_scope, remember, error, handled_at) \
+              SELECT c.challenge, 'openid', true, '{}', now() FROM hydra_oauth2_consent_request c \
+              WHERE c.challenge >= 'consent-' || floor(random() * 2500)::int \
+                AND NOT EXISTS (SELECT 1 FROM hydra_oauth2_consent_request_handled h WHERE h.challenge = c.challenge) \
+              ORDER BY c.challenge LIMIT 1"
+            .to_string(),
+        10 => format!("UPDATE hydra_oauth2_consent_request_handled SET granted_scope = 'openid w{n}' WHERE challenge = {HANDLED}"),
+        // A handled row moved to another consent (its join column is its key).
+        11 => format!(
+            "UPDATE hydra_oauth2_consent_request_handled h SET challenge = x.challenge \
+             FROM (SELECT c.challenge FROM hydra_oauth2_consent_request c \
+                   WHERE c.challenge >= 'consent-' || floor(random() * 2500)::int \
+                     AND NOT EXISTS (SELECT 1 FROM hydra_oauth2_consent_request_handled o WHERE o.challenge = c.challenge) \
+                   ORDER BY c.challenge LIMIT 1) x \
+             WHERE h.challenge = {HANDLED}"
+        ),
+        // Key changes that cascade to the joined rows.
+        12 => format!("UPDATE hydra_oauth2_consent_request SET challenge = challenge || '-k{n}' WHERE challenge = {CONSENT}"),
+        13 => format!("UPDATE hydra_oauth2_authentication_request SET challenge = challenge || '-k{n}' WHERE challenge = {LOGIN}"),
+        // Cascades: the handled row goes, consents lose their login.
+        14 => format!("DELETE FROM hydra_oauth2_authentication_request WHERE challenge = {LOGIN}"),
+        // The latest consent changes; an unused column of a joined table changes.
+        15 => format!(
+            "UPDATE hydra_oauth2_consent_request SET requested_at = requested_at + interval '2 days' WHERE challenge = {CONSENT}"
+        ),
+        _ => format!(
+            "UPDATE hydra_oauth2_authentication_request_handled SET acr = 'w{n}' WHERE challenge = {LOGIN}; \
+             UPDATE hydra_oauth2_authentication_request SET subject = 'moved-{n}' WHERE challenge = {LOGIN}"
+        ),
+    }
+}
+
+/// The flow writer's transaction that commits late: a login with its handled row, consent and
+/// handled consent, all new (nothing the other session waits for).
+fn late_flow(n: u64) -> String {
+    format!(
+        "BEGIN; \
+         INSERT INTO hydra_oauth2_authentication_request (challenge, subject, client_id, request_url, requested_at) \
+         VALUES ('late-{n}', 'late', 'client-000005', 'https://late', now() AT TIME ZONE 'UTC'); \
+         INSERT INTO hydra_oauth2_authentication_request_handled (challenge, subject, handled_at) VALUES ('late-{n}', 'late', now()); \
+         INSERT INTO hydra_oauth2_consent_request (challenge, login_challenge, subject, client_id, requested_at) \
+         VALUES ('late-c-{n}', 'late-{n}', 'late', 'client-000005', now()); \
+         INSERT INTO hydra_oauth2_consent_request_handled (challenge, granted_scope, handled_at) VALUES ('late-c-{n}', 'openid late', now())"
+    )
+}
+
 impl Writer {
     /// Starts writing to `url` with a pause of `pause` between statements.
     pub fn start(url: String, pause: Duration) -> Writer {
+        Writer::with(url, pause, statement, late_token)
+    }
+
+    /// Starts writing to the flow tables (the merged table's driving and joined tables).
+    #[allow(dead_code)]
+    pub fn flows(url: String, pause: Duration) -> Writer {
+        Writer::with(url, pause, flow_statement, late_flow)
+    }
+
+    fn with(url: String, pause: Duration, statement: fn(u64) -> String, late_tx: fn(u64) -> String) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(AtomicU64::new(0));
         let (s, o) = (stop.clone(), ops.clone());
         let handle = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                let (client, conn) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
                 tokio::spawn(conn);
-                let (late, conn2) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                let (late, conn2) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
                 tokio::spawn(conn2);
                 // A statement blocked this long means something (our DDL?) stalls the application.
                 for c in [&client, &late] {
@@ -90,15 +205,7 @@ impl Writer {
                     // Every 40 statements a transaction begins on the second session, writes, and
                     // stays open for 25 more statements of the first: it commits late.
                     if n.is_multiple_of(40) && !late_open {
-                        late.batch_execute(&format!(
-                            "BEGIN; \
-                             INSERT INTO hydra_oauth2_access (signature, request_id, requested_at, client_id, session_data, active) \
-                             VALUES ('late-{n}', 'req-late-{n}', now() AT TIME ZONE 'UTC', 'client-000002', '{{\"late\": true}}', true); \
-                             UPDATE hydra_oauth2_access SET scope = 'late' WHERE signature = 'late-{n}'; \
-                             INSERT INTO hydra_oauth2_revocation (request_id, revoked_at, reason) VALUES ('late-{n}', now(), 'late')"
-                        ))
-                            .await
-                            .map_err(|e| format!("late tx: {e}"))?;
+                        late.batch_execute(&late_tx(n)).await.map_err(|e| format!("late tx: {e}"))?;
                         late_open = true;
                     } else if n % 40 == 25 && late_open {
                         late.batch_execute("COMMIT").await.map_err(|e| format!("late commit: {e}"))?;

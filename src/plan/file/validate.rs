@@ -377,12 +377,11 @@ impl Validator<'_> {
         if j.on.get_ref().is_empty() {
             self.problem(on_line, format!("{field}.on"), "`on` must name at least one column of the joined table");
         }
-        let on: Vec<(String, String)> = j
-            .on
-            .get_ref()
-            .iter()
-            .map(|(c, e)| (c.clone(), self.with_constants(on_line, &format!("{field}.on.{c}"), e, constants)))
-            .collect();
+        let on: Vec<(String, String)> =
+            j.on.get_ref()
+                .iter()
+                .map(|(c, e)| (c.clone(), self.with_constants(on_line, &format!("{field}.on.{c}"), e, constants)))
+                .collect();
         let inner = match j.kind.as_ref().map(|k| k.get_ref().as_str()) {
             None | Some("left") => false,
             Some("inner") => true,
@@ -397,7 +396,15 @@ impl Validator<'_> {
         };
         let pick = text(&j.pick, "pick", self);
         let also = text(&j.also, "also", self);
-        Some(JoinEntry { alias: alias_ok.then(|| j.alias.get_ref().clone())?, table: table?, line, on, inner, pick, also })
+        Some(JoinEntry {
+            alias: alias_ok.then(|| j.alias.get_ref().clone())?,
+            table: table?,
+            line,
+            on,
+            inner,
+            pick,
+            also,
+        })
     }
 
     fn qualified(&mut self, field: String, value: &Spanned<String>) -> Option<QualifiedName> {
