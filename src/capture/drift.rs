@@ -34,6 +34,11 @@ pub struct Shape {
     /// with rows in it.
     #[serde(default)]
     pub leaves: Vec<(u32, i64)>,
+    /// The entry's joined tables, in join order. Compared like the source, except that their
+    /// heap may be rewritten (VACUUM FULL changes no value the join reads; a TRUNCATE is
+    /// captured).
+    #[serde(default)]
+    pub joined: Vec<Shape>,
 }
 
 const SHAPES: &str = "SELECT c.oid, n.nspname::text, c.relname::text, coalesce(pg_relation_filenode(c.oid), 0)::int8, \
@@ -61,16 +66,28 @@ fn shape_of(r: &tokio_postgres::Row) -> Shape {
             .iter()
             .filter_map(|l| l.split_once(':').and_then(|(o, f)| Some((o.parse().ok()?, f.parse().ok()?))))
             .collect(),
+        joined: Vec::new(),
     }
 }
 
 /// `t`'s source table as blue has it now.
 pub async fn shape(blue: &Client, t: &ResolvedTable) -> Result<Shape> {
-    let row = blue
-        .query_one(&format!("{SHAPES} WHERE c.oid = $1::text::regclass"), &[&t.source.quoted()])
-        .await
-        .map_err(Error::db(format!("blue: reading the shape of {}", t.source)))?;
-    Ok(shape_of(&row))
+    let read = |table: &crate::pg::QualifiedName| {
+        let q = table.quoted();
+        let ctx = format!("blue: reading the shape of {table}");
+        async move {
+            let row = blue
+                .query_one(&format!("{SHAPES} WHERE c.oid = $1::text::regclass"), &[&q])
+                .await
+                .map_err(Error::db(ctx))?;
+            Ok::<Shape, Error>(shape_of(&row))
+        }
+    };
+    let mut shape = read(&t.source).await?;
+    for j in &t.joins {
+        shape.joined.push(read(&j.table).await?);
+    }
+    Ok(shape)
 }
 
 /// Compares recorded shapes (by OID) with blue's catalog: the first table that drifted, with
@@ -86,7 +103,8 @@ pub async fn drifted(
     if recorded.is_empty() {
         return Ok(None);
     }
-    let oids: Vec<u32> = recorded.iter().map(|(_, s)| s.oid).collect();
+    let oids: Vec<u32> =
+        recorded.iter().flat_map(|(_, s)| std::iter::once(s.oid).chain(s.joined.iter().map(|j| j.oid))).collect();
     let now: HashMap<u32, Shape> = blue
         .query(&format!("{SHAPES} WHERE c.oid = ANY($1)"), &[&oids])
         .await
@@ -100,6 +118,13 @@ pub async fn drifted(
     for (id, was) in recorded {
         if let Some(what) = difference(was, now.get(&was.oid)) {
             return Ok(Some((id.clone(), what)));
+        }
+        for j in &was.joined {
+            // Its heap's file node aside (see `Shape::joined`).
+            let now = now.get(&j.oid).map(|n| Shape { filenode: j.filenode, ..n.clone() });
+            if let Some(what) = difference(j, now.as_ref()) {
+                return Ok(Some((id.clone(), format!("joined table: {what}"))));
+            }
         }
         let Some(now) = now.get(&was.oid) else { continue };
         let new: Vec<u32> = now.leaves.iter().map(|l| l.0).filter(|o| !was.leaves.iter().any(|w| w.0 == *o)).collect();
@@ -144,7 +169,7 @@ pub async fn drifted(
                 )));
             }
         }
-        accepted.push((id.clone(), now.clone()));
+        accepted.push((id.clone(), Shape { joined: was.joined.clone(), ..now.clone() }));
     }
     Ok(None)
 }
@@ -197,6 +222,7 @@ mod tests {
             filenode: 10,
             columns: vec![("id".into(), 23), ("v".into(), 25)],
             leaves: vec![(100, 1000), (101, 1001)],
+            joined: Vec::new(),
         }
     }
 
