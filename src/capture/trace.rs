@@ -60,13 +60,19 @@ pub async fn resolve(
             let lsn = batch.iter().map(|(_, l)| *l).max().unwrap_or_default();
             let links: Vec<Vec<String>> = batch.iter().map(|(v, _)| v.clone()).collect();
             let sql = trace_sql(t, join, &links, text);
-            let rows = blue.query(&sql, &[]).await.map_err(Error::db(format!(
+            // The simple protocol returns every value in text format: the output function's
+            // text, as capture renders keys.
+            let rows = blue.simple_query(&sql).await.map_err(Error::db(format!(
                 "blue: tracing changes of {} to rows of {}",
                 t.joins[join].table, t.source
             )))?;
             for r in rows {
-                let key: Vec<String> = (0..t.key.len()).map(|i| r.get::<_, String>(i)).collect();
-                out.push(KeyEvent { table: t.id.clone(), key, lsn });
+                let tokio_postgres::SimpleQueryMessage::Row(r) = r else { continue };
+                // Key columns are NOT NULL (the key is unique on blue).
+                let key: Option<Vec<String>> = (0..t.key.len()).map(|i| r.get(i).map(str::to_string)).collect();
+                if let Some(key) = key {
+                    out.push(KeyEvent { table: t.id.clone(), key, lsn });
+                }
             }
         }
     }

@@ -140,10 +140,17 @@ fn check_unreached(plan: &Plan, tables: &[ResolvedTable], problems: &mut Vec<Pro
         let siblings: Vec<&ResolvedTable> = tables.iter().filter(|o| o.source == t.source).collect();
         let entries: Vec<&TableEntry> =
             plan.tables.iter().filter(|e| siblings.iter().any(|s| s.index == e.index)).collect();
+        // A driving column used only to link a join, or by a join's pick, is used too.
+        let joins = siblings.iter().flat_map(|s| {
+            s.joins
+                .iter()
+                .flat_map(|j| j.on.iter().map(|o| o.expr.as_str()).chain(j.pick.as_deref()).chain(j.also.as_deref()))
+        });
         let texts: Vec<&str> = siblings
             .iter()
             .flat_map(|s| s.columns.iter().filter_map(|c| c.expr.as_deref()).chain(s.filter.as_deref()))
             .chain(siblings.iter().flat_map(|s| s.key.iter().map(|k| k.source.as_str())))
+            .chain(joins)
             .collect();
         for (name, _) in &t.source_columns {
             if entries.iter().any(|e| e.drop.0.contains(name)) || texts.iter().any(|x| mentions(x, name)) {

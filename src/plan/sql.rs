@@ -40,7 +40,9 @@ pub fn key_rows_via(
 /// compare equal whichever way they came (direct apply matches keys by text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyText {
-    /// The type's output function, as pgoutput renders values (logical capture).
+    /// The type's output function, as pgoutput renders values (logical capture): the value
+    /// itself, read in text format (a cast to text may differ: `true::text` is `true`, the
+    /// output is `t`).
     Output,
     /// `to_jsonb(v) #>> '{}'`, as the capture triggers record keys.
     Json,
@@ -50,7 +52,7 @@ impl KeyText {
     /// `expr` rendered as text this way.
     pub fn render(self, expr: &str) -> String {
         match self {
-            KeyText::Output => format!("({expr})::text"),
+            KeyText::Output => expr.to_string(),
             KeyText::Json => format!("to_jsonb({expr}) #>> '{{}}'"),
         }
     }
