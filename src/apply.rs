@@ -180,6 +180,8 @@ async fn write_rows(
     sink.send_all(&mut stream).await.map_err(|e| fail(t, "re-reading keys from blue", e))?;
     drop(stream);
     sink.as_mut().finish().await.map_err(|e| fail(t, "COPY into staging", e))?;
+    // Between the re-read and green's commit: blue may change again here (the tests widen it).
+    crate::fault::point("apply.reread").await;
 
     let key_list = tgt_cols.join(", ");
     // Only this entry's rows: where green's key holds a constant (a tenant id), another entry

@@ -80,6 +80,11 @@ enum Cmd {
         /// Check the file only; do not connect to any database.
         #[arg(long)]
         offline: bool,
+        /// Also show N rows of each table as green would receive them (transformed from a
+        /// sample of blue's rows), to see what the expressions make of real data. Shows
+        /// blue's data: mind where the output goes.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        rows: usize,
     },
     /// Copy every table to green, then keep green in step until Ctrl-C or a finished cutover.
     /// Safe to rerun: resumes where a killed run stopped.
@@ -170,7 +175,9 @@ fn main() -> ExitCode {
     }
     let (path, command) = match cli.command {
         Cmd::Demo { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
-        Cmd::Plan { plan, format, offline } => (plan.plan, Command::Plan { format: format.format.into(), offline }),
+        Cmd::Plan { plan, format, offline, rows } => {
+            (plan.plan, Command::Plan { format: format.format.into(), offline, rows })
+        }
         Cmd::Copy { plan, no_follow, recopy } => (plan.plan, Command::Copy { no_follow, recopy }),
         Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),
         Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),

@@ -181,6 +181,21 @@ fn plan_proves_each_join_and_names_what_it_cannot() {
     s.blue.psql("ALTER TABLE hydra_oauth2_consent_request REPLICA IDENTITY FULL");
     let r = run(&mut s.migrate(&["plan", p]));
     assert_eq!(r.code, 0, "{r:?}");
+    // A few rows as green would receive them, to see what the expressions make of real data
+    // (v1's '{}' for "no error" arrives as NULL).
+    let r = run(&mut s.migrate(&["plan", p, "--rows", "3"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let shown = r.stdout.split("rows as green would receive them").nth(1).unwrap_or_default();
+    assert!(
+        shown.contains("public.hydra_oauth2_flow: 3 row(s)")
+            && shown.contains("public.hydra_oauth2_flow_context: 3 row(s)"),
+        "{r:?}"
+    );
+    assert_eq!(shown.matches("nid                      5b2a6a2e-5b1c-4b6e-9a40-2f7e4f1d0c11").count(), 3, "{r:?}");
+    assert!(shown.contains("login_error              NULL") && !shown.contains("login_error              {}"), "{r:?}");
+    let json = run(&mut s.migrate(&["plan", p, "--rows", "2", "--format", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["sample_rows"][0]["rows"].as_array().map(Vec::len), Some(2), "{json:?}");
 
     // Without the pick, nothing says which of a login's consents wins.
     let text = std::fs::read_to_string(&plan).unwrap();
@@ -237,4 +252,29 @@ fn a_joined_table_changed_behind_capture_stops_following() {
     let r = run(&mut s.migrate(&["copy", p, "--no-follow"]));
     assert_ne!(r.code, 0, "following went on over a truncated joined table:\n{r:?}");
     assert!(r.stderr.contains("hydra_oauth2_consent_request_handled"), "{r:?}");
+}
+
+/// Blue changes while each apply holds what it re-read and has not committed it on green (every
+/// apply stalls 200 ms there): writes in that window, to every joined table, must still reach
+/// green, for both capture methods.
+#[test]
+fn writes_between_a_reread_and_its_commit_reach_green() {
+    for method in ["logical", "trigger"] {
+        let s = Oauth::new(5_000);
+        s.blue.psql("ALTER TABLE hydra_oauth2_consent_request REPLICA IDENTITY FULL");
+        let plan = flows_plan(&s, method, "");
+        let p = plan.to_str().unwrap();
+        let r = run(&mut s.migrate(&["copy", p, "--no-follow"]));
+        assert_eq!(r.code, 0, "{r:?}");
+        let mut copy = s.background(&["copy", p]).env("MIGRATE_FAULT", "apply.reread:sleep=200").spawn().unwrap();
+        let writer = Writer::flows(s.blue.url(), Duration::from_millis(1));
+        std::thread::sleep(Duration::from_secs(6));
+        let ops = writer.stop();
+        assert!(ops > 1000, "the writer made only {ops} writes");
+        std::thread::sleep(Duration::from_secs(2));
+        wait_for(&s, &plan, &mut copy, Duration::from_secs(120), "the follower to catch up", caught_up);
+        assert_flows_equal(&s, &format!("with re-reads held open ({method})"));
+        let _ = std::process::Command::new("kill").args(["-INT", &copy.id().to_string()]).status();
+        assert!(copy.wait().unwrap().success());
+    }
 }

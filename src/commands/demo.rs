@@ -127,7 +127,8 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
 
     step("migrate plan");
     let outcome =
-        crate::run(&plan_path, Command::Plan { format: Format::Text, offline: false }, shutdown.clone()).await?;
+        crate::run(&plan_path, Command::Plan { format: Format::Text, offline: false, rows: 0 }, shutdown.clone())
+            .await?;
     if outcome != Outcome::Ok {
         return Err(Error::Demo("the demo plan has problems".into()));
     }

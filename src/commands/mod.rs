@@ -39,6 +39,8 @@ pub enum Command {
         format: Format,
         /// Check the file only.
         offline: bool,
+        /// Transformed rows of each table to show (`--rows`).
+        rows: usize,
     },
     /// Copy, then follow.
     Copy {
@@ -85,7 +87,7 @@ pub enum Outcome {
 pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Outcome> {
     let plan = Plan::load(path)?;
     match command {
-        Command::Plan { format, offline } => plan::run(&plan, format, offline).await,
+        Command::Plan { format, offline, rows } => plan::run(&plan, format, offline, rows).await,
         Command::Copy { no_follow, recopy } => {
             let copied = copy::run(&plan, no_follow, &recopy, shutdown).await;
             if let Err(e) = &copied {

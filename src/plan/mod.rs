@@ -7,7 +7,7 @@ mod file;
 pub mod prereq;
 mod report;
 mod resolve;
-mod sample;
+pub mod sample;
 mod sql;
 
 pub use changes::check_against_state;

@@ -21,12 +21,7 @@ pub async fn sample(blue: &Client, t: &ResolvedTable, problems: &mut Vec<Problem
     // an unused output; in a read-only transaction with a time limit.
     let rows = t.estimate.rows.max(1);
     let percent = if rows <= SAMPLE_ROWS { 100.0 } else { (SAMPLE_ROWS as f64 * 300.0 / rows as f64).min(100.0) };
-    let joins: String = t.joins.iter().map(super::ResolvedJoin::render).collect();
-    let item = match &t.alias {
-        Some(a) => format!("{} AS {}", t.source.quoted(), ident(a)),
-        None => t.source.quoted(),
-    };
-    let from = format!("{item} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7){joins}");
+    let from = sampled_from(t, percent);
     let filter = t.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
     let run = |list: String| {
         format!("SELECT count(*)::int8, sum(length(s::text)) FROM (SELECT {list} FROM {from}{filter} LIMIT {SAMPLE_ROWS}) s")
@@ -63,6 +58,41 @@ pub async fn sample(blue: &Client, t: &ResolvedTable, problems: &mut Vec<Problem
         }
     }
     Ok(0)
+}
+
+/// The entry's FROM clause with the driving table sampled (`percent` of its rows).
+fn sampled_from(t: &ResolvedTable, percent: f64) -> String {
+    let joins: String = t.joins.iter().map(super::ResolvedJoin::render).collect();
+    let item = match &t.alias {
+        Some(a) => format!("{} AS {}", t.source.quoted(), ident(a)),
+        None => t.source.quoted(),
+    };
+    format!("{item} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7){joins}")
+}
+
+/// Up to `n` rows of `t` as green would receive them (from a sample of blue's rows, the filter
+/// applied), each as (target column, value as text); in a read-only transaction.
+pub async fn rows(blue: &Client, t: &ResolvedTable, n: usize) -> Result<Vec<Vec<(String, Option<String>)>>> {
+    let rows = t.estimate.rows.max(1);
+    let percent = if rows <= SAMPLE_ROWS { 100.0 } else { (SAMPLE_ROWS as f64 * 300.0 / rows as f64).min(100.0) };
+    let filter = t.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+    let sql = format!("SELECT {} FROM {}{filter} LIMIT {n}", t.select_list(), sampled_from(t, percent));
+    blue.batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = '30s'")
+        .await
+        .map_err(Error::db("blue: sampling rows"))?;
+    let got = blue.simple_query(&sql).await;
+    let _ = blue.batch_execute("ROLLBACK").await;
+    let got = got.map_err(Error::db(format!("blue: sampling rows of {}", t.source)))?;
+    let names: Vec<String> = t.mapped().map(|c| c.name.clone()).collect();
+    Ok(got
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(names.iter().enumerate().map(|(i, c)| (c.clone(), r.get(i).map(str::to_string))).collect())
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 fn problem(t: &ResolvedTable, column: Option<&str>, e: &tokio_postgres::Error) -> Problem {
