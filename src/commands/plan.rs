@@ -60,7 +60,7 @@ pub async fn run(plan: &Plan, format: Format, offline: bool, rows: usize) -> Res
 }
 
 /// `--rows`: each table's sample rows as green would receive them, one `column  value` line each.
-fn rows_text(samples: &[(crate::plan::ResolvedTable, Vec<Vec<(String, Option<String>)>>)]) -> String {
+fn rows_text(samples: &[(crate::plan::ResolvedTable, Vec<crate::plan::sample::Row>)]) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     if samples.is_empty() {

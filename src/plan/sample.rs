@@ -70,9 +70,12 @@ fn sampled_from(t: &ResolvedTable, percent: f64) -> String {
     format!("{item} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7){joins}")
 }
 
+/// One transformed row: (target column, value as text), in target order.
+pub type Row = Vec<(String, Option<String>)>;
+
 /// Up to `n` rows of `t` as green would receive them (from a sample of blue's rows, the filter
 /// applied), each as (target column, value as text); in a read-only transaction.
-pub async fn rows(blue: &Client, t: &ResolvedTable, n: usize) -> Result<Vec<Vec<(String, Option<String>)>>> {
+pub async fn rows(blue: &Client, t: &ResolvedTable, n: usize) -> Result<Vec<Row>> {
     let rows = t.estimate.rows.max(1);
     let percent = if rows <= SAMPLE_ROWS { 100.0 } else { (SAMPLE_ROWS as f64 * 300.0 / rows as f64).min(100.0) };
     let filter = t.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
