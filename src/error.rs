@@ -254,6 +254,15 @@ pub enum Error {
         /// Columns now.
         now: Vec<String>,
     },
+    /// Green has no state of this plan yet.
+    #[error("green has no state of plan `{plan}`: run `migrate copy` first")]
+    NoState {
+        /// Plan name.
+        plan: String,
+    },
+    /// A command was given an argument it cannot use.
+    #[error("{0}")]
+    Usage(String),
     /// Blue has no capture of this plan.
     #[error("blue has no capture of plan `{plan}` (no slot, no change table): run `migrate copy` first")]
     NoCapture {
@@ -496,6 +505,8 @@ impl Error {
             | Error::Unresolved { .. }
             | Error::PlanChanged { .. }
             | Error::NoSuchTable { .. }
+            | Error::NoState { .. }
+            | Error::Usage(_)
             | Error::Drifted { .. } => 2,
             _ => 3,
         }

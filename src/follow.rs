@@ -56,6 +56,8 @@ async fn drift(state: &State, green: &Client, blue: &Client) -> Result<Option<Er
 
 /// How often blue's catalog is compared with the recorded table shapes.
 const SHAPE_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often a paused follower looks whether it may go on.
+const PAUSED_WAIT: Duration = Duration::from_millis(200);
 /// Idle wait between polls when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
 /// Keys applied since the touched log was last found empty beyond which the follower compacts
@@ -81,6 +83,8 @@ pub enum Stop {
 pub struct Follower {
     capture: CaptureSide,
     apply: Vec<ApplySide>,
+    /// `migrate control PLAN pause` stops capture and apply rounds until `resume`.
+    live: Arc<crate::control::Live>,
 }
 
 struct CaptureSide {
@@ -125,7 +129,12 @@ struct ApplySide {
 
 impl Follower {
     /// A follower over an already set-up capture.
-    pub async fn new(plan: &Plan, tables: &[ResolvedTable], mut capture: Capture) -> Result<Self> {
+    pub async fn new(
+        plan: &Plan,
+        tables: &[ResolvedTable],
+        mut capture: Capture,
+        live: Arc<crate::control::Live>,
+    ) -> Result<Self> {
         capture.apply_directly();
         let applied_by_capture = capture.applied_directly();
         let state = State::new(&plan.name);
@@ -163,6 +172,7 @@ impl Follower {
                 log_empty: false,
             },
             apply,
+            live,
         })
     }
 
@@ -171,13 +181,20 @@ impl Follower {
     pub async fn run(self, shutdown: Shutdown, catch_up: watch::Receiver<bool>) -> Result<Stop> {
         let reached: Reached = Arc::new(Mutex::new(None));
         let capture_stop = Shutdown::manual();
-        let mut capture_task =
-            tokio::spawn(capture_loop(self.capture, capture_stop.clone(), catch_up.clone(), Arc::clone(&reached)));
+        let live = self.live;
+        let mut capture_task = tokio::spawn(capture_loop(
+            self.capture,
+            capture_stop.clone(),
+            catch_up.clone(),
+            Arc::clone(&reached),
+            Arc::clone(&live),
+        ));
         let mut apply = self.apply;
         // The first worker to stop (signal, switch, caught up, or an error) stops them all; one
         // dropped mid-batch leaves its green transaction to roll back, and apply is idempotent.
-        let workers =
-            futures_util::future::select_all(apply.iter_mut().map(|w| Box::pin(w.run(&shutdown, &catch_up, &reached))));
+        let workers = futures_util::future::select_all(
+            apply.iter_mut().map(|w| Box::pin(w.run(&shutdown, &catch_up, &reached, &live))),
+        );
         let result = tokio::select! {
             (r, _, _) = workers => r,
             r = &mut capture_task => {
@@ -200,12 +217,18 @@ async fn capture_loop(
     stop: Shutdown,
     catch_up: watch::Receiver<bool>,
     reached: Reached,
+    live: Arc<crate::control::Live>,
 ) -> Result<()> {
     let mut target: Option<Target> = None;
     let mut backoff = Backoff::default();
     loop {
         if stop.is_triggered() {
             return Ok(());
+        }
+        if live.paused() {
+            // Blue keeps the changes meanwhile (slot or change table).
+            tokio::time::sleep(PAUSED_WAIT).await;
+            continue;
         }
         let wants = *catch_up.borrow();
         let waited = side.plan.stall_timeout;
@@ -349,13 +372,30 @@ impl ApplySide {
         shutdown: &Shutdown,
         catch_up: &watch::Receiver<bool>,
         reached: &Mutex<Option<Lsn>>,
+        live: &crate::control::Live,
     ) -> Result<Stop> {
         let mut last_report = Instant::now() - REPORT_EVERY;
         let mut backoff = Backoff::default();
+        let mut paused = false;
         loop {
             if shutdown.is_triggered() {
                 self.report().await.ok();
                 return Ok(Stop::Signal);
+            }
+            if live.paused() {
+                if !paused && self.part.0 == 0 {
+                    info!("following paused by `migrate control PLAN pause`; blue keeps the changes meanwhile");
+                }
+                paused = true;
+                // Still reported: status shows the follower alive (and its lag growing).
+                if last_report.elapsed() >= REPORT_EVERY && self.report().await.is_ok() {
+                    last_report = Instant::now();
+                }
+                tokio::time::sleep(PAUSED_WAIT).await;
+                continue;
+            }
+            if std::mem::take(&mut paused) && self.part.0 == 0 {
+                info!("following resumed");
             }
             let wants = *catch_up.borrow();
             let waited = self.plan.stall_timeout;

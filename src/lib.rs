@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod capture;
 pub mod commands;
+pub mod control;
 pub mod copy;
 pub mod cutover;
 pub mod error;
@@ -22,5 +23,5 @@ pub mod shutdown;
 pub mod state;
 pub mod verify;
 
-pub use commands::{demo, run, Command, Format, Outcome};
+pub use commands::{demo, run, Command, ControlAction, Format, Outcome};
 pub use error::{Error, Result};

@@ -99,6 +99,10 @@ enum Cmd {
         /// rewritten, columns changed): update the plan first if its columns changed.
         #[arg(long, value_name = "TABLE")]
         recopy: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187): rows copied,
+        /// chunks, capture lag, pending keys, apply rate, last verify, cutover timings, control.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Checksum every table on both sides, bucket by bucket, and name each differing key and
     /// column. Safe beside a following `copy`. Exit 0 equal, 1 differences.
@@ -136,6 +140,18 @@ enum Cmd {
         plan: PlanArg,
         #[command(flatten)]
         format: FormatArg,
+        /// Print it again every SECONDS (in place on a terminal) until Ctrl-C.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+    },
+    /// Steer a running migration, from any machine that reaches green: pause and resume the copy
+    /// and the follower, throttle the copy, postpone a cutover. Stored on green; a running
+    /// `copy` or `cutover` follows it within a second.
+    Control {
+        #[command(flatten)]
+        plan: PlanArg,
+        #[command(subcommand)]
+        action: ControlAction,
     },
     /// Print a shell completion script, e.g. `migrate completions bash >
     /// /etc/bash_completion.d/migrate`.
@@ -145,6 +161,45 @@ enum Cmd {
     },
     /// Print the man page (roff), e.g. `migrate man > /usr/local/share/man/man1/migrate.1`.
     Man,
+}
+
+/// What `migrate control` does.
+#[derive(Subcommand)]
+enum ControlAction {
+    /// Copy workers stop before their next chunk, the follower before its next round (blue
+    /// keeps the changes meanwhile).
+    Pause,
+    /// Undo `pause`.
+    Resume,
+    /// Copy at most ROWS_PER_SECOND rows per second (in place of `[copy] max_rows_per_second`).
+    Throttle {
+        /// The rate.
+        rows_per_second: u64,
+    },
+    /// Back to the plan's rate.
+    Unthrottle,
+    /// `cutover` waits before it starts (a cutover already waiting goes on waiting) until
+    /// `unpostpone`.
+    Postpone,
+    /// Undo `postpone`.
+    Unpostpone,
+    /// Print what is set.
+    Show,
+}
+
+impl From<ControlAction> for bluegreen::ControlAction {
+    fn from(a: ControlAction) -> Self {
+        use bluegreen::ControlAction as C;
+        match a {
+            ControlAction::Pause => C::Pause,
+            ControlAction::Resume => C::Resume,
+            ControlAction::Throttle { rows_per_second } => C::Throttle(rows_per_second),
+            ControlAction::Unthrottle => C::Unthrottle,
+            ControlAction::Postpone => C::Postpone,
+            ControlAction::Unpostpone => C::Unpostpone,
+            ControlAction::Show => C::Show,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -178,11 +233,12 @@ fn main() -> ExitCode {
         Cmd::Plan { plan, format, offline, rows } => {
             (plan.plan, Command::Plan { format: format.format.into(), offline, rows })
         }
-        Cmd::Copy { plan, no_follow, recopy } => (plan.plan, Command::Copy { no_follow, recopy }),
+        Cmd::Copy { plan, no_follow, recopy, metrics } => (plan.plan, Command::Copy { no_follow, recopy, metrics }),
         Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),
         Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
-        Cmd::Status { plan, format } => (plan.plan, Command::Status { format: format.format.into() }),
+        Cmd::Status { plan, format, watch } => (plan.plan, Command::Status { format: format.format.into(), watch }),
+        Cmd::Control { plan, action } => (plan.plan, Command::Control { action: action.into() }),
     };
     block_on(json, |shutdown| async move { bluegreen::run(&path, command, shutdown).await })
 }

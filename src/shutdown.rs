@@ -51,3 +51,12 @@ impl Shutdown {
         let _ = rx.wait_for(|v| *v).await;
     }
 }
+
+/// Aborts a background task when dropped, whichever way the function holding it returns.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

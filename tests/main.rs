@@ -4,6 +4,7 @@
 mod support;
 
 mod capture;
+mod control;
 mod copy;
 mod correctness;
 mod crash;

@@ -4,7 +4,18 @@ use super::{connect_both, resolve_sound, Outcome};
 use crate::{error::Result, plan::Plan, shutdown::Shutdown};
 
 /// Runs `copy` (and following, unless `no_follow` once caught up).
-pub async fn run(plan: &Plan, no_follow: bool, recopy: &[String], shutdown: Shutdown) -> Result<Outcome> {
+pub async fn run(
+    plan: &Plan,
+    no_follow: bool,
+    recopy: &[String],
+    metrics: Option<&str>,
+    shutdown: Shutdown,
+) -> Result<Outcome> {
+    let server = match metrics {
+        Some(addr) => Some(super::metrics::spawn(plan, addr).await?),
+        None => None,
+    };
+    let _server = server.map(crate::shutdown::AbortOnDrop);
     let (blue, green) = connect_both(plan).await?;
     // Lock before reading catalogs: a running copy drops and rebuilds green's indexes, and
     // catalog functions read those rows without a snapshot ("cache lookup failed").

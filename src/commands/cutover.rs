@@ -64,6 +64,7 @@ pub fn render_text(r: &Report) -> String {
     }
     let _ = match &r.ended {
         Ended::NoState => writeln!(o, "cutover not attempted: no migration state on green; run `migrate copy` first"),
+        Ended::Postponed => writeln!(o, "cutover not attempted: interrupted while postponed; traffic stays on blue"),
         Ended::AlreadySwitched { traffic } => writeln!(o, "already switched: {traffic}"),
         Ended::ChecksFailed { failed } => {
             writeln!(o, "cutover not attempted: {failed} check(s) failed; traffic stays on blue")

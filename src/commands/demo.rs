@@ -137,7 +137,9 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     let copy_stop = Shutdown::manual();
     let copying = {
         let (p, stop) = (plan_path.clone(), copy_stop.clone());
-        tokio::spawn(async move { crate::run(&p, Command::Copy { no_follow: false, recopy: Vec::new() }, stop).await })
+        tokio::spawn(async move {
+            crate::run(&p, Command::Copy { no_follow: false, recopy: Vec::new(), metrics: None }, stop).await
+        })
     };
     let relay = {
         let (shutdown, copy_stop) = (shutdown.clone(), copy_stop.clone());

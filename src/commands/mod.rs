@@ -3,9 +3,11 @@
 //! stage returned; logs go to stderr through tracing.
 
 mod cleanup;
+mod control;
 mod copy;
 mod cutover;
 pub mod demo;
+mod metrics;
 mod plan;
 pub mod status;
 mod verify;
@@ -30,6 +32,8 @@ pub enum Format {
     Json,
 }
 
+pub use control::ControlAction;
+
 /// The commands of the `migrate` binary, already parsed.
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -48,11 +52,20 @@ pub enum Command {
         no_follow: bool,
         /// Entries to empty on green and copy again (source or target names).
         recopy: Vec<String>,
+        /// Serve Prometheus metrics on this address (`host:port`).
+        metrics: Option<String>,
     },
     /// Show progress from state on green.
     Status {
         /// Output format.
         format: Format,
+        /// Print again every so many seconds.
+        watch: Option<f64>,
+    },
+    /// Set live control on green.
+    Control {
+        /// What to set.
+        action: ControlAction,
     },
     /// Compare both sides by checksums.
     Verify {
@@ -88,8 +101,8 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
     let plan = Plan::load(path)?;
     match command {
         Command::Plan { format, offline, rows } => plan::run(&plan, format, offline, rows).await,
-        Command::Copy { no_follow, recopy } => {
-            let copied = copy::run(&plan, no_follow, &recopy, shutdown).await;
+        Command::Copy { no_follow, recopy, metrics } => {
+            let copied = copy::run(&plan, no_follow, &recopy, metrics.as_deref(), shutdown).await;
             if let Err(e) = &copied {
                 record_failure(&plan, "copy", e).await;
             }
@@ -98,7 +111,9 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
         Command::Verify { format, table } => verify::run(&plan, format, table.as_deref()).await,
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, shutdown).await,
         Command::Cleanup { force } => cleanup::run(&plan, force).await,
-        Command::Status { format } => status::run(&plan, format).await,
+        Command::Status { format, watch: None } => status::run(&plan, format).await,
+        Command::Status { format, watch: Some(every) } => status::watch(&plan, format, every, shutdown).await,
+        Command::Control { action } => control::run(&plan, action).await,
     }
 }
 

@@ -5,11 +5,48 @@ use super::{Format, Outcome};
 use crate::{
     error::Result,
     plan::Plan,
+    shutdown::Shutdown,
     state::{State, StatusView},
 };
 
 /// Runs `status` and prints its report.
 pub async fn run(plan: &Plan, format: Format) -> Result<Outcome> {
+    print!("{}", snapshot(plan, format, false).await?);
+    Ok(Outcome::Ok)
+}
+
+/// `status --watch`: the report again every `every` seconds until Ctrl-C; on a terminal in
+/// place (the screen cleared first), else one after the other (JSON: one object per line). A
+/// failed read is shown and retried.
+pub async fn watch(plan: &Plan, format: Format, every: f64, shutdown: Shutdown) -> Result<Outcome> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    let every = std::time::Duration::from_secs_f64(every.clamp(0.2, 3600.0));
+    loop {
+        let text = match snapshot(plan, format, true).await {
+            Ok(t) => t,
+            Err(e) => format!("status: error: {e}\n"),
+        };
+        let stamp = if format == Format::Text {
+            format!("(every {:.1} s, Ctrl-C ends)\n", every.as_secs_f64())
+        } else {
+            String::new()
+        };
+        if tty {
+            print!("\x1b[H\x1b[2J{text}{stamp}");
+        } else {
+            print!("{text}");
+        }
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait() => return Ok(Outcome::Ok),
+        }
+    }
+}
+
+/// One status report as printed (`compact`: JSON on one line).
+async fn snapshot(plan: &Plan, format: Format, compact: bool) -> Result<String> {
     let green = plan.green.connect().await?;
     // Blue is optional here: status must work while blue is down.
     let blue = match plan.blue.connect().await {
@@ -23,14 +60,11 @@ pub async fn run(plan: &Plan, format: Format) -> Result<Outcome> {
         tracing::warn!("{w}");
     }
     let report = report(plan, &green, blue).await?;
-    print!(
-        "{}",
-        match format {
-            Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
-            Format::Text => render_text(&report),
-        }
-    );
-    Ok(Outcome::Ok)
+    Ok(match format {
+        Format::Json if compact => serde_json::to_string(&report).unwrap_or_default() + "\n",
+        Format::Json => serde_json::to_string_pretty(&report).unwrap_or_default() + "\n",
+        Format::Text => render_text(&report),
+    })
 }
 
 /// The status report as JSON (the documented shape of `status --format json`).
@@ -66,7 +100,13 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
         None => serde_json::json!({ "lag_bytes": null }),
     };
     let view = view.unwrap_or_default();
+    // Absent from state an older version made until a `copy` or `control` adds it.
+    let control = match phase {
+        Some(_) => state.control(green).await.ok().map(|c| serde_json::to_value(c).unwrap_or_default()),
+        None => None,
+    };
     Ok(serde_json::json!({
+        "control": control,
         "plan": plan.name,
         "phase": phase.as_ref().map(|p| p.name()).unwrap_or("planned"),
         "detail": phase,
@@ -109,6 +149,20 @@ pub fn render_text(value: &serde_json::Value) -> String {
             e.get("at").and_then(|v| v.as_str()).unwrap_or("?"),
             e.get("error").and_then(|v| v.as_str()).unwrap_or("?")
         ));
+    }
+    let c = &value["control"];
+    let mut held = Vec::new();
+    if c["paused"] == true {
+        held.push("PAUSED (copy and following)".to_string());
+    }
+    if let Some(r) = c["rows_per_second"].as_u64().filter(|r| *r > 0) {
+        held.push(format!("copy throttled to {r} rows/s"));
+    }
+    if c["postponed"] == true {
+        held.push("cutover POSTPONED".to_string());
+    }
+    if !held.is_empty() {
+        o.push_str(&format!("  control: {} (`migrate control` changes it)\n", held.join("; ")));
     }
     let tables = value["tables"].as_array().cloned().unwrap_or_default();
     let w = tables.iter().map(|t| t["table"].as_str().unwrap_or("").chars().count()).max().unwrap_or(0);

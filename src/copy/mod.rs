@@ -65,6 +65,8 @@ struct Shared {
     epoch: i32,
     progress: Arc<Progress>,
     throttle: Throttle,
+    /// Live control: pause, throttle, blue's health.
+    live: Arc<crate::control::Live>,
     shutdown: Shutdown,
 }
 
@@ -112,6 +114,7 @@ pub async fn copy_tables(
     resolved: &ResolvedPlan,
     green: &mut Client,
     shutdown: &Shutdown,
+    live: &Arc<crate::control::Live>,
 ) -> Result<bool> {
     let state = State::new(&plan.name);
     state.ensure(green, &plan.name).await?;
@@ -121,7 +124,7 @@ pub async fn copy_tables(
     let started = Instant::now();
     let mut attempts = 0;
     loop {
-        match copy_run(plan, resolved, &state, green, shutdown).await {
+        match copy_run(plan, resolved, &state, green, shutdown, live).await {
             Err(Error::TableRewritten { table }) if attempts + 1 < REWRITE_ATTEMPTS => {
                 attempts += 1;
                 warn!(table = %table, "rewritten on blue after its chunks were planned; copying it again");
@@ -149,6 +152,7 @@ async fn copy_run(
     state: &State,
     green: &mut Client,
     shutdown: &Shutdown,
+    live: &Arc<crate::control::Live>,
 ) -> Result<bool> {
     let epoch = state.next_epoch(green).await?;
     let blue = plan.blue.connect().await?;
@@ -199,7 +203,8 @@ async fn copy_run(
         snapshot,
         epoch,
         progress: Arc::clone(&progress),
-        throttle: Throttle::new(plan.copy.max_rows_per_second),
+        throttle: Throttle::new(plan.copy.max_rows_per_second, Arc::clone(live)),
+        live: Arc::clone(live),
         shutdown: run_stop.clone(),
     });
     let first_error = run_workers(&shared, plan.copy.workers.max(1), &run_stop).await;
@@ -479,12 +484,16 @@ pub async fn run(
     }
     // Capture starts before the copy's snapshot: every change the copy might miss is captured.
     let capture = Capture::setup(plan, resolved, plan.blue.connect().await?).await?;
-    let follower = Follower::new(plan, &resolved.tables, capture).await?;
+    // `migrate control` and blue's health, read every second while this runs.
+    let live = Arc::new(crate::control::Live::default());
+    let refresher = crate::control::spawn(plan, Arc::clone(&live));
+    let _refresher = crate::shutdown::AbortOnDrop(refresher);
+    let follower = Follower::new(plan, &resolved.tables, capture, Arc::clone(&live)).await?;
     let (catch_up_tx, catch_up_rx) = tokio::sync::watch::channel(false);
     let follow_stop = Shutdown::manual();
     let mut following = tokio::spawn(follower.run(follow_stop.clone(), catch_up_rx));
     let copied = tokio::select! {
-        r = copy_tables(plan, resolved, &mut green, &shutdown) => r,
+        r = copy_tables(plan, resolved, &mut green, &shutdown, &live) => r,
         r = &mut following => {
             // The follower ended during the copy: that is a failure (or a signal).
             shutdown.trigger();

@@ -1,35 +1,43 @@
-//! `[copy] max_rows_per_second`, honoured across all workers at chunk granularity: a worker
-//! waits before a chunk until the rows admitted so far fit the rate.
+//! The copy's rate in rows per second, honoured across all workers at chunk granularity: a
+//! worker waits before a chunk until the rows admitted so far fit the rate. The rate is read at
+//! each chunk ([`crate::control::Live::rate`]: `migrate control throttle`, else `[copy]
+//! max_rows_per_second`), so a change takes effect at the next chunk.
 
 use std::{
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use crate::control::Live;
+
 /// A shared rate limit; a rate of 0 admits everything at once.
 pub struct Throttle {
-    rate: u64,
-    admitted: Mutex<(Instant, u64)>,
+    plan_rate: u64,
+    live: Arc<Live>,
+    /// When the next chunk may start.
+    next: Mutex<Option<Instant>>,
 }
 
 impl Throttle {
-    /// A limit of `rate` rows per second (0 = unlimited).
-    pub fn new(rate: u64) -> Self {
-        Self { rate, admitted: Mutex::new((Instant::now(), 0)) }
+    /// A limit of `plan_rate` rows per second (0 = unlimited) unless `live` sets another.
+    pub fn new(plan_rate: u64, live: Arc<Live>) -> Self {
+        Self { plan_rate, live, next: Mutex::new(None) }
     }
 
-    /// Waits until `rows` more rows fit the rate.
+    /// Waits until `rows` more rows fit the rate in force.
     pub async fn admit(&self, rows: u64) {
-        if self.rate == 0 {
-            return;
-        }
+        let rate = self.live.rate(self.plan_rate);
         let due = {
-            let Ok(mut a) = self.admitted.lock() else {
+            let Ok(mut next) = self.next.lock() else { return };
+            let now = Instant::now();
+            if rate == 0 {
+                *next = None;
                 return;
-            };
-            // The first chunk goes at once; each later one waits for the time the earlier ones buy.
-            let due = a.0 + Duration::from_secs_f64(a.1 as f64 / self.rate as f64);
-            a.1 += rows;
+            }
+            // The first chunk goes at once; each later one waits for the time the earlier ones
+            // buy, at the rate in force when they were admitted.
+            let due = next.filter(|n| *n > now).unwrap_or(now);
+            *next = Some(due + Duration::from_secs_f64(rows as f64 / rate as f64));
             due
         };
         tokio::time::sleep_until(due.into()).await;
@@ -42,7 +50,7 @@ mod tests {
 
     #[tokio::test]
     async fn spaces_chunks_by_rate() {
-        let t = Throttle::new(1000);
+        let t = Throttle::new(1000, Arc::default());
         let start = Instant::now();
         for _ in 0..3 {
             t.admit(100).await;

@@ -55,7 +55,13 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
                     check_heap(&shared, &blue, table).await?;
                 }
                 let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
+                shared.live.wait_copy(&shared.shutdown).await;
                 shared.throttle.admit(expected).await;
+                // Paused while waiting for the rate: not this chunk either.
+                shared.live.wait_copy(&shared.shutdown).await;
+                if shared.shutdown.is_triggered() {
+                    return Ok(());
+                }
                 let started = Instant::now();
                 let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
                     first_block = chunk.first_block, end_block = chunk.end_block);

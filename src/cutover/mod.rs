@@ -117,10 +117,39 @@ pub async fn run(
     if let Some(ended) = ended {
         return Ok(Report::ended(ended));
     }
+    if !wait_while_postponed(&state, &green, &shutdown).await? {
+        return Ok(Report::ended(Ended::Postponed));
+    }
     let mut switch = Switch::new(plan, pb, resolved, blue, green, state).await?;
     let span = tracing::info_span!("cutover", plan = %plan.name, database = %pb.database);
     let result = tracing::Instrument::instrument(switch.execute(&shutdown), span).await;
     Ok(switch.finish(result).await)
+}
+
+/// How often a postponed cutover looks whether it may go on, and says it waits.
+const POSTPONED_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+const POSTPONED_SAY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits while `migrate control PLAN postpone` holds (gh-ost's postpone flag): the follower
+/// keeps green in step meanwhile. `false` when interrupted while waiting.
+async fn wait_while_postponed(state: &State, green: &tokio_postgres::Client, shutdown: &Shutdown) -> Result<bool> {
+    let mut said: Option<std::time::Instant> = None;
+    while state.control(green).await?.postponed {
+        if said.is_none_or(|t| t.elapsed() >= POSTPONED_SAY_EVERY) {
+            warn!(
+                "cutover postponed by `migrate control PLAN postpone`; waiting for `migrate control PLAN unpostpone`"
+            );
+            said = Some(std::time::Instant::now());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POSTPONED_POLL) => {}
+            _ = shutdown.wait() => return Ok(false),
+        }
+    }
+    if said.is_some() {
+        tracing::info!("cutover no longer postponed; going on");
+    }
+    Ok(true)
 }
 
 /// How a cutover ended, when it did not fail.
@@ -128,6 +157,8 @@ pub async fn run(
 pub enum Ended {
     /// No migration state on green: not attempted.
     NoState,
+    /// Interrupted while postponed: not attempted, traffic stays on blue.
+    Postponed,
     /// An earlier cutover switched already.
     AlreadySwitched {
         /// Where traffic goes now, in words.

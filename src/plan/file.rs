@@ -87,6 +87,8 @@ struct RawCopy {
     max_rows_per_second: Option<Spanned<i64>>,
     index_build_memory: Option<Spanned<String>>,
     index_build_workers: Option<Spanned<i64>>,
+    max_blue_active_sessions: Option<Spanned<i64>>,
+    max_blue_replica_lag: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +225,19 @@ pub struct CopySettings {
     pub index_build_memory: String,
     /// `max_parallel_maintenance_workers` for index rebuilds on green.
     pub index_build_workers: u32,
+    /// The copy waits while blue has more active client sessions than this (0: no limit).
+    pub max_blue_active_sessions: u64,
+    /// The copy waits while blue's standbys replay further behind than this (0: no limit).
+    #[serde(with = "duration_secs")]
+    pub max_blue_replica_lag: Duration,
+}
+
+/// Durations in JSON as seconds (`plan --format json`).
+mod duration_secs {
+    /// Seconds, fractional.
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
 }
 
 /// One `[[table]]` entry.

@@ -364,3 +364,39 @@ impl State {
         })
     }
 }
+
+impl State {
+    /// The live control `migrate control` set (all off when none).
+    pub async fn control(&self, green: &impl GenericClient) -> Result<Control> {
+        let v: Option<serde_json::Value> = green
+            .query_one(&format!("SELECT control FROM {} WHERE id = 1", self.table("migration")), &[])
+            .await
+            .map_err(Error::db("green: reading the live control"))?
+            .get(0);
+        Ok(v.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default())
+    }
+
+    /// Stores the live control; running processes pick it up within a second.
+    pub async fn set_control(&self, green: &impl GenericClient, control: &Control) -> Result<()> {
+        let v = serde_json::to_value(control).unwrap_or_default();
+        green
+            .execute(&format!("UPDATE {} SET control = $1 WHERE id = 1", self.table("migration")), &[&v])
+            .await
+            .map_err(Error::db("green: storing the live control"))?;
+        Ok(())
+    }
+}
+
+/// What `migrate control` sets.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Control {
+    /// Copy workers and the follower wait.
+    #[serde(default)]
+    pub paused: bool,
+    /// Copy rate in rows per second in place of the plan's `max_rows_per_second` (0: the plan's).
+    #[serde(default)]
+    pub rows_per_second: u64,
+    /// `cutover` waits before it starts until this is cleared.
+    #[serde(default)]
+    pub postponed: bool,
+}

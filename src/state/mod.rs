@@ -19,7 +19,7 @@ mod tables;
 pub use gate::{Gate, GATE_NAMESPACE};
 pub use id::{short_name, TableId};
 pub use keys::{KeyEvent, COMPACT_ROWS};
-pub use migration::{FollowerView, StatusView};
+pub use migration::{Control, FollowerView, StatusView};
 pub use phase::{CutoverStep, Phase, TableState};
 pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
 pub use tables::{ChunkRecord, TableProgress, TableRecord};
@@ -133,6 +133,7 @@ impl State {
                 ("migration", "verify_started_at", "timestamptz"),
                 ("chunks", "part", "text"),
                 ("migration", "last_error", "jsonb"),
+                ("migration", "control", "jsonb"),
             ]),
         );
         self.check_layout(green).await?;

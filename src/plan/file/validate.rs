@@ -295,6 +295,21 @@ impl Validator<'_> {
                 DEFAULT_INDEX_BUILD_WORKERS
             }
         } as u32;
+        let max_blue_active_sessions = match &raw.max_blue_active_sessions {
+            Some(s) if *s.get_ref() < 0 => {
+                self.problem(self.line(s.span()), "copy.max_blue_active_sessions", "must be 0 (no limit) or positive");
+                0
+            }
+            Some(s) => *s.get_ref() as u64,
+            None => 0,
+        };
+        let max_blue_replica_lag = match &raw.max_blue_replica_lag {
+            None => Duration::ZERO,
+            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
+                self.problem(self.line(v.span()), "copy.max_blue_replica_lag", e);
+                Duration::ZERO
+            }),
+        };
         CopySettings {
             workers,
             chunk_rows,
@@ -302,6 +317,8 @@ impl Validator<'_> {
             max_rows_per_second,
             index_build_memory,
             index_build_workers,
+            max_blue_active_sessions,
+            max_blue_replica_lag,
         }
     }
 

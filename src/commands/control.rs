@@ -1,0 +1,63 @@
+//! `migrate control`: live control of a running migration, stored on green (see
+//! [`crate::control`]).
+
+use super::Outcome;
+use crate::{
+    error::{Error, Result},
+    plan::Plan,
+    state::State,
+};
+
+/// What `migrate control` sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlAction {
+    /// Pause the copy and the follower.
+    Pause,
+    /// Undo `Pause`.
+    Resume,
+    /// Copy at most this many rows per second.
+    Throttle(u64),
+    /// Back to the plan's rate.
+    Unthrottle,
+    /// `cutover` waits before it starts.
+    Postpone,
+    /// Undo `Postpone`.
+    Unpostpone,
+    /// Change nothing; print what is set.
+    Show,
+}
+
+/// Applies `action` to the control stored on green and prints what is now set.
+pub async fn run(plan: &Plan, action: ControlAction) -> Result<Outcome> {
+    let green = plan.green.connect().await?;
+    let state = State::new(&plan.name);
+    if state.phase(&green).await?.is_none() {
+        return Err(Error::NoState { plan: plan.name.clone() });
+    }
+    // The control column may be new to this state (added by `ensure`, which changes nothing else).
+    state.ensure(&green, &plan.name).await?;
+    let mut c = state.control(&green).await?;
+    match action {
+        ControlAction::Pause => c.paused = true,
+        ControlAction::Resume => c.paused = false,
+        ControlAction::Throttle(0) => {
+            return Err(Error::Usage("throttle takes a rate above 0 rows per second; `unthrottle` removes it".into()))
+        }
+        ControlAction::Throttle(r) => c.rows_per_second = r,
+        ControlAction::Unthrottle => c.rows_per_second = 0,
+        ControlAction::Postpone => c.postponed = true,
+        ControlAction::Unpostpone => c.postponed = false,
+        ControlAction::Show => {}
+    }
+    if action != ControlAction::Show {
+        state.set_control(&green, &c).await?;
+        tracing::info!(?action, "live control set");
+    }
+    println!(
+        "paused {}  copy rate {}  cutover postponed {}",
+        if c.paused { "yes" } else { "no" },
+        if c.rows_per_second == 0 { "as the plan says".to_string() } else { format!("{} rows/s", c.rows_per_second) },
+        if c.postponed { "yes" } else { "no" }
+    );
+    Ok(Outcome::Ok)
+}

@@ -1,0 +1,223 @@
+//! `copy --metrics ADDR`: Prometheus metrics of the migration over HTTP (`GET /metrics`), read
+//! from the state on green at each scrape (what `status --format json` shows), so they hold for
+//! the whole migration, `cutover` included, however many processes take part. Read-only: control
+//! goes through `migrate control`, which needs green's credentials.
+
+use std::fmt::Write;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::Client;
+
+use crate::{
+    error::{Error, Result},
+    plan::Plan,
+};
+
+/// Binds `addr` (failing at once when it cannot) and serves scrapes until the process ends.
+pub async fn spawn(plan: &Plan, addr: &str) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Usage(format!("--metrics {addr}: cannot listen there: {e}")))?;
+    tracing::info!(address = %addr, "serving metrics at /metrics");
+    let plan = plan.clone();
+    Ok(tokio::spawn(async move {
+        let (mut green, mut blue): (Option<Client>, Option<Client>) = (None, None);
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            // The request line and headers; a client that sends nothing is dropped after 5 s.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = stream.read(&mut buf[len..]).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                continue;
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let line = request.lines().next().unwrap_or("");
+            let (status, body) = if line.starts_with("GET /metrics ") || line == "GET /metrics" {
+                if green.as_ref().is_none_or(Client::is_closed) {
+                    green = plan.green.connect().await.ok();
+                }
+                if blue.as_ref().is_none_or(Client::is_closed) {
+                    blue = plan.blue.connect().await.ok();
+                }
+                match scrape(&plan, green.as_ref(), blue.as_ref()).await {
+                    Ok(text) => ("200 OK", text),
+                    Err(e) => ("503 Service Unavailable", format!("# green unreadable: {e}\n")),
+                }
+            } else {
+                ("404 Not Found", "only /metrics is served\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    }))
+}
+
+async fn scrape(plan: &Plan, green: Option<&Client>, blue: Option<&Client>) -> Result<String> {
+    let green = green.ok_or_else(|| Error::Usage("green does not answer".into()))?;
+    let retention = match blue {
+        Some(b) => crate::capture::blue_retention(plan, b).await.unwrap_or_default(),
+        None => serde_json::Value::Null,
+    };
+    let report = super::status::report(plan, green, retention).await?;
+    Ok(render(&report))
+}
+
+/// The status report in Prometheus' text format.
+pub fn render(r: &serde_json::Value) -> String {
+    let plan = label(r["plan"].as_str().unwrap_or(""));
+    let mut o = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, Option<f64>)>| {
+        let samples: Vec<(String, f64)> = samples.into_iter().filter_map(|(l, v)| Some((l, v?))).collect();
+        if samples.is_empty() {
+            return;
+        }
+        let _ = writeln!(o, "# HELP bluegreen_{name} {help}\n# TYPE bluegreen_{name} {kind}");
+        for (labels, v) in samples {
+            let sep = if labels.is_empty() { "" } else { "," };
+            let _ = writeln!(o, "bluegreen_{name}{{plan=\"{plan}\"{sep}{labels}}} {v}");
+        }
+    };
+    let one = |v: &serde_json::Value| v.as_f64();
+    let flag = |v: &serde_json::Value| Some(if v == true { 1.0 } else { 0.0 });
+    let phase = r["phase"].as_str().unwrap_or("planned");
+    metric(
+        "phase",
+        "gauge",
+        "1 for the migration's current phase.",
+        vec![(format!("phase=\"{}\"", label(phase)), Some(1.0))],
+    );
+    let tables = r["tables"].as_array().cloned().unwrap_or_default();
+    let per_table = |field: &str| -> Vec<(String, Option<f64>)> {
+        tables
+            .iter()
+            .map(|t| (format!("table=\"{}\"", label(t["table"].as_str().unwrap_or(""))), t[field].as_f64()))
+            .collect()
+    };
+    metric("rows_copied", "gauge", "Rows copied to green per table.", per_table("rows_copied"));
+    metric("rows_estimated", "gauge", "Rows on blue per table, from blue's statistics.", per_table("rows_estimated"));
+    metric("chunks_done", "gauge", "Chunks copied per table.", per_table("chunks_done"));
+    metric("chunks", "gauge", "Chunks planned per table.", per_table("chunks"));
+    let c = &r["capture"];
+    metric(
+        "capture_lag_bytes",
+        "gauge",
+        "Blue WAL not yet applied on green.",
+        vec![(String::new(), one(&c["lag_bytes"]))],
+    );
+    metric(
+        "capture_lag_seconds",
+        "gauge",
+        "How far behind blue green is, in time.",
+        vec![(String::new(), one(&c["lag_seconds"]))],
+    );
+    metric(
+        "pending_keys",
+        "gauge",
+        "Captured keys waiting to be applied.",
+        vec![(String::new(), one(&c["pending_keys"]))],
+    );
+    metric(
+        "applied_keys_total",
+        "counter",
+        "Keys applied to green by the follower.",
+        vec![(String::new(), one(&c["applied_keys"]))],
+    );
+    metric(
+        "apply_keys_per_second",
+        "gauge",
+        "Keys applied per second lately.",
+        vec![(String::new(), one(&c["apply_keys_per_second"]))],
+    );
+    metric(
+        "follower_seen_seconds_ago",
+        "gauge",
+        "Seconds since the follower last reported.",
+        vec![(String::new(), one(&c["follower_seen_seconds_ago"]))],
+    );
+    metric(
+        "blue_retained_bytes",
+        "gauge",
+        "What capture holds on blue (slot WAL or change table).",
+        vec![(String::new(), one(&r["blue"]["retained_bytes"]))],
+    );
+    let v = &r["last_verify"];
+    if v.is_object() {
+        metric(
+            "last_verify_equal",
+            "gauge",
+            "1 when the last verify found both sides equal.",
+            vec![(String::new(), flag(&v["equal"]))],
+        );
+    }
+    let k = &r["cutover"];
+    if k.is_object() {
+        let outcome = label(k["outcome"].as_str().unwrap_or("unknown"));
+        metric(
+            "cutover_paused_milliseconds",
+            "gauge",
+            "How long the last cutover held traffic paused.",
+            vec![(format!("outcome=\"{outcome}\""), one(&k["paused_ms"]))],
+        );
+        metric(
+            "cutover_total_milliseconds",
+            "gauge",
+            "How long the last cutover took in all.",
+            vec![(format!("outcome=\"{outcome}\""), one(&k["total_ms"]))],
+        );
+    }
+    let ctl = &r["control"];
+    metric(
+        "control_paused",
+        "gauge",
+        "1 while `migrate control pause` holds.",
+        vec![(String::new(), flag(&ctl["paused"]))],
+    );
+    metric(
+        "control_rows_per_second",
+        "gauge",
+        "The copy rate `migrate control throttle` set (0: the plan's).",
+        vec![(String::new(), Some(ctl["rows_per_second"].as_f64().unwrap_or(0.0)))],
+    );
+    metric(
+        "control_postponed",
+        "gauge",
+        "1 while a cutover is postponed.",
+        vec![(String::new(), flag(&ctl["postponed"]))],
+    );
+    metric(
+        "failed",
+        "gauge",
+        "1 when the last run failed (status shows the error).",
+        vec![(String::new(), flag(&serde_json::json!(r["last_error"].is_object())))],
+    );
+    metric(
+        "drifted_tables",
+        "gauge",
+        "Tables whose drift stopped following.",
+        vec![(String::new(), Some(r["drift"].as_array().map_or(0, Vec::len) as f64))],
+    );
+    o
+}
+
+/// A label value escaped as the text format wants.
+fn label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,147 @@
+//! Live control of a running `copy` (and its follower): pause and resume, a rows-per-second
+//! throttle for the copy, and a postponed cutover, set by `migrate control` and stored on green
+//! (`migration.control`), so that whoever can reach green can steer, from any machine; and
+//! throttling of the copy on blue's health (`[copy] max_blue_active_sessions`,
+//! `max_blue_replica_lag`). A refresher reads both every second.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use tokio_postgres::Client;
+
+use crate::{
+    error::{Error, Result},
+    plan::Plan,
+    shutdown::Shutdown,
+    state::{Control, State},
+};
+
+/// How often the control row and blue's health are read.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// The control in force in this process, refreshed from green.
+#[derive(Default)]
+pub struct Live {
+    paused: AtomicBool,
+    rate: AtomicU64,
+    /// Why blue's health holds the copy, if it does.
+    held: Mutex<Option<String>>,
+}
+
+impl Live {
+    /// Whether the follower (capture and apply) waits.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// The copy rate in force: `migrate control throttle`'s, else the plan's (`plan_rate`, 0 =
+    /// unlimited).
+    pub fn rate(&self, plan_rate: u64) -> u64 {
+        match self.rate.load(Ordering::Relaxed) {
+            0 => plan_rate,
+            r => r,
+        }
+    }
+
+    /// Why a copy worker must wait now: paused, or blue's health.
+    pub fn copy_hold(&self) -> Option<String> {
+        if self.paused() {
+            return Some("paused by `migrate control PLAN pause`".into());
+        }
+        self.held.lock().ok().and_then(|h| h.clone())
+    }
+
+    /// Waits while the copy is held, logging each new reason once. Returns early on `stop`.
+    pub async fn wait_copy(&self, stop: &Shutdown) {
+        let mut said: Option<String> = None;
+        while let Some(why) = self.copy_hold() {
+            if stop.is_triggered() {
+                return;
+            }
+            if said.as_deref() != Some(why.as_str()) {
+                tracing::info!("copy waits: {why}");
+                said = Some(why);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if said.is_some() {
+            tracing::info!("copy goes on");
+        }
+    }
+
+    fn set(&self, c: &Control) {
+        self.paused.store(c.paused, Ordering::Relaxed);
+        self.rate.store(c.rows_per_second, Ordering::Relaxed);
+    }
+}
+
+/// Starts the refresher: every [`REFRESH`] it reads the control row from green and, when the
+/// plan sets health limits, blue's health. Connection failures are retried quietly (the copy
+/// and follower report their own); the task ends with the process.
+pub fn spawn(plan: &Plan, live: Arc<Live>) -> tokio::task::JoinHandle<()> {
+    let plan = plan.clone();
+    tokio::spawn(async move {
+        let state = State::new(&plan.name);
+        let (mut green, mut blue): (Option<Client>, Option<Client>) = (None, None);
+        let health = plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero();
+        loop {
+            if green.as_ref().is_none_or(Client::is_closed) {
+                green = plan.green.connect().await.ok();
+            }
+            if let Some(g) = &green {
+                if let Ok(c) = state.control(g).await {
+                    live.set(&c);
+                }
+            }
+            if health {
+                if blue.as_ref().is_none_or(Client::is_closed) {
+                    blue = plan.blue.connect().await.ok();
+                }
+                if let Some(b) = &blue {
+                    if let Ok(why) = blue_health(&plan, b).await {
+                        if let Ok(mut h) = live.held.lock() {
+                            *h = why;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(REFRESH).await;
+        }
+    })
+}
+
+/// Why blue is too busy for the copy to go on, by the plan's limits; `None` when it is not.
+pub async fn blue_health(plan: &Plan, blue: &Client) -> Result<Option<String>> {
+    let row = blue
+        .query_one(
+            // Other client sessions running a statement (ours are named `migrate`), and the
+            // replay lag of blue's standbys (NULL without pg_monitor rights: not throttled).
+            "SELECT (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE state = 'active' \
+                       AND backend_type = 'client backend' AND pid <> pg_backend_pid() \
+                       AND application_name NOT LIKE 'migrate%')::int8, \
+                    (SELECT extract(epoch FROM max(replay_lag))::float8 FROM pg_catalog.pg_stat_replication)",
+            &[],
+        )
+        .await
+        .map_err(Error::db("blue: reading its load"))?;
+    let (active, lag): (i64, Option<f64>) = (row.get(0), row.get(1));
+    let max_active = plan.copy.max_blue_active_sessions;
+    if max_active > 0 && active > max_active as i64 {
+        return Ok(Some(format!(
+            "{active} active sessions on blue, more than max_blue_active_sessions = {max_active}"
+        )));
+    }
+    let max_lag = plan.copy.max_blue_replica_lag;
+    if let Some(l) = lag.filter(|l| !max_lag.is_zero() && *l > max_lag.as_secs_f64()) {
+        return Ok(Some(format!(
+            "blue's standbys replay {l:.1} s behind, more than max_blue_replica_lag = {} s",
+            max_lag.as_secs_f64()
+        )));
+    }
+    Ok(None)
+}

@@ -1,0 +1,185 @@
+//! Steering and watching a running migration: Prometheus metrics scraped from `copy --metrics`
+//! while it copies under writes (rows and lag moving), `migrate control` pausing and throttling
+//! the copy (its rate measured from the metrics), a postponed cutover waiting until
+//! `unpostpone`, and `status --watch` refreshing.
+
+use std::{
+    io::{Read, Write},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    capture::{caught_up, wait_for},
+    support::{blue_cluster, green_cluster, run, writer::Writer, Bouncer, Oauth},
+};
+
+/// `GET /metrics` from `port`; `None` while nothing listens there.
+fn try_scrape(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    Some(out)
+}
+
+fn scrape(port: u16) -> String {
+    try_scrape(port).expect("the metrics endpoint answers")
+}
+
+/// The sum of a metric's samples.
+fn value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("bluegreen_{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Rows copied per second over `window`, from the metrics; `behind` keeps the most green was
+/// seen behind blue (lag bytes and pending keys).
+fn copy_rate(port: u16, window: Duration, behind: &mut f64) -> f64 {
+    let first = scrape(port);
+    std::thread::sleep(window);
+    let last = scrape(port);
+    for m in [&first, &last] {
+        *behind = behind.max(value(m, "capture_lag_bytes") + value(m, "pending_keys"));
+    }
+    (value(&last, "rows_copied") - value(&first, "rows_copied")) / window.as_secs_f64()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn control(s: &Oauth, plan: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec!["control", plan.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let r = run(&mut s.migrate(&all));
+    assert_eq!(r.code, 0, "{r:?}");
+    r.stdout
+}
+
+#[test]
+fn metrics_pause_throttle_and_postpone_steer_a_running_migration() {
+    let s = Oauth::new(20_000);
+    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, s.blue.name);
+    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let text = Oauth::plan_text().replace(
+        "workers = 2\nchunk_rows = 50000\ndefer_indexes = true",
+        "workers = 2\nchunk_rows = 500\ndefer_indexes = true\nmax_rows_per_second = 500",
+    );
+    let text = format!(
+        "{text}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
+         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\n",
+        bouncer.admin_url(),
+        bouncer.databases_file.display(),
+        green_cluster().port,
+        s.green.name
+    );
+    let plan = s.write_plan(&text);
+    let p = plan.to_str().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let writer = Writer::start(s.blue.url(), Duration::from_millis(2));
+    let mut copy = s.spawn(&["copy", p, "--metrics", &addr]);
+
+    // The endpoint answers once the copy started; rows move at about the plan's rate.
+    let started = Instant::now();
+    let mut lag_seen = 0.0f64;
+    loop {
+        if let Some(m) = try_scrape(port) {
+            lag_seen = lag_seen.max(value(&m, "capture_lag_bytes") + value(&m, "pending_keys"));
+            if value(&m, "rows_copied") > 0.0 {
+                assert!(m.contains("# TYPE bluegreen_rows_copied gauge"), "{m}");
+                assert!(m.contains("bluegreen_phase{plan=\""), "{m}");
+                break;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no rows copied in the metrics");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let planned = copy_rate(port, Duration::from_secs(2), &mut lag_seen);
+    assert!(planned > 0.0 && planned < 1000.0, "the plan's 500 rows/s: measured {planned:.0}");
+
+    // Paused: no rows move (after the chunks in flight), status and metrics say so.
+    assert!(control(&s, &plan, &["pause"]).contains("paused yes"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let paused = copy_rate(port, Duration::from_secs(2), &mut lag_seen);
+    assert_eq!(paused, 0.0, "rows moved while paused");
+    let m = scrape(port);
+    assert_eq!(value(&m, "control_paused"), 1.0, "{m}");
+    let st = run(&mut s.migrate(&["status", p]));
+    assert!(st.stdout.contains("control: PAUSED (copy and following)"), "{st:?}");
+
+    // Resumed ten times faster.
+    control(&s, &plan, &["resume"]);
+    assert!(control(&s, &plan, &["throttle", "5000"]).contains("copy rate 5000 rows/s"));
+    std::thread::sleep(Duration::from_millis(1200));
+    let fast = copy_rate(port, Duration::from_secs(2), &mut lag_seen);
+    assert!(fast > 2.0 * planned, "throttled up to 5000 rows/s: {fast:.0} rows/s against {planned:.0} before");
+    eprintln!("copy rate: {planned:.0} rows/s as planned, 0 paused, {fast:.0} after `throttle 5000`");
+
+    // The follower catches up once the writer stops: lag went up and comes back to 0.
+    std::thread::sleep(Duration::from_secs(1));
+    let ops = writer.stop();
+    assert!(ops > 100, "{ops}");
+    std::thread::sleep(Duration::from_secs(2));
+    wait_for(&s, &plan, &mut copy, Duration::from_secs(120), "the follower to catch up", caught_up);
+    let m = scrape(port);
+    assert!(lag_seen > 0.0, "green was never seen behind blue in the metrics (lag bytes, pending keys)");
+    assert_eq!(value(&m, "capture_lag_bytes"), 0.0, "{m}");
+    assert_eq!(value(&m, "pending_keys"), 0.0, "{m}");
+    assert!(value(&m, "rows_copied") >= value(&m, "rows_estimated") * 0.5, "{m}");
+
+    // `status --watch` prints again and again.
+    let mut watch =
+        s.background(&["status", p, "--watch", "0.3"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = std::process::Command::new("kill").args(["-INT", &watch.id().to_string()]).status();
+    assert!(watch.wait().unwrap().success());
+    let mut out = String::new();
+    watch.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(out.matches("phase following").count() >= 3, "{out}");
+
+    // A postponed cutover waits (the follower keeps green in step) until unpostponed.
+    control(&s, &plan, &["postpone"]);
+    let r = run(&mut s.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut cutover = s.background(&["cutover", p]).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(cutover.try_wait().unwrap().is_none(), "the cutover did not wait while postponed");
+    assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.blue.name));
+    assert_eq!(value(&scrape(port), "control_postponed"), 1.0);
+    control(&s, &plan, &["unpostpone"]);
+    let started = Instant::now();
+    let st = loop {
+        if let Some(st) = cutover.try_wait().unwrap() {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the cutover did not go on once unpostponed");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(st.success(), "cutover: {st}");
+    assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.green.name));
+    let m = scrape(port);
+    assert!(m.contains("bluegreen_cutover_paused_milliseconds{plan="), "{m}");
+    assert!(copy.wait().unwrap().success());
+}
+
+/// `control` needs a migration to steer, and a throttle needs a rate.
+#[test]
+fn control_refuses_what_it_cannot_do() {
+    let s = Oauth::new(2_000);
+    let plan = s.write_plan(&Oauth::plan_text());
+    let r = run(&mut s.migrate(&["control", plan.to_str().unwrap(), "pause"]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("green has no state of plan"), "{r:?}");
+    let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut s.migrate(&["control", plan.to_str().unwrap(), "throttle", "0"]));
+    assert_eq!(r.code, 2, "{r:?}");
+    let r = run(&mut s.migrate(&["control", plan.to_str().unwrap(), "show"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("paused no  copy rate as the plan says  cutover postponed no"), "{r:?}");
+}
