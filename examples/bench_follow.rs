@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let follower = {
         let (plan, shutdown) = (plan.clone(), shutdown.clone());
         tokio::spawn(async move {
-            bluegreen::run(&plan, Command::Copy { no_follow: false, recopy: Vec::new() }, shutdown).await
+            bluegreen::run(&plan, Command::Copy { no_follow: false, recopy: Vec::new(), metrics: None }, shutdown).await
         })
     };
     let state = "bluegreen_bench_follow";
