@@ -51,9 +51,9 @@ async fn one(rows: u32, rate: u32) -> Result<String> {
     let copy_stop = Shutdown::manual();
     let copying = {
         let (p, stop) = (plan_path.clone(), copy_stop.clone());
-        tokio::spawn(
-            async move { bluegreen::run(&p, Command::Copy { no_follow: false, recopy: Vec::new(), metrics: None }, stop).await },
-        )
+        tokio::spawn(async move {
+            bluegreen::run(&p, Command::Copy { no_follow: false, recopy: Vec::new(), metrics: None }, stop).await
+        })
     };
     let plan = bluegreen::plan::Plan::load(&plan_path)?;
     wait_following(&plan, &shutdown).await?;

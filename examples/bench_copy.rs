@@ -85,7 +85,12 @@ async fn main() -> anyhow::Result<()> {
         green.psql("postgres", &format!("CREATE DATABASE {db} TEMPLATE green_tpl"));
         std::env::set_var("GREEN_URL", green.url(&db));
         let t = Instant::now();
-        bluegreen::run(&plan_path, Command::Copy { no_follow: true, recopy: Vec::new(), metrics: None }, Shutdown::manual()).await?;
+        bluegreen::run(
+            &plan_path,
+            Command::Copy { no_follow: true, recopy: Vec::new(), metrics: None },
+            Shutdown::manual(),
+        )
+        .await?;
         let tool = t.elapsed().as_secs_f64();
         let n = green.psql(&db, "SELECT count(*) FROM oauth2_access_tokens");
         eprintln!("round {round}: migrate copy {tool:.2}s ({n} rows)");

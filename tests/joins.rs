@@ -216,7 +216,38 @@ fn plan_proves_each_join_and_names_what_it_cannot() {
     ));
     let r = run(&mut s.migrate(&["plan", hidden.to_str().unwrap()]));
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stdout.contains("reads hydra_oauth2_consent_session, whose changes are not captured"), "{r:?}");
+    assert!(
+        r.stdout.contains("reads public.hydra_oauth2_consent_session in a subquery: its changes are not captured"),
+        "{r:?}"
+    );
+    // A subquery over a joined table reads rows the join does not link: not traced either.
+    let sibling = s.write_plan(&replace_once(
+        &text,
+        "consent_remember = \"ch.remember\"",
+        "consent_remember = \"(SELECT bool_or(o.remember) FROM public.hydra_oauth2_consent_request_handled o WHERE o.granted_scope = ch.granted_scope)\"",
+    ));
+    let r = run(&mut s.migrate(&["plan", sibling.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("reads public.hydra_oauth2_consent_request_handled in a subquery: rows other than those"),
+        "{r:?}"
+    );
+    // An unqualified name the joined table has too would mean its own column inside the pick.
+    let shadowed = s.write_plan(&replace_once(
+        &text,
+        "on = { login_challenge = \"l.challenge\" }",
+        "on = { login_challenge = \"requested_scope\" }",
+    ));
+    let r = run(&mut s.migrate(&["plan", shadowed.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains(
+            "`on` expression `requested_scope` of join c names something public.hydra_oauth2_consent_request has too"
+        ),
+        "{r:?}"
+    );
+    // The entry that did not resolve says nothing about its source's columns through the other.
+    assert!(!r.stdout.contains("reaches no target column"), "{r:?}");
 }
 
 /// A joined table rewritten on blue (`ALTER COLUMN … TYPE … USING`): no row change follows,

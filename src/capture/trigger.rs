@@ -324,7 +324,10 @@ fn by_table(tables: &[ResolvedTable]) -> Vec<(QualifiedName, Vec<TriggerRole>)> 
 /// The functions run as their owner (SECURITY DEFINER, fixed search_path) so the application's
 /// roles need no rights on our schema: their writes must never fail because of capture. They pin
 /// `extra_float_digits = 3` (a writer's session with 0 would record a float key rounded to 15
-/// digits, a key that does not exist) and `IntervalStyle = 'postgres'`.
+/// digits, a key that does not exist), `IntervalStyle = 'postgres'` and `TimeZone = 'UTC'` (a
+/// timestamptz key recorded in each writer's zone would name one row by several texts). An old
+/// row is recorded when its recorded text differs from the new row's, not when the type's
+/// equality says so: `Foo` and `foo` are equal as citext but may join other rows as text.
 fn functions_sql(schema: &str, table: &QualifiedName, roles: &[TriggerRole]) -> String {
     let mut rows = String::new();
     let mut truncated = String::new();
@@ -338,6 +341,7 @@ fn functions_sql(schema: &str, table: &QualifiedName, roles: &[TriggerRole]) -> 
         };
         let tuple =
             |rec: &str| role.columns.iter().map(|c| format!("{rec}.{}", ident(c))).collect::<Vec<_>>().join(", ");
+        let texts = |rec: &str| format!("ROW({})", keys(rec));
         let some = |rec: &str| if role.link { format!(" AND ROW({}) IS NOT NULL", tuple(rec)) } else { String::new() };
         let i = literal(&role.tag);
         rows.push_str(&format!(
@@ -345,13 +349,13 @@ fn functions_sql(schema: &str, table: &QualifiedName, roles: &[TriggerRole]) -> 
            IF TG_OP <> 'DELETE'{new_some} THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{new_keys}]);
            END IF;
-           IF (TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW({old_tuple}) IS DISTINCT FROM ROW({new_tuple}))){old_some} THEN
+           IF (TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND {old_texts} IS DISTINCT FROM {new_texts})){old_some} THEN
              INSERT INTO {schema}.changes (tbl, key) VALUES ({i}, ARRAY[{old_keys}]);
            END IF;",
             new_keys = keys("NEW"),
             old_keys = keys("OLD"),
-            old_tuple = tuple("OLD"),
-            new_tuple = tuple("NEW"),
+            old_texts = texts("OLD"),
+            new_texts = texts("NEW"),
             new_some = some("NEW"),
             old_some = some("OLD"),
         ));
@@ -367,13 +371,13 @@ fn functions_sql(schema: &str, table: &QualifiedName, roles: &[TriggerRole]) -> 
     format!(
         "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql
            SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS {tag}
+           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' AS {tag}
          BEGIN{rows}
            RETURN NULL;
          END {tag};
          CREATE OR REPLACE FUNCTION {tfunc}() RETURNS trigger LANGUAGE plpgsql
            SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' AS {tag}
+           SET extra_float_digits = 3 SET IntervalStyle = 'postgres' SET TimeZone = 'UTC' AS {tag}
          BEGIN{truncated}
            RETURN NULL;
          END {tag};"

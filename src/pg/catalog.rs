@@ -90,6 +90,9 @@ pub struct TableInfo {
     pub total_bytes: i64,
     /// A partitioned table (its rows live in partitions).
     pub partitioned: bool,
+    /// A plain table with inheritance children: reading it reads theirs too, but their
+    /// changes are neither published nor seen by its triggers under its name.
+    pub inherited: bool,
 }
 
 impl TableInfo {
@@ -186,8 +189,9 @@ pub async fn relations_read(client: &Client, from: &str, exprs: &[String]) -> Re
         client.batch_execute(&format!("CREATE TEMP VIEW bluegreen_reads AS SELECT {list} FROM {from}")).await?;
         client
             .query(
-                "SELECT DISTINCT d.refobjid, d.refobjid::regclass::text FROM pg_catalog.pg_depend d \
+                "SELECT DISTINCT d.refobjid, n.nspname || '.' || c.relname FROM pg_catalog.pg_depend d \
                    JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+                   JOIN pg_catalog.pg_class c ON c.oid = d.refobjid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                  WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.refclassid = 'pg_catalog.pg_class'::regclass \
                    AND r.ev_class = 'pg_temp.bluegreen_reads'::regclass AND d.refobjid <> r.ev_class",
                 &[],
@@ -196,7 +200,30 @@ pub async fn relations_read(client: &Client, from: &str, exprs: &[String]) -> Re
     }
     .await;
     client.batch_execute("ROLLBACK").await.map_err(Error::db("blue: listing what a plan entry reads"))?;
-    Ok(found.map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect()).unwrap_or_default())
+    Ok(match found {
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        // Expressions that do not prepare are reported already; a role without TEMP rights on
+        // blue cannot make the view: say so rather than refuse the plan.
+        Err(e) => {
+            tracing::warn!(error = %crate::error::pg_message(&e), "cannot check what an entry's expressions read");
+            Vec::new()
+        }
+    })
+}
+
+/// A row source of one row of NULLs with `table`'s columns and types, that depends on no table
+/// (`NULL::rowtype` would depend on the table itself): `(SELECT NULL::int4 AS "id", …)`.
+pub async fn placeholder_row(client: &Client, table: &QualifiedName) -> Result<String> {
+    let list: Option<String> = client
+        .query_one(
+            "SELECT string_agg(format('NULL::%s AS %I', format_type(atttypid, atttypmod), attname), ', ' ORDER BY attnum) \
+             FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(Error::db(format!("blue: reading the columns of {table}")))?
+        .get(0);
+    Ok(format!("(SELECT {})", list.unwrap_or_else(|| "1".into())))
 }
 
 /// The leaf partitions of partitioned table `table`.
@@ -258,7 +285,8 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
     let ctx = |what: &str| format!("{side}: reading catalog for {table} ({what})");
     let row = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, c.reltuples::float8, pg_total_relation_size(c.oid), c.relkind = 'p' \
+            "SELECT c.oid, c.relreplident::text, c.reltuples::float8, pg_total_relation_size(c.oid), c.relkind = 'p', \
+                    c.relkind = 'r' AND c.relhassubclass \
              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&table.schema, &table.name],
@@ -327,6 +355,7 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
         reltuples: row.get(2),
         total_bytes: row.get(3),
         partitioned: row.get(4),
+        inherited: row.get(5),
     }))
 }
 

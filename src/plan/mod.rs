@@ -98,6 +98,9 @@ pub struct JoinOn {
     pub type_name: String,
     /// Expression over the driving table and earlier joins.
     pub expr: String,
+    /// A generated column: logical decoding never sends it.
+    #[serde(skip)]
+    pub generated: bool,
 }
 
 /// A table joined to each driving row, resolved.
@@ -128,6 +131,11 @@ pub struct ResolvedJoin {
 impl ResolvedJoin {
     /// The join as SQL, after the FROM items before it.
     pub fn render(&self) -> String {
+        self.render_from(&self.table.quoted())
+    }
+
+    /// [`Self::render`] reading `table` (SQL naming a row source) in place of the joined table.
+    pub fn render_from(&self, table: &str) -> String {
         let a = ident(&self.alias);
         let mut conds: Vec<String> =
             self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
@@ -136,10 +144,9 @@ impl ResolvedJoin {
         }
         let kind = if self.inner { "JOIN" } else { "LEFT JOIN" };
         match &self.pick {
-            None => format!(" {kind} {} AS {a} ON {}", self.table.quoted(), conds.join(" AND ")),
+            None => format!(" {kind} {table} AS {a} ON {}", conds.join(" AND ")),
             Some(order) => format!(
-                " {kind} LATERAL (SELECT * FROM {} AS {a} WHERE {} ORDER BY {order} LIMIT 1) AS {a} ON true",
-                self.table.quoted(),
+                " {kind} LATERAL (SELECT * FROM {table} AS {a} WHERE {} ORDER BY {order} LIMIT 1) AS {a} ON true",
                 conds.join(" AND ")
             ),
         }

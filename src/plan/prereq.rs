@@ -22,6 +22,7 @@ pub async fn check(
     if capture.method == CaptureMethod::Logical {
         replica_identity(tables, blue, &mut checks, problems).await?;
     }
+    link_columns_capturable(tables, capture.method, problems);
     green_empty(plan, tables, green, &mut checks, problems).await?;
     if let Some(pb) = &plan.cutover.pgbouncer {
         pgbouncer(pb, &mut checks, problems).await;
@@ -169,6 +170,47 @@ async fn replica_identity(
     Ok(())
 }
 
+/// Link columns capture can carry: logical decoding never sends a generated column (its
+/// writes could not be traced); a trigger records values as JSON text, which an array or a JSON
+/// value does not read back as its type.
+fn link_columns_capturable(tables: &[ResolvedTable], method: CaptureMethod, problems: &mut Vec<Problem>) {
+    for t in tables {
+        for (n, j) in t.joins.iter().enumerate() {
+            for o in &j.on {
+                let why = match method {
+                    CaptureMethod::Trigger
+                        if o.type_name.ends_with("[]") || matches!(o.type_name.as_str(), "json" | "jsonb") =>
+                    {
+                        format!(
+                            "is {}, whose values trigger capture records as JSON text that does not read back as \
+                             {}",
+                            o.type_name, o.type_name
+                        )
+                    }
+                    CaptureMethod::Logical if o.generated => {
+                        "is a generated column, which logical decoding never sends: its writes could not be traced"
+                            .to_string()
+                    }
+                    _ => continue,
+                };
+                problems.push(Problem {
+                    field: format!("table[{}].join[{}].on.{}", t.index, n + 1, o.column),
+                    line: Some(t.line),
+                    table: Some(j.table.to_string()),
+                    column: Some(o.column.clone()),
+                    message: format!("link column {}.{} of join {} {why}", j.table, o.column, j.alias),
+                    fix: Some(match method {
+                        CaptureMethod::Trigger => "join on a column of a scalar type (or capture logically)".into(),
+                        _ => "join on the column it is generated from, or capture by triggers: [capture] method = \
+                              \"trigger\""
+                            .into(),
+                    }),
+                });
+            }
+        }
+    }
+}
+
 /// A joined table's replica identity against its link columns (join `n` of entry `t`): a
 /// delete, or an update that moves the row to other driving rows, is traced by the old row's
 /// link values, which logical decoding sends only for the columns of the replica identity.
@@ -186,7 +228,8 @@ fn identity_covers_links(
         None => true,
         Some(cols) => !cols.is_empty() && links.iter().all(|l| cols.contains(l)),
     };
-    let name = format!("replica identity of {table} (joined as {})", t.joins[n].alias);
+    // Named by the link columns too: each entry joining the table by other columns needs its own.
+    let name = format!("replica identity of {table} (joined as {} on {})", t.joins[n].alias, links.join(", "));
     if checks.iter().any(|c| c.name == name) {
         return;
     }

@@ -137,6 +137,11 @@ fn check_unreached(plan: &Plan, tables: &[ResolvedTable], problems: &mut Vec<Pro
         if tables[..i].iter().any(|o| o.source == t.source) {
             continue;
         }
+        // An entry over this source that did not resolve (its problems are reported) may be
+        // the one that uses a column.
+        if plan.tables.iter().any(|e| e.source == t.source && !tables.iter().any(|r| r.index == e.index)) {
+            continue;
+        }
         let siblings: Vec<&ResolvedTable> = tables.iter().filter(|o| o.source == t.source).collect();
         let entries: Vec<&TableEntry> =
             plan.tables.iter().filter(|e| siblings.iter().any(|s| s.index == e.index)).collect();
@@ -267,6 +272,9 @@ async fn resolve_table(
     let (Some(src), Some(tgt)) = (src, tgt) else {
         return Ok(None);
     };
+    if src.inherited {
+        cx.report("source", entry.source_line, None, inherited(&entry.source), None);
+    }
     // Named in expressions by its alias once there are joins (the default alias is its name).
     let alias = (entry.alias.is_some() || !entry.joins.is_empty())
         .then(|| entry.alias.clone().unwrap_or_else(|| entry.source.name.clone()));
@@ -278,7 +286,7 @@ async fn resolve_table(
     };
     let mut cx = Ctx { entry: &effective, problems: cx.problems, from };
     let entry = &effective;
-    let Some((joins, join_oids)) = resolve_joins(&mut cx, blue).await? else {
+    let Some(joins) = resolve_joins(&mut cx, blue).await? else {
         return Ok(None);
     };
     if entry.columns.is_empty() {
@@ -305,7 +313,7 @@ async fn resolve_table(
                 .get::<_, bool>(0);
     }
     check_filter(&mut cx, blue).await;
-    check_reads(&mut cx, blue, &columns, src.oid, &join_oids).await?;
+    check_reads(&mut cx, blue, &columns, alias.as_deref(), &joins).await?;
     let sequences = sequences(entry, &src, &tgt, alias.as_deref());
     let deferred = match recorded {
         Some(defs) => defs,
@@ -331,6 +339,25 @@ async fn resolve_table(
         alias,
         joins,
     };
+    // Each join's trace runs on blue as capture will run it (an `on` expression reaching a
+    // table some other way than by its alias fails here, not on the first write).
+    for (n, j) in table.joins.iter().enumerate() {
+        let sql = super::trace_sql(&table, n, &[], super::KeyText::Output);
+        if let Err(e) = blue.prepare(&sql).await {
+            cx.report(
+                &format!("join[{}]", n + 1),
+                entry.joins[n].line,
+                None,
+                format!(
+                    "tracing writes of join {} to the rows of {} fails on blue: {}",
+                    j.alias,
+                    table.source,
+                    pg_message(&e)
+                ),
+                Some("write `on` expressions over earlier tables by their aliases (`c.challenge`)".into()),
+            );
+        }
+    }
     Ok(Some(table))
 }
 
@@ -670,6 +697,15 @@ fn resolve_key(
     Some((key, green_unique.unwrap_or_default()))
 }
 
+/// Why a table with inheritance children cannot be read by an entry.
+fn inherited(table: &crate::pg::QualifiedName) -> String {
+    format!(
+        "{table} has inheritance children (it is no partitioned table): reading it reads their rows too, but \
+         their changes are neither published nor seen by its triggers under its name; name the tables \
+         themselves (e.g. `ONLY`-style: one entry per child)"
+    )
+}
+
 /// Whether `expr` is exactly source column `col`: `col`, `"col"`, or either qualified by the
 /// driving table's alias.
 fn verbatim(expr: &str, alias: Option<&str>, col: &str) -> bool {
@@ -683,11 +719,10 @@ fn verbatim(expr: &str, alias: Option<&str>, col: &str) -> bool {
 
 /// Resolves the entry's joins in order, each prepared on blue over the FROM clause before it
 /// (so its expressions see only earlier tables), and extends `cx.from` by each. Returns the
-/// joins and their tables' OIDs, or `None` when a joined table is missing.
-async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<super::ResolvedJoin>, Vec<u32>)>> {
+/// joins, or `None` when a joined table is missing or a join does not prepare.
+async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<Vec<super::ResolvedJoin>>> {
     let entry = cx.entry;
     let mut out = Vec::new();
-    let mut oids = Vec::new();
     let mut missing = false;
     for (n, j) in entry.joins.iter().enumerate() {
         let field = format!("join[{}]", n + 1);
@@ -697,12 +732,46 @@ async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<su
             missing = true;
             continue;
         };
+        if info.inherited {
+            cx.report(&format!("{field}.table"), j.line, None, inherited(&j.table), None);
+        }
+        let a = ident(&j.alias);
         let mut on = Vec::new();
+        let mut bad_on = false;
         for (col, expr) in &j.on {
+            // Over the tables before the join only; and naming nothing the joined table has
+            // unqualified (inside a pick's subquery such a name would mean the joined row's own
+            // column, while tracing reads it from the tables before).
+            let before = blue.prepare(&format!("SELECT ({expr}) FROM {} LIMIT 0", cx.from)).await;
+            let shadow =
+                format!("SELECT ({expr}) FROM {} LEFT JOIN {} AS {a} ON false LIMIT 0", cx.from, j.table.quoted());
+            let why = match before {
+                Err(e) => Some(format!("is not valid over the tables before this join: {}", pg_message(&e))),
+                Ok(_) => blue.prepare(&shadow).await.err().map(|e| {
+                    format!(
+                        "names something {} has too: {}; qualify it with its table's alias",
+                        j.table,
+                        pg_message(&e)
+                    )
+                }),
+            };
+            if let Some(why) = why {
+                cx.report(
+                    &format!("{field}.on.{col}"),
+                    j.line,
+                    Some(col),
+                    format!("`on` expression `{expr}` of join {} {why}", j.alias),
+                    Some("`on` expressions may use the driving table and earlier joins only".into()),
+                );
+                bad_on = true;
+            }
             match info.column(col) {
-                Some(c) => {
-                    on.push(super::JoinOn { column: col.clone(), type_name: c.type_name.clone(), expr: expr.clone() })
-                }
+                Some(c) => on.push(super::JoinOn {
+                    column: col.clone(),
+                    type_name: c.type_name.clone(),
+                    expr: expr.clone(),
+                    generated: c.generated,
+                }),
                 None => cx.report(
                     &format!("{field}.on.{col}"),
                     j.line,
@@ -712,11 +781,14 @@ async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<su
                 ),
             }
         }
+        if bad_on {
+            missing = true;
+            continue;
+        }
         let linked: Vec<&str> = j.on.iter().map(|(c, _)| c.as_str()).collect();
         // `=` never matches NULL, so a unique key whose columns are all linked admits at most
         // one row per row before it; `also` only narrows.
         let unique = info.unique_keys.iter().find(|u| u.columns.iter().all(|c| linked.contains(&c.as_str())));
-        let a = ident(&j.alias);
         // Ties under `pick` are broken by a unique key, so that copy, every re-read and verify
         // choose the same row.
         let tie =
@@ -815,40 +887,51 @@ async fn resolve_joins(cx: &mut Ctx<'_>, blue: &Client) -> Result<Option<(Vec<su
             }
         }
         cx.from = from;
-        oids.push(info.oid);
         out.push(join);
     }
-    Ok((!missing).then_some((out, oids)))
+    Ok((!missing).then_some(out))
 }
 
-/// Every table the entry's expressions and filter read must be the source or a joined table:
-/// a change to any other (a subquery over it) would never reach green.
+/// The entry's expressions and filter may read the source and joined tables only as the join
+/// reads them (their rows on the path): a subquery over any table, these included, reads rows
+/// whose changes capture does not trace to this entry's rows. Checked over placeholder rows of
+/// each table's type, so that any table left in the view's dependencies is such a read.
 async fn check_reads(
     cx: &mut Ctx<'_>,
     blue: &Client,
     columns: &[ResolvedColumn],
-    source: u32,
-    joined: &[u32],
+    alias: Option<&str>,
+    joins: &[super::ResolvedJoin],
 ) -> Result<()> {
     let entry = cx.entry;
     let exprs: Vec<String> =
         columns.iter().filter_map(|c| c.expr.clone()).chain(entry.filter.as_ref().map(|(f, _)| f.clone())).collect();
+    let mut from = format!(
+        "{} AS {}",
+        catalog::placeholder_row(blue, &entry.source).await?,
+        ident(alias.unwrap_or(entry.source.name.as_str()))
+    );
+    for j in joins {
+        from.push_str(&j.render_from(&catalog::placeholder_row(blue, &j.table).await?));
+    }
     // A broken expression is reported already: `relations_read` then finds nothing.
-    for (oid, name) in catalog::relations_read(blue, &cx.from, &exprs).await? {
-        if oid == source || joined.contains(&oid) {
-            continue;
-        }
+    for (_, name) in catalog::relations_read(blue, &from, &exprs).await? {
+        let joined = name == entry.source.to_string() || joins.iter().any(|j| j.table.to_string() == name);
         cx.report(
             "columns",
             entry.source_line,
             None,
             format!(
-                "an expression or the filter of this entry reads {name}, whose changes are not captured: a write \
-                 to it would never reach green"
+                "an expression or the filter of this entry reads {name} in a subquery: {}",
+                if joined {
+                    "rows other than those the entry's join links to each row, whose writes are not traced to it"
+                } else {
+                    "its changes are not captured, so a write to it would never reach green"
+                }
             ),
             Some(format!(
-                "join it with [[table.join]] (alias, table = \"{name}\", on = {{ <column> = \"<expression>\" }}): \
-                 capture then traces its changes to the rows that read it"
+                "join it with [[table.join]] (alias, table = \"{name}\", on = {{ <column> = \"<expression>\" }}) and \
+                 use the joined row: capture then traces its changes to the rows that read it"
             )),
         );
     }
