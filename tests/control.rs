@@ -183,3 +183,37 @@ fn control_refuses_what_it_cannot_do() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("paused no  copy rate as the plan says  cutover postponed no"), "{r:?}");
 }
+
+/// `[copy] max_blue_active_sessions`: the copy waits while blue runs more statements of other
+/// clients than that, and goes on once they end.
+#[test]
+fn the_copy_waits_while_blue_is_busy() {
+    // A cluster of its own: other tests' sessions on the shared one would count.
+    let cluster: &'static crate::support::Cluster = Box::leak(Box::new(crate::support::Cluster::start("busy", &[])));
+    let s = Oauth::on(cluster, green_cluster(), 5_000);
+    let text = Oauth::plan_text().replace(
+        "workers = 2\nchunk_rows = 50000\ndefer_indexes = true",
+        "workers = 2\nchunk_rows = 500\ndefer_indexes = true\nmax_blue_active_sessions = 2",
+    );
+    let plan = s.write_plan(&text);
+    let busy: Vec<std::process::Child> =
+        (0..3).map(|_| cluster.psql_cmd(&s.blue.name).args(["-c", "SELECT pg_sleep(8)"]).spawn().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut copy = s.spawn(&["copy", plan.to_str().unwrap(), "--no-follow", "--metrics", &addr]);
+    let started = Instant::now();
+    while try_scrape(port).is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no metrics endpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(value(&scrape(port), "rows_copied"), 0.0, "the copy went on while blue was busy");
+    for mut b in busy {
+        assert!(b.wait().unwrap().success());
+    }
+    let st = copy.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let waited = started.elapsed();
+    assert!(waited > Duration::from_secs(6), "the copy ended after {waited:?}, before blue was idle");
+}

@@ -65,21 +65,52 @@ fn secure() -> &'static Secure {
                 "server.crt",
             ],
         );
+        // A client certificate for role `certuser`, signed by the same CA.
+        openssl(
+            &dir,
+            &["req", "-new", "-nodes", "-subj", "/CN=certuser", "-keyout", "client.key", "-out", "client.csr"],
+        );
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                "client.crt",
+            ],
+        );
         Command::new("chmod").args(["600"]).arg(dir.join("server.key")).status().unwrap();
         Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().ok();
         let cert = format!("ssl_cert_file={}", dir.join("server.crt").display());
         let key = format!("ssl_key_file={}", dir.join("server.key").display());
-        let cluster: &'static Cluster = Box::leak(Box::new(Cluster::start("tls", &["ssl=on", &cert, &key])));
+        let ca = format!("ssl_ca_file={}", dir.join("ca.crt").display());
+        let cluster: &'static Cluster = Box::leak(Box::new(Cluster::start("tls", &["ssl=on", &cert, &key, &ca])));
         let hba = cluster.dir.join("data/pg_hba.conf");
         let old = std::fs::read_to_string(&hba).unwrap();
         std::fs::write(
             &hba,
-            format!("host all migrator 127.0.0.1/32 scram-sha-256\nhost all migrator ::1/128 scram-sha-256\n{old}"),
+            format!(
+                "host all migrator 127.0.0.1/32 scram-sha-256\nhost all migrator ::1/128 scram-sha-256\n\
+                 hostssl all certuser 127.0.0.1/32 cert\nhostssl all certuser ::1/128 cert\n\
+                 host all certuser 127.0.0.1/32 reject\nhost all certuser ::1/128 reject\n{old}"
+            ),
         )
         .unwrap();
         cluster.psql(
             "postgres",
-            &format!("CREATE ROLE migrator SUPERUSER LOGIN PASSWORD '{PASSWORD}'; SELECT pg_reload_conf()"),
+            &format!(
+                "CREATE ROLE migrator SUPERUSER LOGIN PASSWORD '{PASSWORD}'; CREATE ROLE certuser SUPERUSER LOGIN; \
+                 SELECT pg_reload_conf()"
+            ),
         );
         Secure { cluster, ca: dir.join("ca.crt") }
     })
@@ -120,6 +151,36 @@ fn tls_require_and_verify_full_work_and_fail_clearly() {
     assert_eq!(r.code, 1, "{r:?}");
     let all = format!("{}{}", r.stdout, r.stderr);
     assert!(all.contains("blue") && all.to_lowercase().contains("tls"), "{r:?}");
+}
+
+/// A server that asks for a client certificate (`cert` authentication): given in the URL
+/// (`sslcert`, `sslkey`), or by libpq's `PGSSLCERT`/`PGSSLKEY`; without one the connection is
+/// refused, naming blue.
+#[test]
+fn a_client_certificate_logs_in() {
+    let sec = secure();
+    let s = Oauth::on(sec.cluster, green_cluster(), 1_000);
+    let (port, db) = (sec.cluster.port, &s.blue.name);
+    let dir = sec.ca.parent().unwrap();
+    let (ca, cert, key) = (sec.ca.display(), dir.join("client.crt"), dir.join("client.key"));
+    let base = format!("postgres://certuser@localhost:{port}/{db}?sslmode=verify-full&sslrootcert={ca}");
+    let r = plan_run(&s, &format!("{base}&sslcert={}&sslkey={}", cert.display(), key.display()));
+    assert_eq!(r.code, 0, "client certificate in the URL: {r:?}");
+    let plan = s.write_plan(&Oauth::plan_text());
+    let r = run(s
+        .migrate(&["plan", plan.to_str().unwrap()])
+        .env("BLUE_URL", &base)
+        .env("PGSSLCERT", &cert)
+        .env("PGSSLKEY", &key));
+    assert_eq!(r.code, 0, "client certificate from PGSSLCERT/PGSSLKEY: {r:?}");
+    let r = plan_run(&s, &base);
+    assert_eq!(r.code, 1, "no client certificate: {r:?}");
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("blue") && all.contains("certificate"), "{r:?}");
+    // A key that is not there is named.
+    let r = plan_run(&s, &format!("{base}&sslcert={}&sslkey=/nonexistent.key", cert.display()));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(format!("{}{}", r.stdout, r.stderr).contains("sslkey /nonexistent.key"), "{r:?}");
 }
 
 /// Every command, with the password in both URLs (from the environment, as `${VAR}`), on the

@@ -52,6 +52,18 @@ pub struct ConnInfo {
     /// `sslmode` was in the string (libpq's `PGSSLMODE` applies only when it was not).
     ssl_mode_given: bool,
     ssl_root_cert: Option<PathBuf>,
+    /// Client certificate and its key (`sslcert`, `sslkey`), for servers that ask for one.
+    ssl_cert: Option<PathBuf>,
+    ssl_key: Option<PathBuf>,
+}
+
+/// The TLS parameters libpq takes that tokio-postgres does not.
+#[derive(Default)]
+struct SslParams {
+    mode: Option<SslMode>,
+    root: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 impl fmt::Debug for ConnInfo {
@@ -77,11 +89,12 @@ impl fmt::Display for ConnInfo {
 }
 
 impl ConnInfo {
-    /// Parses a `postgres://` URL or a `key=value` DSN. `sslmode` and `sslrootcert` are taken out
-    /// and handled here because tokio-postgres knows only disable/prefer/require.
+    /// Parses a `postgres://` URL or a `key=value` DSN. `sslmode`, `sslrootcert`, `sslcert` and
+    /// `sslkey` are taken out and handled here because tokio-postgres knows only
+    /// disable/prefer/require and no certificate files.
     pub fn parse(side: Side, text: &str) -> Result<Self, ConnError> {
         let invalid = |reason: String| ConnError::Invalid { side, reason };
-        let (rest, ssl_mode, ssl_root_cert) = take_ssl_params(text).map_err(invalid)?;
+        let (rest, ssl) = take_ssl_params(text).map_err(invalid)?;
         // The driver's parse errors may quote the offending value, which could be a password;
         // keep only the kind of failure.
         let mut config = Config::from_str(&rest).map_err(|e| {
@@ -98,9 +111,11 @@ impl ConnInfo {
         Ok(Self {
             side,
             config,
-            ssl_mode_given: ssl_mode.is_some(),
-            ssl_mode: ssl_mode.unwrap_or(SslMode::Prefer),
-            ssl_root_cert,
+            ssl_mode_given: ssl.mode.is_some(),
+            ssl_mode: ssl.mode.unwrap_or(SslMode::Prefer),
+            ssl_root_cert: ssl.root,
+            ssl_cert: ssl.cert,
+            ssl_key: ssl.key,
         })
     }
 
@@ -142,6 +157,21 @@ impl ConnInfo {
         }
         if self.ssl_root_cert.is_none() {
             self.ssl_root_cert = env("PGSSLROOTCERT").filter(|c| !c.is_empty()).map(PathBuf::from);
+        }
+        // A client certificate as libpq finds one: the string, PGSSLCERT/PGSSLKEY, else
+        // ~/.postgresql/postgresql.crt and .key when they exist.
+        let home = env("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".postgresql"));
+        if self.ssl_cert.is_none() {
+            self.ssl_cert = env("PGSSLCERT")
+                .filter(|c| !c.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join("postgresql.crt")).filter(|p| p.exists()));
+        }
+        if self.ssl_key.is_none() {
+            self.ssl_key = env("PGSSLKEY")
+                .filter(|c| !c.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join("postgresql.key")).filter(|p| p.exists()));
         }
         if self.config.get_password().is_none() {
             let password = env("PGPASSWORD").or_else(|| {
@@ -263,6 +293,13 @@ impl ConnInfo {
             }
             _ => builder.set_verify(SslVerifyMode::NONE),
         }
+        if let Some(cert) = &self.ssl_cert {
+            builder.set_certificate_chain_file(cert).map_err(|e| format!("sslcert {}: {e}", cert.display()))?;
+            let key = self.ssl_key.clone().unwrap_or_else(|| cert.with_extension("key"));
+            builder
+                .set_private_key_file(&key, openssl::ssl::SslFiletype::PEM)
+                .map_err(|e| format!("sslkey {}: {e}", key.display()))?;
+        }
         let mut connector = MakeTlsConnector::new(builder.build());
         let verify_host = self.ssl_mode == SslMode::VerifyFull;
         connector.set_callback(move |config, _domain| {
@@ -306,14 +343,15 @@ where
     });
 }
 
-/// Removes `sslmode` and `sslrootcert` from a URL query or a key=value DSN.
-fn take_ssl_params(text: &str) -> Result<(String, Option<SslMode>, Option<PathBuf>), String> {
-    let mut mode = None;
-    let mut root = None;
+/// Removes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` from a URL query or a key=value DSN.
+fn take_ssl_params(text: &str) -> Result<(String, SslParams), String> {
+    let mut p = SslParams::default();
     let mut take = |key: &str, value: &str| -> Result<bool, String> {
         match key {
-            "sslmode" => mode = Some(value.parse::<SslMode>()?),
-            "sslrootcert" => root = Some(PathBuf::from(value)),
+            "sslmode" => p.mode = Some(value.parse::<SslMode>()?),
+            "sslrootcert" => p.root = Some(PathBuf::from(value)),
+            "sslcert" => p.cert = Some(PathBuf::from(value)),
+            "sslkey" => p.key = Some(PathBuf::from(value)),
             _ => return Ok(false),
         }
         Ok(true)
@@ -321,7 +359,7 @@ fn take_ssl_params(text: &str) -> Result<(String, Option<SslMode>, Option<PathBu
     let text = text.trim();
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
         let Some((base, query)) = text.split_once('?') else {
-            return Ok((text.to_string(), None, None));
+            return Ok((text.to_string(), SslParams::default()));
         };
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -331,7 +369,7 @@ fn take_ssl_params(text: &str) -> Result<(String, Option<SslMode>, Option<PathBu
             }
         }
         let rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
-        Ok((rest, mode, root))
+        Ok((rest, p))
     } else {
         let mut kept = Vec::new();
         for token in split_kv(text)? {
@@ -340,7 +378,7 @@ fn take_ssl_params(text: &str) -> Result<(String, Option<SslMode>, Option<PathBu
                 kept.push(token);
             }
         }
-        Ok((kept.join(" "), mode, root))
+        Ok((kept.join(" "), p))
     }
 }
 
