@@ -9,6 +9,7 @@ mod copy;
 mod correctness;
 mod crash;
 mod cutover;
+mod docs;
 mod entries;
 mod follow;
 mod handover;
