@@ -4,7 +4,7 @@
 //! `export` point at the fixture. Catches a documented command that no longer works.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::Duration,
 };
@@ -36,7 +36,7 @@ fn commands(doc: &str) -> Vec<String> {
 
 /// Runs `line` in a shell in `dir`, with `migrate` on the PATH and the scenario's variables.
 fn shell(s: &Oauth, dir: &Path, line: &str) -> Command {
-    let bin = PathBuf::from(assert_cmd::cargo::cargo_bin("migrate"));
+    let bin = assert_cmd::cargo::cargo_bin("migrate");
     let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
     let mut c = Command::new("sh");
     c.args(["-c", line])
