@@ -493,6 +493,9 @@ pub enum Error {
     /// The demo's own checks failed.
     #[error("demo: {0}")]
     Demo(String),
+    /// A rehearsal could not run (its servers, schemas or data).
+    #[error("rehearsal: {0}")]
+    Rehearsal(String),
 }
 
 impl Error {

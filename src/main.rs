@@ -153,6 +153,34 @@ enum Cmd {
         #[command(subcommand)]
         action: ControlAction,
     },
+    /// Prove a plan end to end with no database to provision (for CI): starts throwaway blue,
+    /// green and PgBouncer, loads the schemas and data (or generated rows), points the plan at
+    /// them, then runs plan, copy under a steady writer through PgBouncer, verify and cutover.
+    /// Exit 0 all passed, 1 a step found a problem, 2 usage, 3 the rehearsal could not run.
+    Rehearse {
+        #[command(flatten)]
+        plan: PlanArg,
+        /// Blue's schema: plain SQL or `pg_dump --schema-only` output.
+        #[arg(long, value_name = "FILE")]
+        blue_schema: PathBuf,
+        /// Green's schema.
+        #[arg(long, value_name = "FILE")]
+        green_schema: PathBuf,
+        /// Blue's data (SQL); without it, generated rows (see --rows).
+        #[arg(long, value_name = "FILE")]
+        blue_data: Option<PathBuf>,
+        /// Rows generated per table (and per table they reference).
+        #[arg(long, default_value_t = 10_000)]
+        rows: u64,
+        /// Writer statements per second through PgBouncer while copying and following.
+        #[arg(long, default_value_t = 200)]
+        writer_rate: u32,
+        /// Also write a JUnit XML report here (one test case per step and per table).
+        #[arg(long, value_name = "FILE.xml")]
+        report: Option<PathBuf>,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// Print a shell completion script, e.g. `migrate completions bash >
     /// /etc/bash_completion.d/migrate`.
     Completions {
@@ -228,8 +256,26 @@ fn main() -> ExitCode {
             bluegreen::demo::run(rows, rate, shutdown).await.map(|(outcome, _)| outcome)
         });
     }
+    // A rehearsal points the plan at servers of its own (its connection variables need not be
+    // set) and runs `copy` inside: not dispatched like the commands it runs.
+    if let Cmd::Rehearse { plan, blue_schema, green_schema, blue_data, rows, writer_rate, report, format } = cli.command
+    {
+        let r = bluegreen::commands::Rehearsal {
+            blue_schema,
+            green_schema,
+            blue_data,
+            rows,
+            writer_rate,
+            report,
+            format: format.format.into(),
+        };
+        return block_on(
+            json,
+            |shutdown| async move { bluegreen::commands::rehearse::run(&plan.plan, &r, shutdown).await },
+        );
+    }
     let (path, command) = match cli.command {
-        Cmd::Demo { .. } | Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
+        Cmd::Demo { .. } | Cmd::Completions { .. } | Cmd::Man | Cmd::Rehearse { .. } => unreachable!("handled above"),
         Cmd::Plan { plan, format, offline, rows } => {
             (plan.plan, Command::Plan { format: format.format.into(), offline, rows })
         }

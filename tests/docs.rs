@@ -3,11 +3,7 @@
 //! plan with the `[cutover.pgbouncer]` section the runbook asks for, and the variables they
 //! `export` point at the fixture. Catches a documented command that no longer works.
 
-use std::{
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use crate::{
     capture::{caught_up, wait_for},

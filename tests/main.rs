@@ -16,6 +16,7 @@ mod handover;
 mod identifiers;
 mod joins;
 mod plan;
+mod rehearse;
 mod security;
 mod shapes;
 mod verify;

@@ -9,6 +9,7 @@ mod cutover;
 pub mod demo;
 mod metrics;
 mod plan;
+pub mod rehearse;
 pub mod status;
 mod verify;
 
@@ -33,6 +34,7 @@ pub enum Format {
 }
 
 pub use control::ControlAction;
+pub use rehearse::Rehearsal;
 
 /// The commands of the `migrate` binary, already parsed.
 #[derive(Debug, Clone)]
@@ -67,6 +69,7 @@ pub enum Command {
         /// What to set.
         action: ControlAction,
     },
+
     /// Compare both sides by checksums.
     Verify {
         /// Output format.

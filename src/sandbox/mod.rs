@@ -3,6 +3,7 @@
 //! initdb, postgres and pgbouncer refuse to run as root, so as root they run as `postgres`.
 
 pub mod app;
+pub mod rows;
 
 use std::{
     net::TcpListener,
