@@ -14,14 +14,14 @@ use crate::control::Live;
 pub struct Throttle {
     plan_rate: u64,
     live: Arc<Live>,
-    /// When the next chunk may start.
-    next: Mutex<Option<Instant>>,
+    /// When the next chunk may start, and the rate that time was booked at.
+    next: Mutex<(Option<Instant>, u64)>,
 }
 
 impl Throttle {
     /// A limit of `plan_rate` rows per second (0 = unlimited) unless `live` sets another.
     pub fn new(plan_rate: u64, live: Arc<Live>) -> Self {
-        Self { plan_rate, live, next: Mutex::new(None) }
+        Self { plan_rate, live, next: Mutex::new((None, 0)) }
     }
 
     /// Waits until `rows` more rows fit the rate in force.
@@ -31,13 +31,14 @@ impl Throttle {
             let Ok(mut next) = self.next.lock() else { return };
             let now = Instant::now();
             if rate == 0 {
-                *next = None;
+                *next = (None, 0);
                 return;
             }
             // The first chunk goes at once; each later one waits for the time the earlier ones
-            // buy, at the rate in force when they were admitted.
-            let due = next.filter(|n| *n > now).unwrap_or(now);
-            *next = Some(due + Duration::from_secs_f64(rows as f64 / rate as f64));
+            // buy. A new rate starts afresh: time booked at a very low one is not waited out.
+            let booked = if next.1 == rate { next.0 } else { None };
+            let due = booked.filter(|n| *n > now).unwrap_or(now);
+            *next = (Some(due + Duration::from_secs_f64(rows as f64 / rate as f64)), rate);
             due
         };
         tokio::time::sleep_until(due.into()).await;
