@@ -15,6 +15,20 @@ fn rehearse(dir: &Path, args: &[&str]) -> crate::support::Run {
     run(&mut c)
 }
 
+/// `rehearse PLAN` over the fixture's schemas, then `extra`.
+fn fixture<'a>(plan: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "rehearse",
+        plan,
+        "--blue-schema",
+        "fixtures/oauth/blue.sql",
+        "--green-schema",
+        "fixtures/oauth/green.sql",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// The repository's plan and fixture, in a directory of their own (the report lands there).
 fn checkout() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -36,47 +50,19 @@ fn the_fixture_plan_rehearses_green_and_a_wrong_expression_fails_at_plan() {
     let dir = checkout();
     let d = dir.path();
     let started = std::time::Instant::now();
-    let r = rehearse(
-        d,
-        &[
-            "rehearse",
-            "plans/oauth-v1-to-v2.toml",
-            "--blue-schema",
-            "fixtures/oauth/blue.sql",
-            "--green-schema",
-            "fixtures/oauth/green.sql",
-            "--rows",
-            "2000",
-            "--report",
-            "report.xml",
-        ],
-    );
+    let r = rehearse(d, &fixture("plans/oauth-v1-to-v2.toml", &["--rows", "2000", "--report", "report.xml"]));
     assert_eq!(r.code, 0, "{r:?}");
     eprintln!("rehearsal with generated rows: {:?}\n{}", started.elapsed(), r.stdout);
     for step in ["servers", "load schemas", "blue data", "plan", "copy", "writer", "verify", "cutover"] {
         assert!(r.stdout.lines().any(|l| l.starts_with(&format!("ok   {step} ("))), "{step}: {r:?}");
     }
     assert!(r.stdout.contains("ok   verify public.oauth2_access_tokens"), "{r:?}");
-    assert!(r.stdout.ends_with(&format!("rehearsal passed in {}", r.stdout.rsplit("passed in ").next().unwrap())));
+    assert!(r.stdout.lines().last().is_some_and(|l| l.starts_with("rehearsal passed in ")), "{r:?}");
     assert!(!r.stdout.contains('\x1b'), "ANSI escapes: {r:?}");
     let xml = std::fs::read_to_string(d.join("report.xml")).unwrap();
     assert!(xml.starts_with("<?xml") && xml.contains("failures=\"0\"") && !xml.contains("<failure"), "{xml}");
     assert_eq!(xml.matches("<testcase ").count(), r.stdout.lines().count() - 1, "{xml}");
-    let json = rehearse(
-        d,
-        &[
-            "rehearse",
-            "plans/oauth-v1-to-v2.toml",
-            "--blue-schema",
-            "fixtures/oauth/blue.sql",
-            "--green-schema",
-            "fixtures/oauth/green.sql",
-            "--rows",
-            "500",
-            "--format",
-            "json",
-        ],
-    );
+    let json = rehearse(d, &fixture("plans/oauth-v1-to-v2.toml", &["--rows", "500", "--format", "json"]));
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap_or_else(|e| panic!("{e}: {json:?}"));
     assert_eq!(v["passed"], true, "{json:?}");
 
@@ -85,21 +71,7 @@ fn the_fixture_plan_rehearses_green_and_a_wrong_expression_fails_at_plan() {
     let broken = plan.replacen("token_lifespan = \"", "token_lifespan = \"no_such_column + ", 1);
     assert_ne!(broken, plan);
     std::fs::write(d.join("plans/broken.toml"), broken).unwrap();
-    let r = rehearse(
-        d,
-        &[
-            "rehearse",
-            "plans/broken.toml",
-            "--blue-schema",
-            "fixtures/oauth/blue.sql",
-            "--green-schema",
-            "fixtures/oauth/green.sql",
-            "--rows",
-            "200",
-            "--report",
-            "broken.xml",
-        ],
-    );
+    let r = rehearse(d, &fixture("plans/broken.toml", &["--rows", "200", "--report", "broken.xml"]));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("FAIL plan"), "{r:?}");
     assert!(!r.stdout.contains(" copy ("), "{r:?}");
@@ -177,4 +149,49 @@ fn the_example_workflow_command_runs() {
     );
     let xml = std::fs::read_to_string(dir.path().join("rehearsal.xml")).unwrap();
     assert!(xml.contains("<testcase ") && !xml.contains("<failure"), "{xml}");
+}
+
+/// A blue schema as `pg_dump --schema-only` writes it, owned by and granted to roles the
+/// throwaway server does not have: they are made (NOLOGIN) before it loads.
+#[test]
+fn a_pg_dump_schema_with_its_roles_rehearses() {
+    let db = crate::support::TestDb::create(crate::support::blue_cluster(), "dumped", None);
+    db.psql(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rehearse_owner') THEN CREATE ROLE rehearse_owner; END IF;
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'Rehearse Reader') THEN CREATE ROLE \"Rehearse Reader\"; END IF;
+         END $$;
+         CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, created timestamptz NOT NULL);
+         ALTER TABLE accounts OWNER TO rehearse_owner;
+         GRANT SELECT ON accounts TO \"Rehearse Reader\";",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let dump = Command::new(bluegreen::sandbox::bindir().unwrap().join("pg_dump"))
+        .args(["--schema-only", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+        .arg(db.cluster.port.to_string())
+        .arg(&db.name)
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let text = String::from_utf8(dump.stdout).unwrap();
+    assert!(text.contains("OWNER TO rehearse_owner") && text.contains("\"Rehearse Reader\""), "{text}");
+    std::fs::write(d.join("blue.sql"), text).unwrap();
+    std::fs::write(
+        d.join("green.sql"),
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL, created timestamptz);",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("plan.toml"),
+        "name = \"dumped\"\n[blue]\nurl = \"${BLUE_URL}\"\n[green]\nurl = \"${GREEN_URL}\"\n\
+         [[table]]\nsource = \"public.accounts\"\nkey = [\"id\"]\n",
+    )
+    .unwrap();
+    let r = rehearse(
+        d,
+        &["rehearse", "plan.toml", "--blue-schema", "blue.sql", "--green-schema", "green.sql", "--rows", "300"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("ok   verify public.accounts"), "{r:?}");
 }

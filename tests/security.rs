@@ -300,3 +300,53 @@ fn password_from_pgpassword_or_a_password_file_and_empty_urls_refused() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("blue.url: environment variable `BLUE_URL` is empty"), "{r:?}");
 }
+
+/// A connection service (`service=` or `PGSERVICE`, read from `PGSERVICEFILE`) gives host, port,
+/// database, user, password and TLS settings, as for psql; the string's own settings win; an
+/// unknown service is named with the files looked in.
+#[test]
+fn a_connection_service_file_gives_the_settings() {
+    let sec = secure();
+    let s = Oauth::on(sec.cluster, green_cluster(), 1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pg_service.conf");
+    std::fs::write(
+        &file,
+        format!(
+            "# services\n[other]\nhost=nowhere\n\n[blue_svc]\nhost=localhost\nport={}\ndbname={}\nuser=migrator\n\
+             password={PASSWORD}\nsslmode=verify-full\nsslrootcert={}\n",
+            sec.cluster.port,
+            s.blue.name,
+            sec.ca.display()
+        ),
+    )
+    .unwrap();
+    let plan = s.write_plan(&Oauth::plan_text());
+    let plan_with = |url: &str, env: &[(&str, &str)]| {
+        let mut cmd = s.migrate(&["plan", plan.to_str().unwrap()]);
+        cmd.env("BLUE_URL", url).env("PGSERVICEFILE", &file).env_remove("PGPASSWORD");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let r = run(&mut cmd);
+        assert!(!format!("{}{}", r.stdout, r.stderr).contains(PASSWORD), "the password leaked: {r:?}");
+        r
+    };
+    let r = plan_with("service=blue_svc", &[]);
+    assert_eq!(r.code, 0, "service= in a DSN: {r:?}");
+    assert!(
+        r.stdout.contains(&format!("blue   postgres://migrator@localhost:{}/{}", sec.cluster.port, s.blue.name)),
+        "{r:?}"
+    );
+    let r = plan_with("postgres:///?service=blue_svc", &[]);
+    assert_eq!(r.code, 0, "service= in a URL: {r:?}");
+    let r = plan_with("sslmode=require", &[("PGSERVICE", "blue_svc")]);
+    assert_eq!(r.code, 0, "PGSERVICE: {r:?}");
+    // The string's own database wins over the service's.
+    let r = plan_with("service=blue_svc dbname=no_such_db", &[]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no_such_db"), "{r:?}");
+    let r = plan_with("service=nope", &[]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("service `nope` is not in") && r.stderr.contains("pg_service.conf"), "{r:?}");
+}

@@ -428,14 +428,15 @@ pub async fn drop_objects(blue: &Client, plan: &Plan) -> Result<()> {
             .map_err(Error::db("blue: looking for a source table"))?
             .get(0);
         if exists {
-            blue.batch_execute(&format!(
-                "DROP TRIGGER IF EXISTS {} ON {q}; DROP TRIGGER IF EXISTS {} ON {q};",
+            // As installing them: a short lock wait, retried, so the application's writes never
+            // queue long behind cleanup.
+            let sql = format!(
+                "DROP TRIGGER IF EXISTS {} ON {q}; DROP TRIGGER IF EXISTS {} ON {q}",
                 ident(&format!("{raw}_capture")),
                 ident(&format!("{raw}_truncate")),
                 q = src.quoted()
-            ))
-            .await
-            .map_err(Error::db(format!("blue: dropping capture triggers on {src}")))?;
+            );
+            ddl_with_lock_timeout(blue, &sql, &format!("removing capture triggers from {src}"), plan.ddl_lock).await?;
         }
     }
     blue.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))

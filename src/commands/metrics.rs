@@ -221,3 +221,43 @@ pub fn render(r: &serde_json::Value) -> String {
 fn label(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_report_in_prometheus_text() {
+        let report = serde_json::json!({
+            "plan": "oauth \"v2\"",
+            "phase": "switched",
+            "tables": [{"table": "public.t", "rows_copied": 10, "rows_estimated": 12, "chunks_done": 1, "chunks": 2}],
+            "capture": {"lag_bytes": 0, "lag_seconds": null, "pending_keys": 3, "applied_keys": 40},
+            "last_verify": {"equal": true},
+            "cutover": {"outcome": "switched", "paused_ms": 12.5, "total_ms": 300.0},
+            "control": {"paused": false, "rows_per_second": 500, "postponed": true},
+            "last_error": null,
+            "drift": [],
+            "blue": null,
+        });
+        let m = render(&report);
+        let plan = "plan=\"oauth \\\"v2\\\"\"";
+        for line in [
+            format!("bluegreen_phase{{{plan},phase=\"switched\"}} 1"),
+            format!("bluegreen_rows_copied{{{plan},table=\"public.t\"}} 10"),
+            format!("bluegreen_capture_lag_bytes{{{plan}}} 0"),
+            format!("bluegreen_pending_keys{{{plan}}} 3"),
+            format!("bluegreen_applied_keys_total{{{plan}}} 40"),
+            format!("bluegreen_last_verify_equal{{{plan}}} 1"),
+            format!("bluegreen_cutover_paused_milliseconds{{{plan},outcome=\"switched\"}} 12.5"),
+            format!("bluegreen_control_rows_per_second{{{plan}}} 500"),
+            format!("bluegreen_control_postponed{{{plan}}} 1"),
+            format!("bluegreen_failed{{{plan}}} 0"),
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line} missing from:\n{m}");
+        }
+        // Unknown values are left out, not reported as 0.
+        assert!(!m.contains("bluegreen_capture_lag_seconds{"), "{m}");
+        assert!(m.contains("# TYPE bluegreen_applied_keys_total counter"), "{m}");
+    }
+}

@@ -154,6 +154,22 @@ async fn rehearse(text: &str, r: &Rehearsal, shutdown: &Shutdown, steps: &mut Ve
     })
     .await?;
     let load = |cluster: &LocalCluster, file: &Path| {
+        // A `pg_dump` names the roles that own and may use each object; the throwaway server
+        // has none of them.
+        let text = std::fs::read_to_string(file).map_err(|source| Error::File {
+            what: "reading",
+            path: file.to_path_buf(),
+            source,
+        })?;
+        for role in roles_named(&text) {
+            let sql = format!(
+                "DO $bg$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {}) THEN CREATE ROLE {} NOLOGIN; \
+                 END IF; END $bg$",
+                crate::pg::literal(&role),
+                crate::pg::ident(&role)
+            );
+            cluster.psql("app", &sql)?;
+        }
         cluster.psql_file("app", file, &[]).map_err(|e| Error::Rehearsal(format!("loading {}: {e}", file.display())))
     };
     step(steps, "load schemas", async {
@@ -398,4 +414,45 @@ fn junit(plan: &Path, steps: &[Step], total: f64) -> String {
     }
     o.push_str("  </testsuite>\n</testsuites>\n");
     o
+}
+
+/// Roles a schema file (a `pg_dump`) names in `OWNER TO` and `GRANT … TO`, unquoted or quoted.
+fn roles_named(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let upper = line.to_uppercase();
+        let at = match (upper.find(" OWNER TO "), upper.starts_with("GRANT ")) {
+            (Some(i), _) => i + " OWNER TO ".len(),
+            (None, true) => match upper.rfind(" TO ") {
+                Some(i) => i + " TO ".len(),
+                None => continue,
+            },
+            _ => continue,
+        };
+        for part in line[at..].trim_end_matches(';').split(',') {
+            let p = part.trim().split(" WITH ").next().unwrap_or("").trim();
+            let name = match p.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+                Some(q) => q.replace("\"\"", "\""),
+                None => p.to_lowercase(),
+            };
+            let reserved = ["public", "current_user", "session_user", "current_role", ""];
+            if !reserved.contains(&name.as_str()) && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_a_dump_names() {
+        let dump =
+            "ALTER TABLE public.t OWNER TO app_owner;\nGRANT SELECT ON TABLE public.t TO \"Read Only\", reporting;\n\
+                    GRANT ALL ON SCHEMA public TO PUBLIC;\nALTER SEQUENCE s OWNER TO app_owner;";
+        assert_eq!(roles_named(dump), vec!["app_owner", "Read Only", "reporting"]);
+    }
 }

@@ -27,8 +27,6 @@ use crate::{
 
 /// Catching up before the pause may take this long; beyond it the follower is too far behind.
 const CATCH_UP_BUDGET: Duration = Duration::from_secs(120);
-/// Waiting for a follower round to finish before it stands aside.
-const GATE_WAIT: &str = "30s";
 /// PgBouncer's wait before retrying a failed server login, shortened while the v2 entry resumes.
 const LOGIN_RETRY: &str = "server_login_retry";
 const SWITCH_LOGIN_RETRY: f64 = 0.05;
@@ -150,7 +148,7 @@ impl<'a> Switch<'a> {
     pub(super) async fn execute(&mut self, shutdown: &Shutdown) -> Result<()> {
         let t = Instant::now();
         self.green
-            .batch_execute(&format!("SET lock_timeout = '{GATE_WAIT}'"))
+            .batch_execute(&format!("SET lock_timeout = '{}ms'", self.plan.cutover.lock_timeout.as_millis()))
             .await
             .map_err(Error::db("green: cutover session"))?;
         self.green

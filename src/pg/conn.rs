@@ -55,15 +55,18 @@ pub struct ConnInfo {
     /// Client certificate and its key (`sslcert`, `sslkey`), for servers that ask for one.
     ssl_cert: Option<PathBuf>,
     ssl_key: Option<PathBuf>,
+    /// `service=`: settings from a connection service file fill what the string leaves out.
+    service: Option<String>,
 }
 
-/// The TLS parameters libpq takes that tokio-postgres does not.
+/// The parameters libpq takes that tokio-postgres does not.
 #[derive(Default)]
 struct SslParams {
     mode: Option<SslMode>,
     root: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    service: Option<String>,
 }
 
 impl fmt::Debug for ConnInfo {
@@ -116,6 +119,7 @@ impl ConnInfo {
             ssl_root_cert: ssl.root,
             ssl_cert: ssl.cert,
             ssl_key: ssl.key,
+            service: ssl.service,
         })
     }
 
@@ -124,7 +128,13 @@ impl ConnInfo {
     /// and the password from `PGPASSWORD` or the password file (`PGPASSFILE`, else
     /// `~/.pgpass`). A bad `PGPORT` or `PGSSLMODE` is named; the password never is.
     pub fn with_libpq_defaults(mut self, env: super::libpq::Env<'_>) -> Result<Self, ConnError> {
-        let invalid = |reason: String| ConnError::Invalid { side: self.side, reason };
+        let side = self.side;
+        let invalid = |reason: String| ConnError::Invalid { side, reason };
+        // A service's settings come next after the string's own, before the environment's.
+        if let Some(name) = self.service.clone().or_else(|| env("PGSERVICE").filter(|s| !s.is_empty())) {
+            let section = super::libpq::service(env, &name).map_err(invalid)?;
+            self.apply_service(&section).map_err(|e| invalid(format!("service `{name}`: {e}")))?;
+        }
         if self.config.get_hosts().is_empty() {
             if let Some(h) = env("PGHOST").filter(|h| !h.is_empty()) {
                 if h.starts_with('/') {
@@ -192,6 +202,48 @@ impl ConnInfo {
             }
         }
         Ok(self)
+    }
+
+    /// Fills what the string leaves out from a service file's section.
+    fn apply_service(&mut self, section: &[(String, String)]) -> Result<(), String> {
+        for (k, v) in section {
+            match k.as_str() {
+                "host" if self.config.get_hosts().is_empty() => {
+                    if v.starts_with('/') {
+                        self.config.host_path(v);
+                    } else {
+                        self.config.host(v);
+                    }
+                }
+                "port" if self.config.get_ports().is_empty() => {
+                    self.config.port(v.parse::<u16>().map_err(|_| format!("port `{v}` is not a port number"))?);
+                }
+                "dbname" if self.config.get_dbname().is_none() => {
+                    self.config.dbname(v);
+                }
+                "user" if self.config.get_user().is_none() => {
+                    self.config.user(v);
+                }
+                "password" if self.config.get_password().is_none() => {
+                    self.config.password(v);
+                }
+                "application_name" if self.config.get_application_name() == Some("migrate") => {
+                    self.config.application_name(v);
+                }
+                "sslmode" if !self.ssl_mode_given => {
+                    self.ssl_mode = v.parse()?;
+                    self.ssl_mode_given = true;
+                }
+                "sslrootcert" if self.ssl_root_cert.is_none() => self.ssl_root_cert = Some(PathBuf::from(v)),
+                "sslcert" if self.ssl_cert.is_none() => self.ssl_cert = Some(PathBuf::from(v)),
+                "sslkey" if self.ssl_key.is_none() => self.ssl_key = Some(PathBuf::from(v)),
+                "host" | "port" | "dbname" | "user" | "password" | "application_name" | "sslmode" | "sslrootcert"
+                | "sslcert" | "sslkey" => {}
+                // The string's own keys win; a key tokio-postgres does not know is named.
+                other => return Err(format!("`{other}` is not supported in a service here")),
+            }
+        }
+        Ok(())
     }
 
     /// Sets `application_name` (we use `migrate/<plan>` so DBAs can see who is connected).
@@ -352,6 +404,7 @@ fn take_ssl_params(text: &str) -> Result<(String, SslParams), String> {
             "sslrootcert" => p.root = Some(PathBuf::from(value)),
             "sslcert" => p.cert = Some(PathBuf::from(value)),
             "sslkey" => p.key = Some(PathBuf::from(value)),
+            "service" => p.service = Some(value.to_string()),
             _ => return Ok(false),
         }
         Ok(true)

@@ -1,6 +1,7 @@
 //! libpq's conventions for what a connection string leaves out: `PGHOST`, `PGPORT`, `PGUSER`,
 //! `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE`, `PGSSLROOTCERT`, and the password file (`PGPASSFILE`,
-//! else `~/.pgpass`), as `psql` reads them. What the string says always wins.
+//! else `~/.pgpass`), and connection service files (`service=`, `PGSERVICE`), as `psql` reads
+//! them. What the string says always wins.
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,52 @@ pub fn password_for(text: &str, host: &str, port: u16, database: &str, user: &st
         }
     }
     None
+}
+
+/// The settings of connection service `name` (`service=` in a string, else `PGSERVICE`), as
+/// libpq reads them: the first of the user's file (`PGSERVICEFILE`, else `~/.pg_service.conf`)
+/// and the system's (`PGSYSCONFDIR/pg_service.conf`, else Debian's
+/// `/etc/postgresql-common/pg_service.conf`) that has a `[name]` section. An error names the
+/// service and the files looked in.
+pub fn service(env: Env<'_>, name: &str) -> Result<Vec<(String, String)>, String> {
+    let user =
+        env("PGSERVICEFILE").map(PathBuf::from).or_else(|| env("HOME").map(|h| Path::new(&h).join(".pg_service.conf")));
+    let system = env("PGSYSCONFDIR")
+        .map(|d| Path::new(&d).join("pg_service.conf"))
+        .unwrap_or_else(|| PathBuf::from("/etc/postgresql-common/pg_service.conf"));
+    let files: Vec<PathBuf> = user.into_iter().chain(std::iter::once(system)).collect();
+    for f in &files {
+        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        if let Some(section) = service_section(&text, name) {
+            return Ok(section);
+        }
+    }
+    let looked: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    Err(format!("service `{name}` is not in {}", looked.join(" or ")))
+}
+
+/// The `key=value` lines of section `[name]` of a service file's `text`.
+pub fn service_section(text: &str, name: &str) -> Option<Vec<(String, String)>> {
+    let mut found = None;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            if found.is_some() {
+                break;
+            }
+            if header.trim() == name {
+                found = Some(Vec::new());
+            }
+            continue;
+        }
+        if let (Some(items), Some((k, v))) = (found.as_mut(), line.split_once('=')) {
+            let items: &mut Vec<(String, String)> = items;
+            items.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    found
 }
 
 /// Splits a password file line at unescaped `:`.

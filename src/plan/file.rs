@@ -52,6 +52,8 @@ pub const DEFAULT_INDEX_BUILD_WORKERS: i64 = 4;
 /// How long installing or removing capture triggers waits for its table lock per attempt: while
 /// it waits, every new write to the table queues behind it.
 pub const DEFAULT_DDL_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the cutover waits for the follower to stand aside.
+pub const DEFAULT_CUTOVER_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts at that lock before giving up.
 pub const DEFAULT_DDL_ATTEMPTS: u32 = 30;
 
@@ -135,6 +137,7 @@ struct RawCutover {
     fence_blue: Option<bool>,
     sequence_gap: Option<i64>,
     max_lag_bytes: Option<u64>,
+    lock_timeout: Option<Spanned<String>>,
     #[serde(default, rename = "hook")]
     hooks: Vec<RawHook>,
 }
@@ -328,6 +331,9 @@ pub struct CutoverSettings {
     pub max_lag_bytes: u64,
     /// `[[cutover.hook]]`, in file order.
     pub hooks: Vec<Hook>,
+    /// How long the cutover waits for the follower to stand aside (the follow gate on green)
+    /// before it gives up, traffic untouched.
+    pub lock_timeout: Duration,
 }
 
 /// `[cutover.pgbouncer]`.
@@ -618,6 +624,16 @@ id = "id"
         let p = problems("[capture]\nddl_lock_timeout = \"0s\"\nstall_timeout = \"soon\"\n");
         assert!(p.iter().any(|(_, f, m)| f == "capture.ddl_lock_timeout" && m == "must be more than 0"), "{p:?}");
         assert!(p.iter().any(|(_, f, m)| f == "capture.stall_timeout" && m.contains("not a duration")), "{p:?}");
+        assert_eq!(plan.cutover.lock_timeout, DEFAULT_CUTOVER_LOCK_TIMEOUT);
+        let plan =
+            Plan::parse(Path::new("p.toml"), &format!("{MINIMAL}[cutover]\nlock_timeout = \"5s\"\n"), &env).unwrap();
+        assert_eq!(plan.cutover.lock_timeout, Duration::from_secs(5));
+        let p = problems(
+            "[cutover]\nlock_timeout = \"0s\"\n[copy]\nmax_blue_active_sessions = -1\nmax_blue_replica_lag = \"x\"\n",
+        );
+        assert!(p.iter().any(|(_, f, m)| f == "cutover.lock_timeout" && m == "must be more than 0"), "{p:?}");
+        assert!(p.iter().any(|(_, f, m)| f == "copy.max_blue_active_sessions" && m.contains("0 (no limit)")), "{p:?}");
+        assert!(p.iter().any(|(_, f, _)| f == "copy.max_blue_replica_lag"), "{p:?}");
     }
 
     #[test]

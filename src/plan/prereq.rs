@@ -136,38 +136,35 @@ async fn replica_identity(
     problems: &mut Vec<Problem>,
 ) -> Result<()> {
     for t in tables {
-        let Some(info) = catalog::table_info(blue, Side::Blue, &t.source).await? else {
-            continue;
-        };
-        // A partitioned table's changes are decoded in its partitions, each with its own
-        // replica identity: every one must carry the key.
-        let mut heaps = vec![(t.source.clone(), info)];
-        if heaps[0].1.partitioned {
-            for leaf in catalog::leaf_partitions(blue, &t.source).await? {
-                if let Some(info) = catalog::table_info(blue, Side::Blue, &leaf).await? {
-                    heaps.push((leaf, info));
-                }
-            }
-        }
-        for (source, info) in heaps {
+        for (source, info) in heaps(blue, &t.source).await? {
             identity_covers_key(t, &source, &info, checks, problems);
         }
         for (n, j) in t.joins.iter().enumerate() {
-            let Some(info) = catalog::table_info(blue, Side::Blue, &j.table).await? else { continue };
-            let mut heaps = vec![(j.table.clone(), info)];
-            if heaps[0].1.partitioned {
-                for leaf in catalog::leaf_partitions(blue, &j.table).await? {
-                    if let Some(info) = catalog::table_info(blue, Side::Blue, &leaf).await? {
-                        heaps.push((leaf, info));
-                    }
-                }
-            }
-            for (table, info) in heaps {
+            for (table, info) in heaps(blue, &j.table).await? {
                 identity_covers_links(t, n, &table, &info, checks, problems);
             }
         }
     }
     Ok(())
+}
+
+/// `table` and, when it is partitioned, each leaf partition: a partitioned table's changes are
+/// decoded in its partitions, each with its own replica identity. Empty when it is missing.
+async fn heaps(
+    blue: &Client,
+    table: &crate::pg::QualifiedName,
+) -> Result<Vec<(crate::pg::QualifiedName, catalog::TableInfo)>> {
+    let Some(info) = catalog::table_info(blue, Side::Blue, table).await? else { return Ok(Vec::new()) };
+    let partitioned = info.partitioned;
+    let mut out = vec![(table.clone(), info)];
+    if partitioned {
+        for leaf in catalog::leaf_partitions(blue, table).await? {
+            if let Some(info) = catalog::table_info(blue, Side::Blue, &leaf).await? {
+                out.push((leaf, info));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Link columns capture can carry: logical decoding never sends a generated column (its

@@ -73,9 +73,12 @@ impl Validator<'_> {
         let mut cutover = CutoverSettings {
             sequence_gap: DEFAULT_SEQUENCE_GAP,
             max_lag_bytes: DEFAULT_MAX_LAG_BYTES,
+            lock_timeout: DEFAULT_CUTOVER_LOCK_TIMEOUT,
             ..Default::default()
         };
         let Some(c) = raw else { return cutover };
+        cutover.lock_timeout =
+            self.positive_duration(&c.lock_timeout, "cutover.lock_timeout", DEFAULT_CUTOVER_LOCK_TIMEOUT);
         cutover.fence_blue = c.fence_blue.unwrap_or(false);
         cutover.sequence_gap = c.sequence_gap.unwrap_or(DEFAULT_SEQUENCE_GAP);
         cutover.max_lag_bytes = c.max_lag_bytes.unwrap_or(DEFAULT_MAX_LAG_BYTES);
@@ -253,6 +256,18 @@ impl Validator<'_> {
         }
     }
 
+    /// A limit where 0 (the default) means none, or a problem on `field`.
+    fn limit(&mut self, v: &Option<Spanned<i64>>, field: &str) -> u64 {
+        match v {
+            Some(s) if *s.get_ref() < 0 => {
+                self.problem(self.line(s.span()), field, "must be 0 (no limit) or positive");
+                0
+            }
+            Some(s) => *s.get_ref() as u64,
+            None => 0,
+        }
+    }
+
     fn positive(&mut self, v: &Option<Spanned<i64>>, field: &str, default: i64) -> i64 {
         match v {
             None => default,
@@ -267,14 +282,7 @@ impl Validator<'_> {
     pub(super) fn copy(&mut self, raw: &RawCopy) -> CopySettings {
         let workers = self.positive(&raw.workers, "copy.workers", default_workers() as i64) as usize;
         let chunk_rows = self.positive(&raw.chunk_rows, "copy.chunk_rows", DEFAULT_CHUNK_ROWS as i64) as u64;
-        let max_rows_per_second = match &raw.max_rows_per_second {
-            Some(s) if *s.get_ref() < 0 => {
-                self.problem(self.line(s.span()), "copy.max_rows_per_second", "must be 0 (unlimited) or positive");
-                0
-            }
-            Some(s) => *s.get_ref() as u64,
-            None => 0,
-        };
+        let max_rows_per_second = self.limit(&raw.max_rows_per_second, "copy.max_rows_per_second");
         let index_build_memory = match &raw.index_build_memory {
             None => DEFAULT_INDEX_BUILD_MEMORY.to_string(),
             Some(m) if memory_setting(m.get_ref()) => m.get_ref().trim().to_string(),
@@ -295,14 +303,7 @@ impl Validator<'_> {
                 DEFAULT_INDEX_BUILD_WORKERS
             }
         } as u32;
-        let max_blue_active_sessions = match &raw.max_blue_active_sessions {
-            Some(s) if *s.get_ref() < 0 => {
-                self.problem(self.line(s.span()), "copy.max_blue_active_sessions", "must be 0 (no limit) or positive");
-                0
-            }
-            Some(s) => *s.get_ref() as u64,
-            None => 0,
-        };
+        let max_blue_active_sessions = self.limit(&raw.max_blue_active_sessions, "copy.max_blue_active_sessions");
         let max_blue_replica_lag = match &raw.max_blue_replica_lag {
             None => Duration::ZERO,
             Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
