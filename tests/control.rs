@@ -128,6 +128,30 @@ fn metrics_pause_throttle_and_postpone_steer_a_running_migration() {
     wait_for(&s, &plan, &mut copy, Duration::from_secs(120), "the follower to catch up", caught_up);
     let m = scrape(port);
     assert!(lag_seen > 0.0, "green was never seen behind blue in the metrics (lag bytes, pending keys)");
+    // The sessions `plan` says a copy holds (plus the metrics endpoint's, now open) bound what
+    // it holds while following.
+    let r = run(&mut s.migrate(&["plan", p]));
+    let said =
+        r.stdout.lines().find(|l| l.contains("sessions a copy holds")).unwrap_or_else(|| panic!("{r:?}")).to_string();
+    let num = |after: &str| -> i64 {
+        said.split(after)
+            .next()
+            .and_then(|x| x.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{said}"))
+    };
+    let (blue_said, green_said) = (num(" on blue"), num(" on green"));
+    let held = |db: &crate::support::TestDb| -> i64 {
+        db.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'migrate%'",
+            db.name
+        ))
+        .parse()
+        .unwrap()
+    };
+    let (blue_held, green_held) = (held(&s.blue), held(&s.green));
+    eprintln!("sessions: blue {blue_held} held, {blue_said} said; green {green_held} held, {green_said} said");
+    assert!(blue_held <= blue_said + 1 && green_held <= green_said + 1, "{said}: blue {blue_held}, green {green_held}");
     assert_eq!(value(&m, "capture_lag_bytes"), 0.0, "{m}");
     assert_eq!(value(&m, "pending_keys"), 0.0, "{m}");
     assert!(value(&m, "rows_copied") >= value(&m, "rows_estimated") * 0.5, "{m}");
@@ -182,6 +206,16 @@ fn control_refuses_what_it_cannot_do() {
     let r = run(&mut s.migrate(&["control", plan.to_str().unwrap(), "show"]));
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("paused no  copy rate as the plan says  cutover postponed no"), "{r:?}");
+    // A cap on the sessions a copy may hold on a side: settings above it are a plan problem.
+    let capped = s.write_plan(
+        &Oauth::plan_text().replace("defer_indexes = true", "defer_indexes = true\nmax_connections_blue = 5"),
+    );
+    let r = run(&mut s.migrate(&["plan", capped.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("a copy under these settings would hold 11 on blue, more than max_connections_blue = 5"),
+        "{r:?}"
+    );
 }
 
 /// `[copy] max_blue_active_sessions`: the copy waits while blue runs more statements of other

@@ -91,6 +91,8 @@ struct RawCopy {
     index_build_workers: Option<Spanned<i64>>,
     max_blue_active_sessions: Option<Spanned<i64>>,
     max_blue_replica_lag: Option<Spanned<String>>,
+    max_connections_blue: Option<Spanned<i64>>,
+    max_connections_green: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +235,11 @@ pub struct CopySettings {
     /// The copy waits while blue's standbys replay further behind than this (0: no limit).
     #[serde(with = "duration_secs")]
     pub max_blue_replica_lag: Duration,
+    /// `plan` refuses settings under which a `copy` would hold more sessions on blue than this
+    /// (0: no cap).
+    pub max_connections_blue: u64,
+    /// The same for green.
+    pub max_connections_green: u64,
 }
 
 /// Durations in JSON as seconds (`plan --format json`).

@@ -23,6 +23,7 @@ pub async fn check(
         replica_identity(tables, blue, &mut checks, problems).await?;
     }
     link_columns_capturable(tables, capture.method, problems);
+    connections(plan, capture.method, &mut checks, problems);
     green_empty(plan, tables, green, &mut checks, problems).await?;
     if let Some(pb) = &plan.cutover.pgbouncer {
         pgbouncer(pb, &mut checks, problems).await;
@@ -165,6 +166,39 @@ async fn heaps(
         }
     }
     Ok(out)
+}
+
+/// The sessions a `copy` holds on each side under the plan's settings (runbook 1.10), against
+/// `[copy] max_connections_blue` and `max_connections_green`.
+fn connections(plan: &Plan, method: CaptureMethod, checks: &mut Vec<Check>, problems: &mut Vec<Problem>) {
+    let (workers, apply) = (plan.copy.workers as u64, plan.apply_workers.max(1) as u64);
+    let health = u64::from(plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero());
+    // Logical capture applies directly from capture: a blue and a green session per apply worker.
+    let (blue, green) = match method {
+        CaptureMethod::Trigger => (workers + 4 + apply + health, workers + 3 + apply),
+        _ => (workers + 5 + 2 * apply + health, workers + 3 + 2 * apply),
+    };
+    let caps = [(blue, plan.copy.max_connections_blue, "blue"), (green, plan.copy.max_connections_green, "green")];
+    let over: Vec<String> = caps
+        .iter()
+        .filter(|(n, cap, _)| *cap > 0 && n > cap)
+        .map(|(n, cap, side)| format!("{n} on {side}, more than max_connections_{side} = {cap}"))
+        .collect();
+    checks.push(Check {
+        name: "sessions a copy holds".into(),
+        ok: over.is_empty(),
+        detail: format!(
+            "up to {blue} on blue and {green} on green ({workers} copy worker(s), {apply} apply worker(s)); one more \
+             on each side with --metrics"
+        ),
+    });
+    if !over.is_empty() {
+        problems.push(plan_problem(
+            "copy.max_connections",
+            format!("a copy under these settings would hold {}", over.join(" and ")),
+            Some("lower [copy] workers or [capture] apply_workers, or raise the cap".into()),
+        ));
+    }
 }
 
 /// Link columns capture can carry: logical decoding never sends a generated column (its

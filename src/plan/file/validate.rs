@@ -304,6 +304,8 @@ impl Validator<'_> {
             }
         } as u32;
         let max_blue_active_sessions = self.limit(&raw.max_blue_active_sessions, "copy.max_blue_active_sessions");
+        let max_connections_blue = self.limit(&raw.max_connections_blue, "copy.max_connections_blue");
+        let max_connections_green = self.limit(&raw.max_connections_green, "copy.max_connections_green");
         let max_blue_replica_lag = match &raw.max_blue_replica_lag {
             None => Duration::ZERO,
             Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
@@ -320,6 +322,8 @@ impl Validator<'_> {
             index_build_workers,
             max_blue_active_sessions,
             max_blue_replica_lag,
+            max_connections_blue,
+            max_connections_green,
         }
     }
 
