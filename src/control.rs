@@ -88,7 +88,9 @@ pub fn spawn(plan: &Plan, live: Arc<Live>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let state = State::new(&plan.name);
         let (mut green, mut blue): (Option<Client>, Option<Client>) = (None, None);
-        let health = plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero();
+        let health = plan.copy.max_blue_active_sessions > 0
+            || !plan.copy.max_blue_replica_lag.is_zero()
+            || !plan.copy.max_blue_commit_latency.is_zero();
         loop {
             if green.as_ref().is_none_or(Client::is_closed) {
                 green = plan.green.connect().await.ok();
@@ -142,6 +144,23 @@ pub async fn blue_health(plan: &Plan, blue: &Client) -> Result<Option<String>> {
             "blue's standbys replay {l:.1} s behind, more than max_blue_replica_lag = {} s",
             max_lag.as_secs_f64()
         )));
+    }
+    let max_commit = plan.copy.max_blue_commit_latency;
+    if !max_commit.is_zero() {
+        // A transaction that takes an id commits a WAL record and waits for its flush (and
+        // synchronous standbys), as the application's commits do; no table is written.
+        let started = std::time::Instant::now();
+        blue.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
+            .await
+            .map_err(Error::db("blue: timing a commit"))?;
+        let took = started.elapsed();
+        if took > max_commit {
+            return Ok(Some(format!(
+                "a commit on blue took {:.1} ms, more than max_blue_commit_latency = {:.1} ms",
+                took.as_secs_f64() * 1000.0,
+                max_commit.as_secs_f64() * 1000.0
+            )));
+        }
     }
     Ok(None)
 }

@@ -5,6 +5,7 @@
 
 use std::{
     io::{Read, Write},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -250,4 +251,38 @@ fn the_copy_waits_while_blue_is_busy() {
     assert!(st.success(), "{st}");
     let waited = started.elapsed();
     assert!(waited > Duration::from_secs(6), "the copy ended after {waited:?}, before blue was idle");
+}
+
+/// `[copy] max_blue_commit_latency`: the copy waits while a commit on blue takes longer (here a
+/// limit no commit meets: the copy is held, and says why).
+#[test]
+fn the_copy_waits_while_blue_commits_slowly() {
+    let s = Oauth::new(2_000);
+    let text = Oauth::plan_text().replace(
+        "workers = 2\nchunk_rows = 50000\ndefer_indexes = true",
+        "workers = 2\nchunk_rows = 500\ndefer_indexes = true\nmax_blue_commit_latency = \"0.001ms\"",
+    );
+    let plan = s.write_plan(&text);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut copy = s
+        .background(&["copy", plan.to_str().unwrap(), "--no-follow", "--metrics", &addr])
+        .env("MIGRATE_LOG", "info")
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while try_scrape(port).is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no metrics endpoint");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(value(&scrape(port), "rows_copied"), 0.0, "the copy went on while blue's commits were slow");
+    let _ = Command::new("kill").args(["-INT", &copy.id().to_string()]).status();
+    assert!(copy.wait().unwrap().success());
+    let mut err = String::new();
+    copy.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(
+        err.contains("copy waits: a commit on blue took") && err.contains("max_blue_commit_latency = 0.0 ms"),
+        "{err}"
+    );
 }

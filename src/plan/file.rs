@@ -93,6 +93,7 @@ struct RawCopy {
     max_blue_replica_lag: Option<Spanned<String>>,
     max_connections_blue: Option<Spanned<i64>>,
     max_connections_green: Option<Spanned<i64>>,
+    max_blue_commit_latency: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +236,9 @@ pub struct CopySettings {
     /// The copy waits while blue's standbys replay further behind than this (0: no limit).
     #[serde(with = "duration_secs")]
     pub max_blue_replica_lag: Duration,
+    /// The copy waits while a commit on blue takes longer than this (0: no limit).
+    #[serde(with = "duration_secs")]
+    pub max_blue_commit_latency: Duration,
     /// `plan` refuses settings under which a `copy` would hold more sessions on blue than this
     /// (0: no cap).
     pub max_connections_blue: u64,

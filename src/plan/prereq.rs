@@ -172,7 +172,11 @@ async fn heaps(
 /// `[copy] max_connections_blue` and `max_connections_green`.
 fn connections(plan: &Plan, method: CaptureMethod, checks: &mut Vec<Check>, problems: &mut Vec<Problem>) {
     let (workers, apply) = (plan.copy.workers as u64, plan.apply_workers.max(1) as u64);
-    let health = u64::from(plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero());
+    let health = u64::from(
+        plan.copy.max_blue_active_sessions > 0
+            || !plan.copy.max_blue_replica_lag.is_zero()
+            || !plan.copy.max_blue_commit_latency.is_zero(),
+    );
     // Logical capture applies directly from capture: a blue and a green session per apply worker.
     let (blue, green) = match method {
         CaptureMethod::Trigger => (workers + 4 + apply + health, workers + 3 + apply),

@@ -256,6 +256,17 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration limit where 0 (the default) means none, or a problem on `field`.
+    fn duration_limit(&mut self, v: &Option<Spanned<String>>, field: &str) -> Duration {
+        match v {
+            None => Duration::ZERO,
+            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
+                self.problem(self.line(v.span()), field, e);
+                Duration::ZERO
+            }),
+        }
+    }
+
     /// A limit where 0 (the default) means none, or a problem on `field`.
     fn limit(&mut self, v: &Option<Spanned<i64>>, field: &str) -> u64 {
         match v {
@@ -306,13 +317,8 @@ impl Validator<'_> {
         let max_blue_active_sessions = self.limit(&raw.max_blue_active_sessions, "copy.max_blue_active_sessions");
         let max_connections_blue = self.limit(&raw.max_connections_blue, "copy.max_connections_blue");
         let max_connections_green = self.limit(&raw.max_connections_green, "copy.max_connections_green");
-        let max_blue_replica_lag = match &raw.max_blue_replica_lag {
-            None => Duration::ZERO,
-            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
-                self.problem(self.line(v.span()), "copy.max_blue_replica_lag", e);
-                Duration::ZERO
-            }),
-        };
+        let max_blue_replica_lag = self.duration_limit(&raw.max_blue_replica_lag, "copy.max_blue_replica_lag");
+        let max_blue_commit_latency = self.duration_limit(&raw.max_blue_commit_latency, "copy.max_blue_commit_latency");
         CopySettings {
             workers,
             chunk_rows,
@@ -324,6 +330,7 @@ impl Validator<'_> {
             max_blue_replica_lag,
             max_connections_blue,
             max_connections_green,
+            max_blue_commit_latency,
         }
     }
 
