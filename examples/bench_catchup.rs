@@ -57,8 +57,12 @@ async fn one(rows: u32, rate: u32) -> Result<String> {
     };
     let plan = bluegreen::plan::Plan::load(&plan_path)?;
     wait_following(&plan, &shutdown).await?;
-    bluegreen::run(&plan_path, Command::Verify { format: bluegreen::Format::Text, table: None }, shutdown.clone())
-        .await?;
+    bluegreen::run(
+        &plan_path,
+        Command::Verify { format: bluegreen::Format::Text, table: None, reverse: false },
+        shutdown.clone(),
+    )
+    .await?;
 
     let logs = dir.join("pgbench");
     std::fs::create_dir_all(&logs).map_err(|source| Error::File { what: "creating", path: logs.clone(), source })?;

@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let outcome = bluegreen::run(
             &plan_path,
-            Command::Verify { format: bluegreen::Format::Json, table: None },
+            Command::Verify { format: bluegreen::Format::Json, table: None, reverse: false },
             Shutdown::manual(),
         )
         .await?;

@@ -114,6 +114,10 @@ enum Cmd {
         /// Verify only this table (source or target name, e.g. public.oauth2_clients).
         #[arg(long)]
         table: Option<String>,
+        /// Check the way back instead: that blue's rows come back from green's form through the
+        /// reverse mapping (reverse(forward(row)) = row on every carried column). Reads blue only.
+        #[arg(long)]
+        reverse: bool,
     },
     /// Switch traffic to green through PgBouncer: preflight, PAUSE, drain, final check,
     /// sequences, repoint, RELOAD, RESUME. Exit 0 switched, 1 aborted safely (traffic stays on
@@ -280,7 +284,9 @@ fn main() -> ExitCode {
             (plan.plan, Command::Plan { format: format.format.into(), offline, rows })
         }
         Cmd::Copy { plan, no_follow, recopy, metrics } => (plan.plan, Command::Copy { no_follow, recopy, metrics }),
-        Cmd::Verify { plan, format, table } => (plan.plan, Command::Verify { format: format.format.into(), table }),
+        Cmd::Verify { plan, format, table, reverse } => {
+            (plan.plan, Command::Verify { format: format.format.into(), table, reverse })
+        }
         Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
         Cmd::Status { plan, format, watch } => (plan.plan, Command::Status { format: format.format.into(), watch }),

@@ -17,6 +17,7 @@ mod identifiers;
 mod joins;
 mod plan;
 mod rehearse;
+mod reverse;
 mod security;
 mod shapes;
 mod verify;

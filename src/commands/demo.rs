@@ -154,7 +154,8 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
 
     step("migrate verify");
     let verified =
-        crate::run(&plan_path, Command::Verify { format: Format::Text, table: None }, shutdown.clone()).await?;
+        crate::run(&plan_path, Command::Verify { format: Format::Text, table: None, reverse: false }, shutdown.clone())
+            .await?;
     if verified != Outcome::Ok {
         return Err(Error::Demo("verify found differences".into()));
     }

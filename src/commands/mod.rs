@@ -76,6 +76,8 @@ pub enum Command {
         format: Format,
         /// Only this table (source or target name).
         table: Option<String>,
+        /// The round trip of the reverse mapping instead.
+        reverse: bool,
     },
     /// Switch PgBouncer to green.
     Cutover {
@@ -111,7 +113,7 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
             }
             copied
         }
-        Command::Verify { format, table } => verify::run(&plan, format, table.as_deref()).await,
+        Command::Verify { format, table, reverse } => verify::run(&plan, format, table.as_deref(), reverse).await,
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, shutdown).await,
         Command::Cleanup { force } => cleanup::run(&plan, force).await,
         Command::Status { format, watch: None } => status::run(&plan, format).await,

@@ -4,10 +4,23 @@ use super::{connect_both, resolve_sound, Format, Outcome};
 use crate::{error::Result, plan::Plan};
 
 /// Runs `verify` and prints its report; `Problems` when anything differs.
-pub async fn run(plan: &Plan, format: Format, table: Option<&str>) -> Result<Outcome> {
+pub async fn run(plan: &Plan, format: Format, table: Option<&str>, reverse: bool) -> Result<Outcome> {
     let (blue, green) = connect_both(plan).await?;
     let (resolved, _) = resolve_sound(plan, &blue, &green, &[]).await?;
     drop((blue, green));
+    if reverse {
+        let trips = crate::verify::round_trip::run(plan, &resolved, table).await?;
+        let (text, ok) = crate::verify::round_trip::render_text(&trips);
+        match format {
+            Format::Text => print!("{text}"),
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "way_back": ok, "tables": trips }))
+                    .unwrap_or_default()
+            ),
+        }
+        return Ok(if ok { Outcome::Ok } else { Outcome::Problems });
+    }
     let report = crate::verify::run(plan, &resolved, table).await?;
     print!(
         "{}",

@@ -120,6 +120,8 @@ struct RawTable {
     joins: Vec<RawJoin>,
     #[serde(default)]
     columns: IndexMap<String, Spanned<String>>,
+    #[serde(default)]
+    reverse: IndexMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +290,8 @@ pub struct TableEntry {
     pub alias: Option<String>,
     /// Tables joined to each driving row, in order (`[[table.join]]`).
     pub joins: Vec<JoinEntry>,
+    /// `[table.reverse]`: source column → (expression over the green row, line), for a way back.
+    pub reverse: IndexMap<String, (String, Line)>,
 }
 
 /// One `[[table.join]]`: a table joined to each driving row, at most one row of it per row.

@@ -17,7 +17,7 @@ pub use file::{
 };
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;
-pub use sql::{key_condition, key_condition_via, key_rows_via, trace_sql, KeyText};
+pub use sql::{key_condition, key_condition_via, key_rows_via, round_trip_sql, trace_sql, KeyText};
 
 use serde::Serialize;
 
@@ -167,6 +167,49 @@ impl ResolvedJoin {
     }
 }
 
+/// How a source column gets its value back from a green row, for a way back after the switch.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "how", content = "expr", rename_all = "snake_case")]
+pub enum ReverseHow {
+    /// Derived from the forward mapping: the column carried verbatim, renamed, or through a
+    /// cast or time-zone shift that undoes itself.
+    Derived(String),
+    /// Given by `[table.reverse]`.
+    Declared(String),
+    /// Green does not carry it: rows written on green get its default on blue, updates leave it.
+    NotCarried,
+}
+
+/// One source column on the way back.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReverseColumn {
+    /// Source column on blue.
+    pub column: String,
+    /// Its type on blue.
+    pub type_name: String,
+    /// Where its value comes from.
+    pub how: ReverseHow,
+}
+
+/// Whether the entry's rows can be written back to blue from green's, and why not.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reverse {
+    /// Every source column, in source order.
+    pub columns: Vec<ReverseColumn>,
+    /// Why a way back is impossible for this entry; `None` when it is possible.
+    pub impossible: Option<String>,
+}
+
+impl Reverse {
+    /// The expression giving `column` from a green row (`None` when it is not carried).
+    pub fn expr(&self, column: &str) -> Option<&str> {
+        self.columns.iter().find(|c| c.column == column).and_then(|c| match &c.how {
+            ReverseHow::Derived(e) | ReverseHow::Declared(e) => Some(e.as_str()),
+            ReverseHow::NotCarried => None,
+        })
+    }
+}
+
 /// Size estimate from blue's statistics.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Estimate {
@@ -217,6 +260,8 @@ pub struct ResolvedTable {
     pub alias: Option<String>,
     /// Tables joined to each driving row, in order.
     pub joins: Vec<ResolvedJoin>,
+    /// The way back: each source column from a green row.
+    pub reverse: Reverse,
 }
 
 impl ResolvedTable {
@@ -482,6 +527,7 @@ mod tests {
             source_columns: Vec::new(),
             alias: None,
             joins: Vec::new(),
+            reverse: Reverse { columns: Vec::new(), impossible: Some("not resolved".into()) },
         }
     }
 

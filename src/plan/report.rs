@@ -65,6 +65,24 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
                 j.link_columns().join(", ")
             );
         }
+        match &t.reverse.impossible {
+            Some(why) => {
+                let _ = writeln!(o, "  reverse   no way back: {why}");
+            }
+            None => {
+                let parts: Vec<String> = t
+                    .reverse
+                    .columns
+                    .iter()
+                    .map(|c| match &c.how {
+                        super::ReverseHow::Derived(e) => format!("{} <- {e}", c.column),
+                        super::ReverseHow::Declared(e) => format!("{} <- {e} (declared)", c.column),
+                        super::ReverseHow::NotCarried => format!("{} not carried back", c.column),
+                    })
+                    .collect();
+                let _ = writeln!(o, "  reverse   {}", parts.join("; "));
+            }
+        }
         let _ = writeln!(o, "  estimate  ~{} rows, {}", t.estimate.rows, human_bytes(t.estimate.bytes));
         let _ = writeln!(o, "  columns");
         let width = t.columns.iter().map(|c| c.name.len()).max().unwrap_or(0).max(12);

@@ -43,6 +43,7 @@ pub async fn resolve(plan: &Plan, blue: &Client, green: &Client) -> Result<Resol
     check_unreached(plan, &tables, &mut problems);
     let (capture, mut checks) = prereq::check(plan, &tables, blue, green, &mut problems).await?;
     checks.push(sample_all(&tables, blue, &mut problems).await?);
+    checks.push(round_trip_sample(&tables, blue, &problems).await?);
     let bytes: u64 = tables.iter().map(|t| t.estimate.bytes).sum();
     Ok(ResolvedPlan {
         name: plan.name.clone(),
@@ -81,6 +82,58 @@ async fn sample_all(tables: &[ResolvedTable], blue: &Client, problems: &mut Vec<
             "every expression ran over {rows} row(s) sampled from {sampled} table(s) (up to {} each){}",
             super::sample::SAMPLE_ROWS,
             if failed > 0 { format!("; {failed} table(s) not sampled or failed") } else { String::new() }
+        ),
+    })
+}
+
+/// The way back over a sample of blue's rows (the first 1000 of each table): which tables have
+/// one, and the first rows that would not come back unchanged. A check, not a problem: the way
+/// back is optional; `verify --reverse` proves it over every row.
+async fn round_trip_sample(tables: &[ResolvedTable], blue: &Client, problems: &[Problem]) -> Result<Check> {
+    let mut lossy = Vec::new();
+    let mut without = 0;
+    let mut exact = 0;
+    for t in tables {
+        let target = t.target.to_string();
+        if blue.is_closed() || problems.iter().any(|p| p.table.as_deref() == Some(target.as_str())) {
+            continue;
+        }
+        if t.reverse.impossible.is_some() {
+            without += 1;
+            continue;
+        }
+        let Some(sql) = super::round_trip_sql(t, Some(super::sample::SAMPLE_ROWS), 3) else { continue };
+        blue.batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = '30s'")
+            .await
+            .map_err(Error::db("blue: sampling the way back"))?;
+        let rows = blue.query(&sql, &[]).await;
+        if !blue.is_closed() {
+            let _ = blue.batch_execute("ROLLBACK").await;
+        }
+        match rows {
+            Ok(rows) if rows.is_empty() => exact += 1,
+            Ok(rows) => {
+                let first = &rows[0];
+                let key: Vec<String> = first.get(0);
+                let (col, b, back): (String, Option<String>, Option<String>) =
+                    (first.get(1), first.get(2), first.get(3));
+                lossy.push(format!(
+                    "{}: key ({}) column {col}: {} comes back {}",
+                    t.target,
+                    key.join(", "),
+                    b.as_deref().unwrap_or("NULL"),
+                    back.as_deref().unwrap_or("NULL")
+                ));
+            }
+            Err(e) => lossy.push(format!("{}: {}", t.target, pg_message(&e))),
+        }
+    }
+    Ok(Check {
+        name: "way back on blue's rows".into(),
+        ok: lossy.is_empty(),
+        detail: format!(
+            "{exact} table(s) come back unchanged, {without} have no way back{}",
+            if lossy.is_empty() { String::new() } else { format!("; would change: {}", lossy.join("; ")) }
         ),
     })
 }
@@ -314,6 +367,7 @@ async fn resolve_table(
     }
     check_filter(&mut cx, blue).await;
     check_reads(&mut cx, blue, &columns, alias.as_deref(), &joins).await?;
+    let reverse = resolve_reverse(&mut cx, blue, &src, &columns, alias.as_deref()).await?;
     let sequences = sequences(entry, &src, &tgt, alias.as_deref());
     let deferred = match recorded {
         Some(defs) => defs,
@@ -338,6 +392,7 @@ async fn resolve_table(
         source_columns: src.columns.iter().filter(|c| !c.generated).map(|c| (c.name.clone(), c.type_oid)).collect(),
         alias,
         joins,
+        reverse,
     };
     // Each join's trace runs on blue as capture will run it (an `on` expression reaching a
     // table some other way than by its alias fails here, not on the first write).
@@ -695,6 +750,102 @@ fn resolve_key(
         );
     }
     Some((key, green_unique.unwrap_or_default()))
+}
+
+/// The way back: each source column from a green row, derived from the forward mapping where it
+/// undoes itself (the column verbatim or renamed, a cast, a time-zone shift), else as
+/// `[table.reverse]` declares it; and whether rows written on green can be written to blue.
+async fn resolve_reverse(
+    cx: &mut Ctx<'_>,
+    blue: &Client,
+    src: &TableInfo,
+    columns: &[ResolvedColumn],
+    alias: Option<&str>,
+) -> Result<super::Reverse> {
+    use super::{ReverseColumn, ReverseHow};
+    let entry = cx.entry;
+    // A green row, as expressions over it see one: every mapped target column by name.
+    let row: Vec<String> = columns
+        .iter()
+        .filter(|c| c.expr.is_some())
+        .map(|c| format!("NULL::{} AS {}", c.target_type, ident(&c.name)))
+        .collect();
+    let green_row = format!("(SELECT {}) AS g", if row.is_empty() { "1".to_string() } else { row.join(", ") });
+    for (col, (_, line)) in &entry.reverse {
+        if src.column(col).is_none_or(|c| c.generated) {
+            cx.report(
+                &format!("reverse.{col}"),
+                *line,
+                Some(col),
+                format!("`{col}` is no writable column of {}: [table.reverse] names source columns", entry.source),
+                None,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    let mut impossible = None;
+    for c in src.columns.iter().filter(|c| !c.generated) {
+        let how = if let Some((expr, line)) = entry.reverse.get(&c.name) {
+            let sql = format!("SELECT ({expr})::{} FROM {green_row} LIMIT 0", c.type_name);
+            if let Err(e) = blue.prepare(&sql).await {
+                cx.report(
+                    &format!("reverse.{}", c.name),
+                    *line,
+                    Some(&c.name),
+                    format!("reverse expression `{expr}` is not valid over a green row: {}", pg_message(&e)),
+                    Some("write it over green's column names, e.g. `array_to_string(scopes, ' ')`".into()),
+                );
+            }
+            ReverseHow::Declared(expr.clone())
+        } else {
+            match derive_reverse(columns, alias, &c.name, &c.type_name) {
+                Some(e) => ReverseHow::Derived(e),
+                None => ReverseHow::NotCarried,
+            }
+        };
+        if matches!(how, ReverseHow::NotCarried) && c.not_null && !c.has_default && impossible.is_none() {
+            impossible = Some(format!(
+                "{}.{} is NOT NULL without a default and green does not carry it back: declare it under \
+                 [table.reverse]",
+                entry.source, c.name
+            ));
+        }
+        out.push(ReverseColumn { column: c.name.clone(), type_name: c.type_name.clone(), how });
+    }
+    if !entry.joins.is_empty() {
+        impossible = Some("a row built from several tables would go back to several: not built".into());
+    }
+    Ok(super::Reverse { columns: out, impossible })
+}
+
+/// The green-side expression that gives source column `col` back, when a forward mapping
+/// undoes itself: `col` itself (a rename), `col::type` or `(col)::type` (cast back), or `col AT
+/// TIME ZONE 'z'` (shifted back). The round-trip check proves it on blue's rows.
+fn derive_reverse(columns: &[ResolvedColumn], alias: Option<&str>, col: &str, blue_type: &str) -> Option<String> {
+    for c in columns {
+        let Some(expr) = c.expr.as_deref() else { continue };
+        let e = expr.trim();
+        let t = ident(&c.name);
+        if verbatim(e, alias, col) {
+            return Some(format!("{t}::{blue_type}"));
+        }
+        if let Some((base, _)) = e.rsplit_once("::") {
+            let base = base.trim();
+            let base = base.strip_prefix('(').and_then(|b| b.strip_suffix(')')).unwrap_or(base);
+            if verbatim(base, alias, col) {
+                return Some(format!("{t}::{blue_type}"));
+            }
+        }
+        let upper = e.to_uppercase();
+        if let Some(at) = upper.find(" AT TIME ZONE ") {
+            let zone = &e[at + " AT TIME ZONE ".len()..];
+            let simple = zone.starts_with('\'') && zone.ends_with('\'') && zone.matches('\'').count() == 2;
+            if simple && verbatim(&e[..at], alias, col) {
+                return Some(format!("({t} AT TIME ZONE {zone})::{blue_type}"));
+            }
+        }
+    }
+    None
 }
 
 /// Why a table with inheritance children cannot be read by an entry.

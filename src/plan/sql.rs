@@ -96,6 +96,43 @@ fn refers_to(expr: &str, alias: &str) -> bool {
         .any(|pat| lower.match_indices(pat.as_str()).any(|(at, _)| !lower[..at].chars().next_back().is_some_and(word)))
 }
 
+/// The rows of `t` on blue (up to `limit`, the filter applied) whose carried columns do not come
+/// back through forward then reverse: key texts, column, blue's value and the value that comes
+/// back, as text; at most `max` of them. `None` when no column is carried back.
+pub fn round_trip_sql(t: &super::ResolvedTable, limit: Option<u64>, max: u64) -> Option<String> {
+    let carried: Vec<(&str, &str, &str)> = t
+        .reverse
+        .columns
+        .iter()
+        .filter_map(|c| Some((c.column.as_str(), t.reverse.expr(&c.column)?, c.type_name.as_str())))
+        .collect();
+    if carried.is_empty() {
+        return None;
+    }
+    let keys: Vec<String> =
+        t.key.iter().enumerate().map(|(i, k)| format!("{} AS bg_k{i}", t.qualified(&k.source))).collect();
+    let blues: Vec<String> =
+        carried.iter().enumerate().map(|(i, (c, _, _))| format!("{} AS bg_b{i}", t.qualified(c))).collect();
+    let filter = t.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
+    let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
+    let values: Vec<String> = carried
+        .iter()
+        .enumerate()
+        .map(|(i, (c, e, ty))| format!("({}, g.bg_b{i}::text, (({e})::{ty})::text)", crate::pg::literal(c)))
+        .collect();
+    let key_out: Vec<String> = (0..t.key.len()).map(|i| format!("g.bg_k{i}::text")).collect();
+    Some(format!(
+        "SELECT ARRAY[{}], c.col, c.blue, c.back FROM (SELECT {}, {}, {} FROM {}{filter}{limit}) AS g \
+         CROSS JOIN LATERAL (VALUES {}) AS c(col, blue, back) WHERE c.blue IS DISTINCT FROM c.back LIMIT {max}",
+        key_out.join(", "),
+        keys.join(", "),
+        blues.join(", "),
+        t.select_list(),
+        t.from_clause(None),
+        values.join(", ")
+    ))
+}
+
 /// One typed array literal per key column.
 fn key_arrays(through: &[String], types: &[String], keys: &[Vec<String>]) -> Vec<String> {
     (0..types.len())

@@ -8,6 +8,7 @@
 //! has passed blue's position at the time of the check; only differences that persist count.
 
 mod report;
+pub mod round_trip;
 
 use std::{
     collections::HashMap,

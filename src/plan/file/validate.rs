@@ -492,10 +492,21 @@ impl Validator<'_> {
                 joins.push(j);
             }
         }
+        let mut reverse = IndexMap::new();
+        for (col, expr) in t.reverse {
+            let line = self.line(expr.span());
+            let path = format!("{field}.reverse.{col}");
+            if expr.get_ref().trim().is_empty() {
+                self.problem(line, &path, "empty expression");
+            }
+            let e = self.with_constants(line, &path, expr.get_ref(), constants);
+            reverse.insert(col, (e, line));
+        }
         Some(TableEntry {
             index,
             alias,
             joins,
+            reverse,
             source: source?,
             source_line,
             target: target?,
