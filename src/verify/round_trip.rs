@@ -19,9 +19,12 @@ pub struct RoundTrip {
     pub impossible: Option<String>,
     /// Columns carried back.
     pub carried: usize,
-    /// (key, column, blue's value, the value that comes back), at most 100.
-    pub differences: Vec<(Vec<String>, String, Option<String>, Option<String>)>,
+    /// At most 100 rows that would not come back unchanged.
+    pub differences: Vec<Lost>,
 }
+
+/// A row that would not come back unchanged: key, column, blue's value, the value that comes back.
+pub type Lost = (Vec<String>, String, Option<String>, Option<String>);
 
 /// Runs the round trip over every entry (or the one `only` names), reading blue only.
 pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Result<Vec<RoundTrip>> {
