@@ -34,7 +34,7 @@ pub struct Live {
 }
 
 impl Live {
-    /// Whether the follower (capture and apply) waits.
+    /// Whether the follower's capture waits (apply goes on with the keys already captured).
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
     }
@@ -74,42 +74,102 @@ impl Live {
         }
     }
 
-    fn set(&self, c: &Control) {
+    /// Puts `c` in force in this process.
+    pub(crate) fn set(&self, c: &Control) {
         self.paused.store(c.paused, Ordering::Relaxed);
         self.rate.store(c.rows_per_second, Ordering::Relaxed);
     }
 }
 
-/// Starts the refresher: every [`REFRESH`] it reads the control row from green and, when the
-/// plan sets health limits, blue's health. Connection failures are retried quietly (the copy
-/// and follower report their own); the task ends with the process.
+/// A health check that does not answer within this holds the copy (a commit waiting on a
+/// synchronous standby that is gone answers never).
+const HEALTH_WAIT: Duration = Duration::from_secs(5);
+
+/// Reads the control row once (before the copy starts: a copy restarted while paused must not
+/// copy a chunk first) and the health once when the plan sets limits.
+pub async fn refresh_once(plan: &Plan, live: &Live) {
+    if let Ok(green) = plan.green.connect().await {
+        if let Ok(c) = State::new(&plan.name).control(&green).await {
+            live.set(&c);
+        }
+    }
+    if health_limits(plan) {
+        let mut blue = None;
+        check_health(plan, live, &mut blue).await;
+    }
+}
+
+fn health_limits(plan: &Plan) -> bool {
+    plan.copy.max_blue_active_sessions > 0
+        || !plan.copy.max_blue_replica_lag.is_zero()
+        || !plan.copy.max_blue_commit_latency.is_zero()
+}
+
+/// One health check on `blue` (connected when needed, dropped after a failure so the next
+/// check starts clean). A check that fails or does not answer holds the copy, and says why.
+async fn check_health(plan: &Plan, live: &Live, blue: &mut Option<Client>) {
+    if blue.as_ref().is_none_or(Client::is_closed) {
+        *blue = plan.blue.connect().await.ok();
+    }
+    let why = match blue.as_ref() {
+        None => Some("blue does not answer the health check".to_string()),
+        Some(b) => match tokio::time::timeout(HEALTH_WAIT, blue_health(plan, b)).await {
+            Ok(Ok(why)) => why,
+            Ok(Err(e)) => {
+                *blue = None;
+                Some(format!("blue's health check failed: {e}"))
+            }
+            Err(_) => {
+                *blue = None;
+                Some(format!("blue's health check did not answer within {} s", HEALTH_WAIT.as_secs()))
+            }
+        },
+    };
+    if let Ok(mut h) = live.held.lock() {
+        *h = why;
+    }
+}
+
+/// Starts the refresher: every [`REFRESH`] it reads the control row from green and, in a task
+/// of its own (a stuck check must not stop the control), blue's health when the plan sets
+/// limits. The tasks end with the returned handle's.
 pub fn spawn(plan: &Plan, live: Arc<Live>) -> tokio::task::JoinHandle<()> {
     let plan = plan.clone();
     tokio::spawn(async move {
+        let health = health_limits(&plan).then(|| {
+            let (plan, live) = (plan.clone(), Arc::clone(&live));
+            crate::shutdown::AbortOnDrop(tokio::spawn(async move {
+                let mut blue = None;
+                loop {
+                    check_health(&plan, &live, &mut blue).await;
+                    tokio::time::sleep(REFRESH).await;
+                }
+            }))
+        });
+        let _health = health;
         let state = State::new(&plan.name);
-        let (mut green, mut blue): (Option<Client>, Option<Client>) = (None, None);
-        let health = plan.copy.max_blue_active_sessions > 0
-            || !plan.copy.max_blue_replica_lag.is_zero()
-            || !plan.copy.max_blue_commit_latency.is_zero();
+        let mut green: Option<Client> = None;
+        let mut failing = false;
         loop {
             if green.as_ref().is_none_or(Client::is_closed) {
                 green = plan.green.connect().await.ok();
             }
-            if let Some(g) = &green {
-                if let Ok(c) = state.control(g).await {
+            let read = match &green {
+                Some(g) => tokio::time::timeout(HEALTH_WAIT, state.control(g)).await.ok().and_then(|r| r.ok()),
+                None => None,
+            };
+            match read {
+                Some(c) => {
                     live.set(&c);
+                    failing = false;
                 }
-            }
-            if health {
-                if blue.as_ref().is_none_or(Client::is_closed) {
-                    blue = plan.blue.connect().await.ok();
-                }
-                if let Some(b) = &blue {
-                    if let Ok(why) = blue_health(&plan, b).await {
-                        if let Ok(mut h) = live.held.lock() {
-                            *h = why;
-                        }
+                None => {
+                    // The last control read stays in force; say once that it may be stale.
+                    if !failing {
+                        tracing::warn!("cannot read `migrate control` from green; the last setting stays in force");
                     }
+                    failing = true;
+                    green = None;
                 }
             }
             tokio::time::sleep(REFRESH).await;
@@ -150,9 +210,8 @@ pub async fn blue_health(plan: &Plan, blue: &Client) -> Result<Option<String>> {
         // A transaction that takes an id commits a WAL record and waits for its flush (and
         // synchronous standbys), as the application's commits do; no table is written.
         let started = std::time::Instant::now();
-        blue.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
-            .await
-            .map_err(Error::db("blue: timing a commit"))?;
+        // txid_current(): blue may be older than PostgreSQL 13.
+        blue.batch_execute("BEGIN; SELECT txid_current(); COMMIT").await.map_err(Error::db("blue: timing a commit"))?;
         let took = started.elapsed();
         if took > max_commit {
             return Ok(Some(format!(

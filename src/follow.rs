@@ -382,20 +382,16 @@ impl ApplySide {
                 self.report().await.ok();
                 return Ok(Stop::Signal);
             }
-            if live.paused() {
-                if !paused && self.part.0 == 0 {
-                    info!("following paused by `migrate control PLAN pause`; blue keeps the changes meanwhile");
+            // A pause holds capture (blue keeps the changes); apply goes on with the keys
+            // already captured and keeps watching the cutover gate (a cutover that died
+            // half-way is recovered from here, paused or not).
+            if self.part.0 == 0 && live.paused() != paused {
+                paused = !paused;
+                if paused {
+                    info!("following paused by `migrate control PLAN pause`: nothing new is captured; blue keeps the changes meanwhile");
+                } else {
+                    info!("following resumed");
                 }
-                paused = true;
-                // Still reported: status shows the follower alive (and its lag growing).
-                if last_report.elapsed() >= REPORT_EVERY && self.report().await.is_ok() {
-                    last_report = Instant::now();
-                }
-                tokio::time::sleep(PAUSED_WAIT).await;
-                continue;
-            }
-            if std::mem::take(&mut paused) && self.part.0 == 0 {
-                info!("following resumed");
             }
             let wants = *catch_up.borrow();
             let waited = self.plan.stall_timeout;

@@ -204,6 +204,27 @@ fn control_refuses_what_it_cannot_do() {
     assert_eq!(r.code, 0, "{r:?}");
     let r = run(&mut s.migrate(&["control", plan.to_str().unwrap(), "throttle", "0"]));
     assert_eq!(r.code, 2, "{r:?}");
+    // Two at once: each keeps the other's change.
+    let both: Vec<_> = [vec!["pause"], vec!["throttle", "700"], vec!["postpone"]]
+        .into_iter()
+        .map(|a| {
+            let mut args = vec!["control".to_string(), plan.to_str().unwrap().to_string()];
+            args.extend(a.iter().map(|x| x.to_string()));
+            let mut cmd = s.migrate(&[]);
+            cmd.args(&args);
+            std::thread::spawn(move || run(&mut cmd))
+        })
+        .collect();
+    for h in both {
+        assert_eq!(h.join().unwrap().code, 0);
+    }
+    let r = run(&mut s.migrate(&["control", plan.to_str().unwrap(), "show"]));
+    assert!(r.stdout.contains("paused yes  copy rate 700 rows/s  cutover postponed yes"), "{r:?}");
+    for a in [vec!["resume"], vec!["unthrottle"], vec!["unpostpone"]] {
+        let mut args = vec!["control", plan.to_str().unwrap()];
+        args.extend(a);
+        assert_eq!(run(&mut s.migrate(&args)).code, 0);
+    }
     let r = run(&mut s.migrate(&["control", plan.to_str().unwrap(), "show"]));
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("paused no  copy rate as the plan says  cutover postponed no"), "{r:?}");

@@ -63,6 +63,8 @@ fn the_way_back_is_derived_declared_and_proved_on_blues_rows() {
     // balance 2 → 6 / 4 = 1 → 4 / 3 = 1: not 2; the row with a doubled space in its scope.
     assert!(r.stdout.contains("key (1) column balance: blue `2` comes back `1`"), "{r:?}");
     assert!(r.stdout.contains("key (7) column scope: blue `openid  offline` comes back `openid offline`"), "{r:?}");
+    let r = run(&mut c.migrate(&["verify", p, "--reverse", "--table", "nope"]));
+    assert_eq!(r.code, 2, "a --table naming no entry: {r:?}");
     let json = run(&mut c.migrate(&["verify", p, "--reverse", "--format", "json"]));
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v["way_back"], false, "{json:?}");

@@ -34,25 +34,29 @@ pub async fn run(plan: &Plan, action: ControlAction) -> Result<Outcome> {
     if state.phase(&green).await?.is_none() {
         return Err(Error::NoState { plan: plan.name.clone() });
     }
-    // The control column may be new to this state (added by `ensure`, which changes nothing else).
-    state.ensure(&green, &plan.name).await?;
-    let mut c = state.control(&green).await?;
-    match action {
-        ControlAction::Pause => c.paused = true,
-        ControlAction::Resume => c.paused = false,
+    let patch = match action {
+        ControlAction::Pause => serde_json::json!({ "paused": true }),
+        ControlAction::Resume => serde_json::json!({ "paused": false }),
         ControlAction::Throttle(0) => {
             return Err(Error::Usage("throttle takes a rate above 0 rows per second; `unthrottle` removes it".into()))
         }
-        ControlAction::Throttle(r) => c.rows_per_second = r,
-        ControlAction::Unthrottle => c.rows_per_second = 0,
-        ControlAction::Postpone => c.postponed = true,
-        ControlAction::Unpostpone => c.postponed = false,
-        ControlAction::Show => {}
-    }
-    if action != ControlAction::Show {
-        state.set_control(&green, &c).await?;
+        ControlAction::Throttle(r) => serde_json::json!({ "rows_per_second": r }),
+        ControlAction::Unthrottle => serde_json::json!({ "rows_per_second": 0 }),
+        ControlAction::Postpone => serde_json::json!({ "postponed": true }),
+        ControlAction::Unpostpone => serde_json::json!({ "postponed": false }),
+        // Reads only (state an older version made has no control: nothing is set).
+        ControlAction::Show => serde_json::Value::Null,
+    };
+    let c = if patch.is_null() {
+        state.control(&green).await.unwrap_or_default()
+    } else {
+        // The control column may be new to this state (added by `ensure`, which changes nothing
+        // else).
+        state.ensure(&green, &plan.name).await?;
+        let c = state.update_control(&green, &patch).await?;
         tracing::info!(?action, "live control set");
-    }
+        c
+    };
     println!(
         "paused {}  copy rate {}  cutover postponed {}",
         if c.paused { "yes" } else { "no" },

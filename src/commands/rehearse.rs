@@ -70,6 +70,27 @@ impl Drop for Servers {
     }
 }
 
+/// A cluster stopped when dropped unless taken.
+struct Stopping(Option<LocalCluster>);
+
+impl Stopping {
+    fn get(&self) -> Result<&LocalCluster> {
+        self.0.as_ref().ok_or(Error::Internal("a rehearsal cluster taken twice"))
+    }
+
+    fn take(mut self) -> Result<LocalCluster> {
+        self.0.take().ok_or(Error::Internal("a rehearsal cluster taken twice"))
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.stop();
+        }
+    }
+}
+
 /// Runs the rehearsal of the plan at `path`.
 pub async fn run(path: &Path, r: &Rehearsal, shutdown: Shutdown) -> Result<Outcome> {
     crate::sandbox::check_prerequisites()?;
@@ -142,12 +163,15 @@ async fn step<T>(
 
 async fn rehearse(text: &str, r: &Rehearsal, shutdown: &Shutdown, steps: &mut Vec<Step>) -> Result<()> {
     let (_, servers) = step(steps, "servers", async {
-        let blue = LocalCluster::start("rehearse-blue", &[])?;
-        let green = LocalCluster::start("rehearse-green", &[])?;
-        blue.psql("postgres", "CREATE DATABASE app")?;
-        green.psql("postgres", "CREATE DATABASE app")?;
+        // Each one stopped again if a later one fails to start.
+        let blue = Stopping(Some(LocalCluster::start("rehearse-blue", &[])?));
+        let green = Stopping(Some(LocalCluster::start("rehearse-green", &[])?));
+        let (b, g) = (blue.get()?, green.get()?);
+        b.psql("postgres", "CREATE DATABASE app")?;
+        g.psql("postgres", "CREATE DATABASE app")?;
         let bouncer =
-            LocalBouncer::start("transaction", &format!("host=127.0.0.1 port={} dbname=app user=postgres", blue.port))?;
+            LocalBouncer::start("transaction", &format!("host=127.0.0.1 port={} dbname=app user=postgres", b.port))?;
+        let (blue, green) = (blue.take()?, green.take()?);
         let dir = crate::sandbox::server_dir("rehearse")?;
         let detail = format!("blue on port {}, green on {}, PgBouncer on {}", blue.port, green.port, bouncer.port);
         Ok((true, detail, Vec::new(), Servers { blue, green, bouncer, dir }))
@@ -261,8 +285,18 @@ async fn rehearse(text: &str, r: &Rehearsal, shutdown: &Shutdown, steps: &mut Ve
             stop.trigger();
         })
     };
+    let mut copying = copying;
     let (copied, ()) = step(steps, "copy", async {
-        match super::demo::wait_following(&plan, shutdown).await {
+        // A copy that fails is said at once, with its error (not after the wait's 10 minutes).
+        let waited = tokio::select! {
+            r = super::demo::wait_following(&plan, shutdown) => r,
+            r = &mut copying => Err(match r {
+                Ok(Ok(_)) => Error::Rehearsal("copy ended before following".into()),
+                Ok(Err(e)) => e,
+                Err(e) => Error::TaskPanicked { task: "copy", message: e.to_string() },
+            }),
+        };
+        match waited {
             Ok(()) => Ok((true, "copied; green follows blue".to_string(), Vec::new(), ())),
             Err(e) => Ok((false, e.to_string(), vec![e.to_string()], ())),
         }
@@ -383,8 +417,16 @@ fn point_plan(text: &str, s: &Servers) -> Result<String> {
 
 /// The steps as JUnit XML: one test case per step.
 fn junit(plan: &Path, steps: &[Step], total: f64) -> String {
+    // XML 1.0 allows no control characters but tab and newlines (row values may hold them).
     let esc = |s: &str| {
-        s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+        s.chars()
+            .map(|c| if c.is_control() && !matches!(c, '\t' | '\n' | '\r') { '?' } else { c })
+            .collect::<String>()
+            .replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+            .replace('\'', "&apos;")
     };
     let failures = steps.iter().filter(|s| !s.ok).count();
     let mut o = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
@@ -420,7 +462,7 @@ fn junit(plan: &Path, steps: &[Step], total: f64) -> String {
 fn roles_named(text: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for line in text.lines() {
-        let upper = line.to_uppercase();
+        let upper = line.to_ascii_uppercase();
         let at = match (upper.find(" OWNER TO "), upper.starts_with("GRANT ")) {
             (Some(i), _) => i + " OWNER TO ".len(),
             (None, true) => match upper.rfind(" TO ") {

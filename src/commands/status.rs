@@ -21,10 +21,15 @@ pub async fn run(plan: &Plan, format: Format) -> Result<Outcome> {
 pub async fn watch(plan: &Plan, format: Format, every: f64, shutdown: Shutdown) -> Result<Outcome> {
     use std::io::{IsTerminal, Write};
     let tty = std::io::stdout().is_terminal();
-    let every = std::time::Duration::from_secs_f64(every.clamp(0.2, 3600.0));
+    let every = std::time::Duration::from_secs_f64(if every.is_finite() { every.clamp(0.2, 3600.0) } else { 2.0 });
     loop {
         let text = match snapshot(plan, format, true).await {
             Ok(t) => t,
+            // On stderr in JSON: stdout stays one object per line.
+            Err(e) if format == Format::Json => {
+                eprintln!("status: error: {e}");
+                String::new()
+            }
             Err(e) => format!("status: error: {e}\n"),
         };
         let stamp = if format == Format::Text {

@@ -162,7 +162,9 @@ async fn copy_run(
     }
     // One snapshot for every chunk of this run, held open by this session until the workers are
     // done: each row version is read exactly once, and whatever changes after it is captured.
-    blue.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    // Held idle while workers wait (paused, throttled): a server-wide
+    // idle_in_transaction_session_timeout must not end the run.
+    blue.batch_execute("SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(Error::db("blue: beginning the copy snapshot"))?;
     let snapshot: String = blue
@@ -486,6 +488,7 @@ pub async fn run(
     let capture = Capture::setup(plan, resolved, plan.blue.connect().await?).await?;
     // `migrate control` and blue's health, read every second while this runs.
     let live = Arc::new(crate::control::Live::default());
+    crate::control::refresh_once(plan, &live).await;
     let refresher = crate::control::spawn(plan, Arc::clone(&live));
     let _refresher = crate::shutdown::AbortOnDrop(refresher);
     let follower = Follower::new(plan, &resolved.tables, capture, Arc::clone(&live)).await?;

@@ -24,15 +24,33 @@ impl Throttle {
         Self { plan_rate, live, next: Mutex::new((None, 0)) }
     }
 
-    /// Waits until `rows` more rows fit the rate in force.
-    pub async fn admit(&self, rows: u64) {
-        let rate = self.live.rate(self.plan_rate);
-        let due = {
-            let Ok(mut next) = self.next.lock() else { return };
-            let now = Instant::now();
+    /// Waits until `rows` more rows fit the rate in force, in slices: a new rate books the chunk
+    /// again (so `unthrottle` after a very low rate is felt at once), and `stop` ends the wait.
+    pub async fn admit(&self, rows: u64, stop: &crate::shutdown::Shutdown) {
+        loop {
+            let rate = self.live.rate(self.plan_rate);
+            let due = self.book(rows, rate);
+            loop {
+                let now = Instant::now();
+                if due <= now || stop.is_triggered() {
+                    return;
+                }
+                if self.live.rate(self.plan_rate) != rate {
+                    break;
+                }
+                tokio::time::sleep((due - now).min(Duration::from_millis(200))).await;
+            }
+        }
+    }
+
+    /// Books `rows` at `rate`: when they may start.
+    fn book(&self, rows: u64, rate: u64) -> Instant {
+        let now = Instant::now();
+        {
+            let Ok(mut next) = self.next.lock() else { return now };
             if rate == 0 {
                 *next = (None, 0);
-                return;
+                return now;
             }
             // The first chunk goes at once; each later one waits for the time the earlier ones
             // buy. A new rate starts afresh: time booked at a very low one is not waited out.
@@ -40,8 +58,7 @@ impl Throttle {
             let due = booked.filter(|n| *n > now).unwrap_or(now);
             *next = (Some(due + Duration::from_secs_f64(rows as f64 / rate as f64)), rate);
             due
-        };
-        tokio::time::sleep_until(due.into()).await;
+        }
     }
 }
 
@@ -53,11 +70,40 @@ mod tests {
     async fn spaces_chunks_by_rate() {
         let t = Throttle::new(1000, Arc::default());
         let start = Instant::now();
+        let stop = crate::shutdown::Shutdown::manual();
         for _ in 0..3 {
-            t.admit(100).await;
+            t.admit(100, &stop).await;
         }
         // 3 chunks of 100 rows at 1000 rows/s: the third may start at 200 ms.
         let e = start.elapsed();
         assert!(e >= Duration::from_millis(190) && e < Duration::from_millis(600), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_new_rate_or_a_stop_ends_a_long_wait() {
+        let live = Arc::new(Live::default());
+        live.set(&crate::state::Control { rows_per_second: 1, ..Default::default() });
+        let t = Throttle::new(0, Arc::clone(&live));
+        let stop = crate::shutdown::Shutdown::manual();
+        t.admit(1000, &stop).await;
+        // The next chunk is booked 1000 s out; `unthrottle` (back to the plan's: unlimited).
+        let start = Instant::now();
+        let (waiting, live2) = (t.admit(1000, &stop), Arc::clone(&live));
+        let unthrottle = async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            live2.set(&crate::state::Control::default());
+        };
+        tokio::join!(waiting, unthrottle);
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        // At a slow rate again, a stop ends the wait.
+        live.set(&crate::state::Control { rows_per_second: 1, ..Default::default() });
+        t.admit(1000, &stop).await;
+        let start = Instant::now();
+        let stopper = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stop.trigger();
+        };
+        tokio::join!(t.admit(1000, &stop), stopper);
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
     }
 }

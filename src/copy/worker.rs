@@ -25,7 +25,7 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     // JIT would compile every chunk's query anew (tens of ms each) for expressions that run a few
     // thousand times; parallel query workers would compete with our own workers.
     blue.batch_execute(&format!(
-        "SET jit = off; SET max_parallel_workers_per_gather = 0; \
+        "SET jit = off; SET max_parallel_workers_per_gather = 0; SET idle_in_transaction_session_timeout = 0; \
          BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
         literal(&shared.snapshot)
     ))
@@ -56,7 +56,7 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
                 }
                 let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
                 shared.live.wait_copy(&shared.shutdown).await;
-                shared.throttle.admit(expected).await;
+                shared.throttle.admit(expected, &shared.shutdown).await;
                 // Paused while waiting for the rate: not this chunk either.
                 shared.live.wait_copy(&shared.shutdown).await;
                 if shared.shutdown.is_triggered() {

@@ -836,7 +836,7 @@ fn derive_reverse(columns: &[ResolvedColumn], alias: Option<&str>, col: &str, bl
                 return Some(format!("{t}::{blue_type}"));
             }
         }
-        let upper = e.to_uppercase();
+        let upper = e.to_ascii_uppercase();
         if let Some(at) = upper.find(" AT TIME ZONE ") {
             let zone = &e[at + " AT TIME ZONE ".len()..];
             let simple = zone.starts_with('\'') && zone.ends_with('\'') && zone.matches('\'').count() == 2;

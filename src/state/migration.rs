@@ -376,14 +376,22 @@ impl State {
         Ok(v.and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default())
     }
 
-    /// Stores the live control; running processes pick it up within a second.
-    pub async fn set_control(&self, green: &impl GenericClient, control: &Control) -> Result<()> {
-        let v = serde_json::to_value(control).unwrap_or_default();
-        green
-            .execute(&format!("UPDATE {} SET control = $1 WHERE id = 1", self.table("migration")), &[&v])
+    /// Merges `patch` (some of [`Control`]'s fields) into the stored control in one statement,
+    /// so that two `migrate control` runs at once each keep the other's change; returns what is
+    /// now set. Running processes pick it up within a second.
+    pub async fn update_control(&self, green: &impl GenericClient, patch: &serde_json::Value) -> Result<Control> {
+        let v: serde_json::Value = green
+            .query_one(
+                &format!(
+                    "UPDATE {} SET control = coalesce(control, '{{}}'::jsonb) || $1 WHERE id = 1 RETURNING control",
+                    self.table("migration")
+                ),
+                &[patch],
+            )
             .await
-            .map_err(Error::db("green: storing the live control"))?;
-        Ok(())
+            .map_err(Error::db("green: storing the live control"))?
+            .get(0);
+        Ok(serde_json::from_value(v).unwrap_or_default())
     }
 }
 

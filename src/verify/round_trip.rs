@@ -34,6 +34,11 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>) -> Re
         .map_err(Error::db("blue: beginning the round trip"))?;
     let mut out = Vec::new();
     let names: Vec<String> = only.map(|o| vec![o.to_string()]).unwrap_or_default();
+    if let Some(o) = only {
+        if !resolved.tables.iter().any(|t| t.named_by_any(&names)) {
+            return Err(Error::NoSuchTable { flag: "--table", name: o.to_string() });
+        }
+    }
     for t in resolved.tables.iter().filter(|t| only.is_none() || t.named_by_any(&names)) {
         let carried = t.reverse.columns.iter().filter(|c| t.reverse.expr(&c.column).is_some()).count();
         let mut differences = Vec::new();
