@@ -21,53 +21,66 @@ pub async fn spawn(plan: &Plan, addr: &str) -> Result<tokio::task::JoinHandle<()
     tracing::info!(address = %addr, "serving metrics at /metrics");
     let plan = plan.clone();
     Ok(tokio::spawn(async move {
-        let (mut green, mut blue): (Option<Client>, Option<Client>) = (None, None);
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            // The request line and headers; a client that sends nothing is dropped after 5 s.
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = stream.read(&mut buf[len..]).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: do not spin.
+                    tracing::warn!(error = %e, "metrics: accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
                 }
-            })
-            .await;
-            if read.is_err() {
-                continue;
-            }
-            let request = String::from_utf8_lossy(&buf[..len]);
-            let line = request.lines().next().unwrap_or("");
-            let (status, body) = if line.starts_with("GET /metrics ") || line == "GET /metrics" {
-                if green.as_ref().is_none_or(Client::is_closed) {
-                    green = plan.green.connect().await.ok();
-                }
-                if blue.as_ref().is_none_or(Client::is_closed) {
-                    blue = plan.blue.connect().await.ok();
-                }
-                match scrape(&plan, green.as_ref(), blue.as_ref()).await {
-                    Ok(text) => ("200 OK", text),
-                    Err(e) => ("503 Service Unavailable", format!("# green unreadable: {e}\n")),
-                }
-            } else {
-                ("404 Not Found", "only /metrics is served\n".to_string())
             };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            // Each scrape on its own, bounded in time: a client that sends nothing or reads
+            // nothing holds only itself.
+            let plan = plan.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(SCRAPE_WAIT, serve(&plan, stream)).await;
+            });
         }
     }))
+}
+
+/// The most a scrape may take (Prometheus' default timeout is 10 s).
+const SCRAPE_WAIT: std::time::Duration = std::time::Duration::from_secs(9);
+
+/// Answers one HTTP request.
+async fn serve(plan: &Plan, mut stream: tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while len < buf.len() {
+        let n = stream.read(&mut buf[len..]).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let request = String::from_utf8_lossy(&buf[..len]);
+    let line = request.lines().next().unwrap_or("");
+    let (status, body) = if line.starts_with("GET /metrics ") || line == "GET /metrics" {
+        let green = plan.green.connect().await.ok();
+        // Blue only for what capture holds there: not worth a scrape's time while it is down.
+        let blue = tokio::time::timeout(std::time::Duration::from_secs(2), plan.blue.connect())
+            .await
+            .ok()
+            .and_then(|r| r.ok());
+        match scrape(plan, green.as_ref(), blue.as_ref()).await {
+            Ok(text) => ("200 OK", text),
+            Err(e) => ("503 Service Unavailable", format!("# green unreadable: {e}\n")),
+        }
+    } else {
+        ("404 Not Found", "only /metrics is served\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn scrape(plan: &Plan, green: Option<&Client>, blue: Option<&Client>) -> Result<String> {

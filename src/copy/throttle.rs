@@ -43,6 +43,21 @@ impl Throttle {
         }
     }
 
+    /// Corrects the booking once a chunk charged `charged` rows turned out to hold `held`:
+    /// later chunks wait for what it really held (a partition's leaves are much smaller than
+    /// the estimate, a table with stale statistics much larger).
+    pub fn settle(&self, charged: u64, held: u64) {
+        let rate = self.live.rate(self.plan_rate);
+        let Ok(mut next) = self.next.lock() else { return };
+        if rate == 0 || next.1 != rate {
+            return;
+        }
+        if let Some(n) = next.0 {
+            let diff = Duration::from_secs_f64(charged.abs_diff(held) as f64 / rate as f64);
+            next.0 = Some(if held > charged { n + diff } else { n.checked_sub(diff).unwrap_or(n) });
+        }
+    }
+
     /// Books `rows` at `rate`: when they may start.
     fn book(&self, rows: u64, rate: u64) -> Instant {
         let now = Instant::now();
@@ -77,6 +92,25 @@ mod tests {
         // 3 chunks of 100 rows at 1000 rows/s: the third may start at 200 ms.
         let e = start.elapsed();
         assert!(e >= Duration::from_millis(190) && e < Duration::from_millis(600), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn chunks_are_charged_what_they_held() {
+        let t = Throttle::new(1000, Arc::default());
+        let stop = crate::shutdown::Shutdown::manual();
+        // Charged 500 rows each, held 10: the next chunk need not wait for 490 of them.
+        t.admit(500, &stop).await;
+        t.settle(500, 10);
+        let start = Instant::now();
+        t.admit(500, &stop).await;
+        assert!(start.elapsed() < Duration::from_millis(100), "{:?}", start.elapsed());
+        t.settle(500, 10);
+        // Charged 10, held 500: the next one waits for the rest.
+        t.admit(10, &stop).await;
+        t.settle(10, 500);
+        let start = Instant::now();
+        t.admit(10, &stop).await;
+        assert!(start.elapsed() >= Duration::from_millis(400), "{:?}", start.elapsed());
     }
 
     #[tokio::test]

@@ -66,6 +66,7 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
                 let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
                     first_block = chunk.first_block, end_block = chunk.end_block);
                 let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, table, &chunk).instrument(span).await?;
+                shared.throttle.settle(expected, rows);
                 crate::fault::point("copy.chunk-done").await;
                 tracing::debug!(worker = id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
                     seconds = started.elapsed().as_secs_f64(), "chunk copied");
