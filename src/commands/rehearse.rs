@@ -142,10 +142,11 @@ pub async fn run(path: &Path, r: &Rehearsal, shutdown: Shutdown) -> Result<Outco
         ),
     }
     match outcome {
-        // The rehearsal could not run at all: exit 3 (its report says where it stopped).
-        Err(e) if !steps.iter().any(|s| s.name == "plan") => Err(e),
-        _ if ok => Ok(Outcome::Ok),
-        _ => Ok(Outcome::Problems),
+        // The rehearsal itself could not go on (a server, a load, a step's own failure, not a
+        // finding): exit 3, its report saying where it stopped.
+        Err(e) => Err(e),
+        Ok(()) if ok => Ok(Outcome::Ok),
+        Ok(()) => Ok(Outcome::Problems),
     }
 }
 
