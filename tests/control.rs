@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     capture::{caught_up, wait_for},
-    support::{blue_cluster, green_cluster, run, writer::Writer, Bouncer, Oauth},
+    support::{green_cluster, run, writer::Writer, Oauth},
 };
 
 /// `GET /metrics` from `port`; `None` while nothing listens there.
@@ -64,20 +64,12 @@ fn control(s: &Oauth, plan: &std::path::Path, args: &[&str]) -> String {
 #[test]
 fn metrics_pause_throttle_and_postpone_steer_a_running_migration() {
     let s = Oauth::new(20_000);
-    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, s.blue.name);
-    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let (bouncer, section) = s.bouncer();
     let text = Oauth::plan_text().replace(
         "workers = 2\nchunk_rows = 50000\ndefer_indexes = true",
         "workers = 2\nchunk_rows = 500\ndefer_indexes = true\nmax_rows_per_second = 500",
     );
-    let text = format!(
-        "{text}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
-         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\n",
-        bouncer.admin_url(),
-        bouncer.databases_file.display(),
-        green_cluster().port,
-        s.green.name
-    );
+    let text = format!("{text}\n{section}");
     let plan = s.write_plan(&text);
     let p = plan.to_str().unwrap();
     let port = free_port();

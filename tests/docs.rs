@@ -7,7 +7,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use crate::{
     capture::{caught_up, wait_for},
-    support::{blue_cluster, green_cluster, root, Bouncer, Oauth},
+    support::{root, Oauth},
 };
 
 /// The `migrate …` lines of the ```sh blocks of `doc`, comments removed, in order.
@@ -57,17 +57,8 @@ fn runbook_commands_run_as_written() {
 /// Runs every documented `migrate` command of `doc` against a fresh scenario.
 fn run_documented(doc: &str) {
     let s = Oauth::new(5_000);
-    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, s.blue.name);
-    let bouncer = Bouncer::start("transaction", &blue_dsn);
-    let plan = s.write_plan(&format!(
-        "{}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
-         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\n",
-        Oauth::plan_text(),
-        bouncer.admin_url(),
-        bouncer.databases_file.display(),
-        green_cluster().port,
-        s.green.name
-    ));
+    let (bouncer, section) = s.bouncer();
+    let plan = s.write_plan(&format!("{}\n{section}", Oauth::plan_text()));
     let dir = s.dir.path();
     // The documents name the repository's plan; here it is this scenario's.
     std::fs::create_dir_all(dir.join("plans")).unwrap();

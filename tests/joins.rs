@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Duration};
 
 use crate::{
     capture::{caught_up, wait_for},
-    support::{blue_cluster, fingerprint, green_cluster, replace_once, root, run, writer::Writer, Bouncer, Oauth},
+    support::{fingerprint, replace_once, root, run, writer::Writer, Oauth},
 };
 
 /// The flows plan, as this scenario's plan (its name and state schema), with `method`.
@@ -67,28 +67,13 @@ fn assert_flows_equal(s: &Oauth, when: &str) {
     assert_eq!(orphans, "0", "flow contexts without their flow {when}");
 }
 
-/// A PgBouncer serving `app` → blue, as the `[cutover.pgbouncer]` section of a plan.
-fn bouncer(s: &Oauth) -> (Bouncer, String) {
-    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, s.blue.name);
-    let b = Bouncer::start("transaction", &blue_dsn);
-    let section = format!(
-        "[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
-         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
-        b.admin_url(),
-        b.databases_file.display(),
-        green_cluster().port,
-        s.green.name
-    );
-    (b, section)
-}
-
 fn merged_table_under_writes(method: &str) {
     let s = Oauth::new(20_000);
     if method == "logical" {
         // Consents link to logins by a column outside their key: plan asks for this.
         s.blue.psql("ALTER TABLE hydra_oauth2_consent_request REPLICA IDENTITY FULL");
     }
-    let (bouncer, section) = bouncer(&s);
+    let (bouncer, section) = s.bouncer();
     let plan = flows_plan(&s, method, &section);
     let p = plan.to_str().unwrap();
     let r = run(&mut s.migrate(&["plan", p]));

@@ -332,10 +332,11 @@ fn functions_sql(schema: &str, table: &QualifiedName, roles: &[TriggerRole]) -> 
     let mut rows = String::new();
     let mut truncated = String::new();
     for role in roles {
+        // The text the trace query and apply read back (`KeyText::Json`).
         let keys = |rec: &str| {
             role.columns
                 .iter()
-                .map(|c| format!("to_jsonb({rec}.{}) #>> '{{}}'", ident(c)))
+                .map(|c| KeyText::Json.render(&format!("{rec}.{}", ident(c))))
                 .collect::<Vec<_>>()
                 .join(", ")
         };

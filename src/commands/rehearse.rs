@@ -492,10 +492,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn junit_escapes_markup_and_drops_control_characters() {
+        let steps = vec![Step {
+            name: "verify public.t".into(),
+            ok: false,
+            seconds: 0.5,
+            detail: "1 difference(s)".into(),
+            failures: vec!["public.t key (<a&b>) Differs v: blue \u{1b}[31m\"x\" green 'y'".into()],
+        }];
+        let xml = junit(Path::new("p.toml"), &steps, 1.0);
+        assert!(xml.contains("failures=\"1\""), "{xml}");
+        assert!(xml.contains("key (&lt;a&amp;b&gt;) Differs v: blue ?[31m&quot;x&quot; green &apos;y&apos;"), "{xml}");
+        assert!(!xml.contains('\u{1b}'), "{xml}");
+    }
+
+    #[test]
     fn roles_a_dump_names() {
         let dump =
             "ALTER TABLE public.t OWNER TO app_owner;\nGRANT SELECT ON TABLE public.t TO \"Read Only\", reporting;\n\
                     GRANT ALL ON SCHEMA public TO PUBLIC;\nALTER SEQUENCE s OWNER TO app_owner;";
         assert_eq!(roles_named(dump), vec!["app_owner", "Read Only", "reporting"]);
+        // Upper-cased by Unicode rules, `ſſ` is two bytes shorter: offsets taken from it would cut
+        // the role name.
+        assert_eq!(roles_named("ALTER TABLE public.\"ſſé\" OWNER TO owner_ſ;"), vec!["owner_ſ"]);
     }
 }

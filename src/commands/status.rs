@@ -21,7 +21,7 @@ pub async fn run(plan: &Plan, format: Format) -> Result<Outcome> {
 pub async fn watch(plan: &Plan, format: Format, every: f64, shutdown: Shutdown) -> Result<Outcome> {
     use std::io::{IsTerminal, Write};
     let tty = std::io::stdout().is_terminal();
-    let every = std::time::Duration::from_secs_f64(if every.is_finite() { every.clamp(0.2, 3600.0) } else { 2.0 });
+    let every = watch_period(every);
     loop {
         let text = match snapshot(plan, format, true).await {
             Ok(t) => t,
@@ -48,6 +48,11 @@ pub async fn watch(plan: &Plan, format: Format, every: f64, shutdown: Shutdown) 
             _ = shutdown.wait() => return Ok(Outcome::Ok),
         }
     }
+}
+
+/// `--watch SECONDS` as a period: 0.2 s to an hour, 2 s for what is no number (`nan`, `inf`).
+fn watch_period(seconds: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(if seconds.is_finite() { seconds.clamp(0.2, 3600.0) } else { 2.0 })
 }
 
 /// One status report as printed (`compact`: JSON on one line).
@@ -223,4 +228,17 @@ pub fn render_text(value: &serde_json::Value) -> String {
         ));
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_periods_are_bounded() {
+        assert_eq!(watch_period(f64::NAN), std::time::Duration::from_secs(2));
+        assert_eq!(watch_period(f64::INFINITY), std::time::Duration::from_secs(2));
+        assert_eq!(watch_period(0.0), std::time::Duration::from_millis(200));
+        assert_eq!(watch_period(1.5), std::time::Duration::from_millis(1500));
+    }
 }

@@ -137,8 +137,7 @@ impl ResolvedJoin {
     /// [`Self::render`] reading `table` (SQL naming a row source) in place of the joined table.
     pub fn render_from(&self, table: &str) -> String {
         let a = ident(&self.alias);
-        let mut conds: Vec<String> =
-            self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
+        let mut conds = self.equalities();
         if let Some(also) = &self.also {
             conds.push(format!("({also})"));
         }
@@ -156,9 +155,13 @@ impl ResolvedJoin {
     /// choose (tracing wants a superset). A left join: a row of a table before it with no match
     /// here still leads on where a later `on` does not need this one.
     pub fn render_candidates(&self) -> String {
+        format!(" LEFT JOIN {} AS {} ON {}", self.table.quoted(), ident(&self.alias), self.equalities().join(" AND "))
+    }
+
+    /// The `on` equalities: `a."col" = (expr)`.
+    fn equalities(&self) -> Vec<String> {
         let a = ident(&self.alias);
-        let conds: Vec<String> = self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect();
-        format!(" LEFT JOIN {} AS {a} ON {}", self.table.quoted(), conds.join(" AND "))
+        self.on.iter().map(|o| format!("{a}.{} = ({})", ident(&o.column), o.expr)).collect()
     }
 
     /// The link column names.

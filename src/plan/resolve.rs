@@ -103,14 +103,7 @@ async fn round_trip_sample(tables: &[ResolvedTable], blue: &Client, problems: &[
             continue;
         }
         let Some(sql) = super::round_trip_sql(t, Some(super::sample::SAMPLE_ROWS), 3) else { continue };
-        blue.batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = '30s'")
-            .await
-            .map_err(Error::db("blue: sampling the way back"))?;
-        let rows = blue.query(&sql, &[]).await;
-        if !blue.is_closed() {
-            let _ = blue.batch_execute("ROLLBACK").await;
-        }
-        match rows {
+        match super::sample::read_only_rows(blue, &sql).await? {
             Ok(rows) if rows.is_empty() => exact += 1,
             Ok(rows) => {
                 let first = &rows[0];
@@ -1147,5 +1140,45 @@ fn check_overlaps(plan: &Plan, problems: &mut Vec<Problem>) {
                 fix: Some("merge the entries, or give each a filter so that they partition the source rows".into()),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str, expr: &str) -> ResolvedColumn {
+        ResolvedColumn {
+            name: name.into(),
+            target_type: "text".into(),
+            expr: Some(expr.into()),
+            expr_type: None,
+            hash_by_text: false,
+            same_name: false,
+        }
+    }
+
+    #[test]
+    fn reverse_mappings_that_undo_themselves() {
+        let cols = vec![
+            column("user_id", "l.id"),
+            column("at", "created AT TIME ZONE 'UTC'"),
+            column("n", "(amount)::numeric"),
+            column("note", "'ſ' || note"),
+        ];
+        assert_eq!(derive_reverse(&cols, Some("l"), "id", "integer").as_deref(), Some("\"user_id\"::integer"));
+        assert_eq!(
+            derive_reverse(&cols, None, "created", "timestamp without time zone").as_deref(),
+            Some("(\"at\" AT TIME ZONE 'UTC')::timestamp without time zone")
+        );
+        assert_eq!(derive_reverse(&cols, None, "amount", "real").as_deref(), Some("\"n\"::real"));
+        assert_eq!(derive_reverse(&cols, None, "note", "text"), None);
+        // Upper-cased by Unicode rules, `ſſ` is two bytes shorter: the keyword's offset, taken
+        // from it, would miss the zone.
+        let shifted = vec![column("at", "\"ſſ\" AT TIME ZONE 'UTC'")];
+        assert_eq!(
+            derive_reverse(&shifted, None, "ſſ", "timestamp").as_deref(),
+            Some("(\"at\" AT TIME ZONE 'UTC')::timestamp")
+        );
     }
 }

@@ -124,12 +124,21 @@ fn failure(blue: &Client, e: &tokio_postgres::Error) -> String {
 /// Runs `sql` in a read-only transaction bounded in time: `Ok(Ok(rows))`, or `Ok(Err(e))` when
 /// the statement failed (a finding, not a failure of `plan`), including by ending the session.
 async fn read_only(blue: &Client, sql: &str) -> Result<std::result::Result<u64, tokio_postgres::Error>> {
+    Ok(read_only_rows(blue, sql).await?.map(|rows| rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64)))
+}
+
+/// Runs `sql` on blue in a read-only transaction of at most 30 s (rolled back): `Ok(Err(e))`
+/// when the statement failed, which is a finding of `plan`, not a failure of it.
+pub(super) async fn read_only_rows(
+    blue: &Client,
+    sql: &str,
+) -> Result<std::result::Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> {
     blue.batch_execute("BEGIN READ ONLY; SET LOCAL statement_timeout = '30s'")
         .await
         .map_err(Error::db("blue: sampling rows"))?;
-    let r = blue.query_one(sql, &[]).await;
+    let r = blue.query(sql, &[]).await;
     if !blue.is_closed() {
         let _ = blue.batch_execute("ROLLBACK").await;
     }
-    Ok(r.map(|row| row.get::<_, i64>(0) as u64))
+    Ok(r)
 }

@@ -297,6 +297,24 @@ pub const OAUTH_PAIRS: &[(&str, &str)] = &[
 ];
 
 impl Oauth {
+    /// A PgBouncer (transaction pooling) serving `app` → this scenario's blue, and the
+    /// `[cutover.pgbouncer]` section of a plan that switches it to green.
+    #[allow(dead_code)]
+    pub fn bouncer(&self) -> (Bouncer, String) {
+        let blue_dsn =
+            format!("host=127.0.0.1 port={} dbname={} user=postgres", self.blue.cluster.port, self.blue.name);
+        let b = Bouncer::start("transaction", &blue_dsn);
+        let section = format!(
+            "[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
+             green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
+            b.admin_url(),
+            b.databases_file.display(),
+            self.green.cluster.port,
+            self.green.name
+        );
+        (b, section)
+    }
+
     /// Asserts green equals transform(blue) for every table, by independent fingerprints.
     pub fn assert_green_equals_blue(&self) {
         for (b, g) in OAUTH_PAIRS {
