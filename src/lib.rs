@@ -22,6 +22,7 @@ pub mod sandbox;
 pub mod shutdown;
 pub mod state;
 pub mod verify;
+pub mod way_back;
 
 pub use commands::{demo, run, Command, ControlAction, Format, Outcome};
 pub use error::{Error, Result};

@@ -129,6 +129,23 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Switch traffic back to blue after a cutover with `[cutover] way_back = true`: carry
+    /// green's writes to blue, PAUSE, drain, check every key written back, blue's sequences,
+    /// write blue's line back, RELOAD, RESUME; following blue resumes. Exit 0 rolled back, 1
+    /// aborted safely (traffic stays on green, the way back stays open), 3 failed.
+    Rollback {
+        #[command(flatten)]
+        plan: PlanArg,
+        /// Run the preflight checks only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// End the way back once you will not roll back: remove capture from green (triggers,
+    /// change table) and from blue (slot or triggers); the running `copy` exits.
+    Finish {
+        #[command(flatten)]
+        plan: PlanArg,
+    },
     /// Remove everything migrate made on blue (slot, publication, triggers, its schema) and its
     /// state on green. Refuses while a `copy` of this plan runs, unless --force.
     Cleanup {
@@ -288,6 +305,8 @@ fn main() -> ExitCode {
             (plan.plan, Command::Verify { format: format.format.into(), table, reverse })
         }
         Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),
+        Cmd::Rollback { plan, dry_run } => (plan.plan, Command::Rollback { dry_run }),
+        Cmd::Finish { plan } => (plan.plan, Command::Finish),
         Cmd::Cleanup { plan, force } => (plan.plan, Command::Cleanup { force }),
         Cmd::Status { plan, format, watch } => (plan.plan, Command::Status { format: format.format.into(), watch }),
         Cmd::Control { plan, action } => (plan.plan, Command::Control { action: action.into() }),

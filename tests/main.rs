@@ -18,6 +18,7 @@ mod joins;
 mod plan;
 mod rehearse;
 mod reverse;
+mod rollback;
 mod security;
 mod shapes;
 mod verify;

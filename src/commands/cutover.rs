@@ -11,8 +11,8 @@ use crate::{
     shutdown::Shutdown,
 };
 
-/// Runs `cutover` (or only its preflight) and prints its report.
-pub async fn run(plan: &Plan, dry_run: bool, shutdown: Shutdown) -> Result<Outcome> {
+/// Runs `cutover` (or only its preflight) and prints its report; with `back`, `rollback`.
+pub async fn run(plan: &Plan, dry_run: bool, back: bool, shutdown: Shutdown) -> Result<Outcome> {
     let (blue, green) = connect_both(plan).await?;
     let (resolved, _) = resolve_sound(plan, &blue, &green, &[]).await?;
     drop((blue, green));
@@ -21,8 +21,12 @@ pub async fn run(plan: &Plan, dry_run: bool, shutdown: Shutdown) -> Result<Outco
         print!("{}", render_checks(checks));
         let _ = std::io::stdout().flush();
     };
-    let report = crate::cutover::run(plan, &resolved, dry_run, shutdown, &mut show_checks).await?;
-    print!("{}", render_text(&report));
+    let report = if back {
+        crate::cutover::rollback::run(plan, &resolved, dry_run, shutdown, &mut show_checks).await?
+    } else {
+        crate::cutover::run(plan, &resolved, dry_run, shutdown, &mut show_checks).await?
+    };
+    print!("{}", render_text(&report, back));
     if let Some(e) = report.error {
         return Err(e);
     }
@@ -39,7 +43,7 @@ pub fn render_checks(checks: &[Check]) -> String {
 }
 
 /// The text report after preflight: timeline, how it ended.
-pub fn render_text(r: &Report) -> String {
+pub fn render_text(r: &Report, back: bool) -> String {
     let mut o = String::new();
     if r.error.is_some() {
         let _ = writeln!(o, "timeline up to the failure:");
@@ -49,7 +53,7 @@ pub fn render_text(r: &Report) -> String {
         o.push_str(&render_hooks(&r.hooks));
         return o;
     }
-    if matches!(r.ended, Ended::Switched { .. } | Ended::Aborted { .. }) {
+    if matches!(r.ended, Ended::Switched { .. } | Ended::Aborted { .. } | Ended::RolledBack { .. }) {
         let _ = writeln!(o, "timeline:");
         for (step, ms) in &r.timeline {
             let _ = writeln!(o, "  {step:<26} {ms:>9.1} ms");
@@ -62,18 +66,24 @@ pub fn render_text(r: &Report) -> String {
             let _ = writeln!(o, "traffic paused for {p:.1} ms (PAUSE sent to RESUME done)");
         }
     }
+    let (what, from, to) = if back { ("rollback", "green", "blue") } else { ("cutover", "blue", "green") };
     let _ = match &r.ended {
-        Ended::NoState => writeln!(o, "cutover not attempted: no migration state on green; run `migrate copy` first"),
-        Ended::Postponed => writeln!(o, "cutover not attempted: interrupted while postponed; traffic stays on blue"),
+        Ended::NoState => writeln!(o, "{what} not attempted: no migration state on green; run `migrate copy` first"),
+        Ended::Postponed => writeln!(o, "{what} not attempted: interrupted while postponed; traffic stays on {to}"),
         Ended::AlreadySwitched { traffic } => writeln!(o, "already switched: {traffic}"),
         Ended::ChecksFailed { failed } => {
-            writeln!(o, "cutover not attempted: {failed} check(s) failed; traffic stays on blue")
+            writeln!(o, "{what} not attempted: {failed} check(s) failed; traffic stays on {from}")
         }
         Ended::DryRunPassed => writeln!(o, "dry run: every check passed; nothing was changed"),
         Ended::Switched { traffic } => writeln!(o, "switched: {traffic}"),
+        Ended::Aborted { reason } if back => writeln!(
+            o,
+            "rollback aborted: {reason}\ntraffic stays on green; the way back stays open and `migrate copy` carries green's writes to blue"
+        ),
         Ended::Aborted { reason } => {
             writeln!(o, "cutover aborted: {reason}\ntraffic stays on blue; following continues")
         }
+        Ended::RolledBack { traffic } => writeln!(o, "rolled back: {traffic}"),
     };
     o
 }

@@ -84,6 +84,13 @@ pub enum Command {
         /// Preflight only.
         dry_run: bool,
     },
+    /// Switch PgBouncer back to blue through the way back.
+    Rollback {
+        /// Preflight only.
+        dry_run: bool,
+    },
+    /// End the way back: remove capture from green and blue.
+    Finish,
     /// Remove everything the tool made on blue and its state on green.
     Cleanup {
         /// Even while a `copy` of this plan holds the plan lock.
@@ -114,7 +121,9 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
             copied
         }
         Command::Verify { format, table, reverse } => verify::run(&plan, format, table.as_deref(), reverse).await,
-        Command::Cutover { dry_run } => cutover::run(&plan, dry_run, shutdown).await,
+        Command::Cutover { dry_run } => cutover::run(&plan, dry_run, false, shutdown).await,
+        Command::Rollback { dry_run } => cutover::run(&plan, dry_run, true, shutdown).await,
+        Command::Finish => cleanup::finish(&plan).await,
         Command::Cleanup { force } => cleanup::run(&plan, force).await,
         Command::Status { format, watch: None } => status::run(&plan, format).await,
         Command::Status { format, watch: Some(every) } => status::watch(&plan, format, every, shutdown).await,

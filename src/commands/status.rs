@@ -115,7 +115,12 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
         Some(_) => state.control(green).await.ok().map(|c| serde_json::to_value(c).unwrap_or_default()),
         None => None,
     };
+    let way_back = match phase {
+        Some(_) => way_back_json(&state, green).await,
+        None => serde_json::Value::Null,
+    };
     Ok(serde_json::json!({
+        "way_back": way_back,
         "control": control,
         "plan": plan.name,
         "phase": phase.as_ref().map(|p| p.name()).unwrap_or("planned"),
@@ -130,6 +135,32 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
         "capture": capture,
         "blue": blue,
     }))
+}
+
+/// The way back: whether it is open, what is not yet on blue, what green holds for it, the last
+/// rollback. `null` when no cutover opened one (or state predates it).
+async fn way_back_json(state: &State, green: &tokio_postgres::Client) -> serde_json::Value {
+    let Ok(Some(w)) = crate::way_back::window(state, green).await else { return serde_json::Value::Null };
+    let backlog = match (w.open, w.start_xid) {
+        (true, Some(start)) => crate::way_back::backlog(state, green, start).await.ok(),
+        _ => None,
+    };
+    let seen: Option<f64> = green
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM now() - (way_back->>'seen_at')::timestamptz)::float8 FROM {} WHERE id = 1",
+                state.table("migration")
+            ),
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.get(0));
+    let mut v = serde_json::to_value(&w).unwrap_or_default();
+    v["pending_changes"] = serde_json::json!(backlog);
+    v["follower_seen_seconds_ago"] = serde_json::json!(seen);
+    v["direction"] = serde_json::json!(if w.open { "back" } else { "forward" });
+    v
 }
 
 fn capture_json(v: &StatusView) -> serde_json::Value {
@@ -205,6 +236,35 @@ pub fn render_text(value: &serde_json::Value) -> String {
             c.get("outcome").and_then(|v| v.as_str()).unwrap_or("?"),
             c.get("paused_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
             c.get("total_ms").and_then(|v| v.as_f64()).unwrap_or(f64::NAN)
+        ));
+    }
+    let w = &value["way_back"];
+    if w["open"] == true {
+        o.push_str(&format!(
+            "  way back OPEN since {}: {} change(s) on green not yet on blue, {} key(s) written back, follower seen {}\n",
+            w["opened_at"].as_str().unwrap_or("?"),
+            w["pending_changes"],
+            w["applied"],
+            w["follower_seen_seconds_ago"].as_f64().map(|s| format!("{s:.0}s ago")).unwrap_or_else(|| "never".into())
+        ));
+        if w["follower_seen_seconds_ago"].as_f64().is_none_or(|s| s > 5.0) {
+            o.push_str("  WARNING: green's writes are not being carried to blue: run `migrate copy PLAN`\n");
+        }
+        if let Some(e) = w["error"].as_str() {
+            o.push_str(&format!("  STOPPED: the way back failed: {e}\n"));
+        }
+        o.push_str("  the way back keeps capture on blue and green; end it with `migrate finish PLAN` once you will not roll back\n");
+    } else if let Some(by) = w["closed_by"].as_str() {
+        o.push_str(&format!("  way back closed ({by}) at {}\n", w["closed_at"].as_str().unwrap_or("?")));
+    }
+    if let Some(r) = w["last_rollback"].as_object() {
+        o.push_str(&format!(
+            "  last rollback: {}{}\n",
+            r.get("outcome").and_then(|v| v.as_str()).unwrap_or("?"),
+            r.get("paused_ms")
+                .and_then(|v| v.as_f64())
+                .map(|p| format!(", traffic paused {p:.1} ms"))
+                .unwrap_or_default()
         ));
     }
     for d in value["drift"].as_array().into_iter().flatten() {

@@ -474,14 +474,45 @@ pub async fn run(
     let state = State::new(&plan.name);
     state.ensure(&green, &plan.name).await?;
     state.clear_failure(&green).await?;
-    if state.phase(&green).await? == Some(Phase::Switched) {
-        info!("this migration is switched already; nothing to copy or follow");
-        return Ok(());
+    let mut removed = removed;
+    loop {
+        let phase = state.phase(&green).await?;
+        if matches!(phase, Some(Phase::Switched) | Some(Phase::RollingBack { .. })) {
+            // Traffic is on green: carry its writes back while a way back is open.
+            if !crate::way_back::window(&state, &green).await?.is_some_and(|w| w.open) {
+                info!("this migration is switched already; nothing to copy or follow");
+                return Ok(());
+            }
+            match crate::follow::back::run(plan, resolved, &shutdown).await? {
+                crate::follow::back::BackStop::RolledBack => continue,
+                _ => return Ok(()),
+            }
+        }
+        match forward(plan, resolved, removed, recopy, &mut green, &state, shutdown.clone(), no_follow).await? {
+            // A finished cutover: a way back may have opened.
+            Some(Stop::Switched) => removed = &[],
+            _ => return Ok(()),
+        }
     }
-    refuse_drifted(&state, &green, resolved, recopy).await?;
+}
+
+/// Capture, copy and follow blue until a signal, a switch, or `--no-follow`'s catch-up.
+/// Returns why following stopped (`None` when it never started).
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    removed: &[TableId],
+    recopy: &[String],
+    green: &mut Client,
+    state: &State,
+    shutdown: Shutdown,
+    no_follow: bool,
+) -> Result<Option<Stop>> {
+    refuse_drifted(state, green, resolved, recopy).await?;
     if !removed.is_empty() {
         // Capture setup below drops their triggers or publication membership on blue.
-        state.forget_tables(&green, removed).await?;
+        state.forget_tables(green, removed).await?;
         info!(tables = ?removed, "entries no longer in the plan: their capture and state are removed, their green rows stay");
     }
     // Capture starts before the copy's snapshot: every change the copy might miss is captured.
@@ -496,13 +527,13 @@ pub async fn run(
     let follow_stop = Shutdown::manual();
     let mut following = tokio::spawn(follower.run(follow_stop.clone(), catch_up_rx));
     let copied = tokio::select! {
-        r = copy_tables(plan, resolved, &mut green, &shutdown, &live) => r,
+        r = copy_tables(plan, resolved, green, &shutdown, &live) => r,
         r = &mut following => {
             // The follower ended during the copy: that is a failure (or a signal).
             shutdown.trigger();
             let r = r.unwrap_or_else(|e| Err(Error::TaskPanicked { task: "follower", message: e.to_string() }));
             return r.and_then(|stop| match stop {
-                Stop::Signal => Ok(()),
+                Stop::Signal => Ok(None),
                 other => Err(Error::FollowerStopped { how: format!("{other:?}") }),
             });
         }
@@ -518,13 +549,13 @@ pub async fn run(
     if !finished {
         follow_stop.trigger();
         let _ = following.await;
-        return Ok(());
+        return Ok(None);
     }
     if !matches!(
-        state.phase(&green).await?,
+        state.phase(green).await?,
         Some(Phase::Following { .. }) | Some(Phase::CuttingOver { .. }) | Some(Phase::Aborted { .. })
     ) {
-        state.set_phase(&green, &Phase::Following { lsn: None }).await?;
+        state.set_phase(green, &Phase::Following { lsn: None }).await?;
     }
     info!("copy done; following blue");
     if no_follow {
@@ -544,5 +575,5 @@ pub async fn run(
     relay.abort();
     let stop = stop?;
     info!(reason = ?stop, "following stopped");
-    Ok(())
+    Ok(Some(stop))
 }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 mod foreign_keys;
 mod hooks;
 mod preflight;
+pub mod rollback;
 mod switch;
 
 use crate::{
@@ -80,26 +81,22 @@ pub async fn run(
 ) -> Result<Report> {
     let pb = settings(plan)?;
     let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
-    // A follower finishing a recovery holds the lock for a moment: wait briefly, not forever.
-    green
-        .batch_execute(&format!("SET lock_timeout = '{CUTOVER_LOCK_WAIT}'"))
-        .await
-        .map_err(Error::db("green: cutover session"))?;
-    match green.execute("SELECT pg_advisory_lock(hashtext($1))", &[&cutover_lock_key(&plan.name)]).await {
-        Ok(_) => {}
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
-            return Err(Error::Busy { plan: plan.name.clone(), command: "cutover".into() })
-        }
-        Err(e) => return Err(Error::db("green: taking the cutover lock")(e)),
-    }
+    lock(plan, &green, "cutover").await?;
     let state = State::new(&plan.name);
     if !state.exists(&green).await? {
         return Ok(Report::ended(Ended::NoState));
     }
     state.ensure(&green, &plan.name).await?;
-    if let Some(Phase::CuttingOver { step }) = state.phase(&green).await? {
-        warn!(step = %step, "an earlier cutover stopped half-way; recovering it first");
-        recover(pb, &green, &state, step).await?;
+    match state.phase(&green).await? {
+        Some(Phase::CuttingOver { step }) => {
+            warn!(step = %step, "an earlier cutover stopped half-way; recovering it first");
+            recover(plan, pb, &green, &state, step).await?;
+        }
+        Some(Phase::RollingBack { step }) => {
+            warn!(step = %step, "an earlier rollback stopped half-way; recovering it first");
+            rollback::recover(plan, resolved, pb, &green, &state, step).await?;
+        }
+        _ => {}
     }
     if state.phase(&green).await? == Some(Phase::Switched) {
         return Ok(Report::ended(Ended::AlreadySwitched { traffic: traffic_on_green(pb) }));
@@ -124,6 +121,23 @@ pub async fn run(
     let span = tracing::info_span!("cutover", plan = %plan.name, database = %pb.database);
     let result = tracing::Instrument::instrument(switch.execute(&shutdown), span).await;
     Ok(switch.finish(result).await)
+}
+
+/// Takes the plan's cutover lock on green (a cutover, a rollback and `finish` of one plan never
+/// overlap), held until the session ends.
+pub async fn lock(plan: &Plan, green: &Client, command: &str) -> Result<()> {
+    // A follower finishing a recovery holds the lock for a moment: wait briefly, not forever.
+    green
+        .batch_execute(&format!("SET lock_timeout = '{CUTOVER_LOCK_WAIT}'"))
+        .await
+        .map_err(Error::db(format!("green: {command} session")))?;
+    match green.execute("SELECT pg_advisory_lock(hashtext($1))", &[&cutover_lock_key(&plan.name)]).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+            Err(Error::Busy { plan: plan.name.clone(), command: command.into() })
+        }
+        Err(e) => Err(Error::db("green: taking the cutover lock")(e)),
+    }
 }
 
 /// How often a postponed cutover looks whether it may go on, and says it waits.
@@ -176,7 +190,13 @@ pub enum Ended {
         /// Where traffic goes now, in words.
         traffic: String,
     },
-    /// Rolled back: traffic stays on blue, following continues.
+    /// `rollback` finished: traffic is on blue again, following resumes.
+    RolledBack {
+        /// Where traffic goes now, in words.
+        traffic: String,
+    },
+    /// Rolled back: traffic stays on blue, following continues (for `rollback`: it gave up,
+    /// traffic stays on green and the way back stays open).
     Aborted {
         /// Why.
         reason: String,
@@ -208,7 +228,10 @@ impl Report {
 
     /// Whether the command succeeded: switched, already switched, or a clean dry run.
     pub fn ok(&self) -> bool {
-        matches!(self.ended, Ended::AlreadySwitched { .. } | Ended::DryRunPassed | Ended::Switched { .. })
+        matches!(
+            self.ended,
+            Ended::AlreadySwitched { .. } | Ended::DryRunPassed | Ended::Switched { .. } | Ended::RolledBack { .. }
+        )
     }
 }
 
@@ -228,7 +251,7 @@ fn traffic_on_green(pb: &PgbouncerSettings) -> String {
 }
 
 /// Finishes or rolls back a cutover that stopped at `step` (its process died).
-async fn recover(pb: &PgbouncerSettings, green: &Client, state: &State, step: CutoverStep) -> Result<()> {
+async fn recover(plan: &Plan, pb: &PgbouncerSettings, green: &Client, state: &State, step: CutoverStep) -> Result<()> {
     let mut bouncer = Bouncer::connect(&pb.admin, &pb.database).await?;
     let finished = match &pb.mode {
         SwitchMode::Repoint { databases_file, green_dsn } => {
@@ -271,6 +294,9 @@ async fn recover(pb: &PgbouncerSettings, green: &Client, state: &State, step: Cu
         state.set_phase(green, &Phase::Switched).await?;
         info!(step = %step, "the interrupted cutover was finished: traffic is on green");
     } else {
+        if let Err(e) = crate::way_back::remove(plan, green).await {
+            warn!(error = %e, "could not remove the way back's capture from green; `cleanup` removes it");
+        }
         let reason = format!("a cutover stopped at step `{step}`; rolled back, traffic stays on blue");
         state.set_phase(green, &Phase::Aborted { reason }).await?;
         info!(step = %step, "the interrupted cutover was rolled back: traffic stays on blue");
@@ -287,7 +313,7 @@ pub async fn recover_abandoned(plan: &Plan) -> Result<()> {
     }
     let state = State::new(&plan.name);
     let result = match state.phase(&green).await? {
-        Some(Phase::CuttingOver { step }) => recover(pb, &green, &state, step).await,
+        Some(Phase::CuttingOver { step }) => recover(plan, pb, &green, &state, step).await,
         _ => Ok(()),
     };
     // Released now, not when the server notices the closed session: a cutover may be waiting.

@@ -26,6 +26,21 @@ pub(super) async fn preflight(
     checks.extend(pgbouncer_checks(plan, pb, blue, green).await);
     let sequences: usize = resolved.tables.iter().map(|t| t.sequences.len()).sum();
     checks.push(Check { name: "sequences to carry".into(), ok: true, detail: sequences.to_string() });
+    if plan.cutover.way_back {
+        let problems = crate::way_back::problems(resolved, blue).await?;
+        checks.push(Check {
+            name: "way back".into(),
+            ok: problems.is_empty(),
+            detail: if problems.is_empty() {
+                format!(
+                    "{} table(s) carried back to blue after the switch while `migrate copy` runs; `migrate rollback` switches back",
+                    resolved.tables.len()
+                )
+            } else {
+                format!("[cutover] way_back = true, but: {}", problems.join("; "))
+            },
+        });
+    }
     Ok(checks)
 }
 

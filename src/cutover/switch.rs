@@ -77,6 +77,10 @@ pub(super) struct Switch<'a> {
     /// way back to blue.
     committed: bool,
     sequences: Vec<SequenceSet>,
+    /// The way back's capture was installed on green (an abort removes it).
+    way_back_installed: bool,
+    /// Green's transaction horizon S, taken in the pause: the way back carries what lies past it.
+    way_back_start: Option<i64>,
 }
 
 impl<'a> Switch<'a> {
@@ -132,6 +136,8 @@ impl<'a> Switch<'a> {
             old_line: None,
             committed: false,
             sequences: Vec::new(),
+            way_back_installed: false,
+            way_back_start: None,
         })
     }
 
@@ -158,6 +164,19 @@ impl<'a> Switch<'a> {
         self.record_step(CutoverStep::CatchUp).await?;
         self.mark("follower stood aside", t);
         self.hold_v2(shutdown).await?;
+        if self.plan.cutover.way_back {
+            // Before the catch-up: green's targets have no application writers yet, so the
+            // trigger DDL waits for nothing, and nothing slow enters the pause.
+            let t = Instant::now();
+            self.way_back_installed = true;
+            bounded(
+                Duration::from_secs(30),
+                "opening the way back",
+                crate::way_back::install(self.plan, self.resolved, &self.green),
+            )
+            .await?;
+            self.mark("way back opened", t);
+        }
 
         self.catch_up_rounds(shutdown).await?;
         fault("cutover.caught-up", shutdown).await;
@@ -193,6 +212,9 @@ impl<'a> Switch<'a> {
             .unwrap_or(Err(Error::PauseBudget { waited: budget }))?;
         interrupted(shutdown)?;
 
+        if let Some(start) = self.way_back_start {
+            self.record_window(start).await?;
+        }
         self.record_step(CutoverStep::Repoint).await?;
         fault("cutover.before-repoint", shutdown).await;
         match &self.pb.mode {
@@ -412,6 +434,10 @@ impl<'a> Switch<'a> {
         let t = Instant::now();
         self.carry_sequences().await?;
         self.mark("sequences", t);
+        if self.way_back_installed {
+            // S before the hooks: a hook that lets writes reach green must have them carried back.
+            self.way_back_start = Some(crate::way_back::horizon(&self.green).await?);
+        }
         self.run_hooks(HookPoint::InPause, Some(deadline), shutdown).await
     }
 
@@ -541,6 +567,22 @@ impl<'a> Switch<'a> {
         Ok(())
     }
 
+    /// Stores the open window: S, and blue's databases-file value that a rollback writes back.
+    async fn record_window(&self, start: i64) -> Result<()> {
+        let blue_line = match &self.pb.mode {
+            SwitchMode::Repoint { databases_file, .. } => {
+                std::fs::read_to_string(databases_file).ok().and_then(|text| {
+                    let r = databases_file::find_entry(&text, &self.pb.database)?;
+                    text[r].split_once('=').map(|(_, v)| v.trim().to_string())
+                })
+            }
+            SwitchMode::Handover { .. } => None,
+        };
+        let window = crate::way_back::Window { open: true, start_xid: Some(start), blue_line, ..Default::default() };
+        let patch = serde_json::to_value(&window).unwrap_or_default();
+        crate::way_back::update(&self.state, &self.green, patch, &["opened_at"]).await
+    }
+
     /// New sessions on blue are read-only from now on: a stray writer fails loudly instead of
     /// writing where nobody reads. Sessions already open are left alone.
     async fn fence_blue(&self) {
@@ -625,6 +667,18 @@ impl<'a> Switch<'a> {
         self.bouncer.resume().await?;
         self.paused = None;
         self.mark("roll back", t);
+        if self.way_back_installed {
+            // Traffic stays on blue: green's capture would only pile up rows.
+            let removed = bounded(
+                Duration::from_secs(10),
+                "removing the way back",
+                crate::way_back::remove(self.plan, &self.green),
+            )
+            .await;
+            if let Err(e) = removed {
+                warn!(error = %e, "could not remove the way back's capture from green; the next cutover or `cleanup` removes it");
+            }
+        }
         // Undoing what an in_pause hook flipped is the on_abort hooks' job; they run with
         // traffic flowing again, and their failure does not change how the cutover ended.
         if let Err(e) = self.run_hooks(HookPoint::OnAbort, None, &Shutdown::manual()).await {
@@ -647,14 +701,14 @@ async fn bounded<T>(budget: Duration, what: &str, fut: impl std::future::Future<
 }
 
 /// A fault-injection point that a signal can interrupt.
-async fn fault(name: &str, shutdown: &Shutdown) {
+pub(super) async fn fault(name: &str, shutdown: &Shutdown) {
     tokio::select! {
         _ = crate::fault::point(name) => {}
         _ = shutdown.wait() => {}
     }
 }
 
-fn interrupted(shutdown: &Shutdown) -> Result<()> {
+pub(super) fn interrupted(shutdown: &Shutdown) -> Result<()> {
     if shutdown.is_triggered() {
         return Err(Error::Interrupted { during: "(SIGINT/SIGTERM)".into() });
     }

@@ -140,6 +140,7 @@ struct RawJoin {
 struct RawCutover {
     pgbouncer: Option<RawPgbouncer>,
     fence_blue: Option<bool>,
+    way_back: Option<Spanned<bool>>,
     sequence_gap: Option<i64>,
     max_lag_bytes: Option<u64>,
     lock_timeout: Option<Spanned<String>>,
@@ -340,6 +341,9 @@ pub struct CutoverSettings {
     pub pgbouncer: Option<PgbouncerSettings>,
     /// Make blue read-only after the switch.
     pub fence_blue: bool,
+    /// Open a way back at the switch: capture on green, carried to blue by the running `copy`,
+    /// so `migrate rollback` can switch back with nothing lost.
+    pub way_back: bool,
     /// Green sequences are set this far past blue's value.
     pub sequence_gap: i64,
     /// Preflight refuses when capture lag exceeds this.

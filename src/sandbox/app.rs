@@ -36,12 +36,15 @@ pub struct AppReport {
     pub max_stall: Duration,
     /// Mapped-table updates done.
     pub updates: u64,
+    /// Writes to green's tables in the v2 form done (revocations inserted, updated, deleted).
+    pub v2_writes: u64,
 }
 
 /// A running application writer.
 pub struct App {
     stop: Arc<AtomicBool>,
     mapped: Arc<AtomicBool>,
+    v2: Arc<AtomicBool>,
     report: Arc<Mutex<AppReport>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -52,8 +55,9 @@ impl App {
     pub fn start(url: String, rate: u32, tag: &str) -> App {
         let stop = Arc::new(AtomicBool::new(false));
         let mapped = Arc::new(AtomicBool::new(true));
+        let v2 = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(AppReport::default()));
-        let (s, m, r, tag) = (stop.clone(), mapped.clone(), report.clone(), tag.to_string());
+        let (s, m, v, r, tag) = (stop.clone(), mapped.clone(), v2.clone(), report.clone(), tag.to_string());
         let handle = std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -101,6 +105,17 @@ impl App {
                             Err(e) => rep.failures.push(format!("insert {payload}: {e}")),
                         }
                     }
+                    if v.load(Ordering::SeqCst) {
+                        let sql = v2_statement(&tag, n);
+                        let sent = Instant::now();
+                        let res = client.simple_query(&sql).await;
+                        let mut rep = r.lock().unwrap_or_else(|e| e.into_inner());
+                        rep.max_stall = rep.max_stall.max(sent.elapsed());
+                        match res {
+                            Ok(_) => rep.v2_writes += 1,
+                            Err(e) => rep.failures.push(format!("v2 write: {e}")),
+                        }
+                    }
                     if m.load(Ordering::SeqCst) && n.is_multiple_of(3) {
                         let sql = "UPDATE hydra_oauth2_access SET active = NOT active WHERE signature = \
                             (SELECT signature FROM hydra_oauth2_access WHERE signature >= md5(random()::text) \
@@ -117,7 +132,13 @@ impl App {
                 }
             });
         });
-        App { stop, mapped, report, handle: Some(handle) }
+        App { stop, mapped, v2, report, handle: Some(handle) }
+    }
+
+    /// Turns the v2 application's writes to green's revocations on or off (inserts, updates,
+    /// deletes: what a way back must carry to blue). Only while traffic is on green.
+    pub fn set_v2(&self, on: bool) {
+        self.v2.store(on, Ordering::SeqCst);
     }
 
     /// Turns the updates of mapped (blue-named) tables on or off. They must be off before the
@@ -151,6 +172,20 @@ impl App {
             }
         }
         std::mem::take(&mut *self.report.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The v2 application's write to green's `oauth2_revocations`: a revocation, a changed reason,
+/// or a revocation withdrawn (a row picked among the first hundred by key).
+fn v2_statement(tag: &str, n: u64) -> String {
+    let pick =
+        "(SELECT request_id FROM oauth2_revocations ORDER BY request_id OFFSET floor(random() * 100)::int LIMIT 1)";
+    match n % 3 {
+        0 => format!(
+            "INSERT INTO oauth2_revocations (request_id, revoked_at, reason) VALUES ('{tag}-v2-{n}', now(), 'revoked on green')"
+        ),
+        1 => format!("UPDATE oauth2_revocations SET reason = 'changed on green {n}' WHERE request_id = {pick}"),
+        _ => format!("DELETE FROM oauth2_revocations WHERE request_id = {pick}"),
     }
 }
 

@@ -65,8 +65,13 @@ impl State {
         &self.plan
     }
 
+    /// The state schema, quoted.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
     /// A table of the state schema, quoted.
-    fn table(&self, name: &str) -> String {
+    pub fn table(&self, name: &str) -> String {
         format!("{}.{}", self.schema, ident(name))
     }
 
@@ -134,6 +139,7 @@ impl State {
                 ("chunks", "part", "text"),
                 ("migration", "last_error", "jsonb"),
                 ("migration", "control", "jsonb"),
+                ("migration", "way_back", "jsonb"),
             ]),
         );
         self.check_layout(green).await?;

@@ -64,8 +64,16 @@ pub enum Phase {
         /// Step reached.
         step: CutoverStep,
     },
-    /// Set by `cutover` after RESUME on green. Final.
+    /// Set by `cutover` after RESUME on green. Final, unless the cutover opened a way back:
+    /// then `RollingBack` (by `migrate rollback`).
     Switched,
+    /// Set by `rollback` while it switches back; `step` is the step reached (the cutover's steps,
+    /// mirrored: from `Repoint` traffic may be on blue). Next: `Following` once traffic is on
+    /// blue, or `Switched` when it gave up (traffic stays on green, the way back stays open).
+    RollingBack {
+        /// Step reached.
+        step: CutoverStep,
+    },
     /// Set by `cutover` when it gave up and left traffic on blue (also when it failed before
     /// its first recorded step); following goes on. Next:
     /// `CuttingOver` (another attempt), or `Copying` when the plan gained a table.
@@ -80,7 +88,9 @@ impl Phase {
     /// green's any more.
     pub fn green_is_live(&self) -> bool {
         match self {
-            Phase::Switched => true,
+            // Until a rollback has finished, green may take writes, and forward apply would
+            // overwrite them with blue's rows.
+            Phase::Switched | Phase::RollingBack { .. } => true,
             Phase::CuttingOver { step } => step.green_may_be_live(),
             _ => false,
         }
@@ -94,6 +104,7 @@ impl Phase {
             Phase::Following { .. } => "following",
             Phase::CuttingOver { .. } => "cutting-over",
             Phase::Switched => "switched",
+            Phase::RollingBack { .. } => "rolling-back",
             Phase::Aborted { .. } => "aborted",
         }
     }
@@ -104,9 +115,12 @@ impl Phase {
         match next {
             Phase::Planned => &["planned"],
             Phase::Copying => &["planned", "copying", "following", "aborted"],
-            Phase::Following { .. } => &["copying", "following"],
+            // From `rolling-back`: a rollback put traffic back on blue.
+            Phase::Following { .. } => &["copying", "following", "rolling-back"],
             Phase::CuttingOver { .. } => &["following", "aborted", "cutting-over"],
-            Phase::Switched => &["cutting-over", "switched"],
+            // From `rolling-back`: a rollback that gave up before traffic moved.
+            Phase::Switched => &["cutting-over", "switched", "rolling-back"],
+            Phase::RollingBack { .. } => &["switched", "rolling-back"],
             // From `following` too: a cutover that failed before its first recorded step.
             Phase::Aborted { .. } => &["following", "cutting-over", "aborted"],
         }
@@ -174,6 +188,14 @@ mod tests {
         assert!(!Phase::Switched.may_become(&Phase::Copying));
         assert!(!following.may_become(&Phase::Switched));
         assert!(!Phase::Copying.may_become(&cutting));
+        // The way back: switched, rolling back, following again (or back to switched).
+        let rolling = Phase::RollingBack { step: CutoverStep::Repoint };
+        assert!(Phase::Switched.may_become(&rolling));
+        assert!(rolling.may_become(&following));
+        assert!(rolling.may_become(&Phase::Switched));
+        assert!(rolling.green_is_live(), "forward apply waits until a rollback is done");
+        assert!(!following.may_become(&rolling));
+        assert!(!rolling.may_become(&Phase::Copying));
     }
 
     #[test]

@@ -85,6 +85,17 @@ impl Validator<'_> {
         if let Some(pb) = c.pgbouncer {
             cutover.pgbouncer = self.pgbouncer(pb);
         }
+        if let Some(w) = &c.way_back {
+            cutover.way_back = *w.get_ref();
+            let handover = cutover.pgbouncer.as_ref().is_some_and(|pb| matches!(pb.mode, SwitchMode::Handover { .. }));
+            if cutover.way_back && handover {
+                self.problem(
+                    self.line(w.span()),
+                    "cutover.way_back",
+                    "a way back is built for mode = \"repoint\" only; handover mode switches back by hand (see the runbook)",
+                );
+            }
+        }
         cutover.hooks = c.hooks.iter().enumerate().filter_map(|(i, h)| self.hook(i + 1, h)).collect();
         let budget = cutover.pgbouncer.as_ref().map(|pb| pb.pause_timeout).unwrap_or(DEFAULT_PAUSE_TIMEOUT);
         let in_pause: Vec<&Hook> = cutover.hooks.iter().filter(|h| h.at == HookPoint::InPause).collect();

@@ -3,6 +3,8 @@
 //! holds everything blue had committed when the copy finished. Lost connections are retried with
 //! bounded backoff; capture resumes from the position stored on green.
 
+pub mod back;
+
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},

@@ -1,0 +1,597 @@
+//! `migrate rollback`: the cutover in reverse, through the way back the cutover opened. Stand
+//! the reverse follower aside, carry green's writes to blue in rounds while traffic flows,
+//! PAUSE, drain, check every key written back, set blue's sequences ahead of green's, lift the
+//! fence, write blue's line back, RELOAD, RESUME. Every failure before RELOAD resumes on green
+//! with the way back still open; a rollback that dies is finished or undone by the next
+//! `rollback`, `cutover`, or the running `copy`. Afterwards forward following resumes from blue's
+//! capture, which was kept through the window, so a later `cutover` can try again.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use super::{
+    switch::{fault, interrupted},
+    Ended, Report,
+};
+use crate::{
+    error::{Error, Result},
+    pg::ident,
+    pgbouncer::{databases_file, Bouncer, Paused},
+    plan::{Check, PgbouncerSettings, Plan, ResolvedPlan, SwitchMode},
+    shutdown::Shutdown,
+    state::{CutoverStep, KeyEvent, Phase, State},
+    way_back::{self, apply as back},
+};
+
+/// Catching up before the pause may take this long.
+const CATCH_UP_BUDGET: Duration = Duration::from_secs(120);
+/// Keys compared per query in the checks.
+const CHECK_KEYS: usize = 5_000;
+/// Blue rows per entry the preflight's round trip reads.
+const ROUND_TRIP_ROWS: u64 = 10_000;
+/// How recently the reverse follower must have reported to count as running.
+const FOLLOWER_SEEN: &str = "5 seconds";
+
+/// `migrate rollback`: preflight, then (unless `dry_run`) the switch back.
+pub async fn run(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    dry_run: bool,
+    shutdown: Shutdown,
+    on_preflight: &mut (dyn FnMut(&[Check]) + Send),
+) -> Result<Report> {
+    let pb = super::settings(plan)?;
+    let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
+    super::lock(plan, &green, "rollback").await?;
+    let state = State::new(&plan.name);
+    if !state.exists(&green).await? {
+        return Ok(Report::ended(Ended::NoState));
+    }
+    match state.phase(&green).await? {
+        Some(Phase::CuttingOver { step }) => super::recover(plan, pb, &green, &state, step).await?,
+        Some(Phase::RollingBack { step }) => recover(plan, resolved, pb, &green, &state, step).await?,
+        _ => {}
+    }
+    let checks = preflight(plan, pb, resolved, &blue, &green, &state).await?;
+    on_preflight(&checks);
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if failed > 0 {
+        return Ok(Report::ended(Ended::ChecksFailed { failed }));
+    }
+    if dry_run {
+        return Ok(Report::ended(Ended::DryRunPassed));
+    }
+    let window = way_back::window(&state, &green).await?.unwrap_or_default();
+    let (SwitchMode::Repoint { databases_file, .. }, Some(start), Some(blue_line)) =
+        (&pb.mode, window.start_xid, window.blue_line.clone())
+    else {
+        return Err(Error::Internal("preflight passed without a repoint window"));
+    };
+    let mut r = Rollback {
+        plan,
+        resolved,
+        pb,
+        state,
+        work: plan.green.connect().await?,
+        blue,
+        green,
+        bouncer: Bouncer::connect(&pb.admin, &pb.database).await?,
+        start,
+        blue_line,
+        file: databases_file.clone(),
+        timeline: Vec::new(),
+        paused: None,
+        paused_ms: None,
+        rewrote: false,
+        committed: false,
+        sequences: Vec::new(),
+        unfenced: false,
+    };
+    back::prepare_blue(&r.blue).await?;
+    let span = tracing::info_span!("rollback", plan = %plan.name, database = %pb.database);
+    let result = tracing::Instrument::instrument(r.execute(&shutdown), span).await;
+    Ok(r.finish(result).await)
+}
+
+/// The rollback's checks, each `[ok]` or `[FAIL]`.
+async fn preflight(
+    plan: &Plan,
+    pb: &PgbouncerSettings,
+    resolved: &ResolvedPlan,
+    blue: &Client,
+    green: &Client,
+    state: &State,
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
+    let phase = state.phase(green).await?;
+    let window = way_back::window(state, green).await?;
+    let open = window.as_ref().is_some_and(|w| w.open && w.start_xid.is_some() && w.blue_line.is_some());
+    check(
+        "switched, way back open",
+        phase == Some(Phase::Switched) && open,
+        match (&phase, &window) {
+            (Some(Phase::Switched), Some(w)) if open => format!("opened at {}", w.opened_at.as_deref().unwrap_or("?")),
+            (Some(Phase::Switched), Some(w)) if w.closed_by.is_some() => format!(
+                "the way back was closed ({} at {}); switching back now needs a new migration",
+                w.closed_by.as_deref().unwrap_or("?"),
+                w.closed_at.as_deref().unwrap_or("?")
+            ),
+            (Some(Phase::Switched), _) => {
+                "the cutover opened no way back (`[cutover] way_back = true` was not set)".into()
+            }
+            (Some(p), _) => format!("phase {}: only a switched migration rolls back", p.name()),
+            (None, _) => "no state".into(),
+        },
+    );
+    if !matches!(pb.mode, SwitchMode::Repoint { .. }) {
+        check("pgbouncer mode", false, "handover mode has no rollback built; switch back by hand (runbook)".into());
+    }
+    let seen: bool = green
+        .query_one(
+            &format!(
+                "SELECT coalesce(now() - (way_back->>'seen_at')::timestamptz < interval '{FOLLOWER_SEEN}', false) FROM {} WHERE id = 1",
+                state.table("migration")
+            ),
+            &[],
+        )
+        .await
+        .map_err(Error::db("green: reading the reverse follower"))?
+        .get(0);
+    check(
+        "reverse follower",
+        true,
+        if seen {
+            "running".into()
+        } else {
+            "not running: rollback carries green's writes back by itself (slower)".into()
+        },
+    );
+    let installed = way_back::installed(plan, resolved, green).await?;
+    check(
+        "capture on green",
+        installed,
+        if installed {
+            "change table and triggers".into()
+        } else {
+            "missing: green's writes since the switch cannot be carried back".into()
+        },
+    );
+    if let Some(w) = window.as_ref().filter(|_| installed) {
+        let backlog = way_back::backlog(state, green, w.start_xid.unwrap_or(i64::MAX)).await?;
+        check(
+            "way back lag",
+            w.error.is_none(),
+            match &w.error {
+                Some(e) => format!("the reverse follower stopped: {e}"),
+                None => format!("{backlog} change(s) not yet on blue, {} key(s) written back so far", w.applied),
+            },
+        );
+    }
+    let mut lost = Vec::new();
+    for t in &resolved.tables {
+        let Some(sql) = crate::plan::round_trip_sql(t, Some(ROUND_TRIP_ROWS), 3) else { continue };
+        for r in blue.query(&sql, &[]).await.map_err(Error::db(format!("blue: round trip of {}", t.source)))? {
+            let key: Vec<String> = r.get(0);
+            lost.push(format!("{} key ({}) column {}", t.target, key.join(", "), r.get::<_, String>(1)));
+        }
+    }
+    check(
+        "way back proven",
+        lost.is_empty(),
+        if lost.is_empty() {
+            format!("up to {ROUND_TRIP_ROWS} rows per table come back from green's form unchanged")
+        } else {
+            format!("would change: {} (run `migrate verify --reverse`)", lost.join("; "))
+        },
+    );
+    match crate::capture::Capture::open(plan, resolved, plan.blue.connect().await?).await {
+        Ok(_) => check("capture on blue", true, "kept: following resumes after the rollback".into()),
+        Err(e) => check("capture on blue", false, format!("{e}: following could not resume after the rollback")),
+    }
+    match Bouncer::connect(&pb.admin, &pb.database).await {
+        Ok(_) => check("pgbouncer admin console", true, "reachable".into()),
+        Err(e) => check("pgbouncer admin console", false, e.to_string()),
+    }
+    let sequences = resolved.tables.iter().flat_map(|t| &t.sequences).filter(|s| s.blue_sequence.is_some()).count();
+    check("sequences to carry back", true, sequences.to_string());
+    Ok(checks)
+}
+
+/// One rollback in progress.
+struct Rollback<'a> {
+    plan: &'a Plan,
+    resolved: &'a ResolvedPlan,
+    pb: &'a PgbouncerSettings,
+    state: State,
+    /// Holds the cutover lock and the follow gate; records state.
+    green: Client,
+    /// Reads green's changes and rows.
+    work: Client,
+    /// Writes green's rows back.
+    blue: Client,
+    bouncer: Bouncer,
+    start: i64,
+    blue_line: String,
+    file: std::path::PathBuf,
+    timeline: Vec<(String, f64)>,
+    paused: Option<Instant>,
+    paused_ms: Option<f64>,
+    /// The databases file holds blue's line (an abort before RELOAD writes green's back).
+    rewrote: bool,
+    /// RELOAD sent: traffic may be on blue.
+    committed: bool,
+    sequences: Vec<crate::state::SequenceSet>,
+    /// Blue's fence was lifted (an abort puts it back).
+    unfenced: bool,
+}
+
+impl Rollback<'_> {
+    fn mark(&mut self, step: &str, since: Instant) {
+        let ms = since.elapsed().as_secs_f64() * 1000.0;
+        info!(step, ms = format!("{ms:.1}"), "rollback step done");
+        self.timeline.push((step.to_string(), ms));
+    }
+
+    async fn record_step(&self, step: CutoverStep) -> Result<()> {
+        self.state.set_phase(&self.green, &Phase::RollingBack { step }).await
+    }
+
+    async fn execute(&mut self, shutdown: &Shutdown) -> Result<()> {
+        let t = Instant::now();
+        self.green
+            .batch_execute(&format!("SET lock_timeout = '{}ms'", self.plan.cutover.lock_timeout.as_millis()))
+            .await
+            .map_err(Error::db("green: rollback session"))?;
+        self.green
+            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&self.state.gate_key()])
+            .await
+            .map_err(Error::db("green: standing the reverse follower aside (follow gate)"))?;
+        self.record_step(CutoverStep::CatchUp).await?;
+        self.mark("reverse follower stood aside", t);
+        let t = Instant::now();
+        self.catch_up(Instant::now() + CATCH_UP_BUDGET, shutdown).await?;
+        self.mark("catch-up", t);
+        let t = Instant::now();
+        let differing = self.check_written(false).await?.len();
+        info!(differing, "keys written back checked; differing ones are checked again in the pause");
+        self.mark("check before pause", t);
+        fault("rollback.caught-up", shutdown).await;
+        interrupted(shutdown)?;
+
+        self.record_step(CutoverStep::Pause).await?;
+        let t = Instant::now();
+        self.paused = Some(t);
+        match self.bouncer.pause(self.pb.pause_timeout, shutdown).await? {
+            Paused::Yes => {}
+            Paused::TimedOut => {
+                return Err(Error::PauseTimedOut { database: self.pb.database.clone(), waited: self.pb.pause_timeout })
+            }
+            Paused::Interrupted => return Err(Error::Interrupted { during: "while pausing".into() }),
+        }
+        self.mark("pause", t);
+        fault("rollback.paused", shutdown).await;
+        let budget = self.pb.pause_timeout;
+        tokio::time::timeout(budget, self.in_pause(Instant::now() + budget, shutdown))
+            .await
+            .unwrap_or(Err(Error::PauseBudget { waited: budget }))?;
+        interrupted(shutdown)?;
+
+        self.record_step(CutoverStep::Repoint).await?;
+        fault("rollback.before-repoint", shutdown).await;
+        let t = Instant::now();
+        databases_file::rewrite(&self.file, &self.pb.database, &self.blue_line).map_err(|source| Error::File {
+            what: "rewriting",
+            path: self.file.clone(),
+            source,
+        })?;
+        self.rewrote = true;
+        self.mark("repoint", t);
+        let t = Instant::now();
+        self.bouncer.reload().await?;
+        self.committed = true;
+        self.mark("reload", t);
+        fault("rollback.reloaded", shutdown).await;
+        let t = Instant::now();
+        self.bouncer.resume().await?;
+        self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
+        self.mark("resume", t);
+        let t = Instant::now();
+        let record = self.record("rolled-back", None);
+        finish_on_blue(self.plan, self.resolved, &self.state, &self.green, record).await?;
+        self.mark("following blue again", t);
+        Ok(())
+    }
+
+    /// Drain, final check of every key written back, blue's sequences, the fence.
+    async fn in_pause(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
+        let t = Instant::now();
+        self.catch_up(deadline, shutdown).await?;
+        self.mark("drain", t);
+        fault("rollback.drained", shutdown).await;
+        let t = Instant::now();
+        let differing = self.check_written(true).await?;
+        if !differing.is_empty() {
+            let shown = differing.iter().take(5).map(|(t, k)| format!("{t} key ({})", k.join(", "))).collect();
+            return Err(Error::DrainDiffers { count: differing.len(), shown });
+        }
+        self.mark("verify", t);
+        let t = Instant::now();
+        self.carry_sequences_back().await?;
+        self.mark("sequences", t);
+        if self.plan.cutover.fence_blue {
+            let t = Instant::now();
+            set_fence(self.plan, &self.blue, false).await?;
+            self.unfenced = true;
+            self.mark("fence lifted", t);
+        }
+        Ok(())
+    }
+
+    /// Carries green's writes to blue until every transaction that existed when called is on
+    /// blue (a fixed point, as the cutover's catch-up chases one).
+    async fn catch_up(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
+        let target = way_back::horizon(&self.work).await?;
+        loop {
+            let written =
+                back::round(&self.state, &self.resolved.tables, &mut self.work, &mut self.blue, self.start).await?;
+            if written == 0 && way_back::reached(&self.state, &self.work, self.start, target).await? {
+                return Ok(());
+            }
+            interrupted(shutdown)?;
+            if Instant::now() > deadline {
+                return Err(Error::CatchUpTimedOut { what: "carrying green's writes back".into() });
+            }
+            if written == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Compares every key written back (blue's row against reverse(green's row)). Returns the
+    /// (table, key) pairs that differ.
+    async fn check_written(&mut self, final_check: bool) -> Result<Vec<(String, Vec<String>)>> {
+        let mut out = Vec::new();
+        for t in &self.resolved.tables {
+            let keys = way_back::touched_keys(&self.state, &self.green, t).await?;
+            for batch in keys.chunks(CHECK_KEYS) {
+                for k in back::differing(&self.work, &mut self.blue, t, batch).await? {
+                    out.push((t.target.to_string(), k));
+                }
+            }
+        }
+        if final_check {
+            info!(differing = out.len(), "final check of the keys written back");
+        }
+        Ok(out)
+    }
+
+    /// Sets each blue sequence behind a carried column past green's, plus the configured gap:
+    /// the v1 application's next ids must not collide with rows green gave out.
+    async fn carry_sequences_back(&mut self) -> Result<()> {
+        let gap = self.plan.cutover.sequence_gap;
+        for t in &self.resolved.tables {
+            for s in &t.sequences {
+                let Some(b) = &s.blue_sequence else { continue };
+                let read = |sql: String, what: String| {
+                    let (green, blue) = (&self.green, &self.blue);
+                    async move {
+                        let client = if what.starts_with("green") { green } else { blue };
+                        client.query_one(&sql, &[]).await.map_err(Error::db(what)).map(|r| r.get::<_, Option<i64>>(0))
+                    }
+                };
+                let green_value = read(
+                    format!(
+                        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
+                        s.green_sequence
+                    ),
+                    format!("green: reading sequence {}", s.green_sequence),
+                )
+                .await?;
+                let blue_value = read(
+                    format!("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {b}"),
+                    format!("blue: reading sequence {b}"),
+                )
+                .await?;
+                let Some(value) = green_value.into_iter().chain(blue_value).max() else { continue };
+                let set: i64 = self
+                    .blue
+                    .query_one("SELECT setval($1::text::regclass, $2)", &[b, &(value + gap)])
+                    .await
+                    .map_err(Error::db(format!("blue: setting sequence {b}")))?
+                    .get(0);
+                self.sequences.push(crate::state::SequenceSet { sequence: b.clone(), blue: blue_value, set });
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, outcome: &str, reason: Option<&str>) -> serde_json::Value {
+        serde_json::json!({
+            "outcome": outcome,
+            "reason": reason,
+            "paused_ms": self.paused_ms,
+            "steps": self.timeline.iter().map(|(s, ms)| serde_json::json!({"step": s, "ms": ms})).collect::<Vec<_>>(),
+            "sequences": self.sequences,
+        })
+    }
+
+    fn report(&self, ended: Ended) -> Report {
+        Report {
+            ended,
+            error: None,
+            timeline: self.timeline.clone(),
+            sequences: self.sequences.clone(),
+            paused_ms: self.paused_ms,
+            hooks: Vec::new(),
+        }
+    }
+
+    async fn finish(mut self, result: Result<()>) -> Report {
+        let traffic = format!("PgBouncer database `{}` points at blue; following blue again", self.pb.database);
+        match result {
+            Ok(()) => self.report(Ended::RolledBack { traffic }),
+            Err(e) if self.committed => Report {
+                error: Some(Error::AfterSwitch {
+                    advice: format!(
+                        "traffic is on blue already; run `RESUME {}` on PgBouncer's admin console if clients wait, \
+                         then `migrate rollback` again to finish the bookkeeping",
+                        self.pb.database
+                    ),
+                    source: Box::new(e),
+                }),
+                ..self.report(Ended::RolledBack { traffic })
+            },
+            Err(e) => match self.undo(&e.to_string()).await {
+                Ok(()) => self.report(Ended::Aborted { reason: e.to_string() }),
+                Err(e2) => Report {
+                    error: Some(Error::RollbackFailed {
+                        database: self.pb.database.clone(),
+                        error: Box::new(e),
+                        rollback: Box::new(e2),
+                    }),
+                    ..self.report(Ended::Aborted { reason: "undoing the rollback failed".into() })
+                },
+            },
+        }
+    }
+
+    /// Before RELOAD: green's line back, RESUME, the fence back; the way back stays open.
+    async fn undo(&mut self, reason: &str) -> Result<()> {
+        let t = Instant::now();
+        if self.rewrote {
+            restore_green_line(self.pb, &self.file)?;
+        }
+        self.bouncer.resume().await?;
+        self.paused = None;
+        if self.unfenced {
+            set_fence(self.plan, &self.blue, true).await?;
+        }
+        self.mark("undo", t);
+        let record = self.record("aborted", Some(reason));
+        self.state.set_phase(&self.green, &Phase::Switched).await?;
+        way_back::update(&self.state, &self.green, serde_json::json!({ "last_rollback": record }), &[]).await
+    }
+}
+
+/// Writes green's line back into the databases file (repoint mode).
+fn restore_green_line(pb: &PgbouncerSettings, file: &std::path::Path) -> Result<()> {
+    if let SwitchMode::Repoint { green_dsn, .. } = &pb.mode {
+        databases_file::rewrite(file, &pb.database, green_dsn).map_err(|source| Error::File {
+            what: "restoring",
+            path: file.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Fences blue (new sessions read-only) or lifts the fence, as `[cutover] fence_blue` set it.
+async fn set_fence(plan: &Plan, blue: &Client, on: bool) -> Result<()> {
+    let db = ident(plan.blue.dbname().unwrap_or_default());
+    let sql = if on {
+        format!("ALTER DATABASE {db} SET default_transaction_read_only = on")
+    } else {
+        format!("ALTER DATABASE {db} RESET default_transaction_read_only")
+    };
+    blue.batch_execute(&sql).await.map_err(Error::db("blue: the fence (needs database owner)"))
+}
+
+/// Traffic is on blue: the keys written back are handed to forward following (blue's trigger
+/// capture did not see them: `session_replication_role = replica`; where forward(reverse(g))
+/// differs from g, green must be brought back to transform(blue)), the way back is removed
+/// from green and closed, and the phase is `following` again. Idempotent: recovery repeats it.
+async fn finish_on_blue(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    state: &State,
+    green: &Client,
+    record: serde_json::Value,
+) -> Result<()> {
+    let blue = plan.blue.connect().await?;
+    let lsn = crate::pg::insert_lsn(&blue).await?;
+    if way_back::has_touched(state, green).await? {
+        for t in &resolved.tables {
+            let keys = way_back::touched_keys(state, green, t).await?;
+            let events: Vec<KeyEvent> =
+                keys.into_iter().map(|key| KeyEvent { table: t.id.clone(), key, lsn }).collect();
+            for chunk in events.chunks(10_000) {
+                state.store_keys(green, chunk).await?;
+            }
+        }
+    }
+    way_back::remove(plan, green).await?;
+    way_back::update(
+        state,
+        green,
+        serde_json::json!({ "open": false, "closed_by": "rolled-back", "last_rollback": record }),
+        &["closed_at"],
+    )
+    .await?;
+    state.set_phase(green, &Phase::Following { lsn: None }).await?;
+    info!("rolled back: traffic is on blue, following resumes");
+    Ok(())
+}
+
+/// Finishes or undoes a rollback that stopped at `step` (its process died).
+pub(super) async fn recover(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    pb: &PgbouncerSettings,
+    green: &Client,
+    state: &State,
+    step: CutoverStep,
+) -> Result<()> {
+    let mut bouncer = Bouncer::connect(&pb.admin, &pb.database).await?;
+    let window = way_back::window(state, green).await?.unwrap_or_default();
+    let on_blue = match (&pb.mode, &window.blue_line) {
+        (SwitchMode::Repoint { databases_file, .. }, Some(line)) if step == CutoverStep::Repoint => {
+            std::fs::read_to_string(databases_file)
+                .ok()
+                .and_then(|text| databases_file::find_entry(&text, &pb.database).map(|r| text[r].trim().to_string()))
+                .is_some_and(|l| l.split_once('=').is_some_and(|(_, v)| v.trim() == line.trim()))
+        }
+        _ => false,
+    };
+    if on_blue {
+        // Everything before the repoint (drain, final check, sequences, fence) had completed.
+        bouncer.reload().await?;
+        bouncer.resume().await?;
+        let record = serde_json::json!({ "outcome": "rolled-back", "reason": format!("finished by recovery from step `{step}`") });
+        finish_on_blue(plan, resolved, state, green, record).await?;
+        info!(step = %step, "the interrupted rollback was finished: traffic is on blue");
+    } else {
+        bouncer.resume().await?;
+        if plan.cutover.fence_blue {
+            let blue = plan.blue.connect().await?;
+            if let Err(e) = set_fence(plan, &blue, true).await {
+                warn!(error = %e, "could not fence blue again");
+            }
+        }
+        state.set_phase(green, &Phase::Switched).await?;
+        let record = serde_json::json!({ "outcome": "aborted", "reason": format!("a rollback stopped at step `{step}`; traffic stays on green") });
+        way_back::update(state, green, serde_json::json!({ "last_rollback": record }), &[]).await?;
+        info!(step = %step, "the interrupted rollback was undone: traffic stays on green, the way back stays open");
+    }
+    Ok(())
+}
+
+/// Recovers a rollback whose process died, unless a rollback or cutover is running. Called by
+/// the reverse follower.
+pub async fn recover_abandoned(plan: &Plan, resolved: &ResolvedPlan) -> Result<()> {
+    let Ok(pb) = super::settings(plan) else { return Ok(()) };
+    let green = plan.green.connect().await?;
+    let key = super::cutover_lock_key(&plan.name);
+    if !super::try_lock(&green, &key).await? {
+        return Ok(());
+    }
+    let state = State::new(&plan.name);
+    let result = match state.phase(&green).await? {
+        Some(Phase::RollingBack { step }) => recover(plan, resolved, pb, &green, &state, step).await,
+        _ => Ok(()),
+    };
+    let _ = green.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key]).await;
+    result
+}
