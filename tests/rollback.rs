@@ -203,3 +203,125 @@ fn rollback_through_pgbouncer_under_load_logical() {
 fn rollback_through_pgbouncer_under_load_trigger() {
     rollback_under_load("trigger");
 }
+
+fn wait_phase(s: &Oauth, plan: &Path, phase: &str, within: Duration) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let st = status(s, plan);
+        if st["phase"] == phase {
+            return st;
+        }
+        assert!(started.elapsed() < within, "phase did not become {phase} within {within:?}: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn assert_flowing(app: &App) {
+    let n = app.acked();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(app.acked() > n + 5, "the application is stalled (PgBouncer left paused?)");
+}
+
+fn on(bouncer: &Bouncer, db: &str) -> bool {
+    std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(db)
+}
+
+fn with_fault(s: &Oauth, args: &[&str], fault: &str) -> crate::support::Run {
+    run(s.migrate(args).env("MIGRATE_FAULT", fault))
+}
+
+/// The reverse follower killed between blue's commit and green's bookkeeping re-applies the
+/// batch; a rollback killed at each step before RELOAD is undone by the reverse follower
+/// (traffic stays on green, the way back stays open), one killed after RELOAD is finished by
+/// it; without a follower, the next `rollback` recovers a killed one and rolls back by itself.
+#[test]
+fn rollback_killed_at_each_step_is_recovered() {
+    let s = Oauth::new(2_000);
+    let (bouncer, plan) = setup(&s, "logical");
+    let p = plan.to_str().unwrap();
+    let app = App::start(app_url(&bouncer), 200, "rbcrash");
+    app.set_mapped(false);
+    let mut copy = s.background(&["copy", p]).env("MIGRATE_FAULT", "back.applied").spawn().unwrap();
+    following(&s, &plan, &mut copy);
+    let r = run(&mut s.migrate(&["cutover", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    app.set_v2(true);
+    // The first reverse batch: blue committed, green never forgot the keys.
+    let st = wait_exit(&mut copy, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(137), "the copy should die at back.applied");
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    for point in ["rollback.caught-up", "rollback.paused", "rollback.drained", "rollback.before-repoint"] {
+        let r = with_fault(&s, &["rollback", p], point);
+        assert_eq!(r.code, 137, "{point}: {r:?}");
+        let st = wait_phase(&s, &plan, "switched", Duration::from_secs(10));
+        assert_eq!(st["way_back"]["open"], true, "{point}: {st}");
+        assert!(on(&bouncer, &s.green.name), "{point}: traffic should stay on green");
+        assert_flowing(&app);
+        assert_eq!(s.blue.psql("SHOW default_transaction_read_only").trim(), "on", "{point}: blue fenced again");
+    }
+    app.set_v2(false);
+    let r = with_fault(&s, &["rollback", p], "rollback.reloaded");
+    assert_eq!(r.code, 137, "{r:?}");
+    wait_phase(&s, &plan, "following", Duration::from_secs(10));
+    assert!(on(&bouncer, &s.blue.name));
+    assert_flowing(&app);
+    let (b, g) = revocations(&s);
+    assert_eq!(b, g, "blue's revocations differ from green's after the recovered rollback");
+    assert!(g.contains("-v2-"));
+
+    // Forward again, a second switch, then no follower at all.
+    wait_for(&s, &plan, &mut copy, Duration::from_secs(60), "following blue again", near);
+    let r = run(&mut s.migrate(&["cutover", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    app.set_v2(true);
+    std::thread::sleep(Duration::from_secs(2));
+    crate::capture::sigint_and_wait(&mut copy);
+    std::thread::sleep(Duration::from_secs(1));
+    app.set_v2(false);
+    let r = with_fault(&s, &["rollback", p], "rollback.paused");
+    assert_eq!(r.code, 137, "{r:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let n = app.acked();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(app.acked(), n, "PgBouncer should still be paused: nobody recovered it yet");
+    let r = run(&mut s.migrate(&["rollback", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("recovering") || r.stdout.contains("not running"), "{r:?}");
+    assert!(r.stdout.contains("rolled back"), "{r:?}");
+    assert!(on(&bouncer, &s.blue.name));
+    let (b, g) = revocations(&s);
+    assert_eq!(b, g, "blue's revocations differ from green's after a rollback without a follower");
+    assert_flowing(&app);
+    let report = app.stop();
+    assert!(report.failures.is_empty(), "the application saw failures: {:?}", report.failures);
+    let blue = payloads(&s.blue);
+    for a in &report.acks {
+        assert_eq!(blue.get(&a.payload), Some(&a.id), "acknowledged insert {} missing on blue", a.payload);
+    }
+}
+
+/// A cutover that opened the way back and then failed leaves nothing of it on green.
+#[test]
+fn cutover_killed_after_opening_the_way_back_leaves_nothing_on_green() {
+    let s = Oauth::new(1_000);
+    let (bouncer, plan) = setup(&s, "trigger");
+    let p = plan.to_str().unwrap();
+    let app = App::start(app_url(&bouncer), 100, "rbopen");
+    app.set_mapped(false);
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+    let r = with_fault(&s, &["cutover", p], "cutover.paused");
+    assert_eq!(r.code, 137, "{r:?}");
+    let st = wait_phase(&s, &plan, "aborted", Duration::from_secs(10));
+    assert!(st["way_back"].is_null() || st["way_back"]["open"] == false, "{st}");
+    assert_eq!(s.green.psql("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'bluegreen%back%'"), "0");
+    assert_eq!(s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.changes_back') IS NULL")), "t");
+    assert!(on(&bouncer, &s.blue.name));
+    assert_flowing(&app);
+    let r = run(&mut s.migrate(&["rollback", p]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("[FAIL] switched, way back open: phase aborted"), "{r:?}");
+    crate::capture::sigint_and_wait(&mut copy);
+    assert!(app.stop().failures.is_empty());
+}

@@ -51,7 +51,10 @@ pub async fn run(
     }
     match state.phase(&green).await? {
         Some(Phase::CuttingOver { step }) => super::recover(plan, pb, &green, &state, step).await?,
-        Some(Phase::RollingBack { step }) => recover(plan, resolved, pb, &green, &state, step).await?,
+        Some(Phase::RollingBack { step }) => {
+            warn!(step = %step, "an earlier rollback stopped half-way; recovering it first");
+            recover(plan, resolved, pb, &green, &state, step).await?
+        }
         _ => {}
     }
     let checks = preflight(plan, pb, resolved, &blue, &green, &state).await?;
@@ -491,8 +494,9 @@ fn restore_green_line(pb: &PgbouncerSettings, file: &std::path::Path) -> Result<
 /// Fences blue (new sessions read-only) or lifts the fence, as `[cutover] fence_blue` set it.
 async fn set_fence(plan: &Plan, blue: &Client, on: bool) -> Result<()> {
     let db = ident(plan.blue.dbname().unwrap_or_default());
+    // This session may be one the fence made read-only.
     let sql = if on {
-        format!("ALTER DATABASE {db} SET default_transaction_read_only = on")
+        format!("SET default_transaction_read_only = off; ALTER DATABASE {db} SET default_transaction_read_only = on")
     } else {
         format!("ALTER DATABASE {db} RESET default_transaction_read_only")
     };

@@ -127,7 +127,9 @@ impl TableInfo {
 /// `from` is the FROM clause the expression is evaluated over; `source` names it in messages.
 pub async fn changing_calls(client: &Client, source: &QualifiedName, from: &str, expr: &str) -> Result<Vec<String>> {
     let ctx = || format!("blue: checking the volatility of an expression over {source}");
-    client.batch_execute("BEGIN").await.map_err(Error::db(ctx()))?;
+    // READ WRITE: a cutover's fence makes blue's new sessions read-only, and the temporary
+    // view (rolled back) must still be made, or the check would be skipped.
+    client.batch_execute("BEGIN READ WRITE").await.map_err(Error::db(ctx()))?;
     let found = async {
         client
             .batch_execute(&format!("CREATE TEMP VIEW bluegreen_volatility AS SELECT ({expr}) AS v FROM {from}"))
@@ -184,7 +186,7 @@ pub async fn changing_calls(client: &Client, source: &QualifiedName, from: &str,
 pub async fn relations_read(client: &Client, from: &str, exprs: &[String]) -> Result<Vec<(u32, String)>> {
     let list: Vec<String> = exprs.iter().enumerate().map(|(i, e)| format!("({e}) AS v{i}")).collect();
     let list = if list.is_empty() { "1 AS v".to_string() } else { list.join(", ") };
-    client.batch_execute("BEGIN").await.map_err(Error::db("blue: listing what a plan entry reads"))?;
+    client.batch_execute("BEGIN READ WRITE").await.map_err(Error::db("blue: listing what a plan entry reads"))?;
     let found = async {
         client.batch_execute(&format!("CREATE TEMP VIEW bluegreen_reads AS SELECT {list} FROM {from}")).await?;
         client

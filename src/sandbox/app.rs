@@ -176,15 +176,17 @@ impl App {
 }
 
 /// The v2 application's write to green's `oauth2_revocations`: a revocation, a changed reason,
-/// or a revocation withdrawn (a row picked among the first hundred by key).
+/// its key changed, or a revocation withdrawn (a row picked among the first hundred by key).
 fn v2_statement(tag: &str, n: u64) -> String {
     let pick =
         "(SELECT request_id FROM oauth2_revocations ORDER BY request_id OFFSET floor(random() * 100)::int LIMIT 1)";
-    match n % 3 {
+    match n % 4 {
         0 => format!(
             "INSERT INTO oauth2_revocations (request_id, revoked_at, reason) VALUES ('{tag}-v2-{n}', now(), 'revoked on green')"
         ),
         1 => format!("UPDATE oauth2_revocations SET reason = 'changed on green {n}' WHERE request_id = {pick}"),
+        // A key change: the old key leaves blue, the new one arrives.
+        2 => format!("UPDATE oauth2_revocations SET request_id = request_id || '-k{n}' WHERE request_id = {pick}"),
         _ => format!("DELETE FROM oauth2_revocations WHERE request_id = {pick}"),
     }
 }
