@@ -69,6 +69,11 @@ enum Cmd {
         /// Application writes per second through PgBouncer.
         #[arg(long, default_value_t = 300)]
         rate: u32,
+        /// Show the way back too: after the cutover the application writes on green, `migrate
+        /// rollback` switches back with nothing lost, and a second cutover switches again (the
+        /// plan is reduced to the tables whose way back is exact).
+        #[arg(long)]
+        rollback: bool,
     },
     /// Dry run: check the plan against both databases and print the resolved mapping and steps.
     /// Exit 0 sound, 1 problems found, 2 the plan cannot be read.
@@ -272,9 +277,9 @@ fn main() -> ExitCode {
     let quiet = matches!(cli.command, Cmd::Demo { .. }) || std::io::stderr().is_terminal();
     init_tracing(cli.log_format, cli.verbose, quiet);
     let json = matches!(cli.log_format, LogFormat::Json);
-    if let Cmd::Demo { rows, rate } = cli.command {
+    if let Cmd::Demo { rows, rate, rollback } = cli.command {
         return block_on(json, |shutdown| async move {
-            bluegreen::demo::run(rows, rate, shutdown).await.map(|(outcome, _)| outcome)
+            bluegreen::demo::run_with(rows, rate, rollback, shutdown).await.map(|(outcome, _)| outcome)
         });
     }
     // A rehearsal points the plan at servers of its own (its connection variables need not be

@@ -325,3 +325,27 @@ fn cutover_killed_after_opening_the_way_back_leaves_nothing_on_green() {
     crate::capture::sigint_and_wait(&mut copy);
     assert!(app.stop().failures.is_empty());
 }
+
+/// `migrate demo --rollback`: cutover, writes on green, rollback, cutover again; zero failed
+/// and zero lost in both directions, each stall printed.
+#[test]
+fn demo_with_rollback_runs_end_to_end() {
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("migrate"))
+        .args(["demo", "--rows", "2000", "--rate", "200", "--rollback"])
+        .env_remove("MIGRATE_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo --rollback failed\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for expected in [
+        "rolled back: PgBouncer database `app` points at blue",
+        "failed writes:       0",
+        "lost writes:         0",
+        "lost on the way back: 0",
+        "revocations on blue equal green's in v1 form",
+        "longest client-observed stall during the rollback:",
+        "longest client-observed stall during the second cutover:",
+    ] {
+        assert!(stdout.contains(expected), "missing `{expected}`:\n{stdout}");
+    }
+}

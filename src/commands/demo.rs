@@ -69,6 +69,23 @@ fn step(title: &str) {
 /// Starts blue, green and PgBouncer, loads the fixture and writes the plan; returns the
 /// sandbox, its working directory and the plan's path.
 pub async fn start_sandbox(rows: u32) -> Result<(Sandbox, PathBuf, PathBuf)> {
+    start_sandbox_with(rows, false).await
+}
+
+/// The entries of the demo plan whose way back is exact (revocations and app_events): the
+/// others' v1 values do not all survive v2's form (doubled spaces in lists, JSON spacing,
+/// NULL booleans), and a rollback refuses a way back that would change rows.
+fn way_back_plan(plan: &str) -> String {
+    let mut blocks = plan.split("\n[[table]]\n");
+    let header = blocks.next().unwrap_or_default().to_string();
+    let kept: Vec<&str> = blocks
+        .filter(|b| b.contains("\"public.hydra_oauth2_revocation\"") || b.contains("\"public.app_events\""))
+        .collect();
+    format!("{header}\n[[table]]\n{}\n[cutover]\nway_back = true\nfence_blue = true\n", kept.join("\n[[table]]\n"))
+}
+
+/// [`start_sandbox`]; with `way_back`, the plan is the demo's way-back plan.
+async fn start_sandbox_with(rows: u32, way_back: bool) -> Result<(Sandbox, PathBuf, PathBuf)> {
     step("starting blue and green PostgreSQL clusters and a PgBouncer in temporary directories");
     let mut sandbox = Sandbox {
         blue: LocalCluster::start("demo-blue", &[])?,
@@ -94,10 +111,11 @@ pub async fn start_sandbox(rows: u32) -> Result<(Sandbox, PathBuf, PathBuf)> {
         "transaction",
         &format!("host=127.0.0.1 port={} dbname=app user=postgres", sandbox.blue.port),
     )?;
+    let base = if way_back { way_back_plan(PLAN) } else { PLAN.to_string() };
     let plan_text = format!(
         "{}\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
          green_dsn = \"host=127.0.0.1 port={} dbname=app user=postgres\"\npause_timeout = \"2s\"\n",
-        PLAN.replace("name = \"oauth-v2\"", "name = \"demo\"")
+        base.replace("name = \"oauth-v2\"", "name = \"demo\"")
             .replace("${BLUE_URL}", &sandbox.blue.url("app"))
             .replace("${GREEN_URL}", &sandbox.green.url("app")),
         bouncer.admin_url(),
@@ -113,8 +131,14 @@ pub async fn start_sandbox(rows: u32) -> Result<(Sandbox, PathBuf, PathBuf)> {
 /// second. `Ok` carries the measurements; the outcome is `Problems` when a write failed or was
 /// lost, or the cutover did not switch.
 pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, DemoReport)> {
+    run_with(rows, rate, false, shutdown).await
+}
+
+/// [`run`]; with `rollback`, the way back too: after the cutover the application writes
+/// revocations on green, `rollback` switches back, and a second cutover switches again.
+pub async fn run_with(rows: u32, rate: u32, rollback: bool, shutdown: Shutdown) -> Result<(Outcome, DemoReport)> {
     crate::sandbox::check_prerequisites()?;
-    let (sandbox, dir, plan_path) = start_sandbox(rows).await?;
+    let (sandbox, dir, plan_path) = start_sandbox_with(rows, rollback).await?;
     let bouncer = sandbox.bouncer.as_ref().ok_or(Error::Internal("the demo sandbox has no PgBouncer"))?;
     let admin = bouncer.admin_url();
     let databases_file = bouncer.databases_file.clone();
@@ -169,6 +193,10 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     let switched_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (cutover_stall, _) = app.snapshot();
+    let way_back = match (rollback, switched) {
+        (true, Outcome::Ok) => Some(way_back(&plan, &plan_path, &app, &shutdown).await?),
+        _ => None,
+    };
     match tokio::time::timeout(Duration::from_secs(15), copying).await {
         Ok(Ok(Ok(_))) => println!("the following `copy` saw the switch and exited by itself"),
         Ok(Ok(Err(e))) => println!("the following `copy` failed: {e}"),
@@ -193,6 +221,10 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     let report = app.stop();
 
     let (result, phase) = measure(&plan, &report, switched_at, cutover_stall, floor_stall).await?;
+    let lost_on_blue = match &way_back {
+        Some(w) => Some(lost_on_blue(&plan, &report, w.switched_again_at).await?),
+        None => None,
+    };
 
     step("result");
     println!("cutover: {} (phase {phase})", if switched == Outcome::Ok { "switched" } else { "NOT switched" });
@@ -203,6 +235,19 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     }
     println!("lost writes:         {} (acknowledged but missing on green)", result.lost);
     println!("longest client-observed stall during the cutover: {:.1} ms", ms(result.cutover_stall));
+    if let (Some(w), Some(lost)) = (&way_back, lost_on_blue) {
+        println!(
+            "way back: {} writes on green (revocations inserted, changed, re-keyed, withdrawn) carried to blue",
+            w.v2_writes
+        );
+        println!("longest client-observed stall during the rollback: {:.1} ms", ms(w.rollback_stall));
+        println!("longest client-observed stall during the second cutover: {:.1} ms", ms(w.second_stall));
+        println!(
+            "lost on the way back: {lost} (acknowledged before the second switch but missing on blue); \
+             revocations on blue {} green's in v1 form",
+            if w.revocations_equal { "equal" } else { "DIFFER FROM" }
+        );
+    }
     println!(
         "the same switch by hand (PAUSE, RELOAD, RESUME, nothing else), same setup: {:.1} ms",
         ms(result.floor_stall)
@@ -210,8 +255,103 @@ pub async fn run(rows: u32, rate: u32, shutdown: Shutdown) -> Result<(Outcome, D
     step("removing the clusters, PgBouncer and temporary files");
     let _ = std::fs::remove_dir_all(&dir);
     drop(sandbox);
-    let ok = switched == Outcome::Ok && result.failed == 0 && result.lost == 0;
+    let back_ok = match (&way_back, lost_on_blue) {
+        (Some(w), Some(lost)) => lost == 0 && w.revocations_equal && w.ok,
+        (None, _) => !rollback,
+        _ => false,
+    };
+    let ok = switched == Outcome::Ok && result.failed == 0 && result.lost == 0 && back_ok;
     Ok((if ok { Outcome::Ok } else { Outcome::Problems }, result))
+}
+
+/// What the demo's way back measured.
+struct WayBack {
+    v2_writes: u64,
+    rollback_stall: Duration,
+    second_stall: Duration,
+    revocations_equal: bool,
+    switched_again_at: Instant,
+    /// The rollback, the second cutover and `finish` all succeeded.
+    ok: bool,
+}
+
+/// Writes on green, `rollback`, following blue again, a second `cutover`, `finish`.
+async fn way_back(
+    plan: &crate::plan::Plan,
+    plan_path: &std::path::Path,
+    app: &App,
+    shutdown: &Shutdown,
+) -> Result<WayBack> {
+    step("the application writes revocations on green for 3 s; `copy` carries them to blue");
+    app.set_v2(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.set_v2(false);
+    let v2_writes = app.v2_writes();
+    crate::run(plan_path, Command::Status { format: Format::Text, watch: None }, shutdown.clone()).await?;
+    step("migrate rollback");
+    app.reset_stall();
+    let rolled = crate::run(plan_path, Command::Rollback { dry_run: false }, shutdown.clone()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rollback_stall, _) = app.snapshot();
+    let revocations_equal = revocations_equal(plan).await?;
+    step("following blue again; migrate verify, then migrate cutover once more");
+    wait_following(plan, shutdown).await?;
+    let verified =
+        crate::run(plan_path, Command::Verify { format: Format::Text, table: None, reverse: false }, shutdown.clone())
+            .await?;
+    app.reset_stall();
+    let again = crate::run(plan_path, Command::Cutover { dry_run: false }, shutdown.clone()).await?;
+    let switched_again_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (second_stall, _) = app.snapshot();
+    step("migrate finish (ends the way back; the following `copy` exits)");
+    let finished = crate::run(plan_path, Command::Finish, shutdown.clone()).await?;
+    let ok = [rolled, verified, again, finished].iter().all(|o| *o == Outcome::Ok);
+    Ok(WayBack { v2_writes, rollback_stall, second_stall, revocations_equal, switched_again_at, ok })
+}
+
+/// Blue's revocations against green's brought to v1's form by a hand-written query.
+async fn revocations_equal(plan: &crate::plan::Plan) -> Result<bool> {
+    let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
+    let b: Vec<String> = blue
+        .query(
+            "SELECT request_id || '|' || revoked_at::text || '|' || coalesce(reason, '') FROM hydra_oauth2_revocation ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(Error::db("blue: reading revocations"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let g: Vec<String> = green
+        .query(
+            "SELECT request_id || '|' || (revoked_at AT TIME ZONE 'UTC')::text || '|' || coalesce(reason, '') \
+             FROM oauth2_revocations ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(Error::db("green: reading revocations"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(b == g)
+}
+
+/// Acknowledged inserts before the second switch that blue lacks.
+async fn lost_on_blue(
+    plan: &crate::plan::Plan,
+    report: &crate::sandbox::app::AppReport,
+    before: Instant,
+) -> Result<usize> {
+    let blue = plan.blue.connect().await?;
+    let on_blue: HashMap<String, i64> = blue
+        .query("SELECT payload, id FROM app_events WHERE kind = 'app'", &[])
+        .await
+        .map_err(Error::db("blue: reading app_events"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(report.acks.iter().filter(|a| a.at < before && on_blue.get(&a.payload) != Some(&a.id)).count())
 }
 
 /// What the application saw and lost, measured on green; and the phase green ended in.

@@ -147,6 +147,11 @@ impl App {
         self.mapped.store(on, Ordering::SeqCst);
     }
 
+    /// v2 writes done so far.
+    pub fn v2_writes(&self) -> u64 {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).v2_writes
+    }
+
     /// Acknowledged inserts so far.
     pub fn acked(&self) -> usize {
         self.report.lock().unwrap_or_else(|e| e.into_inner()).acks.len()
