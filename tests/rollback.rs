@@ -349,3 +349,93 @@ fn demo_with_rollback_runs_end_to_end() {
         assert!(stdout.contains(expected), "missing `{expected}`:\n{stdout}");
     }
 }
+
+const ODD_BLUE: &str = "CREATE TABLE accounts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, email text NOT NULL,
+      created timestamp NOT NULL, note text, legacy text DEFAULT 'v1');
+    INSERT INTO accounts (email, created, note) SELECT 'u' || g || '@x', '2026-01-01'::timestamp + g * interval '1 hour',
+      CASE WHEN g % 3 = 0 THEN NULL ELSE 'note ' || g END FROM generate_series(1, 300) g;
+    CREATE TABLE memberships (org text, member int, role text NOT NULL, PRIMARY KEY (org, member));
+    INSERT INTO memberships SELECT 'org' || (g % 5), g, 'r' || g FROM generate_series(1, 200) g;";
+const ODD_GREEN: &str =
+    "CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL, created_at timestamptz NOT NULL, note text);
+    CREATE TABLE members (org text, member int, role text NOT NULL, PRIMARY KEY (org, member));";
+
+/// The way back on shapes the fixture lacks: a blue key that is an identity column GENERATED
+/// ALWAYS (green's is a plain bigint the v2 application fills), a composite key, a column green
+/// does not carry (blue's default fills it), TOASTed values, NULLs, key changes of both kinds,
+/// and a green transaction that commits only while the rollback already catches up. Blue's
+/// identity sequence ends past every id green gave out.
+#[test]
+fn way_back_carries_identity_composite_toasted_and_late_writes() {
+    let c = crate::support::Custom::new(ODD_BLUE, ODD_GREEN);
+    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name);
+    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let tables = format!(
+        "[[table]]\nsource = \"public.accounts\"\ntarget = \"public.users\"\nkey = [\"id\"]\ndrop = [\"legacy\"]\n\
+         [table.columns]\nid = \"id\"\nemail = \"email\"\ncreated_at = \"created AT TIME ZONE 'UTC'\"\nnote = \"note\"\n\
+         [[table]]\nsource = \"public.memberships\"\ntarget = \"public.members\"\nkey = [\"org\", \"member\"]\n\
+         [cutover]\nway_back = true\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
+         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
+        bouncer.admin_url(),
+        bouncer.databases_file.display(),
+        c.green.cluster.port,
+        c.green.name
+    );
+    let plan = c.plan("trigger", "workers = 1", &tables);
+    let p = plan.to_str().unwrap();
+    let mut copy = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    let r = run(&mut c.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut c.migrate(&["cutover", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // The v2 application on green.
+    c.green.psql(
+        "INSERT INTO users VALUES (100000, 'new@x', now(), repeat('toast ', 20000));
+         UPDATE users SET note = NULL WHERE id = 5;
+         UPDATE users SET email = 'changed@x', note = repeat('big ', 30000) WHERE id = 6;
+         UPDATE users SET id = 200000 WHERE id = 7;
+         DELETE FROM users WHERE id = 8;
+         UPDATE members SET member = member + 1000 WHERE org = 'org1' AND member < 50;
+         UPDATE members SET org = 'org9' WHERE org = 'org2' AND member < 30;
+         INSERT INTO members VALUES ('new', 1, 'fresh'), ('new', 2, 'x');
+         DELETE FROM members WHERE org = 'org3' AND member < 40;",
+    );
+    // A transaction that commits only after the rollback has begun catching up.
+    let late = {
+        let (cluster, name) = (c.green.cluster, c.green.name.clone());
+        std::thread::spawn(move || {
+            cluster.psql(
+                &name,
+                "BEGIN; INSERT INTO users VALUES (300000, 'late@x', now(), 'late'); \
+                 UPDATE members SET role = 'late' WHERE org = 'org4' AND member = 4; SELECT pg_sleep(2); COMMIT;",
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let r = run(&mut c.migrate(&["rollback", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    late.join().unwrap();
+
+    let blue_accounts = c.blue.psql(
+        "SELECT string_agg(id || '|' || email || '|' || created::text || '|' || coalesce(note, '∅') || '|' || legacy, E'\\n' ORDER BY id) FROM accounts",
+    );
+    let green_users = c.green.psql(
+        "SELECT string_agg(id || '|' || email || '|' || (created_at AT TIME ZONE 'UTC')::text || '|' || coalesce(note, '∅') || '|v1', E'\\n' ORDER BY id) FROM users",
+    );
+    assert_eq!(blue_accounts, green_users, "accounts on blue differ from users on green");
+    assert!(green_users.contains("300000|late@x"), "the late transaction's row is missing");
+    let q = "SELECT string_agg(org || '|' || member || '|' || role, E'\\n' ORDER BY org, member) FROM ";
+    assert_eq!(c.blue.psql(&format!("{q} memberships")), c.green.psql(&format!("{q} members")));
+    assert!(c.blue.psql("SELECT role FROM memberships WHERE org = 'org4' AND member = 4").contains("late"));
+    // Blue's identity sequence is past every id green gave out.
+    let next: i64 = c
+        .blue
+        .psql("INSERT INTO accounts (email, created) VALUES ('after@x', now()) RETURNING id")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(next > 300000, "blue's identity gave {next}");
+    crate::capture::sigint_and_wait(&mut copy);
+}

@@ -24,6 +24,11 @@ pub async fn run(plan: &Plan, force: bool) -> Result<Outcome> {
     let mut phase = None;
     if state.exists(&green).await? {
         phase = state.phase(&green).await?;
+        if let (Some(Phase::RollingBack { .. } | Phase::CuttingOver { .. }), false) = (&phase, force) {
+            // Recovery needs the state this would drop, and PgBouncer may be paused.
+            let command = if matches!(phase, Some(Phase::RollingBack { .. })) { "rollback" } else { "cutover" };
+            return Err(Error::Busy { plan: plan.name.clone(), command: command.into() });
+        }
         // A switched migration's green is the application's now: nothing of ours to restore.
         let (done, failed) = if phase == Some(Phase::Switched) {
             (Vec::new(), Vec::new())
@@ -102,7 +107,7 @@ pub async fn finish(plan: &Plan) -> Result<Outcome> {
         None => None,
     };
     match (&phase, &window) {
-        (Some(Phase::Switched), Some(w)) if w.open => {}
+        (Some(Phase::Switched), Some(w)) if w.open || w.closed_by.as_deref() == Some("finished") => {}
         (Some(Phase::Switched), Some(w)) if w.closed_by.is_some() => {
             println!(
                 "nothing to finish: the way back was closed ({} at {})",
@@ -124,8 +129,19 @@ pub async fn finish(plan: &Plan) -> Result<Outcome> {
         }
     }
     crate::cutover::lock(plan, &green, "finish").await?;
+    // A rollback may have finished while this waited for the lock.
+    if state.phase(&green).await? != Some(Phase::Switched) {
+        println!("nothing to finish: a rollback ran meanwhile (phase is no longer switched)");
+        return Ok(Outcome::Problems);
+    }
+    // Closed first: from here no rollback may start, so a removal that fails half-way loses
+    // nothing; running `finish` again completes it.
     close_window(plan, &state, &green).await?;
+    let saved = crate::way_back::window(&state, &green).await?.and_then(|w| w.blue_line_file);
     crate::way_back::remove(plan, &green).await?;
+    if let Some(f) = saved {
+        let _ = std::fs::remove_file(f);
+    }
     println!("removed from green: the way back's triggers and change table (schema {})", slot_name(&plan.name));
     crate::capture::remove(plan, &blue).await?;
     println!(

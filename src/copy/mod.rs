@@ -476,7 +476,11 @@ pub async fn run(
     state.clear_failure(&green).await?;
     let mut removed = removed;
     loop {
-        let phase = state.phase(&green).await?;
+        let mut phase = state.phase(&green).await?;
+        if matches!(phase, Some(Phase::RollingBack { .. })) {
+            crate::follow::back::recover(plan, resolved).await?;
+            phase = state.phase(&green).await?;
+        }
         if matches!(phase, Some(Phase::Switched) | Some(Phase::RollingBack { .. })) {
             // Traffic is on green: carry its writes back while a way back is open.
             if !crate::way_back::window(&state, &green).await?.is_some_and(|w| w.open) {

@@ -294,7 +294,11 @@ async fn recover(plan: &Plan, pb: &PgbouncerSettings, green: &Client, state: &St
         state.set_phase(green, &Phase::Switched).await?;
         info!(step = %step, "the interrupted cutover was finished: traffic is on green");
     } else {
-        if let Err(e) = crate::way_back::remove(plan, green).await {
+        let closed = async {
+            crate::way_back::close_aborted(state, green).await?;
+            crate::way_back::remove(plan, green).await
+        };
+        if let Err(e) = closed.await {
             warn!(error = %e, "could not remove the way back's capture from green; `cleanup` removes it");
         }
         let reason = format!("a cutover stopped at step `{step}`; rolled back, traffic stays on blue");

@@ -67,11 +67,12 @@ pub async fn run(
         return Ok(Report::ended(Ended::DryRunPassed));
     }
     let window = way_back::window(&state, &green).await?.unwrap_or_default();
-    let (SwitchMode::Repoint { databases_file, .. }, Some(start), Some(blue_line)) =
-        (&pb.mode, window.start_xid, window.blue_line.clone())
+    let (SwitchMode::Repoint { databases_file, .. }, Some(start), Some(saved)) =
+        (&pb.mode, window.start_xid, window.blue_line_file.clone())
     else {
         return Err(Error::Internal("preflight passed without a repoint window"));
     };
+    let blue_line = way_back::read_blue_line(std::path::Path::new(&saved))?;
     let mut r = Rollback {
         plan,
         resolved,
@@ -91,6 +92,7 @@ pub async fn run(
         committed: false,
         sequences: Vec::new(),
         unfenced: false,
+        recheck: back::Written::new(),
     };
     back::prepare_blue(&r.blue).await?;
     let span = tracing::info_span!("rollback", plan = %plan.name, database = %pb.database);
@@ -111,7 +113,7 @@ async fn preflight(
     let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
     let phase = state.phase(green).await?;
     let window = way_back::window(state, green).await?;
-    let open = window.as_ref().is_some_and(|w| w.open && w.start_xid.is_some() && w.blue_line.is_some());
+    let open = window.as_ref().is_some_and(|w| w.open && w.start_xid.is_some() && w.blue_line_file.is_some());
     check(
         "switched, way back open",
         phase == Some(Phase::Switched) && open,
@@ -131,6 +133,12 @@ async fn preflight(
     );
     if !matches!(pb.mode, SwitchMode::Repoint { .. }) {
         check("pgbouncer mode", false, "handover mode has no rollback built; switch back by hand (runbook)".into());
+    }
+    if let Some(saved) = window.as_ref().and_then(|w| w.blue_line_file.as_ref()).filter(|_| open) {
+        match way_back::read_blue_line(std::path::Path::new(saved)) {
+            Ok(_) => check("blue's line saved", true, format!("{saved} (written back at the switch back)")),
+            Err(e) => check("blue's line saved", false, e.to_string()),
+        }
     }
     let seen: bool = green
         .query_one(
@@ -198,8 +206,7 @@ async fn preflight(
         Ok(_) => check("pgbouncer admin console", true, "reachable".into()),
         Err(e) => check("pgbouncer admin console", false, e.to_string()),
     }
-    let sequences = resolved.tables.iter().flat_map(|t| &t.sequences).filter(|s| s.blue_sequence.is_some()).count();
-    check("sequences to carry back", true, sequences.to_string());
+    check("sequences to carry back", true, "each blue sequence owned by a carried column, set in the pause".into());
     Ok(checks)
 }
 
@@ -229,6 +236,8 @@ struct Rollback<'a> {
     sequences: Vec<crate::state::SequenceSet>,
     /// Blue's fence was lifted (an abort puts it back).
     unfenced: bool,
+    /// Keys that differed in the check before the pause: checked again in it.
+    recheck: back::Written,
 }
 
 impl Rollback<'_> {
@@ -258,8 +267,15 @@ impl Rollback<'_> {
         self.catch_up(Instant::now() + CATCH_UP_BUDGET, shutdown).await?;
         self.mark("catch-up", t);
         let t = Instant::now();
-        let differing = self.check_written(false).await?.len();
-        info!(differing, "keys written back checked; differing ones are checked again in the pause");
+        // Every key of the window, while traffic flows; the pause re-checks only the ones that
+        // differ here and the ones its drain writes, so it does not grow with the window.
+        for (id, key) in self.check_written(None).await? {
+            self.recheck.entry(id).or_default().push(key);
+        }
+        info!(
+            differing = back::count(&self.recheck),
+            "keys written back checked; differing ones are checked again in the pause"
+        );
         self.mark("check before pause", t);
         fault("rollback.caught-up", shutdown).await;
         interrupted(shutdown)?;
@@ -311,11 +327,16 @@ impl Rollback<'_> {
     /// Drain, final check of every key written back, blue's sequences, the fence.
     async fn in_pause(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
         let t = Instant::now();
-        self.catch_up(deadline, shutdown).await?;
+        let drained = self.catch_up(deadline, shutdown).await?;
         self.mark("drain", t);
         fault("rollback.drained", shutdown).await;
         let t = Instant::now();
-        let differing = self.check_written(true).await?;
+        let mut recheck = std::mem::take(&mut self.recheck);
+        for (id, keys) in drained {
+            recheck.entry(id).or_default().extend(keys);
+        }
+        let differing = self.check_written(Some(&recheck)).await?;
+        info!(checked = back::count(&recheck), differing = differing.len(), "final check of the keys written back");
         if !differing.is_empty() {
             let shown = differing.iter().take(5).map(|(t, k)| format!("{t} key ({})", k.join(", "))).collect();
             return Err(Error::DrainDiffers { count: differing.len(), shown });
@@ -334,78 +355,101 @@ impl Rollback<'_> {
     }
 
     /// Carries green's writes to blue until every transaction that existed when called is on
-    /// blue (a fixed point, as the cutover's catch-up chases one).
-    async fn catch_up(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<()> {
+    /// blue (a fixed point, as the cutover's catch-up chases one). Returns the keys written.
+    async fn catch_up(&mut self, deadline: Instant, shutdown: &Shutdown) -> Result<back::Written> {
         let target = way_back::horizon(&self.work).await?;
+        let mut all = back::Written::new();
         loop {
             let written =
                 back::round(&self.state, &self.resolved.tables, &mut self.work, &mut self.blue, self.start).await?;
-            if written == 0 && way_back::reached(&self.state, &self.work, self.start, target).await? {
-                return Ok(());
+            let n = back::count(&written);
+            for (id, keys) in written {
+                all.entry(id).or_default().extend(keys);
+            }
+            if n == 0 && way_back::reached(&self.state, &self.work, self.start, target).await? {
+                return Ok(all);
             }
             interrupted(shutdown)?;
             if Instant::now() > deadline {
                 return Err(Error::CatchUpTimedOut { what: "carrying green's writes back".into() });
             }
-            if written == 0 {
+            if n == 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
 
-    /// Compares every key written back (blue's row against reverse(green's row)). Returns the
-    /// (table, key) pairs that differ.
-    async fn check_written(&mut self, final_check: bool) -> Result<Vec<(String, Vec<String>)>> {
+    /// Compares keys written back (blue's row against reverse(green's row)): every one in
+    /// `touched_back`, or with `only`, just those. Returns the (entry id, key) pairs that differ.
+    async fn check_written(&mut self, only: Option<&back::Written>) -> Result<Vec<(String, Vec<String>)>> {
         let mut out = Vec::new();
         for t in &self.resolved.tables {
-            let keys = way_back::touched_keys(&self.state, &self.green, t).await?;
+            let keys = match only {
+                Some(w) => w.get(t.id.as_str()).cloned().unwrap_or_default(),
+                None => way_back::touched_keys(&self.state, &self.green, t).await?,
+            };
             for batch in keys.chunks(CHECK_KEYS) {
                 for k in back::differing(&self.work, &mut self.blue, t, batch).await? {
-                    out.push((t.target.to_string(), k));
+                    out.push((t.id.as_str().to_string(), k));
                 }
             }
-        }
-        if final_check {
-            info!(differing = out.len(), "final check of the keys written back");
         }
         Ok(out)
     }
 
-    /// Sets each blue sequence behind a carried column past green's, plus the configured gap:
-    /// the v1 application's next ids must not collide with rows green gave out.
+    /// Sets each blue sequence owned by a carried column (serial or identity) past the larger of
+    /// blue's largest value in that column (rows written back included), its own value and the
+    /// green sequence the plan carried it to, plus `sequence_gap`: the v1 application's next ids
+    /// must not collide with rows green gave out.
     async fn carry_sequences_back(&mut self) -> Result<()> {
         let gap = self.plan.cutover.sequence_gap;
         for t in &self.resolved.tables {
-            for s in &t.sequences {
-                let Some(b) = &s.blue_sequence else { continue };
-                let read = |sql: String, what: String| {
-                    let (green, blue) = (&self.green, &self.blue);
-                    async move {
-                        let client = if what.starts_with("green") { green } else { blue };
-                        client.query_one(&sql, &[]).await.map_err(Error::db(what)).map(|r| r.get::<_, Option<i64>>(0))
-                    }
-                };
-                let green_value = read(
-                    format!(
-                        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
-                        s.green_sequence
-                    ),
-                    format!("green: reading sequence {}", s.green_sequence),
-                )
-                .await?;
-                let blue_value = read(
-                    format!("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {b}"),
-                    format!("blue: reading sequence {b}"),
-                )
-                .await?;
-                let Some(value) = green_value.into_iter().chain(blue_value).max() else { continue };
+            for c in t.reverse.columns.iter().filter(|c| t.reverse.expr(&c.column).is_some()) {
+                let owned: Option<String> = self
+                    .blue
+                    .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&t.source.quoted(), &c.column])
+                    .await
+                    .map_err(Error::db(format!("blue: the sequence of {}.{}", t.source, c.column)))?
+                    .get(0);
+                let Some(seq) = owned else { continue };
+                let row = self
+                    .blue
+                    .query_one(
+                        &format!(
+                            "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq}), \
+                                    (SELECT max({col})::int8 FROM {src})",
+                            col = ident(&c.column),
+                            src = t.source.quoted()
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(Error::db(format!("blue: reading sequence {seq}")))?;
+                let (blue_value, largest): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+                let mut green_value = None;
+                for s in t.sequences.iter().filter(|s| s.blue_sequence.is_some()) {
+                    green_value = self
+                        .green
+                        .query_one(
+                            &format!(
+                                "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
+                                s.green_sequence
+                            ),
+                            &[],
+                        )
+                        .await
+                        .map_err(Error::db(format!("green: reading sequence {}", s.green_sequence)))?
+                        .get::<_, Option<i64>>(0)
+                        .max(green_value);
+                }
+                let Some(value) = [blue_value, largest, green_value].into_iter().flatten().max() else { continue };
                 let set: i64 = self
                     .blue
-                    .query_one("SELECT setval($1::text::regclass, $2)", &[b, &(value + gap)])
+                    .query_one("SELECT setval($1::text::regclass, $2)", &[&seq, &(value + gap)])
                     .await
-                    .map_err(Error::db(format!("blue: setting sequence {b}")))?
+                    .map_err(Error::db(format!("blue: setting sequence {seq}")))?
                     .get(0);
-                self.sequences.push(crate::state::SequenceSet { sequence: b.clone(), blue: blue_value, set });
+                self.sequences.push(crate::state::SequenceSet { sequence: seq, blue: blue_value, set });
             }
         }
         Ok(())
@@ -465,7 +509,9 @@ impl Rollback<'_> {
     async fn undo(&mut self, reason: &str) -> Result<()> {
         let t = Instant::now();
         if self.rewrote {
+            // RELOAD too: one that failed may still have reached PgBouncer.
             restore_green_line(self.pb, &self.file)?;
+            self.bouncer.reload().await?;
         }
         self.bouncer.resume().await?;
         self.paused = None;
@@ -526,6 +572,33 @@ async fn finish_on_blue(
             }
         }
     }
+    // Writers that bypass PgBouncer may still reach green: stop capturing, carry what was
+    // captured since the final check, and only then drop the change table.
+    way_back::remove_triggers(plan, green).await?;
+    if let Some(start) = way_back::window(state, green).await?.and_then(|w| w.start_xid) {
+        let (mut work, mut blue) = (plan.green.connect().await?, plan.blue.connect().await?);
+        back::prepare_blue(&blue).await?;
+        let waited = Instant::now();
+        loop {
+            let written = back::round(state, &resolved.tables, &mut work, &mut blue, start).await?;
+            if back::count(&written) == 0 && way_back::backlog(state, &work, start).await? == 0 {
+                break;
+            }
+            let events: Vec<KeyEvent> = written
+                .into_iter()
+                .filter_map(|(id, keys)| Some((resolved.tables.iter().find(|t| t.id.as_str() == id)?.id.clone(), keys)))
+                .flat_map(|(id, keys)| keys.into_iter().map(move |key| KeyEvent { table: id.clone(), key, lsn }))
+                .collect();
+            state.store_keys(green, &events).await?;
+            if events.is_empty() {
+                // A transaction still open on green holds rows back until it ends.
+                if waited.elapsed() > CATCH_UP_BUDGET {
+                    return Err(Error::CatchUpTimedOut { what: "carrying green's last writes back".into() });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
     way_back::remove(plan, green).await?;
     way_back::update(
         state,
@@ -535,6 +608,10 @@ async fn finish_on_blue(
     )
     .await?;
     state.set_phase(green, &Phase::Following { lsn: None }).await?;
+    // Only now: until the phase says so, recovery reads it to tell where traffic is.
+    if let Some(f) = way_back::window(state, green).await?.and_then(|w| w.blue_line_file) {
+        let _ = std::fs::remove_file(f);
+    }
     info!("rolled back: traffic is on blue, following resumes");
     Ok(())
 }
@@ -550,7 +627,8 @@ pub(super) async fn recover(
 ) -> Result<()> {
     let mut bouncer = Bouncer::connect(&pb.admin, &pb.database).await?;
     let window = way_back::window(state, green).await?.unwrap_or_default();
-    let on_blue = match (&pb.mode, &window.blue_line) {
+    let saved = window.blue_line_file.as_deref().and_then(|f| way_back::read_blue_line(std::path::Path::new(f)).ok());
+    let on_blue = match (&pb.mode, &saved) {
         (SwitchMode::Repoint { databases_file, .. }, Some(line)) if step == CutoverStep::Repoint => {
             std::fs::read_to_string(databases_file)
                 .ok()

@@ -567,19 +567,33 @@ impl<'a> Switch<'a> {
         Ok(())
     }
 
-    /// Stores the open window: S, and blue's databases-file value that a rollback writes back.
+    /// Stores the open window: S, and where blue's databases-file value is saved for a rollback
+    /// to write back (beside the databases file: it may hold a password, which never goes into
+    /// state).
     async fn record_window(&self, start: i64) -> Result<()> {
-        let blue_line = match &self.pb.mode {
+        let blue_line_file = match &self.pb.mode {
             SwitchMode::Repoint { databases_file, .. } => {
-                std::fs::read_to_string(databases_file).ok().and_then(|text| {
-                    let r = databases_file::find_entry(&text, &self.pb.database)?;
-                    text[r].split_once('=').map(|(_, v)| v.trim().to_string())
-                })
+                let text = std::fs::read_to_string(databases_file).map_err(|source| Error::File {
+                    what: "reading",
+                    path: databases_file.clone(),
+                    source,
+                })?;
+                let value = databases_file::find_entry(&text, &self.pb.database)
+                    .and_then(|r| text[r].split_once('=').map(|(_, v)| v.trim().to_string()))
+                    .ok_or(Error::Internal("the databases file lost the entry during the cutover"))?;
+                let path = crate::way_back::blue_line_path(databases_file, &self.plan.name);
+                crate::way_back::save_blue_line(&path, &value)?;
+                Some(path.display().to_string())
             }
             SwitchMode::Handover { .. } => None,
         };
-        let window = crate::way_back::Window { open: true, start_xid: Some(start), blue_line, ..Default::default() };
-        let patch = serde_json::to_value(&window).unwrap_or_default();
+        let window =
+            crate::way_back::Window { open: true, start_xid: Some(start), blue_line_file, ..Default::default() };
+        let mut patch = serde_json::to_value(&window).unwrap_or_default();
+        // The record of an earlier window's rollback stays for `status`.
+        if let Some(o) = patch.as_object_mut() {
+            o.remove("last_rollback");
+        }
         crate::way_back::update(&self.state, &self.green, patch, &["opened_at"]).await
     }
 
@@ -668,12 +682,12 @@ impl<'a> Switch<'a> {
         self.paused = None;
         self.mark("roll back", t);
         if self.way_back_installed {
-            // Traffic stays on blue: green's capture would only pile up rows.
-            let removed = bounded(
-                Duration::from_secs(10),
-                "removing the way back",
-                crate::way_back::remove(self.plan, &self.green),
-            )
+            // Traffic stays on blue: green's capture would only pile up rows, and a window
+            // recorded before the failure is not open.
+            let removed = bounded(Duration::from_secs(10), "removing the way back", async {
+                crate::way_back::close_aborted(&self.state, &self.green).await?;
+                crate::way_back::remove(self.plan, &self.green).await
+            })
             .await;
             if let Err(e) = removed {
                 warn!(error = %e, "could not remove the way back's capture from green; the next cutover or `cleanup` removes it");

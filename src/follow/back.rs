@@ -49,6 +49,9 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> R
     let mut backoff = Backoff::default();
     let mut last_report = Instant::now() - REPORT_EVERY;
     let mut applied: i64 = way_back::window(&state, &sides.green).await?.map(|w| w.applied).unwrap_or(0);
+    if let Some(start) = way_back::window(&state, &sides.green).await?.and_then(|w| w.start_xid) {
+        way_back::prune(&state, &sides.green, start).await?;
+    }
     info!("following back: green's writes are carried to blue until `migrate rollback` or `migrate finish`");
     loop {
         if shutdown.is_triggered() {
@@ -130,7 +133,8 @@ async fn round(plan: &Plan, resolved: &ResolvedPlan, state: &State, sides: &mut 
                     return Ok(Step::Stop(BackStop::Closed));
                 };
                 let start = w.start_xid.ok_or(Error::Internal("an open way back without its start"))?;
-                back::round(state, &resolved.tables, &mut sides.green, &mut sides.blue, start).await.map(Step::Did)
+                let written = back::round(state, &resolved.tables, &mut sides.green, &mut sides.blue, start).await?;
+                Ok(Step::Did(back::count(&written)))
             }
             .await;
             leave(state, &sides.green).await;
@@ -167,4 +171,11 @@ async fn enter(state: &State, green: &tokio_postgres::Client) -> Result<Gate> {
 
 async fn leave(state: &State, green: &tokio_postgres::Client) {
     state.leave_gate(green).await;
+}
+
+/// Finishes or undoes a rollback that died, unless one is running: a `copy` started in phase
+/// `rolling-back` does this before anything else (the way back may be closed already, when the
+/// rollback died after closing it).
+pub async fn recover(plan: &Plan, resolved: &ResolvedPlan) -> Result<()> {
+    crate::cutover::rollback::recover_abandoned(plan, resolved).await
 }

@@ -32,6 +32,9 @@ pub async fn prepare_blue(blue: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Keys written back by one round, by entry id.
+pub type Written = BTreeMap<String, Vec<Vec<String>>>;
+
 /// One round: reads up to [`ROUND_CHANGES`] settled change rows at or past `start`, writes their
 /// keys to blue, records them as written back and forgets the rows. Returns the keys written.
 pub async fn round(
@@ -40,7 +43,7 @@ pub async fn round(
     green: &mut Client,
     blue: &mut Client,
     start: i64,
-) -> Result<usize> {
+) -> Result<Written> {
     let rows = green
         .query(
             &format!(
@@ -53,7 +56,7 @@ pub async fn round(
         .await
         .map_err(Error::db("green: reading the way back's changes"))?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Written::new());
     }
     let mut ids = Vec::with_capacity(rows.len());
     let mut by_entry: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
@@ -63,6 +66,15 @@ pub async fn round(
             let target = tables.iter().find(|t| t.id.as_str() == tbl).map(|t| t.target.to_string()).unwrap_or(tbl);
             return Err(Error::Truncated { tables: vec![format!("{target} (on green)")] });
         }
+        if !tables.iter().any(|t| t.id.as_str() == tbl) {
+            // Dropping it would lose a write the rollback then never checks.
+            return Err(Error::Decode {
+                what: format!("change {} on green", r.get::<_, i64>(0)),
+                message: format!(
+                    "it belongs to plan entry `{tbl}`, which the plan no longer has: put the entry back while the way back is open"
+                ),
+            });
+        }
         ids.push(r.get::<_, i64>(0));
         let key: Vec<String> = r.get(2);
         let keys = by_entry.entry(tbl).or_default();
@@ -70,7 +82,6 @@ pub async fn round(
             keys.push(key);
         }
     }
-    let mut written = 0;
     // Plan order: parents before children, as the plan lists them for the copy.
     for t in tables {
         let Some(keys) = by_entry.get(t.id.as_str()) else { continue };
@@ -78,7 +89,6 @@ pub async fn round(
         stage(green, &tx, t, keys).await?;
         write(&tx, t, keys).await?;
         tx.commit().await.map_err(|e| fail(t, "commit", e))?;
-        written += keys.len();
     }
     crate::fault::point("back.applied").await;
     let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
@@ -100,7 +110,12 @@ pub async fn round(
         .await
         .map_err(Error::db("green: forgetting the way back's changes"))?;
     tx.commit().await.map_err(Error::db("green: forgetting the way back's changes"))?;
-    Ok(written)
+    Ok(by_entry)
+}
+
+/// How many keys `written` holds.
+pub fn count(written: &Written) -> usize {
+    written.values().map(Vec::len).sum()
 }
 
 fn fail(t: &ResolvedTable, what: &str, e: tokio_postgres::Error) -> Error {
@@ -193,19 +208,40 @@ async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) ->
     .await
     .map_err(|e| fail(t, "deleting keys gone from green", e))?;
     let (cols, values) = carried(t);
-    let set: Vec<String> = cols.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
+    // Key columns are set too (a key changed on green to a value that compares equal, citext
+    // `alice` -> `ALICE`, must reach blue's text), except an identity column GENERATED ALWAYS,
+    // which no update may set (`problems` refuses such a column outside the key).
+    let always: Vec<String> = tx
+        .query(
+            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
+               AND attidentity = 'a' AND NOT attisdropped",
+            &[&source],
+        )
+        .await
+        .map_err(|e| fail(t, "reading identity columns", e))?
+        .iter()
+        .map(|r| ident(&r.get::<_, String>(0)))
+        .collect();
+    let set: Vec<String> = cols.iter().filter(|c| !always.contains(c)).map(|c| format!("{c} = EXCLUDED.{c}")).collect();
     let old: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
     let new: Vec<String> = cols.iter().map(|c| format!("EXCLUDED.{c}")).collect();
+    let action = if set.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!(
+            "DO UPDATE SET {} WHERE ROW({})::text IS DISTINCT FROM ROW({})::text",
+            set.join(", "),
+            old.join(", "),
+            new.join(", ")
+        )
+    };
     tx.execute(
         &format!(
             "INSERT INTO {source} AS s ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM {stage} g \
-             ON CONFLICT ({keys}) DO UPDATE SET {set} WHERE ROW({old})::text IS DISTINCT FROM ROW({new})::text",
+             ON CONFLICT ({keys}) {action}",
             cols = cols.join(", "),
             values = values.join(", "),
             keys = src.join(", "),
-            set = set.join(", "),
-            old = old.join(", "),
-            new = new.join(", "),
         ),
         &[],
     )

@@ -28,9 +28,10 @@ pub struct Window {
     /// Green's transaction horizon S taken in the switch's pause: changes of transactions below
     /// it are the drain's, not the application's.
     pub start_xid: Option<i64>,
-    /// The databases-file value the entry had before the switch (blue's): the rollback writes it
-    /// back.
-    pub blue_line: Option<String>,
+    /// The file beside PgBouncer's databases file where the cutover saved the entry's value
+    /// before the switch (blue's; it may hold a password, so it is never stored here): the
+    /// rollback writes it back.
+    pub blue_line_file: Option<String>,
     /// When the cutover opened it.
     pub opened_at: Option<String>,
     /// When it was closed (by a rollback or `finish`), and how.
@@ -106,6 +107,38 @@ pub async fn update(
     Ok(())
 }
 
+/// Where the entry's databases-file value before the switch is saved: beside the databases file
+/// (readable only by its owner), named by the plan.
+pub fn blue_line_path(databases_file: &std::path::Path, plan: &str) -> std::path::PathBuf {
+    let mut name = databases_file.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".bluegreen-{plan}.blue"));
+    databases_file.with_file_name(name)
+}
+
+/// Saves `value` (blue's databases-file value) at `path`, mode 0600.
+pub fn save_blue_line(path: &std::path::Path, value: &str) -> Result<()> {
+    use std::io::Write;
+    let write = || -> std::io::Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut f = options.open(path)?;
+        f.write_all(value.as_bytes())?;
+        f.sync_all()
+    };
+    write().map_err(|source| Error::File { what: "writing", path: path.to_path_buf(), source })
+}
+
+/// Reads the value [`save_blue_line`] saved.
+pub fn read_blue_line(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).map_err(|source| Error::File {
+        what: "reading",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Why the plan's entries cannot all be carried back, one line per entry: no reverse mapping, a
 /// join, a target shared by entries, or no unique index on exactly blue's key for the upsert.
 pub async fn problems(resolved: &ResolvedPlan, blue: &impl GenericClient) -> Result<Vec<String>> {
@@ -139,6 +172,26 @@ pub async fn problems(resolved: &ResolvedPlan, blue: &impl GenericClient) -> Res
             .await
             .map_err(Error::db(format!("blue: reading the unique indexes of {}", t.source)))?
             .get(0);
+        let always: Vec<String> = blue
+            .query(
+                "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
+                   AND attidentity = 'a' AND NOT attisdropped AND attname <> ALL($2::text[])",
+                &[&t.source.quoted(), &keys],
+            )
+            .await
+            .map_err(Error::db(format!("blue: reading the identity columns of {}", t.source)))?
+            .iter()
+            .map(|r| r.get(0))
+            .filter(|c: &String| t.reverse.expr(c).is_some())
+            .collect();
+        if !always.is_empty() {
+            out.push(format!(
+                "{}: blue's {} column(s) {} are GENERATED ALWAYS AS IDENTITY and not its key: an update cannot set them",
+                t.target,
+                t.source,
+                always.join(", ")
+            ));
+        }
         if !unique {
             out.push(format!(
                 "{}: blue's {} has no unique index on exactly ({}) for the way back's upsert",
@@ -234,11 +287,10 @@ fn function_sql(state: &State, t: &ResolvedTable, func: &str) -> String {
     )
 }
 
-/// Removes the way back's triggers, functions and tables from green (idempotent: what exists is
-/// dropped by name). Table triggers are dropped under `[cutover] lock_timeout`, so a long v2
-/// transaction makes this fail, named, instead of queueing the application behind it.
-pub async fn remove(plan: &Plan, green: &Client) -> Result<()> {
-    let state = State::new(&plan.name);
+/// Drops the way back's triggers from every table of green that has them, in one transaction
+/// under `[cutover] lock_timeout` (all or none: a half-removed way back would miss writes to
+/// some tables; a long v2 transaction makes it fail, named, instead of queueing the application).
+pub async fn remove_triggers(plan: &Plan, green: &Client) -> Result<()> {
     let (name, tname) = trigger_names(&plan.name);
     let on: Vec<String> = green
         .query(
@@ -250,21 +302,33 @@ pub async fn remove(plan: &Plan, green: &Client) -> Result<()> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for rel in on {
-        let sql = format!(
-            "BEGIN; SET LOCAL lock_timeout = '{ms}ms'; DROP TRIGGER IF EXISTS {n} ON {rel}; DROP TRIGGER IF EXISTS {tn} ON {rel}; COMMIT;",
-            ms = plan.cutover.lock_timeout.as_millis(),
-            n = ident(&name),
-            tn = ident(&tname),
-        );
-        if let Err(e) = green.batch_execute(&sql).await {
-            let _ = green.batch_execute("ROLLBACK").await;
-            return Err(Error::Db {
-                context: format!("green: removing the way back's triggers from {rel}"),
-                source: e,
-            });
-        }
+    if on.is_empty() {
+        return Ok(());
     }
+    let mut sql = format!("BEGIN; SET LOCAL lock_timeout = '{}ms';", plan.cutover.lock_timeout.as_millis());
+    for rel in &on {
+        sql.push_str(&format!(
+            " DROP TRIGGER IF EXISTS {n} ON {rel}; DROP TRIGGER IF EXISTS {tn} ON {rel};",
+            n = ident(&name),
+            tn = ident(&tname)
+        ));
+    }
+    sql.push_str(" COMMIT;");
+    if let Err(e) = green.batch_execute(&sql).await {
+        let _ = green.batch_execute("ROLLBACK").await;
+        return Err(Error::Db {
+            context: format!("green: removing the way back's triggers from {}", on.join(", ")),
+            source: e,
+        });
+    }
+    Ok(())
+}
+
+/// Removes the way back's triggers, functions and tables from green (idempotent: what exists is
+/// dropped by name; the triggers first, all in one transaction).
+pub async fn remove(plan: &Plan, green: &Client) -> Result<()> {
+    let state = State::new(&plan.name);
+    remove_triggers(plan, green).await?;
     let schema_exists: bool = green
         .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&state.schema()])
         .await
@@ -289,6 +353,32 @@ pub async fn remove(plan: &Plan, green: &Client) -> Result<()> {
         sql.push_str(&format!("DROP FUNCTION IF EXISTS {f};"));
     }
     green.batch_execute(&sql).await.map_err(Error::db("green: removing the way back's tables"))
+}
+
+/// Marks a window a failed cutover recorded as not open (only one that is open and never
+/// carried anything: an earlier rollback's record stays).
+pub async fn close_aborted(state: &State, green: &impl GenericClient) -> Result<()> {
+    green
+        .execute(
+            &format!(
+                "UPDATE {} SET way_back = way_back || '{{\"open\": false}}'::jsonb \
+                 WHERE id = 1 AND way_back IS NOT NULL AND (way_back->>'open')::boolean",
+                state.table("migration")
+            ),
+            &[],
+        )
+        .await
+        .map_err(Error::db("green: closing the way back of an aborted cutover"))?;
+    Ok(())
+}
+
+/// Forgets change rows below S (the drain's own writes, when apply's session fired the
+/// triggers): they are never carried, and every round would scan past them.
+pub async fn prune(state: &State, green: &impl GenericClient, start: i64) -> Result<u64> {
+    green
+        .execute(&format!("DELETE FROM {} WHERE xid::text::int8 < $1", changes(state)), &[&start])
+        .await
+        .map_err(Error::db("green: pruning the way back's change table"))
 }
 
 /// Green's transaction horizon now: every transaction that exists lies below it.
