@@ -439,3 +439,35 @@ fn way_back_carries_identity_composite_toasted_and_late_writes() {
     assert!(next > 300000, "blue's identity gave {next}");
     crate::capture::sigint_and_wait(&mut copy);
 }
+
+/// A lossy reverse mapping is found before the switch: the cutover's preflight with `way_back`
+/// names the key and column that would change, and switches nothing.
+#[test]
+fn cutover_with_a_lossy_way_back_names_key_and_column() {
+    let c = crate::support::Custom::new(ODD_BLUE, ODD_GREEN);
+    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name);
+    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let tables = format!(
+        "[[table]]\nsource = \"public.accounts\"\ntarget = \"public.users\"\nkey = [\"id\"]\ndrop = [\"legacy\"]\n\
+         [table.columns]\nid = \"id\"\nemail = \"email\"\ncreated_at = \"created AT TIME ZONE 'UTC'\"\nnote = \"note\"\n\
+         [table.reverse]\nnote = \"left(note, 3)\"\n\
+         [[table]]\nsource = \"public.memberships\"\ntarget = \"public.members\"\nkey = [\"org\", \"member\"]\n\
+         [cutover]\nway_back = true\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
+         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
+        bouncer.admin_url(),
+        bouncer.databases_file.display(),
+        c.green.cluster.port,
+        c.green.name
+    );
+    let plan = c.plan("trigger", "workers = 1", &tables);
+    let p = plan.to_str().unwrap();
+    let r = run(&mut c.migrate(&["copy", p, "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut c.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut c.migrate(&["cutover", p]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("[FAIL] way back proven: would change: public.users key (1) column note"), "{r:?}");
+    assert!(r.stdout.contains("cutover not attempted"), "{r:?}");
+    assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&c.blue.name));
+}

@@ -156,7 +156,17 @@ async fn way_back_json(state: &State, green: &tokio_postgres::Client) -> serde_j
         .await
         .ok()
         .and_then(|r| r.get(0));
+    // What the open window costs on green: its change table (the slot's WAL on blue is under `blue`).
+    let held: Option<i64> = green
+        .query_one(
+            "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE pg_total_relation_size($1)::int8 END",
+            &[&state.table("changes_back")],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.get(0));
     let mut v = serde_json::to_value(&w).unwrap_or_default();
+    v["green_retained_bytes"] = serde_json::json!(held);
     v["pending_changes"] = serde_json::json!(backlog);
     v["follower_seen_seconds_ago"] = serde_json::json!(seen);
     v["direction"] = serde_json::json!(if w.open { "back" } else { "forward" });
@@ -253,7 +263,10 @@ pub fn render_text(value: &serde_json::Value) -> String {
         if let Some(e) = w["error"].as_str() {
             o.push_str(&format!("  STOPPED: the way back failed: {e}\n"));
         }
-        o.push_str("  the way back keeps capture on blue and green; end it with `migrate finish PLAN` once you will not roll back\n");
+        o.push_str(&format!(
+            "  the way back keeps capture on blue and green ({} in green's change table); end it with `migrate finish PLAN` once you will not roll back\n",
+            crate::plan::render_size(w["green_retained_bytes"].as_u64().unwrap_or(0))
+        ));
     } else if let Some(by) = w["closed_by"].as_str() {
         o.push_str(&format!("  way back closed ({by}) at {}\n", w["closed_at"].as_str().unwrap_or("?")));
     }

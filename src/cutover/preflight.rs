@@ -40,6 +40,10 @@ pub(super) async fn preflight(
                 format!("[cutover] way_back = true, but: {}", problems.join("; "))
             },
         });
+        if problems.is_empty() {
+            // A way back that would change rows is found now, before the switch.
+            checks.push(crate::way_back::round_trip_check(resolved, blue).await?);
+        }
     }
     Ok(checks)
 }

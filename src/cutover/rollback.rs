@@ -29,8 +29,6 @@ use crate::{
 const CATCH_UP_BUDGET: Duration = Duration::from_secs(120);
 /// Keys compared per query in the checks.
 const CHECK_KEYS: usize = 5_000;
-/// Blue rows per entry the preflight's round trip reads.
-const ROUND_TRIP_ROWS: u64 = 10_000;
 /// How recently the reverse follower must have reported to count as running.
 const FOLLOWER_SEEN: &str = "5 seconds";
 
@@ -181,23 +179,8 @@ async fn preflight(
             },
         );
     }
-    let mut lost = Vec::new();
-    for t in &resolved.tables {
-        let Some(sql) = crate::plan::round_trip_sql(t, Some(ROUND_TRIP_ROWS), 3) else { continue };
-        for r in blue.query(&sql, &[]).await.map_err(Error::db(format!("blue: round trip of {}", t.source)))? {
-            let key: Vec<String> = r.get(0);
-            lost.push(format!("{} key ({}) column {}", t.target, key.join(", "), r.get::<_, String>(1)));
-        }
-    }
-    check(
-        "way back proven",
-        lost.is_empty(),
-        if lost.is_empty() {
-            format!("up to {ROUND_TRIP_ROWS} rows per table come back from green's form unchanged")
-        } else {
-            format!("would change: {} (run `migrate verify --reverse`)", lost.join("; "))
-        },
-    );
+    checks.push(way_back::round_trip_check(resolved, blue).await?);
+    let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
     match crate::capture::Capture::open(plan, resolved, plan.blue.connect().await?).await {
         Ok(_) => check("capture on blue", true, "kept: following resumes after the rollback".into()),
         Err(e) => check("capture on blue", false, format!("{e}: following could not resume after the rollback")),
