@@ -490,3 +490,113 @@ fn handover_killed_half_way_is_recovered_by_the_follower() {
     assert!(!v1.errors.is_empty(), "v1 kept succeeding after the switch");
     bouncer.stop();
 }
+
+/// The way back in handover mode: after the switch the v2 application writes on green (inserts
+/// and revocations of its own tokens); `migrate rollback` pauses the v2 entry, drains, and hands
+/// traffic back to the v1 entry, while `[[rollback.hook]]`s flip which version receives the
+/// requests. Every acknowledged write of either version is on blue in v1's form, and following
+/// resumes so green catches up with what v1 writes afterwards.
+#[test]
+fn handover_rolls_back_to_the_v1_entry_with_nothing_lost() {
+    let c = Custom::new(BLUE, GREEN);
+    let bouncer = two_entries(&c);
+    admin(&bouncer, "PAUSE app_v2");
+    let dir = tempfile::tempdir().unwrap();
+    let active = dir.path().join("active");
+    std::fs::write(&active, "v1").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a1, a2) = (active.clone(), active.clone());
+    let v1 = writer(
+        bouncer.port,
+        "app",
+        stop.clone(),
+        move || flag(&a1) == "v1",
+        |n| {
+            let t = format!("v1-{n}");
+            (t.clone(), "insert", format!("INSERT INTO tokens (token, revoked) VALUES ('{t}', false)"))
+        },
+    );
+    let v2 = writer(
+        bouncer.port,
+        "app_v2",
+        stop.clone(),
+        move || flag(&a2) == "v2",
+        |n| {
+            if n % 3 == 0 {
+                let t = format!("v2-{}", n - 2);
+                (t.clone(), "revoke", format!("UPDATE tokens SET state = 'revoked' WHERE token = '{t}'"))
+            } else {
+                let t = format!("v2-{n}");
+                (t.clone(), "insert", format!("INSERT INTO tokens (token, state) VALUES ('{t}', 'active')"))
+            }
+        },
+    );
+    let tables = format!(
+        "[[table]]\nsource = \"public.tokens\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\ntoken = \"token\"\n\
+         state = \"CASE WHEN revoked THEN 'revoked' ELSE 'active' END\"\n[table.reverse]\nrevoked = \"state = 'revoked'\"\n\
+         [cutover]\nway_back = true\n[cutover.pgbouncer]\nmode = \"handover\"\nadmin_url = \"{}\"\ndatabase = \"app\"\n\
+         v2_database = \"app_v2\"\npause_timeout = \"4s\"\n\
+         [[cutover.hook]]\nat = \"in_pause\"\nrun = \"echo v2 > {a}\"\ntimeout = \"1s\"\n\
+         [[rollback.hook]]\nat = \"in_pause\"\nrun = \"echo v1 > {a} && echo $MIGRATE_DIRECTION\"\ntimeout = \"1s\"\n",
+        bouncer.admin_url(),
+        a = active.display()
+    );
+    let plan = c.plan("auto", "", &tables);
+    let p = plan.to_str().unwrap();
+    let mut copy = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    std::thread::sleep(Duration::from_secs(1));
+    let r = run(&mut c.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "verify: {r:?}");
+    let r = run(&mut c.migrate(&["cutover", p]));
+    assert_eq!(r.code, 0, "cutover: {r:?}");
+    assert_eq!(flag(&active), "v2");
+    std::thread::sleep(Duration::from_secs(3));
+    let r = run(&mut c.migrate(&["rollback", p]));
+    eprintln!("{}", r.stdout);
+    assert_eq!(r.code, 0, "rollback: {r:?}");
+    assert!(r.stdout.contains("resume v1 entry") && r.stdout.contains("hook in_pause"), "{r:?}");
+    assert!(r.stdout.contains("rolled back: the v1 entry `app` (blue) takes traffic"), "{r:?}");
+    assert_eq!(flag(&active), "v1");
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    let (v1, v2) = (v1.join().unwrap(), v2.join().unwrap());
+    // A statement queued in the entry a switch leaves is dropped by its KILL (`database
+    // removed`), at most once per writer per switch; nothing else fails.
+    for (who, seen) in [("v1", &v1), ("v2", &v2)] {
+        assert!(seen.errors.len() <= 1, "the {who} application saw errors: {:?}", seen.errors);
+        for (code, message) in &seen.errors {
+            assert!(
+                code.as_deref() == Some("08P01") && message.contains("database removed"),
+                "{who}: {code:?} {message}"
+            );
+        }
+    }
+    let blue: std::collections::HashMap<String, String> = c
+        .blue
+        .psql("SELECT token || '|' || revoked FROM tokens")
+        .lines()
+        .filter_map(|l| l.split_once('|').map(|(a, b)| (a.to_string(), b.to_string())))
+        .collect();
+    let v2_ins: Vec<&String> = v2.acked.iter().filter(|(_, k)| *k == "insert").map(|(t, _)| t).collect();
+    assert!(v2_ins.len() > 20, "too few v2 writes: {}", v2_ins.len());
+    for (t, _) in v1.acked.iter().chain(&v2.acked) {
+        assert!(blue.contains_key(t), "acknowledged write {t} is not on blue");
+    }
+    for (t, kind) in &v2.acked {
+        if *kind == "revoke" && blue.contains_key(t) {
+            assert_eq!(blue[t], "true", "a revocation made on green is not on blue: {t}");
+        }
+    }
+    // Following resumed: green catches up with v1's writes after the rollback.
+    let started = Instant::now();
+    let q_blue = "SELECT id, token, CASE WHEN revoked THEN 'revoked' ELSE 'active' END FROM tokens";
+    let q_green = "SELECT id, token, state FROM tokens";
+    while fingerprint(&c.blue, q_blue) != fingerprint(&c.green, q_green) {
+        assert!(started.elapsed() < Duration::from_secs(30), "green did not catch up with blue after the rollback");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = run(&mut c.migrate(&["finish", p]));
+    assert_eq!(r.code, 1, "nothing to finish after a rollback: {r:?}");
+    crate::capture::sigint_and_wait(&mut copy);
+}

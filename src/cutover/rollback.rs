@@ -12,6 +12,7 @@ use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use super::{
+    hooks::{self, HookEnv},
     switch::{fault, interrupted},
     Ended, Report,
 };
@@ -19,7 +20,7 @@ use crate::{
     error::{Error, Result},
     pg::ident,
     pgbouncer::{databases_file, Bouncer, Paused},
-    plan::{Check, PgbouncerSettings, Plan, ResolvedPlan, SwitchMode},
+    plan::{Check, HookPoint, PgbouncerSettings, Plan, ResolvedPlan, SwitchMode},
     shutdown::Shutdown,
     state::{CutoverStep, KeyEvent, Phase, State},
     way_back::{self, apply as back},
@@ -65,12 +66,21 @@ pub async fn run(
         return Ok(Report::ended(Ended::DryRunPassed));
     }
     let window = way_back::window(&state, &green).await?.unwrap_or_default();
-    let (SwitchMode::Repoint { databases_file, .. }, Some(start), Some(saved)) =
-        (&pb.mode, window.start_xid, window.blue_line_file.clone())
-    else {
-        return Err(Error::Internal("preflight passed without a repoint window"));
+    let start = window.start_xid.ok_or(Error::Internal("preflight passed without an open way back"))?;
+    let route = match &pb.mode {
+        SwitchMode::Repoint { databases_file, .. } => {
+            let saved =
+                window.blue_line_file.clone().ok_or(Error::Internal("a repoint way back without blue's line"))?;
+            Route::Repoint {
+                file: databases_file.clone(),
+                blue_line: way_back::read_blue_line(std::path::Path::new(&saved))?,
+                rewrote: false,
+            }
+        }
+        SwitchMode::Handover { .. } => {
+            Route::Handover { v1: Bouncer::connect(&pb.admin, &pb.database).await?, v2_disabled: false }
+        }
     };
-    let blue_line = way_back::read_blue_line(std::path::Path::new(&saved))?;
     let mut r = Rollback {
         plan,
         resolved,
@@ -79,21 +89,32 @@ pub async fn run(
         work: plan.green.connect().await?,
         blue,
         green,
-        bouncer: Bouncer::connect(&pb.admin, &pb.database).await?,
+        bouncer: Bouncer::connect(&pb.admin, green_entry(pb)).await?,
+        route,
         start,
-        blue_line,
-        file: databases_file.clone(),
         timeline: Vec::new(),
         paused: None,
         paused_ms: None,
-        rewrote: false,
         committed: false,
         sequences: Vec::new(),
         unfenced: false,
         recheck: back::Written::new(),
+        hooks: Vec::new(),
+        hook_env: vec![
+            ("MIGRATE_PLAN", plan.name.clone()),
+            ("MIGRATE_DIRECTION", "rollback".into()),
+            ("MIGRATE_MODE", pb.mode.name().to_string()),
+            ("MIGRATE_DATABASE", pb.database.clone()),
+            ("MIGRATE_BLUE", plan.blue.to_string()),
+            ("MIGRATE_GREEN", plan.green.to_string()),
+            ("MIGRATE_PAUSE_TIMEOUT_MS", pb.pause_timeout.as_millis().to_string()),
+        ],
     };
+    if let SwitchMode::Handover { v2_database, .. } = &pb.mode {
+        r.hook_env.push(("MIGRATE_V2_DATABASE", v2_database.clone()));
+    }
     back::prepare_blue(&r.blue).await?;
-    let span = tracing::info_span!("rollback", plan = %plan.name, database = %pb.database);
+    let span = tracing::info_span!("rollback", plan = %plan.name, database = %green_entry(pb));
     let result = tracing::Instrument::instrument(r.execute(&shutdown), span).await;
     Ok(r.finish(result).await)
 }
@@ -111,7 +132,9 @@ async fn preflight(
     let mut check = |name: &str, ok: bool, detail: String| checks.push(Check { name: name.into(), ok, detail });
     let phase = state.phase(green).await?;
     let window = way_back::window(state, green).await?;
-    let open = window.as_ref().is_some_and(|w| w.open && w.start_xid.is_some() && w.blue_line_file.is_some());
+    let handover = matches!(pb.mode, SwitchMode::Handover { .. });
+    let open =
+        window.as_ref().is_some_and(|w| w.open && w.start_xid.is_some() && (handover || w.blue_line_file.is_some()));
     check(
         "switched, way back open",
         phase == Some(Phase::Switched) && open,
@@ -129,8 +152,21 @@ async fn preflight(
             (None, _) => "no state".into(),
         },
     );
-    if !matches!(pb.mode, SwitchMode::Repoint { .. }) {
-        check("pgbouncer mode", false, "handover mode has no rollback built; switch back by hand (runbook)".into());
+    if let SwitchMode::Handover { v2_database, .. } = &pb.mode {
+        match Bouncer::connect(&pb.admin, &pb.database).await {
+            Ok(v1) => match v1.entry().await? {
+                Some(e) => check(
+                    "pgbouncer v1 entry",
+                    true,
+                    format!(
+                        "`{}` ({}:{}/{}) is enabled and resumed at the switch back; `{v2_database}` is then disabled",
+                        pb.database, e.host, e.port, e.database
+                    ),
+                ),
+                None => check("pgbouncer v1 entry", false, format!("PgBouncer has no entry `{}`", pb.database)),
+            },
+            Err(e) => check("pgbouncer v1 entry", false, e.to_string()),
+        }
     }
     if let Some(saved) = window.as_ref().and_then(|w| w.blue_line_file.as_ref()).filter(|_| open) {
         match way_back::read_blue_line(std::path::Path::new(saved)) {
@@ -185,12 +221,39 @@ async fn preflight(
         Ok(_) => check("capture on blue", true, "kept: following resumes after the rollback".into()),
         Err(e) => check("capture on blue", false, format!("{e}: following could not resume after the rollback")),
     }
-    match Bouncer::connect(&pb.admin, &pb.database).await {
+    match Bouncer::connect(&pb.admin, green_entry(pb)).await {
         Ok(_) => check("pgbouncer admin console", true, "reachable".into()),
         Err(e) => check("pgbouncer admin console", false, e.to_string()),
     }
     check("sequences to carry back", true, "each blue sequence owned by a carried column, set in the pause".into());
     Ok(checks)
+}
+
+/// The PgBouncer entry that serves green while the way back is open: the one the rollback
+/// pauses (repoint: the application's entry; handover: the v2 application's).
+fn green_entry(pb: &PgbouncerSettings) -> &str {
+    match &pb.mode {
+        SwitchMode::Repoint { .. } => &pb.database,
+        SwitchMode::Handover { v2_database, .. } => v2_database,
+    }
+}
+
+/// How traffic goes back to blue.
+enum Route {
+    /// Blue's saved line is written back into the databases file, then RELOAD.
+    Repoint {
+        file: std::path::PathBuf,
+        blue_line: String,
+        /// The file holds blue's line (an abort before RELOAD writes green's back).
+        rewrote: bool,
+    },
+    /// The v1 entry (blue) is enabled and resumed; the v2 entry is disabled and its queued
+    /// clients dropped (v2 statements must not reach blue).
+    Handover {
+        v1: Bouncer,
+        /// The v2 entry was disabled (an abort enables it again).
+        v2_disabled: bool,
+    },
 }
 
 /// One rollback in progress.
@@ -205,22 +268,23 @@ struct Rollback<'a> {
     work: Client,
     /// Writes green's rows back.
     blue: Client,
+    /// The entry serving green ([`green_entry`]): paused, then resumed (repoint) or dropped
+    /// (handover).
     bouncer: Bouncer,
+    route: Route,
     start: i64,
-    blue_line: String,
-    file: std::path::PathBuf,
     timeline: Vec<(String, f64)>,
     paused: Option<Instant>,
     paused_ms: Option<f64>,
-    /// The databases file holds blue's line (an abort before RELOAD writes green's back).
-    rewrote: bool,
-    /// RELOAD sent: traffic may be on blue.
+    /// Traffic may be on blue (RELOAD sent, or the v1 entry resumed).
     committed: bool,
     sequences: Vec<crate::state::SequenceSet>,
     /// Blue's fence was lifted (an abort puts it back).
     unfenced: bool,
     /// Keys that differed in the check before the pause: checked again in it.
     recheck: back::Written,
+    hooks: Vec<crate::state::HookRecord>,
+    hook_env: HookEnv,
 }
 
 impl Rollback<'_> {
@@ -262,6 +326,16 @@ impl Rollback<'_> {
         self.mark("check before pause", t);
         fault("rollback.caught-up", shutdown).await;
         interrupted(shutdown)?;
+        if self.plan.cutover.rollback_hooks.iter().any(|h| h.at == HookPoint::BeforePause) {
+            self.run_hooks(HookPoint::BeforePause, None, shutdown).await?;
+            interrupted(shutdown)?;
+            let t = Instant::now();
+            let written = self.catch_up(Instant::now() + CATCH_UP_BUDGET, shutdown).await?;
+            for (id, keys) in written {
+                self.recheck.entry(id).or_default().extend(keys);
+            }
+            self.mark("catch-up after hooks", t);
+        }
 
         self.record_step(CutoverStep::Pause).await?;
         let t = Instant::now();
@@ -283,27 +357,80 @@ impl Rollback<'_> {
 
         self.record_step(CutoverStep::Repoint).await?;
         fault("rollback.before-repoint", shutdown).await;
+        match &mut self.route {
+            Route::Repoint { .. } => self.repoint(shutdown).await?,
+            Route::Handover { .. } => self.hand_back(shutdown).await?,
+        }
         let t = Instant::now();
-        databases_file::rewrite(&self.file, &self.pb.database, &self.blue_line).map_err(|source| Error::File {
+        let record = self.record("rolled-back", None);
+        finish_on_blue(self.plan, self.resolved, &self.state, &self.green, record).await?;
+        self.mark("following blue again", t);
+        self.run_hooks(HookPoint::AfterSwitch, None, shutdown).await
+    }
+
+    /// Runs the `[[rollback.hook]]`s at `at` (if any) as one timeline step.
+    async fn run_hooks(&mut self, at: HookPoint, deadline: Option<Instant>, shutdown: &Shutdown) -> Result<()> {
+        if !self.plan.cutover.rollback_hooks.iter().any(|h| h.at == at) {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let mut env = self.hook_env.clone();
+        match at {
+            HookPoint::AfterSwitch => env.push(("MIGRATE_OUTCOME", "rolled-back".into())),
+            HookPoint::OnAbort => env.push(("MIGRATE_OUTCOME", "aborted".into())),
+            _ => {}
+        }
+        let result = hooks::run(&self.plan.cutover.rollback_hooks, at, &env, deadline, shutdown, &mut self.hooks).await;
+        self.mark(&format!("{} hooks", at.name()), t);
+        result
+    }
+
+    /// Repoint: blue's line back into the databases file, RELOAD (the point of no return), RESUME.
+    async fn repoint(&mut self, shutdown: &Shutdown) -> Result<()> {
+        let Route::Repoint { file, blue_line, rewrote } = &mut self.route else { return Ok(()) };
+        let t = Instant::now();
+        databases_file::rewrite(file, &self.pb.database, blue_line).map_err(|source| Error::File {
             what: "rewriting",
-            path: self.file.clone(),
+            path: file.clone(),
             source,
         })?;
-        self.rewrote = true;
+        *rewrote = true;
         self.mark("repoint", t);
         let t = Instant::now();
-        self.bouncer.reload().await?;
+        // From the first RELOAD sent, traffic may go to blue, whatever the answer.
         self.committed = true;
+        self.bouncer.reload().await?;
         self.mark("reload", t);
         fault("rollback.reloaded", shutdown).await;
         let t = Instant::now();
         self.bouncer.resume().await?;
         self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
         self.mark("resume", t);
+        Ok(())
+    }
+
+    /// Handover: the v2 entry is disabled (no new v2 client gets in), the v1 entry enabled and
+    /// resumed (the point of no return), then the v2 entry's queued clients are dropped with an
+    /// error: their v2 statements must not run on blue.
+    async fn hand_back(&mut self, shutdown: &Shutdown) -> Result<()> {
         let t = Instant::now();
-        let record = self.record("rolled-back", None);
-        finish_on_blue(self.plan, self.resolved, &self.state, &self.green, record).await?;
-        self.mark("following blue again", t);
+        self.bouncer.disable().await?;
+        if let Route::Handover { v2_disabled, .. } = &mut self.route {
+            *v2_disabled = true;
+        }
+        self.mark("hold v2 entry", t);
+        let Route::Handover { v1, .. } = &mut self.route else { return Ok(()) };
+        let t = Instant::now();
+        v1.enable().await?;
+        // From the first RESUME sent the v1 entry may serve blue: never undo from here.
+        self.committed = true;
+        v1.resume().await?;
+        self.paused_ms = self.paused.take().map(|p| p.elapsed().as_secs_f64() * 1000.0);
+        self.mark("resume v1 entry", t);
+        fault("rollback.reloaded", shutdown).await;
+        let t = Instant::now();
+        self.bouncer.kill().await?;
+        self.mark("v2 clients dropped", t);
         Ok(())
     }
 
@@ -334,7 +461,7 @@ impl Rollback<'_> {
             self.unfenced = true;
             self.mark("fence lifted", t);
         }
-        Ok(())
+        self.run_hooks(HookPoint::InPause, Some(deadline), shutdown).await
     }
 
     /// Carries green's writes to blue until every transaction that existed when called is on
@@ -455,12 +582,20 @@ impl Rollback<'_> {
             timeline: self.timeline.clone(),
             sequences: self.sequences.clone(),
             paused_ms: self.paused_ms,
-            hooks: Vec::new(),
+            hooks: self.hooks.clone(),
         }
     }
 
     async fn finish(mut self, result: Result<()>) -> Report {
-        let traffic = format!("PgBouncer database `{}` points at blue; following blue again", self.pb.database);
+        let traffic = match &self.pb.mode {
+            SwitchMode::Repoint { .. } => {
+                format!("PgBouncer database `{}` points at blue; following blue again", self.pb.database)
+            }
+            SwitchMode::Handover { v2_database, .. } => format!(
+                "the v1 entry `{}` (blue) takes traffic, the v2 entry `{v2_database}` is disabled; following blue again",
+                self.pb.database
+            ),
+        };
         match result {
             Ok(()) => self.report(Ended::RolledBack { traffic }),
             Err(e) if self.committed => Report {
@@ -491,10 +626,19 @@ impl Rollback<'_> {
     /// Before RELOAD: green's line back, RESUME, the fence back; the way back stays open.
     async fn undo(&mut self, reason: &str) -> Result<()> {
         let t = Instant::now();
-        if self.rewrote {
-            // RELOAD too: one that failed may still have reached PgBouncer.
-            restore_green_line(self.pb, &self.file)?;
-            self.bouncer.reload().await?;
+        match &mut self.route {
+            Route::Repoint { file, rewrote, .. } => {
+                if *rewrote {
+                    // RELOAD too: one that failed may still have reached PgBouncer.
+                    restore_green_line(self.pb, file)?;
+                    self.bouncer.reload().await?;
+                }
+            }
+            Route::Handover { v2_disabled, .. } => {
+                if *v2_disabled {
+                    self.bouncer.enable().await?;
+                }
+            }
         }
         self.bouncer.resume().await?;
         self.paused = None;
@@ -502,6 +646,9 @@ impl Rollback<'_> {
             set_fence(self.plan, &self.blue, true).await?;
         }
         self.mark("undo", t);
+        if let Err(e) = self.run_hooks(HookPoint::OnAbort, None, &Shutdown::manual()).await {
+            warn!(error = %e, "an on_abort hook of the rollback failed");
+        }
         let record = self.record("aborted", Some(reason));
         self.state.set_phase(&self.green, &Phase::Switched).await?;
         way_back::update(&self.state, &self.green, serde_json::json!({ "last_rollback": record }), &[]).await
@@ -608,27 +755,41 @@ pub(super) async fn recover(
     state: &State,
     step: CutoverStep,
 ) -> Result<()> {
-    let mut bouncer = Bouncer::connect(&pb.admin, &pb.database).await?;
+    let mut entry = Bouncer::connect(&pb.admin, green_entry(pb)).await?;
     let window = way_back::window(state, green).await?.unwrap_or_default();
     let saved = window.blue_line_file.as_deref().and_then(|f| way_back::read_blue_line(std::path::Path::new(f)).ok());
     let on_blue = match (&pb.mode, &saved) {
-        (SwitchMode::Repoint { databases_file, .. }, Some(line)) if step == CutoverStep::Repoint => {
-            std::fs::read_to_string(databases_file)
-                .ok()
-                .and_then(|text| databases_file::find_entry(&text, &pb.database).map(|r| text[r].trim().to_string()))
-                .is_some_and(|l| l.split_once('=').is_some_and(|(_, v)| v.trim() == line.trim()))
+        _ if step != CutoverStep::Repoint => false,
+        (SwitchMode::Repoint { databases_file, .. }, Some(line)) => std::fs::read_to_string(databases_file)
+            .ok()
+            .and_then(|text| databases_file::find_entry(&text, &pb.database).map(|r| text[r].trim().to_string()))
+            .is_some_and(|l| l.split_once('=').is_some_and(|(_, v)| v.trim() == line.trim())),
+        // The v1 entry is enabled and resumed only at the point of no return.
+        (SwitchMode::Handover { .. }, _) => {
+            Bouncer::connect(&pb.admin, &pb.database).await?.entry().await?.is_some_and(|e| !e.paused && !e.disabled)
         }
         _ => false,
     };
     if on_blue {
-        // Everything before the repoint (drain, final check, sequences, fence) had completed.
-        bouncer.reload().await?;
-        bouncer.resume().await?;
+        // Everything before the switch back (drain, final check, sequences, fence) had completed.
+        match &pb.mode {
+            SwitchMode::Repoint { .. } => {
+                entry.reload().await?;
+                entry.resume().await?;
+            }
+            SwitchMode::Handover { .. } => {
+                entry.disable().await?;
+                entry.kill().await?;
+            }
+        }
         let record = serde_json::json!({ "outcome": "rolled-back", "reason": format!("finished by recovery from step `{step}`") });
         finish_on_blue(plan, resolved, state, green, record).await?;
         info!(step = %step, "the interrupted rollback was finished: traffic is on blue");
     } else {
-        bouncer.resume().await?;
+        if matches!(pb.mode, SwitchMode::Handover { .. }) {
+            entry.enable().await?;
+        }
+        entry.resume().await?;
         if plan.cutover.fence_blue {
             let blue = plan.blue.connect().await?;
             if let Err(e) = set_fence(plan, &blue, true).await {

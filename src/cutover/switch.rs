@@ -103,6 +103,7 @@ impl<'a> Switch<'a> {
         };
         let mut hook_env: HookEnv = vec![
             ("MIGRATE_PLAN", plan.name.clone()),
+            ("MIGRATE_DIRECTION", "cutover".into()),
             ("MIGRATE_MODE", pb.mode.name().to_string()),
             ("MIGRATE_DATABASE", pb.database.clone()),
             ("MIGRATE_BLUE", plan.blue.to_string()),

@@ -72,6 +72,14 @@ struct RawPlan {
     #[serde(default, rename = "table")]
     tables: Vec<RawTable>,
     cutover: Option<RawCutover>,
+    rollback: Option<RawRollback>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollback {
+    #[serde(default, rename = "hook")]
+    hooks: Vec<RawHook>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,7 +148,7 @@ struct RawJoin {
 struct RawCutover {
     pgbouncer: Option<RawPgbouncer>,
     fence_blue: Option<bool>,
-    way_back: Option<Spanned<bool>>,
+    way_back: Option<bool>,
     sequence_gap: Option<i64>,
     max_lag_bytes: Option<u64>,
     lock_timeout: Option<Spanned<String>>,
@@ -353,6 +361,8 @@ pub struct CutoverSettings {
     /// How long the cutover waits for the follower to stand aside (the follow gate on green)
     /// before it gives up, traffic untouched.
     pub lock_timeout: Duration,
+    /// `[[rollback.hook]]`, in file order: the same points, run by `migrate rollback`.
+    pub rollback_hooks: Vec<Hook>,
 }
 
 /// `[cutover.pgbouncer]`.
@@ -504,7 +514,11 @@ impl Plan {
         v.name(&raw.name);
         let blue = v.conn(Side::Blue, "blue.url", &raw.blue.url);
         let green = v.conn(Side::Green, "green.url", &raw.green.url);
-        let cutover = v.cutover(raw.cutover);
+        let mut cutover = v.cutover(raw.cutover);
+        cutover.rollback_hooks = match raw.rollback {
+            Some(r) => r.hooks.iter().enumerate().filter_map(|(i, h)| v.hook("rollback.hook", i + 1, h)).collect(),
+            None => Vec::new(),
+        };
         let stall_timeout = v.stall_timeout(&raw.capture.stall_timeout);
         let apply_workers = match &raw.capture.apply_workers {
             None => DEFAULT_APPLY_WORKERS,

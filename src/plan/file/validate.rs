@@ -85,18 +85,8 @@ impl Validator<'_> {
         if let Some(pb) = c.pgbouncer {
             cutover.pgbouncer = self.pgbouncer(pb);
         }
-        if let Some(w) = &c.way_back {
-            cutover.way_back = *w.get_ref();
-            let handover = cutover.pgbouncer.as_ref().is_some_and(|pb| matches!(pb.mode, SwitchMode::Handover { .. }));
-            if cutover.way_back && handover {
-                self.problem(
-                    self.line(w.span()),
-                    "cutover.way_back",
-                    "a way back is built for mode = \"repoint\" only; handover mode switches back by hand (see the runbook)",
-                );
-            }
-        }
-        cutover.hooks = c.hooks.iter().enumerate().filter_map(|(i, h)| self.hook(i + 1, h)).collect();
+        cutover.way_back = c.way_back.unwrap_or(false);
+        cutover.hooks = c.hooks.iter().enumerate().filter_map(|(i, h)| self.hook("cutover.hook", i + 1, h)).collect();
         let budget = cutover.pgbouncer.as_ref().map(|pb| pb.pause_timeout).unwrap_or(DEFAULT_PAUSE_TIMEOUT);
         let in_pause: Vec<&Hook> = cutover.hooks.iter().filter(|h| h.at == HookPoint::InPause).collect();
         let total: Duration = in_pause.iter().map(|h| h.timeout).sum();
@@ -216,8 +206,8 @@ impl Validator<'_> {
         Some(PgbouncerSettings { admin: admin?, database, mode: mode?, pause_timeout: pause_timeout? })
     }
 
-    fn hook(&mut self, n: usize, raw: &RawHook) -> Option<Hook> {
-        let field = format!("cutover.hook[{n}]");
+    pub(super) fn hook(&mut self, section: &str, n: usize, raw: &RawHook) -> Option<Hook> {
+        let field = format!("{section}[{n}]");
         let line = self.line(raw.at.span());
         let at = HookPoint::parse(raw.at.get_ref());
         if at.is_none() {
