@@ -78,7 +78,7 @@ pub async fn run(
             }
         }
         SwitchMode::Handover { .. } => {
-            Route::Handover { v1: Bouncer::connect(&pb.admin, &pb.database).await?, v2_disabled: false }
+            Route::Handover { v1: Box::new(Bouncer::connect(&pb.admin, &pb.database).await?), v2_disabled: false }
         }
     };
     let mut r = Rollback {
@@ -250,7 +250,7 @@ enum Route {
     /// The v1 entry (blue) is enabled and resumed; the v2 entry is disabled and its queued
     /// clients dropped (v2 statements must not reach blue).
     Handover {
-        v1: Bouncer,
+        v1: Box<Bouncer>,
         /// The v2 entry was disabled (an abort enables it again).
         v2_disabled: bool,
     },
