@@ -227,6 +227,31 @@ pub fn render(r: &serde_json::Value) -> String {
         "Tables whose drift stopped following.",
         vec![(String::new(), Some(r["drift"].as_array().map_or(0, Vec::len) as f64))],
     );
+    let w = &r["way_back"];
+    metric(
+        "way_back_open",
+        "gauge",
+        "1 while a way back is open (green's writes are carried to blue).",
+        vec![(String::new(), flag(&w["open"]))],
+    );
+    metric(
+        "way_back_pending_changes",
+        "gauge",
+        "Changes on green not yet on blue.",
+        vec![(String::new(), w["pending_changes"].as_f64())],
+    );
+    metric(
+        "way_back_lag_bytes",
+        "gauge",
+        "Green WAL written since the oldest change not yet on blue.",
+        vec![(String::new(), w["lag_bytes"].as_f64())],
+    );
+    metric(
+        "way_back_applied_keys",
+        "gauge",
+        "Keys written back to blue in the open window.",
+        vec![(String::new(), w["applied"].as_f64())],
+    );
     o
 }
 

@@ -141,9 +141,12 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
 /// rollback. `null` when no cutover opened one (or state predates it).
 async fn way_back_json(state: &State, green: &tokio_postgres::Client) -> serde_json::Value {
     let Ok(Some(w)) = crate::way_back::window(state, green).await else { return serde_json::Value::Null };
-    let backlog = match (w.open, w.start_xid) {
-        (true, Some(start)) => crate::way_back::backlog(state, green, start).await.ok(),
-        _ => None,
+    let (backlog, lag) = match (w.open, w.start_xid) {
+        (true, Some(start)) => (
+            crate::way_back::backlog(state, green, start).await.ok(),
+            crate::way_back::lag_bytes(state, green, start).await.ok(),
+        ),
+        _ => (None, None),
     };
     let seen: Option<f64> = green
         .query_one(
@@ -168,6 +171,7 @@ async fn way_back_json(state: &State, green: &tokio_postgres::Client) -> serde_j
     let mut v = serde_json::to_value(&w).unwrap_or_default();
     v["green_retained_bytes"] = serde_json::json!(held);
     v["pending_changes"] = serde_json::json!(backlog);
+    v["lag_bytes"] = serde_json::json!(lag);
     v["follower_seen_seconds_ago"] = serde_json::json!(seen);
     v["direction"] = serde_json::json!(if w.open { "back" } else { "forward" });
     v
@@ -251,9 +255,10 @@ pub fn render_text(value: &serde_json::Value) -> String {
     let w = &value["way_back"];
     if w["open"] == true {
         o.push_str(&format!(
-            "  way back OPEN since {}: {} change(s) on green not yet on blue, {} key(s) written back, follower seen {}\n",
+            "  way back OPEN since {}: {} change(s) on green not yet on blue ({} bytes of green WAL behind), {} key(s) written back, follower seen {}\n",
             w["opened_at"].as_str().unwrap_or("?"),
             w["pending_changes"],
+            w["lag_bytes"],
             w["applied"],
             w["follower_seen_seconds_ago"].as_f64().map(|s| format!("{s:.0}s ago")).unwrap_or_else(|| "never".into())
         ));

@@ -507,61 +507,11 @@ impl Rollback<'_> {
         Ok(out)
     }
 
-    /// Sets each blue sequence owned by a carried column (serial or identity) past the larger of
-    /// blue's largest value in that column (rows written back included), its own value and the
-    /// green sequence the plan carried it to, plus `sequence_gap`: the v1 application's next ids
-    /// must not collide with rows green gave out.
+    /// Blue's sequences past green's ([`way_back::carry_sequences`]).
     async fn carry_sequences_back(&mut self) -> Result<()> {
-        let gap = self.plan.cutover.sequence_gap;
-        for t in &self.resolved.tables {
-            for c in t.reverse.columns.iter().filter(|c| t.reverse.expr(&c.column).is_some()) {
-                let owned: Option<String> = self
-                    .blue
-                    .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&t.source.quoted(), &c.column])
-                    .await
-                    .map_err(Error::db(format!("blue: the sequence of {}.{}", t.source, c.column)))?
-                    .get(0);
-                let Some(seq) = owned else { continue };
-                let row = self
-                    .blue
-                    .query_one(
-                        &format!(
-                            "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq}), \
-                                    (SELECT max({col})::int8 FROM {src})",
-                            col = ident(&c.column),
-                            src = t.source.quoted()
-                        ),
-                        &[],
-                    )
-                    .await
-                    .map_err(Error::db(format!("blue: reading sequence {seq}")))?;
-                let (blue_value, largest): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
-                let mut green_value = None;
-                for s in t.sequences.iter().filter(|s| s.blue_sequence.is_some()) {
-                    green_value = self
-                        .green
-                        .query_one(
-                            &format!(
-                                "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
-                                s.green_sequence
-                            ),
-                            &[],
-                        )
-                        .await
-                        .map_err(Error::db(format!("green: reading sequence {}", s.green_sequence)))?
-                        .get::<_, Option<i64>>(0)
-                        .max(green_value);
-                }
-                let Some(value) = [blue_value, largest, green_value].into_iter().flatten().max() else { continue };
-                let set: i64 = self
-                    .blue
-                    .query_one("SELECT setval($1::text::regclass, $2)", &[&seq, &(value + gap)])
-                    .await
-                    .map_err(Error::db(format!("blue: setting sequence {seq}")))?
-                    .get(0);
-                self.sequences.push(crate::state::SequenceSet { sequence: seq, blue: blue_value, set });
-            }
-        }
+        let set =
+            way_back::carry_sequences(self.resolved, &self.blue, &self.green, self.plan.cutover.sequence_gap).await?;
+        self.sequences.extend(set);
         Ok(())
     }
 

@@ -32,6 +32,8 @@ pub enum BackStop {
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Idle wait between rounds when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
+/// How often blue's sequences are set past green's while following back.
+const SEQUENCES_EVERY: Duration = Duration::from_secs(10);
 
 /// What a round may do, read with the gate.
 enum Gate {
@@ -48,6 +50,7 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> R
     let mut sides = Sides::connect(plan).await?;
     let mut backoff = Backoff::default();
     let mut last_report = Instant::now() - REPORT_EVERY;
+    let mut last_sequences = Instant::now() - SEQUENCES_EVERY;
     let mut applied: i64 = way_back::window(&state, &sides.green).await?.map(|w| w.applied).unwrap_or(0);
     if let Some(start) = way_back::window(&state, &sides.green).await?.and_then(|w| w.start_xid) {
         way_back::prune(&state, &sides.green, start).await?;
@@ -63,6 +66,16 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> R
             Ok(Step::Did(n)) => {
                 backoff.reset();
                 applied += n as i64;
+                if last_sequences.elapsed() >= SEQUENCES_EVERY {
+                    last_sequences = Instant::now();
+                    // Blue takes no writes in the window, but whatever writes it after a
+                    // rollback (or around one) must not hand out ids green gave out.
+                    let set = way_back::carry_sequences(resolved, &sides.blue, &sides.green, plan.cutover.sequence_gap)
+                        .await?;
+                    for s in set {
+                        info!(sequence = %s.sequence, set = s.set, "blue's sequence set past green's");
+                    }
+                }
                 if last_report.elapsed() >= REPORT_EVERY {
                     last_report = Instant::now();
                     let patch = serde_json::json!({ "applied": applied, "error": null });

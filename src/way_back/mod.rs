@@ -239,7 +239,8 @@ pub async fn install(plan: &Plan, resolved: &ResolvedPlan, green: &Client) -> Re
             "CREATE TABLE IF NOT EXISTS {c} (
                  id bigserial PRIMARY KEY, tbl text NOT NULL, key text[],
                  truncated boolean NOT NULL DEFAULT false,
-                 xid xid8 NOT NULL DEFAULT pg_current_xact_id());
+                 xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+                 lsn pg_lsn NOT NULL DEFAULT pg_current_wal_insert_lsn());
              CREATE TABLE IF NOT EXISTS {t} (tbl text NOT NULL, key text[] NOT NULL, PRIMARY KEY (tbl, key));",
             c = changes(&state),
             t = touched(&state)
@@ -448,6 +449,21 @@ pub async fn backlog(state: &State, green: &impl GenericClient, start: i64) -> R
         .get(0))
 }
 
+/// Green WAL written since the oldest change not yet on blue (0 when none waits).
+pub async fn lag_bytes(state: &State, green: &impl GenericClient, start: i64) -> Result<i64> {
+    Ok(green
+        .query_one(
+            &format!(
+                "SELECT coalesce((pg_current_wal_insert_lsn() - min(lsn))::int8, 0) FROM {} WHERE xid::text::int8 >= $1",
+                changes(state)
+            ),
+            &[&start],
+        )
+        .await
+        .map_err(Error::db("green: reading the way back's lag"))?
+        .get(0))
+}
+
 /// Whether every application change of a transaction below `target` has been carried to blue.
 pub async fn reached(state: &State, green: &impl GenericClient, start: i64, target: i64) -> Result<bool> {
     Ok(green
@@ -482,4 +498,66 @@ pub async fn has_touched(state: &State, green: &impl GenericClient) -> Result<bo
         .await
         .map_err(Error::db("green: looking for the keys written back"))?
         .get(0))
+}
+
+/// Sets each blue sequence owned by a carried column (serial or identity) to at least the larger
+/// of the column's `max()` on blue (rows written back included) and the green sequence the plan
+/// carried it to, plus `gap`; a sequence already past that is left alone (so calling it again
+/// does not move it). The v1 application's next ids must not collide with rows green gave out.
+pub async fn carry_sequences(
+    resolved: &ResolvedPlan,
+    blue: &Client,
+    green: &Client,
+    gap: i64,
+) -> Result<Vec<crate::state::SequenceSet>> {
+    let mut out = Vec::new();
+    for t in &resolved.tables {
+        for c in t.reverse.columns.iter().filter(|c| t.reverse.expr(&c.column).is_some()) {
+            let owned: Option<String> = blue
+                .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&t.source.quoted(), &c.column])
+                .await
+                .map_err(Error::db(format!("blue: the sequence of {}.{}", t.source, c.column)))?
+                .get(0);
+            let Some(seq) = owned else { continue };
+            let row = blue
+                .query_one(
+                    &format!(
+                        "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq}), \
+                                (SELECT max({col})::int8 FROM {src})",
+                        col = ident(&c.column),
+                        src = t.source.quoted()
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(Error::db(format!("blue: reading sequence {seq}")))?;
+            let (blue_value, largest): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+            let mut green_value = None;
+            for s in t.sequences.iter().filter(|s| s.blue_sequence.is_some()) {
+                green_value = green
+                    .query_one(
+                        &format!(
+                            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
+                            s.green_sequence
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(Error::db(format!("green: reading sequence {}", s.green_sequence)))?
+                    .get::<_, Option<i64>>(0)
+                    .max(green_value);
+            }
+            let Some(wanted) = [largest, green_value].into_iter().flatten().max().map(|v| v + gap) else { continue };
+            if blue_value.is_some_and(|b| b >= wanted) {
+                continue;
+            }
+            let set: i64 = blue
+                .query_one("SELECT setval($1::text::regclass, $2)", &[&seq, &wanted])
+                .await
+                .map_err(Error::db(format!("blue: setting sequence {seq}")))?
+                .get(0);
+            out.push(crate::state::SequenceSet { sequence: seq, blue: blue_value, set });
+        }
+    }
+    Ok(out)
 }
