@@ -77,9 +77,11 @@ pub async fn run(
                 rewrote: false,
             }
         }
-        SwitchMode::Handover { .. } => {
-            Route::Handover { v1: Box::new(Bouncer::connect(&pb.admin, &pb.database).await?), v2_disabled: false }
-        }
+        SwitchMode::Handover { .. } => Route::Handover {
+            v1: Box::new(Bouncer::connect(&pb.admin, &pb.database).await?),
+            v2_disabled: false,
+            v1_enabled: false,
+        },
     };
     let mut r = Rollback {
         plan,
@@ -253,6 +255,9 @@ enum Route {
         v1: Box<Bouncer>,
         /// The v2 entry was disabled (an abort enables it again).
         v2_disabled: bool,
+        /// The v1 entry was enabled, still paused (an abort disables it again when the
+        /// cutover had disabled it).
+        v1_enabled: bool,
     },
 }
 
@@ -348,6 +353,14 @@ impl Rollback<'_> {
             Paused::Interrupted => return Err(Error::Interrupted { during: "while pausing".into() }),
         }
         self.mark("pause", t);
+        if let Route::Handover { v1, v1_enabled, .. } = &mut self.route {
+            // Enabled while still paused: v1 clients the in_pause hooks send over queue for the
+            // switch back instead of being refused.
+            let t = Instant::now();
+            v1.enable().await?;
+            *v1_enabled = true;
+            self.mark("v1 entry enabled (paused)", t);
+        }
         fault("rollback.paused", shutdown).await;
         let budget = self.pb.pause_timeout;
         tokio::time::timeout(budget, self.in_pause(Instant::now() + budget, shutdown))
@@ -584,9 +597,12 @@ impl Rollback<'_> {
                     self.bouncer.reload().await?;
                 }
             }
-            Route::Handover { v2_disabled, .. } => {
+            Route::Handover { v1, v2_disabled, v1_enabled } => {
                 if *v2_disabled {
                     self.bouncer.enable().await?;
+                }
+                if *v1_enabled {
+                    hold_v1(self.pb, v1).await?;
                 }
             }
         }
@@ -603,6 +619,16 @@ impl Rollback<'_> {
         self.state.set_phase(&self.green, &Phase::Switched).await?;
         way_back::update(&self.state, &self.green, serde_json::json!({ "last_rollback": record }), &[]).await
     }
+}
+
+/// Handover, switching back undone: the v1 entry as the cutover left it (disabled, its queued
+/// clients dropped, when `v1_after_switch = "disable"`; paused otherwise).
+async fn hold_v1(pb: &PgbouncerSettings, v1: &Bouncer) -> Result<()> {
+    if let SwitchMode::Handover { v1_after_switch: crate::plan::V1AfterSwitch::Disable, .. } = &pb.mode {
+        v1.disable().await?;
+        v1.kill().await?;
+    }
+    Ok(())
 }
 
 /// Writes green's line back into the databases file (repoint mode).
@@ -738,6 +764,7 @@ pub(super) async fn recover(
     } else {
         if matches!(pb.mode, SwitchMode::Handover { .. }) {
             entry.enable().await?;
+            hold_v1(pb, &Bouncer::connect(&pb.admin, &pb.database).await?).await?;
         }
         entry.resume().await?;
         if plan.cutover.fence_blue {
