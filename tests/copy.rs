@@ -169,3 +169,114 @@ fn status_shows_a_failed_copy_and_json_logs_stay_json() {
     let r = run(&mut c.migrate(&["status", plan.to_str().unwrap()]));
     assert!(!r.stdout.contains("FAILED"), "{r:?}");
 }
+
+const MOVING_BLUE: &str =
+    "CREATE TABLE items (id int PRIMARY KEY, code text NOT NULL UNIQUE, pad text) WITH (fillfactor = 100,
+      autovacuum_enabled = false);
+    INSERT INTO items SELECT g, 'c' || g, repeat('x', 200) FROM generate_series(1, 20000) g;";
+const MOVING_GREEN: &str = "CREATE TABLE items (id int PRIMARY KEY, code text NOT NULL UNIQUE, pad text);";
+
+/// Short snapshots: the copy takes a new snapshot of blue every `snapshot_max_age`, so none of
+/// ours holds blue's vacuum horizon longer than that (plus a chunk and a moment's grace), while
+/// a writer moves rows between block ranges both ways (non-HOT updates on full pages move a row
+/// to a later block; VACUUM frees early pages that later updates move rows back into) and
+/// moves unique values from row to row. A row read twice, read never, or read with a unique value
+/// another row took since must all end right: green equals blue, checked independently.
+fn short_snapshots(method: &str) {
+    let c = crate::support::Custom::new(MOVING_BLUE, MOVING_GREEN);
+    let plan = c.plan(
+        method,
+        "workers = 1\nchunk_rows = 500\nmax_rows_per_second = 4000\nsnapshot_max_age = \"300ms\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (cluster, db, stop) = (c.blue.cluster, c.blue.name.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let a = 1 + (n * 7919) % 20000;
+                let b = 1 + (n * 104729) % 20000;
+                let sql = match n % 4 {
+                    // A longer pad: no room on the page, the new version goes elsewhere.
+                    0 | 1 => format!("UPDATE items SET pad = repeat('y', 200 + {n} % 50) WHERE id = {a}"),
+                    // Two rows swap their unique codes.
+                    // A unique code moves from one row to another (a token reassigned); the
+                    // first row gets a new one.
+                    2 if a != b => format!(
+                        "DO $$ DECLARE ca text; BEGIN SELECT code INTO ca FROM items WHERE id = {a}; \
+                           UPDATE items SET code = 'm-{n}' WHERE id = {a}; UPDATE items SET code = ca WHERE id = {b}; END $$"
+                    ),
+                    _ if n % 40 == 3 => "VACUUM items".to_string(),
+                    _ => format!("DELETE FROM items WHERE id = {a}; INSERT INTO items VALUES ({a}, 'r{n}', 'back')"),
+                };
+                cluster.psql(&db, &sql);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut copy = c.spawn(&["copy", p], &[]);
+    // The oldest transaction of ours holding a snapshot on blue, sampled while the copy runs.
+    let mut oldest: f64 = 0.0;
+    let age = format!(
+        "SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8 FROM pg_stat_activity \
+         WHERE datname = '{}' AND application_name LIKE 'migrate/%' AND backend_xmin IS NOT NULL",
+        c.blue.name
+    );
+    let exists = c.sql("SELECT to_regclass('bluegreen_custom.tables') IS NOT NULL");
+    let q = c.sql("SELECT count(*) FROM bluegreen_custom.tables WHERE state = 'done'");
+    loop {
+        oldest = oldest.max(c.blue.psql(&age).trim().parse().unwrap_or(0.0));
+        if c.green.psql(&exists).trim() == "t" && c.green.psql(&q).trim() == "1" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "the copy did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let copy_seconds = started.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(copy_seconds > 3.0, "the copy was too fast to need a new snapshot: {copy_seconds:.1} s");
+    assert!(oldest < 3.0, "a copy snapshot was held {oldest:.1} s (bound: 0.3 s + 1 s + a chunk)");
+    eprintln!("{method}: copy {copy_seconds:.1} s, oldest snapshot of ours {oldest:.2} s");
+    // Following brings the changed rows; then blue and green hold the same rows.
+    let fp = "SELECT id, code, pad FROM items";
+    let waited = Instant::now();
+    while crate::support::fingerprint(&c.blue, fp) != crate::support::fingerprint(&c.green, fp) {
+        if waited.elapsed() > Duration::from_secs(60) {
+            let rows = |db: &crate::support::TestDb| -> std::collections::BTreeSet<String> {
+                db.psql("SELECT id || '|' || code || '|' || length(pad) FROM items")
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            };
+            let (b, g) = (rows(&c.blue), rows(&c.green));
+            let only_blue: Vec<_> = b.difference(&g).take(5).collect();
+            let only_green: Vec<_> = g.difference(&b).take(5).collect();
+            let st = run(&mut c.migrate(&["status", p]));
+            let _ = copy.kill();
+            let mut err = String::new();
+            use std::io::Read;
+            copy.stderr.take().unwrap().read_to_string(&mut err).ok();
+            panic!("green did not become equal to blue: only on blue {only_blue:?}, only on green {only_green:?}\n{}\n{err}", st.stdout);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = run(&mut c.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(c.green.psql("SELECT count(*) - count(DISTINCT id) FROM items"), "0");
+    crate::capture::sigint_and_wait(&mut copy);
+}
+
+#[test]
+fn short_snapshots_bound_blues_horizon_and_rows_moving_during_the_copy_end_right_logical() {
+    short_snapshots("logical");
+}
+
+#[test]
+fn short_snapshots_bound_blues_horizon_and_rows_moving_during_the_copy_end_right_trigger() {
+    short_snapshots("trigger");
+}

@@ -7,6 +7,7 @@
 mod chunk;
 mod indexes;
 mod progress;
+mod snapshots;
 mod throttle;
 mod worker;
 
@@ -59,8 +60,11 @@ struct Shared {
     resumed: Vec<bool>,
     /// Per table: blue's file node when this run planned its chunks.
     filenodes: Vec<i64>,
-    /// Exported blue snapshot that every chunk of this run reads.
-    snapshot: String,
+    /// The newest exported blue snapshot: each chunk reads the one newest when it begins.
+    snapshots: Arc<snapshots::Snapshots>,
+    /// Per table: the generation of the first snapshot a chunk of it read in this run, and
+    /// whether another chunk read another (rows may then be read twice or not at all).
+    generations: Mutex<Vec<(Option<u64>, bool)>>,
     /// This run's number, recorded on each chunk.
     epoch: i32,
     progress: Arc<Progress>,
@@ -160,19 +164,13 @@ async fn copy_run(
     for t in &resolved.tables {
         prepared.push(prepare_table(plan, state, &blue, green, t).await?);
     }
-    // One snapshot for every chunk of this run, held open by this session until the workers are
-    // done: each row version is read exactly once, and whatever changes after it is captured.
-    // Held idle while workers wait (paused, throttled): a server-wide
-    // idle_in_transaction_session_timeout must not end the run.
-    blue.batch_execute("SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(Error::db("blue: beginning the copy snapshot"))?;
-    let snapshot: String = blue
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .map_err(Error::db("blue: exporting the copy snapshot"))?
-        .get(0);
+    // The run's first snapshot, taken after capture began: whatever changes after it is
+    // captured. A new one replaces it every `[copy] snapshot_max_age` (see `snapshots`).
+    let first = snapshots::export(&blue).await?;
     crate::fault::point("copy.snapshot-exported").await;
+    let snapshots = Arc::new(snapshots::Snapshots::new(first));
+    let rotation_stop = Shutdown::manual();
+    let rotator = tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone()));
     let jobs = schedule(resolved, &prepared);
     let progress = Progress::new(
         resolved
@@ -201,8 +199,9 @@ async fn copy_run(
         remaining: Mutex::new(prepared.iter().map(|p| p.pending.len()).collect()),
         resumed: prepared.iter().map(|p| p.resumed).collect(),
         filenodes: prepared.iter().map(|p| p.filenode).collect(),
+        generations: Mutex::new(vec![(None, false); prepared.len()]),
         deferred: prepared.into_iter().map(|p| p.deferred).collect(),
-        snapshot,
+        snapshots,
         epoch,
         progress: Arc::clone(&progress),
         throttle: Throttle::new(plan.copy.max_rows_per_second, Arc::clone(live)),
@@ -214,7 +213,8 @@ async fn copy_run(
     if let Some(l) = logger {
         l.abort();
     }
-    let _ = blue.batch_execute("COMMIT").await;
+    rotation_stop.trigger();
+    let _ = rotator.await;
     progress.finish();
     if let Some(e) = first_error {
         return Err(e);

@@ -11,9 +11,9 @@ use tracing::{info, Instrument};
 use super::{condition, indexes, Chunk, Job, Shared};
 use crate::{
     error::{pg_message, Error, Result},
-    pg::{ident, literal},
+    pg::ident,
     plan::ResolvedTable,
-    state::{State, TableState},
+    state::TableState,
 };
 
 pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
@@ -24,13 +24,11 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     let mut green = shared.plan.green.connect().await?;
     // JIT would compile every chunk's query anew (tens of ms each) for expressions that run a few
     // thousand times; parallel query workers would compete with our own workers.
-    blue.batch_execute(&format!(
-        "SET jit = off; SET max_parallel_workers_per_gather = 0; SET idle_in_transaction_session_timeout = 0; \
-         BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-        literal(&shared.snapshot)
-    ))
+    blue.batch_execute(
+        "SET jit = off; SET max_parallel_workers_per_gather = 0; SET idle_in_transaction_session_timeout = 0",
+    )
     .await
-    .map_err(Error::db("blue: importing the copy snapshot"))?;
+    .map_err(Error::db("blue: copy session"))?;
     // Chunk state commits with the chunk's rows; losing the last commits in a crash only means
     // redoing those chunks, so waiting for the WAL flush buys nothing.
     green.batch_execute("SET synchronous_commit = off").await.map_err(Error::db("green: session setup"))?;
@@ -41,7 +39,6 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     if let Err(e) = green.batch_execute("SET session_replication_role = replica").await {
         tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
     }
-    let mut checked = std::collections::HashSet::new();
     loop {
         if shared.shutdown.is_triggered() {
             return Ok(());
@@ -49,11 +46,8 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         let job = shared.jobs.lock().ok().and_then(|mut j| j.pop_front());
         let Some(job) = job else { return Ok(()) };
         match job {
-            Job::Rebuild { table } => rebuild(&shared, &green, table).await?,
+            Job::Rebuild { table } => rebuild(&shared, &blue, &green, table).await?,
             Job::Chunk { table, chunk } => {
-                if checked.insert(table) {
-                    check_heap(&shared, &blue, table).await?;
-                }
                 let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
                 shared.live.wait_copy(&shared.shutdown).await;
                 shared.throttle.admit(expected, &shared.shutdown).await;
@@ -63,9 +57,23 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
                     return Ok(());
                 }
                 let started = Instant::now();
+                // Each chunk in a transaction of its own, with the newest snapshot: no snapshot
+                // of ours outlives `[copy] snapshot_max_age` plus one chunk, and none is held
+                // while this worker waits (paused, throttled).
+                let generation = super::snapshots::begin(&shared.snapshots, &blue).await?;
+                let mixed = shared.generations.lock().map(|mut g| {
+                    let (first, mixed) = &mut g[table];
+                    let first = *first.get_or_insert(generation);
+                    *mixed |= first != generation;
+                    *mixed
+                });
+                let mixed = mixed.unwrap_or(true);
+                check_heap(&shared, &blue, table).await?;
                 let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
                     first_block = chunk.first_block, end_block = chunk.end_block);
-                let (rows, bytes) = copy_chunk(&shared, &blue, &mut green, table, &chunk).instrument(span).await?;
+                let (rows, bytes) =
+                    copy_chunk(&shared, &blue, &mut green, table, &chunk, mixed).instrument(span).await?;
+                blue.batch_execute("COMMIT").await.map_err(Error::db("blue: ending a chunk's snapshot"))?;
                 shared.throttle.settle(expected, rows);
                 crate::fault::point("copy.chunk-done").await;
                 tracing::debug!(worker = id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
@@ -76,7 +84,7 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
                     r[table] == 0
                 });
                 if last.unwrap_or(false) {
-                    rebuild(&shared, &green, table).await?;
+                    rebuild(&shared, &blue, &green, table).await?;
                 }
             }
         }
@@ -89,10 +97,10 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
 /// worker.
 const TABLE_LOCK_WAIT: &str = "10s";
 
-/// Before a worker first reads a table in this run: takes its lock (held with the snapshot until
-/// the run ends, so no rewrite can move rows across block ranges from here on) and checks that
-/// the heap is still the one the chunks were planned on. A rewrite in between would make the
-/// remaining chunks read some rows twice and others never.
+/// Before each chunk, in its transaction: takes the table's lock (held until the chunk ends, so
+/// no rewrite can move rows across block ranges while it reads) and checks that the heap is
+/// still the one the chunks were planned on. A rewrite in between would make the remaining
+/// chunks read some rows twice and others never, unseen by capture.
 async fn check_heap(shared: &Shared, blue: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let rewritten = || Error::TableRewritten { table: t.source.to_string() };
@@ -126,6 +134,7 @@ async fn copy_chunk(
     green: &mut Client,
     table: usize,
     chunk: &Chunk,
+    mixed: bool,
 ) -> Result<(u64, u64)> {
     let t = &shared.tables[table];
     let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
@@ -133,9 +142,10 @@ async fn copy_chunk(
         "COPY ({}) TO STDOUT{format}",
         t.source_select_from(chunk.part.as_deref(), condition(chunk, &t.qualifier()).as_deref())
     );
-    // A chunk of a resumed table may hold rows an earlier snapshot already copied; with the keys
-    // in place (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
-    let staging = shared.resumed[table] && !shared.plan.copy.defer_indexes;
+    // A chunk of a table read under several snapshots (a resumed run, or snapshots replaced
+    // during this one) may hold rows another snapshot already copied; with the keys in place
+    // (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
+    let staging = (shared.resumed[table] || mixed) && !shared.plan.copy.defer_indexes;
     let stage = ident(&format!("bluegreen_stage_{}", t.id.short()));
     let into = if staging { stage.clone() } else { t.target.quoted() };
     let in_sql = format!("COPY {into} ({}) FROM STDIN{format}", t.target_column_list());
@@ -183,29 +193,95 @@ async fn copy_chunk(
     Ok((rows, bytes))
 }
 
-async fn rebuild(shared: &Shared, green: &Client, table: usize) -> Result<()> {
+async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let target = t.target.to_string();
     shared.state.set_table_state(green, &t.id, TableState::Indexing).await?;
     crate::fault::point("copy.rebuild").await;
     let started = Instant::now();
-    if shared.resumed[table] && shared.plan.copy.defer_indexes {
-        dedup(green, &shared.state, t).await?;
+    let mixed = shared.generations.lock().map(|g| g[table].1).unwrap_or(true);
+    if (shared.resumed[table] || mixed) && shared.plan.copy.defer_indexes {
+        forget_changed(shared, blue, green, t).await?;
     }
-    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await?;
+    let built = indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await;
+    match built {
+        // Not expected once the changed rows are gone; if it happens anyway, duplicates by key
+        // are removed whole-table and the build tried once more, rather than failing the copy.
+        Err(Error::Db { ref source, .. }) if source.code().is_some_and(|c| c.code() == "23505") => {
+            tracing::warn!(table = %t.target, "duplicate keys left after removing the changed rows; removing them by key");
+            dedup(green, t).await?;
+            indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await?;
+        }
+        r => r?,
+    }
     shared.state.set_table_state(green, &t.id, TableState::Done).await?;
     shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
     Ok(())
 }
 
-/// Removes duplicate keys left by chunks copied under different snapshots (a row updated between
-/// two runs may sit in a block range of each). Which copy stays does not matter: the update that
-/// moved the row was captured, and apply re-reads that key from blue once the table is done.
-async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
-    let runs = state.chunk_runs(green, &t.id).await?;
-    if runs < 2 {
-        return Ok(());
+/// Removes from green every row of `t` whose key is pending: a table read under several
+/// snapshots may hold such a row twice (an update moved it into a block range read later), or
+/// an old version whose unique values another row took since; only rows written after capture
+/// began can, and those keys are pending (apply waits for the table to be done). First waits
+/// until capture has stored every change blue committed so far (every change any chunk's
+/// snapshot saw). Apply then writes those keys from blue as they are.
+async fn forget_changed(shared: &Shared, blue: &Client, green: &Client, t: &ResolvedTable) -> Result<()> {
+    let reach = crate::pg::insert_lsn(blue).await?;
+    let started = Instant::now();
+    let mut said = Instant::now();
+    loop {
+        if shared.state.capture_position(green).await?.is_some_and(|c| c >= reach) {
+            break;
+        }
+        if shared.shutdown.is_triggered() {
+            return Err(Error::Interrupted { during: format!("while {} waited for capture", t.target) });
+        }
+        if said.elapsed() >= std::time::Duration::from_secs(10) {
+            info!(table = %t.target, waited = started.elapsed().as_secs(), "waiting for capture to pass the copy's last snapshot before rebuilding");
+            said = Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    let keys: Vec<String> = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let through = if k.via_source_type { &k.source_type } else { &k.target_type };
+            format!("(p.key[{}])::{through}::{}", i + 1, k.target_type)
+        })
+        .collect();
+    // Only this entry's rows where green's key holds a constant another entry shares.
+    let constants: Vec<String> = t
+        .constant_key
+        .iter()
+        .filter_map(|c| {
+            let col = t.columns.iter().find(|r| &r.name == c)?;
+            Some(format!(" AND {} = ({})::{}", ident(c), col.expr.as_deref()?, col.target_type))
+        })
+        .collect();
+    let removed = green
+        .execute(
+            &format!(
+                "DELETE FROM {tbl} WHERE ({cols}) IN (SELECT {keys} FROM {pending} p WHERE p.tbl = $1){constants}",
+                tbl = t.target.quoted(),
+                cols = t.target_key_list(),
+                keys = keys.join(", "),
+                pending = shared.state.table("pending"),
+                constants = constants.join(""),
+            ),
+            &[&t.id.as_str()],
+        )
+        .await
+        .map_err(Error::db(format!("green: removing rows changed during the copy from {}", t.target)))?;
+    info!(table = %t.target, removed, waited_ms = started.elapsed().as_millis() as u64, "rows changed during the copy removed; apply writes them from blue");
+    Ok(())
+}
+
+/// Removes duplicate keys, whole-table (see `rebuild`). Which copy stays does not matter: the
+/// update that moved the row was captured, and apply re-reads that key from blue once the table
+/// is done.
+async fn dedup(green: &Client, t: &ResolvedTable) -> Result<()> {
     let removed = green
         .execute(
             &format!(
@@ -219,6 +295,6 @@ async fn dedup(green: &Client, state: &State, t: &ResolvedTable) -> Result<()> {
         )
         .await
         .map_err(Error::db(format!("green: removing duplicate keys from {}", t.target)))?;
-    info!(table = %t.target, removed, "duplicates from earlier runs removed");
+    info!(table = %t.target, removed, "duplicate keys removed");
     Ok(())
 }

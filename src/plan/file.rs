@@ -25,6 +25,9 @@ pub fn default_workers() -> usize {
 }
 /// Default rows per copy chunk.
 pub const DEFAULT_CHUNK_ROWS: u64 = 50_000;
+/// The copy takes a new snapshot of blue this often (`[copy] snapshot_max_age`), so no copy
+/// snapshot holds back blue's vacuum horizon for longer than this plus one chunk.
+pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(60);
 /// Indexes are deferred by default: bulk COPY into an indexed table was 2.4x slower here.
 pub const DEFAULT_DEFER_INDEXES: bool = true;
 /// How long `PAUSE` may take before cutover gives up and resumes on blue.
@@ -102,6 +105,7 @@ struct RawCopy {
     max_connections_blue: Option<Spanned<i64>>,
     max_connections_green: Option<Spanned<i64>>,
     max_blue_commit_latency: Option<Spanned<String>>,
+    snapshot_max_age: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,6 +259,10 @@ pub struct CopySettings {
     pub max_connections_blue: u64,
     /// The same for green.
     pub max_connections_green: u64,
+    /// How long one snapshot of blue serves the copy before a new one replaces it (0: one
+    /// snapshot for the whole run, holding blue's vacuum horizon until it ends).
+    #[serde(with = "duration_secs")]
+    pub snapshot_max_age: Duration,
 }
 
 /// Durations in JSON as seconds (`plan --format json`).

@@ -320,7 +320,15 @@ impl Validator<'_> {
         let max_connections_green = self.limit(&raw.max_connections_green, "copy.max_connections_green");
         let max_blue_replica_lag = self.duration_limit(&raw.max_blue_replica_lag, "copy.max_blue_replica_lag");
         let max_blue_commit_latency = self.duration_limit(&raw.max_blue_commit_latency, "copy.max_blue_commit_latency");
+        let snapshot_max_age = match &raw.snapshot_max_age {
+            None => DEFAULT_SNAPSHOT_MAX_AGE,
+            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
+                self.problem(self.line(v.span()), "copy.snapshot_max_age", e);
+                DEFAULT_SNAPSHOT_MAX_AGE
+            }),
+        };
         CopySettings {
+            snapshot_max_age,
             workers,
             chunk_rows,
             defer_indexes: raw.defer_indexes.unwrap_or(DEFAULT_DEFER_INDEXES),

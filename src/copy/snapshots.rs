@@ -1,0 +1,138 @@
+//! Short snapshots. A copy of hundreds of millions of rows takes hours; one snapshot held that
+//! long holds blue's vacuum horizon (`backend_xmin`) for all of them, and dead rows pile up in
+//! every table of the database. Instead, an exporting transaction is replaced every
+//! `[copy] snapshot_max_age`: each chunk imports the newest snapshot in a transaction of its
+//! own, and an exporter ends a moment (half a second) after a newer one was published. No
+//! snapshot of ours is then older than that age, plus a second, plus one chunk.
+//!
+//! Chunks of one table read under different snapshots can see a row twice (an update moved it
+//! from a block range already read into one read later) or not at all (moved the other way).
+//! Both are writes made after capture began, so their keys are pending on green: before the
+//! table's indexes are rebuilt, its rows of every pending key are removed (see `forget_changed`
+//! in the worker), and apply writes them from blue as they are once the table is done.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use crate::{
+    error::{Error, Result},
+    plan::Plan,
+    shutdown::Shutdown,
+};
+
+/// How long an exporter stays open after a newer snapshot was published: a worker reads the
+/// snapshot's name right before importing it, so a moment is enough.
+const GRACE: Duration = Duration::from_millis(500);
+
+/// The newest exported snapshot: its generation (0 for the run's first) and name.
+pub(super) struct Snapshots {
+    current: Mutex<(u64, String)>,
+}
+
+impl Snapshots {
+    pub(super) fn new(first: String) -> Snapshots {
+        Snapshots { current: Mutex::new((0, first)) }
+    }
+
+    /// The generation and name of the newest snapshot.
+    pub(super) fn current(&self) -> (u64, String) {
+        self.current.lock().map(|c| c.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    fn publish(&self, name: String) -> u64 {
+        let mut c = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        c.0 += 1;
+        c.1 = name;
+        c.0
+    }
+}
+
+/// Opens a transaction on `blue` and exports its snapshot. Held idle while workers wait
+/// (paused, throttled): a server-wide `idle_in_transaction_session_timeout` must not end it.
+pub(super) async fn export(blue: &Client) -> Result<String> {
+    blue.batch_execute("SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(Error::db("blue: beginning a copy snapshot"))?;
+    Ok(blue
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(Error::db("blue: exporting a copy snapshot"))?
+        .get(0))
+}
+
+/// Replaces the exported snapshot every `[copy] snapshot_max_age` until `stop`, then ends every
+/// exporter. `first` holds the run's first snapshot. With an age of 0 the first one serves the
+/// whole run. A failure to make a new one is logged and the current one kept (the copy goes on;
+/// only blue's horizon is held longer).
+pub(super) async fn rotate(plan: Plan, snapshots: Arc<Snapshots>, first: Client, stop: Shutdown) {
+    let age = plan.copy.snapshot_max_age;
+    let mut held = VecDeque::from([first]);
+    while !age.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(age) => {}
+            _ = stop.wait() => break,
+        }
+        let made = async {
+            let blue = plan.blue.connect().await?;
+            let name = export(&blue).await?;
+            Ok::<_, Error>((blue, name))
+        };
+        match made.await {
+            Ok((blue, name)) => {
+                let generation = snapshots.publish(name);
+                held.push_back(blue);
+                tracing::debug!(generation, "new copy snapshot");
+            }
+            Err(e) => {
+                warn!(error = %e, "could not take a new copy snapshot; the current one serves on");
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GRACE) => {}
+            _ = stop.wait() => break,
+        }
+        while held.len() > 1 {
+            if let Some(old) = held.pop_front() {
+                let _ = old.batch_execute("COMMIT").await;
+            }
+        }
+    }
+    for c in held {
+        let _ = c.batch_execute("COMMIT").await;
+    }
+    if !age.is_zero() {
+        info!(generations = snapshots.current().0 + 1, "copy snapshots ended");
+    }
+}
+
+/// Begins a chunk's transaction on `blue` with the newest snapshot; returns its generation.
+/// A snapshot whose exporter just ended is replaced by the next newest.
+pub(super) async fn begin(snapshots: &Snapshots, blue: &Client) -> Result<u64> {
+    let mut tries = 0;
+    loop {
+        let (generation, name) = snapshots.current();
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            crate::pg::literal(&name)
+        );
+        match blue.batch_execute(&sql).await {
+            Ok(()) => return Ok(generation),
+            Err(e) => {
+                let _ = blue.batch_execute("ROLLBACK").await;
+                tries += 1;
+                // 22023: "invalid snapshot identifier", its exporter is gone.
+                if tries >= 5 || e.code().is_none_or(|c| c.code() != "22023") {
+                    return Err(Error::db("blue: importing the copy snapshot")(e));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
