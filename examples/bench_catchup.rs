@@ -59,7 +59,7 @@ async fn one(rows: u32, rate: u32) -> Result<String> {
     wait_following(&plan, &shutdown).await?;
     bluegreen::run(
         &plan_path,
-        Command::Verify { format: bluegreen::Format::Text, table: None, reverse: false },
+        Command::Verify { format: bluegreen::Format::Text, table: None, reverse: false, changed: false },
         shutdown.clone(),
     )
     .await?;

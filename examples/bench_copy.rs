@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let outcome = bluegreen::run(
             &plan_path,
-            Command::Verify { format: bluegreen::Format::Json, table: None, reverse: false },
+            Command::Verify { format: bluegreen::Format::Json, table: None, reverse: false, changed: false },
             Shutdown::manual(),
         )
         .await?;

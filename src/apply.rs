@@ -86,9 +86,12 @@ async fn apply_table(
 }
 
 /// After an [`crate::retry::order_conflict`] (an upsert met a row another session is about to
-/// delete), commits this batch's deletes of keys gone from blue on their own: two sessions
-/// each holding the other's delete then both get through on the retry. Deleting a key blue no
-/// longer has is right whenever it happens; the keys stay pending. Returns `e` to retry.
+/// delete or change), commits this batch's deletes of keys gone from blue on their own, then
+/// every key of the batch that can be written, in small groups (each under a savepoint, one key
+/// at a time where a group fails): two sessions each holding the other's delete, or each
+/// holding a row the other's batch is waiting for, then both get through on the retry. Writing
+/// a key as blue has it now is right whenever it happens; the keys stay pending, so the retry
+/// applies them all again. Returns `e` to retry.
 async fn delete_first(blue: &Client, green: &mut Client, t: &ResolvedTable, keys: &[Vec<String>], e: Error) -> Error {
     if !crate::retry::order_conflict(&e) {
         return e;
@@ -101,7 +104,43 @@ async fn delete_first(blue: &Client, green: &mut Client, t: &ResolvedTable, keys
     if let Err(d) = deleted.await {
         tracing::warn!(error = %d, "deleting keys gone from blue ahead of a retry failed");
     }
+    let written = async {
+        let tx = green.transaction().await.map_err(|e| fail(t, "begin", e))?;
+        for group in keys.chunks(GROUP_KEYS) {
+            if write_saved(blue, &tx, t, group).await? {
+                continue;
+            }
+            for key in group {
+                write_saved(blue, &tx, t, std::slice::from_ref(key)).await?;
+            }
+        }
+        tx.commit().await.map_err(|e| fail(t, "commit", e))
+    };
+    if let Err(w) = written.await {
+        tracing::warn!(error = %w, "writing the keys that can be written ahead of a retry failed");
+    }
     e
+}
+
+/// Keys written together by [`delete_first`] before trying them one by one.
+const GROUP_KEYS: usize = 50;
+
+/// Writes `keys` under a savepoint; `false` (rolled back to it) on an order conflict.
+async fn write_saved(
+    blue: &Client,
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &ResolvedTable,
+    keys: &[Vec<String>],
+) -> Result<bool> {
+    tx.batch_execute("SAVEPOINT bluegreen_keys").await.map_err(|e| fail(t, "savepoint", e))?;
+    match write_rows(blue, tx, t, keys, true).await {
+        Ok(()) => Ok(true),
+        Err(e) if crate::retry::order_conflict(&e) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT bluegreen_keys").await.map_err(|e| fail(t, "savepoint", e))?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Applies keys straight from capture, without storing them in pending first (the pending
@@ -161,8 +200,10 @@ async fn write_rows(
     let stage = ident(&format!("bluegreen_apply_{}", t.id.short()));
     let target = t.target.quoted();
 
+    // Emptied first: several writes may share one transaction (see `delete_first`).
     tx.batch_execute(&format!(
-        "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {target} WITH NO DATA"
+        "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS SELECT {cols} FROM {target} WITH NO DATA; \
+         DELETE FROM {stage}"
     ))
     .await
     .map_err(|e| fail(t, "staging table", e))?;
@@ -215,8 +256,42 @@ async fn write_rows(
     // The green unique key: the mapped key columns, plus any the plan sets to a constant.
     let conflict: Vec<String> = tgt_cols.iter().cloned().chain(t.constant_key.iter().map(|c| ident(c))).collect();
     let on_conflict = format!("ON CONFLICT ({}) DO UPDATE SET {}", conflict.join(", "), updates.join(", "));
-    tx.execute(&format!("INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage} {on_conflict}"), &[])
-        .await
-        .map_err(|e| fail(t, "upserting rows", e))?;
-    Ok(())
+    let upsert = format!("INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage} {on_conflict}");
+    // Row by row, an upsert can meet a unique value another row of the same batch gives up:
+    // one blue transaction moved it (`a.code = 'new'; b.code = <a's old>`), and b came first.
+    // Retrying the batch would fail the same way forever. Then the batch's changed rows are
+    // deleted first and written again, inside the same transaction: only with foreign-key and
+    // cascade triggers off (`replica`), where a delete cannot cascade to rows nobody re-reads.
+    tx.batch_execute("SAVEPOINT bluegreen_upsert").await.map_err(|e| fail(t, "savepoint", e))?;
+    match tx.execute(&upsert, &[]).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code().is_some_and(|c| c.code() == "23505") => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT bluegreen_upsert").await.map_err(|e| fail(t, "savepoint", e))?;
+            let replica: bool = tx
+                .query_one("SELECT current_setting('session_replication_role') = 'replica'", &[])
+                .await
+                .map_err(|e| fail(t, "reading session_replication_role", e))?
+                .get(0);
+            if !replica {
+                return Err(fail(t, "upserting rows", e));
+            }
+            let matches: Vec<String> = conflict.iter().map(|c| format!("t.{c} = s.{c}")).collect();
+            let old_row: Vec<String> = t.mapped().map(|c| format!("t.{}", ident(&c.name))).collect();
+            let new_row: Vec<String> = t.mapped().map(|c| format!("s.{}", ident(&c.name))).collect();
+            tx.execute(
+                &format!(
+                    "DELETE FROM {target} t USING {stage} s WHERE {} AND ROW({})::text IS DISTINCT FROM ROW({})::text",
+                    matches.join(" AND "),
+                    old_row.join(", "),
+                    new_row.join(", ")
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| fail(t, "deleting changed rows before writing them again", e))?;
+            tx.execute(&upsert, &[]).await.map_err(|e| fail(t, "upserting rows", e))?;
+            Ok(())
+        }
+        Err(e) => Err(fail(t, "upserting rows", e)),
+    }
 }

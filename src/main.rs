@@ -123,6 +123,11 @@ enum Cmd {
         /// reverse mapping (reverse(forward(row)) = row on every carried column). Reads blue only.
         #[arg(long)]
         reverse: bool,
+        /// Check only the keys applied since each table's last clean verify (seconds, not a
+        /// full scan; tables never verified clean are checked whole). Catches what apply got
+        /// wrong, not rows changed on green by anything else: run a full verify for that.
+        #[arg(long, conflicts_with = "reverse")]
+        changed: bool,
     },
     /// Switch traffic to green through PgBouncer: preflight, PAUSE, drain, final check,
     /// sequences, repoint, RELOAD, RESUME. Exit 0 switched, 1 aborted safely (traffic stays on
@@ -306,8 +311,8 @@ fn main() -> ExitCode {
             (plan.plan, Command::Plan { format: format.format.into(), offline, rows })
         }
         Cmd::Copy { plan, no_follow, recopy, metrics } => (plan.plan, Command::Copy { no_follow, recopy, metrics }),
-        Cmd::Verify { plan, format, table, reverse } => {
-            (plan.plan, Command::Verify { format: format.format.into(), table, reverse })
+        Cmd::Verify { plan, format, table, reverse, changed } => {
+            (plan.plan, Command::Verify { format: format.format.into(), table, reverse, changed })
         }
         Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),
         Cmd::Rollback { plan, dry_run } => (plan.plan, Command::Rollback { dry_run }),

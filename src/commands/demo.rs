@@ -177,9 +177,12 @@ pub async fn run_with(rows: u32, rate: u32, rollback: bool, shutdown: Shutdown) 
     println!("copied; green follows blue");
 
     step("migrate verify");
-    let verified =
-        crate::run(&plan_path, Command::Verify { format: Format::Text, table: None, reverse: false }, shutdown.clone())
-            .await?;
+    let verified = crate::run(
+        &plan_path,
+        Command::Verify { format: Format::Text, table: None, reverse: false, changed: false },
+        shutdown.clone(),
+    )
+    .await?;
     if verified != Outcome::Ok {
         return Err(Error::Demo("verify found differences".into()));
     }
@@ -296,9 +299,12 @@ async fn way_back(
     let revocations_equal = revocations_equal(plan).await?;
     step("following blue again; migrate verify, then migrate cutover once more");
     wait_following(plan, shutdown).await?;
-    let verified =
-        crate::run(plan_path, Command::Verify { format: Format::Text, table: None, reverse: false }, shutdown.clone())
-            .await?;
+    let verified = crate::run(
+        plan_path,
+        Command::Verify { format: Format::Text, table: None, reverse: false, changed: false },
+        shutdown.clone(),
+    )
+    .await?;
     app.reset_stall();
     let again = crate::run(plan_path, Command::Cutover { dry_run: false }, shutdown.clone()).await?;
     let switched_again_at = Instant::now();

@@ -78,6 +78,8 @@ pub enum Command {
         table: Option<String>,
         /// The round trip of the reverse mapping instead.
         reverse: bool,
+        /// Only the keys changed since each table's last clean verify.
+        changed: bool,
     },
     /// Switch PgBouncer to green.
     Cutover {
@@ -120,7 +122,9 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
             }
             copied
         }
-        Command::Verify { format, table, reverse } => verify::run(&plan, format, table.as_deref(), reverse).await,
+        Command::Verify { format, table, reverse, changed } => {
+            verify::run(&plan, format, table.as_deref(), reverse, changed).await
+        }
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, false, shutdown).await,
         Command::Rollback { dry_run } => cutover::run(&plan, dry_run, true, shutdown).await,
         Command::Finish => cleanup::finish(&plan).await,

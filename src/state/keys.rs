@@ -317,6 +317,43 @@ impl State {
         Ok(())
     }
 
+    /// Forgets touched keys found equal by a check at blue position `lsn`, unless applied again
+    /// after it (a follower runs meanwhile).
+    pub async fn forget_touched_through(
+        &self,
+        green: &impl GenericClient,
+        id: &TableId,
+        keys: &[Vec<String>],
+        lsn: Lsn,
+    ) -> Result<()> {
+        let keys = json_keys(keys.iter());
+        green
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE tbl = $1 AND lsn <= $3 AND key IN \
+                     (SELECT ARRAY(SELECT jsonb_array_elements_text(k::jsonb)) FROM unnest($2::text[]) k)",
+                    self.table("touched")
+                ),
+                &[&id.as_str(), &keys, &lsn],
+            )
+            .await
+            .map_err(Error::db("green: forgetting verified keys"))?;
+        Ok(())
+    }
+
+    /// Whether the last verify of `id` found every bucket clean.
+    pub async fn verified_clean(&self, green: &impl GenericClient, id: &TableId) -> Result<bool> {
+        Ok(green
+            .query_one(
+                &format!("SELECT count(*) > 0 AND bool_and(ok) FROM {} WHERE tbl = $1", self.table("verified")),
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(Error::db("green: reading the last verify"))?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false))
+    }
+
     /// Records which buckets of `id` verified clean at blue position `lsn`, so a later check
     /// (cutover) looks again only at what changed since; when all were clean, the keys applied
     /// before `lsn` are forgotten as touched (this verify saw them).

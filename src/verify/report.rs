@@ -17,6 +17,14 @@ pub fn render_text(r: &Report) -> String {
         "table", "buckets", "rows blue", "rows green", "matched", "differences", "time"
     );
     for t in &r.tables {
+        if let Some(n) = t.changed_keys {
+            let _ = writeln!(
+                o,
+                "  {:<w$} {n} key(s) changed since its last clean verify checked: {} difference(s) {:>6.1}s",
+                t.table, t.differences_total, t.seconds
+            );
+            continue;
+        }
         let _ = writeln!(
             o,
             "  {:<w$} {:>8} {:>10} {:>10} {:>9} {:>11} {:>6.1}s",
