@@ -272,7 +272,9 @@ async fn write_rows(
                 .await
                 .map_err(|e| fail(t, "reading session_replication_role", e))?
                 .get(0);
-            if !replica {
+            // Nor where green has columns the plan fills by default: written again, a row
+            // would get new values there (an identity, `now()`).
+            if !replica || t.columns.iter().any(|c| c.expr.is_none()) {
                 return Err(fail(t, "upserting rows", e));
             }
             let matches: Vec<String> = conflict.iter().map(|c| format!("t.{c} = s.{c}")).collect();

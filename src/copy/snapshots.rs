@@ -73,6 +73,10 @@ pub(super) async fn export(blue: &Client) -> Result<String> {
 pub(super) async fn rotate(plan: Plan, snapshots: Arc<Snapshots>, first: Client, stop: Shutdown) {
     let age = plan.copy.snapshot_max_age;
     let mut held = VecDeque::from([first]);
+    if age.is_zero() {
+        // One snapshot for the run: its exporter stays until the workers are done.
+        stop.wait().await;
+    }
     while !age.is_zero() {
         tokio::select! {
             _ = tokio::time::sleep(age) => {}
@@ -127,8 +131,9 @@ pub(super) async fn begin(snapshots: &Snapshots, blue: &Client) -> Result<u64> {
             Err(e) => {
                 let _ = blue.batch_execute("ROLLBACK").await;
                 tries += 1;
-                // 22023: "invalid snapshot identifier", its exporter is gone.
-                if tries >= 5 || e.code().is_none_or(|c| c.code() != "22023") {
+                // 22023 "invalid snapshot identifier", 55000 "could not import the requested
+                // snapshot": its exporter is gone, or going.
+                if tries >= 5 || e.code().is_none_or(|c| !matches!(c.code(), "22023" | "55000")) {
                     return Err(Error::db("blue: importing the copy snapshot")(e));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -145,7 +145,10 @@ async fn copy_chunk(
     // A chunk of a table read under several snapshots (a resumed run, or snapshots replaced
     // during this one) may hold rows another snapshot already copied; with the keys in place
     // (indexes not deferred) they go through a staging table and ON CONFLICT DO NOTHING.
-    let staging = (shared.resumed[table] || mixed) && !shared.plan.copy.defer_indexes;
+    // With snapshots replaced during the run, every chunk: one of the first snapshot may still
+    // be loading when a later one commits a row it also holds.
+    let rotating = !shared.plan.copy.snapshot_max_age.is_zero();
+    let staging = (shared.resumed[table] || mixed || rotating) && !shared.plan.copy.defer_indexes;
     let stage = ident(&format!("bluegreen_stage_{}", t.id.short()));
     let into = if staging { stage.clone() } else { t.target.quoted() };
     let in_sql = format!("COPY {into} ({}) FROM STDIN{format}", t.target_column_list());
@@ -203,17 +206,9 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     if (shared.resumed[table] || mixed) && shared.plan.copy.defer_indexes {
         forget_changed(shared, blue, green, t).await?;
     }
-    let built = indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await;
-    match built {
-        // Not expected once the changed rows are gone; if it happens anyway, duplicates by key
-        // are removed whole-table and the build tried once more, rather than failing the copy.
-        Err(Error::Db { ref source, .. }) if source.code().is_some_and(|c| c.code() == "23505") => {
-            tracing::warn!(table = %t.target, "duplicate keys left after removing the changed rows; removing them by key");
-            dedup(green, t).await?;
-            indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await?;
-        }
-        r => r?,
-    }
+    // A unique key that fails to build now names rows nobody changed during the copy: green's
+    // constraint that blue's rows break, reported as it is (no copy is silently dropped).
+    indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await?;
     shared.state.set_table_state(green, &t.id, TableState::Done).await?;
     shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
     Ok(())
@@ -275,26 +270,5 @@ async fn forget_changed(shared: &Shared, blue: &Client, green: &Client, t: &Reso
         .await
         .map_err(Error::db(format!("green: removing rows changed during the copy from {}", t.target)))?;
     info!(table = %t.target, removed, waited_ms = started.elapsed().as_millis() as u64, "rows changed during the copy removed; apply writes them from blue");
-    Ok(())
-}
-
-/// Removes duplicate keys, whole-table (see `rebuild`). Which copy stays does not matter: the
-/// update that moved the row was captured, and apply re-reads that key from blue once the table
-/// is done.
-async fn dedup(green: &Client, t: &ResolvedTable) -> Result<()> {
-    let removed = green
-        .execute(
-            &format!(
-                // (tableoid, ctid): a ctid names a row only within one partition.
-                "DELETE FROM {tbl} WHERE (tableoid, ctid) IN (SELECT tableoid, ctid FROM \
-                 (SELECT tableoid, ctid, row_number() OVER (PARTITION BY {keys}) AS n FROM {tbl}) d WHERE d.n > 1)",
-                tbl = t.target.quoted(),
-                keys = t.target_key_list()
-            ),
-            &[],
-        )
-        .await
-        .map_err(Error::db(format!("green: removing duplicate keys from {}", t.target)))?;
-    info!(table = %t.target, removed, "duplicate keys removed");
     Ok(())
 }

@@ -352,18 +352,6 @@ impl State {
         Ok(())
     }
 
-    /// How many copy runs wrote an entry's done chunks.
-    pub async fn chunk_runs(&self, green: &impl GenericClient, id: &TableId) -> Result<i64> {
-        Ok(green
-            .query_one(
-                &format!("SELECT count(DISTINCT epoch) FROM {} WHERE tbl = $1", self.table("chunks")),
-                &[&id.as_str()],
-            )
-            .await
-            .map_err(Error::db("green: reading chunk runs"))?
-            .get(0))
-    }
-
     /// Copy progress of every recorded entry.
     pub async fn table_progress(&self, green: &impl GenericClient) -> Result<Vec<TableProgress>> {
         Ok(green

@@ -416,6 +416,15 @@ impl Verifier<'_> {
         let started = Instant::now();
         let Some(state) = self.follower else { return self.table().await };
         let position = commit_point(self.blue).await?;
+        // Everything captured up to the position applied before anything is read: then a key
+        // recorded at or below it holds its final write for this check (trigger capture records
+        // a write's position, not its commit's), and only keys written after it stay touched.
+        for _ in 0..RECHECK_ROUNDS {
+            match wait_applied(self.green, state, position).await? {
+                Applied::Yes | Applied::Stuck => break,
+                Applied::NotYet => {}
+            }
+        }
         state.compact_all_touched(self.green).await?;
         let keys = state.touched_keys(self.green, &self.t.id).await?;
         let mut differing = Vec::new();
