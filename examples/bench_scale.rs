@@ -13,6 +13,8 @@
 #[path = "../tests/support/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
+#[path = "support/floor.rs"]
+mod floor;
 
 use std::{
     path::Path,
@@ -24,9 +26,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bluegreen::plan::{resolve, Plan};
 use cluster::{Bouncer, Cluster};
-use futures_util::{SinkExt, TryStreamExt};
+use floor::raw_floor;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -252,39 +253,4 @@ async fn main() -> anyhow::Result<()> {
     println!("cutover: longest client-observed stall {:.1} ms", report.max_stall.as_secs_f64() * 1000.0);
     println!("migrate copy's peak memory (VmHWM): {peak:.0} MiB");
     Ok(())
-}
-
-/// One stream of the plan's transforming COPY into the bare target, then the same indexes.
-async fn raw_floor(plan_path: &Path) -> anyhow::Result<f64> {
-    let plan = Plan::load(plan_path)?;
-    let blue = plan.blue.connect().await?;
-    let green = plan.green.connect().await?;
-    let resolved = resolve(&plan, &blue, &green).await?;
-    let t = &resolved.tables[0];
-    for d in t
-        .deferred
-        .iter()
-        .filter(|d| d.kind == "foreign key")
-        .chain(t.deferred.iter().filter(|d| d.kind != "foreign key"))
-    {
-        green.batch_execute(&d.drop_sql).await?;
-    }
-    let started = Instant::now();
-    let sink = green
-        .copy_in(&format!("COPY {} ({}) FROM STDIN (FORMAT binary)", t.target.quoted(), t.target_column_list()))
-        .await?;
-    let stream = blue.copy_out(&format!("COPY ({}) TO STDOUT (FORMAT binary)", t.source_select(None))).await?;
-    let mut stream = Box::pin(stream);
-    let mut sink = Box::pin(sink);
-    sink.send_all(&mut stream.as_mut().map_err(|e| e)).await?;
-    sink.as_mut().finish().await?;
-    let copied = started.elapsed().as_secs_f64();
-    green.batch_execute(&plan.copy.index_build_sql()).await?;
-    let mut order: Vec<_> = t.deferred.iter().filter(|d| d.kind != "foreign key").collect();
-    order.sort_by_key(|d| d.kind != "primary key");
-    for d in order {
-        green.batch_execute(&d.create_sql).await?;
-    }
-    eprintln!("floor: copy {copied:.1}s, indexes {:.1}s", started.elapsed().as_secs_f64() - copied);
-    Ok(started.elapsed().as_secs_f64())
 }

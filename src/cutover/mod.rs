@@ -140,6 +140,18 @@ pub async fn lock(plan: &Plan, green: &Client, command: &str) -> Result<()> {
     }
 }
 
+/// `PAUSE`s `bouncer`'s entry within `timeout`: one that does not complete in time is answered
+/// with RESUME (by [`Bouncer::pause`]) and named; a signal meanwhile ends it.
+async fn pause_entry(bouncer: &mut Bouncer, timeout: std::time::Duration, shutdown: &Shutdown) -> Result<()> {
+    match bouncer.pause(timeout, shutdown).await? {
+        crate::pgbouncer::Paused::Yes => Ok(()),
+        crate::pgbouncer::Paused::TimedOut => {
+            Err(Error::PauseTimedOut { database: bouncer.database().to_string(), waited: timeout })
+        }
+        crate::pgbouncer::Paused::Interrupted => Err(Error::Interrupted { during: "while pausing".into() }),
+    }
+}
+
 /// How often a postponed cutover looks whether it may go on, and says it waits.
 const POSTPONED_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 const POSTPONED_SAY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     pg::ident,
-    pgbouncer::{databases_file, Bouncer, Paused},
+    pgbouncer::{databases_file, Bouncer},
     plan::{Check, HookPoint, PgbouncerSettings, Plan, ResolvedPlan, SwitchMode},
     shutdown::Shutdown,
     state::{CutoverStep, KeyEvent, Phase, State},
@@ -345,13 +345,7 @@ impl Rollback<'_> {
         self.record_step(CutoverStep::Pause).await?;
         let t = Instant::now();
         self.paused = Some(t);
-        match self.bouncer.pause(self.pb.pause_timeout, shutdown).await? {
-            Paused::Yes => {}
-            Paused::TimedOut => {
-                return Err(Error::PauseTimedOut { database: self.pb.database.clone(), waited: self.pb.pause_timeout })
-            }
-            Paused::Interrupted => return Err(Error::Interrupted { during: "while pausing".into() }),
-        }
+        super::pause_entry(&mut self.bouncer, self.pb.pause_timeout, shutdown).await?;
         self.mark("pause", t);
         if let Route::Handover { v1, v1_enabled, .. } = &mut self.route {
             // Enabled while still paused: v1 clients the in_pause hooks send over queue for the

@@ -195,13 +195,7 @@ impl<'a> Switch<'a> {
         self.record_step(CutoverStep::Pause).await?;
         let t = Instant::now();
         self.paused = Some(t);
-        match self.bouncer.pause(self.pb.pause_timeout, shutdown).await? {
-            Paused::Yes => {}
-            Paused::TimedOut => {
-                return Err(Error::PauseTimedOut { database: self.pb.database.clone(), waited: self.pb.pause_timeout })
-            }
-            Paused::Interrupted => return Err(Error::Interrupted { during: "while pausing".into() }),
-        }
+        super::pause_entry(&mut self.bouncer, self.pb.pause_timeout, shutdown).await?;
         self.mark("pause", t);
         fault("cutover.paused", shutdown).await;
 

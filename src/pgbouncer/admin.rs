@@ -40,6 +40,11 @@ impl Bouncer {
         &self.database
     }
 
+    /// The PgBouncer database this acts on.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
     async fn command(&self, sql: &str) -> Result<()> {
         self.admin.simple_query(sql).await.map(|_| ()).map_err(|e| Error::Pgbouncer {
             command: sql.to_string(),
