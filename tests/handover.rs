@@ -600,3 +600,60 @@ fn handover_rolls_back_to_the_v1_entry_with_nothing_lost() {
     assert_eq!(r.code, 1, "nothing to finish after a rollback: {r:?}");
     crate::capture::sigint_and_wait(&mut copy);
 }
+
+/// A handover rollback killed before the v1 entry resumes is undone by the running reverse
+/// follower (v2 enabled and resumed, v1 disabled again, phase switched, way back open); one
+/// killed just after the v1 entry resumed is finished by it (v2 disabled, phase following) and
+/// every write the v2 application made on green is on blue.
+#[test]
+fn handover_rollback_killed_is_recovered_by_the_follower() {
+    let c = Custom::new(BLUE, GREEN);
+    let bouncer = two_entries(&c);
+    admin(&bouncer, "PAUSE app_v2");
+    let tables = format!(
+        "[[table]]\nsource = \"public.tokens\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\ntoken = \"token\"\n\
+         state = \"CASE WHEN revoked THEN 'revoked' ELSE 'active' END\"\n[table.reverse]\nrevoked = \"state = 'revoked'\"\n\
+         [cutover]\nway_back = true\n[cutover.pgbouncer]\nmode = \"handover\"\nadmin_url = \"{}\"\ndatabase = \"app\"\n\
+         v2_database = \"app_v2\"\npause_timeout = \"4s\"\n",
+        bouncer.admin_url()
+    );
+    let plan = c.plan("auto", "", &tables);
+    let p = plan.to_str().unwrap();
+    let mut copy = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    std::thread::sleep(Duration::from_secs(1));
+    let r = run(&mut c.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "verify: {r:?}");
+    let r = run(&mut c.migrate(&["cutover", p]));
+    assert_eq!(r.code, 0, "cutover: {r:?}");
+    let v2_url = format!("host=127.0.0.1 port={} dbname=app_v2 user=postgres", bouncer.port);
+    let write_v2 = |n: u32| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (cl, conn) = tokio_postgres::connect(&v2_url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            cl.simple_query(&format!("INSERT INTO tokens (token, state) VALUES ('crash-v2-{n}', 'revoked')"))
+                .await
+                .unwrap();
+        })
+    };
+    for (i, point) in
+        ["rollback.caught-up", "rollback.paused", "rollback.drained", "rollback.before-repoint"].iter().enumerate()
+    {
+        write_v2(i as u32);
+        let r = run(c.migrate(&["rollback", p]).env("MIGRATE_FAULT", point));
+        assert_eq!(r.code, 137, "{point}: {r:?}");
+        wait_phase_of(&c, &plan, "switched");
+        assert_eq!(show_databases(&bouncer, "app_v2"), (false, false), "{point}: v2 must serve again");
+        assert!(show_databases(&bouncer, "app").1, "{point}: v1 must be disabled again");
+    }
+    write_v2(99);
+    let r = run(c.migrate(&["rollback", p]).env("MIGRATE_FAULT", "rollback.reloaded"));
+    assert_eq!(r.code, 137, "{r:?}");
+    wait_phase_of(&c, &plan, "following");
+    assert_eq!(show_databases(&bouncer, "app"), (false, false), "v1 must serve");
+    assert!(show_databases(&bouncer, "app_v2").1, "v2 must be disabled");
+    let on_blue = c.blue.psql("SELECT count(*) FROM tokens WHERE token LIKE 'crash-v2-%' AND revoked");
+    assert_eq!(on_blue, "5", "writes made on green are missing on blue");
+    crate::capture::sigint_and_wait(&mut copy);
+}
