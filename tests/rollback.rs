@@ -461,6 +461,9 @@ fn cutover_with_a_lossy_way_back_names_key_and_column() {
     );
     let plan = c.plan("trigger", "workers = 1", &tables);
     let p = plan.to_str().unwrap();
+    let r = run(&mut c.migrate(&["plan", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("way back (cutover.way_back): every entry (2) can be carried back"), "{r:?}");
     let r = run(&mut c.migrate(&["copy", p, "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
     let r = run(&mut c.migrate(&["verify", p]));
@@ -470,4 +473,25 @@ fn cutover_with_a_lossy_way_back_names_key_and_column() {
     assert!(r.stdout.contains("[FAIL] way back proven: would change: public.users key (1) column note"), "{r:?}");
     assert!(r.stdout.contains("cutover not attempted"), "{r:?}");
     assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&c.blue.name));
+}
+
+/// `plan` says what the cutover's preflight will refuse with `way_back = true`: here a blue
+/// column that is an identity `GENERATED ALWAYS` outside the key (no update may set it).
+#[test]
+fn plan_names_what_keeps_the_way_back_closed() {
+    let c = crate::support::Custom::new(
+        "CREATE TABLE t (id int PRIMARY KEY, n bigint GENERATED ALWAYS AS IDENTITY, v text);",
+        "CREATE TABLE t (id int PRIMARY KEY, n bigint, v text);",
+    );
+    let plan = c.plan(
+        "trigger",
+        "workers = 1",
+        "[[table]]\nsource = \"public.t\"\nkey = [\"id\"]\n[cutover]\nway_back = true\n",
+    );
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "the forward migration is sound: {r:?}");
+    assert!(
+        r.stdout.contains("way back (cutover.way_back): the cutover will refuse: public.t: blue's public.t column(s) n are GENERATED ALWAYS AS IDENTITY"),
+        "{r:?}"
+    );
 }

@@ -14,7 +14,20 @@ pub async fn run(plan: &Plan, format: Format, offline: bool, rows: usize) -> Res
     } else {
         match connect_both(plan).await {
             Ok((blue, green)) => {
-                let r = crate::plan::resolve(plan, &blue, &green).await?;
+                let mut r = crate::plan::resolve(plan, &blue, &green).await?;
+                if plan.cutover.way_back && !blue.is_closed() {
+                    // What the cutover's preflight will refuse, said before the copy starts.
+                    let problems = crate::way_back::problems(&r, &blue).await?;
+                    r.checks.push(crate::plan::Check {
+                        name: "way back (cutover.way_back)".into(),
+                        ok: problems.is_empty(),
+                        detail: if problems.is_empty() {
+                            format!("every entry ({}) can be carried back after the switch", r.tables.len())
+                        } else {
+                            format!("the cutover will refuse: {}", problems.join("; "))
+                        },
+                    });
+                }
                 // Only tables whose transform ran clean over the sample.
                 for t in r.tables.iter().filter(|_| rows > 0 && !blue.is_closed()) {
                     let target = t.target.to_string();
