@@ -28,6 +28,46 @@ const OUTPUT_KEPT: usize = 4096;
 /// The environment every hook of one cutover gets, besides its point and time budget.
 pub(super) type HookEnv = Vec<(&'static str, String)>;
 
+/// The variables every hook of one switch gets (`direction`: `cutover` or `rollback`).
+pub(super) fn env(plan: &crate::plan::Plan, pb: &crate::plan::PgbouncerSettings, direction: &str) -> HookEnv {
+    let mut env: HookEnv = vec![
+        ("MIGRATE_PLAN", plan.name.clone()),
+        ("MIGRATE_DIRECTION", direction.to_string()),
+        ("MIGRATE_MODE", pb.mode.name().to_string()),
+        ("MIGRATE_DATABASE", pb.database.clone()),
+        ("MIGRATE_BLUE", plan.blue.to_string()),
+        ("MIGRATE_GREEN", plan.green.to_string()),
+        ("MIGRATE_PAUSE_TIMEOUT_MS", pb.pause_timeout.as_millis().to_string()),
+    ];
+    if let crate::plan::SwitchMode::Handover { v2_database, .. } = &pb.mode {
+        env.push(("MIGRATE_V2_DATABASE", v2_database.clone()));
+    }
+    env
+}
+
+/// The hooks at `at` with `MIGRATE_OUTCOME` set for the end points (`done`: what a finished
+/// switch is called); `None` when there is none at `at`.
+pub(super) async fn run_point(
+    hooks: &[Hook],
+    at: HookPoint,
+    env: &HookEnv,
+    done: &str,
+    deadline: Option<Instant>,
+    shutdown: &Shutdown,
+    records: &mut Vec<HookRecord>,
+) -> Option<Result<()>> {
+    if !hooks.iter().any(|h| h.at == at) {
+        return None;
+    }
+    let mut env = env.clone();
+    match at {
+        HookPoint::AfterSwitch => env.push(("MIGRATE_OUTCOME", done.to_string())),
+        HookPoint::OnAbort => env.push(("MIGRATE_OUTCOME", "aborted".into())),
+        _ => {}
+    }
+    Some(run(hooks, at, &env, deadline, shutdown, records).await)
+}
+
 /// Runs the hooks at `at`, in plan order, each within its timeout and before `deadline`. Stops
 /// at the first failure and returns it; every run is appended to `records`.
 pub(super) async fn run(

@@ -102,19 +102,8 @@ pub async fn run(
         unfenced: false,
         recheck: back::Written::new(),
         hooks: Vec::new(),
-        hook_env: vec![
-            ("MIGRATE_PLAN", plan.name.clone()),
-            ("MIGRATE_DIRECTION", "rollback".into()),
-            ("MIGRATE_MODE", pb.mode.name().to_string()),
-            ("MIGRATE_DATABASE", pb.database.clone()),
-            ("MIGRATE_BLUE", plan.blue.to_string()),
-            ("MIGRATE_GREEN", plan.green.to_string()),
-            ("MIGRATE_PAUSE_TIMEOUT_MS", pb.pause_timeout.as_millis().to_string()),
-        ],
+        hook_env: hooks::env(plan, pb, "rollback"),
     };
-    if let SwitchMode::Handover { v2_database, .. } = &pb.mode {
-        r.hook_env.push(("MIGRATE_V2_DATABASE", v2_database.clone()));
-    }
     back::prepare_blue(&r.blue).await?;
     let span = tracing::info_span!("rollback", plan = %plan.name, database = %green_entry(pb));
     let result = tracing::Instrument::instrument(r.execute(&shutdown), span).await;
@@ -377,17 +366,13 @@ impl Rollback<'_> {
 
     /// Runs the `[[rollback.hook]]`s at `at` (if any) as one timeline step.
     async fn run_hooks(&mut self, at: HookPoint, deadline: Option<Instant>, shutdown: &Shutdown) -> Result<()> {
-        if !self.plan.cutover.rollback_hooks.iter().any(|h| h.at == at) {
-            return Ok(());
-        }
         let t = Instant::now();
-        let mut env = self.hook_env.clone();
-        match at {
-            HookPoint::AfterSwitch => env.push(("MIGRATE_OUTCOME", "rolled-back".into())),
-            HookPoint::OnAbort => env.push(("MIGRATE_OUTCOME", "aborted".into())),
-            _ => {}
-        }
-        let result = hooks::run(&self.plan.cutover.rollback_hooks, at, &env, deadline, shutdown, &mut self.hooks).await;
+        let all = &self.plan.cutover.rollback_hooks;
+        let Some(result) =
+            hooks::run_point(all, at, &self.hook_env, "rolled-back", deadline, shutdown, &mut self.hooks).await
+        else {
+            return Ok(());
+        };
         self.mark(&format!("{} hooks", at.name()), t);
         result
     }

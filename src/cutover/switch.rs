@@ -101,18 +101,7 @@ impl<'a> Switch<'a> {
             SwitchMode::Handover { v2_database, .. } => Some(Bouncer::connect(&pb.admin, v2_database).await?),
             SwitchMode::Repoint { .. } => None,
         };
-        let mut hook_env: HookEnv = vec![
-            ("MIGRATE_PLAN", plan.name.clone()),
-            ("MIGRATE_DIRECTION", "cutover".into()),
-            ("MIGRATE_MODE", pb.mode.name().to_string()),
-            ("MIGRATE_DATABASE", pb.database.clone()),
-            ("MIGRATE_BLUE", plan.blue.to_string()),
-            ("MIGRATE_GREEN", plan.green.to_string()),
-            ("MIGRATE_PAUSE_TIMEOUT_MS", pb.pause_timeout.as_millis().to_string()),
-        ];
-        if let SwitchMode::Handover { v2_database, .. } = &pb.mode {
-            hook_env.push(("MIGRATE_V2_DATABASE", v2_database.clone()));
-        }
+        let hook_env = hooks::env(plan, pb, "cutover");
         Ok(Self {
             plan,
             pb,
@@ -395,17 +384,13 @@ impl<'a> Switch<'a> {
 
     /// Runs the hooks at `at` (if any) as one timeline step.
     async fn run_hooks(&mut self, at: HookPoint, deadline: Option<Instant>, shutdown: &Shutdown) -> Result<()> {
-        if !self.plan.cutover.hooks.iter().any(|h| h.at == at) {
-            return Ok(());
-        }
         let t = Instant::now();
-        let mut env = self.hook_env.clone();
-        match at {
-            HookPoint::AfterSwitch => env.push(("MIGRATE_OUTCOME", "switched".into())),
-            HookPoint::OnAbort => env.push(("MIGRATE_OUTCOME", "aborted".into())),
-            _ => {}
-        }
-        let result = hooks::run(&self.plan.cutover.hooks, at, &env, deadline, shutdown, &mut self.hooks).await;
+        let all = &self.plan.cutover.hooks;
+        let Some(result) =
+            hooks::run_point(all, at, &self.hook_env, "switched", deadline, shutdown, &mut self.hooks).await
+        else {
+            return Ok(());
+        };
         self.mark(&format!("{} hooks", at.name()), t);
         result
     }
