@@ -495,3 +495,191 @@ fn plan_names_what_keeps_the_way_back_closed() {
         "{r:?}"
     );
 }
+
+const JOINED_BLUE: &str = "CREATE TABLE clients (id text PRIMARY KEY, name text NOT NULL);
+    CREATE TABLE login_request (challenge text PRIMARY KEY, subject text NOT NULL, client_id text NOT NULL REFERENCES clients,
+      requested_at timestamp NOT NULL, note text);
+    CREATE TABLE login_handled (challenge text PRIMARY KEY REFERENCES login_request ON DELETE CASCADE ON UPDATE CASCADE,
+      remember boolean NOT NULL, error text NOT NULL DEFAULT '{}', handled_at timestamp NOT NULL);
+    INSERT INTO clients SELECT 'c' || g, 'client ' || g FROM generate_series(1, 5) g;
+    INSERT INTO login_request SELECT 'l' || g, 'sub' || g, 'c' || (g % 5 + 1), '2026-01-01'::timestamp + g * interval '1 minute',
+      CASE WHEN g % 7 = 0 THEN repeat('toast ', 20000) END FROM generate_series(1, 300) g;
+    INSERT INTO login_handled SELECT 'l' || g, g % 2 = 0, CASE WHEN g % 3 = 0 THEN '{\"e\":1}' ELSE '{}' END,
+      '2026-01-01'::timestamp + g * interval '1 minute' + interval '5 seconds' FROM generate_series(1, 300) g WHERE g % 4 <> 0;";
+const JOINED_GREEN: &str =
+    "CREATE TABLE flow (challenge text PRIMARY KEY, subject text NOT NULL, client_id text NOT NULL,
+      client_name text, requested_at timestamptz NOT NULL, note text, login_remember boolean NOT NULL, login_error text,
+      login_handled_at timestamptz);";
+
+/// Blue's logins with their handled rows, one line per login, as v1 has them.
+const BLUE_LOGINS: &str =
+    "SELECT string_agg(l.challenge || '|' || l.subject || '|' || l.client_id || '|' || l.requested_at::text \
+      || '|' || coalesce(md5(l.note), '∅') || '|' || coalesce(h.remember::text, '∅') || '|' || coalesce(h.error, '∅') \
+      || '|' || coalesce(h.handled_at::text, '∅'), E'\\n' ORDER BY l.challenge) \
+    FROM login_request l LEFT JOIN login_handled h USING (challenge)";
+/// Green's flows converted to the same lines by hand: a flow is handled when it has a time.
+const GREEN_LOGINS: &str = "SELECT string_agg(challenge || '|' || subject || '|' || client_id || '|' \
+      || (requested_at AT TIME ZONE 'UTC')::text || '|' || coalesce(md5(note), '∅') || '|' \
+      || CASE WHEN login_handled_at IS NULL THEN '∅' ELSE login_remember::text END || '|' \
+      || CASE WHEN login_handled_at IS NULL THEN '∅' ELSE coalesce(login_error, '{}') END || '|' \
+      || coalesce((login_handled_at AT TIME ZONE 'UTC')::text, '∅'), E'\\n' ORDER BY challenge) FROM flow";
+
+/// A target row merged from two blue tables goes back as two: the login and its handled row
+/// (`write_back = true`). Rows gain, change and lose their handled row on green, are re-keyed,
+/// deleted and inserted with and without one, while the reverse follower runs and while the
+/// rollback catches up; blue then holds exactly green's flows split in v1 form, with no handled
+/// row left without its login, and the lookup join (clients) untouched.
+#[test]
+fn way_back_splits_a_joined_row_into_its_tables() {
+    let c = crate::support::Custom::new(JOINED_BLUE, JOINED_GREEN);
+    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name);
+    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let tables = format!(
+        "[[table]]\nsource = \"public.login_request\"\nalias = \"l\"\ntarget = \"public.flow\"\nkey = [\"challenge\"]\n\
+         [[table.join]]\nalias = \"h\"\ntable = \"public.login_handled\"\non = {{ challenge = \"l.challenge\" }}\nwrite_back = true\n\
+         [table.join.reverse]\nremember = \"login_remember\"\nerror = \"coalesce(login_error, '{{}}')\"\n\
+         [[table.join]]\nalias = \"c\"\ntable = \"public.clients\"\non = {{ id = \"l.client_id\" }}\n\
+         [table.columns]\nrequested_at = \"l.requested_at AT TIME ZONE 'UTC'\"\nlogin_remember = \"coalesce(h.remember, false)\"\n\
+         login_error = \"NULLIF(h.error, '{{}}')\"\nlogin_handled_at = \"h.handled_at AT TIME ZONE 'UTC'\"\nclient_name = \"c.name\"\n\
+         [cutover]\nway_back = true\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
+         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
+        bouncer.admin_url(),
+        bouncer.databases_file.display(),
+        c.green.cluster.port,
+        c.green.name
+    );
+    let plan = c.plan("logical", "workers = 1", &tables);
+    let p = plan.to_str().unwrap();
+    let r = run(&mut c.migrate(&["plan", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    for shown in [
+        "way back (cutover.way_back): every entry (1) can be carried back",
+        "join h (public.login_handled) written back where ((\"login_handled_at\" AT TIME ZONE 'UTC')::timestamp without time zone) IS NOT NULL, upserted on (challenge)",
+        "client_name reads c (public.clients), a lookup join the way back does not write",
+    ] {
+        assert!(r.stdout.contains(shown), "missing `{shown}`: {r:?}");
+    }
+    let mut copy = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    let r = run(&mut c.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut c.migrate(&["cutover", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // The v2 application on green, while the reverse follower carries it back.
+    c.green.psql(
+        "INSERT INTO flow VALUES ('new1', 's', 'c1', 'client 1', now(), NULL, true, NULL, now()),
+                                 ('new2', 's', 'c2', 'client 2', now(), 'n', false, NULL, NULL);
+         UPDATE flow SET login_handled_at = now(), login_remember = true, login_error = '{\"x\":2}' WHERE challenge = 'l4';
+         UPDATE flow SET login_handled_at = NULL, login_remember = false, login_error = NULL WHERE challenge = 'l5';
+         UPDATE flow SET login_error = NULL WHERE challenge = 'l6';
+         UPDATE flow SET challenge = 'l7-k' WHERE challenge = 'l7';
+         UPDATE flow SET note = repeat('big ', 30000), subject = 'changed' WHERE challenge = 'l9';
+         DELETE FROM flow WHERE challenge IN ('l10', 'l12');
+         UPDATE flow SET client_name = 'renamed' WHERE challenge = 'l11';",
+    );
+    let writer = {
+        let (cluster, name) = (c.green.cluster, c.green.name.clone());
+        std::thread::spawn(move || {
+            for round in 0..20 {
+                cluster.psql(
+                    &name,
+                    &format!(
+                        "UPDATE flow SET login_handled_at = CASE WHEN login_handled_at IS NULL THEN now() END, \
+                           login_remember = NOT login_remember WHERE challenge IN ('l{a}', 'l{b}');
+                         INSERT INTO flow VALUES ('w{round}', 's', 'c3', NULL, now(), NULL, false, NULL, \
+                           CASE WHEN {round} % 2 = 0 THEN now() END);
+                         DELETE FROM flow WHERE challenge = 'l{d}';",
+                        a = 100 + round,
+                        b = 200 + round,
+                        d = 250 + round
+                    ),
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    writer.join().unwrap();
+    // A transaction that commits only after the rollback has begun catching up.
+    let late = {
+        let (cluster, name) = (c.green.cluster, c.green.name.clone());
+        std::thread::spawn(move || {
+            cluster.psql(
+                &name,
+                "BEGIN; UPDATE flow SET login_handled_at = now(), login_error = '{\"late\":1}' WHERE challenge = 'l8';
+                 UPDATE flow SET login_handled_at = NULL WHERE challenge = 'l1'; SELECT pg_sleep(2); COMMIT;",
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let r = run(&mut c.migrate(&["rollback", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    late.join().unwrap();
+
+    let (blue, green) = (c.blue.psql(BLUE_LOGINS), c.green.psql(GREEN_LOGINS));
+    assert_eq!(blue, green, "logins on blue differ from flows on green");
+    assert!(green.contains("l8|") && green.contains("{\"late\":1}"), "the late transaction's write is missing");
+    assert!(!green.contains("\nl10|") && green.contains("\nl7-k|") && green.contains("\nnew2|"));
+    let orphans = c.blue.psql(
+        "SELECT count(*) FROM login_handled h WHERE NOT EXISTS (SELECT 1 FROM login_request l WHERE l.challenge = h.challenge)",
+    );
+    assert_eq!(orphans, "0", "handled rows left without their login");
+    assert_eq!(
+        c.blue.psql("SELECT string_agg(name, ',' ORDER BY id) FROM clients"),
+        "client 1,client 2,client 3,client 4,client 5"
+    );
+    // Following forward again, green is blue's transform (the lookup's value back too).
+    c.wait_phase("following");
+    let r = run(&mut c.migrate(&["verify", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    crate::capture::sigint_and_wait(&mut copy);
+}
+
+/// `plan` proves a joined row's way back on blue's rows and says what keeps one closed: a lossy
+/// reverse of a joined column is named by key and `alias.column`; a join that picks one of
+/// several rows cannot be written back; `present` on a join the way back does not write is a
+/// plan error naming its line.
+#[test]
+fn plan_proves_a_joined_rows_way_back_and_names_what_it_cannot() {
+    let c = crate::support::Custom::new(JOINED_BLUE, JOINED_GREEN);
+    let entry = |join: &str| {
+        format!(
+            "[[table]]\nsource = \"public.login_request\"\nalias = \"l\"\ntarget = \"public.flow\"\nkey = [\"challenge\"]\n\
+             [[table.join]]\nalias = \"h\"\ntable = \"public.login_handled\"\non = {{ challenge = \"l.challenge\" }}\n{join}\n\
+             [[table.join]]\nalias = \"c\"\ntable = \"public.clients\"\non = {{ id = \"l.client_id\" }}\n\
+             [table.columns]\nrequested_at = \"l.requested_at AT TIME ZONE 'UTC'\"\nlogin_remember = \"coalesce(h.remember, false)\"\n\
+             login_error = \"NULLIF(h.error, '{{}}')\"\nlogin_handled_at = \"h.handled_at AT TIME ZONE 'UTC'\"\nclient_name = \"c.name\"\n\
+             [cutover]\nway_back = true\n"
+        )
+    };
+    // The error column written back as v1's "no error" whatever green holds: lossy where v1 had one.
+    let lossy = c.plan(
+        "trigger",
+        "workers = 1",
+        &entry("write_back = true\n[table.join.reverse]\nremember = \"login_remember\"\nerror = \"'{}'\""),
+    );
+    let r = run(&mut c.migrate(&["plan", lossy.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("column h.error: {\"e\":1} comes back {}"), "{r:?}");
+
+    let picked = c.plan(
+        "trigger",
+        "workers = 1",
+        &entry("pick = \"h.handled_at DESC\"\nwrite_back = true\n[table.join.reverse]\nremember = \"login_remember\"\nerror = \"coalesce(login_error, '{}')\""),
+    );
+    let r = run(&mut c.migrate(&["plan", picked.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("the cutover will refuse: public.flow: join h picks one of several rows of public.login_handled"),
+        "{r:?}"
+    );
+
+    let stray = c.plan("trigger", "workers = 1", &entry("present = \"login_handled_at IS NOT NULL\""));
+    let r = run(&mut c.migrate(&["plan", stray.to_str().unwrap()]));
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("table[1].join[1].present") && r.stderr.contains("set write_back = true on join h"),
+        "{r:?}"
+    );
+}

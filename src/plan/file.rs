@@ -145,6 +145,10 @@ struct RawJoin {
     kind: Option<Spanned<String>>,
     pick: Option<Spanned<String>>,
     also: Option<Spanned<String>>,
+    write_back: Option<Spanned<bool>>,
+    present: Option<Spanned<String>>,
+    #[serde(default)]
+    reverse: IndexMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +332,13 @@ pub struct JoinEntry {
     pub pick: Option<String>,
     /// `also`: a further condition on the joined row.
     pub also: Option<String>,
+    /// `write_back = true`: the joined row is part of the target row, so the way back writes it
+    /// (and deletes it with the row); otherwise it is a lookup the way back leaves alone.
+    pub write_back: bool,
+    /// `present`: when a green row has this joined row (expression over the green row).
+    pub present: Option<(String, Line)>,
+    /// `[table.join.reverse]`: joined column → (expression over the green row, line).
+    pub reverse: IndexMap<String, (String, Line)>,
 }
 
 impl TableEntry {

@@ -201,15 +201,49 @@ pub struct Reverse {
     pub columns: Vec<ReverseColumn>,
     /// Why a way back is impossible for this entry; `None` when it is possible.
     pub impossible: Option<String>,
+    /// Joined tables written back with the driving row (`write_back = true`), in join order.
+    pub joins: Vec<ReverseJoin>,
+    /// Target columns whose value comes from a lookup join only (one not written back): a
+    /// change green makes to them does not reach blue. `plan` says so.
+    pub lookup_only: Vec<String>,
+}
+
+/// A joined table the way back writes: each green row that has it (`present`) gives one row of
+/// it, upserted on `key`; the rows the driving row joins on blue that green's row no longer
+/// gives are deleted.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReverseJoin {
+    /// The join's alias.
+    pub alias: String,
+    /// The joined table on blue.
+    pub table: QualifiedName,
+    /// Every column of it, in table order.
+    pub columns: Vec<ReverseColumn>,
+    /// The unique key the upsert conflicts on: columns all carried back.
+    pub key: Vec<String>,
+    /// When a green row has this joined row: an expression over the green row.
+    pub present: String,
+}
+
+/// The expression giving `column` from a green row (`None` when it is not carried).
+pub fn reverse_expr<'a>(columns: &'a [ReverseColumn], column: &str) -> Option<&'a str> {
+    columns.iter().find(|c| c.column == column).and_then(|c| match &c.how {
+        ReverseHow::Derived(e) | ReverseHow::Declared(e) => Some(e.as_str()),
+        ReverseHow::NotCarried => None,
+    })
 }
 
 impl Reverse {
-    /// The expression giving `column` from a green row (`None` when it is not carried).
+    /// The expression giving source `column` from a green row (`None` when it is not carried).
     pub fn expr(&self, column: &str) -> Option<&str> {
-        self.columns.iter().find(|c| c.column == column).and_then(|c| match &c.how {
-            ReverseHow::Derived(e) | ReverseHow::Declared(e) => Some(e.as_str()),
-            ReverseHow::NotCarried => None,
-        })
+        reverse_expr(&self.columns, column)
+    }
+}
+
+impl ReverseJoin {
+    /// The expression giving `column` of the joined table from a green row.
+    pub fn expr(&self, column: &str) -> Option<&str> {
+        reverse_expr(&self.columns, column)
     }
 }
 
@@ -268,6 +302,20 @@ pub struct ResolvedTable {
 }
 
 impl ResolvedTable {
+    /// The blue tables the way back writes for this entry (its source, then each joined table
+    /// with `write_back`), each with its carried columns and the key its rows are upserted on.
+    pub fn written_back(&self) -> Vec<(&QualifiedName, Vec<&str>, Vec<&str>)> {
+        fn carried(columns: &[ReverseColumn]) -> Vec<&str> {
+            columns.iter().filter(|c| reverse_expr(columns, &c.column).is_some()).map(|c| c.column.as_str()).collect()
+        }
+        let mut out =
+            vec![(&self.source, carried(&self.reverse.columns), self.key.iter().map(|k| k.source.as_str()).collect())];
+        for j in &self.reverse.joins {
+            out.push((&j.table, carried(&j.columns), j.key.iter().map(String::as_str).collect()));
+        }
+        out
+    }
+
     /// Target columns that receive a value, in order.
     pub fn mapped(&self) -> impl Iterator<Item = &ResolvedColumn> {
         self.columns.iter().filter(|c| c.expr.is_some())
@@ -530,7 +578,12 @@ mod tests {
             source_columns: Vec::new(),
             alias: None,
             joins: Vec::new(),
-            reverse: Reverse { columns: Vec::new(), impossible: Some("not resolved".into()) },
+            reverse: Reverse {
+                columns: Vec::new(),
+                impossible: Some("not resolved".into()),
+                joins: Vec::new(),
+                lookup_only: Vec::new(),
+            },
         }
     }
 

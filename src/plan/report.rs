@@ -70,18 +70,36 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
                 let _ = writeln!(o, "  reverse   no way back: {why}");
             }
             None => {
-                let parts: Vec<String> = t
-                    .reverse
-                    .columns
-                    .iter()
-                    .map(|c| match &c.how {
-                        super::ReverseHow::Derived(e) => format!("{} <- {e}", c.column),
-                        super::ReverseHow::Declared(e) => format!("{} <- {e} (declared)", c.column),
-                        super::ReverseHow::NotCarried => format!("{} not carried back", c.column),
-                    })
-                    .collect();
-                let _ = writeln!(o, "  reverse   {}", parts.join("; "));
+                let parts = |columns: &[super::ReverseColumn]| -> String {
+                    columns
+                        .iter()
+                        .map(|c| match &c.how {
+                            super::ReverseHow::Derived(e) => format!("{} <- {e}", c.column),
+                            super::ReverseHow::Declared(e) => format!("{} <- {e} (declared)", c.column),
+                            super::ReverseHow::NotCarried => format!("{} not carried back", c.column),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                let _ = writeln!(o, "  reverse   {}", parts(&t.reverse.columns));
+                for j in &t.reverse.joins {
+                    let _ = writeln!(
+                        o,
+                        "            join {} ({}) written back where {}, upserted on ({}): {}",
+                        j.alias,
+                        j.table,
+                        j.present,
+                        j.key.join(", "),
+                        parts(&j.columns)
+                    );
+                }
             }
+        }
+        for l in &t.reverse.lookup_only {
+            let _ = writeln!(
+                o,
+                "            {l}, a lookup join the way back does not write: green's changes to it stay on green"
+            );
         }
         let _ = writeln!(o, "  estimate  ~{} rows, {}", t.estimate.rows, human_bytes(t.estimate.bytes));
         let _ = writeln!(o, "  columns");

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use indexmap::IndexMap;
+
 use tokio_postgres::Client;
 
 use super::{
@@ -360,7 +362,7 @@ async fn resolve_table(
     }
     check_filter(&mut cx, blue).await;
     check_reads(&mut cx, blue, &columns, alias.as_deref(), &joins).await?;
-    let reverse = resolve_reverse(&mut cx, blue, &src, &columns, alias.as_deref()).await?;
+    let reverse = resolve_reverse(&mut cx, blue, &src, &columns, alias.as_deref(), &joins).await?;
     let sequences = sequences(entry, &src, &tgt, alias.as_deref());
     let deferred = match recorded {
         Some(defs) => defs,
@@ -470,7 +472,7 @@ fn sequences(entry: &TableEntry, src: &TableInfo, tgt: &TableInfo, alias: Option
             let green_sequence = c.sequence.clone()?;
             let expr = entry.columns.get(&c.name).map(|(e, _)| e.trim().to_string());
             let blue_sequence = expr
-                .and_then(|e| src.columns.iter().find(|s| verbatim(&e, alias, &s.name)))
+                .and_then(|e| src.columns.iter().find(|s| verbatim(&e, alias, true, &s.name)))
                 .and_then(|s| s.sequence.clone());
             Some(SequenceMapping { column: c.name.clone(), green_sequence, blue_sequence })
         })
@@ -664,7 +666,7 @@ fn resolve_key(
             );
             continue;
         };
-        let target = entry.columns.iter().find(|(_, (e, _))| verbatim(e, alias, k)).map(|(t, _)| t.clone());
+        let target = entry.columns.iter().find(|(_, (e, _))| verbatim(e, alias, true, k)).map(|(t, _)| t.clone());
         let Some(target) = target else {
             cx.report(
                 "key",
@@ -747,13 +749,15 @@ fn resolve_key(
 
 /// The way back: each source column from a green row, derived from the forward mapping where it
 /// undoes itself (the column verbatim or renamed, a cast, a time-zone shift), else as
-/// `[table.reverse]` declares it; and whether rows written on green can be written to blue.
+/// `[table.reverse]` declares it; the same for each joined table with `write_back = true`; and
+/// whether rows written on green can be written to blue.
 async fn resolve_reverse(
     cx: &mut Ctx<'_>,
     blue: &Client,
     src: &TableInfo,
     columns: &[ResolvedColumn],
     alias: Option<&str>,
+    joins: &[super::ResolvedJoin],
 ) -> Result<super::Reverse> {
     use super::{ReverseColumn, ReverseHow};
     let entry = cx.entry;
@@ -764,34 +768,52 @@ async fn resolve_reverse(
         .map(|c| format!("NULL::{} AS {}", c.target_type, ident(&c.name)))
         .collect();
     let green_row = format!("(SELECT {}) AS g", if row.is_empty() { "1".to_string() } else { row.join(", ") });
-    for (col, (_, line)) in &entry.reverse {
-        if src.column(col).is_none_or(|c| c.generated) {
+    // Whether a declared expression is valid over a green row (as `type`), reported at `field`.
+    async fn valid(
+        cx: &mut Ctx<'_>,
+        blue: &Client,
+        green_row: &str,
+        (field, line, col): (&str, super::file::Line, &str),
+        expr: &str,
+        type_name: &str,
+    ) {
+        let sql = format!("SELECT ({expr})::{type_name} FROM {green_row} LIMIT 0");
+        if let Err(e) = blue.prepare(&sql).await {
             cx.report(
-                &format!("reverse.{col}"),
-                *line,
+                field,
+                line,
                 Some(col),
-                format!("`{col}` is no writable column of {}: [table.reverse] names source columns", entry.source),
-                None,
+                format!("reverse expression `{expr}` is not valid over a green row: {}", pg_message(&e)),
+                Some("write it over green's column names, e.g. `array_to_string(scopes, ' ')`".into()),
             );
         }
     }
+    let stray = |cx: &mut Ctx<'_>,
+                 info: &TableInfo,
+                 table: &crate::pg::QualifiedName,
+                 field: &str,
+                 declared: &IndexMap<String, (String, super::file::Line)>| {
+        for (col, (_, line)) in declared {
+            if info.column(col).is_none_or(|c| c.generated) {
+                cx.report(
+                    &format!("{field}.{col}"),
+                    *line,
+                    Some(col),
+                    format!("`{col}` is no writable column of {table}: a reverse table names that table's columns"),
+                    None,
+                );
+            }
+        }
+    };
+    stray(cx, src, &entry.source, "reverse", &entry.reverse);
     let mut out = Vec::new();
     let mut impossible = None;
     for c in src.columns.iter().filter(|c| !c.generated) {
         let how = if let Some((expr, line)) = entry.reverse.get(&c.name) {
-            let sql = format!("SELECT ({expr})::{} FROM {green_row} LIMIT 0", c.type_name);
-            if let Err(e) = blue.prepare(&sql).await {
-                cx.report(
-                    &format!("reverse.{}", c.name),
-                    *line,
-                    Some(&c.name),
-                    format!("reverse expression `{expr}` is not valid over a green row: {}", pg_message(&e)),
-                    Some("write it over green's column names, e.g. `array_to_string(scopes, ' ')`".into()),
-                );
-            }
+            valid(cx, blue, &green_row, (&format!("reverse.{}", c.name), *line, &c.name), expr, &c.type_name).await;
             ReverseHow::Declared(expr.clone())
         } else {
-            match derive_reverse(columns, alias, &c.name, &c.type_name) {
+            match derive_reverse(columns, alias, true, &c.name, &c.type_name) {
                 Some(e) => ReverseHow::Derived(e),
                 None => ReverseHow::NotCarried,
             }
@@ -805,27 +827,139 @@ async fn resolve_reverse(
         }
         out.push(ReverseColumn { column: c.name.clone(), type_name: c.type_name.clone(), how });
     }
-    if !entry.joins.is_empty() {
-        impossible = Some("a row built from several tables would go back to several: not built".into());
+    let mut back_joins = Vec::new();
+    let mut lookups = Vec::new();
+    for (n, (je, rj)) in entry.joins.iter().zip(joins).enumerate() {
+        if !je.write_back {
+            lookups.push(rj);
+            continue;
+        }
+        let field = format!("join[{}].reverse", n + 1);
+        let Some(info) = catalog::table_info(blue, Side::Blue, &je.table).await? else { continue };
+        stray(cx, &info, &je.table, &field, &je.reverse);
+        let mut cols = Vec::new();
+        for c in info.columns.iter().filter(|c| !c.generated) {
+            // A link column equals an expression over the driving row: when that is one of its
+            // columns, it comes back as that column does.
+            let linked = rj.on.iter().find(|o| o.column == c.name).and_then(|o| {
+                src.columns
+                    .iter()
+                    .find(|s| verbatim(&o.expr, alias, true, &s.name))
+                    .and_then(|s| super::reverse_expr(&out, &s.name))
+            });
+            let how = if let Some((expr, line)) = je.reverse.get(&c.name) {
+                valid(cx, blue, &green_row, (&format!("{field}.{}", c.name), *line, &c.name), expr, &c.type_name).await;
+                ReverseHow::Declared(expr.clone())
+            } else if let Some(e) = linked {
+                ReverseHow::Derived(format!("({e})::{}", c.type_name))
+            } else {
+                match derive_reverse(columns, Some(&je.alias), false, &c.name, &c.type_name) {
+                    Some(e) => ReverseHow::Derived(e),
+                    None => ReverseHow::NotCarried,
+                }
+            };
+            if matches!(how, ReverseHow::NotCarried) && c.not_null && !c.has_default && impossible.is_none() {
+                impossible = Some(format!(
+                    "{}.{} (join {}) is NOT NULL without a default and green does not carry it back: declare it \
+                     under [table.join.reverse]",
+                    je.table, c.name, je.alias
+                ));
+            }
+            cols.push(ReverseColumn { column: c.name.clone(), type_name: c.type_name.clone(), how });
+        }
+        let carried = |name: &str| super::reverse_expr(&cols, name).is_some();
+        // The primary key first: the key v1's own rows are told apart by.
+        let mut keys: Vec<&UniqueKey> = info.unique_keys.iter().collect();
+        keys.sort_by_key(|u| !u.primary);
+        let key = keys.into_iter().find(|u| u.columns.iter().all(|c| carried(c))).map(|u| u.columns.clone());
+        // A green row has the joined row when it says so, always for an inner join, else when
+        // a NOT NULL column of it that is no link column comes back non-NULL.
+        let present = match (&je.present, je.inner) {
+            (Some((expr, line)), _) => {
+                valid(cx, blue, &green_row, (&format!("join[{}].present", n + 1), *line, "present"), expr, "boolean")
+                    .await;
+                Some(expr.clone())
+            }
+            (None, true) => Some("true".to_string()),
+            (None, false) => {
+                info.columns.iter().filter(|c| c.not_null && !rj.on.iter().any(|o| o.column == c.name)).find_map(|c| {
+                    match cols.iter().find(|r| r.column == c.name).map(|r| &r.how) {
+                        Some(ReverseHow::Derived(e)) => Some(format!("({e}) IS NOT NULL")),
+                        _ => None,
+                    }
+                })
+            }
+        };
+        let why = if rj.pick.is_some() {
+            Some(format!(
+                "join {} picks one of several rows of {}: the rows it does not pick would stay on blue; it can be \
+                 a lookup (no write_back) only",
+                je.alias, je.table
+            ))
+        } else if key.is_none() {
+            Some(format!(
+                "join {}: no unique key of {} comes back whole from green (declare its columns under \
+                 [table.join.reverse])",
+                je.alias, je.table
+            ))
+        } else if present.is_none() {
+            Some(format!(
+                "join {}: nothing tells whether a green row has a row of {}: say when with present = \"…\" (an \
+                 expression over the green row)",
+                je.alias, je.table
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            impossible.get_or_insert(why);
+            continue;
+        }
+        back_joins.push(super::ReverseJoin {
+            alias: je.alias.clone(),
+            table: je.table.clone(),
+            columns: cols,
+            key: key.unwrap_or_default(),
+            present: present.unwrap_or_default(),
+        });
     }
-    Ok(super::Reverse { columns: out, impossible })
+    let lookup_only = columns
+        .iter()
+        .filter_map(|c| {
+            let e = c.expr.as_deref()?;
+            let from: Vec<String> = lookups
+                .iter()
+                .filter(|j| super::sql::refers_to(e, &j.alias))
+                .map(|j| format!("{} ({})", j.alias, j.table))
+                .collect();
+            (!from.is_empty()).then(|| format!("{} reads {}", c.name, from.join(", ")))
+        })
+        .collect();
+    Ok(super::Reverse { columns: out, impossible, joins: back_joins, lookup_only })
 }
 
-/// The green-side expression that gives source column `col` back, when a forward mapping
-/// undoes itself: `col` itself (a rename), `col::type` or `(col)::type` (cast back), or `col AT
-/// TIME ZONE 'z'` (shifted back). The round-trip check proves it on blue's rows.
-fn derive_reverse(columns: &[ResolvedColumn], alias: Option<&str>, col: &str, blue_type: &str) -> Option<String> {
+/// The green-side expression that gives column `col` of the table named `alias` back, when a
+/// forward mapping undoes itself: `col` itself (a rename), `col::type` or `(col)::type` (cast
+/// back), or `col AT TIME ZONE 'z'` (shifted back). `bare`: the column may be named without
+/// its alias (the driving table's). The round-trip check proves it on blue's rows.
+fn derive_reverse(
+    columns: &[ResolvedColumn],
+    alias: Option<&str>,
+    bare: bool,
+    col: &str,
+    blue_type: &str,
+) -> Option<String> {
     for c in columns {
         let Some(expr) = c.expr.as_deref() else { continue };
         let e = expr.trim();
         let t = ident(&c.name);
-        if verbatim(e, alias, col) {
+        if verbatim(e, alias, bare, col) {
             return Some(format!("{t}::{blue_type}"));
         }
         if let Some((base, _)) = e.rsplit_once("::") {
             let base = base.trim();
             let base = base.strip_prefix('(').and_then(|b| b.strip_suffix(')')).unwrap_or(base);
-            if verbatim(base, alias, col) {
+            if verbatim(base, alias, bare, col) {
                 return Some(format!("{t}::{blue_type}"));
             }
         }
@@ -833,7 +967,7 @@ fn derive_reverse(columns: &[ResolvedColumn], alias: Option<&str>, col: &str, bl
         if let Some(at) = upper.find(" AT TIME ZONE ") {
             let zone = &e[at + " AT TIME ZONE ".len()..];
             let simple = zone.starts_with('\'') && zone.ends_with('\'') && zone.matches('\'').count() == 2;
-            if simple && verbatim(&e[..at], alias, col) {
+            if simple && verbatim(&e[..at], alias, bare, col) {
                 return Some(format!("({t} AT TIME ZONE {zone})::{blue_type}"));
             }
         }
@@ -850,14 +984,14 @@ fn inherited(table: &crate::pg::QualifiedName) -> String {
     )
 }
 
-/// Whether `expr` is exactly source column `col`: `col`, `"col"`, or either qualified by the
-/// driving table's alias.
-fn verbatim(expr: &str, alias: Option<&str>, col: &str) -> bool {
+/// Whether `expr` is exactly column `col`: `col` or `"col"` (when `bare`), or either qualified
+/// by `alias`.
+fn verbatim(expr: &str, alias: Option<&str>, bare: bool, col: &str) -> bool {
     let e = expr.trim();
-    let bare = |x: &str| x == col || x == ident(col);
-    bare(e)
+    let named = |x: &str| x == col || x == ident(col);
+    (bare && named(e))
         || alias.is_some_and(|a| {
-            [format!("{a}."), format!("{}.", ident(a))].iter().any(|p| e.strip_prefix(p.as_str()).is_some_and(bare))
+            [format!("{a}."), format!("{}.", ident(a))].iter().any(|p| e.strip_prefix(p.as_str()).is_some_and(named))
         })
 }
 
@@ -1166,18 +1300,22 @@ mod tests {
             column("n", "(amount)::numeric"),
             column("note", "'ſ' || note"),
         ];
-        assert_eq!(derive_reverse(&cols, Some("l"), "id", "integer").as_deref(), Some("\"user_id\"::integer"));
+        assert_eq!(derive_reverse(&cols, Some("l"), true, "id", "integer").as_deref(), Some("\"user_id\"::integer"));
         assert_eq!(
-            derive_reverse(&cols, None, "created", "timestamp without time zone").as_deref(),
+            derive_reverse(&cols, None, true, "created", "timestamp without time zone").as_deref(),
             Some("(\"at\" AT TIME ZONE 'UTC')::timestamp without time zone")
         );
-        assert_eq!(derive_reverse(&cols, None, "amount", "real").as_deref(), Some("\"n\"::real"));
-        assert_eq!(derive_reverse(&cols, None, "note", "text"), None);
+        assert_eq!(derive_reverse(&cols, None, true, "amount", "real").as_deref(), Some("\"n\"::real"));
+        assert_eq!(derive_reverse(&cols, None, true, "note", "text"), None);
+        // A joined table's column is its alias's only: `created` (the driving table's) is not
+        // `h.created`, `l.id` is.
+        assert_eq!(derive_reverse(&cols, Some("h"), false, "created", "timestamp"), None);
+        assert_eq!(derive_reverse(&cols, Some("l"), false, "id", "integer").as_deref(), Some("\"user_id\"::integer"));
         // Upper-cased by Unicode rules, `ſſ` is two bytes shorter: the keyword's offset, taken
         // from it, would miss the zone.
         let shifted = vec![column("at", "\"ſſ\" AT TIME ZONE 'UTC'")];
         assert_eq!(
-            derive_reverse(&shifted, None, "ſſ", "timestamp").as_deref(),
+            derive_reverse(&shifted, None, true, "ſſ", "timestamp").as_deref(),
             Some("(\"at\" AT TIME ZONE 'UTC')::timestamp")
         );
     }

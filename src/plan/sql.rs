@@ -2,7 +2,7 @@
 //! literal key values (COPY takes no bind parameters). The transforming SELECT itself is
 //! [`super::ResolvedTable::source_select`].
 
-use crate::pg::literal;
+use crate::pg::{ident, literal};
 
 /// `(k1, k2) IN (SELECT * FROM unnest(ARRAY[..]::t1[], ARRAY[..]::t2[]))`, or `k = ANY(..)` for
 /// one column, with the key values as literals (COPY takes no parameters).
@@ -88,7 +88,7 @@ pub fn trace_sql(t: &super::ResolvedTable, join: usize, links: &[Vec<String>], t
 
 /// Whether `expr` names something of `alias` (`alias.` or `"alias".`, as a word; unquoted
 /// names fold to lower case, aliases are lower case). A false positive only adds a join.
-fn refers_to(expr: &str, alias: &str) -> bool {
+pub(super) fn refers_to(expr: &str, alias: &str) -> bool {
     let lower = expr.to_lowercase();
     let word = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
     [format!("{alias}."), format!("\"{alias}\".")]
@@ -98,27 +98,49 @@ fn refers_to(expr: &str, alias: &str) -> bool {
 
 /// The rows of `t` on blue (up to `limit`, the filter applied) whose carried columns do not come
 /// back through forward then reverse: key texts, column, blue's value and the value that comes
-/// back, as text; at most `max` of them. `None` when no column is carried back.
+/// back, as text; at most `max` of them. A joined table written back counts too: whether the
+/// row has it (`alias (present)`) and each of its carried columns (`alias.column`). `None` when
+/// no column is carried back.
 pub fn round_trip_sql(t: &super::ResolvedTable, limit: Option<u64>, max: u64) -> Option<String> {
-    let carried: Vec<(&str, &str, &str)> = t
+    // (label, blue's value over the FROM clause, the value back over the green row `g`).
+    let mut pairs: Vec<(String, String, String)> = t
         .reverse
         .columns
         .iter()
-        .filter_map(|c| Some((c.column.as_str(), t.reverse.expr(&c.column)?, c.type_name.as_str())))
+        .filter_map(|c| {
+            let e = t.reverse.expr(&c.column)?;
+            Some((c.column.clone(), t.qualified(&c.column), format!("(({e})::{})::text", c.type_name)))
+        })
         .collect();
-    if carried.is_empty() {
+    if pairs.is_empty() {
         return None;
+    }
+    for j in &t.reverse.joins {
+        let a = ident(&j.alias);
+        let present = &j.present;
+        pairs.push((
+            format!("{} (present)", j.alias),
+            format!("NOT ({a} IS NULL)"),
+            format!("(({present}) IS TRUE)::text"),
+        ));
+        for c in &j.columns {
+            let Some(e) = j.expr(&c.column) else { continue };
+            pairs.push((
+                format!("{}.{}", j.alias, c.column),
+                format!("{a}.{}", ident(&c.column)),
+                format!("CASE WHEN ({present}) THEN (({e})::{})::text END", c.type_name),
+            ));
+        }
     }
     let keys: Vec<String> =
         t.key.iter().enumerate().map(|(i, k)| format!("{} AS bg_k{i}", t.qualified(&k.source))).collect();
-    let blues: Vec<String> =
-        carried.iter().enumerate().map(|(i, (c, _, _))| format!("{} AS bg_b{i}", t.qualified(c))).collect();
+    let blues: Vec<String> = pairs.iter().enumerate().map(|(i, (_, b, _))| format!("{b} AS bg_b{i}")).collect();
     let filter = t.filter.as_ref().map(|f| format!(" WHERE ({f})")).unwrap_or_default();
     let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
-    let values: Vec<String> = carried
+    let values: Vec<String> = pairs
         .iter()
         .enumerate()
-        .map(|(i, (c, e, ty))| format!("({}, g.bg_b{i}::text, (({e})::{ty})::text)", crate::pg::literal(c)))
+        .map(|(i, (label, _, back))| format!("({}, g.bg_b{i}::text, {back})", crate::pg::literal(label)))
         .collect();
     let key_out: Vec<String> = (0..t.key.len()).map(|i| format!("g.bg_k{i}::text")).collect();
     Some(format!(

@@ -12,7 +12,8 @@ use super::{changes, touched};
 use crate::{
     error::{pg_message, Error, Result},
     pg::ident,
-    plan::{key_condition, key_rows_via, ResolvedTable},
+    pg::QualifiedName,
+    plan::{key_condition, key_rows_via, reverse_expr, ResolvedTable, ReverseColumn, ReverseJoin},
     state::State,
 };
 
@@ -178,36 +179,47 @@ fn key_parts(t: &ResolvedTable) -> (Vec<String>, Vec<String>, Vec<String>, Vec<S
     (src, src_types, tgt_types, staged)
 }
 
-/// The carried source columns and their values from a staged green row `g`.
-fn carried(t: &ResolvedTable) -> (Vec<String>, Vec<String>) {
-    t.reverse
-        .columns
+/// The carried columns of one blue table and their values from a staged green row `g`.
+fn carried_of(columns: &[ReverseColumn]) -> (Vec<String>, Vec<String>) {
+    columns
         .iter()
-        .filter_map(|c| Some((ident(&c.column), format!("({})::{}", t.reverse.expr(&c.column)?, c.type_name))))
+        .filter_map(|c| Some((ident(&c.column), format!("({})::{}", reverse_expr(columns, &c.column)?, c.type_name))))
         .unzip()
 }
 
-/// Deletes from blue the keys green no longer has, then upserts the staged rows through the
-/// reverse mapping where they differ from blue's (by text: `json` and `point` compare too).
-async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) -> Result<()> {
-    let stage = stage_name(t);
-    let (src, src_types, tgt_types, staged) = key_parts(t);
-    let names: Vec<String> = (0..src.len()).map(|i| format!("bg_k{i}")).collect();
-    let source = t.source.quoted();
-    let matches: Vec<String> = src.iter().zip(&names).map(|(s, n)| format!("s.{s} = k.{n}")).collect();
-    tx.execute(
-        &format!(
-            "DELETE FROM {source} s USING (SELECT {n} FROM {rows} EXCEPT SELECT {staged} FROM {stage} g) k WHERE {m}",
-            n = names.join(", "),
-            rows = key_rows_via("x", &names, &tgt_types, &src_types, keys),
-            staged = staged.join(", "),
-            m = matches.join(" AND "),
-        ),
-        &[],
-    )
-    .await
-    .map_err(|e| fail(t, "deleting keys gone from green", e))?;
-    let (cols, values) = carried(t);
+/// The carried source columns and their values from a staged green row `g`.
+fn carried(t: &ResolvedTable) -> (Vec<String>, Vec<String>) {
+    carried_of(&t.reverse.columns)
+}
+
+/// `j`'s carried columns, its key's values, and its key columns, from a staged green row `g`.
+fn joined(j: &ReverseJoin) -> (Vec<String>, Vec<String>, Vec<String>, Vec<String>) {
+    let (cols, values) = carried_of(&j.columns);
+    let key: Vec<String> = j.key.iter().map(|k| ident(k)).collect();
+    let key_values: Vec<String> =
+        key.iter().map(|k| values[cols.iter().position(|c| c == k).unwrap_or(0)].clone()).collect();
+    (cols, values, key, key_values)
+}
+
+/// Blue's rows of the driving keys `keys` as the forward plan joins them (its FROM clause): a
+/// WHERE clause over it.
+fn driving_rows(t: &ResolvedTable, keys: &[Vec<String>]) -> String {
+    let (_, src_types, tgt_types, _) = key_parts(t);
+    let names: Vec<String> = (0..t.key.len()).map(|i| format!("bg_k{i}")).collect();
+    let qualified: Vec<String> = t.key.iter().map(|k| t.qualified(&k.source)).collect();
+    format!("({}) IN (SELECT * FROM {})", qualified.join(", "), key_rows_via("x", &names, &tgt_types, &src_types, keys))
+}
+
+/// Inserts the staged rows (those matching `only`) into `table` through `values`, updating the
+/// row on `key` where its text differs; an identity column GENERATED ALWAYS is never updated.
+async fn upsert(
+    tx: &Transaction<'_>,
+    t: &ResolvedTable,
+    table: &QualifiedName,
+    (cols, values): (&[String], &[String]),
+    key: &[String],
+    only: &str,
+) -> Result<()> {
     // Key columns are set too (a key changed on green to a value that compares equal, citext
     // `alice` -> `ALICE`, must reach blue's text), except an identity column GENERATED ALWAYS,
     // which no update may set (`problems` refuses such a column outside the key).
@@ -215,7 +227,7 @@ async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) ->
         .query(
             "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
                AND attidentity = 'a' AND NOT attisdropped",
-            &[&source],
+            &[&table.quoted()],
         )
         .await
         .map_err(|e| fail(t, "reading identity columns", e))?
@@ -237,16 +249,74 @@ async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) ->
     };
     tx.execute(
         &format!(
-            "INSERT INTO {source} AS s ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM {stage} g \
+            "INSERT INTO {table} AS s ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM {stage} g WHERE {only} \
              ON CONFLICT ({keys}) {action}",
+            table = table.quoted(),
             cols = cols.join(", "),
             values = values.join(", "),
-            keys = src.join(", "),
+            stage = stage_name(t),
+            keys = key.join(", "),
         ),
         &[],
     )
     .await
-    .map_err(|e| fail(t, "writing rows back", e))?;
+    .map_err(|e| fail(t, &format!("writing rows back to {table}"), e))?;
+    Ok(())
+}
+
+/// Deletes from blue the keys green no longer has, then upserts the staged rows through the
+/// reverse mapping where they differ from blue's (by text: `json` and `point` compare too). A
+/// joined table written back loses the rows the driving rows join on blue that green's rows no
+/// longer give (before the driving rows go: they are what finds them), and gains or updates
+/// the rows green's give (after the driving rows are written).
+async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) -> Result<()> {
+    let stage = stage_name(t);
+    for j in &t.reverse.joins {
+        let (_, _, key, key_values) = joined(j);
+        let a = ident(&j.alias);
+        let current: Vec<String> = key.iter().map(|k| format!("{a}.{k}")).collect();
+        let names: Vec<String> = (0..key.len()).map(|i| format!("bg_j{i}")).collect();
+        let matches: Vec<String> = key.iter().zip(&names).map(|(k, n)| format!("s.{k} = x.{n}")).collect();
+        tx.execute(
+            &format!(
+                "DELETE FROM {table} s USING (SELECT {current} FROM {from} WHERE {rows} AND NOT ({a} IS NULL) \
+                   EXCEPT SELECT {key_values} FROM {stage} g WHERE ({present})) x ({names}) WHERE {m}",
+                table = j.table.quoted(),
+                current = current.join(", "),
+                from = t.from_clause(None),
+                rows = driving_rows(t, keys),
+                key_values = key_values.join(", "),
+                present = j.present,
+                names = names.join(", "),
+                m = matches.join(" AND "),
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| fail(t, &format!("deleting rows of {} green no longer has", j.table), e))?;
+    }
+    let (src, src_types, tgt_types, staged) = key_parts(t);
+    let names: Vec<String> = (0..src.len()).map(|i| format!("bg_k{i}")).collect();
+    let source = t.source.quoted();
+    let matches: Vec<String> = src.iter().zip(&names).map(|(s, n)| format!("s.{s} = k.{n}")).collect();
+    tx.execute(
+        &format!(
+            "DELETE FROM {source} s USING (SELECT {n} FROM {rows} EXCEPT SELECT {staged} FROM {stage} g) k WHERE {m}",
+            n = names.join(", "),
+            rows = key_rows_via("x", &names, &tgt_types, &src_types, keys),
+            staged = staged.join(", "),
+            m = matches.join(" AND "),
+        ),
+        &[],
+    )
+    .await
+    .map_err(|e| fail(t, "deleting keys gone from green", e))?;
+    let (cols, values) = carried(t);
+    upsert(tx, t, &t.source, (&cols, &values), &src, "true").await?;
+    for j in &t.reverse.joins {
+        let (cols, values, key, _) = joined(j);
+        upsert(tx, t, &j.table, (&cols, &values), &key, &format!("({})", j.present)).await?;
+    }
     Ok(())
 }
 
@@ -287,7 +357,49 @@ pub async fn differing(
         rows = key_rows_via("x", &names, &tgt_types, &src_types, keys),
         n = names.join(", "),
     );
-    let rows = tx.query(&sql, &[]).await.map_err(|e| fail(t, "checking rows written back", e))?;
+    let mut out: Vec<Vec<String>> = Vec::new();
+    let mut add = |rows: Vec<tokio_postgres::Row>| {
+        for r in rows {
+            let k: Vec<String> = r.get(0);
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+    };
+    add(tx.query(&sql, &[]).await.map_err(|e| fail(t, "checking rows written back", e))?);
+    // Each joined table written back: the row green's gives (where present) against the row the
+    // driving row joins on blue.
+    for j in &t.reverse.joins {
+        let (_, values, _, _) = joined(j);
+        let a = ident(&j.alias);
+        let blue_cols: Vec<String> = j
+            .columns
+            .iter()
+            .filter(|c| j.expr(&c.column).is_some())
+            .map(|c| format!("{a}.{}", ident(&c.column)))
+            .collect();
+        let driving: Vec<String> =
+            t.key.iter().zip(&names).map(|(k, n)| format!("{} AS {n}", t.qualified(&k.source))).collect();
+        let sql = format!(
+            "SELECT ARRAY[{out}] FROM (SELECT {staged_keys}, ROW({values})::text AS r FROM {stage} g WHERE ({present})) b \
+             FULL JOIN (SELECT {driving}, ROW({blue_cols})::text AS r FROM {from} WHERE {rows} AND NOT ({a} IS NULL)) a \
+             USING ({n}) WHERE a.r IS DISTINCT FROM b.r",
+            out = names.iter().map(|n| format!("{n}::text")).collect::<Vec<_>>().join(", "),
+            staged_keys = staged_keys.join(", "),
+            values = values.join(", "),
+            stage = stage_name(t),
+            present = j.present,
+            driving = driving.join(", "),
+            blue_cols = blue_cols.join(", "),
+            from = t.from_clause(None),
+            rows = driving_rows(t, keys),
+            n = names.join(", "),
+        );
+        add(tx
+            .query(&sql, &[])
+            .await
+            .map_err(|e| fail(t, &format!("checking rows of {} written back", j.table), e))?);
+    }
     let _ = tx.rollback().await;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(out)
 }

@@ -173,6 +173,22 @@ pub async fn problems(resolved: &ResolvedPlan, blue: &impl GenericClient) -> Res
             out.push(format!("{}: {why}", t.target));
             continue;
         }
+        let writers = |table: &crate::pg::QualifiedName| {
+            resolved
+                .tables
+                .iter()
+                .filter(|o| o.reverse.impossible.is_none())
+                .filter(|o| o.written_back().iter().any(|(b, _, _)| *b == table))
+                .count()
+        };
+        if let Some((table, _, _)) = t.written_back().into_iter().find(|(b, _, _)| writers(b) > 1) {
+            out.push(format!(
+                "{}: blue's {table} would be written back by several entries (a split); telling which one owns a row \
+                 is not built",
+                t.target
+            ));
+            continue;
+        }
         if resolved.tables.iter().filter(|o| o.target == t.target).count() > 1 {
             out.push(format!(
                 "{}: written by several entries; telling their rows apart on the way back is not built",
@@ -197,25 +213,26 @@ pub async fn problems(resolved: &ResolvedPlan, blue: &impl GenericClient) -> Res
             .await
             .map_err(Error::db(format!("blue: reading the unique indexes of {}", t.source)))?
             .get(0);
-        let always: Vec<String> = blue
-            .query(
-                "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
-                   AND attidentity = 'a' AND NOT attisdropped AND attname <> ALL($2::text[])",
-                &[&t.source.quoted(), &keys],
-            )
-            .await
-            .map_err(Error::db(format!("blue: reading the identity columns of {}", t.source)))?
-            .iter()
-            .map(|r| r.get(0))
-            .filter(|c: &String| t.reverse.expr(c).is_some())
-            .collect();
-        if !always.is_empty() {
-            out.push(format!(
-                "{}: blue's {} column(s) {} are GENERATED ALWAYS AS IDENTITY and not its key: an update cannot set them",
-                t.target,
-                t.source,
-                always.join(", ")
-            ));
+        for (table, carried, key) in t.written_back() {
+            let always: Vec<String> = blue
+                .query(
+                    "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = $1::text::regclass \
+                       AND attidentity = 'a' AND NOT attisdropped AND attname <> ALL($2::text[])",
+                    &[&table.quoted(), &key],
+                )
+                .await
+                .map_err(Error::db(format!("blue: reading the identity columns of {table}")))?
+                .iter()
+                .map(|r| r.get(0))
+                .filter(|c: &String| carried.contains(&c.as_str()))
+                .collect();
+            if !always.is_empty() {
+                out.push(format!(
+                    "{}: blue's {table} column(s) {} are GENERATED ALWAYS AS IDENTITY and not its key: an update cannot set them",
+                    t.target,
+                    always.join(", ")
+                ));
+            }
         }
         if !unique {
             out.push(format!(
@@ -512,51 +529,56 @@ pub async fn carry_sequences(
 ) -> Result<Vec<crate::state::SequenceSet>> {
     let mut out = Vec::new();
     for t in &resolved.tables {
-        for c in t.reverse.columns.iter().filter(|c| t.reverse.expr(&c.column).is_some()) {
-            let owned: Option<String> = blue
-                .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&t.source.quoted(), &c.column])
-                .await
-                .map_err(Error::db(format!("blue: the sequence of {}.{}", t.source, c.column)))?
-                .get(0);
-            let Some(seq) = owned else { continue };
-            let row = blue
-                .query_one(
-                    &format!(
-                        "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq}), \
-                                (SELECT max({col})::int8 FROM {src})",
-                        col = ident(&c.column),
-                        src = t.source.quoted()
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(Error::db(format!("blue: reading sequence {seq}")))?;
-            let (blue_value, largest): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
-            let mut green_value = None;
-            for s in t.sequences.iter().filter(|s| s.blue_sequence.is_some()) {
-                green_value = green
+        for (table, carried, _) in t.written_back() {
+            for column in carried {
+                let owned: Option<String> = blue
+                    .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&table.quoted(), &column])
+                    .await
+                    .map_err(Error::db(format!("blue: the sequence of {table}.{column}")))?
+                    .get(0);
+                let Some(seq) = owned else { continue };
+                let row = blue
                     .query_one(
                         &format!(
-                            "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
-                            s.green_sequence
+                            "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq}), \
+                                (SELECT max({col})::int8 FROM {src})",
+                            col = ident(column),
+                            src = table.quoted()
                         ),
                         &[],
                     )
                     .await
-                    .map_err(Error::db(format!("green: reading sequence {}", s.green_sequence)))?
-                    .get::<_, Option<i64>>(0)
-                    .max(green_value);
+                    .map_err(Error::db(format!("blue: reading sequence {seq}")))?;
+                let (blue_value, largest): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+                let mut green_value = None;
+                // Green's sequences carried from the source's (a joined table's are not carried).
+                for s in t.sequences.iter().filter(|s| s.blue_sequence.is_some() && *table == t.source) {
+                    green_value = green
+                        .query_one(
+                            &format!(
+                                "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
+                                s.green_sequence
+                            ),
+                            &[],
+                        )
+                        .await
+                        .map_err(Error::db(format!("green: reading sequence {}", s.green_sequence)))?
+                        .get::<_, Option<i64>>(0)
+                        .max(green_value);
+                }
+                let Some(wanted) = [largest, green_value].into_iter().flatten().max().map(|v| v + gap) else {
+                    continue;
+                };
+                if blue_value.is_some_and(|b| b >= wanted) {
+                    continue;
+                }
+                let set: i64 = blue
+                    .query_one("SELECT setval($1::text::regclass, $2)", &[&seq, &wanted])
+                    .await
+                    .map_err(Error::db(format!("blue: setting sequence {seq}")))?
+                    .get(0);
+                out.push(crate::state::SequenceSet { sequence: seq, blue: blue_value, set });
             }
-            let Some(wanted) = [largest, green_value].into_iter().flatten().max().map(|v| v + gap) else { continue };
-            if blue_value.is_some_and(|b| b >= wanted) {
-                continue;
-            }
-            let set: i64 = blue
-                .query_one("SELECT setval($1::text::regclass, $2)", &[&seq, &wanted])
-                .await
-                .map_err(Error::db(format!("blue: setting sequence {seq}")))?
-                .get(0);
-            out.push(crate::state::SequenceSet { sequence: seq, blue: blue_value, set });
         }
     }
     Ok(out)

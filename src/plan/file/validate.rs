@@ -407,6 +407,25 @@ impl Validator<'_> {
         ok
     }
 
+    /// A `reverse` table: column → (expression over the green row, line).
+    fn reverse(
+        &mut self,
+        field: &str,
+        raw: &IndexMap<String, Spanned<String>>,
+        constants: &IndexMap<String, String>,
+    ) -> IndexMap<String, (String, Line)> {
+        let mut out = IndexMap::new();
+        for (col, expr) in raw {
+            let line = self.line(expr.span());
+            let path = format!("{field}.{col}");
+            if expr.get_ref().trim().is_empty() {
+                self.problem(line, &path, "empty expression");
+            }
+            out.insert(col.clone(), (self.with_constants(line, &path, expr.get_ref(), constants), line));
+        }
+        out
+    }
+
     fn join(&mut self, field: &str, j: &RawJoin, constants: &IndexMap<String, String>) -> Option<JoinEntry> {
         let line = self.line(j.alias.span());
         let alias_ok = self.alias_name(line, &format!("{field}.alias"), j.alias.get_ref());
@@ -434,6 +453,28 @@ impl Validator<'_> {
         };
         let pick = text(&j.pick, "pick", self);
         let also = text(&j.also, "also", self);
+        let write_back = j.write_back.as_ref().is_some_and(|w| *w.get_ref());
+        let present = j.present.as_ref().map(|x| {
+            let l = self.line(x.span());
+            (self.with_constants(l, &format!("{field}.present"), x.get_ref(), constants), l)
+        });
+        let reverse = self.reverse(&format!("{field}.reverse"), &j.reverse, constants);
+        if !write_back {
+            let stray = present
+                .as_ref()
+                .map(|(_, l)| (*l, "present"))
+                .or(reverse.values().next().map(|(_, l)| (*l, "reverse")));
+            if let Some((l, what)) = stray {
+                self.problem(
+                    l,
+                    format!("{field}.{what}"),
+                    format!(
+                        "`{what}` is for a join the way back writes: set write_back = true on join {}",
+                        j.alias.get_ref()
+                    ),
+                );
+            }
+        }
         Some(JoinEntry {
             alias: alias_ok.then(|| j.alias.get_ref().clone())?,
             table: table?,
@@ -442,6 +483,9 @@ impl Validator<'_> {
             inner,
             pick,
             also,
+            write_back,
+            present,
+            reverse,
         })
     }
 
@@ -501,16 +545,7 @@ impl Validator<'_> {
                 joins.push(j);
             }
         }
-        let mut reverse = IndexMap::new();
-        for (col, expr) in t.reverse {
-            let line = self.line(expr.span());
-            let path = format!("{field}.reverse.{col}");
-            if expr.get_ref().trim().is_empty() {
-                self.problem(line, &path, "empty expression");
-            }
-            let e = self.with_constants(line, &path, expr.get_ref(), constants);
-            reverse.insert(col, (e, line));
-        }
+        let reverse = self.reverse(&format!("{field}.reverse"), &t.reverse, constants);
         Some(TableEntry {
             index,
             alias,
