@@ -366,6 +366,22 @@ impl ResolvedTable {
         from
     }
 
+    /// The driving table and its joins up to the one named `alias` (the ones after it cannot
+    /// narrow which of its rows a driving row joins).
+    pub fn from_through(&self, alias: &str) -> String {
+        let mut from = match &self.alias {
+            Some(a) => format!("{} AS {}", self.source.quoted(), ident(a)),
+            None => self.source.quoted(),
+        };
+        for j in &self.joins {
+            from.push_str(&j.render());
+            if j.alias == alias {
+                break;
+            }
+        }
+        from
+    }
+
     /// How SQL over [`Self::from_clause`] names the driving table (quoted).
     pub fn qualifier(&self) -> String {
         ident(self.alias.as_deref().unwrap_or(&self.source.name))

@@ -283,7 +283,7 @@ async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) ->
                    EXCEPT SELECT {key_values} FROM {stage} g WHERE ({present})) x ({names}) WHERE {m}",
                 table = j.table.quoted(),
                 current = current.join(", "),
-                from = t.from_clause(None),
+                from = t.from_through(&j.alias),
                 rows = driving_rows(t, keys),
                 key_values = key_values.join(", "),
                 present = j.present,
@@ -391,7 +391,7 @@ pub async fn differing(
             present = j.present,
             driving = driving.join(", "),
             blue_cols = blue_cols.join(", "),
-            from = t.from_clause(None),
+            from = t.from_through(&j.alias),
             rows = driving_rows(t, keys),
             n = names.join(", "),
         );
