@@ -108,6 +108,12 @@ enum Cmd {
         /// chunks, capture lag, pending keys, apply rate, last verify, cutover timings, control.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Join the `migrate copy` of this plan running elsewhere as a worker: claim and copy
+        /// chunks beside it (`[copy] workers` of them at a time) until none is left, then exit.
+        /// Run it on other machines to spread a big copy; a joined worker that dies loses only
+        /// its chunks in hand, which the others redo.
+        #[arg(long, conflicts_with_all = ["no_follow", "recopy", "metrics"])]
+        join: bool,
     },
     /// Checksum every table on both sides, bucket by bucket, and name each differing key and
     /// column. Safe beside a following `copy`. Exit 0 equal, 1 differences.
@@ -310,7 +316,10 @@ fn main() -> ExitCode {
         Cmd::Plan { plan, format, offline, rows } => {
             (plan.plan, Command::Plan { format: format.format.into(), offline, rows })
         }
-        Cmd::Copy { plan, no_follow, recopy, metrics } => (plan.plan, Command::Copy { no_follow, recopy, metrics }),
+        Cmd::Copy { plan, join: true, .. } => (plan.plan, Command::Join),
+        Cmd::Copy { plan, no_follow, recopy, metrics, join: false } => {
+            (plan.plan, Command::Copy { no_follow, recopy, metrics })
+        }
         Cmd::Verify { plan, format, table, reverse, changed } => {
             (plan.plan, Command::Verify { format: format.format.into(), table, reverse, changed })
         }

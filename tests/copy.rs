@@ -281,3 +281,114 @@ fn short_snapshots_bound_blues_horizon_and_rows_moving_during_the_copy_end_right
 fn short_snapshots_bound_blues_horizon_and_rows_moving_during_the_copy_end_right_trigger() {
     short_snapshots("trigger");
 }
+
+const SPREAD_BLUE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
+    INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 200000) g;";
+const SPREAD_GREEN: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);";
+
+/// One copy spread over three processes: the leader and two joined workers (`copy --join`) claim
+/// chunks from green while blue takes inserts, updates that move rows (TOASTed payloads), deletes
+/// and key changes. One joined worker is killed holding a chunk it has written but not
+/// committed; its claim comes free, another process copies that chunk, and every chunk is done
+/// once. Green then equals blue (an independent fingerprint), with its primary key rebuilt over
+/// the rows (so no row is there twice), and `status` listed the workers and their chunks.
+#[test]
+fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
+    let c = crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN);
+    // Slow enough per process that all three take part.
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (cluster, name, stop) = (c.blue.cluster, c.blue.name.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                cluster.psql(
+                    &name,
+                    &format!(
+                        "INSERT INTO items VALUES ({new}, 1, 'new');
+                         UPDATE items SET payload = repeat(md5(id::text), 200) WHERE id % 1000 = {m};
+                         UPDATE items SET grp = grp + 1 WHERE id BETWEEN {a} AND {a} + 50;
+                         DELETE FROM items WHERE id = {d};
+                         UPDATE items SET id = id + 10000000 WHERE id = {k};",
+                        new = 1_000_000 + n,
+                        m = n % 1000,
+                        a = (n * 397) % 200_000,
+                        d = (n * 131) % 200_000,
+                        k = (n * 173) % 200_000 + 1
+                    ),
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut leader = c.spawn(&["copy", p], &[]);
+    let mut joined = c.spawn(&["copy", p, "--join"], &[]);
+    let mut doomed = c.spawn(&["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
+    let state = c.sql("bluegreen_custom");
+    // The doomed worker holds a chunk it has written and marked done, uncommitted.
+    let started = Instant::now();
+    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
+        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (doomed_id, held) = loop {
+        let row = c.green.psql(&format!(
+            "SELECT id || ' ' || chunks[1] FROM {state}.workers WHERE pid = {} AND cardinality(chunks) > 0",
+            doomed.id()
+        ));
+        if let Some((id, chunk)) = row.trim().split_once(' ') {
+            break (id.to_string(), chunk.to_string());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = doomed.kill();
+            let mut err = String::new();
+            std::io::Read::read_to_string(doomed.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the doomed worker never held a chunk: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let r = run(&mut c.migrate(&["status", p]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("worker {doomed_id} (joined)")) && r.stdout.contains(&format!("copying {held}")),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("(leader)"), "{r:?}");
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+
+    c.wait_phase("following");
+    let status = joined.wait().unwrap();
+    assert!(status.success(), "the joined worker failed");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+
+    let chunks = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.chunks"));
+    assert_eq!(chunks("count(*) FILTER (WHERE NOT done)"), "0");
+    let (tbl, number) = held.rsplit_once(':').unwrap();
+    let redone = c.green.psql(&format!("SELECT worker FROM {state}.chunks WHERE tbl = '{tbl}' AND chunk = {number}"));
+    assert!(!redone.is_empty() && redone != doomed_id, "chunk {held} was not redone by another worker: {redone}");
+    assert_eq!(chunks(&format!("count(*) FILTER (WHERE worker = '{doomed_id}')")), "0");
+    let workers: i64 = chunks("count(DISTINCT worker)").parse().unwrap();
+    assert!(workers >= 2, "only {workers} worker(s) copied chunks");
+    // Green converges to blue; its primary key was rebuilt over the copied rows.
+    let query = "SELECT id, grp, payload FROM items";
+    let started = Instant::now();
+    while crate::support::fingerprint(&c.blue, query) != crate::support::fingerprint(&c.green, query) {
+        assert!(started.elapsed() < Duration::from_secs(90), "green did not converge to blue");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        c.green
+            .psql("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisprimary AND indisvalid"),
+        "1"
+    );
+    crate::capture::sigint_and_wait(&mut leader);
+}

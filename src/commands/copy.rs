@@ -24,3 +24,23 @@ pub async fn run(
     crate::copy::run(plan, &resolved, &removed, recopy, green, shutdown, no_follow).await?;
     Ok(Outcome::Ok)
 }
+
+/// Runs `copy --join`: no plan lock (the leader holds it), no capture, no following.
+pub async fn join(plan: &Plan, shutdown: Shutdown) -> Result<Outcome> {
+    let (blue, green) = connect_both(plan).await?;
+    // The leader drops and rebuilds green's indexes meanwhile; catalog functions read those
+    // rows without a snapshot and can fail for a moment ("cache lookup failed"): try again.
+    let mut attempt = 0;
+    let resolved = loop {
+        match resolve_sound(plan, &blue, &green, &[]).await {
+            Ok((resolved, _)) => break resolved,
+            Err(crate::error::Error::Db { .. }) if attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    crate::copy::join(plan, &resolved, green, shutdown).await?;
+    Ok(Outcome::Ok)
+}

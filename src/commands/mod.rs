@@ -48,6 +48,8 @@ pub enum Command {
         /// Transformed rows of each table to show (`--rows`).
         rows: usize,
     },
+    /// `migrate copy --join`: claim and copy chunks beside a running `migrate copy`.
+    Join,
     /// Copy, then follow.
     Copy {
         /// Exit once the copy is done and green has caught up.
@@ -115,6 +117,8 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
     let plan = Plan::load(path)?;
     match command {
         Command::Plan { format, offline, rows } => plan::run(&plan, format, offline, rows).await,
+        // A joined worker's failure is its own: the leader's state says nothing of it.
+        Command::Join => copy::join(&plan, shutdown).await,
         Command::Copy { no_follow, recopy, metrics } => {
             let copied = copy::run(&plan, no_follow, &recopy, metrics.as_deref(), shutdown).await;
             if let Err(e) = &copied {

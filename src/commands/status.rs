@@ -119,7 +119,12 @@ pub async fn report(plan: &Plan, green: &tokio_postgres::Client, blue: serde_jso
         Some(_) => way_back_json(&state, green).await,
         None => serde_json::Value::Null,
     };
+    let workers = match phase {
+        Some(_) => serde_json::to_value(state.workers(green).await?).unwrap_or_default(),
+        None => serde_json::json!([]),
+    };
     Ok(serde_json::json!({
+        "workers": workers,
         "way_back": way_back,
         "control": control,
         "plan": plan.name,
@@ -230,6 +235,19 @@ pub fn render_text(value: &serde_json::Value) -> String {
             t["rows_estimated"],
             t["chunks_done"],
             t["chunks"]
+        ));
+    }
+    for w in value["workers"].as_array().cloned().unwrap_or_default() {
+        let chunks: Vec<&str> =
+            w["chunks"].as_array().map(|c| c.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        o.push_str(&format!(
+            "  worker {} ({}) on {}: {} chunk(s) copied, {}, seen {:.0}s ago\n",
+            w["id"].as_str().unwrap_or(""),
+            w["role"].as_str().unwrap_or(""),
+            w["host"].as_str().unwrap_or(""),
+            w["copied"],
+            if chunks.is_empty() { "idle".to_string() } else { format!("copying {}", chunks.join(", ")) },
+            w["seen_ago"].as_f64().unwrap_or(0.0)
         ));
     }
     let c = &value["capture"];

@@ -15,7 +15,6 @@ pub use crate::shutdown::Shutdown;
 pub use chunk::{condition, Chunk};
 
 use std::{
-    collections::VecDeque,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -39,22 +38,25 @@ use worker::worker;
 /// Advisory lock key namespace for "a copy of this plan is running".
 const LOCK_NAMESPACE: &str = "bluegreen.copy:";
 
-/// What remains to do for one table.
-enum Job {
-    /// Copy one chunk.
-    Chunk { table: usize, chunk: Chunk },
-    /// All chunks are done but indexes are not rebuilt yet (a run died in between).
-    Rebuild { table: usize },
-}
-
-/// Shared between the workers.
+/// Shared between the workers of this process.
 struct Shared {
     plan: Plan,
     tables: Vec<ResolvedTable>,
     state: State,
-    jobs: Mutex<VecDeque<Job>>,
-    /// Unfinished chunks per table; the worker that finishes the last one rebuilds indexes.
-    remaining: Mutex<Vec<usize>>,
+    /// This process among the copy workers (`state::worker_id`): recorded on every chunk it
+    /// copies.
+    worker_id: String,
+    /// A joined worker (`copy --join`): it claims and copies chunks only; the leader plans them,
+    /// rebuilds indexes and follows.
+    joined: bool,
+    /// The entries whose chunks this process claims (their ids).
+    claimable: Vec<String>,
+    /// Per table (leader): copied and indexed, or being indexed by one of this process's workers.
+    finished: Mutex<Vec<bool>>,
+    rebuilding: Mutex<Vec<bool>>,
+    /// Chunks in hand (`entry:chunk`) and chunks copied, for the heartbeat.
+    busy: Mutex<std::collections::BTreeSet<String>>,
+    copied: std::sync::atomic::AtomicI32,
     deferred: Vec<Vec<DeferredObject>>,
     /// Per table: some chunks were copied under an earlier run's snapshot.
     resumed: Vec<bool>,
@@ -79,7 +81,6 @@ struct Prepared {
     state: TableState,
     /// Blue's file node when the chunks were planned: block ranges are positions in it.
     filenode: i64,
-    pending: Vec<Chunk>,
     deferred: Vec<DeferredObject>,
     rows_copied: u64,
     resumed: bool,
@@ -171,7 +172,6 @@ async fn copy_run(
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
     let rotator = tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone()));
-    let jobs = schedule(resolved, &prepared);
     let progress = Progress::new(
         resolved
             .tables
@@ -195,8 +195,19 @@ async fn copy_run(
         plan: plan.clone(),
         tables: resolved.tables.clone(),
         state: state.clone(),
-        jobs: Mutex::new(jobs),
-        remaining: Mutex::new(prepared.iter().map(|p| p.pending.len()).collect()),
+        worker_id: crate::state::worker_id(),
+        joined: false,
+        claimable: resolved
+            .tables
+            .iter()
+            .zip(&prepared)
+            .filter(|(_, p)| p.state != TableState::Done)
+            .map(|(t, _)| t.id.as_str().to_string())
+            .collect(),
+        finished: Mutex::new(prepared.iter().map(|p| p.state == TableState::Done).collect()),
+        rebuilding: Mutex::new(vec![false; prepared.len()]),
+        busy: Mutex::default(),
+        copied: Default::default(),
         resumed: prepared.iter().map(|p| p.resumed).collect(),
         filenodes: prepared.iter().map(|p| p.filenode).collect(),
         generations: Mutex::new(vec![(None, false); prepared.len()]),
@@ -208,7 +219,10 @@ async fn copy_run(
         live: Arc::clone(live),
         shutdown: run_stop.clone(),
     });
+    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), "leader"));
     let first_error = run_workers(&shared, plan.copy.workers.max(1), &run_stop).await;
+    heartbeat.abort();
+    let _ = state.worker_gone(green, &shared.worker_id).await;
     relay.abort();
     if let Some(l) = logger {
         l.abort();
@@ -325,7 +339,116 @@ async fn begin_copy(state: &State, green: &Client, resolved: &ResolvedPlan) -> R
     Ok(true)
 }
 
-/// Runs `n` workers over the shared jobs; the first error stops the others at their next chunk
+/// Every second, records this process in green's `workers` (its chunks in hand, chunks copied)
+/// for `status`, on a connection of its own.
+async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
+    let Ok(green) = shared.plan.green.connect().await else { return };
+    loop {
+        let chunks: Vec<String> = shared.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
+        let copied = shared.copied.load(std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = shared.state.worker_seen(&green, &shared.worker_id, role, &chunks, copied).await {
+            tracing::debug!(error = %e, "green: worker heartbeat");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// `migrate copy --join`: a worker on another machine. Waits for the leader (`migrate copy`) to
+/// plan the chunks, then claims and copies chunks beside it (each under snapshots of its own,
+/// taken after the leader's capture began) until none is left; the leader rebuilds indexes and
+/// follows. A joined worker that dies loses only its uncommitted chunks, which others redo.
+pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown: Shutdown) -> Result<()> {
+    if plan.copy.snapshot_max_age.is_zero() {
+        return Err(Error::Usage(
+            "a joined worker reads under snapshots of its own, and `[copy] snapshot_max_age = \"0s\"` asks for one \
+             snapshot per run: set an age (default 60s) to spread the copy over machines"
+                .into(),
+        ));
+    }
+    let state = State::new(&plan.name);
+    let mut waited = Instant::now();
+    loop {
+        // The leader creates the state (two processes creating one schema at once collide).
+        let phase = if state.exists(&green).await? { state.phase(&green).await? } else { None };
+        match phase {
+            Some(Phase::Copying) => break,
+            None | Some(Phase::Planned) => {}
+            Some(p) => {
+                info!(phase = p.name(), "the copy is not running; nothing to join");
+                return Ok(());
+            }
+        }
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+        if waited.elapsed() >= std::time::Duration::from_secs(10) {
+            info!("waiting for `migrate copy` (the leader) to plan the chunks");
+            waited = Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let epoch = state.epoch(&green).await?;
+    let blue = plan.blue.connect().await?;
+    let first = snapshots::export(&blue).await?;
+    let snapshots = Arc::new(snapshots::Snapshots::new(first));
+    let rotation_stop = Shutdown::manual();
+    let rotator = tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone()));
+    let live = Arc::new(crate::control::Live::default());
+    crate::control::refresh_once(plan, &live).await;
+    let _refresher = crate::shutdown::AbortOnDrop(crate::control::spawn(plan, Arc::clone(&live)));
+    let run_stop = Shutdown::manual();
+    let relay = {
+        let (outer, run_stop) = (shutdown.clone(), run_stop.clone());
+        tokio::spawn(async move {
+            outer.wait().await;
+            run_stop.trigger();
+        })
+    };
+    let n = resolved.tables.len();
+    let progress = Progress::new(resolved.tables.iter().map(|t| (t.target.to_string(), t.estimate.rows, 0)).collect());
+    let shared = Arc::new(Shared {
+        plan: plan.clone(),
+        tables: resolved.tables.clone(),
+        state: state.clone(),
+        worker_id: crate::state::worker_id(),
+        joined: true,
+        claimable: resolved.tables.iter().map(|t| t.id.as_str().to_string()).collect(),
+        finished: Mutex::new(vec![false; n]),
+        rebuilding: Mutex::new(vec![false; n]),
+        busy: Mutex::default(),
+        copied: Default::default(),
+        // Read under snapshots of its own: as if resumed (staged where keys are in place).
+        resumed: vec![true; n],
+        filenodes: Vec::new(),
+        generations: Mutex::new(vec![(None, true); n]),
+        deferred: vec![Vec::new(); n],
+        snapshots,
+        epoch,
+        progress: Arc::clone(&progress),
+        throttle: Throttle::new(plan.copy.max_rows_per_second, Arc::clone(&live)),
+        live,
+        shutdown: run_stop.clone(),
+    });
+    info!(worker = %shared.worker_id, "joined the copy; claiming chunks");
+    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), "joined"));
+    let first_error = run_workers(&shared, plan.copy.workers.max(1), &run_stop).await;
+    heartbeat.abort();
+    let _ = state.worker_gone(&green, &shared.worker_id).await;
+    relay.abort();
+    rotation_stop.trigger();
+    let _ = rotator.await;
+    progress.finish();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    info!(
+        chunks = shared.copied.load(std::sync::atomic::Ordering::Relaxed),
+        "joined worker done: no chunk left to copy"
+    );
+    Ok(())
+}
+
+/// Runs `n` workers claiming chunks; the first error stops the others at their next chunk
 /// (their committed chunks stay) and is returned.
 async fn run_workers(shared: &Arc<Shared>, n: usize, shutdown: &Shutdown) -> Option<Error> {
     let mut set = JoinSet::new();
@@ -408,7 +531,6 @@ async fn prepare_table(
     Ok(Prepared {
         state: TableState::Loading,
         filenode: planned.filenode,
-        pending: planned.chunks,
         deferred: defs,
         rows_copied: 0,
         resumed: false,
@@ -426,36 +548,9 @@ async fn load_chunks(
 ) -> Result<Prepared> {
     let chunks = state.chunks(green, id).await?;
     let rows_copied: i64 = chunks.iter().filter(|c| c.done).map(|c| c.rows).sum();
-    let pending: Vec<Chunk> = chunks
-        .iter()
-        .filter(|c| !c.done)
-        .map(|c| Chunk { number: c.number, first_block: c.first_block, end_block: c.end_block, part: c.part.clone() })
-        .collect();
-    let resumed = pending.len() < chunks.len();
-    Ok(Prepared { state: st, filenode, pending, deferred, rows_copied: rows_copied as u64, resumed })
-}
-
-/// Orders the work: tables whose rebuild was interrupted first; then chunks round-robin across
-/// tables, largest table first in each round, so small tables finish early and big ones keep every
-/// worker busy to the end.
-fn schedule(resolved: &ResolvedPlan, prepared: &[Prepared]) -> VecDeque<Job> {
-    let mut jobs = VecDeque::new();
-    for (i, p) in prepared.iter().enumerate() {
-        if p.pending.is_empty() && p.state != TableState::Done {
-            jobs.push_back(Job::Rebuild { table: i });
-        }
-    }
-    let mut order: Vec<usize> = (0..prepared.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(resolved.tables[i].estimate.bytes));
-    let rounds = prepared.iter().map(|p| p.pending.len()).max().unwrap_or(0);
-    for r in 0..rounds {
-        for &i in &order {
-            if let Some(c) = prepared[i].pending.get(r) {
-                jobs.push_back(Job::Chunk { table: i, chunk: c.clone() });
-            }
-        }
-    }
-    jobs
+    // Chunks of an earlier run read its snapshots.
+    let resumed = chunks.iter().any(|c| c.done);
+    Ok(Prepared { state: st, filenode, deferred, rows_copied: rows_copied as u64, resumed })
 }
 
 /// `migrate copy`: takes the plan lock, sets up capture on blue, copies every table while the

@@ -1,14 +1,16 @@
-//! One copy worker: its blue session imports the run's snapshot; it takes jobs until none are
-//! left, streaming each chunk blue → green and marking it done in the same green transaction,
-//! and rebuilds a table's indexes when it finishes that table's last chunk.
+//! One copy worker: it claims chunks from green's `chunks` table (a row lock in the transaction
+//! that writes the chunk, so several processes on several machines share the work and a dead
+//! one's chunk comes free), streams each blue → green under the newest snapshot and marks it
+//! done in the same green transaction. In the leader, the worker that sees a table's last chunk
+//! done rebuilds its indexes.
 
 use std::{sync::Arc, time::Instant};
 
 use futures_util::{SinkExt, TryStreamExt};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 use tracing::{info, Instrument};
 
-use super::{condition, indexes, Chunk, Job, Shared};
+use super::{condition, indexes, Chunk, Shared};
 use crate::{
     error::{pg_message, Error, Result},
     pg::ident,
@@ -17,7 +19,7 @@ use crate::{
 };
 
 pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
-    if shared.jobs.lock().map(|j| j.is_empty()).unwrap_or(true) {
+    if !shared.joined && shared.finished.lock().map(|f| f.iter().all(|d| *d)).unwrap_or(true) {
         return Ok(());
     }
     let blue = shared.plan.blue.connect().await?;
@@ -39,56 +41,140 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     if let Err(e) = green.batch_execute("SET session_replication_role = replica").await {
         tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
     }
+    let mut said = Instant::now();
     loop {
         if shared.shutdown.is_triggered() {
             return Ok(());
         }
-        let job = shared.jobs.lock().ok().and_then(|mut j| j.pop_front());
-        let Some(job) = job else { return Ok(()) };
-        match job {
-            Job::Rebuild { table } => rebuild(&shared, &blue, &green, table).await?,
-            Job::Chunk { table, chunk } => {
-                let expected = shared.tables[table].estimate.rows.min(shared.plan.copy.chunk_rows);
-                shared.live.wait_copy(&shared.shutdown).await;
-                shared.throttle.admit(expected, &shared.shutdown).await;
-                // Paused while waiting for the rate: not this chunk either.
-                shared.live.wait_copy(&shared.shutdown).await;
-                if shared.shutdown.is_triggered() {
-                    return Ok(());
-                }
-                let started = Instant::now();
-                // Each chunk in a transaction of its own, with the newest snapshot: no snapshot
-                // of ours outlives `[copy] snapshot_max_age` plus one chunk, and none is held
-                // while this worker waits (paused, throttled).
-                let generation = super::snapshots::begin(&shared.snapshots, &blue).await?;
-                let mixed = shared.generations.lock().map(|mut g| {
-                    let (first, mixed) = &mut g[table];
-                    let first = *first.get_or_insert(generation);
-                    *mixed |= first != generation;
-                    *mixed
-                });
-                let mixed = mixed.unwrap_or(true);
-                check_heap(&shared, &blue, table).await?;
-                let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
-                    first_block = chunk.first_block, end_block = chunk.end_block);
-                let (rows, bytes) =
-                    copy_chunk(&shared, &blue, &mut green, table, &chunk, mixed).instrument(span).await?;
-                blue.batch_execute("COMMIT").await.map_err(Error::db("blue: ending a chunk's snapshot"))?;
+        let expected = shared.plan.copy.chunk_rows;
+        shared.live.wait_copy(&shared.shutdown).await;
+        shared.throttle.admit(expected, &shared.shutdown).await;
+        // Paused while waiting for the rate: not this chunk either.
+        shared.live.wait_copy(&shared.shutdown).await;
+        if shared.shutdown.is_triggered() {
+            return Ok(());
+        }
+        match next_chunk(&shared, &blue, &mut green).await {
+            Ok(Some((table, rows))) => {
                 shared.throttle.settle(expected, rows);
-                crate::fault::point("copy.chunk-done").await;
-                tracing::debug!(worker = id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
-                    seconds = started.elapsed().as_secs_f64(), "chunk copied");
-                shared.progress.chunk_done(table, rows, bytes);
-                let last = shared.remaining.lock().map(|mut r| {
-                    r[table] -= 1;
-                    r[table] == 0
-                });
-                if last.unwrap_or(false) {
-                    rebuild(&shared, &blue, &green, table).await?;
+                if !shared.joined && shared.state.loaded(&green, &[shared.tables[table].id.as_str()]).await?.len() == 1
+                {
+                    take_rebuild(&shared, &blue, &green, table).await?;
+                }
+                continue;
+            }
+            Ok(None) => shared.throttle.settle(expected, 0),
+            // The leader plans the table again; this worker waits for its new chunks.
+            Err(Error::TableRewritten { table }) if shared.joined => {
+                shared.throttle.settle(expected, 0);
+                tracing::warn!(table = %table, "rewritten on blue; waiting for the leader to plan it again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        // Nothing to claim now: every chunk left is in another worker's hands (here or on
+        // another machine), and comes free if that worker dies.
+        if shared.joined {
+            if shared.state.chunks_left(&green).await? == 0 {
+                return Ok(());
+            }
+        } else {
+            let ids: Vec<&str> = shared.claimable.iter().map(String::as_str).collect();
+            let mut rebuilt = false;
+            for id in shared.state.loaded(&green, &ids).await? {
+                if let Some(table) = shared.tables.iter().position(|t| t.id.as_str() == id) {
+                    rebuilt |= take_rebuild(&shared, &blue, &green, table).await?;
                 }
             }
+            if rebuilt {
+                continue;
+            }
+            if shared.finished.lock().map(|f| f.iter().all(|d| *d)).unwrap_or(false) {
+                return Ok(());
+            }
         }
+        if said.elapsed() >= std::time::Duration::from_secs(30) {
+            info!(worker = id, "every chunk left is held by another worker; waiting for them");
+            said = Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// Rebuilds `table`'s indexes unless another worker of this process does or did. `true` when
+/// this worker did.
+async fn take_rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -> Result<bool> {
+    let mine = shared.rebuilding.lock().map(|mut r| !std::mem::replace(&mut r[table], true)).unwrap_or(false);
+    if !mine {
+        return Ok(false);
+    }
+    rebuild(shared, blue, green, table).await?;
+    if let Ok(mut f) = shared.finished.lock() {
+        f[table] = true;
+    }
+    Ok(true)
+}
+
+/// Claims the next chunk (see [`crate::state::State::claim_chunk`]) and copies it; `None` when
+/// no chunk can be claimed now. Returns the table and the rows copied.
+async fn next_chunk(shared: &Shared, blue: &Client, green: &mut Client) -> Result<Option<(usize, u64)>> {
+    let claimable: Vec<&str> = shared.claimable.iter().map(String::as_str).collect();
+    let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
+    let Some(claim) = shared.state.claim_chunk(&tx, &claimable).await? else {
+        return Ok(None);
+    };
+    let Some(table) = shared.tables.iter().position(|t| t.id == claim.table) else {
+        return Ok(None);
+    };
+    let chunk =
+        Chunk { number: claim.number, first_block: claim.first_block, end_block: claim.end_block, part: claim.part };
+    let name = format!("{}:{}", claim.table, chunk.number);
+    if let Ok(mut b) = shared.busy.lock() {
+        b.insert(name.clone());
+    }
+    let result = copy_claimed(shared, blue, tx, table, &chunk).await;
+    if let Ok(mut b) = shared.busy.lock() {
+        b.remove(&name);
+    }
+    if result.is_err() {
+        // Whatever failed, the chunk's snapshot ends (its claim ended with the green transaction).
+        let _ = blue.batch_execute("ROLLBACK").await;
+    }
+    Ok(Some((table, result?)))
+}
+
+/// Copies a claimed chunk in `tx` under the newest snapshot, in a blue transaction of its own.
+async fn copy_claimed(
+    shared: &Shared,
+    blue: &Client,
+    tx: tokio_postgres::Transaction<'_>,
+    table: usize,
+    chunk: &Chunk,
+) -> Result<u64> {
+    let started = Instant::now();
+    // Each chunk in a transaction of its own, with the newest snapshot: no snapshot of ours
+    // outlives `[copy] snapshot_max_age` plus one chunk, and none is held while this worker
+    // waits (paused, throttled).
+    let generation = super::snapshots::begin(&shared.snapshots, blue).await?;
+    let mixed = shared.generations.lock().map(|mut g| {
+        let (first, mixed) = &mut g[table];
+        let first = *first.get_or_insert(generation);
+        *mixed |= first != generation;
+        *mixed
+    });
+    let mixed = mixed.unwrap_or(true);
+    check_heap(shared, blue, &tx, table).await?;
+    let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
+        first_block = chunk.first_block, end_block = chunk.end_block);
+    let (rows, bytes) = copy_chunk(shared, blue, tx, table, chunk, mixed).instrument(span).await?;
+    blue.batch_execute("COMMIT").await.map_err(Error::db("blue: ending a chunk's snapshot"))?;
+    crate::fault::point("copy.chunk-done").await;
+    shared.copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(worker = %shared.worker_id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
+        seconds = started.elapsed().as_secs_f64(), "chunk copied");
+    shared.progress.chunk_done(table, rows, bytes);
+    Ok(rows)
 }
 
 /// How long a worker waits for its lock on a table it is about to read. A wait means an ACCESS
@@ -101,7 +187,7 @@ const TABLE_LOCK_WAIT: &str = "10s";
 /// no rewrite can move rows across block ranges while it reads) and checks that the heap is
 /// still the one the chunks were planned on. A rewrite in between would make the remaining
 /// chunks read some rows twice and others never, unseen by capture.
-async fn check_heap(shared: &Shared, blue: &Client, table: usize) -> Result<()> {
+async fn check_heap(shared: &Shared, blue: &Client, green: &impl GenericClient, table: usize) -> Result<()> {
     let t = &shared.tables[table];
     let rewritten = || Error::TableRewritten { table: t.source.to_string() };
     // Joined tables too: a rewriting ALTER is not MVCC-safe, the run's snapshot would see them
@@ -121,7 +207,12 @@ async fn check_heap(shared: &Shared, blue: &Client, table: usize) -> Result<()> 
         Err(e) => return Err(Error::db(format!("blue: locking {}", t.source))(e)),
     }
     let now = super::chunk::heap_signature(blue, t).await?;
-    if now != shared.filenodes[table] {
+    // A joined worker compares with what the leader recorded when it planned the chunks.
+    let planned = match shared.filenodes.get(table) {
+        Some(f) => Some(*f),
+        None => shared.state.source_filenode(green, &t.id).await?,
+    };
+    if planned != Some(now) {
         return Err(rewritten());
     }
     Ok(())
@@ -131,7 +222,7 @@ async fn check_heap(shared: &Shared, blue: &Client, table: usize) -> Result<()> 
 async fn copy_chunk(
     shared: &Shared,
     blue: &Client,
-    green: &mut Client,
+    tx: tokio_postgres::Transaction<'_>,
     table: usize,
     chunk: &Chunk,
     mixed: bool,
@@ -158,7 +249,6 @@ async fn copy_chunk(
         message: format!("{stage}: {}", pg_message(&e)),
     };
     let started = Instant::now();
-    let tx = green.transaction().await.map_err(|e| fail("green begin", e))?;
     if staging {
         tx.batch_execute(&format!(
             "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {}) ON COMMIT DELETE ROWS",
@@ -190,8 +280,17 @@ async fn copy_chunk(
     }
     shared
         .state
-        .chunk_done(&tx, &t.id, chunk.number, rows, bytes, started.elapsed().as_secs_f64(), shared.epoch)
+        .chunk_done(
+            &tx,
+            &t.id,
+            chunk.number,
+            rows,
+            bytes,
+            started.elapsed().as_secs_f64(),
+            (shared.epoch, &shared.worker_id),
+        )
         .await?;
+    crate::fault::point("copy.chunk-streamed").await;
     tx.commit().await.map_err(|e| fail("green commit", e))?;
     Ok((rows, bytes))
 }
@@ -202,7 +301,9 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     shared.state.set_table_state(green, &t.id, TableState::Indexing).await?;
     crate::fault::point("copy.rebuild").await;
     let started = Instant::now();
-    let mixed = shared.generations.lock().map(|g| g[table].1).unwrap_or(true);
+    // Chunks copied by another process (a joined worker, an earlier run) read its snapshots.
+    let mixed = shared.generations.lock().map(|g| g[table].1).unwrap_or(true)
+        || shared.state.copied_by_others(green, &t.id, &shared.worker_id).await?;
     if (shared.resumed[table] || mixed) && shared.plan.copy.defer_indexes {
         forget_changed(shared, blue, green, t).await?;
     }

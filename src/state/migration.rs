@@ -102,8 +102,16 @@ impl State {
         Ok(())
     }
 
-    /// Starts a new copy run and returns its number. Chunks record the run that copied them: rows
-    /// copied under different snapshots may overlap and are de-duplicated before keys are built.
+    /// The current copy run's number (a joined worker records it on its chunks).
+    pub async fn epoch(&self, green: &impl GenericClient) -> Result<i32> {
+        Ok(green
+            .query_one(&format!("SELECT copy_epoch FROM {} WHERE id = 1", self.table("migration")), &[])
+            .await
+            .map_err(Error::db("green: reading the copy run"))?
+            .get(0))
+    }
+
+    /// Starts a new copy run and returns its number, recorded on each chunk it copies.
     pub async fn next_epoch(&self, green: &impl GenericClient) -> Result<i32> {
         Ok(green
             .query_one(

@@ -15,6 +15,7 @@ mod migration;
 mod phase;
 mod record;
 mod tables;
+mod workers;
 
 pub use gate::{Gate, GATE_NAMESPACE};
 pub use id::{short_name, TableId};
@@ -23,6 +24,7 @@ pub use migration::{Control, FollowerView, StatusView};
 pub use phase::{CutoverStep, Phase, TableState};
 pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
 pub use tables::{ChunkRecord, TableProgress, TableRecord};
+pub use workers::{worker_id, Claim, WorkerRecord};
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -125,6 +127,10 @@ impl State {
                  finished_at timestamptz, PRIMARY KEY (tbl, chunk));
              CREATE TABLE IF NOT EXISTS {s}.touched (
                  tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL, PRIMARY KEY (tbl, key));
+             CREATE TABLE IF NOT EXISTS {s}.workers (
+                 id text PRIMARY KEY, role text NOT NULL, host text NOT NULL, pid int NOT NULL,
+                 chunks text[] NOT NULL DEFAULT '{{}}', copied int NOT NULL DEFAULT 0,
+                 started_at timestamptz NOT NULL DEFAULT now(), seen_at timestamptz NOT NULL DEFAULT now());
              CREATE TABLE IF NOT EXISTS {s}.touched_log (tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL);
              {added}
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
@@ -137,6 +143,7 @@ impl State {
                 ("migration", "lag_seconds", "float8"),
                 ("migration", "verify_started_at", "timestamptz"),
                 ("chunks", "part", "text"),
+                ("chunks", "worker", "text"),
                 ("migration", "last_error", "jsonb"),
                 ("migration", "control", "jsonb"),
                 ("migration", "way_back", "jsonb"),
@@ -181,7 +188,7 @@ impl State {
         let s = &self.schema;
         green
             .batch_execute(&format!(
-                "DROP TABLE IF EXISTS {s}.tables, {s}.chunks, {s}.pending, {s}.touched, {s}.touched_log, {s}.verified;
+                "DROP TABLE IF EXISTS {s}.tables, {s}.chunks, {s}.pending, {s}.touched, {s}.touched_log, {s}.verified, {s}.workers;
                  DROP SEQUENCE IF EXISTS {s}.pending_seq;
                  ALTER TABLE {s}.migration ADD COLUMN IF NOT EXISTS cleaned_up_at timestamptz;
                  UPDATE {s}.migration SET cleaned_up_at = now(), updated_at = now() WHERE id = 1;"

@@ -326,7 +326,7 @@ impl State {
             .collect())
     }
 
-    /// Marks a chunk done; in the transaction that wrote its rows.
+    /// Marks a chunk done by `worker`; in the transaction that wrote its rows.
     #[allow(clippy::too_many_arguments)]
     pub async fn chunk_done(
         &self,
@@ -336,16 +336,16 @@ impl State {
         rows: u64,
         bytes: u64,
         seconds: f64,
-        epoch: i32,
+        (epoch, worker): (i32, &str),
     ) -> Result<()> {
         green
             .execute(
                 &format!(
-                    "UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, epoch = $6, finished_at = now() \
-                     WHERE tbl = $1 AND chunk = $2",
+                    "UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, epoch = $6, finished_at = now(), \
+                     worker = $7 WHERE tbl = $1 AND chunk = $2",
                     self.table("chunks")
                 ),
-                &[&id.as_str(), &chunk, &(rows as i64), &(bytes as i64), &seconds, &epoch],
+                &[&id.as_str(), &chunk, &(rows as i64), &(bytes as i64), &seconds, &epoch, &worker],
             )
             .await
             .map_err(Error::db(format!("green: marking chunk {chunk} of {id} done")))?;

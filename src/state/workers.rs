@@ -1,0 +1,212 @@
+//! Copy workers on several machines: each `migrate copy` (the leader) and `migrate copy --join`
+//! (a joined worker) claims chunks from green's `chunks` table. A claim is a row lock taken with
+//! `FOR UPDATE SKIP LOCKED` in the very transaction that writes the chunk's rows and marks it
+//! done: a worker that dies (killed, host lost, connection cut) rolls back its rows and frees
+//! its claim in one step, when green ends its session, and another worker copies the chunk.
+//! PostgreSQL is the coordinator; nothing is copied twice into the committed result.
+//!
+//! `workers` lists each process with a heartbeat and the chunks it holds, for `status`.
+
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+
+use super::{State, TableId};
+use crate::error::{Error, Result};
+
+/// A chunk claimed in an open green transaction.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The entry.
+    pub table: TableId,
+    /// Chunk number.
+    pub number: i32,
+    /// First heap block (inclusive).
+    pub first_block: Option<i64>,
+    /// End heap block (exclusive).
+    pub end_block: Option<i64>,
+    /// The leaf partition read, for a partitioned source.
+    pub part: Option<String>,
+}
+
+/// A copy process, as `status` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRecord {
+    /// Unique per process: `host:pid:start`.
+    pub id: String,
+    /// `leader` or `joined`.
+    pub role: String,
+    /// Host name.
+    pub host: String,
+    /// Chunks it is copying now (`entry:chunk`).
+    pub chunks: Vec<String>,
+    /// Chunks it has copied.
+    pub copied: i32,
+    /// Seconds since its last heartbeat.
+    pub seen_ago: f64,
+}
+
+impl State {
+    /// Claims the next chunk not done of the entries in `tables` whose copy is loading, skipping
+    /// chunks other transactions hold; in `tx`, which then writes its rows. Chunk number first,
+    /// larger tables first within a number: small tables finish early, big ones keep every
+    /// worker busy to the end.
+    pub async fn claim_chunk(&self, tx: &impl GenericClient, tables: &[&str]) -> Result<Option<Claim>> {
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT c.tbl, c.chunk, c.first_block, c.end_block, c.part FROM {c} c JOIN {t} t USING (tbl) \
+                     WHERE NOT c.done AND t.state = 'loading' AND c.tbl = ANY($1) \
+                     ORDER BY c.chunk, t.rows_estimated DESC, c.tbl LIMIT 1 FOR UPDATE OF c SKIP LOCKED",
+                    c = self.table("chunks"),
+                    t = self.table("tables")
+                ),
+                &[&tables],
+            )
+            .await
+            .map_err(Error::db("green: claiming a chunk"))?;
+        Ok(row.map(|r| Claim {
+            table: TableId::from_stored(r.get(0)),
+            number: r.get(1),
+            first_block: r.get(2),
+            end_block: r.get(3),
+            part: r.get(4),
+        }))
+    }
+
+    /// Entries among `tables` still loading with every chunk done: their indexes are next.
+    pub async fn loaded(&self, green: &impl GenericClient, tables: &[&str]) -> Result<Vec<String>> {
+        Ok(green
+            .query(
+                &format!(
+                    "SELECT t.tbl FROM {t} t WHERE t.tbl = ANY($1) AND t.state IN ('loading', 'indexing') \
+                       AND NOT EXISTS (SELECT 1 FROM {c} c WHERE c.tbl = t.tbl AND NOT c.done)",
+                    c = self.table("chunks"),
+                    t = self.table("tables")
+                ),
+                &[&tables],
+            )
+            .await
+            .map_err(Error::db("green: reading finished tables"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Chunks not done of entries whose copy is loading (claimed or not).
+    pub async fn chunks_left(&self, green: &impl GenericClient) -> Result<i64> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {c} c JOIN {t} t USING (tbl) WHERE NOT c.done AND t.state = 'loading'",
+                    c = self.table("chunks"),
+                    t = self.table("tables")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: counting chunks left"))?
+            .get(0))
+    }
+
+    /// Whether a chunk of `id` was copied by a worker other than `worker`: under a snapshot of
+    /// its own, so the table was read under several.
+    pub async fn copied_by_others(&self, green: &impl GenericClient, id: &TableId, worker: &str) -> Result<bool> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE tbl = $1 AND done AND worker IS DISTINCT FROM $2)",
+                    self.table("chunks")
+                ),
+                &[&id.as_str(), &worker],
+            )
+            .await
+            .map_err(Error::db(format!("green: reading who copied {id}")))?
+            .get(0))
+    }
+
+    /// Records this process as a copy worker (or refreshes it): its chunks in hand and how many
+    /// it has copied.
+    pub async fn worker_seen(
+        &self,
+        green: &impl GenericClient,
+        id: &str,
+        role: &str,
+        chunks: &[String],
+        copied: i32,
+    ) -> Result<()> {
+        let (host, pid) = host_and_pid();
+        green
+            .execute(
+                &format!(
+                    "INSERT INTO {} (id, role, host, pid, chunks, copied) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (id) DO UPDATE SET chunks = EXCLUDED.chunks, copied = EXCLUDED.copied, seen_at = now()",
+                    self.table("workers")
+                ),
+                &[&id, &role, &host, &pid, &chunks, &copied],
+            )
+            .await
+            .map_err(Error::db("green: recording a copy worker"))?;
+        Ok(())
+    }
+
+    /// Removes this process from the worker list (it exits).
+    pub async fn worker_gone(&self, green: &impl GenericClient, id: &str) -> Result<()> {
+        green
+            .execute(&format!("DELETE FROM {} WHERE id = $1", self.table("workers")), &[&id])
+            .await
+            .map_err(Error::db("green: removing a copy worker"))?;
+        Ok(())
+    }
+
+    /// Copy workers seen in the last minute, leader first (none when the table does not exist:
+    /// state written before it).
+    pub async fn workers(&self, green: &impl GenericClient) -> Result<Vec<WorkerRecord>> {
+        let exists: bool = green
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table("workers")])
+            .await
+            .map_err(Error::db("green: reading copy workers"))?
+            .get(0);
+        if !exists {
+            return Ok(Vec::new());
+        }
+        Ok(green
+            .query(
+                &format!(
+                    "SELECT id, role, host, chunks, copied, extract(epoch FROM now() - seen_at)::float8 FROM {} \
+                     WHERE seen_at > now() - interval '1 minute' ORDER BY role = 'leader' DESC, started_at",
+                    self.table("workers")
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("green: reading copy workers"))?
+            .iter()
+            .map(|r| WorkerRecord {
+                id: r.get(0),
+                role: r.get(1),
+                host: r.get(2),
+                chunks: r.get(3),
+                copied: r.get(4),
+                seen_ago: r.get(5),
+            })
+            .collect())
+    }
+}
+
+/// This machine's name and this process's id.
+fn host_and_pid() -> (String, i32) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    (host, std::process::id() as i32)
+}
+
+/// A worker id unique to this process: `host:pid:unix-ms`.
+pub fn worker_id() -> String {
+    let (host, pid) = host_and_pid();
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("{host}:{pid}:{ms}")
+}
