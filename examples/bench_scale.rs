@@ -205,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
     let v = migrate(&["verify", p]).output()?;
     let verify = t.elapsed().as_secs_f64();
     anyhow::ensure!(v.status.success(), "verify: {}", String::from_utf8_lossy(&v.stdout));
+    eprint!("{}", String::from_utf8_lossy(&v.stdout));
     let t = Instant::now();
     let v = migrate(&["verify", p, "--changed"]).output()?;
     let verify_again = t.elapsed().as_secs_f64();

@@ -342,6 +342,12 @@ impl Verifier<'_> {
             )
         };
         let position = commit_point(self.blue).await?;
+        // Green first takes in what blue committed so far (bounded): buckets then differ only
+        // by writes made during the scans, not by the follower's lag, and a differing bucket
+        // costs a re-read.
+        if let Some(state) = self.follower {
+            wait_applied(self.green, state, position).await?;
+        }
         // Blue runs the transform, the expensive side: its scan is split in two heap halves on
         // two sessions, run while green scans.
         let blocks: i64 = self
@@ -382,11 +388,9 @@ impl Verifier<'_> {
         let buckets_differing = differing.len() as u64;
         let mut keys = Vec::new();
         let mut bucket_of = HashMap::new();
-        for bucket in &differing {
-            for k in self.differing_keys(*bucket, n).await? {
-                bucket_of.insert(k.clone(), *bucket);
-                keys.push(k);
-            }
+        for (k, bucket) in self.differing_keys(&differing, n).await? {
+            bucket_of.insert(k.clone(), bucket);
+            keys.push(k);
         }
         let keys = self.recheck(keys).await?;
         let bad: std::collections::HashSet<i64> = keys.iter().filter_map(|k| bucket_of.get(k).copied()).collect();
@@ -467,26 +471,42 @@ impl Verifier<'_> {
         state.record_verified(self.green, &self.t.id, position, &ok).await
     }
 
-    /// (key values, row hash) of every row in one bucket, on one side.
-    async fn bucket_rows(&self, client: &Client, src: &str, bucket: i64, n: i64) -> Result<HashMap<Vec<String>, i64>> {
+    /// (key values, (bucket, row hash)) of every row in `buckets`, on one side: one scan for
+    /// all of them.
+    async fn bucket_rows(
+        &self,
+        client: &Client,
+        src: &str,
+        buckets: &[i64],
+        n: i64,
+    ) -> Result<HashMap<Vec<String>, (i64, i64)>> {
         let sql = format!(
-            "SELECT ARRAY[{}], {} FROM ({src}) {ROW} WHERE abs({} % {n}) = {bucket}",
-            self.key_texts().join(", "),
-            self.rh(),
-            self.kh()
+            "SELECT ARRAY[{keys}], b, h FROM (SELECT {keys_inner}, abs({kh} % {n}) AS b, {rh} AS h FROM ({src}) {ROW}) x \
+             WHERE b = ANY($1)",
+            keys = (0..self.t.key.len()).map(|i| format!("x.bg_k{i}")).collect::<Vec<_>>().join(", "),
+            keys_inner =
+                self.key_texts().iter().enumerate().map(|(i, k)| format!("{k} AS bg_k{i}")).collect::<Vec<_>>().join(", "),
+            kh = self.kh(),
+            rh = self.rh(),
         );
-        let rows = client.query(&sql, &[]).await.map_err(Error::db(format!("reading rows of {}", self.t.target)))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        let rows =
+            client.query(&sql, &[&buckets]).await.map_err(Error::db(format!("reading rows of {}", self.t.target)))?;
+        Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
     }
 
-    async fn differing_keys(&self, bucket: i64, n: i64) -> Result<Vec<Vec<String>>> {
+    /// The keys (with their bucket) whose rows differ in the differing `buckets`, or exist on
+    /// one side only: one scan per side however many buckets differ.
+    async fn differing_keys(&self, buckets: &[i64], n: i64) -> Result<Vec<(Vec<String>, i64)>> {
+        if buckets.is_empty() {
+            return Ok(Vec::new());
+        }
         let (bs, gs) = self.sources();
         let (b, g) =
-            tokio::join!(self.bucket_rows(self.blue, &bs, bucket, n), self.bucket_rows(self.green, &gs, bucket, n));
+            tokio::join!(self.bucket_rows(self.blue, &bs, buckets, n), self.bucket_rows(self.green, &gs, buckets, n));
         let (b, g) = (b?, g?);
-        let mut keys: Vec<Vec<String>> =
-            b.iter().filter(|(k, h)| g.get(*k) != Some(h)).map(|(k, _)| k.clone()).collect();
-        keys.extend(g.keys().filter(|k| !b.contains_key(*k)).cloned());
+        let mut keys: Vec<(Vec<String>, i64)> =
+            b.iter().filter(|(k, h)| g.get(*k) != Some(h)).map(|(k, (bucket, _))| (k.clone(), *bucket)).collect();
+        keys.extend(g.iter().filter(|(k, _)| !b.contains_key(*k)).map(|(k, (bucket, _))| (k.clone(), *bucket)));
         Ok(keys)
     }
 
