@@ -9,6 +9,7 @@
 //! - a cutover through PgBouncer under an application writer, and its longest stall.
 //!
 //!     cargo build --release && cargo run --release --example bench_scale -- --rows 10000000 [--rate 200] [--snapshot-age 60]
+//!       [--payload-md5s 2] [--max-wal-gb 8]
 
 #[path = "../tests/support/cluster.rs"]
 #[allow(dead_code)]
@@ -117,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
     let rows = arg("--rows", 10_000_000);
     let rate = arg("--rate", 200);
     let age = arg("--snapshot-age", 60);
-    let settings = ["shared_buffers=2GB", "max_wal_size=8GB", "max_parallel_workers_per_gather=0"];
+    // Narrower rows and less WAL let 100M rows fit a smaller disk (blue, green and WAL at once).
+    let payload = arg("--payload-md5s", 2);
+    let wal = format!("max_wal_size={}GB", arg("--max-wal-gb", 8));
+    let settings = ["shared_buffers=2GB", wal.as_str(), "max_parallel_workers_per_gather=0"];
     let blue = Cluster::start("scale-blue", &settings);
     let green = Cluster::start("scale-green", &settings);
     blue.psql("postgres", "CREATE DATABASE blue");
@@ -127,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
         "blue",
         &format!(
             "INSERT INTO tokens SELECT g, md5(g::text), (g % 1000)::int, 'openid  offline s' || (g % 7), \
-               '2026-01-01'::timestamp + g * interval '1 second', g % 3 <> 0, repeat(md5(g::text), 2) \
+               '2026-01-01'::timestamp + g * interval '1 second', g % 3 <> 0, repeat(md5(g::text), {payload}) \
              FROM generate_series(1, {rows}) g; \
              CREATE UNIQUE INDEX ON tokens (signature);"
         ),
