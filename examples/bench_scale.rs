@@ -8,8 +8,10 @@
 //! - catch-up after the writer stops; `verify` and its ratio to the copy; `verify --changed`;
 //! - a cutover through PgBouncer under an application writer, and its longest stall.
 //!
-//!     cargo build --release && cargo run --release --example bench_scale -- --rows 10000000 [--rate 200] [--snapshot-age 60]
-//!       [--payload-md5s 2] [--max-wal-gb 8]
+//! ```text
+//! cargo build --release && cargo run --release --example bench_scale -- --rows 10000000 [--rate 200] [--snapshot-age 60]
+//!   [--payload-md5s 2] [--max-wal-gb 8]
+//! ```
 
 #[path = "../tests/support/cluster.rs"]
 #[allow(dead_code)]
