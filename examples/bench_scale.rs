@@ -210,7 +210,13 @@ async fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let v = migrate(&["verify", p]).output()?;
     let verify = t.elapsed().as_secs_f64();
-    anyhow::ensure!(v.status.success(), "verify: {}", String::from_utf8_lossy(&v.stdout));
+    anyhow::ensure!(
+        v.status.success(),
+        "verify ({}): {}{}",
+        v.status,
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
     eprint!("{}", String::from_utf8_lossy(&v.stdout));
     let t = Instant::now();
     let v = migrate(&["verify", p, "--changed"]).output()?;

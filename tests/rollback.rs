@@ -675,6 +675,21 @@ fn plan_proves_a_joined_rows_way_back_and_names_what_it_cannot() {
         "{r:?}"
     );
 
+    // A client row is shared by many logins: written back, deleting one login's would delete it
+    // for all.
+    let shared = c.plan(
+        "trigger",
+        "workers = 1",
+        &entry("write_back = true\n[table.join.reverse]\nremember = \"login_remember\"\nerror = \"coalesce(login_error, '{}')\"")
+            .replace("on = { id = \"l.client_id\" }\n", "on = { id = \"l.client_id\" }\nwrite_back = true\n"),
+    );
+    let r = run(&mut c.migrate(&["plan", shared.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("join c is written back only when it links one row of public.clients to one driving row"),
+        "{r:?}"
+    );
+
     let stray = c.plan("trigger", "workers = 1", &entry("present = \"login_handled_at IS NOT NULL\""));
     let r = run(&mut c.migrate(&["plan", stray.to_str().unwrap()]));
     assert_eq!(r.code, 2, "{r:?}");

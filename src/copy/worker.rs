@@ -76,7 +76,11 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         // Nothing to claim now: every chunk left is in another worker's hands (here or on
         // another machine), and comes free if that worker dies.
         if shared.joined {
-            if shared.state.chunks_left(&green).await? == 0 {
+            // Done once the leader's copy is over: before that, it may still be planning tables
+            // (or be restarting after a rewrite).
+            if shared.state.chunks_left(&green).await? == 0
+                && !matches!(shared.state.phase(&green).await?, Some(crate::state::Phase::Copying))
+            {
                 return Ok(());
             }
         } else {

@@ -45,6 +45,8 @@ pub struct UniqueKey {
     pub primary: bool,
     /// It is the replica identity index.
     pub replica_identity: bool,
+    /// Checked at once (not `DEFERRABLE`): only such an index can arbitrate `ON CONFLICT`.
+    pub immediate: bool,
 }
 
 /// A secondary index or constraint on a target table, with the SQL to recreate it.
@@ -333,21 +335,27 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
     let unique_keys = client
         .query(
             "SELECT ic.relname::text, i.indisprimary, i.indisreplident, \
-                    array_agg(a.attname::text ORDER BY k.ord) \
+                    array_agg(a.attname::text ORDER BY k.ord), i.indimmediate \
              FROM pg_catalog.pg_index i \
              JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL \
                AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts \
-             GROUP BY ic.relname, i.indisprimary, i.indisreplident \
+             GROUP BY ic.relname, i.indisprimary, i.indisreplident, i.indimmediate \
              ORDER BY i.indisprimary DESC, ic.relname",
             &[&oid],
         )
         .await
         .map_err(Error::db(ctx("unique indexes")))?
         .iter()
-        .map(|r| UniqueKey { name: r.get(0), primary: r.get(1), replica_identity: r.get(2), columns: r.get(3) })
+        .map(|r| UniqueKey {
+            name: r.get(0),
+            primary: r.get(1),
+            replica_identity: r.get(2),
+            columns: r.get(3),
+            immediate: r.get(4),
+        })
         .collect();
     Ok(Some(TableInfo {
         oid,

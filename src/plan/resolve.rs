@@ -433,6 +433,8 @@ async fn recorded_keys(
                     columns: cols.clone(),
                     primary: d.kind == "primary key",
                     replica_identity: false,
+                    // Recorded keys are green's, never arbiters of the way back's upsert.
+                    immediate: true,
                 });
             }
         }
@@ -868,10 +870,27 @@ async fn resolve_reverse(
             cols.push(ReverseColumn { column: c.name.clone(), type_name: c.type_name.clone(), how });
         }
         let carried = |name: &str| super::reverse_expr(&cols, name).is_some();
-        // The primary key first: the key v1's own rows are told apart by.
+        // The primary key first: the key v1's own rows are told apart by. Only a key that can
+        // arbitrate the upsert and never holds NULL (a NULL never conflicts: copies pile up).
         let mut keys: Vec<&UniqueKey> = info.unique_keys.iter().collect();
         keys.sort_by_key(|u| !u.primary);
-        let key = keys.into_iter().find(|u| u.columns.iter().all(|c| carried(c))).map(|u| u.columns.clone());
+        let key = keys
+            .into_iter()
+            .filter(|u| u.immediate && u.columns.iter().all(|c| info.column(c).is_some_and(|c| c.not_null)))
+            .find(|u| u.columns.iter().all(|c| carried(c)))
+            .map(|u| u.columns.clone());
+        // One joined row per driving row and one driving row per joined row: every link is a
+        // driving column, together holding the entry's key, and comes back. A joined row shared
+        // by several driving rows (a customer of many orders) would be deleted with any one of
+        // them, and rows linked some other way could come back unlinked.
+        let driving_links: Vec<Option<&str>> = rj
+            .on
+            .iter()
+            .map(|o| src.columns.iter().find(|s| verbatim(&o.expr, alias, true, &s.name)).map(|s| s.name.as_str()))
+            .collect();
+        let one_to_one = driving_links.iter().all(Option::is_some)
+            && entry.key.iter().all(|k| driving_links.iter().any(|l| *l == Some(k.as_str())))
+            && rj.on.iter().all(|o| carried(&o.column));
         // A green row has the joined row when it says so, always for an inner join, else when
         // a NOT NULL column of it that is no link column comes back non-NULL.
         let present = match (&je.present, je.inner) {
@@ -890,7 +909,16 @@ async fn resolve_reverse(
                 })
             }
         };
-        let why = if rj.pick.is_some() {
+        let why = if !one_to_one {
+            Some(format!(
+                "join {} is written back only when it links one row of {} to one driving row: each `on` expression a \
+                 column of {} that comes back, together holding its key ({})",
+                je.alias,
+                je.table,
+                entry.source,
+                entry.key.join(", ")
+            ))
+        } else if rj.pick.is_some() {
             Some(format!(
                 "join {} picks one of several rows of {}: the rows it does not pick would stay on blue; it can be \
                  a lookup (no write_back) only",

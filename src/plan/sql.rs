@@ -120,7 +120,7 @@ pub fn round_trip_sql(t: &super::ResolvedTable, limit: Option<u64>, max: u64) ->
         let present = &j.present;
         pairs.push((
             format!("{} (present)", j.alias),
-            format!("NOT ({a} IS NULL)"),
+            format!("{a}.ctid IS NOT NULL"),
             format!("(({present}) IS TRUE)::text"),
         ));
         for c in &j.columns {

@@ -29,6 +29,10 @@ use crate::{
 
 /// Rows per bucket (about).
 const BUCKET_ROWS: u64 = 50_000;
+
+/// Differing buckets re-read row by row in one scan per side (with 50,000-row buckets, about a
+/// million rows in memory per side).
+const RE_READ_BUCKETS: usize = 20;
 /// Differences shown per table.
 const MAX_SHOWN: usize = 100;
 /// Rechecks of a difference while a follower applies, and the wait for it each time.
@@ -339,8 +343,9 @@ impl Verifier<'_> {
     /// land where their text says).
     fn kh(&self) -> String {
         match self.key_texts().as_slice() {
-            // One key column: its text hashed as text (a row of it costs a record per row).
-            [one] => self.key_text_hash.replace("{}", one),
+            // One key column: its text hashed as text (a row of it costs a record per row); a
+            // NULL key (green's, under a nullable unique index) goes to bucket 0.
+            [one] => format!("coalesce({}, 0)", self.key_text_hash.replace("{}", one)),
             keys => self.key_hash.replace("{}", &format!("ROW({})", keys.join(", "))),
         }
     }
@@ -415,9 +420,12 @@ impl Verifier<'_> {
         let buckets_differing = differing.len() as u64;
         let mut keys = Vec::new();
         let mut bucket_of = HashMap::new();
-        for (k, bucket) in self.differing_keys(&differing, n).await? {
-            bucket_of.insert(k.clone(), bucket);
-            keys.push(k);
+        // Batches of buckets: one scan per side each, and at most about a million rows held.
+        for batch in differing.chunks(RE_READ_BUCKETS) {
+            for (k, bucket) in self.differing_keys(batch, n).await? {
+                bucket_of.insert(k.clone(), bucket);
+                keys.push(k);
+            }
         }
         let keys = self.recheck(keys).await?;
         let bad: std::collections::HashSet<i64> = keys.iter().filter_map(|k| bucket_of.get(k).copied()).collect();

@@ -271,7 +271,8 @@ async fn upsert(
 /// the rows green's give (after the driving rows are written).
 async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) -> Result<()> {
     let stage = stage_name(t);
-    for j in &t.reverse.joins {
+    // Last join first: a later join may be found through an earlier one's rows.
+    for j in t.reverse.joins.iter().rev() {
         let (_, _, key, key_values) = joined(j);
         let a = ident(&j.alias);
         let current: Vec<String> = key.iter().map(|k| format!("{a}.{k}")).collect();
@@ -279,7 +280,7 @@ async fn write(tx: &Transaction<'_>, t: &ResolvedTable, keys: &[Vec<String>]) ->
         let matches: Vec<String> = key.iter().zip(&names).map(|(k, n)| format!("s.{k} = x.{n}")).collect();
         tx.execute(
             &format!(
-                "DELETE FROM {table} s USING (SELECT {current} FROM {from} WHERE {rows} AND NOT ({a} IS NULL) \
+                "DELETE FROM {table} s USING (SELECT {current} FROM {from} WHERE {rows} AND {a}.ctid IS NOT NULL \
                    EXCEPT SELECT {key_values} FROM {stage} g WHERE ({present})) x ({names}) WHERE {m}",
                 table = j.table.quoted(),
                 current = current.join(", "),
@@ -382,7 +383,7 @@ pub async fn differing(
             t.key.iter().zip(&names).map(|(k, n)| format!("{} AS {n}", t.qualified(&k.source))).collect();
         let sql = format!(
             "SELECT ARRAY[{out}] FROM (SELECT {staged_keys}, ROW({values})::text AS r FROM {stage} g WHERE ({present})) b \
-             FULL JOIN (SELECT {driving}, ROW({blue_cols})::text AS r FROM {from} WHERE {rows} AND NOT ({a} IS NULL)) a \
+             FULL JOIN (SELECT {driving}, ROW({blue_cols})::text AS r FROM {from} WHERE {rows} AND {a}.ctid IS NOT NULL) a \
              USING ({n}) WHERE a.r IS DISTINCT FROM b.r",
             out = names.iter().map(|n| format!("{n}::text")).collect::<Vec<_>>().join(", "),
             staged_keys = staged_keys.join(", "),
