@@ -889,7 +889,7 @@ async fn resolve_reverse(
             .map(|o| src.columns.iter().find(|s| verbatim(&o.expr, alias, true, &s.name)).map(|s| s.name.as_str()))
             .collect();
         let one_to_one = driving_links.iter().all(Option::is_some)
-            && entry.key.iter().all(|k| driving_links.iter().any(|l| *l == Some(k.as_str())))
+            && entry.key.iter().all(|k| driving_links.contains(&Some(k.as_str())))
             && rj.on.iter().all(|o| carried(&o.column));
         // A green row has the joined row when it says so, always for an inner join, else when
         // a NOT NULL column of it that is no link column comes back non-NULL.
