@@ -109,7 +109,8 @@ enum Cmd {
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
         /// Join the `migrate copy` of this plan running elsewhere as a worker: claim and copy
-        /// chunks beside it (`[copy] workers` of them at a time) until none is left, then exit.
+        /// chunks beside it (`[copy] workers` of them at a time) until none is left and its copy
+        /// is over, then exit.
         /// Run it on other machines to spread a big copy; a joined worker that dies loses only
         /// its chunks in hand, which the others redo.
         #[arg(long, conflicts_with_all = ["no_follow", "recopy", "metrics"])]
