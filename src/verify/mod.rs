@@ -120,6 +120,12 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>, chang
     let (blue_pool, green_pool) = (SidePool::new(&plan.blue, 2)?, SidePool::new(&plan.green, 1)?);
     let sessions = tokio::try_join!(blue_pool.get(), blue_pool.get(), green_pool.get())?;
     let (blue, blue2, green): (&Client, &Client, &Client) = (&sessions.0, &sessions.1, &sessions.2);
+    // The planner cannot know a bucket expression has only `n` values: it expects a group per
+    // row and, at 100M rows, sorts the table to disk for the GROUP BY (tens of GB of temporary
+    // files) where a hash of `n` entries fits in memory.
+    for (c, side) in [(blue, "blue"), (blue2, "blue"), (green, "green")] {
+        c.batch_execute("SET enable_sort = off").await.map_err(Error::db(format!("{side}: verify session")))?;
+    }
     let portable = portable_hash(blue, green).await?;
     let state = State::new(&plan.name);
     let follower = if state.exists(green).await? { Some(state.clone()) } else { None };
