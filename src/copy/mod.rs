@@ -183,14 +183,7 @@ async fn copy_run(
     let logger = progress.spawn_logger();
     // The workers stop on the first error of this run without stopping the command: the
     // caller may run again.
-    let run_stop = Shutdown::manual();
-    let relay = {
-        let (outer, run_stop) = (shutdown.clone(), run_stop.clone());
-        tokio::spawn(async move {
-            outer.wait().await;
-            run_stop.trigger();
-        })
-    };
+    let (run_stop, relay) = run_stop(shutdown);
     let shared = Arc::new(Shared {
         plan: plan.clone(),
         tables: resolved.tables.clone(),
@@ -339,6 +332,20 @@ async fn begin_copy(state: &State, green: &Client, resolved: &ResolvedPlan) -> R
     Ok(true)
 }
 
+/// A stop for one run's workers, triggered by `outer` too (the task relaying it is returned):
+/// the first worker error stops the run, not the command.
+fn run_stop(outer: &Shutdown) -> (Shutdown, tokio::task::JoinHandle<()>) {
+    let stop = Shutdown::manual();
+    let relay = {
+        let (outer, stop) = (outer.clone(), stop.clone());
+        tokio::spawn(async move {
+            outer.wait().await;
+            stop.trigger();
+        })
+    };
+    (stop, relay)
+}
+
 /// Every second, records this process in green's `workers` (its chunks in hand, chunks copied)
 /// for `status`, on a connection of its own.
 async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
@@ -396,14 +403,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     let live = Arc::new(crate::control::Live::default());
     crate::control::refresh_once(plan, &live).await;
     let _refresher = crate::shutdown::AbortOnDrop(crate::control::spawn(plan, Arc::clone(&live)));
-    let run_stop = Shutdown::manual();
-    let relay = {
-        let (outer, run_stop) = (shutdown.clone(), run_stop.clone());
-        tokio::spawn(async move {
-            outer.wait().await;
-            run_stop.trigger();
-        })
-    };
+    let (run_stop, relay) = run_stop(&shutdown);
     let n = resolved.tables.len();
     let progress = Progress::new(resolved.tables.iter().map(|t| (t.target.to_string(), t.estimate.rows, 0)).collect());
     let shared = Arc::new(Shared {
