@@ -426,18 +426,34 @@ impl Verifier<'_> {
         let buckets_differing = differing.len() as u64;
         let mut keys = Vec::new();
         let mut bucket_of = HashMap::new();
+        // Rows with a NULL key part (green's, under a nullable unique index): no blue row can
+        // equal them, and no key text names them.
+        let mut null_keys = Vec::new();
         // Batches of buckets: one scan per side each, and at most about a million rows held.
         for batch in differing.chunks(RE_READ_BUCKETS) {
-            for (k, bucket) in self.differing_keys(batch, n).await? {
+            let (found, nulls) = self.differing_keys(batch, n).await?;
+            for (k, bucket) in found {
                 bucket_of.insert(k.clone(), bucket);
                 keys.push(k);
             }
+            null_keys.extend(nulls);
         }
         let keys = self.recheck(keys).await?;
-        let bad: std::collections::HashSet<i64> = keys.iter().filter_map(|k| bucket_of.get(k).copied()).collect();
+        let mut bad: std::collections::HashSet<i64> = keys.iter().filter_map(|k| bucket_of.get(k).copied()).collect();
+        bad.extend(null_keys.iter().map(|(_, bucket, _)| *bucket));
         self.record(n, position, &bad).await?;
-        let total = keys.len();
-        let differences = self.describe(&keys[..total.min(MAX_SHOWN)]).await?;
+        let total = keys.len() + null_keys.len();
+        let mut differences: Vec<Difference> = null_keys
+            .iter()
+            .take(MAX_SHOWN)
+            .map(|(key, _, on_green)| Difference {
+                key: key.iter().map(|k| k.clone().unwrap_or_else(|| "NULL".into())).collect(),
+                kind: if *on_green { Kind::ExtraOnGreen } else { Kind::MissingOnGreen },
+                columns: Vec::new(),
+            })
+            .collect();
+        let room = MAX_SHOWN.saturating_sub(differences.len()).min(keys.len());
+        differences.extend(self.describe(&keys[..room]).await?);
         let seconds = started.elapsed().as_secs_f64();
         info!(table = %self.t.target, buckets = n, buckets_differing, differences = total, seconds, "verified");
         Ok(TableReport {
@@ -513,14 +529,14 @@ impl Verifier<'_> {
     }
 
     /// (key values, (bucket, row hash)) of every row in `buckets`, on one side: one scan for
-    /// all of them.
+    /// all of them. Rows with a NULL key part come apart, with their bucket.
     async fn bucket_rows(
         &self,
         client: &Client,
         src: &str,
         buckets: &[i64],
         n: i64,
-    ) -> Result<HashMap<Vec<String>, (i64, i64)>> {
+    ) -> Result<(HashMap<Vec<String>, (i64, i64)>, Vec<(Vec<Option<String>>, i64)>)> {
         let sql = format!(
             "SELECT ARRAY[{keys}], b, h FROM (SELECT {keys_inner}, abs({kh} % {n}) AS b, {rh} AS h FROM ({src}) {ROW}) x \
              WHERE b = ANY($1)",
@@ -532,23 +548,44 @@ impl Verifier<'_> {
         );
         let rows =
             client.query(&sql, &[&buckets]).await.map_err(Error::db(format!("reading rows of {}", self.t.target)))?;
-        Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
+        let (mut keyed, mut nulls) = (HashMap::new(), Vec::new());
+        for r in &rows {
+            let key: Vec<Option<String>> = r.get(0);
+            match key.iter().cloned().collect::<Option<Vec<String>>>() {
+                Some(k) => {
+                    keyed.insert(k, (r.get(1), r.get(2)));
+                }
+                None => nulls.push((key, r.get(1))),
+            }
+        }
+        Ok((keyed, nulls))
     }
 
     /// The keys (with their bucket) whose rows differ in the differing `buckets`, or exist on
-    /// one side only: one scan per side however many buckets differ.
-    async fn differing_keys(&self, buckets: &[i64], n: i64) -> Result<Vec<(Vec<String>, i64)>> {
+    /// one side only: one scan per side however many buckets differ. Also the rows with a NULL
+    /// key part (key, bucket, on green).
+    #[allow(clippy::type_complexity)]
+    async fn differing_keys(
+        &self,
+        buckets: &[i64],
+        n: i64,
+    ) -> Result<(Vec<(Vec<String>, i64)>, Vec<(Vec<Option<String>>, i64, bool)>)> {
         if buckets.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let (bs, gs) = self.sources();
         let (b, g) =
             tokio::join!(self.bucket_rows(self.blue, &bs, buckets, n), self.bucket_rows(self.green, &gs, buckets, n));
-        let (b, g) = (b?, g?);
+        let ((b, b_nulls), (g, g_nulls)) = (b?, g?);
         let mut keys: Vec<(Vec<String>, i64)> =
             b.iter().filter(|(k, h)| g.get(*k) != Some(h)).map(|(k, (bucket, _))| (k.clone(), *bucket)).collect();
         keys.extend(g.iter().filter(|(k, _)| !b.contains_key(*k)).map(|(k, (bucket, _))| (k.clone(), *bucket)));
-        Ok(keys)
+        let nulls = b_nulls
+            .into_iter()
+            .map(|(k, bucket)| (k, bucket, false))
+            .chain(g_nulls.into_iter().map(|(k, bucket)| (k, bucket, true)))
+            .collect();
+        Ok((keys, nulls))
     }
 
     /// Row hashes of the given keys on both sides: (blue, green), `None` where absent.
