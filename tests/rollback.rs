@@ -350,6 +350,23 @@ fn demo_with_rollback_runs_end_to_end() {
     }
 }
 
+/// A PgBouncer in front of `c`'s blue and a plan of `entries` with `way_back = true` (capture
+/// `method`, one copy worker).
+fn with_way_back(c: &crate::support::Custom, method: &str, entries: &str) -> (Bouncer, PathBuf) {
+    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name);
+    let bouncer = Bouncer::start("transaction", &blue_dsn);
+    let tables = format!(
+        "{entries}[cutover]\nway_back = true\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\n\
+         databases_file = \"{}\"\ngreen_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
+        bouncer.admin_url(),
+        bouncer.databases_file.display(),
+        c.green.cluster.port,
+        c.green.name
+    );
+    let plan = c.plan(method, "workers = 1", &tables);
+    (bouncer, plan)
+}
+
 const ODD_BLUE: &str = "CREATE TABLE accounts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, email text NOT NULL,
       created timestamp NOT NULL, note text, legacy text DEFAULT 'v1');
     INSERT INTO accounts (email, created, note) SELECT 'u' || g || '@x', '2026-01-01'::timestamp + g * interval '1 hour',
@@ -368,20 +385,13 @@ const ODD_GREEN: &str =
 #[test]
 fn way_back_carries_identity_composite_toasted_and_late_writes() {
     let c = crate::support::Custom::new(ODD_BLUE, ODD_GREEN);
-    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name);
-    let bouncer = Bouncer::start("transaction", &blue_dsn);
-    let tables = format!(
+    let (_bouncer, plan) = with_way_back(
+        &c,
+        "trigger",
         "[[table]]\nsource = \"public.accounts\"\ntarget = \"public.users\"\nkey = [\"id\"]\ndrop = [\"legacy\"]\n\
          [table.columns]\nid = \"id\"\nemail = \"email\"\ncreated_at = \"created AT TIME ZONE 'UTC'\"\nnote = \"note\"\n\
-         [[table]]\nsource = \"public.memberships\"\ntarget = \"public.members\"\nkey = [\"org\", \"member\"]\n\
-         [cutover]\nway_back = true\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
-         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
-        bouncer.admin_url(),
-        bouncer.databases_file.display(),
-        c.green.cluster.port,
-        c.green.name
+         [[table]]\nsource = \"public.memberships\"\ntarget = \"public.members\"\nkey = [\"org\", \"member\"]\n",
     );
-    let plan = c.plan("trigger", "workers = 1", &tables);
     let p = plan.to_str().unwrap();
     let mut copy = c.spawn(&["copy", p], &[]);
     c.wait_phase("following");
@@ -445,21 +455,14 @@ fn way_back_carries_identity_composite_toasted_and_late_writes() {
 #[test]
 fn cutover_with_a_lossy_way_back_names_key_and_column() {
     let c = crate::support::Custom::new(ODD_BLUE, ODD_GREEN);
-    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name);
-    let bouncer = Bouncer::start("transaction", &blue_dsn);
-    let tables = format!(
+    let (bouncer, plan) = with_way_back(
+        &c,
+        "trigger",
         "[[table]]\nsource = \"public.accounts\"\ntarget = \"public.users\"\nkey = [\"id\"]\ndrop = [\"legacy\"]\n\
          [table.columns]\nid = \"id\"\nemail = \"email\"\ncreated_at = \"created AT TIME ZONE 'UTC'\"\nnote = \"note\"\n\
          [table.reverse]\nnote = \"left(note, 3)\"\n\
-         [[table]]\nsource = \"public.memberships\"\ntarget = \"public.members\"\nkey = [\"org\", \"member\"]\n\
-         [cutover]\nway_back = true\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
-         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
-        bouncer.admin_url(),
-        bouncer.databases_file.display(),
-        c.green.cluster.port,
-        c.green.name
+         [[table]]\nsource = \"public.memberships\"\ntarget = \"public.members\"\nkey = [\"org\", \"member\"]\n",
     );
-    let plan = c.plan("trigger", "workers = 1", &tables);
     let p = plan.to_str().unwrap();
     let r = run(&mut c.migrate(&["plan", p]));
     assert_eq!(r.code, 0, "{r:?}");
@@ -532,23 +535,16 @@ const GREEN_LOGINS: &str = "SELECT string_agg(challenge || '|' || subject || '|'
 #[test]
 fn way_back_splits_a_joined_row_into_its_tables() {
     let c = crate::support::Custom::new(JOINED_BLUE, JOINED_GREEN);
-    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name);
-    let bouncer = Bouncer::start("transaction", &blue_dsn);
-    let tables = format!(
+    let (_bouncer, plan) = with_way_back(
+        &c,
+        "logical",
         "[[table]]\nsource = \"public.login_request\"\nalias = \"l\"\ntarget = \"public.flow\"\nkey = [\"challenge\"]\n\
-         [[table.join]]\nalias = \"h\"\ntable = \"public.login_handled\"\non = {{ challenge = \"l.challenge\" }}\nwrite_back = true\n\
-         [table.join.reverse]\nremember = \"login_remember\"\nerror = \"coalesce(login_error, '{{}}')\"\n\
-         [[table.join]]\nalias = \"c\"\ntable = \"public.clients\"\non = {{ id = \"l.client_id\" }}\n\
+         [[table.join]]\nalias = \"h\"\ntable = \"public.login_handled\"\non = { challenge = \"l.challenge\" }\nwrite_back = true\n\
+         [table.join.reverse]\nremember = \"login_remember\"\nerror = \"coalesce(login_error, '{}')\"\n\
+         [[table.join]]\nalias = \"c\"\ntable = \"public.clients\"\non = { id = \"l.client_id\" }\n\
          [table.columns]\nrequested_at = \"l.requested_at AT TIME ZONE 'UTC'\"\nlogin_remember = \"coalesce(h.remember, false)\"\n\
-         login_error = \"NULLIF(h.error, '{{}}')\"\nlogin_handled_at = \"h.handled_at AT TIME ZONE 'UTC'\"\nclient_name = \"c.name\"\n\
-         [cutover]\nway_back = true\n[cutover.pgbouncer]\nadmin_url = \"{}\"\ndatabase = \"app\"\ndatabases_file = \"{}\"\n\
-         green_dsn = \"host=127.0.0.1 port={} dbname={} user=postgres\"\npause_timeout = \"2s\"\n",
-        bouncer.admin_url(),
-        bouncer.databases_file.display(),
-        c.green.cluster.port,
-        c.green.name
+         login_error = \"NULLIF(h.error, '{}')\"\nlogin_handled_at = \"h.handled_at AT TIME ZONE 'UTC'\"\nclient_name = \"c.name\"\n",
     );
-    let plan = c.plan("logical", "workers = 1", &tables);
     let p = plan.to_str().unwrap();
     let r = run(&mut c.migrate(&["plan", p]));
     assert_eq!(r.code, 0, "{r:?}");
