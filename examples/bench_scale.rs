@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo build --release && cargo run --release --example bench_scale -- --rows 10000000 [--rate 200] [--snapshot-age 60]
-//!   [--payload-md5s 2] [--max-wal-gb 8]
+//!   [--payload-md5s 2] [--max-wal-gb 8] [--copy-log FILE]
 //! ```
 
 #[path = "../tests/support/cluster.rs"]
@@ -166,7 +166,14 @@ async fn main() -> anyhow::Result<()> {
     let dead_before: i64 =
         blue.psql("blue", "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'tokens'").trim().parse()?;
     let started = Instant::now();
-    let mut copy: Child = migrate(&["copy", plan_path.to_str().unwrap_or_default()]).spawn()?;
+    let mut copy = migrate(&["copy", plan_path.to_str().unwrap_or_default()]);
+    // `--copy-log FILE`: the copy's own log at info (chunks, removals, index rebuilds with their
+    // seconds), to see where its time goes.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(log) = args.iter().position(|a| a == "--copy-log").and_then(|i| args.get(i + 1)) {
+        copy.env("MIGRATE_LOG", "info").stderr(std::fs::File::create(log)?);
+    }
+    let mut copy: Child = copy.spawn()?;
     let (mut oldest, mut peak, mut oldest_any) = (0.0f64, 0.0f64, 0.0f64);
     let ours = "SELECT coalesce(max(extract(epoch FROM now() - xact_start)) FILTER (WHERE application_name LIKE 'migrate/%'), 0)::float8, \
                 coalesce(max(age(backend_xmin)), 0) FROM pg_stat_activity WHERE datname = 'blue' AND backend_xmin IS NOT NULL";

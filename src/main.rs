@@ -135,6 +135,12 @@ enum Cmd {
         /// wrong, not rows changed on green by anything else: run a full verify for that.
         #[arg(long, conflicts_with = "reverse")]
         changed: bool,
+        /// Join the `migrate verify` of this plan running elsewhere (it needs the migration's
+        /// state on green): read parts of its tables beside it until none is left, then exit.
+        /// Run it on other machines to spread a long verify; a joined worker that dies loses
+        /// only its parts in hand, which the others read again. Waits for a verify to start.
+        #[arg(long, conflicts_with_all = ["reverse", "changed", "table", "format"])]
+        join: bool,
     },
     /// Switch traffic to green through PgBouncer: preflight, PAUSE, drain, final check,
     /// sequences, repoint, RELOAD, RESUME. Exit 0 switched, 1 aborted safely (traffic stays on
@@ -321,7 +327,8 @@ fn main() -> ExitCode {
         Cmd::Copy { plan, no_follow, recopy, metrics, join: false } => {
             (plan.plan, Command::Copy { no_follow, recopy, metrics })
         }
-        Cmd::Verify { plan, format, table, reverse, changed } => {
+        Cmd::Verify { plan, join: true, .. } => (plan.plan, Command::VerifyJoin),
+        Cmd::Verify { plan, format, table, reverse, changed, join: false } => {
             (plan.plan, Command::Verify { format: format.format.into(), table, reverse, changed })
         }
         Cmd::Cutover { plan, dry_run } => (plan.plan, Command::Cutover { dry_run }),

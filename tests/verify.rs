@@ -221,3 +221,130 @@ fn a_null_key_on_green_is_reported_not_fatal() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("extra on green"), "{r:?}");
 }
+
+const PARTS_BLUE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
+    INSERT INTO items SELECT g, g % 97, repeat(md5(g::text), 3) FROM generate_series(1, 150000) g;";
+const PARTS_GREEN: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);";
+
+/// One verify spread over three processes: the leader and two joined workers (`verify --join`)
+/// claim parts of both sides' heaps from green while blue takes inserts, updates that move rows
+/// (TOASTed payloads), deletes and key changes, and a follower applies them. One joined worker
+/// is killed holding a part it has read but not stored; its claim comes free and another
+/// process reads that part. Every part is stored once, the verdict is "equal" (and green is, by
+/// an independent fingerprint), and a row tampered on green afterwards is named by a verify
+/// spread the same way.
+#[test]
+fn one_verify_spread_over_joined_workers_survives_a_killed_worker() {
+    let c = crate::support::Custom::new(PARTS_BLUE, PARTS_GREEN);
+    let plan = c.plan("trigger", "workers = 2", "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n");
+    let p = plan.to_str().unwrap();
+    let mut copy = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (cluster, name, stop) = (c.blue.cluster, c.blue.name.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                cluster.psql(
+                    &name,
+                    &format!(
+                        "INSERT INTO items VALUES ({new}, 1, 'new');
+                         UPDATE items SET payload = repeat(md5(id::text), 200) WHERE id % 1000 = {m};
+                         DELETE FROM items WHERE id = {d};
+                         UPDATE items SET id = id + 10000000 WHERE id = {k};",
+                        new = 1_000_000 + n,
+                        m = n % 1000,
+                        d = (n * 131) % 150_000,
+                        k = (n * 173) % 150_000 + 1
+                    ),
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let state = c.sql("bluegreen_custom");
+    let mut doomed = c.spawn(&["verify", p, "--join"], &[("MIGRATE_FAULT", "verify.part-read:sleep")]);
+    let joined = c.spawn(&["verify", p, "--join"], &[]);
+    // The leader is slowed per part so that the joined workers take some.
+    let leader = {
+        let mut cmd = c.migrate(&["verify", p]);
+        cmd.env("MIGRATE_FAULT", "verify.part-read:sleep=1500");
+        std::thread::spawn(move || run(&mut cmd))
+    };
+    let started = std::time::Instant::now();
+    let (doomed_id, held) = loop {
+        let row = c.green.psql(&format!(
+            "SELECT id || ' ' || chunks[1] FROM {state}.workers WHERE pid = {} AND cardinality(chunks) > 0",
+            doomed.id()
+        ));
+        if let Some((id, part)) = row.trim().split_once(' ') {
+            break (id.to_string(), part.to_string());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = doomed.kill();
+            let mut err = String::new();
+            std::io::Read::read_to_string(doomed.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the doomed worker never held a part: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let st = run(&mut c.migrate(&["status", p]));
+    assert!(
+        st.stdout.contains(&format!("worker {doomed_id} (verify joined)"))
+            && st.stdout.contains(&format!("reading {held}")),
+        "{st:?}"
+    );
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let r = leader.join().unwrap();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("green equals transform(blue)"), "{r:?}");
+    let out = joined.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let parts = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.verify_parts"));
+    // Four parts a side (the table is over 64 blocks), each stored once, none by the dead worker.
+    assert_eq!(parts("count(*) || ' ' || count(*) FILTER (WHERE done)"), "8 8");
+    assert_eq!(parts(&format!("count(*) FILTER (WHERE worker = '{doomed_id}')")), "0");
+    let mut held_parts = held.rsplitn(3, ':');
+    let (number, side, tbl) = (held_parts.next().unwrap(), held_parts.next().unwrap(), held_parts.next().unwrap());
+    let redone = c.green.psql(&format!(
+        "SELECT worker FROM {state}.verify_parts WHERE tbl = '{tbl}' AND side = '{side}' AND part = {number} AND done"
+    ));
+    assert!(!redone.is_empty() && redone != doomed_id, "part {held} was not read by another worker: {redone}");
+    let workers: i64 = parts("count(DISTINCT worker)").parse().unwrap();
+    assert!(workers >= 2, "only {workers} process(es) read parts");
+    // Each side's parts counted every row the table had (give or take the writes during the read).
+    let rows: Vec<i64> = c
+        .green
+        .psql(&format!(
+            "SELECT string_agg(s::text, ' ') FROM (SELECT sum(rows) s FROM {state}.verify_parts GROUP BY side) x"
+        ))
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(rows.len() == 2 && rows.iter().all(|r| (145_000..160_000).contains(r)), "{rows:?}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let query = "SELECT id, grp, payload FROM items";
+    let started = std::time::Instant::now();
+    while crate::support::fingerprint(&c.blue, query) != crate::support::fingerprint(&c.green, query) {
+        assert!(started.elapsed() < Duration::from_secs(90), "green did not converge to blue");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // A row changed on green behind the follower's back is found by the same spread verify.
+    c.green.psql("UPDATE items SET payload = 'tampered' WHERE id = 4242");
+    let mut joined = c.spawn(&["verify", p, "--join"], &[]);
+    let r = run(c.migrate(&["verify", p, "--format", "json"]).env("MIGRATE_FAULT", "verify.part-read:sleep=500"));
+    assert_eq!(r.code, 1, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let d = &v["tables"][0]["differences"];
+    assert_eq!(v["tables"][0]["differences_total"], 1, "{v}");
+    assert_eq!(d[0]["key"][0], "4242", "{v}");
+    assert_eq!(d[0]["columns"][0][0], "payload", "{v}");
+    assert!(joined.wait().unwrap().success());
+    crate::capture::sigint_and_wait(&mut copy);
+}

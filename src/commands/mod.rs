@@ -83,6 +83,8 @@ pub enum Command {
         /// Only the keys changed since each table's last clean verify.
         changed: bool,
     },
+    /// `migrate verify --join`: read parts of a running `migrate verify`'s tables beside it.
+    VerifyJoin,
     /// Switch PgBouncer to green.
     Cutover {
         /// Preflight only.
@@ -129,6 +131,7 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
         Command::Verify { format, table, reverse, changed } => {
             verify::run(&plan, format, table.as_deref(), reverse, changed).await
         }
+        Command::VerifyJoin => verify::join(&plan, shutdown).await,
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, false, shutdown).await,
         Command::Rollback { dry_run } => cutover::run(&plan, dry_run, true, shutdown).await,
         Command::Finish => cleanup::finish(&plan).await,

@@ -240,13 +240,16 @@ pub fn render_text(value: &serde_json::Value) -> String {
     for w in value["workers"].as_array().cloned().unwrap_or_default() {
         let chunks: Vec<&str> =
             w["chunks"].as_array().map(|c| c.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        let role = w["role"].as_str().unwrap_or("");
+        // Verify's processes list parts (`entry:side:part`) where copy's list chunks.
+        let (done, doing) =
+            if role.starts_with("verify") { ("part(s) read", "reading") } else { ("chunk(s) copied", "copying") };
         o.push_str(&format!(
-            "  worker {} ({}) on {}: {} chunk(s) copied, {}, seen {:.0}s ago\n",
+            "  worker {} ({role}) on {}: {} {done}, {}, seen {:.0}s ago\n",
             w["id"].as_str().unwrap_or(""),
-            w["role"].as_str().unwrap_or(""),
             w["host"].as_str().unwrap_or(""),
             w["copied"],
-            if chunks.is_empty() { "idle".to_string() } else { format!("copying {}", chunks.join(", ")) },
+            if chunks.is_empty() { "idle".to_string() } else { format!("{doing} {}", chunks.join(", ")) },
             w["seen_ago"].as_f64().unwrap_or(0.0)
         ));
     }

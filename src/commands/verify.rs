@@ -1,7 +1,7 @@
 //! `migrate verify`: the per-table summary and every persisting difference.
 
 use super::{connect_both, resolve_sound, Format, Outcome};
-use crate::{error::Result, plan::Plan};
+use crate::{error::Result, plan::Plan, shutdown::Shutdown};
 
 /// Runs `verify` and prints its report; `Problems` when anything differs.
 pub async fn run(plan: &Plan, format: Format, table: Option<&str>, reverse: bool, changed: bool) -> Result<Outcome> {
@@ -30,4 +30,14 @@ pub async fn run(plan: &Plan, format: Format, table: Option<&str>, reverse: bool
         }
     );
     Ok(if report.equal { Outcome::Ok } else { Outcome::Problems })
+}
+
+/// Runs `verify --join`: reads parts of a running verify's tables; the leader reports.
+pub async fn join(plan: &Plan, shutdown: Shutdown) -> Result<Outcome> {
+    let (blue, green) = connect_both(plan).await?;
+    let (resolved, _) = resolve_sound(plan, &blue, &green, &[]).await?;
+    drop((blue, green));
+    let read = crate::verify::join(plan, &resolved, &shutdown).await?;
+    println!("read {read} verify part(s); the leader's `migrate verify` reports the result");
+    Ok(Outcome::Ok)
 }

@@ -12,6 +12,7 @@ mod gate;
 mod id;
 mod keys;
 mod migration;
+mod parts;
 mod phase;
 mod record;
 mod tables;
@@ -21,6 +22,7 @@ pub use gate::{Gate, GATE_NAMESPACE};
 pub use id::{short_name, TableId};
 pub use keys::{KeyEvent, COMPACT_ROWS};
 pub use migration::{Control, FollowerView, StatusView};
+pub use parts::{NewPart, PartClaim, PartSummary};
 pub use phase::{CutoverStep, Phase, TableState};
 pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
 pub use tables::{ChunkRecord, TableProgress, TableRecord};
@@ -188,7 +190,7 @@ impl State {
         let s = &self.schema;
         green
             .batch_execute(&format!(
-                "DROP TABLE IF EXISTS {s}.tables, {s}.chunks, {s}.pending, {s}.touched, {s}.touched_log, {s}.verified, {s}.workers;
+                "DROP TABLE IF EXISTS {s}.tables, {s}.chunks, {s}.pending, {s}.touched, {s}.touched_log, {s}.verified, {s}.workers, {s}.verify_parts;
                  DROP SEQUENCE IF EXISTS {s}.pending_seq;
                  ALTER TABLE {s}.migration ADD COLUMN IF NOT EXISTS cleaned_up_at timestamptz;
                  UPDATE {s}.migration SET cleaned_up_at = now(), updated_at = now() WHERE id = 1;"

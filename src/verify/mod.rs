@@ -7,6 +7,7 @@
 //! While a follower is running, a difference is rechecked after apply
 //! has passed blue's position at the time of the check; only differences that persist count.
 
+mod parts;
 mod report;
 pub mod round_trip;
 
@@ -18,6 +19,7 @@ use std::{
 use tokio_postgres::Client;
 use tracing::info;
 
+pub use parts::join;
 pub use report::{render_json, render_text};
 
 use crate::{
@@ -90,7 +92,8 @@ pub struct TableReport {
     pub differences: Vec<Difference>,
     /// All persisting differences.
     pub differences_total: usize,
-    /// Seconds taken.
+    /// Seconds from the run's start to this table's verdict (whole tables' summaries are read
+    /// together, in parts).
     pub seconds: f64,
     /// With `--changed`: the keys changed since the table's last clean verify, checked one by
     /// one instead of the whole table (`None`: the whole table was checked).
@@ -115,62 +118,66 @@ pub struct Report {
 /// (a table never verified clean is checked whole).
 pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>, changed: bool) -> Result<Report> {
     let started = Instant::now();
-    // Blue's scan of a table is split over two sessions; all three come from pools, which
-    // replace a session that broke.
-    let (blue_pool, green_pool) = (SidePool::new(&plan.blue, 2)?, SidePool::new(&plan.green, 1)?);
-    let sessions = tokio::try_join!(blue_pool.get(), blue_pool.get(), green_pool.get())?;
-    let (blue, blue2, green): (&Client, &Client, &Client) = (&sessions.0, &sessions.1, &sessions.2);
-    // The planner cannot know a bucket expression has only `n` values: it expects a group per
-    // row and, at 100M rows, sorts the table to disk for the GROUP BY (tens of GB of temporary
-    // files) where a hash of `n` entries fits in memory.
-    for (c, side) in [(blue, "blue"), (blue2, "blue"), (green, "green")] {
-        c.batch_execute("SET enable_sort = off").await.map_err(Error::db(format!("{side}: verify session")))?;
+    // Sessions for the comparison after the summaries (re-reads, rechecks, `--changed`); the
+    // summaries' own sessions are the parts' lanes. Pooled: a session that broke is replaced.
+    let (blue_pool, green_pool) = (SidePool::new(&plan.blue, 1)?, SidePool::new(&plan.green, 1)?);
+    let sessions = tokio::try_join!(blue_pool.get(), green_pool.get())?;
+    let (blue, green): (&Client, &Client) = (&sessions.0, &sessions.1);
+    for (c, side) in [(blue, "blue"), (green, "green")] {
+        no_sort(c).await.map_err(Error::db(format!("{side}: verify session")))?;
     }
-    let portable = portable_hash(blue, green).await?;
+    let hashing = portable_hash(blue, green).await?;
     let state = State::new(&plan.name);
     let follower = if state.exists(green).await? { Some(state.clone()) } else { None };
     if let Some(state) = &follower {
         // Before any position is read: from here on, direct apply records what it applies.
         state.mark_verify_started(green).await?;
     }
-    let mut tables = Vec::new();
+    // Each selected table: checked whole, or (`--changed`, verified clean before) by its
+    // changed keys.
+    let mut selected = Vec::new();
     for t in &resolved.tables {
         if only.is_some_and(|o| !t.named_by_any(&[o.to_string()])) {
             continue;
         }
-        let text = |e: &str| portable.text.replace("{}", e);
-        let (row_hash, key_hash) = if portable.typed && typed_hash_works(green, t).await {
-            ("hash_record_extended({}, 0)".to_string(), "hash_record_extended({}, 0)".to_string())
-        } else {
-            (text("({})::text"), text("({})::text"))
-        };
-        let mut v = Verifier {
-            blue,
-            blue2,
-            green,
-            t,
-            row_hash,
-            key_hash,
-            key_text_hash: portable.text.to_string(),
-            follower: follower.as_ref(),
-            source_keys: false,
-        };
-        let span = tracing::info_span!("verify", table = %t.target);
         let clean_before = match (&follower, changed) {
             (Some(state), true) => state.verified_clean(green, &t.id).await?,
             _ => false,
         };
-        let report = if clean_before {
+        selected.push((Queries::new(hashing, green, t).await, clean_before));
+    }
+    if only.is_some() && selected.is_empty() {
+        return Err(Error::NoSuchTable { flag: "--table", name: only.unwrap_or_default().to_string() });
+    }
+    let whole: Vec<Queries> = selected.iter().filter(|(_, clean)| !clean).map(|(q, _)| q.clone()).collect();
+    let mut summaries = parts::Summaries::new();
+    let mut position = Lsn(0);
+    if !whole.is_empty() {
+        position = commit_point(blue).await?;
+        // Green first takes in what blue committed so far (bounded): buckets then differ only
+        // by writes made during the scans, not by the follower's lag, and a differing bucket
+        // costs a re-read.
+        if let Some(state) = &follower {
+            wait_applied(green, state, position).await?;
+        }
+        summaries = parts::lead(plan, follower.as_ref(), blue, green, &whole).await?;
+    }
+    let mut tables = Vec::new();
+    for (q, clean_before) in selected {
+        let span = tracing::info_span!("verify", table = %q.t.target);
+        let (n, id) = (q.buckets(), q.t.id.as_str().to_string());
+        let v = Verifier { blue, green, q, follower: follower.as_ref(), source_keys: clean_before };
+        let report = match (&follower, clean_before) {
             // Touched keys are in blue's text, as capture recorded them.
-            v.source_keys = true;
-            tracing::Instrument::instrument(v.changed_only(), span).await?
-        } else {
-            tracing::Instrument::instrument(v.table(), span).await?
+            (Some(state), true) => tracing::Instrument::instrument(v.changed_only(state), span).await?,
+            _ => {
+                let empty = parts::PartSummary::new();
+                let side = |s: &'static str| summaries.get(&(id.clone(), s)).unwrap_or(&empty);
+                tracing::Instrument::instrument(v.compare(n, position, side("blue"), side("green"), started), span)
+                    .await?
+            }
         };
         tables.push(report);
-    }
-    if only.is_some() && tables.is_empty() {
-        return Err(Error::NoSuchTable { flag: "--table", name: only.unwrap_or_default().to_string() });
     }
     let equal = tables.iter().all(|t| t.differences_total == 0);
     let report = Report { plan: plan.name.clone(), tables, equal, seconds: started.elapsed().as_secs_f64() };
@@ -183,6 +190,13 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>, chang
         state.set_last_verify(green, &value).await?;
     }
     Ok(report)
+}
+
+/// Verify's session setting: the planner cannot know a bucket expression has only `n` values;
+/// it expects a group per row and, at 100M rows, sorts the table to disk for the GROUP BY (tens
+/// of GB of temporary files) where a hash of `n` entries fits in memory.
+async fn no_sort(c: &impl tokio_postgres::GenericClient) -> std::result::Result<(), tokio_postgres::Error> {
+    c.batch_execute("SET enable_sort = off").await
 }
 
 /// The row-hash function. `hash_record_extended` hashes each column with its type's own hash
@@ -304,11 +318,9 @@ fn row_of(t: &ResolvedTable) -> String {
     format!("ROW({})", cols.join(", "))
 }
 
-struct Verifier<'a> {
-    blue: &'a Client,
-    /// A second blue session: blue's scan is split in two.
-    blue2: &'a Client,
-    green: &'a Client,
+/// One table's verify queries, with the hash expressions both servers agree on.
+#[derive(Clone)]
+pub(crate) struct Queries<'a> {
     t: &'a ResolvedTable,
     /// Row hash expression with `{}` for the row (see [`row_of`]).
     row_hash: String,
@@ -316,30 +328,34 @@ struct Verifier<'a> {
     key_hash: String,
     /// Hash expression with `{}` for one key column's text.
     key_text_hash: String,
-    follower: Option<&'a State>,
-    /// Keys are given in blue's text (captured keys), not as the transformed rows show them.
-    source_keys: bool,
 }
 
-impl<'a> Verifier<'a> {
-    /// A verifier of single keys given in blue's text (cutover's re-checks): no buckets, no
-    /// follower to wait for.
-    fn for_captured_keys(blue: &'a Client, green: &'a Client, t: &'a ResolvedTable, row_hash: String) -> Self {
-        Verifier {
-            blue,
-            blue2: blue,
-            green,
-            t,
-            row_hash,
-            key_hash: String::new(),
-            key_text_hash: String::new(),
-            follower: None,
-            source_keys: true,
-        }
+impl<'a> Queries<'a> {
+    /// The queries of `t` under `hashing` (typed row hashes where every column has one).
+    async fn new(hashing: Hashing, green: &Client, t: &'a ResolvedTable) -> Queries<'a> {
+        let text = |e: &str| hashing.text.replace("{}", e);
+        let (row_hash, key_hash) = if hashing.typed && typed_hash_works(green, t).await {
+            ("hash_record_extended({}, 0)".to_string(), "hash_record_extended({}, 0)".to_string())
+        } else {
+            (text("({})::text"), text("({})::text"))
+        };
+        Queries { t, row_hash, key_hash, key_text_hash: hashing.text.to_string() }
     }
-}
 
-impl Verifier<'_> {
+    /// Buckets of a whole-table check.
+    fn buckets(&self) -> i64 {
+        (self.t.estimate.rows / BUCKET_ROWS).max(1) as i64
+    }
+
+    /// `(bucket, rows, sum of row hashes)` of the rows of `src` (the rows as [`ROW`]).
+    fn summary(&self, src: &str, n: i64) -> String {
+        format!(
+            "SELECT abs({kh} % {n}) AS b, count(*), coalesce(sum({rh}), 0)::text FROM ({src}) {ROW} GROUP BY 1",
+            kh = self.kh(),
+            rh = self.rh(),
+        )
+    }
+
     /// The row hash.
     fn rh(&self) -> String {
         self.row_hash.replace("{}", &row_of(self.t))
@@ -367,58 +383,37 @@ impl Verifier<'_> {
         let green = format!("SELECT {} FROM {}", self.t.target_column_list(), self.t.target.quoted());
         (blue, green)
     }
+}
 
-    async fn table(&self) -> Result<TableReport> {
-        let started = Instant::now();
-        let n = (self.t.estimate.rows / BUCKET_ROWS).max(1) as i64;
-        let (_, gs) = self.sources();
-        let summary = |src: &str| {
-            format!(
-                "SELECT abs({kh} % {n}) AS b, count(*), coalesce(sum({rh}), 0)::text FROM ({src}) {ROW} GROUP BY 1",
-                kh = self.kh(),
-                rh = self.rh(),
-            )
-        };
-        let position = commit_point(self.blue).await?;
-        // Green first takes in what blue committed so far (bounded): buckets then differ only
-        // by writes made during the scans, not by the follower's lag, and a differing bucket
-        // costs a re-read.
-        if let Some(state) = self.follower {
-            wait_applied(self.green, state, position).await?;
-        }
-        // Blue runs the transform, the expensive side: its scan is split in two heap halves on
-        // two sessions, run while green scans.
-        let blocks: i64 = self
-            .blue
-            .query_one(
-                "SELECT (pg_relation_size($1::text::regclass) / current_setting('block_size')::int8)::int8",
-                &[&self.t.source.quoted()],
-            )
-            .await
-            .map_err(Error::db(format!("blue: size of {}", self.t.source)))?
-            .get(0);
-        let half = blocks / 2 + 1;
-        let q = self.t.qualifier();
-        let lower = summary(&self.t.source_select(Some(&format!("{q}.ctid < '({half},0)'::tid"))));
-        let upper = summary(&self.t.source_select(Some(&format!("{q}.ctid >= '({half},0)'::tid"))));
-        let gq = summary(&gs);
-        let (b1, b2, g) =
-            tokio::join!(self.blue.query(&lower, &[]), self.blue2.query(&upper, &[]), self.green.query(&gq, &[]));
-        let blue_err = || Error::db(format!("blue: checksumming {}", self.t.source));
-        let (b1, b2) = (b1.map_err(blue_err())?, b2.map_err(blue_err())?);
-        let g = g.map_err(Error::db(format!("green: checksumming {}", self.t.target)))?;
-        let to_map = |parts: &[&[tokio_postgres::Row]]| -> HashMap<i64, (i64, i128)> {
-            let mut m: HashMap<i64, (i64, i128)> = HashMap::new();
-            for rows in parts {
-                for r in rows.iter() {
-                    let e = m.entry(r.get(0)).or_default();
-                    e.0 += r.get::<_, i64>(1);
-                    e.1 += r.get::<_, String>(2).parse::<i128>().unwrap_or_default();
-                }
-            }
-            m
-        };
-        let (bm, gm) = (to_map(&[&b1, &b2]), to_map(&[&g]));
+struct Verifier<'a> {
+    blue: &'a Client,
+    green: &'a Client,
+    q: Queries<'a>,
+    follower: Option<&'a State>,
+    /// Keys are given in blue's text (captured keys), not as the transformed rows show them.
+    source_keys: bool,
+}
+
+impl<'a> Verifier<'a> {
+    /// A verifier of single keys given in blue's text (cutover's re-checks): no buckets, no
+    /// follower to wait for.
+    fn for_captured_keys(blue: &'a Client, green: &'a Client, t: &'a ResolvedTable, row_hash: String) -> Self {
+        let q = Queries { t, row_hash, key_hash: String::new(), key_text_hash: String::new() };
+        Verifier { blue, green, q, follower: None, source_keys: true }
+    }
+}
+
+impl Verifier<'_> {
+    /// Compares a whole table from its summaries (`bm` blue's, `gm` green's, summed over every
+    /// part), taken at or after `position`: differing buckets are re-read row by row.
+    async fn compare(
+        &self,
+        n: i64,
+        position: Lsn,
+        bm: &parts::PartSummary,
+        gm: &parts::PartSummary,
+        started: Instant,
+    ) -> Result<TableReport> {
         let rows_blue = bm.values().map(|v| v.0).sum();
         let rows_green = gm.values().map(|v| v.0).sum();
         let mut differing: Vec<i64> = (0..n).filter(|i| bm.get(i) != gm.get(i)).collect();
@@ -455,9 +450,9 @@ impl Verifier<'_> {
         let room = MAX_SHOWN.saturating_sub(differences.len()).min(keys.len());
         differences.extend(self.describe(&keys[..room]).await?);
         let seconds = started.elapsed().as_secs_f64();
-        info!(table = %self.t.target, buckets = n, buckets_differing, differences = total, seconds, "verified");
+        info!(table = %self.q.t.target, buckets = n, buckets_differing, differences = total, seconds, "verified");
         Ok(TableReport {
-            table: self.t.target.to_string(),
+            table: self.q.t.target.to_string(),
             buckets: n as u64,
             buckets_differing,
             rows_blue,
@@ -473,9 +468,8 @@ impl Verifier<'_> {
     /// (row by row, on both sides), and those found equal up to this check's position are
     /// forgotten, as a clean full verify forgets them. Differences are rechecked once apply has
     /// passed blue's position, as the full check's are.
-    async fn changed_only(&self) -> Result<TableReport> {
+    async fn changed_only(&self, state: &State) -> Result<TableReport> {
         let started = Instant::now();
-        let Some(state) = self.follower else { return self.table().await };
         let position = commit_point(self.blue).await?;
         // Everything captured up to the position applied before anything is read: then a key
         // recorded at or below it holds its final write for this check (trigger capture records
@@ -487,7 +481,7 @@ impl Verifier<'_> {
             }
         }
         state.compact_all_touched(self.green).await?;
-        let keys = state.touched_keys(self.green, &self.t.id).await?;
+        let keys = state.touched_keys(self.green, &self.q.t.id).await?;
         let mut differing = Vec::new();
         let mut equal = Vec::new();
         for batch in keys.chunks(CHANGED_KEYS) {
@@ -501,14 +495,14 @@ impl Verifier<'_> {
         }
         let differing = self.recheck(differing).await?;
         for batch in equal.chunks(CHANGED_KEYS) {
-            state.forget_touched_through(self.green, &self.t.id, batch, position).await?;
+            state.forget_touched_through(self.green, &self.q.t.id, batch, position).await?;
         }
         let total = differing.len();
         let differences = self.describe(&differing[..total.min(MAX_SHOWN)]).await?;
         let seconds = started.elapsed().as_secs_f64();
-        info!(table = %self.t.target, changed = keys.len(), differences = total, seconds, "changed keys verified");
+        info!(table = %self.q.t.target, changed = keys.len(), differences = total, seconds, "changed keys verified");
         Ok(TableReport {
-            table: self.t.target.to_string(),
+            table: self.q.t.target.to_string(),
             buckets: 0,
             buckets_differing: 0,
             rows_blue: -1,
@@ -525,7 +519,7 @@ impl Verifier<'_> {
     async fn record(&self, n: i64, position: Lsn, bad: &std::collections::HashSet<i64>) -> Result<()> {
         let Some(state) = self.follower else { return Ok(()) };
         let ok: Vec<bool> = (0..n).map(|b| !bad.contains(&b)).collect();
-        state.record_verified(self.green, &self.t.id, position, &ok).await
+        state.record_verified(self.green, &self.q.t.id, position, &ok).await
     }
 
     /// (key values, (bucket, row hash)) of every row in `buckets`, on one side: one scan for
@@ -540,14 +534,14 @@ impl Verifier<'_> {
         let sql = format!(
             "SELECT ARRAY[{keys}], b, h FROM (SELECT {keys_inner}, abs({kh} % {n}) AS b, {rh} AS h FROM ({src}) {ROW}) x \
              WHERE b = ANY($1)",
-            keys = (0..self.t.key.len()).map(|i| format!("x.bg_k{i}")).collect::<Vec<_>>().join(", "),
+            keys = (0..self.q.t.key.len()).map(|i| format!("x.bg_k{i}")).collect::<Vec<_>>().join(", "),
             keys_inner =
-                self.key_texts().iter().enumerate().map(|(i, k)| format!("{k} AS bg_k{i}")).collect::<Vec<_>>().join(", "),
-            kh = self.kh(),
-            rh = self.rh(),
+                self.q.key_texts().iter().enumerate().map(|(i, k)| format!("{k} AS bg_k{i}")).collect::<Vec<_>>().join(", "),
+            kh = self.q.kh(),
+            rh = self.q.rh(),
         );
         let rows =
-            client.query(&sql, &[&buckets]).await.map_err(Error::db(format!("reading rows of {}", self.t.target)))?;
+            client.query(&sql, &[&buckets]).await.map_err(Error::db(format!("reading rows of {}", self.q.t.target)))?;
         let (mut keyed, mut nulls) = (HashMap::new(), Vec::new());
         for r in &rows {
             let key: Vec<Option<String>> = r.get(0);
@@ -573,7 +567,7 @@ impl Verifier<'_> {
         if buckets.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        let (bs, gs) = self.sources();
+        let (bs, gs) = self.q.sources();
         let (b, g) =
             tokio::join!(self.bucket_rows(self.blue, &bs, buckets, n), self.bucket_rows(self.green, &gs, buckets, n));
         let ((b, b_nulls), (g, g_nulls)) = (b?, g?);
@@ -592,9 +586,10 @@ impl Verifier<'_> {
     async fn hashes(&self, keys: &[Vec<String>]) -> Result<HashMap<Vec<String>, (Option<i64>, Option<i64>)>> {
         let mut out: HashMap<Vec<String>, (Option<i64>, Option<i64>)> =
             keys.iter().map(|k| (k.clone(), (None, None))).collect();
-        for (blue_side, rows) in
-            [(true, self.by_key(true, keys, &self.rh()).await?), (false, self.by_key(false, keys, &self.rh()).await?)]
-        {
+        for (blue_side, rows) in [
+            (true, self.by_key(true, keys, &self.q.rh()).await?),
+            (false, self.by_key(false, keys, &self.q.rh()).await?),
+        ] {
             for r in rows {
                 let k: Vec<String> = r.get(0);
                 let h: i64 = r.get(1);
@@ -614,14 +609,14 @@ impl Verifier<'_> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let (bs, gs) = self.sources();
+        let (bs, gs) = self.q.sources();
         let src = if blue { bs } else { gs };
         // Rows are found by joining the given key texts, and named by them: a key given in
         // blue's text (a captured key) finds its row as apply wrote it, through blue's type.
         let mut on = Vec::new();
         let mut arrays = Vec::new();
         let mut names = Vec::new();
-        for (i, k) in self.t.key.iter().enumerate() {
+        for (i, k) in self.q.t.key.iter().enumerate() {
             let vals: Vec<String> =
                 keys.iter().map(|key| literal(key.get(i).map(String::as_str).unwrap_or(""))).collect();
             arrays.push(format!("ARRAY[{}]::text[]", vals.join(", ")));
@@ -655,7 +650,7 @@ impl Verifier<'_> {
             r => r.map_err(Error::db(format!(
                 "{}: reading rows of {} by key",
                 if blue { "blue" } else { "green" },
-                self.t.target
+                self.q.t.target
             ))),
         }
     }
@@ -671,7 +666,7 @@ impl Verifier<'_> {
             }
             let lsn = commit_point(self.blue).await?;
             let applied = wait_applied(self.green, state, lsn).await?;
-            tracing::debug!(table = %self.t.target, keys = keys.len(), ?applied, "recheck");
+            tracing::debug!(table = %self.q.t.target, keys = keys.len(), ?applied, "recheck");
             match applied {
                 Applied::Yes => {
                     let hashes = self.hashes(&keys).await?;
@@ -687,7 +682,7 @@ impl Verifier<'_> {
 
     /// Full rows for the keys on both sides, diffed column by column.
     async fn describe(&self, keys: &[Vec<String>]) -> Result<Vec<Difference>> {
-        let cols: Vec<String> = self.t.mapped().map(|c| c.name.clone()).collect();
+        let cols: Vec<String> = self.q.t.mapped().map(|c| c.name.clone()).collect();
         let arr = format!(
             "ARRAY[{}]",
             cols.iter().map(|c| format!("{ROW}.{}::text", ident(c))).collect::<Vec<_>>().join(", ")
