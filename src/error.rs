@@ -269,6 +269,16 @@ pub enum Error {
         /// Plan name.
         plan: String,
     },
+    /// A checksum a server sent could not be read (verify).
+    #[error("{side}: checksum of {table} does not decode: {value}")]
+    Checksum {
+        /// `blue` or `green`.
+        side: &'static str,
+        /// The table summed.
+        table: String,
+        /// What the server sent.
+        value: String,
+    },
     /// What blue sent could not be decoded.
     #[error("blue: {what}: {message}")]
     Decode {

@@ -266,8 +266,8 @@ fn one_verify_spread_over_joined_workers_survives_a_killed_worker() {
     };
     let state = c.sql("bluegreen_custom");
     let mut doomed = c.spawn(&["verify", p, "--join"], &[("MIGRATE_FAULT", "verify.part-read:sleep")]);
-    let joined = c.spawn(&["verify", p, "--join"], &[]);
-    // The leader is slowed per part so that the joined workers take some.
+    // Both slowed per part, so that no process takes every part before the doomed one has one.
+    let joined = c.spawn(&["verify", p, "--join"], &[("MIGRATE_FAULT", "verify.part-read:sleep=300")]);
     let leader = {
         let mut cmd = c.migrate(&["verify", p]);
         cmd.env("MIGRATE_FAULT", "verify.part-read:sleep=1500");
@@ -301,12 +301,11 @@ fn one_verify_spread_over_joined_workers_survives_a_killed_worker() {
     let r = leader.join().unwrap();
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("green equals transform(blue)"), "{r:?}");
-    let out = joined.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(exited(joined).success(), "the joined worker failed");
 
     let parts = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.verify_parts"));
     // Four parts a side (the table is over 64 blocks), each stored once, none by the dead worker.
-    assert_eq!(parts("count(*) || ' ' || count(*) FILTER (WHERE done)"), "8 8");
+    assert_eq!(parts("count(*) || ' ' || count(*) FILTER (WHERE done AND stored = 1)"), "8 8");
     assert_eq!(parts(&format!("count(*) FILTER (WHERE worker = '{doomed_id}')")), "0");
     let mut held_parts = held.rsplitn(3, ':');
     let (number, side, tbl) = (held_parts.next().unwrap(), held_parts.next().unwrap(), held_parts.next().unwrap());
@@ -335,16 +334,39 @@ fn one_verify_spread_over_joined_workers_survives_a_killed_worker() {
         assert!(started.elapsed() < Duration::from_secs(90), "green did not converge to blue");
         std::thread::sleep(Duration::from_millis(500));
     }
-    // A row changed on green behind the follower's back is found by the same spread verify.
+    // A row changed on green behind the follower's back is found by the same spread verify,
+    // in the one bucket that holds it: the parts' summaries add up to each side's exactly.
     c.green.psql("UPDATE items SET payload = 'tampered' WHERE id = 4242");
-    let mut joined = c.spawn(&["verify", p, "--join"], &[]);
+    let joined = c.spawn(&["verify", p, "--join"], &[]);
     let r = run(c.migrate(&["verify", p, "--format", "json"]).env("MIGRATE_FAULT", "verify.part-read:sleep=500"));
     assert_eq!(r.code, 1, "{r:?}");
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let d = &v["tables"][0]["differences"];
-    assert_eq!(v["tables"][0]["differences_total"], 1, "{v}");
-    assert_eq!(d[0]["key"][0], "4242", "{v}");
-    assert_eq!(d[0]["columns"][0][0], "payload", "{v}");
-    assert!(joined.wait().unwrap().success());
+    let t = &v["tables"][0];
+    assert_eq!(t["differences_total"], 1, "{v}");
+    assert_eq!(t["differences"][0]["key"][0], "4242", "{v}");
+    assert_eq!(t["differences"][0]["columns"][0][0], "payload", "{v}");
+    assert_eq!(t["buckets_differing"], 1, "{v}");
+    let count: i64 = c.blue.psql("SELECT count(*) FROM items").parse().unwrap();
+    assert_eq!((t["rows_blue"].as_i64(), t["rows_green"].as_i64()), (Some(count), Some(count)), "{v}");
+    assert!(exited(joined).success(), "the second joined worker failed");
+    let by: i64 = c.green.psql(&format!("SELECT count(DISTINCT worker) FROM {state}.verify_parts")).parse().unwrap();
+    assert!(by >= 2, "only {by} process(es) read the second run's parts");
     crate::capture::sigint_and_wait(&mut copy);
+}
+
+/// Waits (up to 90 s) for a background `migrate` to exit.
+fn exited(mut child: std::process::Child) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("a joined worker did not exit: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -129,7 +129,7 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
             copied
         }
         Command::Verify { format, table, reverse, changed } => {
-            verify::run(&plan, format, table.as_deref(), reverse, changed).await
+            verify::run(&plan, format, table.as_deref(), reverse, changed, shutdown).await
         }
         Command::VerifyJoin => verify::join(&plan, shutdown).await,
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, false, shutdown).await,

@@ -325,7 +325,7 @@ async fn rehearse(text: &str, r: &Rehearsal, shutdown: &Shutdown, steps: &mut Ve
         // Caught up with the last writes: what verify compares is what blue committed.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (equal, report) = step(steps, "verify", async {
-            let report = crate::verify::run(&plan, &resolved, None, false).await?;
+            let report = crate::verify::run(&plan, &resolved, None, false, shutdown).await?;
             let rows: i64 = report.tables.iter().map(|t| t.rows_blue).sum();
             let differing = report.tables.iter().filter(|t| t.differences_total > 0).count();
             let failures = if report.equal { Vec::new() } else { vec![format!("{differing} table(s) differ")] };

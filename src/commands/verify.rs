@@ -4,7 +4,14 @@ use super::{connect_both, resolve_sound, Format, Outcome};
 use crate::{error::Result, plan::Plan, shutdown::Shutdown};
 
 /// Runs `verify` and prints its report; `Problems` when anything differs.
-pub async fn run(plan: &Plan, format: Format, table: Option<&str>, reverse: bool, changed: bool) -> Result<Outcome> {
+pub async fn run(
+    plan: &Plan,
+    format: Format,
+    table: Option<&str>,
+    reverse: bool,
+    changed: bool,
+    shutdown: Shutdown,
+) -> Result<Outcome> {
     let (blue, green) = connect_both(plan).await?;
     let (resolved, _) = resolve_sound(plan, &blue, &green, &[]).await?;
     drop((blue, green));
@@ -21,7 +28,7 @@ pub async fn run(plan: &Plan, format: Format, table: Option<&str>, reverse: bool
         }
         return Ok(if ok { Outcome::Ok } else { Outcome::Problems });
     }
-    let report = crate::verify::run(plan, &resolved, table, changed).await?;
+    let report = crate::verify::run(plan, &resolved, table, changed, &shutdown).await?;
     print!(
         "{}",
         match format {

@@ -53,17 +53,9 @@ impl Snapshots {
     }
 }
 
-/// Opens a transaction on `blue` and exports its snapshot. Held idle while workers wait
-/// (paused, throttled): a server-wide `idle_in_transaction_session_timeout` must not end it.
+/// Opens a transaction on `blue` and exports its snapshot (see [`crate::pg::export_snapshot`]).
 pub(super) async fn export(blue: &Client) -> Result<String> {
-    blue.batch_execute("SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(Error::db("blue: beginning a copy snapshot"))?;
-    Ok(blue
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .map_err(Error::db("blue: exporting a copy snapshot"))?
-        .get(0))
+    crate::pg::export_snapshot(blue, "blue: copy snapshot").await
 }
 
 /// Replaces the exported snapshot every `[copy] snapshot_max_age` until `stop`, then ends every

@@ -12,3 +12,21 @@ pub use conn::{ConnError, ConnInfo, Side};
 pub use lsn::{commit_point, current_lsn, flush_lsn, insert_lsn, Lsn};
 pub use pool::SidePool;
 pub use quote::{ident, literal, QualifiedName};
+
+use crate::error::{Error, Result};
+
+/// Opens a read-only repeatable-read transaction on `client` and exports its snapshot, for
+/// other sessions (here or on other machines) to read as it saw the database. Held idle while
+/// they read: a server-wide `idle_in_transaction_session_timeout` must not end it. `what`
+/// names it in errors (`blue: … copy snapshot`).
+pub async fn export_snapshot(client: &tokio_postgres::Client, what: &str) -> Result<String> {
+    client
+        .batch_execute("SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(Error::db(format!("{what}: beginning")))?;
+    Ok(client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(Error::db(format!("{what}: exporting")))?
+        .get(0))
+}

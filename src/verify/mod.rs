@@ -92,8 +92,8 @@ pub struct TableReport {
     pub differences: Vec<Difference>,
     /// All persisting differences.
     pub differences_total: usize,
-    /// Seconds from the run's start to this table's verdict (whole tables' summaries are read
-    /// together, in parts).
+    /// Seconds spent on this table: its comparison, and its share of the time the summaries took
+    /// (whole tables' parts are read together, shared by the time each table's parts took).
     pub seconds: f64,
     /// With `--changed`: the keys changed since the table's last clean verify, checked one by
     /// one instead of the whole table (`None`: the whole table was checked).
@@ -116,71 +116,46 @@ pub struct Report {
 /// Runs verify over the plan's tables (or the one named by `only`, source or target name).
 /// With `changed`, a table whose last verify was clean is checked only at the keys applied since
 /// (a table never verified clean is checked whole).
-pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>, changed: bool) -> Result<Report> {
-    let started = Instant::now();
+pub async fn run(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    only: Option<&str>,
+    changed: bool,
+    shutdown: &crate::shutdown::Shutdown,
+) -> Result<Report> {
     // Sessions for the comparison after the summaries (re-reads, rechecks, `--changed`); the
     // summaries' own sessions are the parts' lanes. Pooled: a session that broke is replaced.
     let (blue_pool, green_pool) = (SidePool::new(&plan.blue, 1)?, SidePool::new(&plan.green, 1)?);
     let sessions = tokio::try_join!(blue_pool.get(), green_pool.get())?;
     let (blue, green): (&Client, &Client) = (&sessions.0, &sessions.1);
     for (c, side) in [(blue, "blue"), (green, "green")] {
-        no_sort(c).await.map_err(Error::db(format!("{side}: verify session")))?;
+        session(c).await.map_err(Error::db(format!("{side}: verify session")))?;
     }
     let hashing = portable_hash(blue, green).await?;
     let state = State::new(&plan.name);
     let follower = if state.exists(green).await? { Some(state.clone()) } else { None };
     if let Some(state) = &follower {
+        // One verify of a plan at a time (a run's parts are its own), taken before anything is
+        // read so a verify that waited reads from where it starts.
+        let mut said = Instant::now() - Duration::from_secs(30);
+        while !state.try_begin_verify_run(green).await? {
+            if shutdown.is_triggered() {
+                return Err(Error::Interrupted { during: "while waiting for another verify of this plan".into() });
+            }
+            if said.elapsed() >= Duration::from_secs(30) {
+                info!(plan = %plan.name, "another verify of this plan is running; waiting for it to end");
+                said = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         // Before any position is read: from here on, direct apply records what it applies.
         state.mark_verify_started(green).await?;
     }
-    // Each selected table: checked whole, or (`--changed`, verified clean before) by its
-    // changed keys.
-    let mut selected = Vec::new();
-    for t in &resolved.tables {
-        if only.is_some_and(|o| !t.named_by_any(&[o.to_string()])) {
-            continue;
-        }
-        let clean_before = match (&follower, changed) {
-            (Some(state), true) => state.verified_clean(green, &t.id).await?,
-            _ => false,
-        };
-        selected.push((Queries::new(hashing, green, t).await, clean_before));
+    let report = run_locked(plan, resolved, only, changed, shutdown, (blue, green), follower.as_ref(), hashing).await;
+    if let Some(state) = &follower {
+        state.end_verify_run(green).await;
     }
-    if only.is_some() && selected.is_empty() {
-        return Err(Error::NoSuchTable { flag: "--table", name: only.unwrap_or_default().to_string() });
-    }
-    let whole: Vec<Queries> = selected.iter().filter(|(_, clean)| !clean).map(|(q, _)| q.clone()).collect();
-    let mut summaries = parts::Summaries::new();
-    let mut position = Lsn(0);
-    if !whole.is_empty() {
-        position = commit_point(blue).await?;
-        // Green first takes in what blue committed so far (bounded): buckets then differ only
-        // by writes made during the scans, not by the follower's lag, and a differing bucket
-        // costs a re-read.
-        if let Some(state) = &follower {
-            wait_applied(green, state, position).await?;
-        }
-        summaries = parts::lead(plan, follower.as_ref(), blue, green, &whole).await?;
-    }
-    let mut tables = Vec::new();
-    for (q, clean_before) in selected {
-        let span = tracing::info_span!("verify", table = %q.t.target);
-        let (n, id) = (q.buckets(), q.t.id.as_str().to_string());
-        let v = Verifier { blue, green, q, follower: follower.as_ref(), source_keys: clean_before };
-        let report = match (&follower, clean_before) {
-            // Touched keys are in blue's text, as capture recorded them.
-            (Some(state), true) => tracing::Instrument::instrument(v.changed_only(state), span).await?,
-            _ => {
-                let empty = parts::PartSummary::new();
-                let side = |s: &'static str| summaries.get(&(id.clone(), s)).unwrap_or(&empty);
-                tracing::Instrument::instrument(v.compare(n, position, side("blue"), side("green"), started), span)
-                    .await?
-            }
-        };
-        tables.push(report);
-    }
-    let equal = tables.iter().all(|t| t.differences_total == 0);
-    let report = Report { plan: plan.name.clone(), tables, equal, seconds: started.elapsed().as_secs_f64() };
+    let report = report?;
     if let Some(state) = follower {
         let value = serde_json::json!({
             "equal": report.equal,
@@ -192,11 +167,83 @@ pub async fn run(plan: &Plan, resolved: &ResolvedPlan, only: Option<&str>, chang
     Ok(report)
 }
 
-/// Verify's session setting: the planner cannot know a bucket expression has only `n` values;
-/// it expects a group per row and, at 100M rows, sorts the table to disk for the GROUP BY (tens
-/// of GB of temporary files) where a hash of `n` entries fits in memory.
-async fn no_sort(c: &impl tokio_postgres::GenericClient) -> std::result::Result<(), tokio_postgres::Error> {
-    c.batch_execute("SET enable_sort = off").await
+/// [`run`] once it holds the plan's verify lock.
+#[allow(clippy::too_many_arguments)]
+async fn run_locked(
+    plan: &Plan,
+    resolved: &ResolvedPlan,
+    only: Option<&str>,
+    changed: bool,
+    shutdown: &crate::shutdown::Shutdown,
+    (blue, green): (&Client, &Client),
+    follower: Option<&State>,
+    hashing: Hashing,
+) -> Result<Report> {
+    let started = Instant::now();
+    // Each selected table: checked whole, or (`--changed`, verified clean before) by its
+    // changed keys.
+    let mut selected = Vec::new();
+    for t in &resolved.tables {
+        if only.is_some_and(|o| !t.named_by_any(&[o.to_string()])) {
+            continue;
+        }
+        let clean_before = match (follower, changed) {
+            (Some(state), true) => state.verified_clean(green, &t.id).await?,
+            _ => false,
+        };
+        selected.push((Queries::new(hashing, green, t).await, clean_before));
+    }
+    if only.is_some() && selected.is_empty() {
+        return Err(Error::NoSuchTable { flag: "--table", name: only.unwrap_or_default().to_string() });
+    }
+    let whole: Vec<Queries> = selected.iter().filter(|(_, clean)| !clean).map(|(q, _)| q.clone()).collect();
+    let mut summed = parts::Summed { sums: parts::Summaries::new(), seconds: HashMap::new() };
+    let mut position = Lsn(0);
+    let mut phase = 0.0;
+    if !whole.is_empty() {
+        position = commit_point(blue).await?;
+        // Green first takes in what blue committed so far (bounded): buckets then differ only
+        // by what green had not applied when the run's snapshots were taken, and a differing
+        // bucket costs a re-read.
+        if let Some(state) = follower {
+            wait_applied(green, state, position).await?;
+        }
+        summed = parts::lead(plan, follower, (blue, green), &whole, shutdown).await?;
+        phase = started.elapsed().as_secs_f64();
+    }
+    // The summaries' wall time, shared among the tables by the time their parts took.
+    let total: f64 = summed.seconds.values().sum();
+    let mut tables = Vec::new();
+    for (q, clean_before) in selected {
+        let span = tracing::info_span!("verify", table = %q.t.target);
+        let (n, id) = (q.buckets(), q.t.id.as_str().to_string());
+        let v = Verifier { blue, green, q, follower, source_keys: clean_before };
+        let share = if total > 0.0 { phase * summed.seconds.get(&id).copied().unwrap_or(0.0) / total } else { 0.0 };
+        let report = match (follower, clean_before) {
+            // Touched keys are in blue's text, as capture recorded them.
+            (Some(state), true) => tracing::Instrument::instrument(v.changed_only(state), span).await?,
+            _ => {
+                let empty = parts::PartSummary::new();
+                let side = |s: &'static str| summed.sums.get(&(id.clone(), s)).unwrap_or(&empty);
+                tracing::Instrument::instrument(v.compare(n, position, side("blue"), side("green"), share), span)
+                    .await?
+            }
+        };
+        tables.push(report);
+    }
+    let equal = tables.iter().all(|t| t.differences_total == 0);
+    Ok(Report { plan: plan.name.clone(), tables, equal, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Verify's session settings. The planner cannot know a bucket expression has only `n` values;
+/// it expects a group per row and, at 100M rows, sorted the table to disk for the GROUP BY (tens
+/// of GB of temporary files) where a hash of `n` entries fits in memory: `enable_sort = off`.
+/// A session waits idle (in a transaction holding a part's claim while blue reads it, or
+/// between the summaries and the comparison) for as long as the read takes: server-wide idle
+/// timeouts must not end it.
+async fn session(c: &impl tokio_postgres::GenericClient) -> std::result::Result<(), tokio_postgres::Error> {
+    c.batch_execute("SET enable_sort = off; SET idle_in_transaction_session_timeout = 0; SET idle_session_timeout = 0")
+        .await
 }
 
 /// The row-hash function. `hash_record_extended` hashes each column with its type's own hash
@@ -412,8 +459,9 @@ impl Verifier<'_> {
         position: Lsn,
         bm: &parts::PartSummary,
         gm: &parts::PartSummary,
-        started: Instant,
+        summaries: f64,
     ) -> Result<TableReport> {
+        let started = Instant::now();
         let rows_blue = bm.values().map(|v| v.0).sum();
         let rows_green = gm.values().map(|v| v.0).sum();
         let mut differing: Vec<i64> = (0..n).filter(|i| bm.get(i) != gm.get(i)).collect();
@@ -449,7 +497,7 @@ impl Verifier<'_> {
             .collect();
         let room = MAX_SHOWN.saturating_sub(differences.len()).min(keys.len());
         differences.extend(self.describe(&keys[..room]).await?);
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = summaries + started.elapsed().as_secs_f64();
         info!(table = %self.q.t.target, buckets = n, buckets_differing, differences = total, seconds, "verified");
         Ok(TableReport {
             table: self.q.t.target.to_string(),

@@ -1,7 +1,10 @@
 //! Verify's summaries in parts. Each side's heap is cut into block ranges; a part's summary is
 //! (rows, sum of row hashes) per key bucket, and sums add: parts read by different sessions,
 //! processes or machines, at different moments, add up to the table's summary, as one scan's
-//! would (verify compares sides that change while it reads anyway, and rechecks what differs).
+//! would. Every part of a side is read under one snapshot the leader exported for the run
+//! (`SET TRANSACTION SNAPSHOT`, which works from any machine while the leader's transaction
+//! lives): each side is read as of one moment, as one statement would, so buckets differ only
+//! by what green had not applied at that moment, not by writes made while parts were read.
 //!
 //! With migration state on green, parts are rows of green's `verify_parts`, claimed with
 //! `FOR UPDATE SKIP LOCKED` in the transaction that stores their summary (see
@@ -24,11 +27,13 @@ use tracing::info;
 pub use crate::state::PartSummary;
 use crate::{
     error::{Error, Result},
+    pg::{export_snapshot, literal},
     plan::{Plan, ResolvedPlan},
+    shutdown::Shutdown,
     state::{NewPart, State},
 };
 
-use super::{no_sort, portable_hash, Queries};
+use super::{portable_hash, session, Queries};
 
 /// Blocks per part (128 MB of heap with 8 kB blocks): big enough that a claim costs nothing
 /// against the read, small enough that several machines share a table.
@@ -48,8 +53,17 @@ pub type Summaries = HashMap<(String, &'static str), PartSummary>;
 enum Board<'a> {
     /// Green's `verify_parts`: the leader's run (`Some`) or any run (a joined worker).
     Shared { state: &'a State, run: Option<String>, worker: String },
-    /// One process, no state: a queue in memory.
-    Local { queue: Mutex<VecDeque<NewPart>>, sums: &'a Mutex<Summaries> },
+    /// One process, no state: a queue in memory; summaries and seconds per table.
+    Local { queue: Mutex<VecDeque<NewPart>>, sums: &'a Mutex<Summaries>, seconds: &'a Mutex<HashMap<String, f64>> },
+}
+
+/// Each side's summary of every table, summed over its parts, and the seconds each table's
+/// parts took to read (summed over the sessions that read them).
+pub struct Summed {
+    /// By (entry id, side).
+    pub sums: Summaries,
+    /// By entry id.
+    pub seconds: HashMap<String, f64>,
 }
 
 /// What the lanes of one process share.
@@ -62,49 +76,62 @@ struct Lanes<'a> {
     /// Parts in hand (`entry:side:part`), for `status`.
     busy: Mutex<BTreeSet<String>>,
     checked: AtomicI32,
+    shutdown: &'a Shutdown,
 }
 
-/// The leader: plans the parts of `tables`, reads them with its lanes (beside any joined
-/// workers), and returns each side's summed summary.
+/// The leader: exports a snapshot of each side, plans the parts of `tables`, reads them with
+/// its lanes (beside any joined workers), and returns each side's summed summary. With state,
+/// the caller holds the plan's verify lock.
 pub(super) async fn lead(
     plan: &Plan,
     state: Option<&State>,
-    blue: &Client,
-    green: &Client,
+    (blue, green): (&Client, &Client),
     tables: &[Queries<'_>],
-) -> Result<Summaries> {
+    shutdown: &Shutdown,
+) -> Result<Summed> {
+    // Held until every part is read: the snapshots live as long as their transactions.
+    let (blue_snap, green_snap) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
+    let snapshots = (
+        export_snapshot(&blue_snap, "blue: verify snapshot").await?,
+        export_snapshot(&green_snap, "green: verify snapshot").await?,
+    );
     let mut planned = Vec::new();
     for q in tables {
-        planned.extend(plan_table(blue, green, q).await?);
+        planned.extend(plan_table(blue, green, q, &snapshots).await?);
     }
     let Some(state) = state else {
-        let sums = Mutex::default();
-        Lanes::new(plan, Board::Local { queue: Mutex::new(planned.into()), sums: &sums }, tables).run().await?;
-        return Ok(sums.into_inner().unwrap_or_default());
+        let (sums, seconds) = (Mutex::default(), Mutex::default());
+        let board = Board::Local { queue: Mutex::new(planned.into()), sums: &sums, seconds: &seconds };
+        Lanes::new(plan, board, tables, shutdown).run().await?;
+        let seconds = seconds.into_inner().unwrap_or_default();
+        return Ok(Summed { sums: sums.into_inner().unwrap_or_default(), seconds });
     };
-    state.begin_verify_run(green).await?;
     let run = crate::state::worker_id();
+    state.plan_verify_parts(green, &run, &planned).await?;
     let result = async {
-        state.plan_verify_parts(green, &run, &planned).await?;
         let board = Board::Shared { state, run: Some(run.clone()), worker: run.clone() };
-        Lanes::new(plan, board, tables).run_reported("verify leader").await?;
-        let mut sums = Summaries::new();
+        Lanes::new(plan, board, tables, shutdown).run_reported("verify leader").await?;
+        let mut summed = Summed { sums: Summaries::new(), seconds: HashMap::new() };
         for q in tables {
+            let id = q.t.id.as_str().to_string();
             for side in ["blue", "green"] {
-                let id = q.t.id.as_str().to_string();
-                sums.insert((id.clone(), side), state.verify_summary(green, &run, &id, side).await?);
+                summed.sums.insert((id.clone(), side), state.verify_summary(green, &run, &id, side).await?);
             }
+            summed.seconds.insert(id.clone(), state.verify_part_seconds(green, &run, &id).await?);
         }
-        Ok(sums)
+        Ok(summed)
     }
     .await;
-    state.end_verify_run(green).await;
+    if result.is_err() {
+        // Joined workers stop reading a run that cannot finish.
+        let _ = state.abandon_verify_run(green, &run).await;
+    }
     result
 }
 
 /// `migrate verify --join`: waits for a leader's run, reads parts of it until none is left, and
 /// returns how many this process read.
-pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &crate::shutdown::Shutdown) -> Result<i32> {
+pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> Result<i32> {
     let (blue, green) = tokio::try_join!(plan.blue.connect(), plan.green.connect())?;
     let state = State::new(&plan.name);
     if !state.exists(&green).await? {
@@ -128,14 +155,19 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &crate::shutdo
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let board = Board::Shared { state: &state, run: None, worker: crate::state::worker_id() };
-    let lanes = Lanes::new(plan, board, &queries);
+    let lanes = Lanes::new(plan, board, &queries, shutdown);
     lanes.run_reported("verify joined").await?;
     Ok(lanes.checked.load(Ordering::Relaxed))
 }
 
 /// The parts of one table: each side's heap in ranges of [`PART_BLOCKS`], the last open-ended
 /// (rows in blocks added since are read too).
-async fn plan_table(blue: &Client, green: &Client, q: &Queries<'_>) -> Result<Vec<NewPart>> {
+async fn plan_table(
+    blue: &Client,
+    green: &Client,
+    q: &Queries<'_>,
+    snapshots: &(String, String),
+) -> Result<Vec<NewPart>> {
     let n = q.buckets();
     let shape = shape(green, q, n).await?;
     let mut parts = Vec::new();
@@ -163,6 +195,7 @@ async fn plan_table(blue: &Client, green: &Client, q: &Queries<'_>) -> Result<Ve
                 end_block: (i + 1 < count).then_some((i + 1) * per),
                 buckets: n,
                 shape: shape.clone(),
+                snapshot: if side == "blue" { snapshots.0.clone() } else { snapshots.1.clone() },
             });
         }
     }
@@ -195,30 +228,57 @@ async fn shape(green: &impl GenericClient, q: &Queries<'_>, n: i64) -> Result<St
         end_block: None,
         buckets: n,
         shape: String::new(),
+        snapshot: String::new(),
     };
     let text = format!("{}\n{}", part_sql(q, &whole("blue")), part_sql(q, &whole("green")));
     Ok(green.query_one("SELECT md5($1)", &[&text]).await.map_err(Error::db("green: fingerprinting verify"))?.get(0))
 }
 
-/// One part's summary, read on its side.
-async fn summarise(q: &Queries<'_>, part: &NewPart, blue: &Client, green: &impl GenericClient) -> Result<PartSummary> {
-    let sql = part_sql(q, part);
-    let rows = if part.side == "blue" {
-        blue.query(&sql, &[]).await.map_err(Error::db(format!("blue: checksumming {}", q.t.source)))?
-    } else {
-        green.query(&sql, &[]).await.map_err(Error::db(format!("green: checksumming {}", q.t.target)))?
-    };
+/// One part's summary, read on its side under the run's snapshot of that side; `None` when
+/// the snapshot is gone (the leader that exported it ended).
+async fn summarise(q: &Queries<'_>, part: &NewPart, blue: &Client, green: &Client) -> Result<Option<PartSummary>> {
+    let (client, side, name) =
+        if part.side == "blue" { (blue, "blue", &q.t.source) } else { (green, "green", &q.t.target) };
+    let import = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        literal(&part.snapshot)
+    );
+    match client.batch_execute(&import).await {
+        Ok(()) => {}
+        // 22023: no such snapshot (its transaction ended).
+        Err(e) if e.code().is_some_and(|c| c.code() == "22023") => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Ok(None);
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(Error::db(format!("{side}: importing the verify snapshot"))(e));
+        }
+    }
+    let rows = client.query(&part_sql(q, part), &[]).await;
+    let _ = client.batch_execute("COMMIT").await;
+    let rows = rows.map_err(Error::db(format!("{side}: checksumming {name}")))?;
     let mut out = PartSummary::new();
     for r in &rows {
         let sum: String = r.get(2);
-        out.insert(r.get(0), (r.get(1), sum.parse::<i128>().unwrap_or_default()));
+        let sum =
+            sum.parse::<i128>().map_err(|_| Error::Checksum { side, table: name.to_string(), value: sum.clone() })?;
+        out.insert(r.get(0), (r.get(1), sum));
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 impl<'a> Lanes<'a> {
-    fn new(plan: &'a Plan, board: Board<'a>, queries: &'a [Queries<'a>]) -> Self {
-        Lanes { plan, board, queries, shapes: Default::default(), busy: Default::default(), checked: AtomicI32::new(0) }
+    fn new(plan: &'a Plan, board: Board<'a>, queries: &'a [Queries<'a>], shutdown: &'a Shutdown) -> Self {
+        Lanes {
+            plan,
+            board,
+            queries,
+            shapes: Default::default(),
+            busy: Default::default(),
+            checked: AtomicI32::new(0),
+            shutdown,
+        }
     }
 
     /// Runs every lane to the end.
@@ -253,67 +313,101 @@ impl<'a> Lanes<'a> {
         result
     }
 
-    /// One lane: a blue and a green session reading parts until none is left.
+    /// One lane: a blue and a green session reading parts until none is left (and, with
+    /// state, a green session holding the claim meanwhile).
     async fn lane(&self) -> Result<()> {
-        let (blue, mut green) = tokio::try_join!(self.plan.blue.connect(), self.plan.green.connect())?;
-        no_sort(&blue).await.map_err(Error::db("blue: verify session"))?;
-        no_sort(&green).await.map_err(Error::db("green: verify session"))?;
-        let mut said = Instant::now();
-        loop {
-            match &self.board {
-                Board::Local { queue, sums } => {
-                    let Some(part) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { return Ok(()) };
-                    let summary = summarise(self.queries_of(&part.table)?, &part, &blue, &green).await?;
-                    if let Ok(mut sums) = sums.lock() {
-                        let into = sums.entry((part.table.clone(), part.side)).or_default();
-                        for (b, (c, s)) in summary {
-                            let e = into.entry(b).or_default();
-                            (e.0, e.1) = (e.0 + c, e.1 + s);
-                        }
+        let (blue, green) = tokio::try_join!(self.plan.blue.connect(), self.plan.green.connect())?;
+        session(&blue).await.map_err(Error::db("blue: verify session"))?;
+        session(&green).await.map_err(Error::db("green: verify session"))?;
+        match &self.board {
+            Board::Local { queue, sums, seconds } => loop {
+                self.stop_if_asked()?;
+                let Some(part) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { return Ok(()) };
+                let q = self.queries_of(&part.table)?;
+                let started = Instant::now();
+                let summary = summarise(q, &part, &blue, &green).await?.ok_or_else(lost_snapshot)?;
+                if let Ok(mut sums) = sums.lock() {
+                    let into = sums.entry((part.table.clone(), part.side)).or_default();
+                    for (b, (c, s)) in summary {
+                        let e = into.entry(b).or_default();
+                        (e.0, e.1) = (e.0 + c, e.1 + s);
                     }
                 }
-                Board::Shared { state, run, worker } => {
-                    let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
-                    let Some(claim) = state.claim_verify_part(&tx, run.as_deref()).await? else {
-                        drop(tx);
-                        // Parts left are in other sessions' hands (here or on other machines)
-                        // and come free if those die.
-                        if state.verify_parts_left(&green, run.as_deref()).await? == 0 {
-                            return Ok(());
-                        }
-                        if said.elapsed() >= Duration::from_secs(30) {
-                            info!("every verify part left is held by another worker; waiting for them");
-                            said = Instant::now();
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    };
-                    let p = &claim.part;
-                    let q = self.queries_of(&p.table)?;
-                    if self.shape_of(&tx, q, p.buckets).await? != p.shape {
-                        return Err(Error::Usage(format!(
-                            "verify of {}: this process's plan or servers differ from the leader's (its query for the \
-                             table is not the leader's); run the same plan file with the same `migrate`",
-                            q.t.target
-                        )));
-                    }
-                    let name = format!("{}:{}:{}", p.table, p.side, p.number);
-                    self.busy.lock().map(|mut b| b.insert(name.clone())).ok();
-                    let started = Instant::now();
-                    let summary = summarise(q, p, &blue, &tx).await;
-                    crate::fault::point("verify.part-read").await;
-                    let stored = match summary {
-                        Ok(s) => state.verify_part_done(&tx, &claim, worker, &s, started.elapsed().as_secs_f64()).await,
-                        Err(e) => Err(e),
-                    };
-                    self.busy.lock().map(|mut b| b.remove(&name)).ok();
-                    stored?;
-                    tx.commit().await.map_err(Error::db("green: storing a verify part"))?;
-                    self.checked.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(part = %name, seconds = started.elapsed().as_secs_f64(), "verify part read");
+                if let Ok(mut seconds) = seconds.lock() {
+                    *seconds.entry(part.table.clone()).or_default() += started.elapsed().as_secs_f64();
                 }
+            },
+            Board::Shared { state, run, worker } => {
+                self.shared_lane((&blue, &green), state, run.as_deref(), worker).await
             }
         }
+    }
+
+    /// [`Lanes::lane`] on green's `verify_parts`: claim, read, store, commit.
+    async fn shared_lane(
+        &self,
+        (blue, green): (&Client, &Client),
+        state: &State,
+        run: Option<&str>,
+        worker: &str,
+    ) -> Result<()> {
+        let mut claims = self.plan.green.connect().await?;
+        session(&claims).await.map_err(Error::db("green: verify session"))?;
+        let mut said = Instant::now();
+        loop {
+            self.stop_if_asked()?;
+            let tx = claims.transaction().await.map_err(Error::db("green: begin"))?;
+            let Some(claim) = state.claim_verify_part(&tx, run).await? else {
+                drop(tx);
+                // Parts left are in other sessions' hands (here or on other machines) and
+                // come free if those die.
+                if state.verify_parts_left(&claims, run).await? == 0 {
+                    return Ok(());
+                }
+                if said.elapsed() >= Duration::from_secs(30) {
+                    info!("every verify part left is held by another worker; waiting for them");
+                    said = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let p = &claim.part;
+            let q = self.queries_of(&p.table)?;
+            if self.shape_of(&tx, q, p.buckets).await? != p.shape {
+                return Err(Error::Usage(format!(
+                    "verify of {}: this process's plan differs from the leader's (its query for the table is not \
+                     the leader's); run the same plan file with the same `migrate`",
+                    q.t.target
+                )));
+            }
+            let name = format!("{}:{}:{}", p.table, p.side, p.number);
+            self.busy.lock().map(|mut b| b.insert(name.clone())).ok();
+            let started = Instant::now();
+            let summary = summarise(q, p, blue, green).await;
+            crate::fault::point("verify.part-read").await;
+            self.busy.lock().map(|mut b| b.remove(&name)).ok();
+            match summary? {
+                Some(s) => state.verify_part_done(&tx, &claim, worker, &s, started.elapsed().as_secs_f64()).await?,
+                // A joined worker met a run whose leader is gone: nobody will finish it.
+                None if run.is_none() => {
+                    drop(tx);
+                    tracing::warn!(run = %claim.run, "a verify run whose leader is gone; its parts are dropped");
+                    state.abandon_verify_run(&claims, &claim.run).await?;
+                    continue;
+                }
+                None => return Err(lost_snapshot()),
+            }
+            tx.commit().await.map_err(Error::db("green: storing a verify part"))?;
+            self.checked.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(part = %name, seconds = started.elapsed().as_secs_f64(), "verify part read");
+        }
+    }
+
+    fn stop_if_asked(&self) -> Result<()> {
+        if self.shutdown.is_triggered() {
+            return Err(Error::Interrupted { during: "while reading verify parts".into() });
+        }
+        Ok(())
     }
 
     fn queries_of(&self, id: &str) -> Result<&Queries<'a>> {
@@ -334,4 +428,9 @@ impl<'a> Lanes<'a> {
         shapes.insert(key, s.clone());
         Ok(s)
     }
+}
+
+/// A part's snapshot could not be imported: the transaction that exported it ended.
+fn lost_snapshot() -> Error {
+    Error::Interrupted { during: "verify: the run's snapshot ended with its leader's session".into() }
 }
