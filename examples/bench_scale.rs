@@ -177,17 +177,24 @@ async fn main() -> anyhow::Result<()> {
     let (mut oldest, mut peak, mut oldest_any) = (0.0f64, 0.0f64, 0.0f64);
     let ours = "SELECT coalesce(max(extract(epoch FROM now() - xact_start)) FILTER (WHERE application_name LIKE 'migrate/%'), 0)::float8, \
                 coalesce(max(age(backend_xmin)), 0) FROM pg_stat_activity WHERE datname = 'blue' AND backend_xmin IS NOT NULL";
+    // Sampled once a second over two held sessions: a `migrate status` and two psql processes a
+    // second (as before) cost the two cores a few percent the floor does not pay.
+    let (b, conn) = tokio_postgres::connect(&blue.url("blue"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let (g, conn) = tokio_postgres::connect(&green.url("tool"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let phase = "SELECT state->>'phase' FROM bluegreen_scale.migration WHERE to_regclass('bluegreen_scale.migration') IS NOT NULL";
     let copy_seconds = loop {
-        let row = blue.psql("blue", ours);
-        let mut parts = row.split('|');
-        oldest = oldest.max(parts.next().and_then(|v| v.trim().parse().ok()).unwrap_or(0.0));
-        oldest_any = oldest_any.max(parts.next().and_then(|v| v.trim().parse().ok()).unwrap_or(0.0));
+        let row = b.query_one(ours, &[]).await?;
+        oldest = oldest.max(row.get::<_, f64>(0));
+        oldest_any = oldest_any.max(row.get::<_, i32>(1) as f64);
         peak = peak.max(peak_mib(copy.id()).unwrap_or(0.0));
-        let st = status(&plan_path);
-        if st["phase"] == "following" {
+        // The state table appears during the copy's start: until then the query fails.
+        let now: Option<String> = g.query_opt(phase, &[]).await.ok().flatten().and_then(|r| r.get(0));
+        if now.as_deref() == Some("following") {
             break started.elapsed().as_secs_f64();
         }
-        anyhow::ensure!(copy.try_wait()?.is_none(), "migrate copy exited: {st}");
+        anyhow::ensure!(copy.try_wait()?.is_none(), "migrate copy exited: {}", status(&plan_path));
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let dead_after: i64 =

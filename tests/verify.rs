@@ -370,3 +370,41 @@ fn exited(mut child: std::process::Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A verify leader killed mid-run (SIGKILL-like: no cleanup) takes its snapshots with it. A
+/// joined worker that meets its run cannot import them: it drops the run's unread parts (one
+/// nobody could finish) instead of reading stale parts, and waits for the next verify, which
+/// it joins, and the next verify's verdict is right.
+#[test]
+fn a_joined_verify_worker_drops_a_dead_leaders_run_and_joins_the_next() {
+    let c = crate::support::Custom::new(PARTS_BLUE, PARTS_GREEN);
+    let plan = c.plan("trigger", "workers = 2", "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n");
+    let p = plan.to_str().unwrap();
+    let r = run(&mut c.migrate(&["copy", p, "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let state = c.sql("bluegreen_custom");
+    let joined = c.spawn(&["verify", p, "--join"], &[]);
+    // The leader dies right after reading its first part, before storing it.
+    let dead = run(c.migrate(&["verify", p]).env("MIGRATE_FAULT", "verify.part-read"));
+    assert_eq!(dead.code, 137, "{dead:?}");
+    let started = std::time::Instant::now();
+    while c.green.psql(&format!("SELECT count(*) FROM {state}.verify_parts WHERE NOT done")) != "0" {
+        assert!(started.elapsed() < Duration::from_secs(30), "the dead leader's parts were not dropped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut joined = joined;
+    assert!(joined.try_wait().unwrap().is_none(), "the joined worker exited with the dead run");
+    c.green.psql("UPDATE items SET grp = -1 WHERE id = 77");
+    let r = run(c.migrate(&["verify", p, "--format", "json"]).env("MIGRATE_FAULT", "verify.part-read:sleep=300"));
+    assert_eq!(r.code, 1, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["tables"][0]["differences_total"], 1, "{v}");
+    assert_eq!(v["tables"][0]["differences"][0]["key"][0], "77", "{v}");
+    let status = exited(joined);
+    assert!(status.success(), "the joined worker failed");
+    let parts =
+        c.green.psql(&format!("SELECT count(*) || ' ' || count(DISTINCT worker) FROM {state}.verify_parts WHERE done"));
+    assert_eq!(parts.split(' ').next(), Some("8"), "{parts}");
+    assert_ne!(parts.split(' ').nth(1), Some("1"), "the joined worker read none of the next run: {parts}");
+}

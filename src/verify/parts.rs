@@ -15,7 +15,7 @@
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     sync::{
-        atomic::{AtomicI32, Ordering},
+        atomic::{AtomicBool, AtomicI32, Ordering},
         Mutex,
     },
     time::{Duration, Instant},
@@ -76,6 +76,8 @@ struct Lanes<'a> {
     /// Parts in hand (`entry:side:part`), for `status`.
     busy: Mutex<BTreeSet<String>>,
     checked: AtomicI32,
+    /// A run whose leader is gone was dropped.
+    dropped: AtomicBool,
     shutdown: &'a Shutdown,
 }
 
@@ -142,22 +144,28 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> 
     for t in &resolved.tables {
         queries.push(Queries::new(hashing, &green, t).await);
     }
-    let started = Instant::now();
-    let mut said = Instant::now();
-    while state.verify_parts_left(&green, None).await? == 0 {
-        if shutdown.is_triggered() {
-            return Err(Error::Interrupted { during: "while waiting for a verify to join".into() });
-        }
-        if said.elapsed() >= Duration::from_secs(30) {
-            info!(waited = started.elapsed().as_secs(), "waiting for a `migrate verify` of this plan to join");
-            said = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let board = Board::Shared { state: &state, run: None, worker: crate::state::worker_id() };
     let lanes = Lanes::new(plan, board, &queries, shutdown);
-    lanes.run_reported("verify joined").await?;
-    Ok(lanes.checked.load(Ordering::Relaxed))
+    // Until a run ends that a leader finished: a run dropped (its leader died) is not the
+    // verify this worker was started for.
+    loop {
+        let started = Instant::now();
+        let mut said = Instant::now();
+        while state.verify_parts_left(&green, None).await? == 0 {
+            if shutdown.is_triggered() {
+                return Err(Error::Interrupted { during: "while waiting for a verify to join".into() });
+            }
+            if said.elapsed() >= Duration::from_secs(30) {
+                info!(waited = started.elapsed().as_secs(), "waiting for a `migrate verify` of this plan to join");
+                said = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        lanes.run_reported("verify joined").await?;
+        if !lanes.dropped.swap(false, Ordering::Relaxed) {
+            return Ok(lanes.checked.load(Ordering::Relaxed));
+        }
+    }
 }
 
 /// The parts of one table: each side's heap in ranges of [`PART_BLOCKS`], the last open-ended
@@ -277,6 +285,7 @@ impl<'a> Lanes<'a> {
             shapes: Default::default(),
             busy: Default::default(),
             checked: AtomicI32::new(0),
+            dropped: AtomicBool::new(false),
             shutdown,
         }
     }
@@ -393,6 +402,7 @@ impl<'a> Lanes<'a> {
                     drop(tx);
                     tracing::warn!(run = %claim.run, "a verify run whose leader is gone; its parts are dropped");
                     state.abandon_verify_run(&claims, &claim.run).await?;
+                    self.dropped.store(true, Ordering::Relaxed);
                     continue;
                 }
                 None => return Err(lost_snapshot()),
