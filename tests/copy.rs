@@ -338,22 +338,7 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
         assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (doomed_id, held) = loop {
-        let row = c.green.psql(&format!(
-            "SELECT id || ' ' || chunks[1] FROM {state}.workers WHERE pid = {} AND cardinality(chunks) > 0",
-            doomed.id()
-        ));
-        if let Some((id, chunk)) = row.trim().split_once(' ') {
-            break (id.to_string(), chunk.to_string());
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = doomed.kill();
-            let mut err = String::new();
-            std::io::Read::read_to_string(doomed.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("the doomed worker never held a chunk: {err}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (doomed_id, held) = crate::support::first_in_hand(&c.green, &state, &mut doomed);
     let r = run(&mut c.migrate(&["status", p]));
     assert_eq!(r.code, 0, "{r:?}");
     assert!(

@@ -273,23 +273,7 @@ fn one_verify_spread_over_joined_workers_survives_a_killed_worker() {
         cmd.env("MIGRATE_FAULT", "verify.part-read:sleep=1500");
         std::thread::spawn(move || run(&mut cmd))
     };
-    let started = std::time::Instant::now();
-    let (doomed_id, held) = loop {
-        let row = c.green.psql(&format!(
-            "SELECT id || ' ' || chunks[1] FROM {state}.workers WHERE pid = {} AND cardinality(chunks) > 0",
-            doomed.id()
-        ));
-        if let Some((id, part)) = row.trim().split_once(' ') {
-            break (id.to_string(), part.to_string());
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = doomed.kill();
-            let mut err = String::new();
-            std::io::Read::read_to_string(doomed.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("the doomed worker never held a part: {err}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (doomed_id, held) = crate::support::first_in_hand(&c.green, &state, &mut doomed);
     let st = run(&mut c.migrate(&["status", p]));
     assert!(
         st.stdout.contains(&format!("worker {doomed_id} (verify joined)"))
@@ -362,10 +346,7 @@ fn exited(mut child: std::process::Child) -> std::process::ExitStatus {
             return status;
         }
         if started.elapsed() > Duration::from_secs(90) {
-            let _ = child.kill();
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("a joined worker did not exit: {err}");
+            crate::support::panic_with_stderr(&mut child, "a joined worker did not exit");
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -247,6 +247,35 @@ impl std::fmt::Debug for Run {
     }
 }
 
+/// Kills the background `migrate` `child` and panics with `message` and what it wrote to stderr.
+pub fn panic_with_stderr(child: &mut std::process::Child, message: &str) -> ! {
+    let _ = child.kill();
+    let mut err = String::new();
+    if let Some(stderr) = child.stderr.as_mut() {
+        std::io::Read::read_to_string(stderr, &mut err).ok();
+    }
+    panic!("{message}: {err}");
+}
+
+/// Waits (up to 60 s) until the background `migrate` `child` lists something in hand in
+/// `<state>.workers` (a chunk, or a verify part): its worker id and the first thing it holds.
+pub fn first_in_hand(green: &TestDb, state: &str, child: &mut std::process::Child) -> (String, String) {
+    let started = std::time::Instant::now();
+    loop {
+        let row = green.psql(&format!(
+            "SELECT id || ' ' || chunks[1] FROM {state}.workers WHERE pid = {} AND cardinality(chunks) > 0",
+            child.id()
+        ));
+        if let Some((id, held)) = row.trim().split_once(' ') {
+            return (id.to_string(), held.to_string());
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            panic_with_stderr(child, "the worker never held anything");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// An order-independent fingerprint of a query's rows (count + md5 of the sorted text rows),
 /// computed by the server.
 #[allow(dead_code)]
