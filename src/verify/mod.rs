@@ -630,6 +630,11 @@ impl Verifier<'_> {
         Ok((keys, nulls))
     }
 
+    /// Row hashes of the given keys on one side (absent keys are missing from the map).
+    async fn side_hashes(&self, blue: bool, keys: &[Vec<String>]) -> Result<HashMap<Vec<String>, i64>> {
+        Ok(self.by_key(blue, keys, &self.q.rh()).await?.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Row hashes of the given keys on both sides: (blue, green), `None` where absent.
     async fn hashes(&self, keys: &[Vec<String>]) -> Result<HashMap<Vec<String>, (Option<i64>, Option<i64>)>> {
         let mut out: HashMap<Vec<String>, (Option<i64>, Option<i64>)> =
@@ -703,22 +708,31 @@ impl Verifier<'_> {
         }
     }
 
-    /// While a follower runs, differences may be changes not applied yet: wait until apply has
-    /// passed blue's current position (decided from positions stored on green, not from how
-    /// recently the follower reported), then look again. Keeps only what persists.
+    /// While a follower runs, differences may be changes not applied yet: read blue, wait until
+    /// apply has passed blue's position after that read (decided from positions stored on
+    /// green, not from how recently the follower reported), read green, then blue again. A key
+    /// whose green row equals either blue read is in step: green holds what blue held at a
+    /// moment after everything up to that position was applied. Keeps only what differs from
+    /// both, round after round. (Comparing green with a blue read taken after the wait, alone,
+    /// reported a key blue writes more often than apply's lag as a difference in every round.)
     async fn recheck(&self, mut keys: Vec<Vec<String>>) -> Result<Vec<Vec<String>>> {
         let Some(state) = self.follower else { return Ok(keys) };
         for _ in 0..RECHECK_ROUNDS {
             if keys.is_empty() {
                 break;
             }
+            let before = self.side_hashes(true, &keys).await?;
             let lsn = commit_point(self.blue).await?;
             let applied = wait_applied(self.green, state, lsn).await?;
             tracing::debug!(table = %self.q.t.target, keys = keys.len(), ?applied, "recheck");
             match applied {
                 Applied::Yes => {
-                    let hashes = self.hashes(&keys).await?;
-                    keys.retain(|k| hashes.get(k).is_some_and(|(b, g)| b != g));
+                    let green = self.side_hashes(false, &keys).await?;
+                    let after = self.side_hashes(true, &keys).await?;
+                    keys.retain(|k| {
+                        let g = green.get(k);
+                        g != before.get(k) && g != after.get(k)
+                    });
                 }
                 Applied::NotYet => {}
                 // Nobody captures or applies: what differs now is what green has.
