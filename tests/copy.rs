@@ -302,32 +302,7 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
         "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
     );
     let p = plan.to_str().unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (cluster, name, stop) = (c.blue.cluster, c.blue.name.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                n += 1;
-                cluster.psql(
-                    &name,
-                    &format!(
-                        "INSERT INTO items VALUES ({new}, 1, 'new');
-                         UPDATE items SET payload = repeat(md5(id::text), 200) WHERE id % 1000 = {m};
-                         UPDATE items SET grp = grp + 1 WHERE id BETWEEN {a} AND {a} + 50;
-                         DELETE FROM items WHERE id = {d};
-                         UPDATE items SET id = id + 10000000 WHERE id = {k};",
-                        new = 1_000_000 + n,
-                        m = n % 1000,
-                        a = (n * 397) % 200_000,
-                        d = (n * 131) % 200_000,
-                        k = (n * 173) % 200_000 + 1
-                    ),
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
     let mut leader = c.spawn(&["copy", p], &[]);
     let mut joined = c.spawn(&["copy", p, "--join"], &[]);
     let mut doomed = c.spawn(&["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
@@ -352,8 +327,7 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
     c.wait_phase("following");
     let status = joined.wait().unwrap();
     assert!(status.success(), "the joined worker failed");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().unwrap();
+    writer.stop();
 
     let chunks = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.chunks"));
     assert_eq!(chunks("count(*) FILTER (WHERE NOT done)"), "0");

@@ -240,30 +240,7 @@ fn one_verify_spread_over_joined_workers_survives_a_killed_worker() {
     let p = plan.to_str().unwrap();
     let mut copy = c.spawn(&["copy", p], &[]);
     c.wait_phase("following");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (cluster, name, stop) = (c.blue.cluster, c.blue.name.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                n += 1;
-                cluster.psql(
-                    &name,
-                    &format!(
-                        "INSERT INTO items VALUES ({new}, 1, 'new');
-                         UPDATE items SET payload = repeat(md5(id::text), 200) WHERE id % 1000 = {m};
-                         DELETE FROM items WHERE id = {d};
-                         UPDATE items SET id = id + 10000000 WHERE id = {k};",
-                        new = 1_000_000 + n,
-                        m = n % 1000,
-                        d = (n * 131) % 150_000,
-                        k = (n * 173) % 150_000 + 1
-                    ),
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let writer = crate::support::ItemsWriter::start(&c.blue, 150_000);
     let state = c.sql("bluegreen_custom");
     let mut doomed = c.spawn(&["verify", p, "--join"], &[("MIGRATE_FAULT", "verify.part-read:sleep")]);
     // Both slowed per part, so that no process takes every part before the doomed one has one.
@@ -310,8 +287,7 @@ fn one_verify_spread_over_joined_workers_survives_a_killed_worker() {
         .collect();
     assert!(rows.len() == 2 && rows.iter().all(|r| (145_000..160_000).contains(r)), "{rows:?}");
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().unwrap();
+    writer.stop();
     let query = "SELECT id, grp, payload FROM items";
     let started = std::time::Instant::now();
     while crate::support::fingerprint(&c.blue, query) != crate::support::fingerprint(&c.green, query) {

@@ -247,6 +247,51 @@ impl std::fmt::Debug for Run {
     }
 }
 
+/// A writer on blue's `items (id, grp, payload)` of `rows` rows, every 20 ms until stopped:
+/// inserts, updates that move rows (TOASTed payloads), updates of a range, deletes and key
+/// changes. For the tests that spread one copy or one verify over several processes.
+pub struct ItemsWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl ItemsWriter {
+    /// Starts writing to `blue`.
+    pub fn start(blue: &TestDb, rows: u64) -> ItemsWriter {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cluster, name, flag) = (blue.cluster, blue.name.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                cluster.psql(
+                    &name,
+                    &format!(
+                        "INSERT INTO items VALUES ({new}, 1, 'new');
+                         UPDATE items SET payload = repeat(md5(id::text), 200) WHERE id % 1000 = {m};
+                         UPDATE items SET grp = grp + 1 WHERE id BETWEEN {a} AND {a} + 50;
+                         DELETE FROM items WHERE id = {d};
+                         UPDATE items SET id = id + 10000000 WHERE id = {k};",
+                        new = 1_000_000 + n,
+                        m = n % 1000,
+                        a = (n * 397) % rows,
+                        d = (n * 131) % rows,
+                        k = (n * 173) % rows + 1
+                    ),
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        ItemsWriter { stop, handle }
+    }
+
+    /// Stops and joins.
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap();
+    }
+}
+
 /// Kills the background `migrate` `child` and panics with `message` and what it wrote to stderr.
 pub fn panic_with_stderr(child: &mut std::process::Child, message: &str) -> ! {
     let _ = child.kill();
