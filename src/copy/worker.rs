@@ -369,9 +369,10 @@ async fn forget_changed(shared: &Shared, blue: &Client, green: &Client, t: &Reso
         .map_err(Error::db("green: reading pending keys"))?
         .get(0);
     // The rows are found by a full scan of the target, the one cost of reading a table under
-    // several snapshots (a tenth of a 100M-row copy on one core). CREATE TABLE AS may run it in
-    // parallel (with `index_build_workers`, the index builds' share of green); a DELETE may
-    // not, so it then removes the rows it found by their ctid.
+    // several snapshots (about a tenth of a 100M-row copy). CREATE TABLE AS may run it in
+    // parallel (with `index_build_workers`, the index builds' share of green), which helps
+    // while the table is in memory (10M rows), not when the scan waits on the disk (100M); a
+    // DELETE may not, so it then removes the rows it found by their ctid.
     let sql = format!(
         "SET LOCAL max_parallel_workers_per_gather = {workers};
          CREATE TEMP TABLE bluegreen_forget ON COMMIT DROP AS
