@@ -269,7 +269,74 @@ fn short_snapshots(method: &str) {
     let r = run(&mut c.migrate(&["verify", p]));
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(c.green.psql("SELECT count(*) - count(DISTINCT id) FROM items"), "0");
+    assert_every_chunk_under_one_floor(&c);
     crate::capture::sigint_and_wait(&mut copy);
+}
+
+/// The copy's transaction floor is the oldest transaction open when its first snapshot is
+/// taken: here a prepared one. Rows that later transactions committed before the copy began
+/// (before its capture, so capture never sees them) lie at or above the floor: the chunks leave
+/// them out and store their keys, and apply writes them from blue: updated, deleted, inserted
+/// rows and changed keys.
+#[test]
+fn rows_above_the_copy_floor_committed_before_capture_reach_green() {
+    let c = crate::support::Custom::new(
+        "CREATE TABLE items (id int PRIMARY KEY, pad text NOT NULL); CREATE TABLE side (id int);
+         INSERT INTO items SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g;",
+        "CREATE TABLE items (id int PRIMARY KEY, pad text NOT NULL);",
+    );
+    let gid = format!("bg_floor_{}", c.blue.name);
+    c.blue.psql(&format!("BEGIN; INSERT INTO side VALUES (1); PREPARE TRANSACTION '{gid}';"));
+    c.blue.psql(
+        "UPDATE items SET pad = 'changed' WHERE id % 50 = 0; DELETE FROM items WHERE id % 50 = 1;
+         INSERT INTO items SELECT g, 'new' FROM generate_series(20001, 20500) g;
+         UPDATE items SET id = id + 100000 WHERE id % 50 = 2;",
+    );
+    let plan = c.plan(
+        "trigger",
+        "workers = 2\nchunk_rows = 1000\nsnapshot_max_age = \"300ms\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let mut copy = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    // Trigger capture reads changes below blue's horizon, which the prepared transaction holds.
+    c.blue.psql(&format!("COMMIT PREPARED '{gid}'"));
+    let fp = "SELECT id, pad FROM items";
+    let started = Instant::now();
+    while crate::support::fingerprint(&c.blue, fp) != crate::support::fingerprint(&c.green, fp) {
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = copy.kill();
+            let changed = c
+                .green
+                .psql("SELECT count(*) FILTER (WHERE pad = 'changed'), count(*) FILTER (WHERE id > 100000) FROM items");
+            crate::support::panic_with_stderr(
+                &mut copy,
+                &format!("green did not become equal to blue (changed, moved keys on green: {changed})"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What blue changed before the copy is there: 400 updated rows, 410 changed keys.
+    assert_eq!(
+        c.green.psql("SELECT count(*) FILTER (WHERE pad = 'changed'), count(*) FILTER (WHERE id > 100000) FROM items"),
+        "400|410"
+    );
+    let chunks: i64 = c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.chunks")).parse().unwrap();
+    assert!(chunks > 5, "{chunks} chunk(s)");
+    assert_every_chunk_under_one_floor(&c);
+    crate::capture::sigint_and_wait(&mut copy);
+}
+
+/// Every chunk of a run read under rotating snapshots records the run's transaction floor:
+/// then no chunk holds a row another one holds, and the table is not scanned for them.
+fn assert_every_chunk_under_one_floor(c: &crate::support::Custom) {
+    let state = c.sql("bluegreen_custom");
+    let floors = c.green.psql(&format!(
+        "SELECT count(*) FILTER (WHERE c.xid_floor IS DISTINCT FROM m.copy_xid_floor), count(DISTINCT c.xid_floor) \
+         FROM {state}.chunks c, {state}.migration m"
+    ));
+    assert_eq!(floors, "0|1", "chunks read without the run's floor, or under several");
 }
 
 #[test]
@@ -349,5 +416,7 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
             .psql("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisprimary AND indisvalid"),
         "1"
     );
+    // Joined workers left out the rows the leader did.
+    assert_every_chunk_under_one_floor(&c);
     crate::capture::sigint_and_wait(&mut leader);
 }

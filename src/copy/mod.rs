@@ -69,6 +69,11 @@ struct Shared {
     generations: Mutex<Vec<(Option<u64>, bool)>>,
     /// This run's number, recorded on each chunk.
     epoch: i32,
+    /// This run's transaction floor (see `snapshots`), when its snapshots rotate; a joined
+    /// worker reads it from green once the leader recorded it.
+    floor: Mutex<Option<i64>>,
+    /// How capture writes keys: the keys a chunk leaves out go to pending the same way.
+    key_text: crate::plan::KeyText,
     progress: Arc<Progress>,
     throttle: Throttle,
     /// Live control: pause, throttle, blue's health.
@@ -161,17 +166,29 @@ async fn copy_run(
 ) -> Result<bool> {
     let epoch = state.next_epoch(green).await?;
     let blue = plan.blue.connect().await?;
+    // The run's first snapshot, taken after capture began: whatever changes after it is
+    // captured. A new one replaces it every `[copy] snapshot_max_age` (see `snapshots`). Its
+    // floor is on green before any chunk of this run can be claimed, by a joined worker too.
+    let exporter = plan.blue.connect().await?;
+    let first = snapshots::export(&exporter).await?;
+    let floor = if plan.copy.snapshot_max_age.is_zero() {
+        // One snapshot: no row can be read twice.
+        None
+    } else {
+        let floor = snapshots::snapshot_xmin(&exporter).await?;
+        state.set_copy_floor(green, floor).await?;
+        Some(floor)
+    };
     let mut prepared = Vec::new();
     for t in &resolved.tables {
         prepared.push(prepare_table(plan, state, &blue, green, t).await?);
     }
-    // The run's first snapshot, taken after capture began: whatever changes after it is
-    // captured. A new one replaces it every `[copy] snapshot_max_age` (see `snapshots`).
-    let first = snapshots::export(&blue).await?;
     crate::fault::point("copy.snapshot-exported").await;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
-    let rotator = tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone()));
+    let rotator =
+        tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), exporter, rotation_stop.clone()));
+    drop(blue);
     let progress = Progress::new(
         resolved
             .tables
@@ -207,6 +224,8 @@ async fn copy_run(
         deferred: prepared.into_iter().map(|p| p.deferred).collect(),
         snapshots,
         epoch,
+        floor: Mutex::new(floor),
+        key_text: key_text(resolved),
         progress: Arc::clone(&progress),
         throttle: Throttle::new(plan.copy.max_rows_per_second, Arc::clone(live)),
         live: Arc::clone(live),
@@ -424,6 +443,8 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         deferred: vec![Vec::new(); n],
         snapshots,
         epoch,
+        floor: Mutex::new(None),
+        key_text: key_text(resolved),
         progress: Arc::clone(&progress),
         throttle: Throttle::new(plan.copy.max_rows_per_second, Arc::clone(&live)),
         live,
@@ -446,6 +467,14 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         "joined worker done: no chunk left to copy"
     );
     Ok(())
+}
+
+/// How the plan's capture writes keys as text.
+fn key_text(resolved: &ResolvedPlan) -> crate::plan::KeyText {
+    match resolved.capture.method {
+        crate::plan::CaptureMethod::Trigger => crate::plan::KeyText::Json,
+        _ => crate::plan::KeyText::Output,
+    }
 }
 
 /// Runs `n` workers claiming chunks; the first error stops the others at their next chunk

@@ -7,9 +7,22 @@
 //!
 //! Chunks of one table read under different snapshots can see a row twice (an update moved it
 //! from a block range already read into one read later) or not at all (moved the other way).
-//! Both are writes made after capture began, so their keys are pending on green: before the
-//! table's indexes are rebuilt, its rows of every pending key are removed (see `forget_changed`
-//! in the worker), and apply writes them from blue as they are once the table is done.
+//!
+//! **The transaction floor.** The run's floor is the `xmin` of its first snapshot: every
+//! transaction below it had ended before any chunk began. Each chunk leaves out the row versions
+//! written by transactions at or above the floor and stores their keys in pending, in the green
+//! transaction that commits the chunk; apply writes those rows from blue once the table is done.
+//! The versions a chunk copies were then all written by transactions that ended before every
+//! snapshot of the run, so for each key every snapshot sees the same one of them, or none (a later
+//! transaction removed it): each lives in one block range and is copied once at most. A row no
+//! chunk saw (an update moved it into a range read earlier) was written after that range's
+//! snapshot, so capture has its key. A chunk tells those versions by `age(xmin)`: the inserting transaction's distance
+//! from the current one, a 32-bit difference that aliases a few rows older than 2^32 transactions
+//! into the window (their keys are stored too, and apply writes them the same way).
+//!
+//! A chunk whose snapshot is below the floor (never under one run) reads every row, and so do a
+//! resumed run's chunks of an earlier floor: before such a table's indexes are rebuilt, its rows
+//! of every pending key are removed (see `forget_changed` in the worker), a full scan of the table.
 
 use std::{
     collections::VecDeque,
@@ -56,6 +69,32 @@ impl Snapshots {
 /// Opens a transaction on `blue` and exports its snapshot (see [`crate::pg::export_snapshot`]).
 pub(super) async fn export(blue: &Client) -> Result<String> {
     crate::pg::export_snapshot(blue, "blue: copy snapshot").await
+}
+
+/// The `xmin` of the current transaction's snapshot, as a full transaction id: in an exporting
+/// transaction, the run's transaction floor.
+pub(super) async fn snapshot_xmin(blue: &Client) -> Result<i64> {
+    Ok(blue
+        .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8", &[])
+        .await
+        .map_err(Error::db("blue: reading the copy snapshot's horizon"))?
+        .get(0))
+}
+
+/// In a chunk's transaction: how many transactions back from the current one the floor lies
+/// (`age` of the floor), when every transaction below the floor had ended before the chunk's
+/// snapshot. The chunk leaves out rows whose `age(xmin)` lies in `0..=span`.
+pub(super) async fn window(blue: &Client, floor: i64) -> Result<Option<i32>> {
+    let row = blue
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 >= $1, \
+                    age(($1 % 4294967296)::text::xid)",
+            &[&floor],
+        )
+        .await
+        .map_err(Error::db("blue: reading the chunk snapshot's horizon"))?;
+    let (above, span): (bool, i32) = (row.get(0), row.get(1));
+    Ok((above && span >= 0).then_some(span))
 }
 
 /// Replaces the exported snapshot every `[copy] snapshot_max_age` until `stop`, then ends every

@@ -169,9 +169,10 @@ async fn copy_claimed(
     });
     let mixed = mixed.unwrap_or(true);
     check_heap(shared, blue, &tx, table).await?;
+    let window = window(shared, blue, &tx).await?;
     let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
         first_block = chunk.first_block, end_block = chunk.end_block);
-    let (rows, bytes) = copy_chunk(shared, blue, tx, table, chunk, mixed).instrument(span).await?;
+    let (rows, bytes) = copy_chunk(shared, blue, tx, table, chunk, mixed, window).instrument(span).await?;
     blue.batch_execute("COMMIT").await.map_err(Error::db("blue: ending a chunk's snapshot"))?;
     crate::fault::point("copy.chunk-done").await;
     shared.copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -179,6 +180,28 @@ async fn copy_claimed(
         seconds = started.elapsed().as_secs_f64(), "chunk copied");
     shared.progress.chunk_done(table, rows, bytes);
     Ok(rows)
+}
+
+/// The rows a chunk leaves out (see `snapshots`): the run's floor, and the `age(xmin)` up to
+/// which a row version is the floor's or newer. `None`: the chunk reads every row.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    floor: i64,
+    span: i32,
+}
+
+/// The window of the chunk whose blue transaction just began; a joined worker first reads the
+/// run's floor from green.
+async fn window(shared: &Shared, blue: &Client, green: &impl GenericClient) -> Result<Option<Window>> {
+    let mut floor = shared.floor.lock().map(|f| *f).unwrap_or(None);
+    if floor.is_none() && shared.joined {
+        floor = shared.state.copy_floor(green).await?;
+        if let Ok(mut f) = shared.floor.lock() {
+            *f = floor;
+        }
+    }
+    let Some(floor) = floor else { return Ok(None) };
+    Ok(super::snapshots::window(blue, floor).await?.map(|span| Window { floor, span }))
 }
 
 /// How long a worker waits for its lock on a table it is about to read. A wait means an ACCESS
@@ -230,12 +253,17 @@ async fn copy_chunk(
     table: usize,
     chunk: &Chunk,
     mixed: bool,
+    window: Option<Window>,
 ) -> Result<(u64, u64)> {
     let t = &shared.tables[table];
     let format = if t.binary_copy { " (FORMAT binary)" } else { "" };
+    let q = t.qualifier();
+    let newer = window.map(|w| format!("age({q}.xmin) BETWEEN 0 AND {}", w.span));
+    let range = condition(chunk, &q);
+    let read = [range.clone(), newer.as_ref().map(|n| format!("NOT ({n})"))].into_iter().flatten().collect::<Vec<_>>();
     let out_sql = format!(
         "COPY ({}) TO STDOUT{format}",
-        t.source_select_from(chunk.part.as_deref(), condition(chunk, &t.qualifier()).as_deref())
+        t.source_select_from(chunk.part.as_deref(), (!read.is_empty()).then(|| read.join(" AND ")).as_deref())
     );
     // A chunk of a table read under several snapshots (a resumed run, or snapshots replaced
     // during this one) may hold rows another snapshot already copied; with the keys in place
@@ -282,6 +310,11 @@ async fn copy_chunk(
             .await
             .map_err(|e| fail("green staging", e))?;
     }
+    if let Some(newer) = &newer {
+        let left_out = left_out(shared, blue, t, chunk, range.as_deref(), newer).await?;
+        tracing::debug!(keys = left_out.len(), "rows written since the copy began left to apply");
+        shared.state.store_keys(&tx, &left_out).await?;
+    }
     shared
         .state
         .chunk_done(
@@ -291,12 +324,50 @@ async fn copy_chunk(
             rows,
             bytes,
             started.elapsed().as_secs_f64(),
-            (shared.epoch, &shared.worker_id),
+            (shared.epoch, &shared.worker_id, window.map(|w| w.floor)),
         )
         .await?;
     crate::fault::point("copy.chunk-streamed").await;
     tx.commit().await.map_err(|e| fail("green commit", e))?;
     Ok((rows, bytes))
+}
+
+/// The keys of the chunk's rows that `newer` left out of its copy, read in the chunk's snapshot
+/// as capture writes keys, at blue's current position.
+async fn left_out(
+    shared: &Shared,
+    blue: &Client,
+    t: &ResolvedTable,
+    chunk: &Chunk,
+    range: Option<&str>,
+    newer: &str,
+) -> Result<Vec<crate::state::KeyEvent>> {
+    let q = t.qualifier();
+    let keys: Vec<String> =
+        t.key.iter().map(|k| shared.key_text.render(&format!("{q}.{}", ident(&k.source)))).collect();
+    let from = chunk.part.clone().unwrap_or_else(|| t.source.quoted());
+    let sql = format!(
+        "SELECT {} FROM {from} AS {q} WHERE {}",
+        keys.join(", "),
+        [range, Some(newer)].into_iter().flatten().collect::<Vec<_>>().join(" AND ")
+    );
+    let lsn = crate::pg::insert_lsn(blue).await?;
+    // The simple protocol returns the output function's text, as logical capture renders keys.
+    let rows = blue
+        .simple_query(&sql)
+        .await
+        .map_err(Error::db(format!("blue: reading rows of {} written since the copy began", t.source)))?;
+    Ok(rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                // Key columns are NOT NULL (the key is unique on blue).
+                let key: Option<Vec<String>> = (0..t.key.len()).map(|i| r.get(i).map(str::to_string)).collect();
+                key.map(|key| crate::state::KeyEvent { table: t.id.clone(), key, lsn })
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -> Result<()> {
@@ -308,8 +379,18 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     // Chunks copied by another process (a joined worker, an earlier run) read its snapshots.
     let mixed = shared.generations.lock().map(|g| g[table].1).unwrap_or(true)
         || shared.state.copied_by_others(green, &t.id, &shared.worker_id).await?;
+    // Every chunk under this run's floor: no row is there twice, nothing to remove.
+    let floor = shared.floor.lock().map(|f| *f).unwrap_or(None);
+    let below = match floor {
+        Some(f) => shared.state.chunks_below_floor(green, &t.id, f).await?,
+        None => false,
+    };
     if (shared.resumed[table] || mixed) && shared.plan.copy.defer_indexes {
-        forget_changed(shared, blue, green, t).await?;
+        if below {
+            info!(table = %t.target, "every chunk left out rows written since the copy began; nothing to remove");
+        } else {
+            forget_changed(shared, blue, green, t).await?;
+        }
     }
     // A unique key that fails to build now names rows nobody changed during the copy: green's
     // constraint that blue's rows break, reported as it is (no copy is silently dropped).

@@ -111,18 +111,38 @@ impl State {
             .get(0))
     }
 
-    /// Starts a new copy run and returns its number, recorded on each chunk it copies.
+    /// Starts a new copy run and returns its number, recorded on each chunk it copies. The run
+    /// has no transaction floor until [`Self::set_copy_floor`].
     pub async fn next_epoch(&self, green: &impl GenericClient) -> Result<i32> {
         Ok(green
             .query_one(
                 &format!(
-                    "UPDATE {} SET copy_epoch = copy_epoch + 1 WHERE id = 1 RETURNING copy_epoch",
+                    "UPDATE {} SET copy_epoch = copy_epoch + 1, copy_xid_floor = NULL WHERE id = 1 RETURNING copy_epoch",
                     self.table("migration")
                 ),
                 &[],
             )
             .await
             .map_err(Error::db("green: starting a copy run"))?
+            .get(0))
+    }
+
+    /// Records the current copy run's transaction floor (see `copy::snapshots`): joined workers
+    /// leave out the same rows the leader does.
+    pub async fn set_copy_floor(&self, green: &impl GenericClient, floor: i64) -> Result<()> {
+        green
+            .execute(&format!("UPDATE {} SET copy_xid_floor = $1 WHERE id = 1", self.table("migration")), &[&floor])
+            .await
+            .map_err(Error::db("green: recording the copy's transaction floor"))?;
+        Ok(())
+    }
+
+    /// The current copy run's transaction floor, once its leader recorded it.
+    pub async fn copy_floor(&self, green: &impl GenericClient) -> Result<Option<i64>> {
+        Ok(green
+            .query_one(&format!("SELECT copy_xid_floor FROM {} WHERE id = 1", self.table("migration")), &[])
+            .await
+            .map_err(Error::db("green: reading the copy's transaction floor"))?
             .get(0))
     }
 

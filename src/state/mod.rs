@@ -149,6 +149,8 @@ impl State {
                 ("migration", "last_error", "jsonb"),
                 ("migration", "control", "jsonb"),
                 ("migration", "way_back", "jsonb"),
+                ("migration", "copy_xid_floor", "bigint"),
+                ("chunks", "xid_floor", "bigint"),
             ]),
         );
         self.check_layout(green).await?;

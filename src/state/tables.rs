@@ -336,16 +336,16 @@ impl State {
         rows: u64,
         bytes: u64,
         seconds: f64,
-        (epoch, worker): (i32, &str),
+        (epoch, worker, floor): (i32, &str, Option<i64>),
     ) -> Result<()> {
         green
             .execute(
                 &format!(
                     "UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, epoch = $6, finished_at = now(), \
-                     worker = $7 WHERE tbl = $1 AND chunk = $2",
+                     worker = $7, xid_floor = $8 WHERE tbl = $1 AND chunk = $2",
                     self.table("chunks")
                 ),
-                &[&id.as_str(), &chunk, &(rows as i64), &(bytes as i64), &seconds, &epoch, &worker],
+                &[&id.as_str(), &chunk, &(rows as i64), &(bytes as i64), &seconds, &epoch, &worker, &floor],
             )
             .await
             .map_err(Error::db(format!("green: marking chunk {chunk} of {id} done")))?;

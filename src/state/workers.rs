@@ -124,6 +124,22 @@ impl State {
             .get(0))
     }
 
+    /// Whether every chunk of `id` was read leaving out the rows of transactions at or above
+    /// `floor` (see `copy::snapshots`): then none holds a row twice.
+    pub async fn chunks_below_floor(&self, green: &impl GenericClient, id: &TableId, floor: i64) -> Result<bool> {
+        Ok(green
+            .query_one(
+                &format!(
+                    "SELECT NOT EXISTS (SELECT 1 FROM {} WHERE tbl = $1 AND xid_floor IS DISTINCT FROM $2)",
+                    self.table("chunks")
+                ),
+                &[&id.as_str(), &floor],
+            )
+            .await
+            .map_err(Error::db(format!("green: reading how {id} was read")))?
+            .get(0))
+    }
+
     /// Records this process as a copy worker (or refreshes it): its chunks in hand and how many
     /// it has copied.
     pub async fn worker_seen(
