@@ -17,7 +17,7 @@ fn copy_no_follow(c: &Custom, plan: &std::path::Path) {
 
 /// Reads `child`'s stderr in a thread: the receiver gets a message when a line matches `seen`;
 /// the thread returns all of it once the child ends.
-fn watch_stderr(
+pub(crate) fn watch_stderr(
     child: &mut std::process::Child,
     seen: impl Fn(&str) -> bool + Send + 'static,
 ) -> (std::sync::mpsc::Receiver<()>, std::thread::JoinHandle<String>) {

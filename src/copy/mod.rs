@@ -70,9 +70,11 @@ struct Shared {
     /// This run's number, recorded on each chunk.
     epoch: i32,
     /// This run's transaction floor (see `snapshots`), when its snapshots rotate; a joined
-    /// worker reads it from green once the leader recorded it.
-    floor: Mutex<Option<i64>>,
-    /// How capture writes keys: the keys a chunk leaves out go to pending the same way.
+    /// worker's is the one the leader recorded on green when it joined.
+    floor: Option<i64>,
+    /// How capture writes keys: the keys a chunk leaves out go to pending the same way. (A
+    /// joined worker resolving `auto` otherwise than the leader writes another text for some
+    /// types: the key is then pending twice, and apply reads it twice.)
     key_text: crate::plan::KeyText,
     progress: Arc<Progress>,
     throttle: Throttle,
@@ -166,16 +168,14 @@ async fn copy_run(
 ) -> Result<bool> {
     let epoch = state.next_epoch(green).await?;
     let blue = plan.blue.connect().await?;
-    // The run's first snapshot, taken after capture began: whatever changes after it is
-    // captured. A new one replaces it every `[copy] snapshot_max_age` (see `snapshots`). Its
-    // floor is on green before any chunk of this run can be claimed, by a joined worker too.
-    let exporter = plan.blue.connect().await?;
-    let first = snapshots::export(&exporter).await?;
+    // The run's transaction floor (see `snapshots`), taken after capture began and on green
+    // before any chunk of this run can be claimed, by a joined worker too. A snapshot taken
+    // before the run's first: every chunk's is at or above it.
     let floor = if plan.copy.snapshot_max_age.is_zero() {
         // One snapshot: no row can be read twice.
         None
     } else {
-        let floor = snapshots::snapshot_xmin(&exporter).await?;
+        let floor = snapshots::snapshot_xmin(&blue).await?;
         state.set_copy_floor(green, floor).await?;
         Some(floor)
     };
@@ -183,12 +183,15 @@ async fn copy_run(
     for t in &resolved.tables {
         prepared.push(prepare_table(plan, state, &blue, green, t).await?);
     }
+    // The run's first snapshot, taken after capture began and after the chunks were planned on
+    // blue's heaps (a chunk compares its heap with the planned one, so a rewrite before this
+    // snapshot would go unseen): whatever changes after it is captured. A new one replaces it
+    // every `[copy] snapshot_max_age` (see `snapshots`).
+    let first = snapshots::export(&blue).await?;
     crate::fault::point("copy.snapshot-exported").await;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
-    let rotator =
-        tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), exporter, rotation_stop.clone()));
-    drop(blue);
+    let rotator = tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone()));
     let progress = Progress::new(
         resolved
             .tables
@@ -224,7 +227,7 @@ async fn copy_run(
         deferred: prepared.into_iter().map(|p| p.deferred).collect(),
         snapshots,
         epoch,
-        floor: Mutex::new(floor),
+        floor,
         key_text: key_text(resolved),
         progress: Arc::clone(&progress),
         throttle: Throttle::new(plan.copy.max_rows_per_second, Arc::clone(live)),
@@ -414,6 +417,20 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let epoch = state.epoch(&green).await?;
+    // Snapshots of its own are above the leader's floor once it is recorded: taken after it.
+    let floor = loop {
+        if let Some(f) = state.copy_floor(&green).await? {
+            break f;
+        }
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+        if waited.elapsed() >= std::time::Duration::from_secs(10) {
+            info!("waiting for `migrate copy` (the leader) to begin its run");
+            waited = Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     let blue = plan.blue.connect().await?;
     let first = snapshots::export(&blue).await?;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
@@ -443,7 +460,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         deferred: vec![Vec::new(); n],
         snapshots,
         epoch,
-        floor: Mutex::new(None),
+        floor: Some(floor),
         key_text: key_text(resolved),
         progress: Arc::clone(&progress),
         throttle: Throttle::new(plan.copy.max_rows_per_second, Arc::clone(&live)),

@@ -169,7 +169,7 @@ async fn copy_claimed(
     });
     let mixed = mixed.unwrap_or(true);
     check_heap(shared, blue, &tx, table).await?;
-    let window = window(shared, blue, &tx).await?;
+    let window = window(shared, blue, &shared.tables[table]).await?;
     let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
         first_block = chunk.first_block, end_block = chunk.end_block);
     let (rows, bytes) = copy_chunk(shared, blue, tx, table, chunk, mixed, window).instrument(span).await?;
@@ -190,17 +190,11 @@ struct Window {
     span: i32,
 }
 
-/// The window of the chunk whose blue transaction just began; a joined worker first reads the
-/// run's floor from green.
-async fn window(shared: &Shared, blue: &Client, green: &impl GenericClient) -> Result<Option<Window>> {
-    let mut floor = shared.floor.lock().map(|f| *f).unwrap_or(None);
-    if floor.is_none() && shared.joined {
-        floor = shared.state.copy_floor(green).await?;
-        if let Ok(mut f) = shared.floor.lock() {
-            *f = floor;
-        }
-    }
-    let Some(floor) = floor else { return Ok(None) };
+/// The window of the chunk whose blue transaction just began. An entry with joins has none:
+/// the floor holds only its driving rows, and a joined column read under two snapshots can
+/// put one value on two rows (its table's rows changed during the copy are removed instead).
+async fn window(shared: &Shared, blue: &Client, t: &ResolvedTable) -> Result<Option<Window>> {
+    let Some(floor) = shared.floor.filter(|_| t.joins.is_empty()) else { return Ok(None) };
     Ok(super::snapshots::window(blue, floor).await?.map(|span| Window { floor, span }))
 }
 
@@ -289,14 +283,7 @@ async fn copy_chunk(
         .await
         .map_err(|e| fail("green staging", e))?;
     }
-    let sink = tx.copy_in(&in_sql).await.map_err(|e| fail("green COPY FROM", e))?;
-    let stream = blue.copy_out(&out_sql).await.map_err(|e| fail("blue COPY TO", e))?;
-    let mut bytes = 0u64;
-    let mut stream = Box::pin(stream.inspect_ok(|b| bytes += b.len() as u64));
-    let mut sink = Box::pin(sink);
-    sink.send_all(&mut stream).await.map_err(|e| fail("streaming", e))?;
-    drop(stream);
-    let mut rows = sink.as_mut().finish().await.map_err(|e| fail("green COPY FROM", e))?;
+    let (mut rows, bytes) = pipe(blue, &tx, &out_sql, &in_sql).await.map_err(|(stage, e)| fail(stage, e))?;
     if staging {
         let cols = t.target_column_list();
         rows = tx
@@ -311,9 +298,8 @@ async fn copy_chunk(
             .map_err(|e| fail("green staging", e))?;
     }
     if let Some(newer) = &newer {
-        let left_out = left_out(shared, blue, t, chunk, range.as_deref(), newer).await?;
-        tracing::debug!(keys = left_out.len(), "rows written since the copy began left to apply");
-        shared.state.store_keys(&tx, &left_out).await?;
+        let keys = left_out(shared, blue, &tx, t, chunk, range.as_deref(), newer).await?;
+        tracing::debug!(keys, "rows written above the copy's floor left to apply");
     }
     shared
         .state
@@ -332,43 +318,64 @@ async fn copy_chunk(
     Ok((rows, bytes))
 }
 
-/// The keys of the chunk's rows that `newer` left out of its copy, read in the chunk's snapshot
-/// as capture writes keys, at blue's current position.
+/// Streams `out_sql` (a `COPY … TO STDOUT` on blue) into `in_sql` (a `COPY … FROM STDIN` in
+/// `tx`), the bytes passed through undecoded. Returns rows and bytes, or the failing stage.
+async fn pipe(
+    blue: &Client,
+    tx: &tokio_postgres::Transaction<'_>,
+    out_sql: &str,
+    in_sql: &str,
+) -> std::result::Result<(u64, u64), (&'static str, tokio_postgres::Error)> {
+    let sink = tx.copy_in(in_sql).await.map_err(|e| ("green COPY FROM", e))?;
+    let stream = blue.copy_out(out_sql).await.map_err(|e| ("blue COPY TO", e))?;
+    let mut bytes = 0u64;
+    let mut stream = Box::pin(stream.inspect_ok(|b| bytes += b.len() as u64));
+    let mut sink = Box::pin(sink);
+    sink.send_all(&mut stream).await.map_err(|e| ("streaming", e))?;
+    drop(stream);
+    let rows = sink.as_mut().finish().await.map_err(|e| ("green COPY FROM", e))?;
+    Ok((rows, bytes))
+}
+
+/// Stores in pending, in the chunk's green transaction `tx`, the keys of the rows `newer` left
+/// out of its copy (those the plan's filter keeps), read in the chunk's snapshot as capture
+/// writes keys, at blue's current position. They stream blue → green through a temporary
+/// table: a chunk open at the heap's end may leave out every row appended since the copy began.
+/// Returns how many were stored.
 async fn left_out(
     shared: &Shared,
     blue: &Client,
+    tx: &tokio_postgres::Transaction<'_>,
     t: &ResolvedTable,
     chunk: &Chunk,
     range: Option<&str>,
     newer: &str,
-) -> Result<Vec<crate::state::KeyEvent>> {
+) -> Result<u64> {
     let q = t.qualifier();
-    let keys: Vec<String> =
-        t.key.iter().map(|k| shared.key_text.render(&format!("{q}.{}", ident(&k.source)))).collect();
-    let from = chunk.part.clone().unwrap_or_else(|| t.source.quoted());
-    let sql = format!(
-        "SELECT {} FROM {from} AS {q} WHERE {}",
+    let keys: Vec<String> = t.key.iter().map(|k| shared.key_text.sql(&format!("{q}.{}", ident(&k.source)))).collect();
+    let mut conds: Vec<String> = range.into_iter().chain([newer]).map(|c| format!("({c})")).collect();
+    conds.extend(t.filter.iter().map(|f| format!("({f})")));
+    let out_sql = format!(
+        "COPY (SELECT ARRAY[{}] FROM {} WHERE {}) TO STDOUT",
         keys.join(", "),
-        [range, Some(newer)].into_iter().flatten().collect::<Vec<_>>().join(" AND ")
+        t.from_clause(chunk.part.as_deref()),
+        conds.join(" AND ")
     );
     let lsn = crate::pg::insert_lsn(blue).await?;
-    // The simple protocol returns the output function's text, as logical capture renders keys.
-    let rows = blue
-        .simple_query(&sql)
+    let failed = |(stage, e): (&str, tokio_postgres::Error)| Error::ChunkFailed {
+        table: t.target.to_string(),
+        chunk: chunk.number as i64,
+        message: format!("keys left out, {stage}: {}", pg_message(&e)),
+    };
+    tx.batch_execute(&format!("CREATE TEMP TABLE IF NOT EXISTS {LEFT_OUT} (key text[]) ON COMMIT DELETE ROWS"))
         .await
-        .map_err(Error::db(format!("blue: reading rows of {} written since the copy began", t.source)))?;
-    Ok(rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                // Key columns are NOT NULL (the key is unique on blue).
-                let key: Option<Vec<String>> = (0..t.key.len()).map(|i| r.get(i).map(str::to_string)).collect();
-                key.map(|key| crate::state::KeyEvent { table: t.id.clone(), key, lsn })
-            }
-            _ => None,
-        })
-        .collect())
+        .map_err(|e| failed(("green", e)))?;
+    pipe(blue, tx, &out_sql, &format!("COPY {LEFT_OUT} (key) FROM STDIN")).await.map_err(failed)?;
+    shared.state.store_keys_from(tx, &t.id, LEFT_OUT, lsn).await
 }
+
+/// The temporary table on green that a chunk's left-out keys pass through.
+const LEFT_OUT: &str = "bluegreen_left_out";
 
 async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -> Result<()> {
     let t = &shared.tables[table];
@@ -380,8 +387,7 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     let mixed = shared.generations.lock().map(|g| g[table].1).unwrap_or(true)
         || shared.state.copied_by_others(green, &t.id, &shared.worker_id).await?;
     // Every chunk under this run's floor: no row is there twice, nothing to remove.
-    let floor = shared.floor.lock().map(|f| *f).unwrap_or(None);
-    let below = match floor {
+    let below = match shared.floor {
         Some(f) => shared.state.chunks_below_floor(green, &t.id, f).await?,
         None => false,
     };

@@ -56,6 +56,15 @@ impl KeyText {
             KeyText::Json => format!("to_jsonb({expr}) #>> '{{}}'"),
         }
     }
+
+    /// `expr` as a `text` value written this way, for a result read in any format (`format`'s
+    /// `%s` calls the type's output function).
+    pub fn sql(self, expr: &str) -> String {
+        match self {
+            KeyText::Output => format!("format('%s', {expr})"),
+            KeyText::Json => self.render(expr),
+        }
+    }
 }
 
 /// The driving keys of `t` whose rows a row of join `join` with link values `links` (the joined
