@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo build --release && cargo run --release --example bench_scale -- --rows 10000000 [--rate 200] [--snapshot-age 60]
-//!   [--payload-md5s 2] [--max-wal-gb 8] [--workers 2] [--copy-log FILE]
+//!   [--payload-md5s 2] [--max-wal-gb 8] [--workers 2] [--chunk-rows 50000] [--copy-log FILE]
 //! ```
 
 #[path = "../tests/support/cluster.rs"]
@@ -46,10 +46,10 @@ const GREEN: &str =
   CREATE INDEX ON tokens (client_id);
   CREATE TABLE app_events (id bigserial PRIMARY KEY, kind text, payload text NOT NULL);";
 
-fn plan_text(age: u64, workers: u64, bouncer: &Bouncer, green_port: u16) -> String {
+fn plan_text(age: u64, (workers, chunk_rows): (u64, u64), bouncer: &Bouncer, green_port: u16) -> String {
     format!(
         "name = \"scale\"\n[blue]\nurl = \"${{BLUE_URL}}\"\n[green]\nurl = \"${{GREEN_URL}}\"\n\
-         [copy]\nworkers = {workers}\nchunk_rows = 50000\nsnapshot_max_age = \"{age}s\"\n[capture]\nmethod = \"logical\"\n\
+         [copy]\nworkers = {workers}\nchunk_rows = {chunk_rows}\nsnapshot_max_age = \"{age}s\"\n[capture]\nmethod = \"logical\"\n\
          [[table]]\nsource = \"public.tokens\"\nkey = [\"id\"]\n[table.columns]\n\
          scopes = \"array_remove(string_to_array(scope, ' '), '')\"\nrequested_at = \"requested_at AT TIME ZONE 'UTC'\"\n\
          [[table]]\nsource = \"public.app_events\"\nkey = [\"id\"]\n\
@@ -150,7 +150,10 @@ async fn main() -> anyhow::Result<()> {
         Bouncer::start("transaction", &format!("host=127.0.0.1 port={} dbname=blue user=postgres", blue.port));
     let dir = tempfile::tempdir()?;
     let plan_path = dir.path().join("scale.toml");
-    std::fs::write(&plan_path, plan_text(age, arg("--workers", 2), &bouncer, green.port))?;
+    std::fs::write(
+        &plan_path,
+        plan_text(age, (arg("--workers", 2), arg("--chunk-rows", 50_000)), &bouncer, green.port),
+    )?;
     std::env::set_var("BLUE_URL", blue.url("blue"));
 
     // 1. The floor.

@@ -396,11 +396,16 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     }
     let state = State::new(&plan.name);
     let mut waited = Instant::now();
-    loop {
+    let floor = loop {
         // The leader creates the state (two processes creating one schema at once collide).
         let phase = if state.exists(&green).await? { state.phase(&green).await? } else { None };
         match phase {
-            Some(Phase::Copying) => break,
+            // Snapshots of its own must be above the leader's floor: taken once it is recorded.
+            Some(Phase::Copying) => {
+                if let Some(floor) = state.copy_floor(&green).await? {
+                    break floor;
+                }
+            }
             None | Some(Phase::Planned) => {}
             Some(p) => {
                 info!(phase = p.name(), "the copy is not running; nothing to join");
@@ -414,23 +419,9 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
             info!("waiting for `migrate copy` (the leader) to plan the chunks");
             waited = Instant::now();
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    let epoch = state.epoch(&green).await?;
-    // Snapshots of its own are above the leader's floor once it is recorded: taken after it.
-    let floor = loop {
-        if let Some(f) = state.copy_floor(&green).await? {
-            break f;
-        }
-        if shutdown.is_triggered() {
-            return Ok(());
-        }
-        if waited.elapsed() >= std::time::Duration::from_secs(10) {
-            info!("waiting for `migrate copy` (the leader) to begin its run");
-            waited = Instant::now();
-        }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
+    let epoch = state.epoch(&green).await?;
     let blue = plan.blue.connect().await?;
     let first = snapshots::export(&blue).await?;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
