@@ -287,6 +287,17 @@ fn rows_above_the_copy_floor_committed_before_capture_reach_green() {
     );
     let gid = format!("bg_floor_{}", c.blue.name);
     c.blue.psql(&format!("BEGIN; INSERT INTO side VALUES (1); PREPARE TRANSACTION '{gid}';"));
+    // Left prepared by a failing assertion, it would hold the shared blue cluster's horizon
+    // (and stall trigger capture) for every later test.
+    struct Prepared(String, String);
+    impl Drop for Prepared {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("psql")
+                .args([self.0.as_str(), "-X", "-q", "-c", &format!("ROLLBACK PREPARED '{}'", self.1)])
+                .output();
+        }
+    }
+    let _prepared = Prepared(c.blue.url(), gid.clone());
     c.blue.psql(
         "UPDATE items SET pad = 'changed' WHERE id % 50 = 0; DELETE FROM items WHERE id % 50 = 1;
          INSERT INTO items SELECT g, 'new' FROM generate_series(20001, 20500) g;

@@ -168,16 +168,15 @@ async fn copy_run(
 ) -> Result<bool> {
     let epoch = state.next_epoch(green).await?;
     let blue = plan.blue.connect().await?;
-    // The run's transaction floor (see `snapshots`), taken after capture began and on green
-    // before any chunk of this run can be claimed, by a joined worker too. A snapshot taken
-    // before the run's first: every chunk's is at or above it.
+    // The run's transaction floor (see `snapshots`): the xmin of a snapshot taken after capture
+    // began and before the run's first, so every chunk's is at or above it. Recorded once the
+    // first snapshot is exported (below): a joined worker waits for it before taking snapshots
+    // of its own, which are then all later than the chunks' planning.
     let floor = if plan.copy.snapshot_max_age.is_zero() {
         // One snapshot: no row can be read twice.
         None
     } else {
-        let floor = snapshots::snapshot_xmin(&blue).await?;
-        state.set_copy_floor(green, floor).await?;
-        Some(floor)
+        Some(snapshots::snapshot_xmin(&blue).await?)
     };
     let mut prepared = Vec::new();
     for t in &resolved.tables {
@@ -188,6 +187,9 @@ async fn copy_run(
     // snapshot would go unseen): whatever changes after it is captured. A new one replaces it
     // every `[copy] snapshot_max_age` (see `snapshots`).
     let first = snapshots::export(&blue).await?;
+    if let Some(floor) = floor {
+        state.set_copy_floor(green, floor).await?;
+    }
     crate::fault::point("copy.snapshot-exported").await;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();

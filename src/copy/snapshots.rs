@@ -8,8 +8,9 @@
 //! Chunks of one table read under different snapshots can see a row twice (an update moved it
 //! from a block range already read into one read later) or not at all (moved the other way).
 //!
-//! **The transaction floor.** The run's floor is the `xmin` of its first snapshot: every
-//! transaction below it had ended before any chunk began. Each chunk leaves out the row versions
+//! **The transaction floor.** The run's floor is the `xmin` of a snapshot taken just before the
+//! run plans its chunks and exports its first snapshot: every transaction below it had ended
+//! before any chunk began. Each chunk leaves out the row versions
 //! written by transactions at or above the floor and stores their keys in pending, in the green
 //! transaction that commits the chunk; apply writes those rows from blue once the table is done.
 //! The versions a chunk copies were then all written by transactions that ended before every
@@ -71,8 +72,8 @@ pub(super) async fn export(blue: &Client) -> Result<String> {
     crate::pg::export_snapshot(blue, "blue: copy snapshot").await
 }
 
-/// The `xmin` of the current transaction's snapshot, as a full transaction id: in an exporting
-/// transaction, the run's transaction floor.
+/// The `xmin` of a snapshot taken now (outside a transaction: a fresh one), as a full
+/// transaction id: the run's transaction floor.
 pub(super) async fn snapshot_xmin(blue: &Client) -> Result<i64> {
     Ok(blue
         .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8", &[])

@@ -393,7 +393,7 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     };
     if (shared.resumed[table] || mixed) && shared.plan.copy.defer_indexes {
         if below {
-            info!(table = %t.target, "every chunk left out rows written since the copy began; nothing to remove");
+            info!(table = %t.target, "every chunk left out the rows at or above the copy's floor; nothing to remove");
         } else {
             forget_changed(shared, blue, green, t).await?;
         }

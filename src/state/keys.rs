@@ -81,7 +81,8 @@ impl State {
 
     /// Stores the keys of entry `id` held in `temp` (a temporary table with a `key text[]`
     /// column, in `green`'s session) in pending at position `lsn`, as [`Self::store_keys`]
-    /// does. Returns how many. In byte order (collation C), as `store_keys` sorts them.
+    /// does, but never moving a key's position back (capture may have stored a later one
+    /// since `lsn` was read). Returns how many. In byte order (collation C), as `store_keys` sorts them.
     pub async fn store_keys_from(&self, green: &impl GenericClient, id: &TableId, temp: &str, lsn: Lsn) -> Result<u64> {
         green
             .execute(
@@ -89,7 +90,8 @@ impl State {
                     "INSERT INTO {pending} (tbl, key, seq, lsn, first_lsn) \
                      SELECT $1, k.key, nextval('{seq}'), $2, $2 FROM (SELECT DISTINCT key FROM {temp}) k \
                      ORDER BY k.key COLLATE \"C\" \
-                     ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, lsn = EXCLUDED.lsn, \
+                     ON CONFLICT (tbl, key) DO UPDATE SET seq = EXCLUDED.seq, \
+                       lsn = greatest({pending}.lsn, EXCLUDED.lsn), \
                        first_lsn = least(coalesce({pending}.first_lsn, {pending}.lsn), EXCLUDED.first_lsn)",
                     pending = self.table("pending"),
                     seq = self.table("pending_seq").replace('\'', "''"),
