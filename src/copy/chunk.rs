@@ -2,8 +2,8 @@
 //!
 //! Block ranges are read with a TID range scan: sequential, the same per-row cost as one big
 //! seq scan, whatever the key looks like (a key-range chunk over a random text key costs 1.2-1.4x
-//! through the index here, see docs/performance.md). Every chunk of one run reads the same
-//! exported snapshot, so each row version is copied exactly once; the first chunk has no lower
+//! through the index here, see docs/performance.md). Chunks of one run read its exported
+//! snapshots, each row version at most once (see `snapshots`); the first chunk has no lower
 //! and the last no upper bound, so pages added after planning are read too.
 //!
 //! A partitioned source has no heap of its own: each leaf partition is split the same way, and

@@ -1,8 +1,8 @@
 //! Stage 1: copy. Each table is split into heap block ranges; each range streams as raw COPY from
 //! blue (through the resolved transforming SELECT) straight into COPY on green, never decoded
-//! here. All chunks of a run read one exported snapshot, so each row is copied once. A chunk's
-//! rows and its `done` mark commit in one green transaction, so a killed run redoes exactly the
-//! chunks that did not commit.
+//! here. Each chunk reads the newest of the run's exported snapshots (see `snapshots`: its
+//! transaction floor keeps every row copied once). A chunk's rows and its `done` mark commit in
+//! one green transaction, so a killed run redoes exactly the chunks that did not commit.
 
 mod chunk;
 mod indexes;
