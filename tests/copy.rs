@@ -245,26 +245,22 @@ fn short_snapshots(method: &str) {
     eprintln!("{method}: copy {copy_seconds:.1} s, oldest snapshot of ours {oldest:.2} s");
     // Following brings the changed rows; then blue and green hold the same rows.
     let fp = "SELECT id, code, pad FROM items";
-    let waited = Instant::now();
-    while crate::support::fingerprint(&c.blue, fp) != crate::support::fingerprint(&c.green, fp) {
-        if waited.elapsed() > Duration::from_secs(60) {
-            let rows = |db: &crate::support::TestDb| -> std::collections::BTreeSet<String> {
-                db.psql("SELECT id || '|' || code || '|' || length(pad) FROM items")
-                    .lines()
-                    .map(str::to_string)
-                    .collect()
-            };
-            let (b, g) = (rows(&c.blue), rows(&c.green));
-            let only_blue: Vec<_> = b.difference(&g).take(5).collect();
-            let only_green: Vec<_> = g.difference(&b).take(5).collect();
-            let st = run(&mut c.migrate(&["status", p]));
-            let _ = copy.kill();
-            let mut err = String::new();
-            use std::io::Read;
-            copy.stderr.take().unwrap().read_to_string(&mut err).ok();
-            panic!("green did not become equal to blue: only on blue {only_blue:?}, only on green {only_green:?}\n{}\n{err}", st.stdout);
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    if !crate::support::converges((&c.blue, fp), (&c.green, fp), Duration::from_secs(60)) {
+        let rows = |db: &crate::support::TestDb| -> std::collections::BTreeSet<String> {
+            db.psql("SELECT id || '|' || code || '|' || length(pad) FROM items").lines().map(str::to_string).collect()
+        };
+        let (b, g) = (rows(&c.blue), rows(&c.green));
+        let only_blue: Vec<_> = b.difference(&g).take(5).collect();
+        let only_green: Vec<_> = g.difference(&b).take(5).collect();
+        let st = run(&mut c.migrate(&["status", p]));
+        let _ = copy.kill();
+        let mut err = String::new();
+        use std::io::Read;
+        copy.stderr.take().unwrap().read_to_string(&mut err).ok();
+        panic!(
+            "green did not become equal to blue: only on blue {only_blue:?}, only on green {only_green:?}\n{}\n{err}",
+            st.stdout
+        );
     }
     let r = run(&mut c.migrate(&["verify", p]));
     assert_eq!(r.code, 0, "{r:?}");
@@ -314,19 +310,14 @@ fn rows_above_the_copy_floor_committed_before_capture_reach_green() {
     // Trigger capture reads changes below blue's horizon, which the prepared transaction holds.
     c.blue.psql(&format!("COMMIT PREPARED '{gid}'"));
     let fp = "SELECT id, pad FROM items";
-    let started = Instant::now();
-    while crate::support::fingerprint(&c.blue, fp) != crate::support::fingerprint(&c.green, fp) {
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = copy.kill();
-            let changed = c
-                .green
-                .psql("SELECT count(*) FILTER (WHERE pad = 'changed'), count(*) FILTER (WHERE id > 100000) FROM items");
-            crate::support::panic_with_stderr(
-                &mut copy,
-                &format!("green did not become equal to blue (changed, moved keys on green: {changed})"),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    if !crate::support::converges((&c.blue, fp), (&c.green, fp), Duration::from_secs(60)) {
+        let changed = c
+            .green
+            .psql("SELECT count(*) FILTER (WHERE pad = 'changed'), count(*) FILTER (WHERE id > 100000) FROM items");
+        crate::support::panic_with_stderr(
+            &mut copy,
+            &format!("green did not become equal to blue (changed, moved keys on green: {changed})"),
+        );
     }
     // What blue changed before the copy is there: 400 updated rows, 410 changed keys.
     assert_eq!(
@@ -417,11 +408,10 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
     assert!(workers >= 2, "only {workers} worker(s) copied chunks");
     // Green converges to blue; its primary key was rebuilt over the copied rows.
     let query = "SELECT id, grp, payload FROM items";
-    let started = Instant::now();
-    while crate::support::fingerprint(&c.blue, query) != crate::support::fingerprint(&c.green, query) {
-        assert!(started.elapsed() < Duration::from_secs(90), "green did not converge to blue");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    assert!(
+        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
+        "green did not converge to blue"
+    );
     assert_eq!(
         c.green
             .psql("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisprimary AND indisvalid"),
@@ -475,11 +465,10 @@ fn a_joined_value_moving_between_rows_during_the_copy_is_not_copied_twice() {
         "SELECT u.id, p.email, u.pad FROM users u JOIN profiles p ON p.id = u.profile_id",
         "SELECT id, email, pad FROM users",
     );
-    let started = Instant::now();
-    while crate::support::fingerprint(&c.blue, blue) != crate::support::fingerprint(&c.green, green) {
-        assert!(started.elapsed() < Duration::from_secs(60), "green did not converge to blue");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(
+        crate::support::converges((&c.blue, blue), (&c.green, green), Duration::from_secs(60)),
+        "green did not converge to blue"
+    );
     assert_eq!(c.green.psql("SELECT email FROM users WHERE id IN (1, 3000) ORDER BY id"), "gone\ne1");
     let chunks = c.green.psql(&format!("SELECT count(*), count(xid_floor) FROM {state}.chunks"));
     let (n, floored) = chunks.split_once('|').unwrap();

@@ -36,6 +36,7 @@ use tracing::{info, warn};
 
 use crate::{
     error::{Error, Result},
+    pg::Lsn,
     plan::Plan,
     shutdown::Shutdown,
 };
@@ -84,18 +85,19 @@ pub(super) async fn snapshot_xmin(blue: &Client) -> Result<i64> {
 
 /// In a chunk's transaction: how many transactions back from the current one the floor lies
 /// (`age` of the floor), when every transaction below the floor had ended before the chunk's
-/// snapshot. The chunk leaves out rows whose `age(xmin)` lies in `0..=span`.
-pub(super) async fn window(blue: &Client, floor: i64) -> Result<Option<i32>> {
+/// snapshot, and blue's position now (where the keys the chunk leaves out are stored). The
+/// chunk leaves out rows whose `age(xmin)` lies in `0..=span`.
+pub(super) async fn window(blue: &Client, floor: i64) -> Result<Option<(i32, Lsn)>> {
     let row = blue
         .query_one(
             "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 >= $1, \
-                    age(($1 % 4294967296)::text::xid)",
+                    age(($1 % 4294967296)::text::xid), (pg_current_wal_insert_lsn() - '0/0')::int8",
             &[&floor],
         )
         .await
         .map_err(Error::db("blue: reading the chunk snapshot's horizon"))?;
     let (above, span): (bool, i32) = (row.get(0), row.get(1));
-    Ok((above && span >= 0).then_some(span))
+    Ok((above && span >= 0).then_some((span, Lsn(row.get(2)))))
 }
 
 /// Replaces the exported snapshot every `[copy] snapshot_max_age` until `stop`, then ends every

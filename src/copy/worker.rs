@@ -182,12 +182,14 @@ async fn copy_claimed(
     Ok(rows)
 }
 
-/// The rows a chunk leaves out (see `snapshots`): the run's floor, and the `age(xmin)` up to
-/// which a row version is the floor's or newer. `None`: the chunk reads every row.
+/// The rows a chunk leaves out (see `snapshots`): the run's floor, the `age(xmin)` up to which
+/// a row version is the floor's or newer, and blue's position when the chunk began (its
+/// left-out keys' position). `None`: the chunk reads every row.
 #[derive(Debug, Clone, Copy)]
 struct Window {
     floor: i64,
     span: i32,
+    lsn: crate::pg::Lsn,
 }
 
 /// The window of the chunk whose blue transaction just began. An entry with joins has none:
@@ -195,7 +197,7 @@ struct Window {
 /// put one value on two rows (its table's rows changed during the copy are removed instead).
 async fn window(shared: &Shared, blue: &Client, t: &ResolvedTable) -> Result<Option<Window>> {
     let Some(floor) = shared.floor.filter(|_| t.joins.is_empty()) else { return Ok(None) };
-    Ok(super::snapshots::window(blue, floor).await?.map(|span| Window { floor, span }))
+    Ok(super::snapshots::window(blue, floor).await?.map(|(span, lsn)| Window { floor, span, lsn }))
 }
 
 /// How long a worker waits for its lock on a table it is about to read. A wait means an ACCESS
@@ -297,8 +299,8 @@ async fn copy_chunk(
             .await
             .map_err(|e| fail("green staging", e))?;
     }
-    if let Some(newer) = &newer {
-        let keys = left_out(shared, blue, &tx, t, chunk, range.as_deref(), newer).await?;
+    if let (Some(newer), Some(w)) = (&newer, window) {
+        let keys = left_out(shared, blue, &tx, t, chunk, range.as_deref(), (newer, w.lsn)).await?;
         tracing::debug!(keys, "rows written above the copy's floor left to apply");
     }
     shared
@@ -339,7 +341,7 @@ async fn pipe(
 
 /// Stores in pending, in the chunk's green transaction `tx`, the keys of the rows `newer` left
 /// out of its copy (those the plan's filter keeps), read in the chunk's snapshot as capture
-/// writes keys, at blue's current position. They stream blue → green through a temporary
+/// writes keys, at blue position `lsn`. They stream blue → green through a temporary
 /// table: a chunk open at the heap's end may leave out every row appended since the copy began.
 /// Returns how many were stored.
 async fn left_out(
@@ -349,7 +351,7 @@ async fn left_out(
     t: &ResolvedTable,
     chunk: &Chunk,
     range: Option<&str>,
-    newer: &str,
+    (newer, lsn): (&str, crate::pg::Lsn),
 ) -> Result<u64> {
     let q = t.qualifier();
     let keys: Vec<String> = t.key.iter().map(|k| shared.key_text.sql(&format!("{q}.{}", ident(&k.source)))).collect();
@@ -361,7 +363,6 @@ async fn left_out(
         t.from_clause(chunk.part.as_deref()),
         conds.join(" AND ")
     );
-    let lsn = crate::pg::insert_lsn(blue).await?;
     let failed = |(stage, e): (&str, tokio_postgres::Error)| Error::ChunkFailed {
         table: t.target.to_string(),
         chunk: chunk.number as i64,
