@@ -637,24 +637,8 @@ impl Verifier<'_> {
 
     /// Row hashes of the given keys on both sides: (blue, green), `None` where absent.
     async fn hashes(&self, keys: &[Vec<String>]) -> Result<HashMap<Vec<String>, (Option<i64>, Option<i64>)>> {
-        let mut out: HashMap<Vec<String>, (Option<i64>, Option<i64>)> =
-            keys.iter().map(|k| (k.clone(), (None, None))).collect();
-        for (blue_side, rows) in [
-            (true, self.by_key(true, keys, &self.q.rh()).await?),
-            (false, self.by_key(false, keys, &self.q.rh()).await?),
-        ] {
-            for r in rows {
-                let k: Vec<String> = r.get(0);
-                let h: i64 = r.get(1);
-                let e = out.entry(k).or_default();
-                if blue_side {
-                    e.0 = Some(h);
-                } else {
-                    e.1 = Some(h);
-                }
-            }
-        }
-        Ok(out)
+        let (blue, green) = (self.side_hashes(true, keys).await?, self.side_hashes(false, keys).await?);
+        Ok(keys.iter().map(|k| (k.clone(), (blue.get(k).copied(), green.get(k).copied()))).collect())
     }
 
     /// `SELECT key values, <what> FROM rows WHERE key IN keys` on one side.
