@@ -183,13 +183,18 @@ const MOVING_GREEN: &str = "CREATE TABLE items (id int PRIMARY KEY, code text NO
 /// to a later block; VACUUM frees early pages that later updates move rows back into) and
 /// moves unique values from row to row. A row read twice, read never, or read with a unique value
 /// another row took since must all end right: green equals blue, checked independently.
-fn short_snapshots(method: &str) {
-    let c = crate::support::Custom::new(MOVING_BLUE, MOVING_GREEN);
-    let plan = c.plan(
+fn short_snapshots(method: &str) -> crate::support::Custom {
+    short_snapshots_with(
         method,
         "workers = 1\nchunk_rows = 500\nmax_rows_per_second = 4000\nsnapshot_max_age = \"300ms\"",
         "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
-    );
+    )
+}
+
+/// [`short_snapshots`] with these `[copy]` settings and table entry.
+fn short_snapshots_with(method: &str, copy_settings: &str, entry: &str) -> crate::support::Custom {
+    let c = crate::support::Custom::new(MOVING_BLUE, MOVING_GREEN);
+    let plan = c.plan(method, copy_settings, entry);
     let p = plan.to_str().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -234,7 +239,9 @@ fn short_snapshots(method: &str) {
         if c.green.psql(&exists).trim() == "t" && c.green.psql(&q).trim() == "1" {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "the copy did not finish");
+        if started.elapsed() > Duration::from_secs(90) || matches!(copy.try_wait(), Ok(Some(_))) {
+            crate::support::panic_with_stderr(&mut copy, "the copy did not finish");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     let copy_seconds = started.elapsed().as_secs_f64();
@@ -267,6 +274,31 @@ fn short_snapshots(method: &str) {
     assert_eq!(c.green.psql("SELECT count(*) - count(DISTINCT id) FROM items"), "0");
     assert_every_chunk_under_one_floor(&c);
     crate::capture::sigint_and_wait(&mut copy);
+    c
+}
+
+/// Without a row rate a worker claims as many consecutive chunks as it copies in about
+/// `target_chunk_time`, read as one block range under one snapshot: the rows moving between
+/// block ranges and the unique values moving between rows of [`short_snapshots`] end right
+/// across such claims too, and no claim holds its snapshot much longer than the target. The
+/// transform hashes 1.6 MB on every tenth row, so a 500-row chunk takes about 0.1 s.
+#[test]
+fn claims_of_several_chunks_under_short_snapshots_end_right() {
+    let c = short_snapshots_with(
+        "trigger",
+        "workers = 1\nchunk_rows = 500\nsnapshot_max_age = \"300ms\"\ntarget_chunk_time = \"1s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n[table.columns]\n\
+         pad = \"CASE WHEN id % 10 = 0 AND md5(repeat(md5(pad), 50000)) = '' THEN '' ELSE pad END\"\n",
+    );
+    let claims = c.green.psql(&c.sql(
+        "SELECT count(*), count(*) FILTER (WHERE copied_with IS NULL), max(n) FROM \
+           (SELECT copied_with, count(*) OVER (PARTITION BY coalesce(copied_with, chunk)) AS n \
+            FROM bluegreen_custom.chunks) c",
+    ));
+    let v: Vec<i64> = claims.split('|').map(|x| x.parse().unwrap()).collect();
+    eprintln!("chunks, claims, largest claim: {claims}");
+    // 40 chunks in claims that grow to about ten (1 s at 0.1 s a chunk).
+    assert!(v[1] < v[0] / 3 && v[2] > 4, "chunks, claims, largest claim: {claims}");
 }
 
 /// The copy's transaction floor is the oldest transaction open when its first snapshot is
@@ -343,7 +375,9 @@ fn assert_every_chunk_under_one_floor(c: &crate::support::Custom) {
 
 #[test]
 fn short_snapshots_bound_blues_horizon_and_rows_moving_during_the_copy_end_right_logical() {
-    short_snapshots("logical");
+    let c = short_snapshots("logical");
+    // Under a row rate a claim is one chunk.
+    assert_eq!(c.green.psql(&c.sql("SELECT count(copied_with) FROM bluegreen_custom.chunks")), "0");
 }
 
 #[test]

@@ -28,6 +28,9 @@ pub struct Chunk {
     pub end_block: Option<i64>,
     /// The leaf partition read (quoted, qualified), for a partitioned source.
     pub part: Option<String>,
+    /// How many chunks after `number` this range also covers: a worker claims several
+    /// consecutive chunks at once as one range (`[copy] target_chunk_time`).
+    pub following: i32,
 }
 
 /// What chunk planning learned about the source table.
@@ -119,6 +122,7 @@ pub fn split(blocks: i64, n: i64) -> Vec<Chunk> {
             first_block: (i > 0).then_some(i * per),
             end_block: (i < n - 1).then_some((i + 1) * per),
             part: None,
+            following: 0,
         })
         .collect()
 }

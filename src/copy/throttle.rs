@@ -43,6 +43,11 @@ impl Throttle {
         }
     }
 
+    /// Whether a row rate is in force now.
+    pub fn limited(&self) -> bool {
+        self.live.rate(self.plan_rate) > 0
+    }
+
     /// Corrects the booking once a chunk charged `charged` rows turned out to hold `held`:
     /// later chunks wait for what it really held (a partition's leaves are much smaller than
     /// the estimate, a table with stale statistics much larger).

@@ -42,10 +42,13 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         tracing::debug!(error = %pg_message(&e), "green: session_replication_role not settable");
     }
     let mut said = Instant::now();
+    // Chunks per claim, per table: each table's rows have a pace of their own.
+    let mut sizes = vec![1i32; shared.tables.len()];
     loop {
         if shared.shutdown.is_triggered() {
             return Ok(());
         }
+        // Under a row rate a claim is one chunk (see `next_chunk`); without one nothing waits.
         let expected = shared.plan.copy.chunk_rows;
         shared.live.wait_copy(&shared.shutdown).await;
         shared.throttle.admit(expected, &shared.shutdown).await;
@@ -54,9 +57,10 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         if shared.shutdown.is_triggered() {
             return Ok(());
         }
-        match next_chunk(&shared, &blue, &mut green).await {
-            Ok(Some((table, rows))) => {
+        match next_chunk(&shared, &blue, &mut green, &sizes).await {
+            Ok(Some(Copied { table, rows, chunks, seconds })) => {
                 shared.throttle.settle(expected, rows);
+                sizes[table] = claim_size(shared.plan.copy.target_chunk_time, chunks, seconds);
                 if !shared.joined && shared.state.loaded(&green, &[shared.tables[table].id.as_str()]).await?.len() == 1
                 {
                     take_rebuild(&shared, &blue, &green, table).await?;
@@ -120,9 +124,36 @@ async fn take_rebuild(shared: &Shared, blue: &Client, green: &Client, table: usi
     Ok(true)
 }
 
-/// Claims the next chunk (see [`crate::state::State::claim_chunk`]) and copies it; `None` when
-/// no chunk can be claimed now. Returns the table and the rows copied.
-async fn next_chunk(shared: &Shared, blue: &Client, green: &mut Client) -> Result<Option<(usize, u64)>> {
+/// Chunks one claim takes at most.
+const MAX_CLAIM: i32 = 64;
+
+/// How many consecutive chunks a worker's next claim of a table takes: as many as it copies in
+/// `target` at the pace of its last claim (`chunks` in `seconds`), at most twice as many as
+/// that one took (rows further on may be wider than those that set the pace) and at most
+/// [`MAX_CLAIM`]. One with `target` zero.
+fn claim_size(target: std::time::Duration, chunks: i32, seconds: f64) -> i32 {
+    if target.is_zero() || chunks <= 0 {
+        return 1;
+    }
+    let per_chunk = seconds / chunks as f64;
+    let fit = if per_chunk > 0.0 { target.as_secs_f64() / per_chunk } else { f64::MAX };
+    (fit.floor().min(i32::MAX as f64) as i32).clamp(1, chunks.saturating_mul(2).min(MAX_CLAIM))
+}
+
+/// What one claim copied.
+struct Copied {
+    table: usize,
+    rows: u64,
+    chunks: i32,
+    seconds: f64,
+}
+
+/// Claims the next chunk (see [`crate::state::State::claim_chunk`]) and, up to its table's
+/// claim size in `sizes`, chunks that follow it in the same heap, and copies them as one block
+/// range in one transaction; `None` when no chunk can be claimed now. Under a row rate a claim
+/// is one chunk: the rate spaces chunks, and claims of several would turn its pace into bursts.
+async fn next_chunk(shared: &Shared, blue: &Client, green: &mut Client, sizes: &[i32]) -> Result<Option<Copied>> {
+    let started = Instant::now();
     let claimable: Vec<&str> = shared.claimable.iter().map(String::as_str).collect();
     let tx = green.transaction().await.map_err(Error::db("green: begin"))?;
     let Some(claim) = shared.state.claim_chunk(&tx, &claimable).await? else {
@@ -131,21 +162,31 @@ async fn next_chunk(shared: &Shared, blue: &Client, green: &mut Client) -> Resul
     let Some(table) = shared.tables.iter().position(|t| t.id == claim.table) else {
         return Ok(None);
     };
-    let chunk =
-        Chunk { number: claim.number, first_block: claim.first_block, end_block: claim.end_block, part: claim.part };
-    let name = format!("{}:{}", claim.table, chunk.number);
+    let size = if shared.throttle.limited() { 1 } else { sizes[table] };
+    let following = shared.state.claim_following(&tx, &claim, size - 1).await?;
+    let chunk = Chunk {
+        number: claim.number,
+        first_block: claim.first_block,
+        end_block: following.last().map_or(claim.end_block, |c| c.end_block),
+        part: claim.part,
+        following: following.len() as i32,
+    };
+    let names: Vec<String> =
+        (chunk.number..=chunk.number + chunk.following).map(|n| format!("{}:{n}", claim.table)).collect();
     if let Ok(mut b) = shared.busy.lock() {
-        b.insert(name.clone());
+        b.extend(names.iter().cloned());
     }
     let result = copy_claimed(shared, blue, tx, table, &chunk).await;
     if let Ok(mut b) = shared.busy.lock() {
-        b.remove(&name);
+        names.iter().for_each(|n| {
+            b.remove(n);
+        });
     }
     if result.is_err() {
         // Whatever failed, the chunk's snapshot ends (its claim ended with the green transaction).
         let _ = blue.batch_execute("ROLLBACK").await;
     }
-    Ok(Some((table, result?)))
+    Ok(Some(Copied { table, rows: result?, chunks: chunk.following + 1, seconds: started.elapsed().as_secs_f64() }))
 }
 
 /// Copies a claimed chunk in `tx` under the newest snapshot, in a blue transaction of its own.
@@ -171,12 +212,13 @@ async fn copy_claimed(
     check_heap(shared, blue, &tx, table).await?;
     let window = window(shared, blue, &shared.tables[table]).await?;
     let span = tracing::info_span!("chunk", table = %shared.tables[table].target, chunk = chunk.number,
-        first_block = chunk.first_block, end_block = chunk.end_block);
+        following = chunk.following, first_block = chunk.first_block, end_block = chunk.end_block);
     let (rows, bytes) = copy_chunk(shared, blue, tx, table, chunk, mixed, window).instrument(span).await?;
     blue.batch_execute("COMMIT").await.map_err(Error::db("blue: ending a chunk's snapshot"))?;
     crate::fault::point("copy.chunk-done").await;
-    shared.copied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::debug!(worker = %shared.worker_id, table = %shared.tables[table].target, chunk = chunk.number, rows, bytes,
+    shared.copied.fetch_add(1 + chunk.following, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(worker = %shared.worker_id, table = %shared.tables[table].target, chunk = chunk.number,
+        following = chunk.following, rows, bytes,
         seconds = started.elapsed().as_secs_f64(), "chunk copied");
     shared.progress.chunk_done(table, rows, bytes);
     Ok(rows)
@@ -313,6 +355,7 @@ async fn copy_chunk(
             bytes,
             started.elapsed().as_secs_f64(),
             (shared.epoch, &shared.worker_id, window.map(|w| w.floor)),
+            chunk.following,
         )
         .await?;
     crate::fault::point("copy.chunk-streamed").await;
@@ -491,4 +534,26 @@ async fn forget_changed(shared: &Shared, blue: &Client, green: &Client, t: &Reso
     info!(table = %t.target, removed, waited_ms = waited.as_millis() as u64,
         seconds = (started.elapsed() - waited).as_secs_f64(), "rows changed during the copy removed; apply writes them from blue");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{claim_size, MAX_CLAIM};
+
+    #[test]
+    fn a_claim_grows_to_the_target_time_at_most_twofold_and_within_the_cap() {
+        let second = Duration::from_secs(1);
+        // 10 ms a chunk: 100 fit a second, but the last claim took 1, so 2.
+        assert_eq!(claim_size(second, 1, 0.010), 2);
+        assert_eq!(claim_size(second, 8, 0.080), 16);
+        assert_eq!(claim_size(second, 40, 0.400), MAX_CLAIM);
+        // 300 ms a chunk: 3 fit.
+        assert_eq!(claim_size(second, 8, 2.4), 3);
+        // Slower than the target: one at a time.
+        assert_eq!(claim_size(second, 4, 20.0), 1);
+        assert_eq!(claim_size(second, 4, 0.0), 8);
+        assert_eq!(claim_size(Duration::ZERO, 4, 0.01), 1);
+    }
 }

@@ -151,6 +151,7 @@ impl State {
                 ("migration", "way_back", "jsonb"),
                 ("migration", "copy_xid_floor", "bigint"),
                 ("chunks", "xid_floor", "bigint"),
+                ("chunks", "copied_with", "int"),
             ]),
         );
         self.check_layout(green).await?;

@@ -326,7 +326,9 @@ impl State {
             .collect())
     }
 
-    /// Marks a chunk done by `worker`; in the transaction that wrote its rows.
+    /// Marks chunk `chunk` and the `with` chunks after it (copied in one claim, one block range)
+    /// done by `worker`; in the transaction that wrote their rows. The rows, bytes and seconds
+    /// are counted on `chunk`; the others name it in `copied_with`.
     #[allow(clippy::too_many_arguments)]
     pub async fn chunk_done(
         &self,
@@ -337,15 +339,20 @@ impl State {
         bytes: u64,
         seconds: f64,
         (epoch, worker, floor): (i32, &str, Option<i64>),
+        with: i32,
     ) -> Result<()> {
         green
             .execute(
                 &format!(
-                    "UPDATE {} SET done = true, rows = $3, bytes = $4, seconds = $5, epoch = $6, finished_at = now(), \
-                     worker = $7, xid_floor = $8 WHERE tbl = $1 AND chunk = $2",
+                    "UPDATE {} SET done = true, rows = CASE WHEN chunk = $2 THEN $3::int8 ELSE 0 END, \
+                       bytes = CASE WHEN chunk = $2 THEN $4::int8 ELSE 0 END, \
+                       seconds = CASE WHEN chunk = $2 THEN $5::float8 ELSE 0 END, \
+                       epoch = $6, finished_at = now(), worker = $7, xid_floor = $8, \
+                       copied_with = CASE WHEN chunk = $2 THEN NULL ELSE $2 END \
+                     WHERE tbl = $1 AND chunk BETWEEN $2 AND $2 + $9::int",
                     self.table("chunks")
                 ),
-                &[&id.as_str(), &chunk, &(rows as i64), &(bytes as i64), &seconds, &epoch, &worker, &floor],
+                &[&id.as_str(), &chunk, &(rows as i64), &(bytes as i64), &seconds, &epoch, &worker, &floor, &with],
             )
             .await
             .map_err(Error::db(format!("green: marking chunk {chunk} of {id} done")))?;

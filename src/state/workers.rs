@@ -73,6 +73,38 @@ impl State {
         }))
     }
 
+    /// Claims, in `tx` beside `first`, the chunks that follow it in the same heap (up to
+    /// `more`), not done and not held by another transaction, and returns the unbroken run
+    /// directly after `first`: one block range with it. A chunk past a gap (another worker
+    /// holds the one before it) stays claimed until `tx` ends but is not copied: another worker
+    /// takes it after.
+    pub async fn claim_following(&self, tx: &impl GenericClient, first: &Claim, more: i32) -> Result<Vec<Claim>> {
+        if more <= 0 {
+            return Ok(Vec::new());
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT chunk, first_block, end_block, part FROM {}                      WHERE tbl = $1 AND chunk > $2 AND chunk <= $2 + $3 AND NOT done AND part IS NOT DISTINCT FROM $4                      ORDER BY chunk FOR UPDATE SKIP LOCKED",
+                    self.table("chunks")
+                ),
+                &[&first.table.as_str(), &first.number, &more, &first.part],
+            )
+            .await
+            .map_err(Error::db("green: claiming the chunks that follow one"))?;
+        let mut run = Vec::new();
+        for r in rows {
+            let number: i32 = r.get(0);
+            let first_block: Option<i64> = r.get(1);
+            let last = run.last().unwrap_or(first);
+            if number != last.number + 1 || first_block != last.end_block {
+                break;
+            }
+            run.push(Claim { table: first.table.clone(), number, first_block, end_block: r.get(2), part: r.get(3) });
+        }
+        Ok(run)
+    }
+
     /// Entries among `tables` still loading with every chunk done: their indexes are next.
     pub async fn loaded(&self, green: &impl GenericClient, tables: &[&str]) -> Result<Vec<String>> {
         Ok(green

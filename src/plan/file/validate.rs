@@ -327,8 +327,16 @@ impl Validator<'_> {
                 DEFAULT_SNAPSHOT_MAX_AGE
             }),
         };
+        let target_chunk_time = match &raw.target_chunk_time {
+            None => DEFAULT_TARGET_CHUNK_TIME,
+            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
+                self.problem(self.line(v.span()), "copy.target_chunk_time", e);
+                DEFAULT_TARGET_CHUNK_TIME
+            }),
+        };
         CopySettings {
             snapshot_max_age,
+            target_chunk_time,
             workers,
             chunk_rows,
             defer_indexes: raw.defer_indexes.unwrap_or(DEFAULT_DEFER_INDEXES),
