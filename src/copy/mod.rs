@@ -423,6 +423,13 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
+    if !state.chunks_current(&green).await? {
+        return Err(Error::Usage(
+            "the leader (`migrate copy`) runs an older migrate than this joined worker (green's chunks table has no \
+             copied_with column): run the same migrate version on every machine"
+                .into(),
+        ));
+    }
     let epoch = state.epoch(&green).await?;
     let blue = plan.blue.connect().await?;
     let first = snapshots::export(&blue).await?;

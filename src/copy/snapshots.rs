@@ -3,7 +3,8 @@
 //! every table of the database. Instead, an exporting transaction is replaced every
 //! `[copy] snapshot_max_age`: each chunk imports the newest snapshot in a transaction of its
 //! own, and an exporter ends a moment (half a second) after a newer one was published. No
-//! snapshot of ours is then older than that age, plus a second, plus one chunk.
+//! snapshot of ours is then older than that age, plus a second, plus one claim (of one or more
+//! chunks, see `worker`).
 //!
 //! Chunks of one table read under different snapshots can see a row twice (an update moved it
 //! from a block range already read into one read later) or not at all (moved the other way).

@@ -60,7 +60,9 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         match next_chunk(&shared, &blue, &mut green, &sizes).await {
             Ok(Some(Copied { table, rows, chunks, seconds })) => {
                 shared.throttle.settle(expected, rows);
-                sizes[table] = claim_size(shared.plan.copy.target_chunk_time, chunks, seconds);
+                // A claim cut short (another worker holds the next chunk, the table ends) still
+                // measured the pace.
+                sizes[table] = claim_size(shared.plan.copy.target_chunk_time, (sizes[table], chunks), seconds);
                 if !shared.joined && shared.state.loaded(&green, &[shared.tables[table].id.as_str()]).await?.len() == 1
                 {
                     take_rebuild(&shared, &blue, &green, table).await?;
@@ -124,20 +126,22 @@ async fn take_rebuild(shared: &Shared, blue: &Client, green: &Client, table: usi
     Ok(true)
 }
 
-/// Chunks one claim takes at most.
-const MAX_CLAIM: i32 = 64;
+/// Chunks one claim takes at most: rows further on can be much slower to read than those that
+/// set the pace (wide, TOASTed, dense after a bloated stretch), and a claim holds its snapshot,
+/// its table lock and the worker's attention to pause and throttle until it ends. This bounds
+/// that to 16 chunks' time.
+const MAX_CLAIM: i32 = 16;
 
 /// How many consecutive chunks a worker's next claim of a table takes: as many as it copies in
-/// `target` at the pace of its last claim (`chunks` in `seconds`), at most twice as many as
-/// that one took (rows further on may be wider than those that set the pace) and at most
-/// [`MAX_CLAIM`]. One with `target` zero.
-fn claim_size(target: std::time::Duration, chunks: i32, seconds: f64) -> i32 {
+/// `target` at the pace of its last claim (`chunks` in `seconds`, of `asked`), at most twice as
+/// many as that one asked for or took, and at most [`MAX_CLAIM`]. One with `target` zero.
+fn claim_size(target: std::time::Duration, (asked, chunks): (i32, i32), seconds: f64) -> i32 {
     if target.is_zero() || chunks <= 0 {
         return 1;
     }
     let per_chunk = seconds / chunks as f64;
     let fit = if per_chunk > 0.0 { target.as_secs_f64() / per_chunk } else { f64::MAX };
-    (fit.floor().min(i32::MAX as f64) as i32).clamp(1, chunks.saturating_mul(2).min(MAX_CLAIM))
+    (fit.floor().min(i32::MAX as f64) as i32).clamp(1, asked.max(chunks).saturating_mul(2).min(MAX_CLAIM))
 }
 
 /// What one claim copied.
@@ -171,16 +175,17 @@ async fn next_chunk(shared: &Shared, blue: &Client, green: &mut Client, sizes: &
         part: claim.part,
         following: following.len() as i32,
     };
-    let names: Vec<String> =
-        (chunk.number..=chunk.number + chunk.following).map(|n| format!("{}:{n}", claim.table)).collect();
+    // `status` shows a claim of several as `entry:first-last`.
+    let name = match chunk.following {
+        0 => format!("{}:{}", claim.table, chunk.number),
+        n => format!("{}:{}-{}", claim.table, chunk.number, chunk.number + n),
+    };
     if let Ok(mut b) = shared.busy.lock() {
-        b.extend(names.iter().cloned());
+        b.insert(name.clone());
     }
     let result = copy_claimed(shared, blue, tx, table, &chunk).await;
     if let Ok(mut b) = shared.busy.lock() {
-        names.iter().for_each(|n| {
-            b.remove(n);
-        });
+        b.remove(&name);
     }
     if result.is_err() {
         // Whatever failed, the chunk's snapshot ends (its claim ended with the green transaction).
@@ -199,7 +204,7 @@ async fn copy_claimed(
 ) -> Result<u64> {
     let started = Instant::now();
     // Each chunk in a transaction of its own, with the newest snapshot: no snapshot of ours
-    // outlives `[copy] snapshot_max_age` plus one chunk, and none is held while this worker
+    // outlives `[copy] snapshot_max_age` plus one claim, and none is held while this worker
     // waits (paused, throttled).
     let generation = super::snapshots::begin(&shared.snapshots, blue).await?;
     let mixed = shared.generations.lock().map(|mut g| {
@@ -546,14 +551,17 @@ mod tests {
     fn a_claim_grows_to_the_target_time_at_most_twofold_and_within_the_cap() {
         let second = Duration::from_secs(1);
         // 10 ms a chunk: 100 fit a second, but the last claim took 1, so 2.
-        assert_eq!(claim_size(second, 1, 0.010), 2);
-        assert_eq!(claim_size(second, 8, 0.080), 16);
-        assert_eq!(claim_size(second, 40, 0.400), MAX_CLAIM);
+        assert_eq!(claim_size(second, (1, 1), 0.010), 2);
+        assert_eq!(claim_size(second, (4, 4), 0.040), 8);
+        assert_eq!(claim_size(second, (8, 8), 0.080), MAX_CLAIM);
+        // Cut short after asking for 8: the pace of the one it took, up to twice 8.
+        assert_eq!(claim_size(second, (8, 1), 0.010), MAX_CLAIM);
+        assert_eq!(claim_size(second, (4, 1), 0.010), 8);
         // 300 ms a chunk: 3 fit.
-        assert_eq!(claim_size(second, 8, 2.4), 3);
+        assert_eq!(claim_size(second, (8, 8), 2.4), 3);
         // Slower than the target: one at a time.
-        assert_eq!(claim_size(second, 4, 20.0), 1);
-        assert_eq!(claim_size(second, 4, 0.0), 8);
-        assert_eq!(claim_size(Duration::ZERO, 4, 0.01), 1);
+        assert_eq!(claim_size(second, (4, 4), 20.0), 1);
+        assert_eq!(claim_size(second, (4, 4), 0.0), 8);
+        assert_eq!(claim_size(Duration::ZERO, (4, 4), 0.01), 1);
     }
 }

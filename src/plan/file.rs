@@ -26,7 +26,7 @@ pub fn default_workers() -> usize {
 /// Default rows per copy chunk.
 pub const DEFAULT_CHUNK_ROWS: u64 = 50_000;
 /// The copy takes a new snapshot of blue this often (`[copy] snapshot_max_age`), so no copy
-/// snapshot holds back blue's vacuum horizon for longer than this plus one chunk.
+/// snapshot holds back blue's vacuum horizon for longer than this plus one claim of chunks.
 pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(60);
 /// A copy worker claims as many consecutive chunks as it copies in about this long
 /// (`[copy] target_chunk_time`): each claim costs a few milliseconds (claim, snapshot, checks,

@@ -75,25 +75,50 @@ impl State {
 
     /// Claims, in `tx` beside `first`, the chunks that follow it in the same heap (up to
     /// `more`), not done and not held by another transaction, and returns the unbroken run
-    /// directly after `first`: one block range with it. A chunk past a gap (another worker
-    /// holds the one before it) stays claimed until `tx` ends but is not copied: another worker
-    /// takes it after.
+    /// directly after `first`: one block range with it.
     pub async fn claim_following(&self, tx: &impl GenericClient, first: &Claim, more: i32) -> Result<Vec<Claim>> {
+        const FAILED: &str = "green: claiming the chunks that follow one";
         if more <= 0 {
             return Ok(Vec::new());
+        }
+        // Locks taken after a savepoint end when it is rolled back to: chunks past a gap
+        // (another worker holds the one before them) are let go at once, not held unread for
+        // the whole claim.
+        tx.batch_execute("SAVEPOINT bluegreen_following").await.map_err(Error::db(FAILED))?;
+        let (run, locked) = self.lock_run(tx, first, more).await.map_err(Error::db(FAILED))?;
+        if locked == run.len() {
+            return Ok(run);
+        }
+        tx.batch_execute("ROLLBACK TO SAVEPOINT bluegreen_following").await.map_err(Error::db(FAILED))?;
+        // Another worker may take one of them in between: then the rest stay locked, unread,
+        // until this claim ends (another worker copies them after).
+        Ok(self.lock_run(tx, first, run.len() as i32).await.map_err(Error::db(FAILED))?.0)
+    }
+
+    /// Locks the chunks not done among the `more` after `first`, skipping those another
+    /// transaction holds: the unbroken run directly after `first`, and how many it locked.
+    async fn lock_run(
+        &self,
+        tx: &impl GenericClient,
+        first: &Claim,
+        more: i32,
+    ) -> std::result::Result<(Vec<Claim>, usize), tokio_postgres::Error> {
+        if more <= 0 {
+            return Ok((Vec::new(), 0));
         }
         let rows = tx
             .query(
                 &format!(
-                    "SELECT chunk, first_block, end_block, part FROM {}                      WHERE tbl = $1 AND chunk > $2 AND chunk <= $2 + $3 AND NOT done AND part IS NOT DISTINCT FROM $4                      ORDER BY chunk FOR UPDATE SKIP LOCKED",
+                    "SELECT chunk, first_block, end_block, part FROM {} \
+                     WHERE tbl = $1 AND chunk > $2 AND chunk <= $2 + $3 AND NOT done AND part IS NOT DISTINCT FROM $4 \
+                     ORDER BY chunk FOR UPDATE SKIP LOCKED",
                     self.table("chunks")
                 ),
                 &[&first.table.as_str(), &first.number, &more, &first.part],
             )
-            .await
-            .map_err(Error::db("green: claiming the chunks that follow one"))?;
-        let mut run = Vec::new();
-        for r in rows {
+            .await?;
+        let mut run: Vec<Claim> = Vec::new();
+        for r in &rows {
             let number: i32 = r.get(0);
             let first_block: Option<i64> = r.get(1);
             let last = run.last().unwrap_or(first);
@@ -102,7 +127,21 @@ impl State {
             }
             run.push(Claim { table: first.table.clone(), number, first_block, end_block: r.get(2), part: r.get(3) });
         }
-        Ok(run)
+        Ok((run, rows.len()))
+    }
+
+    /// Whether green's `chunks` has the column a leader of this version adds (`copied_with`):
+    /// a joined worker newer than its leader would fail on every chunk it copies.
+    pub async fn chunks_current(&self, green: &impl GenericClient) -> Result<bool> {
+        Ok(green
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+                  WHERE table_schema = $1 AND table_name = 'chunks' AND column_name = 'copied_with')",
+                &[&self.raw],
+            )
+            .await
+            .map_err(Error::db("green: reading the state layout"))?
+            .get(0))
     }
 
     /// Entries among `tables` still loading with every chunk done: their indexes are next.
