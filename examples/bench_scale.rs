@@ -117,6 +117,10 @@ fn writer(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `cargo run --example` builds the example, not the `migrate` binary it runs: without this
+    // a stale binary from an earlier build is what gets measured.
+    let built = Command::new("cargo").args(["build", "--release", "--bin", "migrate"]).status()?;
+    anyhow::ensure!(built.success(), "cargo build --release --bin migrate failed");
     let rows = arg("--rows", 10_000_000);
     let rate = arg("--rate", 200);
     let age = arg("--snapshot-age", 60);

@@ -58,11 +58,11 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
             return Ok(());
         }
         match next_chunk(&shared, &blue, &mut green, &sizes).await {
-            Ok(Some(Copied { table, rows, chunks, seconds })) => {
+            Ok(Some(Copied { table, rows, asked, chunks, seconds })) => {
                 shared.throttle.settle(expected, rows);
                 // A claim cut short (another worker holds the next chunk, the table ends) still
                 // measured the pace.
-                sizes[table] = claim_size(shared.plan.copy.target_chunk_time, (sizes[table], chunks), seconds);
+                sizes[table] = claim_size(shared.plan.copy.target_chunk_time, (asked, chunks), seconds);
                 if !shared.joined && shared.state.loaded(&green, &[shared.tables[table].id.as_str()]).await?.len() == 1
                 {
                     take_rebuild(&shared, &blue, &green, table).await?;
@@ -148,6 +148,8 @@ fn claim_size(target: std::time::Duration, (asked, chunks): (i32, i32), seconds:
 struct Copied {
     table: usize,
     rows: u64,
+    /// Chunks the claim asked for (one under a row rate) and took.
+    asked: i32,
     chunks: i32,
     seconds: f64,
 }
@@ -191,7 +193,13 @@ async fn next_chunk(shared: &Shared, blue: &Client, green: &mut Client, sizes: &
         // Whatever failed, the chunk's snapshot ends (its claim ended with the green transaction).
         let _ = blue.batch_execute("ROLLBACK").await;
     }
-    Ok(Some(Copied { table, rows: result?, chunks: chunk.following + 1, seconds: started.elapsed().as_secs_f64() }))
+    Ok(Some(Copied {
+        table,
+        rows: result?,
+        asked: size,
+        chunks: chunk.following + 1,
+        seconds: started.elapsed().as_secs_f64(),
+    }))
 }
 
 /// Copies a claimed chunk in `tx` under the newest snapshot, in a blue transaction of its own.

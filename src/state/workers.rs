@@ -135,9 +135,9 @@ impl State {
     pub async fn chunks_current(&self, green: &impl GenericClient) -> Result<bool> {
         Ok(green
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
-                  WHERE table_schema = $1 AND table_name = 'chunks' AND column_name = 'copied_with')",
-                &[&self.raw],
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                  WHERE attrelid = to_regclass($1) AND attname = 'copied_with' AND NOT attisdropped)",
+                &[&self.table("chunks")],
             )
             .await
             .map_err(Error::db("green: reading the state layout"))?
