@@ -446,11 +446,8 @@ fn typed_row_hash(t: &ResolvedTable) -> String {
     for (i, c) in t.mapped().enumerate() {
         let col = format!("{ROW}.{}", ident(&c.name));
         let (seed, mask) = (position_constant(2 * i as u64), position_constant(2 * i as u64 + 1));
-        let hash = if hashed_as_text(t, c) {
-            Some(format!("hashtextextended(({col})::text COLLATE \"C\", {seed})"))
-        } else {
-            column_hash(&col, &c.target_type, seed)
-        };
+        let ty = if hashed_as_text(t, c) { "text" } else { c.target_type.as_str() };
+        let hash = column_hash(&col, ty, seed);
         match hash {
             Some(h) => parts.push(format!("coalesce({h} # ({mask})::int8, 0)")),
             None => others.push(col),
@@ -482,7 +479,7 @@ fn row_of(t: &ResolvedTable) -> String {
 #[derive(Clone)]
 pub(crate) struct Queries<'a> {
     t: &'a ResolvedTable,
-    /// Row hash expression with `{}` for the row (see [`row_of`]); unused when `typed`.
+    /// Row hash expression with `{}` for the row (see [`row_of`]); empty when `typed`.
     row_hash: String,
     /// Rows and integer or uuid keys hashed by their types' own hashes, column by column (see
     /// [`typed_row_hash`]).
@@ -499,7 +496,7 @@ impl<'a> Queries<'a> {
         let text = |e: &str| hashing.text.replace("{}", e);
         let typed = hashing.typed && typed_hash_works(green, t).await;
         let (row_hash, key_hash) = if typed {
-            ("hash_record_extended({}, 0)".to_string(), "hash_record_extended({}, 0)".to_string())
+            (String::new(), "hash_record_extended({}, 0)".to_string())
         } else {
             (text("({})::text"), text("({})::text"))
         };

@@ -259,11 +259,16 @@ impl Validator<'_> {
 
     /// A duration limit where 0 (the default) means none, or a problem on `field`.
     fn duration_limit(&mut self, v: &Option<Spanned<String>>, field: &str) -> Duration {
+        self.duration(v, field, Duration::ZERO)
+    }
+
+    /// A duration, `default` when absent, or a problem on `field`.
+    fn duration(&mut self, v: &Option<Spanned<String>>, field: &str, default: Duration) -> Duration {
         match v {
-            None => Duration::ZERO,
+            None => default,
             Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
                 self.problem(self.line(v.span()), field, e);
-                Duration::ZERO
+                default
             }),
         }
     }
@@ -320,20 +325,9 @@ impl Validator<'_> {
         let max_connections_green = self.limit(&raw.max_connections_green, "copy.max_connections_green");
         let max_blue_replica_lag = self.duration_limit(&raw.max_blue_replica_lag, "copy.max_blue_replica_lag");
         let max_blue_commit_latency = self.duration_limit(&raw.max_blue_commit_latency, "copy.max_blue_commit_latency");
-        let snapshot_max_age = match &raw.snapshot_max_age {
-            None => DEFAULT_SNAPSHOT_MAX_AGE,
-            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
-                self.problem(self.line(v.span()), "copy.snapshot_max_age", e);
-                DEFAULT_SNAPSHOT_MAX_AGE
-            }),
-        };
-        let target_chunk_time = match &raw.target_chunk_time {
-            None => DEFAULT_TARGET_CHUNK_TIME,
-            Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
-                self.problem(self.line(v.span()), "copy.target_chunk_time", e);
-                DEFAULT_TARGET_CHUNK_TIME
-            }),
-        };
+        let snapshot_max_age = self.duration(&raw.snapshot_max_age, "copy.snapshot_max_age", DEFAULT_SNAPSHOT_MAX_AGE);
+        let target_chunk_time =
+            self.duration(&raw.target_chunk_time, "copy.target_chunk_time", DEFAULT_TARGET_CHUNK_TIME);
         CopySettings {
             snapshot_max_age,
             target_chunk_time,
