@@ -34,9 +34,16 @@ pub async fn raw_floor(plan_path: &Path) -> anyhow::Result<f64> {
     green.batch_execute(&plan.copy.index_build_sql()).await?;
     let mut order: Vec<_> = t.deferred.iter().filter(|d| d.kind != "foreign key").collect();
     order.sort_by_key(|d| d.kind != "primary key");
+    let mut each = Vec::new();
     for d in order {
+        let t = Instant::now();
         green.batch_execute(&d.create_sql).await?;
+        each.push(format!("{} {:.2}s", d.name, t.elapsed().as_secs_f64()));
     }
-    eprintln!("  floor: copy {copied:.2}s, indexes {:.2}s", started.elapsed().as_secs_f64() - copied);
+    eprintln!(
+        "  floor: copy {copied:.2}s, indexes {:.2}s ({})",
+        started.elapsed().as_secs_f64() - copied,
+        each.join(", ")
+    );
     Ok(started.elapsed().as_secs_f64())
 }

@@ -62,6 +62,25 @@ const SHAPE_CHECK_EVERY: Duration = Duration::from_secs(2);
 const PAUSED_WAIT: Duration = Duration::from_millis(200);
 /// Idle wait between polls when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
+/// A capture round that stored fewer keys than this waits before the next until [`IDLE`] (or,
+/// while tables are being copied, [`COPYING_ROUND`]) has passed since it began. Larger rounds,
+/// and rounds while a catch-up is wanted, go on at once.
+const TRICKLE: usize = 1000;
+/// How often capture polls blue, and an idle apply worker looks for keys, while tables are
+/// being copied. A logical round decodes blue's WAL from the slot's restart position (up to a
+/// checkpoint or 15 s back) whatever it then returns, and an idle apply round is four queries:
+/// every 50 ms under a trickle of writes they spent a tenth of a core, taken from the copy.
+/// Keys captured meanwhile wait in pending for their table's copy to end anyway; only tables
+/// already done see the second.
+const COPYING_ROUND: Duration = Duration::from_secs(1);
+
+/// Sleeps `d`, or less when `stop` fires.
+async fn pause(d: Duration, stop: &Shutdown) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        () = stop.wait() => {}
+    }
+}
 /// Keys applied since the touched log was last found empty beyond which the follower compacts
 /// it even while busy (see [`crate::state::State::compact_touched`]).
 const COMPACT_BACKLOG: u64 = 2_000_000;
@@ -237,12 +256,18 @@ async fn capture_loop(
         // A round streaming a large transaction takes long; it counts as stalled only once it
         // stops moving.
         let progress = side.capture.progress();
+        let began = Instant::now();
         match crate::retry::unless_stalled(side.round(wants, &mut target, &reached), &progress, waited, "capture").await
         {
-            Ok(stored) => {
+            Ok((stored, copying)) => {
                 backoff.reset();
-                if stored == 0 {
-                    tokio::time::sleep(IDLE).await;
+                let pace = if copying { COPYING_ROUND } else { IDLE };
+                if wants {
+                    if stored == 0 {
+                        tokio::time::sleep(IDLE).await;
+                    }
+                } else if stored < TRICKLE {
+                    pause(pace.saturating_sub(began.elapsed()), &stop).await;
                 }
             }
             Err(e) if retry_later(&e) => {
@@ -261,23 +286,24 @@ async fn capture_loop(
 }
 
 impl CaptureSide {
-    /// One capture poll, unless a cutover has stood the follower aside.
+    /// One capture poll, unless a cutover has stood the follower aside. Returns the keys
+    /// stored and whether tables are being copied.
     async fn round(
         &mut self,
         catch_up: bool,
         target: &mut Option<Target>,
         reached: &Mutex<Option<Lsn>>,
-    ) -> Result<usize> {
-        match self.state.enter_gate(&self.green).await? {
-            (Gate::Go, _) => {}
-            (Gate::Wait | Gate::Live, _) => return Ok(0),
-        }
+    ) -> Result<(usize, bool)> {
+        let copying = match self.state.enter_gate(&self.green).await? {
+            (Gate::Go, phase) => matches!(phase, Some(Phase::Copying)),
+            (Gate::Wait | Gate::Live, _) => return Ok((0, false)),
+        };
         let mut r = self.poll(catch_up, target, reached).await;
         if let Ok(stored) = r {
             r = self.compact(stored == 0).await.map(|()| stored);
         }
         self.state.leave_gate(&self.green).await;
-        r
+        r.map(|stored| (stored, copying))
     }
 
     /// Moves a share of the touched log into `touched` when idle, or when the log has grown
@@ -397,7 +423,7 @@ impl ApplySide {
             }
             let wants = *catch_up.borrow();
             let waited = self.plan.stall_timeout;
-            let round = tokio::time::timeout(waited, self.round(&mut last_report, wants, reached)).await;
+            let round = tokio::time::timeout(waited, self.round(&mut last_report, wants, reached, shutdown)).await;
             match round.unwrap_or_else(|_| Err(Error::Stalled { what: "apply".into(), waited })) {
                 Ok(Some(stop)) => return Ok(stop),
                 Ok(None) => backoff.reset(),
@@ -424,8 +450,10 @@ impl ApplySide {
         last_report: &mut Instant,
         catch_up: bool,
         reached: &Mutex<Option<Lsn>>,
+        shutdown: &Shutdown,
     ) -> Result<Option<Stop>> {
         let (gate, phase) = self.state.enter_gate(&self.green).await?;
+        let copying = matches!(phase, Some(Phase::Copying));
         if let Some(Phase::CuttingOver { step }) = &phase {
             if gate != Gate::Wait {
                 if gate == Gate::Go {
@@ -456,7 +484,7 @@ impl ApplySide {
         self.state.leave_gate(&self.green).await;
         // Idle outside the gate, so a cutover never waits for a sleeping follower.
         if matches!(r, Ok(None)) && self.idle {
-            tokio::time::sleep(IDLE).await;
+            pause(if copying { COPYING_ROUND } else { IDLE }, shutdown).await;
         }
         r
     }
