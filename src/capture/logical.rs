@@ -43,6 +43,8 @@ pub struct Logical {
     /// A verify has started, so keys applied directly are recorded as touched (read again
     /// before each chunk until it is true; it never goes back).
     verify_started: bool,
+    /// The last round stopped at its cap ([`POLL_CHANGES`] messages): more is waiting.
+    full: bool,
 }
 
 impl Logical {
@@ -117,6 +119,7 @@ impl Logical {
             progress: Default::default(),
             sessions: DirectSessions::new(plan),
             verify_started: false,
+            full: false,
         }
     }
 
@@ -125,6 +128,11 @@ impl Logical {
         let slot = super::object_name(&plan.name);
         let position = confirmed_position(&blue, &slot).await?;
         Ok(position.map(|captured| Self::new(plan, resolved, blue, slot, captured)))
+    }
+
+    /// Whether the last round stopped at its cap, with more waiting on blue.
+    pub fn full(&self) -> bool {
+        self.full
     }
 
     /// Position up to which changes are stored on green.
@@ -200,6 +208,7 @@ impl Logical {
             }
         }
         wait_visible(&self.blue, &xids).await?;
+        self.full = messages >= POLL_CHANGES as usize;
         let mut events = std::mem::take(&mut decoder.ready);
         let links = std::mem::take(&mut decoder.links);
         events.extend(super::trace::resolve(&self.blue, &self.tables, links, KeyText::Output).await?);

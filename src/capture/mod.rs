@@ -95,6 +95,15 @@ impl Capture {
         }
     }
 
+    /// Whether the last poll stopped at its cap ([`POLL_CHANGES`]), with more waiting on blue:
+    /// the next should not wait.
+    pub fn full(&self) -> bool {
+        match self {
+            Capture::Logical(c) => c.full(),
+            Capture::Trigger(c) => c.full(),
+        }
+    }
+
     /// The point everything committed on blue so far lies before.
     pub async fn target(&self) -> Result<Target> {
         match self {

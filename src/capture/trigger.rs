@@ -21,6 +21,8 @@ pub struct Trigger {
     pub blue: Client,
     schema: String,
     tables: Vec<ResolvedTable>,
+    /// The last round stopped at its cap ([`POLL_CHANGES`] rows): more is waiting.
+    full: bool,
 }
 
 impl Trigger {
@@ -82,7 +84,7 @@ impl Trigger {
             .await?;
         }
         info!(tables = resolved.tables.len(), "capture triggers installed");
-        Ok(Self { blue, schema, tables: resolved.tables.clone() })
+        Ok(Self { blue, schema, tables: resolved.tables.clone(), full: false })
     }
 
     /// The change table `copy` created; `None` when there is none.
@@ -93,7 +95,12 @@ impl Trigger {
             .await
             .map_err(Error::db("blue: looking for the change table"))?
             .get(0);
-        Ok(exists.then(|| Self { blue, schema, tables: resolved.tables.clone() }))
+        Ok(exists.then(|| Self { blue, schema, tables: resolved.tables.clone(), full: false }))
+    }
+
+    /// Whether the last round stopped at its cap, with more waiting on blue.
+    pub fn full(&self) -> bool {
+        self.full
     }
 
     /// One capture round; see [`super::Capture::poll`].
@@ -110,6 +117,7 @@ impl Trigger {
             )
             .await
             .map_err(Error::db("blue: reading the change table"))?;
+        self.full = rows.len() >= POLL_CHANGES as usize;
         if rows.is_empty() {
             return Ok(0);
         }

@@ -62,23 +62,28 @@ const SHAPE_CHECK_EVERY: Duration = Duration::from_secs(2);
 const PAUSED_WAIT: Duration = Duration::from_millis(200);
 /// Idle wait between polls when nothing happened.
 const IDLE: Duration = Duration::from_millis(50);
-/// A capture round that stored fewer keys than this waits before the next until [`IDLE`] (or,
-/// while tables are being copied, [`COPYING_ROUND`]) has passed since it began. Larger rounds,
-/// and rounds while a catch-up is wanted, go on at once.
-const TRICKLE: usize = 1000;
 /// How often capture polls blue, and an idle apply worker looks for keys, while tables are
-/// being copied. A logical round decodes blue's WAL from the slot's restart position (up to a
-/// checkpoint or 15 s back) whatever it then returns, and an idle apply round is four queries:
-/// every 50 ms under a trickle of writes they spent a tenth of a core, taken from the copy.
-/// Keys captured meanwhile wait in pending for their table's copy to end anyway; only tables
-/// already done see the second.
+/// being copied. A capture round that read all blue had committed waits until [`IDLE`] (this,
+/// while copying) has passed since it began; one cut at its cap goes on at once. A round costs
+/// about ten round trips whatever it carries, and a logical one decodes blue's WAL from the
+/// slot's restart position (up to a checkpoint or 15 s back): under a trickle of writes,
+/// rounds back to back caught a key or two each and, with idle apply rounds every 50 ms, took
+/// a tenth of a core from the copy. Keys captured meanwhile wait in pending for their table's
+/// copy to end anyway; only tables already done see them later.
 const COPYING_ROUND: Duration = Duration::from_secs(1);
 
-/// Sleeps `d`, or less when `stop` fires.
-async fn pause(d: Duration, stop: &Shutdown) {
+/// Sleeps `d`; wakes early when `stop` fires or, unless one already is, when a catch-up is
+/// wanted (`--no-follow` after the copy: it should not wait out a second of copy pacing).
+async fn pause(d: Duration, stop: &Shutdown, catch_up: &watch::Receiver<bool>) {
+    if d.is_zero() {
+        return;
+    }
+    let mut wanted = catch_up.clone();
+    let already = *wanted.borrow();
     tokio::select! {
         () = tokio::time::sleep(d) => {}
         () = stop.wait() => {}
+        _ = wanted.wait_for(|v| *v), if !already => {}
     }
 }
 /// Keys applied since the touched log was last found empty beyond which the follower compacts
@@ -146,6 +151,8 @@ struct ApplySide {
     positions: std::collections::VecDeque<(Instant, Lsn)>,
     /// The last round applied nothing.
     idle: bool,
+    /// How long to wait before the next round (outside its stall timeout).
+    rest: Duration,
 }
 
 impl Follower {
@@ -176,6 +183,7 @@ impl Follower {
                 samples: std::collections::VecDeque::new(),
                 positions: std::collections::VecDeque::new(),
                 idle: false,
+                rest: Duration::ZERO,
             });
         }
         Ok(Self {
@@ -259,15 +267,16 @@ async fn capture_loop(
         let began = Instant::now();
         match crate::retry::unless_stalled(side.round(wants, &mut target, &reached), &progress, waited, "capture").await
         {
-            Ok((stored, copying)) => {
+            Ok(round) => {
                 backoff.reset();
-                let pace = if copying { COPYING_ROUND } else { IDLE };
                 if wants {
-                    if stored == 0 {
+                    // Catching up: at once after a round that found something.
+                    if round.stored == 0 {
                         tokio::time::sleep(IDLE).await;
                     }
-                } else if stored < TRICKLE {
-                    pause(pace.saturating_sub(began.elapsed()), &stop).await;
+                } else if !round.more {
+                    let pace = if round.copying { COPYING_ROUND } else { IDLE };
+                    pause(pace.saturating_sub(began.elapsed()), &stop, &catch_up).await;
                 }
             }
             Err(e) if retry_later(&e) => {
@@ -285,25 +294,35 @@ async fn capture_loop(
     }
 }
 
+/// What one capture round did.
+struct CaptureRound {
+    /// Keys stored.
+    stored: usize,
+    /// It stopped at its cap: more is waiting on blue.
+    more: bool,
+    /// Tables are being copied (the phase is `copying`).
+    copying: bool,
+}
+
 impl CaptureSide {
-    /// One capture poll, unless a cutover has stood the follower aside. Returns the keys
-    /// stored and whether tables are being copied.
+    /// One capture poll, unless a cutover has stood the follower aside.
     async fn round(
         &mut self,
         catch_up: bool,
         target: &mut Option<Target>,
         reached: &Mutex<Option<Lsn>>,
-    ) -> Result<(usize, bool)> {
+    ) -> Result<CaptureRound> {
         let copying = match self.state.enter_gate(&self.green).await? {
             (Gate::Go, phase) => matches!(phase, Some(Phase::Copying)),
-            (Gate::Wait | Gate::Live, _) => return Ok((0, false)),
+            (Gate::Wait | Gate::Live, _) => return Ok(CaptureRound { stored: 0, more: false, copying: false }),
         };
         let mut r = self.poll(catch_up, target, reached).await;
         if let Ok(stored) = r {
             r = self.compact(stored == 0).await.map(|()| stored);
         }
         self.state.leave_gate(&self.green).await;
-        r.map(|stored| (stored, copying))
+        let more = self.capture.full();
+        r.map(|stored| CaptureRound { stored, more, copying })
     }
 
     /// Moves a share of the touched log into `touched` when idle, or when the log has grown
@@ -423,10 +442,19 @@ impl ApplySide {
             }
             let wants = *catch_up.borrow();
             let waited = self.plan.stall_timeout;
-            let round = tokio::time::timeout(waited, self.round(&mut last_report, wants, reached, shutdown)).await;
+            let round = tokio::time::timeout(waited, self.round(&mut last_report, wants, reached)).await;
             match round.unwrap_or_else(|_| Err(Error::Stalled { what: "apply".into(), waited })) {
                 Ok(Some(stop)) => return Ok(stop),
-                Ok(None) => backoff.reset(),
+                Ok(None) => {
+                    backoff.reset();
+                    // Outside the stall timeout, which a second of copy pacing could exceed.
+                    let rest = std::mem::take(&mut self.rest);
+                    if wants {
+                        tokio::time::sleep(rest).await;
+                    } else {
+                        pause(rest, shutdown, catch_up).await;
+                    }
+                }
                 Err(e) if retry_later(&e) => {
                     let lost = connection_lost(&e);
                     backoff.wait(e, shutdown, "apply").await?;
@@ -450,7 +478,6 @@ impl ApplySide {
         last_report: &mut Instant,
         catch_up: bool,
         reached: &Mutex<Option<Lsn>>,
-        shutdown: &Shutdown,
     ) -> Result<Option<Stop>> {
         let (gate, phase) = self.state.enter_gate(&self.green).await?;
         let copying = matches!(phase, Some(Phase::Copying));
@@ -472,7 +499,7 @@ impl ApplySide {
         match gate {
             Gate::Go => {}
             Gate::Wait => {
-                tokio::time::sleep(IDLE).await;
+                self.rest = IDLE;
                 return Ok(None);
             }
             Gate::Live => {
@@ -484,7 +511,7 @@ impl ApplySide {
         self.state.leave_gate(&self.green).await;
         // Idle outside the gate, so a cutover never waits for a sleeping follower.
         if matches!(r, Ok(None)) && self.idle {
-            pause(if copying { COPYING_ROUND } else { IDLE }, shutdown).await;
+            self.rest = if copying { COPYING_ROUND } else { IDLE };
         }
         r
     }

@@ -369,6 +369,18 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
     }))
 }
 
+/// `create` run with `space` (an index's tablespace, when not the database's default) as the
+/// default tablespace: `pg_get_indexdef` and `pg_get_constraintdef` leave it out, and rebuilt
+/// from them alone the index would land in the default one, maybe on another disk.
+fn in_tablespace(create: String, space: Option<String>) -> String {
+    match space {
+        Some(space) => {
+            format!("SET default_tablespace = {}; {create}; SET default_tablespace = DEFAULT", crate::pg::ident(&space))
+        }
+        None => create,
+    }
+}
+
 /// Secondary indexes and constraints on a target table that a bulk load can drop and rebuild:
 /// primary key, unique and exclusion constraints, plain indexes, and foreign keys from or to it.
 pub async fn deferrable_objects(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
@@ -386,7 +398,10 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
                     CASE WHEN con.contype IN ('p', 'u') THEN \
                       (SELECT array_agg(a.attname::text ORDER BY k.ord) \
                          FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord) \
-                         JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) END \
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) END, \
+                    CASE WHEN con.contype IN ('p', 'u', 'x') THEN \
+                      (SELECT t.spcname::text FROM pg_catalog.pg_class ic \
+                         JOIN pg_catalog.pg_tablespace t ON t.oid = ic.reltablespace WHERE ic.oid = con.conindid) END \
              FROM pg_catalog.pg_constraint con \
              WHERE (con.conrelid = $1 AND con.contype IN ('p', 'u', 'x', 'f')) \
                 OR (con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1) \
@@ -407,7 +422,7 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
         let owner: String = r.get(3);
         let qn = crate::pg::ident(&name);
         out.push(DeferredObject {
-            create_sql: format!("ALTER TABLE {owner} ADD CONSTRAINT {qn} {def}"),
+            create_sql: in_tablespace(format!("ALTER TABLE {owner} ADD CONSTRAINT {qn} {def}"), r.get(5)),
             drop_sql: format!("ALTER TABLE {owner} DROP CONSTRAINT IF EXISTS {qn}"),
             owner,
             unique_columns: r.get(4),
@@ -422,7 +437,8 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
                       (SELECT array_agg(a.attname::text ORDER BY k.ord) \
                          FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
                          JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                        WHERE k.ord <= i.indnkeyatts) END \
+                        WHERE k.ord <= i.indnkeyatts) END, \
+                    (SELECT t.spcname::text FROM pg_catalog.pg_tablespace t WHERE t.oid = ic.reltablespace) \
              FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
              WHERE i.indrelid = $1 AND NOT EXISTS ( \
                  SELECT 1 FROM pg_catalog.pg_constraint c WHERE c.conindid = i.indexrelid \
@@ -436,11 +452,11 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
         let qualified: String = r.get(2);
         // A partitioned table's index reads `CREATE INDEX … ON ONLY t`: replayed so, it would
         // stay invalid, on the parent alone. Without ONLY it is built on every partition.
-        let create: String = r.get(1);
+        let create = r.get::<_, String>(1).replacen(" ON ONLY ", " ON ", 1);
         out.push(DeferredObject {
             name: r.get(0),
             kind: "index".into(),
-            create_sql: create.replacen(" ON ONLY ", " ON ", 1),
+            create_sql: in_tablespace(create, r.get(5)),
             drop_sql: format!("DROP INDEX IF EXISTS {qualified}"),
             owner: r.get(3),
             unique_columns: r.get(4),
