@@ -55,7 +55,7 @@ pub enum Capture {
     /// Logical slot (boxed: it carries its sessions and their settings).
     Logical(Box<logical::Logical>),
     /// Triggers and a change table.
-    Trigger(trigger::Trigger),
+    Trigger(Box<trigger::Trigger>),
 }
 
 /// Names of what capture creates on blue.
@@ -68,7 +68,9 @@ impl Capture {
     /// plan is reused) and returns it. Must run before the copy takes its snapshot.
     pub async fn setup(plan: &Plan, resolved: &ResolvedPlan, blue: Client) -> Result<Capture> {
         match resolved.capture.method {
-            CaptureMethod::Trigger => Ok(Capture::Trigger(trigger::Trigger::setup(plan, resolved, blue).await?)),
+            CaptureMethod::Trigger => {
+                Ok(Capture::Trigger(Box::new(trigger::Trigger::setup(plan, resolved, blue).await?)))
+            }
             _ => Ok(Capture::Logical(Box::new(logical::Logical::setup(plan, resolved, blue).await?))),
         }
     }
@@ -81,7 +83,7 @@ impl Capture {
             return Ok(Capture::Logical(Box::new(l)));
         }
         match trigger::Trigger::open(plan, resolved, check).await? {
-            Some(t) => Ok(Capture::Trigger(t)),
+            Some(t) => Ok(Capture::Trigger(Box::new(t))),
             None => Err(Error::NoCapture { plan: plan.name.clone() }),
         }
     }
