@@ -265,6 +265,8 @@ fn short_snapshots_with(method: &str, copy_settings: &str, entry: &str) -> crate
     let (seconds, peeks, gates) = (to - from, p1 - p0, g1 - g0);
     eprintln!("{method}: {peeks} peeks of the slot and {gates} follow rounds on green in {seconds:.1} s of the copy");
     assert!(seconds > 1.5, "a window of {seconds:.1} s");
+    // Counted at all (the log and the statements' text are what the count expects).
+    assert!(gates > 0 && (peeks > 0 || method != "logical"), "{peeks} peeks, {gates} follow rounds");
     if method == "logical" {
         assert!(peeks as f64 <= seconds + 2.0, "{peeks} peeks in {seconds:.1} s");
     }

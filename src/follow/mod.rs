@@ -72,18 +72,23 @@ const IDLE: Duration = Duration::from_millis(50);
 /// copy to end anyway; only tables already done see them later.
 const COPYING_ROUND: Duration = Duration::from_secs(1);
 
-/// Sleeps `d`; wakes early when `stop` fires or, unless one already is, when a catch-up is
-/// wanted (`--no-follow` after the copy: it should not wait out a second of copy pacing).
+/// Sleeps `d`; wakes early when `stop` fires or a catch-up is wanted (`--no-follow` after the
+/// copy: it should not wait out a second of copy pacing). Callers catching up do not pause.
 async fn pause(d: Duration, stop: &Shutdown, catch_up: &watch::Receiver<bool>) {
     if d.is_zero() {
         return;
     }
     let mut wanted = catch_up.clone();
-    let already = *wanted.borrow();
+    let caught = async {
+        // A sender gone (the copy ended early) never wakes it: that must not spin the loops.
+        if wanted.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
         () = tokio::time::sleep(d) => {}
         () = stop.wait() => {}
-        _ = wanted.wait_for(|v| *v), if !already => {}
+        () = caught => {}
     }
 }
 /// Keys applied since the touched log was last found empty beyond which the follower compacts

@@ -371,7 +371,9 @@ async fn table_info_inner(client: &Client, side: Side, table: &QualifiedName) ->
 
 /// `create` run with `space` (an index's tablespace, when not the database's default) as the
 /// default tablespace: `pg_get_indexdef` and `pg_get_constraintdef` leave it out, and rebuilt
-/// from them alone the index would land in the default one, maybe on another disk.
+/// from them alone the index would land in the default one, maybe on another disk. Only a
+/// tablespace green's user may create in is named (a Known limit): naming another would fail
+/// the rebuild after the whole copy.
 fn in_tablespace(create: String, space: Option<String>) -> String {
     match space {
         Some(space) => {
@@ -401,7 +403,8 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
                          JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) END, \
                     CASE WHEN con.contype IN ('p', 'u', 'x') THEN \
                       (SELECT t.spcname::text FROM pg_catalog.pg_class ic \
-                         JOIN pg_catalog.pg_tablespace t ON t.oid = ic.reltablespace WHERE ic.oid = con.conindid) END \
+                         JOIN pg_catalog.pg_tablespace t ON t.oid = ic.reltablespace WHERE ic.oid = con.conindid \
+                          AND pg_catalog.has_tablespace_privilege(t.oid, 'CREATE')) END \
              FROM pg_catalog.pg_constraint con \
              WHERE (con.conrelid = $1 AND con.contype IN ('p', 'u', 'x', 'f')) \
                 OR (con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1) \
@@ -438,7 +441,8 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
                          FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
                          JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
                         WHERE k.ord <= i.indnkeyatts) END, \
-                    (SELECT t.spcname::text FROM pg_catalog.pg_tablespace t WHERE t.oid = ic.reltablespace) \
+                    (SELECT t.spcname::text FROM pg_catalog.pg_tablespace t WHERE t.oid = ic.reltablespace \
+                        AND pg_catalog.has_tablespace_privilege(t.oid, 'CREATE')) \
              FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
              WHERE i.indrelid = $1 AND NOT EXISTS ( \
                  SELECT 1 FROM pg_catalog.pg_constraint c WHERE c.conindid = i.indexrelid \
