@@ -466,6 +466,35 @@ fn preflight_names_what_is_wrong() {
     assert_eq!(status(&s, &wrong)["phase"], "following");
 }
 
+/// A burst of WAL the plan does not read (an unplanned table's bulk load on blue) is not lag:
+/// preflight gives the running follower a moment to pass where blue was instead of refusing a
+/// healthy migration; with no follower the same burst is refused.
+#[test]
+fn preflight_waits_out_a_burst_of_wal_the_plan_does_not_read() {
+    let s = Oauth::new(2_000);
+    let (_bouncer, plan) = setup(&s, "2s", "");
+    let p = plan.to_str().unwrap();
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+    s.blue.psql("CREATE TABLE bulk_unplanned (id int, pad text)");
+    let burst = "INSERT INTO bulk_unplanned SELECT g, repeat('x', 200) FROM generate_series(1, 200000) g";
+    for round in 0..2 {
+        let before: i64 = s.blue.psql("SELECT pg_current_wal_lsn() - '0/0'").trim().parse().unwrap();
+        s.blue.psql(burst);
+        let after: i64 = s.blue.psql("SELECT pg_current_wal_lsn() - '0/0'").trim().parse().unwrap();
+        assert!(after - before > 24 << 20, "the burst wrote only {} bytes of WAL", after - before);
+        let dry = run(&mut s.migrate(&["cutover", p, "--dry-run"]));
+        assert_eq!(dry.code, 0, "round {round}: {dry:?}");
+        assert!(dry.stdout.contains("[ok] capture lag"), "round {round}: {dry:?}");
+    }
+    crate::capture::sigint_and_wait(&mut copy);
+    std::thread::sleep(Duration::from_secs(6));
+    s.blue.psql(burst);
+    let dry = run(&mut s.migrate(&["cutover", p, "--dry-run"]));
+    assert_eq!(dry.code, 1, "{dry:?}");
+    assert!(dry.stdout.contains("[FAIL] capture lag") && dry.stdout.contains("no follower is running"), "{dry:?}");
+}
+
 /// The same switch with trigger capture: the drain waits on blue's transaction horizon instead
 /// of a WAL position.
 #[test]

@@ -13,14 +13,14 @@ use std::{
 
 use crate::{
     capture::{spawn_copy, status, wait_for},
-    support::{app::App, blue_cluster, green_cluster, run, Bouncer, Oauth},
+    support::{app::App, blue_cluster, run, Bouncer, Cluster, Oauth},
 };
 
 /// The fixture plan's entries whose way back is exact (revocations: a rename of nothing and a
 /// time-zone shift; app_events: verbatim with its sequence), a PgBouncer in transaction mode in
 /// front of blue, `way_back = true` and blue fenced after the switch.
 fn setup(s: &Oauth, capture: &str) -> (Bouncer, PathBuf) {
-    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, s.blue.name);
+    let blue_dsn = format!("host=127.0.0.1 port={} dbname={} user=postgres", s.blue.cluster.port, s.blue.name);
     let bouncer = Bouncer::start("transaction", &blue_dsn);
     let text = Oauth::plan_text();
     let mut blocks = text.split("\n[[table]]\n");
@@ -35,7 +35,7 @@ fn setup(s: &Oauth, capture: &str) -> (Bouncer, PathBuf) {
         entries.join("\n[[table]]\n"),
         bouncer.admin_url(),
         bouncer.databases_file.display(),
-        green_cluster().port,
+        s.green.cluster.port,
         s.green.name
     );
     (bouncer, s.write_plan(&text))
@@ -91,7 +91,11 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 }
 
 fn rollback_under_load(capture: &str) {
-    let s = Oauth::new(3_000);
+    // Green of its own: the rollback's drain waits for the oldest transaction in green's whole
+    // cluster (Known limits), and other tests' copies into the shared one can hold it past the
+    // 2 s pause.
+    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("rbgreen", &[])));
+    let s = Oauth::on(blue_cluster(), green, 3_000);
     let (bouncer, plan) = setup(&s, capture);
     let p = plan.to_str().unwrap();
     let app = App::start(app_url(&bouncer), 200, "rb");
@@ -236,7 +240,9 @@ fn with_fault(s: &Oauth, args: &[&str], fault: &str) -> crate::support::Run {
 /// it; without a follower, the next `rollback` recovers a killed one and rolls back by itself.
 #[test]
 fn rollback_killed_at_each_step_is_recovered() {
-    let s = Oauth::new(2_000);
+    // Green of its own, as in `rollback_under_load`.
+    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("rbkgreen", &[])));
+    let s = Oauth::on(blue_cluster(), green, 2_000);
     let (bouncer, plan) = setup(&s, "logical");
     let p = plan.to_str().unwrap();
     let app = App::start(app_url(&bouncer), 200, "rbcrash");

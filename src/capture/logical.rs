@@ -217,8 +217,12 @@ impl Logical {
             let to = Delivery { tables: &self.tables, direct: &direct, verify_started: &mut self.verify_started };
             self.applied_directly += deliver(&mut self.sessions, green, state, to, events).await? as u64;
         }
-        // With nothing decoded, every commit before `now` is known to be captured.
-        let position = decoder.end.unwrap_or(now).max(self.captured);
+        // A peek not cut at its cap read every commit before `now` (it reads to the flush
+        // position when it starts), so `now` is captured even when the last change decoded lies
+        // far before it: other databases' and unpublished tables' WAL is behind us too, and a
+        // position left at our last commit showed that WAL as lag.
+        let read_all = if self.full { None } else { Some(now) };
+        let position = decoder.end.max(read_all).unwrap_or(now).max(self.captured);
         state.set_capture_lsn(&*green, position).await?;
         if stored > 0 {
             tracing::debug!(messages, stored, ms = started.elapsed().as_millis() as u64, "captured");
