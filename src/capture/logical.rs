@@ -222,7 +222,7 @@ impl Logical {
         // far before it: other databases' and unpublished tables' WAL is behind us too, and a
         // position left at our last commit showed that WAL as lag.
         let read_all = if self.full { None } else { Some(now) };
-        let position = decoder.end.max(read_all).unwrap_or(now).max(self.captured);
+        let position = decoder.end.max(read_all).unwrap_or(self.captured).max(self.captured);
         state.set_capture_lsn(&*green, position).await?;
         if stored > 0 {
             tracing::debug!(messages, stored, ms = started.elapsed().as_millis() as u64, "captured");

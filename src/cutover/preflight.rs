@@ -101,7 +101,8 @@ async fn migration_checks(
     let started = std::time::Instant::now();
     // Lag is a moment's number: a burst of WAL (another database's bulk load, an unplanned
     // table) puts blue ahead of what the follower stored a moment ago. A running follower
-    // that reaches where blue was at this check within a few seconds is not behind.
+    // that comes within the bound of where blue was at this check in a few seconds is not
+    // behind (the cutover's own catch-up bounds the rest).
     while follower && lag.is_some_and(|l| l > bound) && started.elapsed() < LAG_GRACE {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let v = state.follower_view(green).await?;
@@ -118,10 +119,11 @@ async fn migration_checks(
                 crate::plan::render_size(bound),
                 match (l > bound, follower) {
                     (true, false) => "; no follower is running, so it only grows: start `migrate copy`".into(),
-                    (true, true) =>
-                        format!("; the follower did not reach blue's position at this check in {waited:.0}s"),
+                    (true, true) => format!(
+                        "; the follower did not come within the bound of blue's position at this check in {waited:.0}s"
+                    ),
                     (false, _) if waited >= 0.2 =>
-                        format!("; the follower reached blue's position at this check in {waited:.1}s"),
+                        format!("; within the bound of blue's position at this check after {waited:.1}s"),
                     (false, _) => String::new(),
                 }
             ),
