@@ -94,12 +94,14 @@ fn merged_table_under_writes(method: &str) {
     std::thread::sleep(Duration::from_secs(4));
     let ops = writer.stop();
     assert!(ops > 500, "the writer made only {ops} writes");
-    // The writer's later picks can move or delete every consent it made the latest: one more,
-    // later than any of them, so the check below never depends on those picks.
+    // The writer's later picks can move or delete every consent it made the latest, and turn
+    // every login error back: one more of each, so the checks below never depend on them.
     s.blue.psql(
         "INSERT INTO hydra_oauth2_consent_request (challenge, login_challenge, subject, client_id, requested_scope, requested_at) \
          SELECT 'wc-final', challenge, 'wuser', 'client-000004', 'openid final', now() AT TIME ZONE 'UTC' + interval '2 days' \
-         FROM hydra_oauth2_authentication_request ORDER BY challenge LIMIT 1",
+         FROM hydra_oauth2_authentication_request ORDER BY challenge LIMIT 1; \
+         UPDATE hydra_oauth2_authentication_request_handled SET error = '{\"e\": 0}' \
+         WHERE challenge = (SELECT max(challenge) FROM hydra_oauth2_authentication_request_handled)",
     );
     // A status the follower reported before the last writes would say it caught up.
     std::thread::sleep(Duration::from_secs(2));
