@@ -237,7 +237,7 @@ fn control_refuses_what_it_cannot_do() {
 #[test]
 fn the_copy_waits_while_blue_is_busy() {
     // A cluster of its own: other tests' sessions on the shared one would count.
-    let cluster: &'static crate::support::Cluster = Box::leak(Box::new(crate::support::Cluster::start("busy", &[])));
+    let cluster: &'static crate::support::Cluster = crate::support::Cluster::own("busy", &[]);
     let s = Oauth::on(cluster, green_cluster(), 5_000);
     let text = Oauth::plan_text().replace(
         "workers = 2\nchunk_rows = 50000\ndefer_indexes = true",

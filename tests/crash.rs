@@ -66,8 +66,8 @@ fn killed_after_an_apply_commit_with_trigger_capture() {
 /// says so, and loses nothing.
 #[test]
 fn follower_survives_blue_and_green_restarts() {
-    let blue: &'static Cluster = Box::leak(Box::new(Cluster::start("rblue", &[])));
-    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("rgreen", &[])));
+    let blue: &'static Cluster = Cluster::own("rblue", &[]);
+    let green: &'static Cluster = Cluster::own("rgreen", &[]);
     let s = Oauth::on(blue, green, 10_000);
     let plan = plan(&s, "logical");
     let mut copy = s.spawn(&["copy", plan.to_str().unwrap()]);
@@ -123,7 +123,7 @@ fn signal_cluster(c: &Cluster, signal: &str) {
 #[test]
 fn a_stalled_green_is_detected_by_timeouts() {
     let blue = crate::support::blue_cluster();
-    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("sgreen", &[])));
+    let green: &'static Cluster = Cluster::own("sgreen", &[]);
     let s = Oauth::on(blue, green, 5_000);
     let text = replace_once(&Oauth::plan_text(), "method = \"auto\"", "method = \"auto\"\nstall_timeout = \"2s\"");
     let plan = s.write_plan(&text);

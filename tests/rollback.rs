@@ -94,7 +94,7 @@ fn rollback_under_load(capture: &str) {
     // Green of its own: the rollback's drain waits for the oldest transaction in green's whole
     // cluster (Known limits), and other tests' copies into the shared one can hold it past the
     // 2 s pause.
-    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("rbgreen", &[])));
+    let green: &'static Cluster = Cluster::own("rbgreen", &[]);
     let s = Oauth::on(blue_cluster(), green, 3_000);
     let (bouncer, plan) = setup(&s, capture);
     let p = plan.to_str().unwrap();
@@ -241,7 +241,7 @@ fn with_fault(s: &Oauth, args: &[&str], fault: &str) -> crate::support::Run {
 #[test]
 fn rollback_killed_at_each_step_is_recovered() {
     // Green of its own, as in `rollback_under_load`.
-    let green: &'static Cluster = Box::leak(Box::new(Cluster::start("rbkgreen", &[])));
+    let green: &'static Cluster = Cluster::own("rbkgreen", &[]);
     let s = Oauth::on(blue_cluster(), green, 2_000);
     let (bouncer, plan) = setup(&s, "logical");
     let p = plan.to_str().unwrap();

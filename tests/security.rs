@@ -93,7 +93,7 @@ fn secure() -> &'static Secure {
         let cert = format!("ssl_cert_file={}", dir.join("server.crt").display());
         let key = format!("ssl_key_file={}", dir.join("server.key").display());
         let ca = format!("ssl_ca_file={}", dir.join("ca.crt").display());
-        let cluster: &'static Cluster = Box::leak(Box::new(Cluster::start("tls", &["ssl=on", &cert, &key, &ca])));
+        let cluster: &'static Cluster = Cluster::own("tls", &["ssl=on", &cert, &key, &ca]);
         let hba = cluster.dir.join("data/pg_hba.conf");
         let old = std::fs::read_to_string(&hba).unwrap();
         std::fs::write(

@@ -43,6 +43,12 @@ impl Deref for Cluster {
 }
 
 impl Cluster {
+    /// A cluster of one test's own, alive until the test binary ends (tests hold `&'static`
+    /// clusters, as the shared ones are).
+    pub fn own(name: &str, extra: &[&str]) -> &'static Cluster {
+        Box::leak(Box::new(Cluster::start(name, extra)))
+    }
+
     /// initdb + start a cluster (`wal_level=logical`, `fsync=off`) with `extra` settings.
     pub fn start(name: &str, extra: &[&str]) -> Cluster {
         let c = LocalCluster::start(name, extra).unwrap_or_else(|e| panic!("cannot start cluster {name}: {e}"));
