@@ -191,6 +191,22 @@ async fn main() -> anyhow::Result<()> {
     let (g, conn) = tokio_postgres::connect(&green.url("tool"), tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let phase = "SELECT state->>'phase' FROM bluegreen_scale.migration WHERE to_regclass('bluegreen_scale.migration') IS NOT NULL";
+    // Seconds during which autovacuum worked on green's target: the floor's table (one
+    // transaction, then locked by its index builds) is never vacuumed, `migrate`'s may be,
+    // during the copy or the verify after it.
+    let vacuumed = Arc::new(AtomicU64::new(0));
+    let (v, conn) = tokio_postgres::connect(&green.url("tool"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let counter = Arc::clone(&vacuumed);
+    tokio::spawn(async move {
+        let q = "SELECT count(*) FROM pg_stat_progress_vacuum WHERE datname = 'tool' AND relid = to_regclass('public.tokens')";
+        while let Ok(row) = v.query_one(q, &[]).await {
+            if row.get::<_, i64>(0) > 0 {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
     let copy_seconds = loop {
         let row = b.query_one(ours, &[]).await?;
         oldest = oldest.max(row.get::<_, f64>(0));
@@ -209,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
     let vacuums =
         blue.psql("blue", "SELECT autovacuum_count + vacuum_count FROM pg_stat_user_tables WHERE relname = 'tokens'");
     eprintln!("copy {copy_seconds:.1}s (floor {floor:.1}s), oldest snapshot of ours {oldest:.1}s");
+    let vacuum_in_copy = vacuumed.load(Ordering::Relaxed);
 
     // 3. Following: ten more seconds of writes, then the catch-up once they stop.
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -229,8 +246,10 @@ async fn main() -> anyhow::Result<()> {
     // 4. Verify, twice.
     let p = plan_path.to_str().unwrap_or_default();
     let t = Instant::now();
+    let vacuum_before_verify = vacuumed.load(Ordering::Relaxed);
     let v = migrate(&["verify", p]).output()?;
     let verify = t.elapsed().as_secs_f64();
+    let vacuum_in_verify = vacuumed.load(Ordering::Relaxed) - vacuum_before_verify;
     anyhow::ensure!(
         v.status.success(),
         "verify ({}): {}{}",
@@ -280,6 +299,9 @@ async fn main() -> anyhow::Result<()> {
         vacuums.trim()
     );
     println!("catch-up after the writer stopped: {catch_up:.1} s");
+    println!(
+        "autovacuum working on green's table (sampled each second): {vacuum_in_copy} s during the copy, {vacuum_in_verify} s during verify"
+    );
     println!(
         "verify: {verify:.1} s = {:.2}x the copy; `verify --changed` right after: {verify_again:.1} s",
         verify / copy_seconds

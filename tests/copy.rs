@@ -581,9 +581,11 @@ fn a_joined_value_moving_between_rows_during_the_copy_is_not_copied_twice() {
     assert!(log.contains("rows changed during the copy removed"), "{log}");
 }
 
-/// Deferred indexes come back where they were: a plain index (partial too) and a unique
-/// constraint's index kept in their own tablespace on green are rebuilt there, not in the
-/// database's default one (`pg_get_indexdef` leaves the tablespace out).
+/// Deferred indexes come back where they were and as they were: a plain index (partial too)
+/// and a unique constraint's index kept in their own tablespace on green are rebuilt there, not
+/// in the database's default one (`pg_get_indexdef` leaves the tablespace out); the primary
+/// key's and unique constraints' storage parameters (`pg_get_constraintdef` leaves them out)
+/// come back, a deferrable one's too.
 #[test]
 fn rebuilt_indexes_stay_in_their_tablespace() {
     let c = crate::support::Custom::new(
@@ -599,15 +601,26 @@ fn rebuilt_indexes_stay_in_their_tablespace() {
     c.green.psql(&format!(
         "CREATE INDEX items_n ON items (n) TABLESPACE {space};
          CREATE INDEX items_some ON items (code) TABLESPACE {space} WHERE n > 3;
-         ALTER TABLE items ADD CONSTRAINT items_code UNIQUE (code) USING INDEX TABLESPACE {space};"
+         ALTER TABLE items ADD CONSTRAINT items_code UNIQUE (code) WITH (fillfactor = 60) USING INDEX TABLESPACE {space};
+         ALTER TABLE items DROP CONSTRAINT items_pkey;
+         ALTER TABLE items ADD CONSTRAINT items_pkey PRIMARY KEY (id) WITH (fillfactor = 70, deduplicate_items = off);
+         ALTER TABLE items ADD CONSTRAINT items_later UNIQUE (n, code) INCLUDE (id) WITH (fillfactor = 80) DEFERRABLE INITIALLY DEFERRED;"
     ));
+    let storage = "SELECT string_agg(c.relname || ':' || array_to_string(c.reloptions, ';'), ',' ORDER BY c.relname) \
+                   FROM pg_class c WHERE c.relname IN ('items_code', 'items_pkey', 'items_later')";
+    let stored = c.green.psql(storage);
+    assert_eq!(
+        stored,
+        "items_code:fillfactor=60,items_later:fillfactor=80,items_pkey:fillfactor=70;deduplicate_items=off"
+    );
+    let deferred = "SELECT condeferrable AND condeferred FROM pg_constraint WHERE conname = 'items_later'";
     let placed = "SELECT string_agg(c.relname || ':' || coalesce(t.spcname, '-'), ',' ORDER BY c.relname) \
                   FROM pg_class c LEFT JOIN pg_tablespace t ON t.oid = c.reltablespace \
                   WHERE c.relname IN ('items_n', 'items_some', 'items_code', 'items_pkey')";
     let before = c.green.psql(placed);
     assert_eq!(before, format!("items_code:{space},items_n:{space},items_pkey:-,items_some:{space}"));
     let oids = "SELECT string_agg(oid::text, ',' ORDER BY relname) FROM pg_class \
-                WHERE relname IN ('items_n', 'items_some', 'items_code')";
+                WHERE relname IN ('items_n', 'items_some', 'items_code', 'items_pkey', 'items_later')";
     let made = c.green.psql(oids);
     let plan =
         c.plan("trigger", "workers = 1\nchunk_rows = 1000", "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n");
@@ -617,6 +630,8 @@ fn rebuilt_indexes_stay_in_their_tablespace() {
     let remade = c.green.psql(oids);
     assert!(made.split(',').all(|o| !remade.split(',').any(|n| n == o)), "not rebuilt: {made} / {remade}");
     assert_eq!(c.green.psql(placed), before);
+    assert_eq!(c.green.psql(storage), stored);
+    assert_eq!(c.green.psql(deferred), "t");
     assert_eq!(
         c.green.psql("SELECT count(*) FROM items WHERE n > 3"),
         c.blue.psql("SELECT count(*) FROM items WHERE n > 3")

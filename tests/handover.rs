@@ -97,13 +97,12 @@ fn admin(b: &Bouncer, sql: &str) {
 fn two_entries(c: &Custom) -> Bouncer {
     let bouncer = Bouncer::start(
         "transaction",
-        &format!("host=127.0.0.1 port={} dbname={} user=postgres", blue_cluster().port, c.blue.name),
+        &format!("host=127.0.0.1 port={} dbname={} user=postgres", c.blue.cluster.port, c.blue.name),
     );
     let mut dbs = std::fs::read_to_string(&bouncer.databases_file).unwrap();
     dbs.push_str(&format!(
         "app_v2 = host=127.0.0.1 port={} dbname={} user=postgres\n",
-        green_cluster().port,
-        c.green.name
+        c.green.cluster.port, c.green.name
     ));
     std::fs::write(&bouncer.databases_file, dbs).unwrap();
     admin(&bouncer, "RELOAD");
@@ -498,7 +497,10 @@ fn handover_killed_half_way_is_recovered_by_the_follower() {
 /// resumes so green catches up with what v1 writes afterwards.
 #[test]
 fn handover_rolls_back_to_the_v1_entry_with_nothing_lost() {
-    let c = Custom::new(BLUE, GREEN);
+    // Green of its own: the rollback's drain waits for the oldest transaction in green's whole
+    // cluster (Known limits), which other tests' copies into the shared one can hold past the
+    // pause.
+    let c = Custom::on((blue_cluster(), crate::support::Cluster::own("hrgreen", &[])), BLUE, GREEN);
     let bouncer = two_entries(&c);
     admin(&bouncer, "PAUSE app_v2");
     let dir = tempfile::tempdir().unwrap();
@@ -607,7 +609,10 @@ fn handover_rolls_back_to_the_v1_entry_with_nothing_lost() {
 /// every write the v2 application made on green is on blue.
 #[test]
 fn handover_rollback_killed_is_recovered_by_the_follower() {
-    let c = Custom::new(BLUE, GREEN);
+    // Green of its own: the rollback's drain waits for the oldest transaction in green's whole
+    // cluster (Known limits), which other tests' copies into the shared one can hold past the
+    // pause.
+    let c = Custom::on((blue_cluster(), crate::support::Cluster::own("hkgreen", &[])), BLUE, GREEN);
     let bouncer = two_entries(&c);
     admin(&bouncer, "PAUSE app_v2");
     let tables = format!(

@@ -94,12 +94,22 @@ fn merged_table_under_writes(method: &str) {
     std::thread::sleep(Duration::from_secs(4));
     let ops = writer.stop();
     assert!(ops > 500, "the writer made only {ops} writes");
-    // The writer's later picks can move or delete every consent it made the latest, and turn
-    // every login error back: one more of each, so the checks below never depend on them.
+    // The writer's later picks can move or delete every consent it made the latest or tied,
+    // re-key or delete every login it re-keyed, and turn every login error back: one more of
+    // each, so the checks below never depend on them. The tie is on another login, with a
+    // consent later than any: the smaller key wins it.
     s.blue.psql(
         "INSERT INTO hydra_oauth2_consent_request (challenge, login_challenge, subject, client_id, requested_scope, requested_at) \
          SELECT 'wc-final', challenge, 'wuser', 'client-000004', 'openid final', now() AT TIME ZONE 'UTC' + interval '2 days' \
          FROM hydra_oauth2_authentication_request ORDER BY challenge LIMIT 1; \
+         INSERT INTO hydra_oauth2_consent_request (challenge, login_challenge, subject, client_id, requested_scope, requested_at) \
+         SELECT 'zz-final', challenge, 'wuser', 'client-000004', 'openid final', now() AT TIME ZONE 'UTC' + interval '3 days' \
+         FROM hydra_oauth2_authentication_request ORDER BY challenge LIMIT 1 OFFSET 1; \
+         INSERT INTO hydra_oauth2_consent_request (challenge, login_challenge, subject, client_id, requested_scope, requested_at) \
+         SELECT 'a-tie-final', login_challenge, subject, client_id, 'tie', requested_at FROM hydra_oauth2_consent_request \
+         WHERE challenge = 'zz-final'; \
+         UPDATE hydra_oauth2_authentication_request SET challenge = challenge || '-kfinal' WHERE challenge = \
+         (SELECT max(challenge) FROM hydra_oauth2_authentication_request WHERE challenge LIKE 'login-%'); \
          UPDATE hydra_oauth2_authentication_request_handled SET error = '{\"e\": 0}' \
          WHERE challenge = (SELECT max(challenge) FROM hydra_oauth2_authentication_request_handled)",
     );

@@ -383,6 +383,16 @@ fn in_tablespace(create: String, space: Option<String>) -> String {
     }
 }
 
+/// A primary key or unique constraint's definition with its index's storage parameters
+/// (`options`, e.g. `fillfactor = '70'`), which `pg_get_constraintdef` leaves out: `WITH (…)`
+/// goes after the last column list (the key's or `INCLUDE`'s), before `DEFERRABLE`.
+fn with_storage(def: String, options: Option<String>) -> String {
+    match (options, def.rfind(')')) {
+        (Some(options), Some(at)) => format!("{} WITH ({options}){}", &def[..=at], &def[at + 1..]),
+        _ => def,
+    }
+}
+
 /// Secondary indexes and constraints on a target table that a bulk load can drop and rebuild:
 /// primary key, unique and exclusion constraints, plain indexes, and foreign keys from or to it.
 pub async fn deferrable_objects(client: &Client, table: &QualifiedName, oid: u32) -> Result<Vec<DeferredObject>> {
@@ -404,7 +414,11 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
                     CASE WHEN con.contype IN ('p', 'u', 'x') THEN \
                       (SELECT t.spcname::text FROM pg_catalog.pg_class ic \
                          JOIN pg_catalog.pg_tablespace t ON t.oid = ic.reltablespace WHERE ic.oid = con.conindid \
-                          AND pg_catalog.has_tablespace_privilege(t.oid, 'CREATE')) END \
+                          AND pg_catalog.has_tablespace_privilege(t.oid, 'CREATE')) END, \
+                    CASE WHEN con.contype IN ('p', 'u') THEN \
+                      (SELECT string_agg(pg_catalog.quote_ident(split_part(o, '=', 1)) || ' = ' || \
+                                         pg_catalog.quote_literal(substr(o, strpos(o, '=') + 1)), ', ') \
+                         FROM pg_catalog.pg_class ic, unnest(ic.reloptions) o WHERE ic.oid = con.conindid) END \
              FROM pg_catalog.pg_constraint con \
              WHERE (con.conrelid = $1 AND con.contype IN ('p', 'u', 'x', 'f')) \
                 OR (con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1) \
@@ -421,7 +435,7 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
             "x" => "exclusion",
             _ => "foreign key",
         };
-        let def: String = r.get(2);
+        let def = with_storage(r.get(2), r.get(6));
         let owner: String = r.get(3);
         let qn = crate::pg::ident(&name);
         out.push(DeferredObject {
@@ -566,4 +580,20 @@ pub async fn open_transactions(client: &Client) -> Result<Vec<String>> {
         .iter()
         .map(|r| r.get(0))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_storage;
+
+    #[test]
+    fn storage_parameters_go_after_the_column_lists_and_before_deferrable() {
+        let opts = || Some("fillfactor = '70'".to_string());
+        assert_eq!(with_storage("PRIMARY KEY (id)".into(), opts()), "PRIMARY KEY (id) WITH (fillfactor = '70')");
+        assert_eq!(
+            with_storage("UNIQUE (a, \"b)\") INCLUDE (c) DEFERRABLE INITIALLY DEFERRED".into(), opts()),
+            "UNIQUE (a, \"b)\") INCLUDE (c) WITH (fillfactor = '70') DEFERRABLE INITIALLY DEFERRED"
+        );
+        assert_eq!(with_storage("UNIQUE (a)".into(), None), "UNIQUE (a)");
+    }
 }

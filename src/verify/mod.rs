@@ -387,7 +387,11 @@ fn column_hash(col: &str, ty: &str, seed: i64) -> Option<String> {
     let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
     let scalar = |b: &str| -> Option<&'static str> {
         Some(match b {
-            "smallint" | "integer" | "bigint" => "hashint8extended(({})::int8, {s})",
+            // The same hash as `bigint`'s for the same value (PostgreSQL's integer hashes agree
+            // across widths), without a cast per row.
+            "smallint" => "hashint2extended({}, {s})",
+            "integer" => "hashint4extended({}, {s})",
+            "bigint" => "hashint8extended({}, {s})",
             "text" | "character varying" => "hashtextextended(({})::text COLLATE \"C\", {s})",
             "uuid" => "uuid_hash_extended({}, {s})",
             "jsonb" => "hashtextextended(({})::text, {s})",
@@ -439,19 +443,28 @@ fn position_constant(n: u64) -> i64 {
 /// to the seed minus one, an empty jsonb and float zero to the seed): XORed as they are, two
 /// such values in two columns cancel, and one looks like a NULL (0). So each column's hash is
 /// XORed with a random-looking constant of its position before it counts, and a NULL adds 0:
-/// a value and a NULL, or a value moved to another column, then differ.
+/// a value and a NULL, or a value moved to another column, then differ. Written as
+/// `coalesce(hash, mask)` per column and every mask XORed once at the end, which is the same
+/// value (`coalesce(h # m, 0) = coalesce(h, m) # m`) for one XOR a row instead of one a column.
 fn typed_row_hash(t: &ResolvedTable) -> String {
     let mut parts = Vec::new();
     let mut others = Vec::new();
+    let mut masks = 0i64;
     for (i, c) in t.mapped().enumerate() {
         let col = format!("{ROW}.{}", ident(&c.name));
         let (seed, mask) = (position_constant(2 * i as u64), position_constant(2 * i as u64 + 1));
         let ty = if hashed_as_text(t, c) { "text" } else { c.target_type.as_str() };
         let hash = column_hash(&col, ty, seed);
         match hash {
-            Some(h) => parts.push(format!("coalesce({h} # ({mask})::int8, 0)")),
+            Some(h) => {
+                parts.push(format!("coalesce({h}, ({mask})::int8)"));
+                masks ^= mask;
+            }
             None => others.push(col),
         }
+    }
+    if !parts.is_empty() {
+        parts.push(format!("({masks})::int8"));
     }
     if !others.is_empty() {
         parts.push(format!("hash_record_extended(ROW({}), 0)", others.join(", ")));
@@ -938,7 +951,8 @@ mod tests {
     #[test]
     fn column_hashes_follow_the_type_without_its_modifiers() {
         let h = |ty: &str| column_hash("c", ty, -3);
-        assert_eq!(h("integer").as_deref(), Some("hashint8extended((c)::int8, (-3)::int8)"));
+        assert_eq!(h("integer").as_deref(), Some("hashint4extended(c, (-3)::int8)"));
+        assert_eq!(h("bigint").as_deref(), Some("hashint8extended(c, (-3)::int8)"));
         assert!(h("numeric(10,2)")
             .is_some_and(|n| n.starts_with("hashint8extended(hash_numeric_extended(c, (-3)::int8) # CASE WHEN c < 0")));
         assert_eq!(

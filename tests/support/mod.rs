@@ -434,9 +434,14 @@ pub struct Custom {
 impl Custom {
     /// Blue and green made by `blue_sql` and `green_sql`.
     pub fn new(blue_sql: &str, green_sql: &str) -> Custom {
+        Custom::on((blue_cluster(), green_cluster()), blue_sql, green_sql)
+    }
+
+    /// [`Custom::new`] on the given clusters.
+    pub fn on((blue, green): (&'static Cluster, &'static Cluster), blue_sql: &str, green_sql: &str) -> Custom {
         let c = Custom {
-            blue: TestDb::create(blue_cluster(), "cblue", None),
-            green: TestDb::create(green_cluster(), "cgreen", None),
+            blue: TestDb::create(blue, "cblue", None),
+            green: TestDb::create(green, "cgreen", None),
             dir: tempfile::tempdir().unwrap(),
         };
         c.blue.psql(blue_sql);
