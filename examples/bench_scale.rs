@@ -11,6 +11,7 @@
 //! ```text
 //! cargo build --release && cargo run --release --example bench_scale -- --rows 10000000 [--rate 200] [--snapshot-age 60]
 //!   [--payload-md5s 2] [--max-wal-gb 8] [--workers 2] [--chunk-rows 50000] [--copy-log FILE]
+//!   [--green-autovacuum on|off]
 //! ```
 
 #[path = "../tests/support/cluster.rs"]
@@ -32,7 +33,7 @@ use std::{
 use cluster::{Bouncer, Cluster};
 use floor::raw_floor;
 
-fn arg(name: &str, default: u64) -> u64 {
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -121,15 +122,18 @@ async fn main() -> anyhow::Result<()> {
     // a stale binary from an earlier build is what gets measured.
     let built = Command::new("cargo").args(["build", "--release", "--bin", "migrate"]).status()?;
     anyhow::ensure!(built.success(), "cargo build --release --bin migrate failed");
-    let rows = arg("--rows", 10_000_000);
-    let rate = arg("--rate", 200);
-    let age = arg("--snapshot-age", 60);
+    let rows = arg::<u64>("--rows", 10_000_000);
+    let rate = arg::<u64>("--rate", 200);
+    let age = arg::<u64>("--snapshot-age", 60);
     // Narrower rows and less WAL let 100M rows fit a smaller disk (blue, green and WAL at once).
-    let payload = arg("--payload-md5s", 2);
-    let wal = format!("max_wal_size={}GB", arg("--max-wal-gb", 8));
+    let payload = arg::<u64>("--payload-md5s", 2);
+    let wal = format!("max_wal_size={}GB", arg::<u64>("--max-wal-gb", 8));
     let settings = ["shared_buffers=2GB", wal.as_str(), "max_parallel_workers_per_gather=0"];
     let blue = Cluster::start("scale-blue", &settings);
-    let green = Cluster::start("scale-green", &settings);
+    // `--green-autovacuum off`: to see what autovacuum on green's growing table costs the copy
+    // and the verify after it (the floor's table is never vacuumed).
+    let autovacuum = format!("autovacuum={}", arg("--green-autovacuum", "on".to_string()));
+    let green = Cluster::start("scale-green", &[&settings[..], &[autovacuum.as_str()]].concat());
     blue.psql("postgres", "CREATE DATABASE blue");
     blue.psql("blue", BLUE);
     let t = Instant::now();
@@ -156,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     let plan_path = dir.path().join("scale.toml");
     std::fs::write(
         &plan_path,
-        plan_text(age, (arg("--workers", 2), arg("--chunk-rows", 50_000)), &bouncer, green.port),
+        plan_text(age, (arg::<u64>("--workers", 2), arg::<u64>("--chunk-rows", 50_000)), &bouncer, green.port),
     )?;
     std::env::set_var("BLUE_URL", blue.url("blue"));
 
@@ -200,9 +204,13 @@ async fn main() -> anyhow::Result<()> {
     let counter = Arc::clone(&vacuumed);
     tokio::spawn(async move {
         let q = "SELECT count(*) FROM pg_stat_progress_vacuum WHERE datname = 'tool' AND relid = to_regclass('public.tokens')";
-        while let Ok(row) = v.query_one(q, &[]).await {
-            if row.get::<_, i64>(0) > 0 {
-                counter.fetch_add(1, Ordering::Relaxed);
+        loop {
+            match v.query_one(q, &[]).await {
+                Ok(row) if row.get::<_, i64>(0) > 0 => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => break eprintln!("autovacuum sampling stopped: {e}"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -300,7 +308,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("catch-up after the writer stopped: {catch_up:.1} s");
     println!(
-        "autovacuum working on green's table (sampled each second): {vacuum_in_copy} s during the copy, {vacuum_in_verify} s during verify"
+        "autovacuum seen on green's table in {vacuum_in_copy} samples (about one a second) during the copy, {vacuum_in_verify} during verify"
     );
     println!(
         "verify: {verify:.1} s = {:.2}x the copy; `verify --changed` right after: {verify_again:.1} s",

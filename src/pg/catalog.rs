@@ -417,8 +417,9 @@ async fn deferrable_objects_inner(client: &Client, table: &QualifiedName, oid: u
                           AND pg_catalog.has_tablespace_privilege(t.oid, 'CREATE')) END, \
                     CASE WHEN con.contype IN ('p', 'u') THEN \
                       (SELECT string_agg(pg_catalog.quote_ident(split_part(o, '=', 1)) || ' = ' || \
-                                         pg_catalog.quote_literal(substr(o, strpos(o, '=') + 1)), ', ') \
-                         FROM pg_catalog.pg_class ic, unnest(ic.reloptions) o WHERE ic.oid = con.conindid) END \
+                                         pg_catalog.quote_literal(substr(o, strpos(o, '=') + 1)), ', ' ORDER BY n) \
+                         FROM pg_catalog.pg_class ic, unnest(ic.reloptions) WITH ORDINALITY AS r(o, n) \
+                        WHERE ic.oid = con.conindid) END \
              FROM pg_catalog.pg_constraint con \
              WHERE (con.conrelid = $1 AND con.contype IN ('p', 'u', 'x', 'f')) \
                 OR (con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1) \
