@@ -195,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
     let (g, conn) = tokio_postgres::connect(&green.url("tool"), tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let phase = "SELECT state->>'phase' FROM bluegreen_scale.migration WHERE to_regclass('bluegreen_scale.migration') IS NOT NULL";
-    // Seconds during which autovacuum worked on green's target: the floor's table (one
+    // Samples (about one a second) that saw autovacuum working on green's target: the floor's table (one
     // transaction, then locked by its index builds) is never vacuumed, `migrate`'s may be,
     // during the copy or the verify after it.
     let vacuumed = Arc::new(AtomicU64::new(0));
