@@ -609,9 +609,7 @@ fn handover_rolls_back_to_the_v1_entry_with_nothing_lost() {
 /// every write the v2 application made on green is on blue.
 #[test]
 fn handover_rollback_killed_is_recovered_by_the_follower() {
-    // Green of its own: the rollback's drain waits for the oldest transaction in green's whole
-    // cluster (Known limits), which other tests' copies into the shared one can hold past the
-    // pause.
+    // Green of its own, as in `handover_rolls_back_to_the_v1_entry_with_nothing_lost`.
     let c = Custom::on((blue_cluster(), crate::support::Cluster::own("hkgreen", &[])), BLUE, GREEN);
     let bouncer = two_entries(&c);
     admin(&bouncer, "PAUSE app_v2");

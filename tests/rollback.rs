@@ -390,9 +390,7 @@ const ODD_GREEN: &str =
 /// identity sequence ends past every id green gave out.
 #[test]
 fn way_back_carries_identity_composite_toasted_and_late_writes() {
-    // Green of its own: the rollback's drain waits for the oldest transaction in green's whole
-    // cluster (Known limits), which other tests' copies into the shared one can hold past the
-    // 2 s pause.
+    // Green of its own, as in `rollback_under_load`.
     let green: &'static Cluster = Cluster::own("wbgreen", &[]);
     let c = crate::support::Custom::on((blue_cluster(), green), ODD_BLUE, ODD_GREEN);
     let (_bouncer, plan) = with_way_back(
@@ -544,9 +542,7 @@ const GREEN_LOGINS: &str = "SELECT string_agg(challenge || '|' || subject || '|'
 /// row left without its login, and the lookup join (clients) untouched.
 #[test]
 fn way_back_splits_a_joined_row_into_its_tables() {
-    // Green of its own: the rollback's drain waits for the oldest transaction in green's whole
-    // cluster (Known limits), which other tests' copies into the shared one can hold past the
-    // 2 s pause.
+    // Green of its own, as in `rollback_under_load`.
     let green: &'static Cluster = Cluster::own("wjgreen", &[]);
     let c = crate::support::Custom::on((blue_cluster(), green), JOINED_BLUE, JOINED_GREEN);
     let (_bouncer, plan) = with_way_back(

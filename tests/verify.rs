@@ -188,13 +188,15 @@ fn verify_changed_checks_only_keys_applied_since_the_last_clean_verify() {
     s.blue.psql("UPDATE hydra_oauth2_revocation SET reason = 'changed' WHERE request_id = (SELECT min(request_id) FROM hydra_oauth2_revocation)");
     let changed_key = s.blue.psql("SELECT min(request_id) FROM hydra_oauth2_revocation");
     // Damaged only once applied: the follower would otherwise write the change over the damage.
-    let applied =
-        format!("SELECT count(*) FROM oauth2_revocations WHERE request_id = '{changed_key}' AND reason = 'changed'");
-    let started = std::time::Instant::now();
-    while s.green.psql(&applied) != "1" {
-        assert!(started.elapsed() < Duration::from_secs(60), "the change of {changed_key} never reached green");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let reason = |table: &str| format!("SELECT reason FROM {table} WHERE request_id = '{changed_key}'");
+    assert!(
+        crate::support::converges(
+            (&s.blue, &reason("hydra_oauth2_revocation")),
+            (&s.green, &reason("oauth2_revocations")),
+            Duration::from_secs(60)
+        ),
+        "the change of {changed_key} never reached green"
+    );
     s.green.psql(&format!("UPDATE oauth2_revocations SET reason = 'damaged' WHERE request_id = '{changed_key}'"));
     // And one nobody changed.
     let untouched = s.green.psql("SELECT max(request_id) FROM oauth2_revocations");
