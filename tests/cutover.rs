@@ -424,13 +424,26 @@ fn demo_runs_end_to_end_and_cleans_up() {
 #[test]
 fn preflight_names_what_is_wrong() {
     let s = Oauth::new(2_000);
-    let bare = s.write_plan(&Oauth::plan_text());
+    // Copied without ANALYZE, and autovacuum kept away, so nothing gives green statistics.
+    let analyzed = "SELECT count(*) FROM pg_stat_user_tables WHERE schemaname = 'public' AND (last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL)";
+    s.green.psql(
+        "ALTER TABLE oauth2_clients SET (autovacuum_enabled = false); \
+         ALTER TABLE oauth2_access_tokens SET (autovacuum_enabled = false); \
+         ALTER TABLE oauth2_refresh_tokens SET (autovacuum_enabled = false); \
+         ALTER TABLE oauth2_consent_sessions SET (autovacuum_enabled = false); \
+         ALTER TABLE oauth2_revocations SET (autovacuum_enabled = false); \
+         ALTER TABLE jwk_sets SET (autovacuum_enabled = false); \
+         ALTER TABLE app_events SET (autovacuum_enabled = false)",
+    );
+    let text = Oauth::plan_text().replace("defer_indexes = true\n", "defer_indexes = true\nanalyze = false\n");
+    let bare = s.write_plan(&text);
     let r = run(&mut s.migrate(&["copy", bare.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(s.green.psql(analyzed), "0", "`analyze = false` analyzed");
     let r = run(&mut s.migrate(&["cutover", bare.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 2, "{r:?}");
     // Named where it belongs (the plan has no [cutover]: after its last line), not `line 1`.
-    let end = Oauth::plan_text().lines().count() + 1;
+    let end = text.lines().count() + 1;
     assert!(
         r.stderr.contains(&format!(".toml:{end}: cutover.pgbouncer: cutover needs a [cutover.pgbouncer] section"))
             && r.stderr.contains("add it at the end of the plan"),
@@ -443,11 +456,28 @@ fn preflight_names_what_is_wrong() {
     let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("[FAIL] last verify clean: never verified"), "{r:?}");
+    // The empty jwk_sets needs no statistics; every target with rows is named.
+    assert!(
+        r.stdout.contains(
+            "[FAIL] planner statistics on green: never analyzed: public.app_events, public.oauth2_access_tokens, \
+             public.oauth2_clients, public.oauth2_consent_sessions, public.oauth2_refresh_tokens, public.oauth2_revocations;"
+        ),
+        "{r:?}"
+    );
     let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
     let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("[FAIL] planner statistics on green") && r.stdout.contains("[ok] last verify clean"),
+        "{r:?}"
+    );
+    // As the check says: ANALYZE on green, and nothing else fails.
+    s.green.psql("ANALYZE");
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("[ok] foreign keys between planned tables: 2 hold"), "{r:?}");
+    assert!(r.stdout.contains("[ok] planner statistics on green: 7 target(s) analyzed"), "{r:?}");
 
     // A row green has without the row it references (apply writes with foreign keys off):
     // refused, naming the key.

@@ -331,6 +331,13 @@ fn partitioned_tables(method: &str) {
         c.green.psql("SELECT count(*) FROM pg_indexes WHERE tablename IN ('log_0', 'log_1', 'log_rest') AND indexdef LIKE '%(msg)%'"),
         "3"
     );
+    // The copy analyzed both targets (`last_analyze` is set by ANALYZE only, not autovacuum),
+    // the partitioned one with its parent's inherited statistics, which autovacuum never gathers.
+    assert_eq!(
+        c.green.psql("SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'ev' AND last_analyze IS NOT NULL"),
+        "1"
+    );
+    assert_eq!(c.green.psql("SELECT count(*) > 0 FROM pg_stats WHERE tablename = 'log' AND inherited"), "t");
     let r = run(&mut c.migrate(&["verify", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
 

@@ -458,8 +458,18 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     // A unique key that fails to build now names rows nobody changed during the copy: green's
     // constraint that blue's rows break, reported as it is (no copy is silently dropped).
     indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await?;
+    let rebuilt = started.elapsed().as_secs_f64();
+    if shared.plan.copy.analyze {
+        // Before `done`: a copy killed in between analyzes on the next run.
+        indexes::analyze(green, &t.target).await?;
+    }
     shared.state.set_table_state(green, &t.id, TableState::Done).await?;
-    shared.progress.table_done(table, &format!("copied; indexes rebuilt in {:.1}s", started.elapsed().as_secs_f64()));
+    let analyzed = if shared.plan.copy.analyze {
+        format!(", analyzed in {:.1}s", started.elapsed().as_secs_f64() - rebuilt)
+    } else {
+        String::new()
+    };
+    shared.progress.table_done(table, &format!("copied; indexes rebuilt in {rebuilt:.1}s{analyzed}"));
     Ok(())
 }
 

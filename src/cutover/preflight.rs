@@ -155,7 +155,58 @@ async fn migration_checks(
         (ok, detail) = fks.check_all(resolved, green).await?;
     }
     check("foreign keys between planned tables", ok, detail);
+    let (targets, blind) = never_analyzed(resolved, green).await?;
+    check(
+        "planner statistics on green",
+        blind.is_empty(),
+        if blind.is_empty() {
+            format!("{targets} target(s) analyzed")
+        } else {
+            format!(
+                "never analyzed: {}; the application's queries there would be planned without statistics: run `ANALYZE {}` on green",
+                blind.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
+                blind.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ")
+            )
+        },
+    );
     Ok(checks)
+}
+
+/// The planned targets that hold rows but have no planner statistics on green (never
+/// analyzed: `[copy] analyze = false`, or copied by a build that did not analyze), and how
+/// many targets there are. Statistics count when `pg_stats` has a row for the table or its
+/// last (auto)analyze time is known (a column set to no statistics has no `pg_stats` row).
+async fn never_analyzed<'a>(
+    resolved: &'a ResolvedPlan,
+    green: &Client,
+) -> Result<(usize, Vec<&'a crate::pg::QualifiedName>)> {
+    let mut targets: Vec<&crate::pg::QualifiedName> = resolved.tables.iter().map(|t| &t.target).collect();
+    targets.sort_by_key(|t| t.to_string());
+    targets.dedup();
+    let mut blind = Vec::new();
+    for t in &targets {
+        let row = green
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = $1 AND tablename = $2)
+                     OR EXISTS (SELECT 1 FROM pg_stat_all_tables
+                                 WHERE schemaname = $1 AND relname = $2
+                                   AND coalesce(last_analyze, last_autoanalyze) IS NOT NULL)",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(crate::error::Error::db(format!("green: statistics of {t}")))?;
+        if row.get::<_, bool>(0) {
+            continue;
+        }
+        let rows = green
+            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {})", t.quoted()), &[])
+            .await
+            .map_err(crate::error::Error::db(format!("green: rows of {t}")))?;
+        if rows.get::<_, bool>(0) {
+            blind.push(*t);
+        }
+    }
+    Ok((targets.len(), blind))
 }
 
 /// The PgBouncer side: mode and hooks, names, admin console, pool modes, the entries'

@@ -14,7 +14,7 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
     let c = &plan.copy;
     let _ = writeln!(
         o,
-        "  copy   {} worker(s), chunks of {} rows{}, indexes {}{}",
+        "  copy   {} worker(s), chunks of {} rows{}, indexes {}{}{}",
         c.workers,
         c.chunk_rows,
         if c.target_chunk_time.is_zero() {
@@ -23,6 +23,7 @@ pub fn render_text(plan: &Plan, resolved: Option<&ResolvedPlan>) -> String {
             format!(" (claimed {:?} at a time)", c.target_chunk_time)
         },
         if c.defer_indexes { "deferred" } else { "kept" },
+        if c.analyze { "" } else { ", not analyzed" },
         if c.max_rows_per_second > 0 { format!(", at most {} rows/s", c.max_rows_per_second) } else { String::new() }
     );
     o.push_str(&cutover_text(plan));

@@ -334,6 +334,7 @@ impl Validator<'_> {
             workers,
             chunk_rows,
             defer_indexes: raw.defer_indexes.unwrap_or(DEFAULT_DEFER_INDEXES),
+            analyze: raw.analyze.unwrap_or(DEFAULT_ANALYZE),
             max_rows_per_second,
             index_build_memory,
             index_build_workers,
