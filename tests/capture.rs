@@ -98,7 +98,7 @@ fn writes_during_and_after_copy(method: &str) {
     };
     wait_for(&s, &plan, &mut child, Duration::from_secs(120), "the copy to finish", |st| st["phase"] == "following");
     // Keep writing while following.
-    std::thread::sleep(Duration::from_secs(2));
+    writer.run_for(Duration::from_secs(2), 200, Duration::from_secs(60));
     let ops = writer.stop();
     assert!(ops > 200, "writer did too little: {ops}");
     std::thread::sleep(Duration::from_millis(1500));
@@ -137,7 +137,7 @@ fn killed_follower_converges(method: &str) {
     child.wait().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let mut child = spawn_copy(&s, &plan, &[]);
-    std::thread::sleep(Duration::from_secs(2));
+    writer.run_for(Duration::from_secs(2), 100, Duration::from_secs(60));
     let ops = writer.stop();
     assert!(ops > 100, "writer did too little: {ops}");
     std::thread::sleep(Duration::from_millis(1500));
@@ -274,11 +274,18 @@ fn trigger_install_lock_wait_follows_the_plan_knobs() {
         .blue
         .cluster
         .psql_cmd(&c.blue.name)
-        .args(["-c", "BEGIN; LOCK TABLE t IN ROW EXCLUSIVE MODE; SELECT pg_sleep(20); COMMIT;"])
+        .args(["-c", "BEGIN; LOCK TABLE t IN ROW EXCLUSIVE MODE; SELECT pg_sleep(300); COMMIT;"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The lock is held before the copy starts (not assumed after a fixed sleep).
+    let held = "SELECT count(*) FROM pg_locks WHERE relation = 't'::regclass AND mode = 'RowExclusiveLock' \
+                AND granted AND pid <> pg_backend_pid()";
+    let started = std::time::Instant::now();
+    while c.blue.psql(held) != "1" {
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the holder never took its lock");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let plan = c.plan(
         "trigger",
         "",
@@ -288,9 +295,12 @@ fn trigger_install_lock_wait_follows_the_plan_knobs() {
     let started = std::time::Instant::now();
     let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     let took = started.elapsed();
+    // Killing psql leaves its backend sleeping: end the backend.
+    c.blue.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(300)%' AND pid <> pg_backend_pid()");
     let _ = holder.kill();
     let _ = holder.wait();
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("table lock not granted in 2 attempts"), "{r:?}");
-    assert!(took < std::time::Duration::from_secs(10), "gave up after {took:?}, not after two short waits");
+    // Far under the holder's 300 s (a loaded machine starts `migrate` slowly).
+    assert!(took < std::time::Duration::from_secs(60), "gave up after {took:?}, not after two short waits");
 }

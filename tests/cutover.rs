@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     capture::{spawn_copy, status, wait_for},
-    support::{app::App, blue_cluster, green_cluster, run, Bouncer, Oauth},
+    support::{app::App, assert_flowing, blue_cluster, green_cluster, run, wait_exit, Bouncer, Oauth},
 };
 
 /// A PgBouncer serving `app` → blue, and the OAuth plan with a `[cutover.pgbouncer]` section.
@@ -40,17 +40,6 @@ fn payloads(db: &crate::support::TestDb) -> HashMap<String, i64> {
         .lines()
         .filter_map(|l| l.split_once('|').map(|(p, id)| (p.to_string(), id.parse().unwrap())))
         .collect()
-}
-
-fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(started.elapsed() < within, "migrate copy did not exit within {within:?} after the switch");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Following with little lag: under a steady writer lag is rarely exactly 0.
@@ -97,10 +86,15 @@ fn cutover_through_pgbouncer_under_load() {
     assert!(line.contains(&s.green.name) && !line.contains(&s.blue.name), "databases file: {line}");
 
     // The follower sees the switch and exits 0 by itself.
-    let st = wait_exit(&mut copy, Duration::from_secs(10));
+    let at_switch = app.acked();
+    let st = wait_exit(&mut copy, Duration::from_secs(60));
     assert!(st.success(), "copy after the switch: {st}");
 
-    std::thread::sleep(Duration::from_secs(1));
+    // Enough writes after the switch for the checks below (a loaded machine writes slower).
+    let started = Instant::now();
+    while app.acked() < at_switch + 150 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let report = app.stop();
     assert!(
         report.failures.is_empty(),
@@ -201,7 +195,7 @@ fn cutover_aborts_when_pause_overruns_and_a_later_one_succeeds() {
     wait_for(&s, &plan, &mut copy, Duration::from_secs(30), "follower after the abort", near);
     assert!(app.acked() > before, "the application stalled after the abort");
     let held_on_green = s.green.psql("SELECT count(*) FROM app_events WHERE payload = 'held-1'");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut held_on_green = held_on_green.trim().to_string();
     while held_on_green != "1" && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
@@ -215,7 +209,7 @@ fn cutover_aborts_when_pause_overruns_and_a_later_one_succeeds() {
     let plan = s.write_plan(&text);
     let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
+    assert!(wait_exit(&mut copy, Duration::from_secs(60)).success());
     std::thread::sleep(Duration::from_millis(500));
     assert_nothing_failed_or_lost(&s, app);
 }
@@ -269,12 +263,6 @@ fn wait_phase(s: &Oauth, plan: &Path, phase: &str, within: Duration) {
     }
 }
 
-fn assert_flowing(app: &App) {
-    let n = app.acked();
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(app.acked() > n + 5, "the application is stalled (PgBouncer left paused?)");
-}
-
 /// Waits until the application acknowledges nothing for 300 ms; fails after `within`.
 fn assert_stalls(app: &App, within: Duration, what: &str) {
     let started = Instant::now();
@@ -307,7 +295,7 @@ fn cutover_killed_at_each_step_is_recovered_by_the_follower() {
     for point in ["cutover.caught-up", "cutover.paused", "cutover.drained", "cutover.before-repoint"] {
         let r = cutover_with_fault(&s, &plan, point);
         assert_eq!(r.code, 137, "{point}: {r:?}");
-        wait_phase(&s, &plan, "aborted", Duration::from_secs(10));
+        wait_phase(&s, &plan, "aborted", Duration::from_secs(60));
         assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.blue.name), "{point}");
         assert_flowing(&app);
         // The follower took over again: green keeps up.
@@ -316,8 +304,8 @@ fn cutover_killed_at_each_step_is_recovered_by_the_follower() {
     // Killed after the repoint: the follower finishes the switch and stops.
     let r = cutover_with_fault(&s, &plan, "cutover.repointed");
     assert_eq!(r.code, 137, "{r:?}");
-    wait_phase(&s, &plan, "switched", Duration::from_secs(10));
-    assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
+    wait_phase(&s, &plan, "switched", Duration::from_secs(60));
+    assert!(wait_exit(&mut copy, Duration::from_secs(60)).success());
     assert!(std::fs::read_to_string(&bouncer.databases_file).unwrap().contains(&s.green.name));
     assert_flowing(&app);
     assert_nothing_failed_or_lost(&s, app);
@@ -557,7 +545,7 @@ fn cutover_with_trigger_capture() {
     std::thread::sleep(Duration::from_millis(300));
     let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(wait_exit(&mut copy, Duration::from_secs(10)).success());
+    assert!(wait_exit(&mut copy, Duration::from_secs(60)).success());
     std::thread::sleep(Duration::from_millis(500));
     assert_nothing_failed_or_lost(&s, app);
     for (b, g) in crate::support::OAUTH_PAIRS.iter().filter(|(b, _)| !b.contains("app_events")) {
@@ -638,7 +626,7 @@ impl Pgbench {
 
 /// The catch-up before the pause chases blue's position when it began, not a round with nothing
 /// new: under a steady writer it used to run until its 120 s budget. With pgbench inserting
-/// through PgBouncer into a planned table, it finishes within 5 s; pgbench sees no failure, every
+/// through PgBouncer into a planned table, it finishes within seconds; pgbench sees no failure, every
 /// transaction it counted is on green, and the longest stall a client saw is printed.
 fn catch_up_converges_under_pgbench(rate: Option<u32>) {
     // One at a time: the unthrottled run beside the throttled one would hold it under its rate.
@@ -651,7 +639,9 @@ fn catch_up_converges_under_pgbench(rate: Option<u32>) {
     let (bouncer, plan) = setup(&s, "2s", "");
     let mut copy = spawn_copy(&s, &plan, &[]);
     following(&s, &plan, &mut copy);
-    let bench = Pgbench::start(&bouncer, rate, 20);
+    // At a rate, long enough to outlast the verify and the cutover on a loaded machine (the
+    // test asserts it did); unthrottled, short, so as not to starve the tests beside it.
+    let bench = Pgbench::start(&bouncer, rate, if rate.is_some() { 45 } else { 20 });
     std::thread::sleep(Duration::from_secs(5));
     let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
@@ -663,7 +653,9 @@ fn catch_up_converges_under_pgbench(rate: Option<u32>) {
     };
     let catch_up_ms = step(&r, "catch-up").unwrap_or_else(|| panic!("no catch-up step in the timeline:\n{r:?}"));
     let rate_name = rate.map(|r| format!("-R {r}")).unwrap_or_else(|| "unthrottled".into());
-    assert!(catch_up_ms < 5000.0, "catch-up took {catch_up_ms} ms under pgbench {rate_name}");
+    // The bug this guards ran the catch-up to its 120 s budget; 5 s or less is what it takes
+    // here, the bound leaves room for a loaded machine.
+    assert!(catch_up_ms < 20_000.0, "catch-up took {catch_up_ms} ms under pgbench {rate_name}");
     let switched_under_load = r.code == 0;
     if !switched_under_load {
         // Faster than apply keeps up (only unthrottled, on a small machine): the cutover must
@@ -683,7 +675,7 @@ fn catch_up_converges_under_pgbench(rate: Option<u32>) {
         let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
         assert_eq!(r.code, 0, "cutover once pgbench stopped: {r:?}");
     }
-    let st = wait_exit(&mut copy, Duration::from_secs(10));
+    let st = wait_exit(&mut copy, Duration::from_secs(60));
     assert!(st.success(), "copy after the switch: {st}");
     assert_eq!(done.failed, 0, "{done:?}");
     if let Some(rate) = rate {

@@ -91,7 +91,7 @@ fn merged_table_under_writes(method: &str) {
     let code = killed.wait().unwrap().code();
     assert_eq!(code, Some(137), "the follower was not killed at {point}");
     let mut copy = s.spawn(&["copy", p]);
-    std::thread::sleep(Duration::from_secs(4));
+    writer.run_for(Duration::from_secs(4), 500, Duration::from_secs(120));
     let ops = writer.stop();
     assert!(ops > 500, "the writer made only {ops} writes");
     // The writer's later picks can move or delete every consent it made the latest or tied,
@@ -310,7 +310,7 @@ fn writes_between_a_reread_and_its_commit_reach_green() {
         assert_eq!(r.code, 0, "{r:?}");
         let mut copy = s.background(&["copy", p]).env("MIGRATE_FAULT", "apply.reread:sleep=200").spawn().unwrap();
         let writer = Writer::flows(s.blue.url(), Duration::from_millis(1));
-        std::thread::sleep(Duration::from_secs(6));
+        writer.run_for(Duration::from_secs(6), 1000, Duration::from_secs(120));
         let ops = writer.stop();
         assert!(ops > 1000, "the writer made only {ops} writes");
         std::thread::sleep(Duration::from_secs(2));

@@ -193,7 +193,8 @@ fn unreachable_side_is_named_quickly() {
     assert!(r.stderr.contains("error: green (postgres://postgres@127.0.0.1:1/green): cannot connect"), "{r:?}");
     assert!(!r.stderr.contains("hunter2") && !r.stdout.contains("hunter2"), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    // A host that swallows packets: the connect timeout names blue within 10 s.
+    // A host that swallows packets: the connect timeout names blue within seconds (8 s and the
+    // process's start on a loaded machine).
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let started = Instant::now();
@@ -202,7 +203,7 @@ fn unreachable_side_is_named_quickly() {
         .env("BLUE_URL", format!("postgres://postgres@127.0.0.1:{port}/blue")));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains(&format!("error: blue (postgres://postgres@127.0.0.1:{port}/blue): ")), "{r:?}");
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     drop(listener);
 }
 

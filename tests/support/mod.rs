@@ -10,6 +10,7 @@ use std::{
         atomic::{AtomicU32, Ordering},
         Mutex, OnceLock,
     },
+    time::{Duration, Instant},
 };
 
 pub use bluegreen::sandbox::app;
@@ -489,5 +490,27 @@ impl Custom {
             c.env(k, v);
         }
         c.spawn().expect("start migrate")
+    }
+}
+
+/// The application keeps writing: more than 5 more acknowledgements within 20 s (a loaded
+/// machine is slow; a PgBouncer left paused never gives them).
+pub fn assert_flowing(app: &app::App) {
+    let (n, started) = (app.acked(), Instant::now());
+    while app.acked() <= n + 5 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the application is stalled (PgBouncer left paused?)");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for `child` (a `migrate copy` expected to end by itself) to exit, at most `within`.
+pub fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(started.elapsed() < within, "migrate copy did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -16,6 +16,7 @@ use std::{
 /// A running writer; `stop()` joins it and returns how many operations succeeded.
 pub struct Writer {
     stop: Arc<AtomicBool>,
+    ops: Arc<AtomicU64>,
     handle: Option<JoinHandle<Result<u64, String>>>,
 }
 
@@ -224,7 +225,23 @@ impl Writer {
                 Ok(o.load(Ordering::SeqCst))
             })
         });
-        Writer { stop, handle: Some(handle) }
+        Writer { stop, ops, handle: Some(handle) }
+    }
+
+    /// Lets the writer run for at least `min`, and on until it has made more than `ops` writes,
+    /// for at most `max`: a loaded machine writes slower, and the caller's count assertion
+    /// should be about the writer doing enough, not about the machine's speed.
+    pub fn run_for(&self, min: Duration, ops: u64, max: Duration) {
+        let started = std::time::Instant::now();
+        std::thread::sleep(min);
+        while self.ops.load(Ordering::SeqCst) <= ops && started.elapsed() < max && !self.handle_finished() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A writer whose statement failed has ended: waiting for more writes is pointless.
+    fn handle_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
     }
 
     /// Stops and joins; panics if any statement failed.
