@@ -296,7 +296,7 @@ fn trigger_install_lock_wait_follows_the_plan_knobs() {
     let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     let took = started.elapsed();
     // Killing psql leaves its backend sleeping: end the backend.
-    c.blue.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(300)%' AND pid <> pg_backend_pid()");
+    c.blue.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(300)%' AND pid <> pg_backend_pid()");
     let _ = holder.kill();
     let _ = holder.wait();
     assert_eq!(r.code, 3, "{r:?}");

@@ -263,19 +263,6 @@ fn wait_phase(s: &Oauth, plan: &Path, phase: &str, within: Duration) {
     }
 }
 
-/// Waits until the application acknowledges nothing for 300 ms; fails after `within`.
-fn assert_stalls(app: &App, within: Duration, what: &str) {
-    let started = Instant::now();
-    loop {
-        let n = app.acked();
-        std::thread::sleep(Duration::from_millis(300));
-        if app.acked() == n {
-            return;
-        }
-        assert!(started.elapsed() < within, "{what} (still acknowledging after {within:?})");
-    }
-}
-
 fn cutover_with_fault(s: &Oauth, plan: &Path, fault: &str) -> crate::support::Run {
     run(s.migrate(&["cutover", plan.to_str().unwrap()]).env("MIGRATE_FAULT", fault))
 }
@@ -331,9 +318,18 @@ fn cutover_interrupted_or_killed_without_a_follower_recovers_on_the_next_run() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Waits for the pause rather than guessing its time: under a loaded CI machine the
-    // cutover's preflight and catch-up took longer than a fixed 1.5 s.
-    assert_stalls(&app, Duration::from_secs(20), "the fault did not hold the pause");
+    // Waits for the pause step rather than guessing its time (on a loaded CI machine the
+    // preflight and catch-up took longer than a fixed 1.5 s); the step is recorded before
+    // PAUSE, which holds within `pause_timeout` (2 s) or the cutover ends.
+    let started = Instant::now();
+    while status(&s, &plan)["detail"]["step"] != "pause" {
+        assert!(started.elapsed() < Duration::from_secs(60), "the cutover never reached its pause");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let n = app.acked();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(app.acked(), n, "the fault did not hold the pause");
     // A second cutover of the same plan meanwhile is refused, and changes nothing.
     let second = run(&mut s.migrate(&["cutover", plan.to_str().unwrap()]));
     assert_eq!(second.code, 3, "{second:?}");
@@ -447,7 +443,7 @@ fn preflight_names_what_is_wrong() {
     // The empty jwk_sets needs no statistics; every target with rows is named.
     assert!(
         r.stdout.contains(
-            "[FAIL] planner statistics on green: never analyzed: public.app_events, public.oauth2_access_tokens, \
+            "[FAIL] planner statistics on green: none for public.app_events, public.oauth2_access_tokens, \
              public.oauth2_clients, public.oauth2_consent_sessions, public.oauth2_refresh_tokens, public.oauth2_revocations;"
         ),
         "{r:?}"
@@ -466,6 +462,19 @@ fn preflight_names_what_is_wrong() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("[ok] foreign keys between planned tables: 2 hold"), "{r:?}");
     assert!(r.stdout.contains("[ok] planner statistics on green: 7 target(s) analyzed"), "{r:?}");
+    // A target analyzed while empty (no statistics stored) and filled since: named again.
+    s.blue.psql("INSERT INTO hydra_jwk_set (sid, kid, keydata) SELECT 'sid-' || g, 'kid-' || g, 'key' FROM generate_series(1, 50) g");
+    let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(s.green.psql("SELECT count(*) FROM jwk_sets"), "50");
+    let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("[FAIL] planner statistics on green: none for public.jwk_sets;"), "{r:?}");
+    s.green.psql("ANALYZE jwk_sets");
+    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 0, "{r:?}");
 
     // A row green has without the row it references (apply writes with foreign keys off):
     // refused, naming the key.

@@ -321,7 +321,7 @@ fn assert_v1_flows(c: &Custom) {
     let count = || c.blue.psql("SELECT count(*) FROM tokens WHERE token LIKE 'v1-%'").parse::<u64>().unwrap();
     let (before, started) = (count(), Instant::now());
     while count() <= before + 5 {
-        assert!(started.elapsed() < Duration::from_secs(20), "the v1 application is stalled after an aborted cutover");
+        assert!(started.elapsed() < Duration::from_secs(5), "the v1 application is stalled after an aborted cutover");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

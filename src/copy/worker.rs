@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Instant};
 
 use futures_util::{SinkExt, TryStreamExt};
 use tokio_postgres::{Client, GenericClient};
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use super::{condition, indexes, Chunk, Shared};
 use crate::{
@@ -459,16 +459,19 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     // constraint that blue's rows break, reported as it is (no copy is silently dropped).
     indexes::rebuild_keys_and_indexes(green, &target, &shared.deferred[table], &shared.plan.copy).await?;
     let rebuilt = started.elapsed().as_secs_f64();
-    if shared.plan.copy.analyze {
-        // Before `done`: a copy killed in between analyzes on the next run.
-        indexes::analyze(green, &t.target).await?;
-    }
-    shared.state.set_table_state(green, &t.id, TableState::Done).await?;
-    let analyzed = if shared.plan.copy.analyze {
-        format!(", analyzed in {:.1}s", started.elapsed().as_secs_f64() - rebuilt)
-    } else {
-        String::new()
+    // Before `done`: a copy killed in between analyzes on the next run. A failed ANALYZE does
+    // not fail hours of copying: it is said, and the cutover's preflight names the target.
+    let analyzed = match shared.plan.copy.analyze {
+        false => String::new(),
+        true => match indexes::analyze(green, &t.target).await {
+            Ok(()) => format!(", analyzed in {:.1}s", started.elapsed().as_secs_f64() - rebuilt),
+            Err(e) => {
+                warn!(table = %t.target, error = %e, "not analyzed: run ANALYZE on it before the cutover");
+                ", not analyzed (see the warning)".to_string()
+            }
+        },
     };
+    shared.state.set_table_state(green, &t.id, TableState::Done).await?;
     shared.progress.table_done(table, &format!("copied; indexes rebuilt in {rebuilt:.1}s{analyzed}"));
     Ok(())
 }

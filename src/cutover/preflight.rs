@@ -163,7 +163,7 @@ async fn migration_checks(
             format!("{targets} target(s) analyzed")
         } else {
             format!(
-                "never analyzed: {}; the application's queries there would be planned without statistics: run `ANALYZE {}` on green",
+                "none for {}; the application's queries there would be planned without statistics: run `ANALYZE {}` on green",
                 blind.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
                 blind.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ")
             )
@@ -173,9 +173,11 @@ async fn migration_checks(
 }
 
 /// The planned targets that hold rows but have no planner statistics on green (never
-/// analyzed: `[copy] analyze = false`, or copied by a build that did not analyze), and how
-/// many targets there are. Statistics count when `pg_stats` has a row for the table or its
-/// last (auto)analyze time is known (a column set to no statistics has no `pg_stats` row).
+/// analyzed: `[copy] analyze = false`, copied by a build that did not analyze, or empty when
+/// analyzed and filled since), and how many targets there are. Statistics are `pg_stats` rows
+/// (a partitioned parent's are its inherited ones); a table whose every column is set to
+/// gather none (`SET STATISTICS 0`) needs none. A known last (auto)analyze time does not
+/// count: an analyze of an empty table sets it and stores nothing.
 async fn never_analyzed<'a>(
     resolved: &'a ResolvedPlan,
     green: &Client,
@@ -188,9 +190,9 @@ async fn never_analyzed<'a>(
         let row = green
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = $1 AND tablename = $2)
-                     OR EXISTS (SELECT 1 FROM pg_stat_all_tables
-                                 WHERE schemaname = $1 AND relname = $2
-                                   AND coalesce(last_analyze, last_autoanalyze) IS NOT NULL)",
+                     OR NOT EXISTS (SELECT 1 FROM pg_attribute a
+                                     WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass
+                                       AND a.attnum > 0 AND NOT a.attisdropped AND a.attstattarget <> 0)",
                 &[&t.schema, &t.name],
             )
             .await
