@@ -437,31 +437,50 @@ fn preflight_names_what_is_wrong() {
     // No follower runs here: the capture position stands still while other tests fill the
     // shared blue cluster's WAL, and the lag bound is not what this test is about.
     let (bouncer, plan) = setup(&s, "2s", "max_lag_bytes = 4294967296");
-    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    // The same plan with `analyze = false`: targets without statistics are refused.
+    let strict = s.write_plan(
+        &std::fs::read_to_string(&plan)
+            .unwrap()
+            .replace("defer_indexes = true\n", "defer_indexes = true\nanalyze = false\n"),
+    );
+    let r = run(&mut s.migrate(&["cutover", strict.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("[FAIL] last verify clean: never verified"), "{r:?}");
     // The empty jwk_sets needs no statistics; every target with rows is named.
+    let six = "public.app_events, public.oauth2_access_tokens, public.oauth2_clients, \
+               public.oauth2_consent_sessions, public.oauth2_refresh_tokens, public.oauth2_revocations";
     assert!(
-        r.stdout.contains(
-            "[FAIL] planner statistics on green: none for public.app_events, public.oauth2_access_tokens, \
-             public.oauth2_clients, public.oauth2_consent_sessions, public.oauth2_refresh_tokens, public.oauth2_revocations;"
-        ),
+        r.stdout.contains(&format!("[FAIL] planner statistics on green: none for {six} (`[copy] analyze = false`);")),
         "{r:?}"
     );
     let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
-    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    let r = run(&mut s.migrate(&["cutover", strict.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 1, "{r:?}");
     assert!(
         r.stdout.contains("[FAIL] planner statistics on green") && r.stdout.contains("[ok] last verify clean"),
         "{r:?}"
     );
-    // As the check says: ANALYZE on green, and nothing else fails.
-    s.green.psql("ANALYZE");
+    // With `analyze` on, the cutover would analyze them itself; a dry run changes nothing.
+    let stats = "SELECT count(DISTINCT tablename) FROM pg_stats WHERE schemaname = 'public'";
     let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains(&format!(
+            "[ok] planner statistics on green: none yet for {six}: the cutover analyzes them before its pause"
+        )),
+        "{r:?}"
+    );
+    assert_eq!(s.green.psql(stats), "0", "a dry run analyzed");
+    // As the refusal says: ANALYZE on green, and nothing else fails.
+    s.green.psql("ANALYZE");
+    let r = run(&mut s.migrate(&["cutover", strict.to_str().unwrap(), "--dry-run"]));
+    assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("[ok] foreign keys between planned tables: 2 hold"), "{r:?}");
-    assert!(r.stdout.contains("[ok] planner statistics on green: 7 target(s) analyzed"), "{r:?}");
+    assert!(
+        r.stdout.contains("[ok] planner statistics on green: 7 target(s), each one holding rows has them"),
+        "{r:?}"
+    );
     // A target analyzed while empty (no statistics stored) and filled since: named again.
     s.blue.psql("INSERT INTO hydra_jwk_set (sid, kid, keydata) SELECT 'sid-' || g, 'kid-' || g, 'key' FROM generate_series(1, 50) g");
     let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
@@ -469,12 +488,12 @@ fn preflight_names_what_is_wrong() {
     assert_eq!(s.green.psql("SELECT count(*) FROM jwk_sets"), "50");
     let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
     assert_eq!(r.code, 0, "{r:?}");
-    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
+    let r = run(&mut s.migrate(&["cutover", strict.to_str().unwrap(), "--dry-run"]));
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stdout.contains("[FAIL] planner statistics on green: none for public.jwk_sets;"), "{r:?}");
-    s.green.psql("ANALYZE jwk_sets");
-    let r = run(&mut s.migrate(&["cutover", plan.to_str().unwrap(), "--dry-run"]));
-    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("[FAIL] planner statistics on green: none for public.jwk_sets (`[copy] analyze = false`);"),
+        "{r:?}"
+    );
 
     // A row green has without the row it references (apply writes with foreign keys off):
     // refused, naming the key.
@@ -503,6 +522,13 @@ fn preflight_names_what_is_wrong() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("[FAIL] green through green_dsn") && r.stdout.contains("not the plan's green"), "{r:?}");
     assert!(r.stdout.contains("cutover not attempted"), "{r:?}");
+    // Its migration checks passed, so it analyzed the target that had no statistics.
+    assert!(
+        r.stdout.contains("[ok] planner statistics on green: analyzed now (")
+            && r.stdout.contains("s): public.jwk_sets"),
+        "{r:?}"
+    );
+    assert_eq!(s.green.psql("SELECT count(*) > 0 FROM pg_stats WHERE tablename = 'jwk_sets'"), "t");
     let line = std::fs::read_to_string(&bouncer.databases_file).unwrap();
     assert!(line.contains(&s.blue.name), "the databases file changed: {line}");
     assert_eq!(status(&s, &wrong)["phase"], "following");

@@ -101,7 +101,7 @@ pub async fn run(
     if state.phase(&green).await? == Some(Phase::Switched) {
         return Ok(Report::ended(Ended::AlreadySwitched { traffic: traffic_on_green(pb) }));
     }
-    let checks = preflight(plan, pb, resolved, &blue, &green, &state).await?;
+    let checks = preflight(plan, pb, resolved, &blue, &green, &state, dry_run).await?;
     on_preflight(&checks);
     let failed = checks.iter().filter(|c| !c.ok).count();
     let ended = if failed > 0 {

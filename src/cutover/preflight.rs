@@ -17,6 +17,7 @@ use crate::{
 const LAG_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Every check that must hold before PAUSE, in the order they are shown.
+/// `dry_run`: change nothing (a real cutover analyzes targets that have no statistics yet).
 pub(super) async fn preflight(
     plan: &Plan,
     pb: &PgbouncerSettings,
@@ -24,8 +25,13 @@ pub(super) async fn preflight(
     blue: &Client,
     green: &Client,
     state: &State,
+    dry_run: bool,
 ) -> Result<Vec<Check>> {
     let mut checks = migration_checks(plan, resolved, blue, green, state).await?;
+    // Not while the copy still runs (an ANALYZE would queue behind its index builds), nor
+    // when the cutover will not start anyway.
+    let analyze_now = !dry_run && checks.iter().all(|c| c.ok);
+    checks.push(statistics_check(plan, resolved, green, analyze_now).await?);
     checks.extend(pgbouncer_checks(plan, pb, blue, green).await);
     let sequences: usize = resolved.tables.iter().map(|t| t.sequences.len()).sum();
     checks.push(Check { name: "sequences to carry".into(), ok: true, detail: sequences.to_string() });
@@ -155,21 +161,52 @@ async fn migration_checks(
         (ok, detail) = fks.check_all(resolved, green).await?;
     }
     check("foreign keys between planned tables", ok, detail);
-    let (targets, blind) = never_analyzed(resolved, green).await?;
-    check(
-        "planner statistics on green",
-        blind.is_empty(),
-        if blind.is_empty() {
-            format!("{targets} target(s) analyzed")
-        } else {
-            format!(
-                "none for {}; the application's queries there would be planned without statistics: run `ANALYZE {}` on green",
-                blind.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
-                blind.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ")
-            )
-        },
-    );
     Ok(checks)
+}
+
+/// How long the cutover's `ANALYZE` of a target waits for a lock (another ANALYZE, a manual
+/// VACUUM) before the check fails instead.
+const ANALYZE_LOCK_TIMEOUT: &str = "5s";
+
+/// Every target holding rows has planner statistics. A target filled while following after
+/// an empty copy (a new table the application starts writing) has none, and autovacuum
+/// takes up to a minute and more to notice: with `[copy] analyze` (the default) the cutover
+/// analyzes such targets itself, before anything is paused, when `analyze_now` (otherwise it
+/// only says it would); without, they are refused, named with the statement to run.
+async fn statistics_check(plan: &Plan, resolved: &ResolvedPlan, green: &Client, analyze_now: bool) -> Result<Check> {
+    let name = "planner statistics on green";
+    let (targets, blind) = without_statistics(resolved, green).await?;
+    let list = |ts: &[&crate::pg::QualifiedName]| ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+    let check = |ok: bool, detail: String| Check { name: name.into(), ok, detail };
+    if blind.is_empty() {
+        return Ok(check(true, format!("{targets} target(s), each one holding rows has them")));
+    }
+    if !plan.copy.analyze {
+        return Ok(check(
+            false,
+            format!(
+                "none for {} (`[copy] analyze = false`); the application's queries there would be planned without statistics: run `ANALYZE {}` on green",
+                list(&blind),
+                blind.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    if !analyze_now {
+        return Ok(check(true, format!("none yet for {}: the cutover analyzes them before its pause", list(&blind))));
+    }
+    let started = std::time::Instant::now();
+    for t in &blind {
+        let sql = format!("BEGIN; SET LOCAL lock_timeout = '{ANALYZE_LOCK_TIMEOUT}'; ANALYZE {}; COMMIT", t.quoted());
+        if let Err(e) = green.batch_execute(&sql).await {
+            let _ = green.batch_execute("ROLLBACK").await;
+            return Ok(check(false, format!("none for {t}, and analyzing it failed: {}", pg_message(&e))));
+        }
+    }
+    let (_, still) = without_statistics(resolved, green).await?;
+    if !still.is_empty() {
+        return Ok(check(false, format!("none for {} even after ANALYZE", list(&still))));
+    }
+    Ok(check(true, format!("analyzed now ({:.1}s): {}", started.elapsed().as_secs_f64(), list(&blind))))
 }
 
 /// The planned targets that hold rows but have no planner statistics on green (never
@@ -178,7 +215,7 @@ async fn migration_checks(
 /// (a partitioned parent's are its inherited ones); a table whose every column is set to
 /// gather none (`SET STATISTICS 0`) needs none. A known last (auto)analyze time does not
 /// count: an analyze of an empty table sets it and stores nothing.
-async fn never_analyzed<'a>(
+async fn without_statistics<'a>(
     resolved: &'a ResolvedPlan,
     green: &Client,
 ) -> Result<(usize, Vec<&'a crate::pg::QualifiedName>)> {
