@@ -65,18 +65,6 @@ async fn rebuild_locked(green: &Client, table: &str, objects: &[DeferredObject])
     Ok(())
 }
 
-/// `ANALYZE` of a copied target, so green's planner has statistics before the application
-/// arrives (a partitioned target: its partitions and the parent's inherited statistics).
-pub async fn analyze(green: &Client, target: &crate::pg::QualifiedName) -> Result<()> {
-    let started = std::time::Instant::now();
-    green
-        .batch_execute(&format!("ANALYZE {}", target.quoted()))
-        .await
-        .map_err(Error::db(format!("green: analyzing {target}")))?;
-    info!(table = %target, seconds = started.elapsed().as_secs_f64(), "analyzed");
-    Ok(())
-}
-
 /// How long validating a foreign key is retried while apply catches up.
 const VALIDATE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 

@@ -463,7 +463,7 @@ async fn rebuild(shared: &Shared, blue: &Client, green: &Client, table: usize) -
     // not fail hours of copying: it is said, and the cutover's preflight names the target.
     let analyzed = match shared.plan.copy.analyze {
         false => String::new(),
-        true => match indexes::analyze(green, &t.target).await {
+        true => match crate::pg::analyze(green, &t.target, None).await {
             Ok(()) => format!(", analyzed in {:.1}s", started.elapsed().as_secs_f64() - rebuilt),
             Err(e) => {
                 warn!(table = %t.target, error = %e, "not analyzed: run ANALYZE on it before the cutover");

@@ -166,7 +166,7 @@ async fn migration_checks(
 
 /// How long the cutover's `ANALYZE` of a target waits for a lock (another ANALYZE, a manual
 /// VACUUM) before the check fails instead.
-const ANALYZE_LOCK_TIMEOUT: &str = "5s";
+const ANALYZE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Every target holding rows has planner statistics. A target filled while following after
 /// an empty copy (a new table the application starts writing) has none, and autovacuum
@@ -196,10 +196,8 @@ async fn statistics_check(plan: &Plan, resolved: &ResolvedPlan, green: &Client, 
     }
     let started = std::time::Instant::now();
     for t in &blind {
-        let sql = format!("BEGIN; SET LOCAL lock_timeout = '{ANALYZE_LOCK_TIMEOUT}'; ANALYZE {}; COMMIT", t.quoted());
-        if let Err(e) = green.batch_execute(&sql).await {
-            let _ = green.batch_execute("ROLLBACK").await;
-            return Ok(check(false, format!("none for {t}, and analyzing it failed: {}", pg_message(&e))));
+        if let Err(e) = crate::pg::analyze(green, t, Some(ANALYZE_LOCK_TIMEOUT)).await {
+            return Ok(check(false, format!("none for {t}, and analyzing it failed: {e}")));
         }
     }
     let (_, still) = without_statistics(resolved, green).await?;

@@ -30,3 +30,26 @@ pub async fn export_snapshot(client: &tokio_postgres::Client, what: &str) -> Res
         .map_err(Error::db(format!("{what}: exporting")))?
         .get(0))
 }
+
+/// `ANALYZE` of a copied target, so green's planner has statistics before the application
+/// arrives (a partitioned target: its partitions and the parent's inherited statistics).
+/// `lock_timeout`: give up rather than queue longer behind another holder of the table.
+pub async fn analyze(
+    green: &tokio_postgres::Client,
+    target: &QualifiedName,
+    lock_timeout: Option<std::time::Duration>,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let sql = match lock_timeout {
+        Some(t) => {
+            format!("BEGIN; SET LOCAL lock_timeout = '{}ms'; ANALYZE {}; COMMIT", t.as_millis(), target.quoted())
+        }
+        None => format!("ANALYZE {}", target.quoted()),
+    };
+    if let Err(e) = green.batch_execute(&sql).await {
+        let _ = green.batch_execute("ROLLBACK").await;
+        return Err(Error::db(format!("green: analyzing {target}"))(e));
+    }
+    tracing::info!(table = %target, seconds = started.elapsed().as_secs_f64(), "analyzed");
+    Ok(())
+}
