@@ -11,8 +11,12 @@
 //! ```text
 //! cargo build --release && cargo run --release --example bench_scale -- --rows 10000000 [--rate 200] [--snapshot-age 60]
 //!   [--payload-md5s 2] [--max-wal-gb 8] [--workers 2] [--chunk-rows 50000] [--copy-log FILE]
-//!   [--green-autovacuum on|off]
+//!   [--green-autovacuum on|off] [--hold FILE]
 //! ```
+//!
+//! `--hold FILE`: after the verifies, print both clusters' URLs and the plan's path, create
+//! FILE and wait until it is removed before the cutover (to look at the data or time queries
+//! on the live clusters).
 
 #[path = "../tests/support/cluster.rs"]
 #[allow(dead_code)]
@@ -271,6 +275,13 @@ async fn main() -> anyhow::Result<()> {
     let verify_again = t.elapsed().as_secs_f64();
     anyhow::ensure!(v.status.success(), "second verify: {}", String::from_utf8_lossy(&v.stdout));
 
+    if let Some(hold) = args.iter().position(|a| a == "--hold").and_then(|i| args.get(i + 1)) {
+        eprintln!("HOLD blue={} green={} plan={}", blue.url("blue"), green.url("tool"), p);
+        std::fs::write(hold, "")?;
+        while Path::new(hold).exists() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
     // 5. Cutover through PgBouncer under an application writer.
     let app = bluegreen::sandbox::app::App::start(
         format!("host=127.0.0.1 port={} dbname=app user=postgres", bouncer.port),

@@ -307,6 +307,69 @@ fn a_transform_that_fails_on_real_rows_is_found_by_plan() {
     assert!(r.stdout.contains("every expression ran over 3 row(s) sampled from 1 table(s)"), "{r:?}");
 }
 
+/// `plan` (and every `copy`, `verify` and `cutover`, which resolve the plan) samples a large
+/// table by blocks: it reads about a thousand of them, not a third of the table, and its rows
+/// come from the whole table. The row sample it replaced stopped at its `LIMIT` a third of the
+/// way in: blocks read grew with the table (3.4 s of a 100M-row table), and a value only the
+/// end of the table holds was never tried. 30,000 blocks here (fillfactor 10), bad values in
+/// the last tenth.
+#[test]
+fn plan_samples_a_large_table_by_blocks_from_end_to_end() {
+    let c = Custom::new(
+        "CREATE TABLE ev (id int PRIMARY KEY, happened text NOT NULL, pad text) WITH (fillfactor = 10);
+         INSERT INTO ev SELECT g, CASE WHEN g > 108000 THEN '25/12/2024' ELSE '05/06/2024' END, repeat('x', 150)
+           FROM generate_series(1, 120000) g;",
+        "CREATE TABLE ev (id int PRIMARY KEY, happened timestamp NOT NULL, pad text);",
+    );
+    c.blue.psql("ANALYZE ev");
+    let blocks: i64 = c.blue.psql("SELECT pg_relation_size('ev') / 8192").parse().unwrap();
+    assert!(blocks > 25_000, "{blocks} blocks");
+    // Blocks of `ev` read so far, once the count stopped moving above `floor`: a session's
+    // statistics reach the shared counts as its backend exits, just after `migrate` did.
+    let read = |floor: i64| -> i64 {
+        let q = "SELECT heap_blks_read + heap_blks_hit FROM pg_statio_user_tables WHERE relname = 'ev'";
+        let started = std::time::Instant::now();
+        let mut last = -1;
+        loop {
+            let now: i64 = c.blue.psql(q).parse().unwrap();
+            if now > floor && now == last {
+                return now;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "block reads of ev did not settle: {now}");
+            last = now;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let entry = |expr: &str| {
+        format!(
+            "[[table]]\nsource = \"public.ev\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nhappened = \"{expr}\"\npad = \"pad\"\n"
+        )
+    };
+    let before = read(-1);
+    let plan = c.plan("logical", "workers = 1", &entry("happened::timestamp"));
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("table[1].columns.happened") && r.stdout.contains("25/12/2024"),
+        "a value only the table's last tenth holds was not tried:\n{r:?}"
+    );
+    let plan = c.plan("logical", "workers = 1", &entry("to_timestamp(happened, 'DD/MM/YYYY')::timestamp"));
+    let mid = read(before);
+    let r = run(&mut c.migrate(&["plan", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    // About a thousand rows, from about a thousand blocks.
+    let after = read(mid);
+    let rows: u64 = r
+        .stdout
+        .split("every expression ran over ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no sample line:\n{r:?}"));
+    assert!((500..=1000).contains(&rows), "{rows} rows sampled:\n{r:?}");
+    assert!(after - mid < 3_000, "a sound plan read {} of {blocks} blocks (before: {})", after - mid, mid - before);
+}
+
 fn drift_entry() -> &'static str {
     "[[table]]\nsource = \"public.t\"\nkey = [\"id\"]\n[table.columns]\nid = \"id\"\nn = \"n\"\n"
 }

@@ -448,3 +448,41 @@ fn scaled_numbers_signs_json_shapes_and_case_are_differences() {
     assert!(r.stdout.contains("public.items: 5 difference(s)"), "{r:?}");
     assert!(r.stdout.contains("public.names: 1 difference(s)"), "{r:?}");
 }
+
+/// Verify's bookkeeping on green (claiming parts, storing their summaries, the run's rows) is
+/// small queries; none may be compiled by the JIT with inlining and optimization. They were:
+/// `enable_sort = off`, which the summaries need, was set for every verify session, and the
+/// planner's disable cost it adds to any plan that still sorts (a claim's `ORDER BY … LIMIT 1`)
+/// is above every JIT threshold: 100 ms of CPU a claim against half a millisecond to run it.
+/// Counted by green's `pg_stat_statements` (its own cluster: the module loads at start).
+#[test]
+fn verify_bookkeeping_is_not_jit_compiled() {
+    let green = crate::support::cluster::Cluster::own(
+        "green-statements",
+        &["shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all"],
+    );
+    let s = Oauth::on(crate::support::blue_cluster(), green, 5_000);
+    s.green.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+    assert_eq!(s.green.psql("SELECT pg_jit_available()"), "t", "this test needs PostgreSQL's JIT (llvmjit)");
+    let plan = s.plan_with_copy("workers = 2\nchunk_rows = 2000\ndefer_indexes = true");
+    let r = run(&mut s.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
+    assert_eq!(r.code, 0, "{r:?}");
+    s.green.psql("SELECT pg_stat_statements_reset()");
+    let r = run(&mut s.migrate(&["verify", plan.to_str().unwrap()]));
+    assert_eq!(r.code, 0, "{r:?}");
+    let stats = |filter: &str| {
+        s.green.psql(&format!(
+            "SELECT count(*) || ' ' || coalesce(sum(calls), 0) || ' ' || coalesce(sum(jit_inlining_count), 0) \
+             FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND {filter}"
+        ))
+    };
+    // The claims ran (one a part, and one more a session that finds none left)...
+    let claims = stats("query LIKE '%verify_parts%SKIP LOCKED%'");
+    let calls: i64 = claims.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(calls >= 8, "claims: {claims}");
+    // ...and neither they nor any other query but the summaries were inlined by the JIT.
+    assert!(claims.ends_with(" 0"), "claims JIT-compiled with inlining (statements, calls, inlined): {claims}");
+    let others = stats("query NOT LIKE 'SELECT abs(%'");
+    assert!(others.ends_with(" 0"), "bookkeeping JIT-compiled with inlining (statements, calls, inlined): {others}");
+}

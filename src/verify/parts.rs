@@ -33,7 +33,7 @@ use crate::{
     state::{NewPart, State},
 };
 
-use super::{portable_hash, session, Queries};
+use super::{portable_hash, session, Queries, SUMMARY_SETTINGS};
 
 /// Blocks per part (128 MB of heap with 8 kB blocks): big enough that a claim costs nothing
 /// against the read, small enough that several machines share a table.
@@ -248,7 +248,7 @@ async fn summarise(q: &Queries<'_>, part: &NewPart, blue: &Client, green: &Clien
     let (client, side, name) =
         if part.side == "blue" { (blue, "blue", &q.t.source) } else { (green, "green", &q.t.target) };
     let import = format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {SUMMARY_SETTINGS}",
         literal(&part.snapshot)
     );
     match client.batch_execute(&import).await {
