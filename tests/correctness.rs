@@ -311,12 +311,13 @@ fn a_transform_that_fails_on_real_rows_is_found_by_plan() {
 /// table by blocks: it reads about a thousand of them, not a third of the table, and its rows
 /// come from the whole table. The row sample it replaced stopped at its `LIMIT` a third of the
 /// way in: blocks read grew with the table (3.4 s of a 100M-row table), and a value only the
-/// end of the table holds was never tried. 30,000 blocks here (fillfactor 10), bad values in
-/// the last tenth.
+/// end of the table holds was never tried. About 40,000 blocks here (fillfactor 10; no
+/// autovacuum, whose pass would count as reads), bad values in the last tenth.
 #[test]
 fn plan_samples_a_large_table_by_blocks_from_end_to_end() {
     let c = Custom::new(
-        "CREATE TABLE ev (id int PRIMARY KEY, happened text NOT NULL, pad text) WITH (fillfactor = 10);
+        "CREATE TABLE ev (id int PRIMARY KEY, happened text NOT NULL, pad text)
+           WITH (fillfactor = 10, autovacuum_enabled = off);
          INSERT INTO ev SELECT g, CASE WHEN g > 108000 THEN '25/12/2024' ELSE '05/06/2024' END, repeat('x', 150)
            FROM generate_series(1, 120000) g;",
         "CREATE TABLE ev (id int PRIMARY KEY, happened timestamp NOT NULL, pad text);",
@@ -366,7 +367,7 @@ fn plan_samples_a_large_table_by_blocks_from_end_to_end() {
         .and_then(|t| t.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no sample line:\n{r:?}"));
-    assert!((500..=1000).contains(&rows), "{rows} rows sampled:\n{r:?}");
+    assert!((300..=1000).contains(&rows), "{rows} rows sampled:\n{r:?}");
     assert!(after - mid < 3_000, "a sound plan read {} of {blocks} blocks (before: {})", after - mid, mid - before);
 }
 

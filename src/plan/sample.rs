@@ -79,16 +79,19 @@ struct Sampled {
 /// keeps rows from the end of the table in the sample, which the row sample never reached.
 async fn sampled(blue: &Client, t: &ResolvedTable) -> Result<Sampled> {
     let rows = t.estimate.rows.max(1) as f64;
-    let blocks: f64 = blue
-        .query_one(
-            "SELECT (coalesce(nullif(pg_relation_size($1::text::regclass), 0), \
-               (SELECT sum(pg_relation_size(relid)) FROM pg_partition_tree($1::text::regclass) WHERE isleaf), 0) \
-               / current_setting('block_size')::int8)::float8",
-            &[&t.source.quoted()],
-        )
-        .await
-        .map_err(Error::db(format!("blue: size of {}", t.source)))?
-        .get(0);
+    // Bounded in time like the sample itself (its relation lock waits behind an ACCESS
+    // EXCLUSIVE one); when it cannot be read, the estimate's bytes (indexes included: fewer
+    // blocks sampled, not more) stand in.
+    let size = format!(
+        "SELECT (coalesce(nullif(pg_relation_size({rel}::regclass), 0), \
+           (SELECT sum(pg_relation_size(relid)) FROM pg_partition_tree({rel}::regclass) WHERE isleaf), 0) \
+           / current_setting('block_size')::int8)::float8",
+        rel = crate::pg::literal(&t.source.quoted())
+    );
+    let blocks = match read_only_rows(blue, &size).await? {
+        Ok(r) => r.first().map_or(0.0, |r| r.get::<_, f64>(0)),
+        Err(_) => t.estimate.bytes as f64 / 8192.0,
+    };
     let (percent, k) = sampling(rows, blocks);
     let joins: String = t.joins.iter().map(super::ResolvedJoin::render).collect();
     let item = match &t.alias {
@@ -97,16 +100,21 @@ async fn sampled(blue: &Client, t: &ResolvedTable) -> Result<Sampled> {
     };
     Ok(Sampled {
         from: format!("{item} TABLESAMPLE SYSTEM ({percent}) REPEATABLE (7){joins}"),
-        thin: (k > 1).then(|| format!("abs(hashtext({}.ctid::text) % {k}) = 0", t.qualifier())),
+        thin: (k > 1).then(|| format!("hashtext({}.ctid::text) % {k} = 0", t.qualifier())),
     })
 }
 
 /// The percentage of blocks to sample and `k` (keep one row in `k`) for a table of `rows` rows
-/// in `blocks` blocks (estimates).
+/// in `blocks` blocks (estimates): between half of [`SAMPLE_ROWS`] and all of it expected, so
+/// that the `LIMIT` rarely stops the scan before the table's end.
 fn sampling(rows: f64, blocks: f64) -> (f64, u64) {
-    let percent = if blocks <= SAMPLE_BLOCKS { 100.0 } else { SAMPLE_BLOCKS * 100.0 / blocks };
+    // Up to SAMPLE_ROWS rows are read whole, as before, unless they are spread over so many
+    // blocks (a bloated queue table, or statistics from before a bulk load) that reading them
+    // all would not be cheap.
+    let whole = blocks <= SAMPLE_BLOCKS || (rows <= SAMPLE_ROWS as f64 && blocks <= 10.0 * SAMPLE_BLOCKS);
+    let percent = if whole { 100.0 } else { SAMPLE_BLOCKS * 100.0 / blocks };
     let in_sampled = rows * percent / 100.0;
-    (percent, (in_sampled / SAMPLE_ROWS as f64).floor().max(1.0) as u64)
+    (percent, (in_sampled / SAMPLE_ROWS as f64).ceil().max(1.0) as u64)
 }
 
 impl ResolvedTable {
@@ -199,12 +207,16 @@ mod tests {
 
     #[test]
     fn samples_about_a_thousand_blocks_and_rows_whatever_the_size() {
-        // Small: every block, every row (the LIMIT takes the first thousand).
+        // Small: every block (the LIMIT takes the first thousand rows, about one in k).
         assert_eq!(sampling(500.0, 10.0), (100.0, 1));
         assert_eq!(sampling(50_000.0, 800.0), (100.0, 50));
+        assert_eq!(sampling(1_500.0, 800.0), (100.0, 2));
         // 100M rows in 1.82M blocks: 0.055 % of the blocks, one row in 55 of theirs.
         let (percent, k) = sampling(100_000_000.0, 1_818_944.0);
-        assert!((percent - 0.054977).abs() < 1e-4 && k == 54, "{percent} {k}");
+        assert!((percent - 0.054977).abs() < 1e-4 && k == 55, "{percent} {k}");
+        // Few rows in many blocks (bloat): all of them up to 10,000 blocks, sampled beyond.
+        assert_eq!(sampling(500.0, 2_000.0), (100.0, 1));
+        assert_eq!(sampling(500.0, 2_000_000.0), (0.05, 1));
         // Wide rows (one a block): no thinning.
         assert_eq!(sampling(3_000_000.0, 3_000_000.0).1, 1);
     }
