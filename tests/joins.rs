@@ -141,7 +141,18 @@ fn merged_table_under_writes(method: &str) {
              FROM hydra_oauth2_consent_request WHERE login_challenge IS NOT NULL ORDER BY login_challenge, requested_at DESC, challenge) w \
              JOIN hydra_oauth2_consent_request_handled h ON h.challenge = w.consent_challenge_id LIMIT 1)",
     );
-    s.blue.psql("DELETE FROM hydra_oauth2_authentication_request_handled WHERE challenge = 'login-7'");
+    // The writer's random picks may have deleted or re-keyed any fixed login (login-7 once):
+    // the handled login deleted here is picked after it stopped, and was handled on green.
+    let handled =
+        s.blue.psql("SELECT challenge FROM hydra_oauth2_authentication_request_handled ORDER BY challenge LIMIT 1");
+    assert_eq!(
+        s.green.psql(&format!(
+            "SELECT login_handled_at IS NOT NULL FROM hydra_oauth2_flow WHERE login_challenge = '{handled}'"
+        )),
+        "t",
+        "{handled} was not handled on green before the delete"
+    );
+    s.blue.psql(&format!("DELETE FROM hydra_oauth2_authentication_request_handled WHERE challenge = '{handled}'"));
     let r = run(&mut s.migrate(&["cutover", p]));
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("switched"), "{r:?}");
@@ -153,13 +164,14 @@ fn merged_table_under_writes(method: &str) {
         s.green.psql("SELECT count(*) FROM hydra_oauth2_flow WHERE consent_granted_scope = '{after,verify}'"),
         "1"
     );
-    // The handled login deleted: its columns are gone from login-7's flow. (Its state follows
+    // The handled login deleted: its columns are gone from its flow. (Its state follows
     // whichever consent the writer's random picks left it, 4 or 6; the flows compare equal.)
     assert_eq!(
-        s.green.psql(
-            "SELECT login_handled_at IS NULL AND NOT login_remember FROM hydra_oauth2_flow WHERE login_challenge = 'login-7'"
-        ),
-        "t"
+        s.green.psql(&format!(
+            "SELECT login_handled_at IS NULL AND NOT login_remember FROM hydra_oauth2_flow WHERE login_challenge = '{handled}'"
+        )),
+        "t",
+        "{handled}'s flow after its handled row was deleted"
     );
 }
 
