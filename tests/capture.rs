@@ -159,13 +159,29 @@ fn trigger_follower_killed_and_restarted_loses_nothing() {
 #[test]
 fn no_follow_exits_once_green_has_what_blue_committed() {
     let s = Oauth::new(5_000);
-    let plan = plan_for(&s, "auto");
+    // About 6,800 rows at 2,000 a second: the copy runs for seconds after its first chunk.
+    let plan = s.write_plan(&replace_once(
+        &Oauth::plan_text(),
+        "workers = 2\nchunk_rows = 50000",
+        "workers = 2\nchunk_rows = 1000\nmax_rows_per_second = 2000",
+    ));
     let writer = Writer::start(s.blue.url(), Duration::from_millis(1));
     std::thread::sleep(Duration::from_millis(300));
-    // The writer keeps going while the copy runs; it stops before the copy's end is reached.
+    // The writer keeps going while the copy runs, and stops once a chunk is done: before the
+    // copy's end (a writer stopped after it would leave green short, and prove nothing).
     let mut child = spawn_copy(&s, &plan, &["--no-follow"]);
-    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    let chunk_done = || {
+        s.green.psql(&s.sql("SELECT to_regclass('bluegreen_oauth_v2.chunks') IS NOT NULL")) == "t"
+            && s.green.psql(&s.sql("SELECT coalesce(bool_or(done), false) FROM bluegreen_oauth_v2.chunks")) == "t"
+    };
+    while !chunk_done() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no chunk was copied");
+        assert!(child.try_wait().unwrap().is_none(), "the copy ended before a chunk was seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     writer.stop();
+    assert!(child.try_wait().unwrap().is_none(), "the copy ended before the writer stopped");
     let started = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {

@@ -30,6 +30,11 @@ use crate::{
 
 /// How often lag and progress are written to state (for `status`) and the phase is checked.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// The pending count (a scan of all of pending) is read again only once this many times its own
+/// cost has passed (in every report while it is cheap): with millions of keys pending (a burst
+/// during the copy, trigger capture) counting every second took a quarter of the reporting
+/// apply worker's time. The report's other numbers and the heartbeat are written every time.
+const COUNT_COST_SHARE: u32 = 20;
 /// Blue positions kept for the lag in time: an hour of reports. Further behind, the lag in
 /// time is unknown (`null`), the lag in bytes still shown.
 const POSITIONS_KEPT: usize = 3600;
@@ -154,6 +159,10 @@ struct ApplySide {
     samples: std::collections::VecDeque<(Instant, u64)>,
     /// Blue's position once a report, for the lag in time.
     positions: std::collections::VecDeque<(Instant, Lsn)>,
+    /// When the pending count is next read ([`COUNT_COST_SHARE`]).
+    count_due: Instant,
+    /// The oldest pending key's position at the last count.
+    oldest_pending: Option<Lsn>,
     /// The last round applied nothing.
     idle: bool,
     /// How long to wait before the next round (outside its stall timeout).
@@ -187,6 +196,8 @@ impl Follower {
                 applied: Arc::clone(&applied),
                 samples: std::collections::VecDeque::new(),
                 positions: std::collections::VecDeque::new(),
+                count_due: Instant::now(),
+                oldest_pending: None,
                 idle: false,
                 rest: Duration::ZERO,
             });
@@ -431,7 +442,7 @@ impl ApplySide {
         let mut paused = false;
         loop {
             if shutdown.is_triggered() {
-                self.report().await.ok();
+                self.report(true).await.ok();
                 return Ok(Stop::Signal);
             }
             // A pause holds capture (blue keeps the changes); apply goes on with the keys
@@ -539,14 +550,14 @@ impl ApplySide {
         // One worker reports for all.
         if self.part.0 == 0 && last_report.elapsed() >= REPORT_EVERY {
             *last_report = Instant::now();
-            self.report().await?;
+            self.report(false).await?;
         }
         // Keys of changes after the target (the application goes on writing) do not keep
         // `--no-follow` from ending.
         let target = *reached.lock().unwrap_or_else(|e| e.into_inner());
         if let (true, true, Some(target)) = (catch_up, ready.len() == self.tables.len(), target) {
             if !self.state.pending_through(&self.green, target).await? {
-                self.report().await?;
+                self.report(true).await?;
                 return Ok(Some(Stop::CaughtUp));
             }
         }
@@ -570,9 +581,9 @@ impl ApplySide {
         Ok(self.tables.iter().filter(|t| done.contains(&t.id)).map(|t| t.id.clone()).collect())
     }
 
-    /// Writes lag, pending count and the current apply rate (over the last
-    /// [`RATE_WINDOW`]) to state.
-    async fn report(&mut self) -> Result<()> {
+    /// Writes lag, pending count (when due, or `count`) and the current apply rate (over the
+    /// last [`RATE_WINDOW`]) to state.
+    async fn report(&mut self, count: bool) -> Result<()> {
         let now = Instant::now();
         let applied = self.applied.load(Ordering::Relaxed);
         self.samples.push_back((now, applied));
@@ -583,7 +594,14 @@ impl ApplySide {
             Some((t, n)) if now - *t >= Duration::from_millis(500) => (applied - n) as f64 / (now - *t).as_secs_f64(),
             _ => 0.0,
         };
-        let (blue, oldest) = self.state.report_follower(&self.green, applied as i64, rate).await?;
+        let count = count || now >= self.count_due;
+        let report = self.state.report_follower(&self.green, applied as i64, rate, count, self.oldest_pending).await?;
+        if count {
+            self.oldest_pending = report.oldest_pending;
+            // Reports come once a REPORT_EVERY anyway: a cheap count is read in each.
+            self.count_due = now + now.elapsed() * COUNT_COST_SHARE;
+        }
+        let (blue, oldest) = (report.blue, report.oldest);
         // Blue's position over time: the oldest change green lacks was made after the last
         // sample at or below it.
         let lag = match (blue, oldest) {

@@ -21,7 +21,7 @@ mod workers;
 pub use gate::{Gate, GATE_NAMESPACE};
 pub use id::{short_name, TableId};
 pub use keys::{KeyEvent, COMPACT_ROWS};
-pub use migration::{Control, FollowerView, StatusView};
+pub use migration::{Control, FollowerReport, FollowerView, StatusView};
 pub use parts::{NewPart, PartClaim, PartSummary};
 pub use phase::{CutoverStep, Phase, TableState};
 pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
