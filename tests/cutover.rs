@@ -563,6 +563,34 @@ fn preflight_waits_out_a_burst_of_wal_the_plan_does_not_read() {
     assert!(dry.stdout.contains("[FAIL] capture lag") && dry.stdout.contains("no follower is running"), "{dry:?}");
 }
 
+/// Preflight's lag runs from a pending key's oldest unapplied change (`first_lsn`), as the
+/// follower's report does: a key written again before it was applied is as far behind as its
+/// first change (preflight took the newest, and passed).
+#[test]
+fn preflight_lag_runs_from_a_pending_keys_first_change() {
+    let s = Oauth::new(2_000);
+    let (_bouncer, plan) = setup(&s, "2s", "max_lag_bytes = 1048576");
+    let p = plan.to_str().unwrap();
+    let mut copy = spawn_copy(&s, &plan, &[]);
+    following(&s, &plan, &mut copy);
+    let dry = run(&mut s.migrate(&["cutover", p, "--dry-run"]));
+    assert!(dry.stdout.contains("[ok] capture lag"), "{dry:?}");
+    // A key of an entry the follower does not apply (it stays), first changed 8 MB of WAL
+    // before capture's position and again at it.
+    s.green.psql(&s.sql(
+        "INSERT INTO bluegreen_oauth_v2.pending (tbl, key, seq, lsn, first_lsn) \
+         SELECT 'not-an-entry', ARRAY['x'], nextval('bluegreen_oauth_v2.pending_seq'), capture_lsn, capture_lsn - 8388608 \
+         FROM bluegreen_oauth_v2.migration",
+    ));
+    let dry = run(&mut s.migrate(&["cutover", p, "--dry-run"]));
+    assert_eq!(dry.code, 1, "{dry:?}");
+    assert!(dry.stdout.contains("[FAIL] capture lag") && dry.stdout.contains("1 keys pending"), "{dry:?}");
+    s.green.psql(&s.sql("DELETE FROM bluegreen_oauth_v2.pending WHERE tbl = 'not-an-entry'"));
+    let dry = run(&mut s.migrate(&["cutover", p, "--dry-run"]));
+    assert!(dry.stdout.contains("[ok] capture lag"), "{dry:?}");
+    crate::capture::sigint_and_wait(&mut copy);
+}
+
 /// The same switch with trigger capture: the drain waits on blue's transaction horizon instead
 /// of a WAL position.
 #[test]
