@@ -6,6 +6,13 @@
 //! (from then on every key applied is recorded for the cutover).
 //!
 //!     cargo build --release && cargo run --release --example bench_burst -- [--scale 10] [--method logical|trigger]
+//!
+//! With `--during-copy` it measures instead a burst made while the table is still being copied
+//! (the copy held to about `--copy-seconds`, default 20, by a row rate): its keys wait in
+//! `pending` until the copy is done and are then drained by the apply workers. Prints the
+//! keys pending when the copy finished, the time from then until green had everything, the
+//! drain rate, and, as its floor, the same burst made again once following (applied straight
+//! from capture) in the same run.
 
 #[path = "support/pgbench.rs"]
 mod pgbench_plan;
@@ -53,6 +60,9 @@ fn main() {
     assert!(migrate.exists(), "build the binary first: cargo build --release ({})", migrate.display());
     let blue = Cluster::start("bb-blue", &["shared_buffers=512MB"]);
     let green = Cluster::start("bb-green", &["shared_buffers=512MB", "max_logical_replication_workers=8"]);
+    if std::env::args().any(|a| a == "--during-copy") {
+        return during_copy(&blue, &green, &migrate, &scale, &method);
+    }
     for db in ["native", "ours"] {
         blue.psql("postgres", &format!("CREATE DATABASE {db}"));
         green.psql("postgres", &format!("CREATE DATABASE {db}"));
@@ -151,4 +161,86 @@ fn main() {
     );
     println!("migrate peak memory: {peak:.0} MB (before the burst {before_mb:.0} MB)");
     println!("green equal to blue after the burst: {equal}");
+}
+
+/// A burst while the table is being copied: its keys wait in `pending` for the copy's end, and
+/// are drained after it.
+fn during_copy(blue: &Cluster, green: &Cluster, migrate: &std::path::Path, scale: &str, method: &str) {
+    let copy_seconds: i64 = arg("--copy-seconds", "20").parse().unwrap();
+    blue.psql("postgres", "CREATE DATABASE ours");
+    green.psql("postgres", "CREATE DATABASE ours");
+    pgbench(blue, "ours", &["-i", "-q", "-s", scale]);
+    pgbench(green, "ours", &["-i", "-q", "-I", "dtp", "-s", scale]);
+    green.psql("ours", "TRUNCATE pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history");
+    let rows: i64 = blue.psql("ours", "SELECT count(*) FROM pgbench_accounts").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("bench.toml");
+    let text = format!(
+        "{}[copy]\nmax_rows_per_second = {}\n",
+        pgbench_plan::plan("bench-burst", method, false),
+        (rows / copy_seconds).max(1)
+    );
+    std::fs::write(&plan, text).unwrap();
+    let mut child = std::process::Command::new(migrate)
+        .args(["copy", plan.to_str().unwrap()])
+        .env("BLUE_URL", blue.url("ours"))
+        .env("GREEN_URL", green.url("ours"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start migrate copy");
+    let state = "bluegreen_bench_burst";
+    let phase = || {
+        if green.psql("ours", &format!("SELECT to_regclass('{state}.chunks') IS NOT NULL")) != "t" {
+            return String::new();
+        }
+        green.psql("ours", &format!("SELECT state->>'phase' FROM {state}.migration"))
+    };
+    wait("the copy's first chunk", Duration::from_secs(600), || {
+        !phase().is_empty() && green.psql("ours", &format!("SELECT count(*) > 0 FROM {state}.chunks WHERE done")) == "t"
+    });
+    let started = Instant::now();
+    let lsn = burst(blue, "ours");
+    let burst_seconds = started.elapsed().as_secs_f64();
+    let sum = blue.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts");
+    assert_ne!(phase(), "following", "the copy ended before the burst did: raise --copy-seconds");
+    wait("the copy", Duration::from_secs(900), || {
+        std::thread::sleep(Duration::from_millis(100));
+        phase() == "following"
+    });
+    let pending: i64 = green.psql("ours", &format!("SELECT count(*) FROM {state}.pending")).parse().unwrap();
+    let caught_up = |lsn: i64, sum: &str| {
+        std::thread::sleep(Duration::from_millis(100));
+        green.psql(
+            "ours",
+            &format!(
+                "SELECT coalesce(capture_lsn, 0) >= {lsn} AND NOT EXISTS (SELECT 1 FROM {state}.pending) FROM {state}.migration"
+            ),
+        ) == "t"
+            && (method != "trigger"
+                || (blue.psql("ours", &format!("SELECT count(*) FROM {state}.changes")) == "0"
+                    && green.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts") == sum))
+    };
+    let drained = wait("the drain", Duration::from_secs(1800), || caught_up(lsn, &sum));
+    // The floor: the same burst once following.
+    let lsn = burst(blue, "ours");
+    let sum = blue.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts");
+    let following = wait("the same burst while following", Duration::from_secs(1800), || caught_up(lsn, &sum));
+    let peak = peak_mb(child.id());
+    let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let fp = |c: &Cluster| c.psql("ours", "SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a");
+    let equal = fp(blue) == fp(green);
+    println!(
+        "burst during the copy: UPDATE of {rows} rows in one transaction ({burst_seconds:.1} s), {method} capture"
+    );
+    println!("keys pending when the copy finished: {pending}");
+    println!("drained in {drained:.1} s after the copy finished ({:.0} keys/s)", pending as f64 / drained);
+    println!(
+        "the same burst while following: {following:.1} s ({:.0} rows/s); the drain took {:.2}x as long a key",
+        rows as f64 / following,
+        (drained / pending as f64) / (following / rows as f64)
+    );
+    println!("migrate peak memory: {peak:.0} MB");
+    println!("green equal to blue: {equal}");
+    assert!(equal, "green differs from blue");
 }

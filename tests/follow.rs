@@ -263,14 +263,15 @@ impl Drop for Guard {
     }
 }
 
-/// Keys applied straight from capture are recorded for the cutover to re-verify only once a
-/// verify has started: before that the first verify covers them, and recording them was half
-/// of a burst's apply time. After a verify started, every applied key is recorded.
-#[test]
-fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started() {
+/// Keys applied are recorded for the cutover to re-verify only once a verify has started:
+/// before that the first verify covers them, and recording them was half of a burst's apply
+/// time (applied straight from logical capture) and a third of green's time in draining a
+/// backlog from `pending` (trigger capture's way). After a verify started, every applied key is
+/// recorded.
+fn applied_keys_recorded_once_a_verify_started(method: &str) {
     let c =
         Custom::new(&format!("{BLUE} INSERT INTO acct SELECT g, g, 'n' || g FROM generate_series(1, 5000) g;"), GREEN);
-    let plan = c.plan("logical", "", ENTRY);
+    let plan = c.plan(method, "", ENTRY);
     let r = run(&mut c.migrate(&["copy", plan.to_str().unwrap(), "--no-follow"]));
     assert_eq!(r.code, 0, "{r:?}");
     let follower = Guard(c.spawn(&["copy", plan.to_str().unwrap()], &[]));
@@ -321,6 +322,16 @@ fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(c.green.psql(&c.sql("SELECT count(*) FROM bluegreen_custom.verified")), "0");
     assert_same(&c);
+}
+
+#[test]
+fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started_logical() {
+    applied_keys_recorded_once_a_verify_started("logical");
+}
+
+#[test]
+fn applied_keys_are_recorded_for_the_cutover_only_once_a_verify_started_trigger() {
+    applied_keys_recorded_once_a_verify_started("trigger");
 }
 
 /// A cutover that stopped half-way cannot be finished or undone by a follower whose plan has no

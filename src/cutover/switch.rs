@@ -439,9 +439,17 @@ impl<'a> Switch<'a> {
             if captured && !self.state.pending_through(&self.work, target.lsn()).await? {
                 return Ok(());
             }
-            let applied =
-                apply::apply_batch(&self.blue, &mut self.work, &self.state, &self.resolved.tables, &all, (0, 1))
-                    .await?;
+            let applied = apply::apply_batch(
+                &self.blue,
+                &mut self.work,
+                &self.state,
+                &self.resolved.tables,
+                &all,
+                (0, 1),
+                // A cutover follows a verify: every key it applies is recorded.
+                &mut true,
+            )
+            .await?;
             if let Some(since) = self.applied.as_mut() {
                 for (id, keys) in applied {
                     since.entry(id).or_default().extend(keys);

@@ -159,6 +159,8 @@ struct ApplySide {
     samples: std::collections::VecDeque<(Instant, u64)>,
     /// Blue's position once a report, for the lag in time.
     positions: std::collections::VecDeque<(Instant, Lsn)>,
+    /// A verify has started: from then on every key applied is recorded ([`apply::apply_batch`]).
+    verify_started: bool,
     /// When the pending count is next read ([`COUNT_COST_SHARE`]).
     count_due: Instant,
     /// The oldest pending key's position at the last count.
@@ -196,6 +198,7 @@ impl Follower {
                 applied: Arc::clone(&applied),
                 samples: std::collections::VecDeque::new(),
                 positions: std::collections::VecDeque::new(),
+                verify_started: false,
                 count_due: Instant::now(),
                 oldest_pending: None,
                 idle: false,
@@ -541,11 +544,19 @@ impl ApplySide {
     ) -> Result<Option<Stop>> {
         let ready = self.ready_tables().await?;
         let blue = self.blue.get().await?;
-        let applied: usize = apply::apply_batch(&blue, &mut self.green, &self.state, &self.tables, &ready, self.part)
-            .await?
-            .values()
-            .map(Vec::len)
-            .sum();
+        let applied: usize = apply::apply_batch(
+            &blue,
+            &mut self.green,
+            &self.state,
+            &self.tables,
+            &ready,
+            self.part,
+            &mut self.verify_started,
+        )
+        .await?
+        .values()
+        .map(Vec::len)
+        .sum();
         self.applied.fetch_add(applied as u64, Ordering::Relaxed);
         // One worker reports for all.
         if self.part.0 == 0 && last_report.elapsed() >= REPORT_EVERY {

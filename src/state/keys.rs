@@ -105,6 +105,16 @@ impl State {
     /// The oldest `limit` pending keys of the `ready` entries in share `part` (index, count)
     /// of the key hashes: (entry, key, seq). Apply workers each take their own share, so no
     /// two apply one key at once.
+    ///
+    /// Read entry by entry through `pending_tbl_seq`, each in seq order up to `limit`, merged
+    /// here. Plans that read all of an entry's pending keys and sort them cost a full read of
+    /// pending per batch once a bulk write on blue left a backlog there (490–540 ms a batch
+    /// at 1–3M keys, so a drain's time grew with the square of the backlog), and the planner
+    /// chose them: it knows nothing of the share's hash, and nothing at all of a `pending`
+    /// that autovacuum has not analyzed yet (a backlog made and drained within a minute). So
+    /// those plans are turned off for this read, leaving the index walk, which stops at the
+    /// batch's end (8–10 ms). One statement over all entries cannot walk it in seq order:
+    /// the seq index alone would walk past the keys of entries still being copied.
     pub async fn pending_batch(
         &self,
         green: &impl GenericClient,
@@ -112,29 +122,39 @@ impl State {
         limit: i64,
         part: (usize, usize),
     ) -> Result<Vec<(TableId, Vec<String>, i64)>> {
-        let ready: Vec<&str> = ready.iter().map(TableId::as_str).collect();
         let (index, count) = (part.0 as i32, part.1.max(1) as i32);
-        Ok(green
-            .query(
-                &format!(
-                    "SELECT tbl, key, seq FROM {} WHERE tbl = ANY($1) \
-                       AND ($3 = 1 OR mod(hashtext(key::text) & 2147483647, $3) = $4) ORDER BY seq LIMIT $2",
-                    self.table("pending")
-                ),
-                &[&ready, &limit, &count, &index],
+        let sql = format!(
+            "SELECT key, seq FROM {} WHERE tbl = $1 AND mod(hashtext(key::text) & 2147483647, $3) = $4 \
+             ORDER BY seq LIMIT $2",
+            self.table("pending")
+        );
+        // Only plans that walk an index in order are left; the one chosen costs what it
+        // would anyway, so it is not JIT-compiled for the disabled ones' cost.
+        green
+            .batch_execute(
+                "BEGIN READ ONLY; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+                 SET LOCAL enable_sort = off",
             )
             .await
-            .map_err(Error::db("green: reading pending keys"))?
-            .iter()
-            .map(|r| (TableId::from_stored(r.get(0)), r.get(1), r.get(2)))
-            .collect())
+            .map_err(Error::db("green: reading pending keys"))?;
+        let reads = ready.iter().map(|id| async {
+            let rows = green.query(&sql, &[&id.as_str(), &limit, &count, &index]).await?;
+            Ok::<_, tokio_postgres::Error>(rows.iter().map(|r| (id.clone(), r.get(0), r.get(1))).collect::<Vec<_>>())
+        });
+        let read = futures_util::future::try_join_all(reads).await;
+        let end = green.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await;
+        let mut keys: Vec<(TableId, Vec<String>, i64)> =
+            read.and_then(|r| end.map(|()| r)).map_err(Error::db("green: reading pending keys"))?.concat();
+        keys.sort_unstable_by_key(|k| k.2);
+        keys.truncate(limit.max(0) as usize);
+        Ok(keys)
     }
 
     /// Removes the applied entries `seqs` from pending (a key captured again meanwhile has a new
-    /// seq and stays) and remembers them as touched (in the log; see [`Self::compact_touched`]),
-    /// so cutover re-verifies exactly the keys changed since the last verify. In apply's
-    /// transaction.
-    pub async fn finish_batch(&self, green: &impl GenericClient, seqs: &[i64]) -> Result<()> {
+    /// seq and stays) and, with `record`, remembers them as touched (in the log; see
+    /// [`Self::compact_touched`]), so cutover re-verifies exactly the keys changed since the
+    /// last verify. In apply's transaction.
+    pub async fn finish_batch(&self, green: &impl GenericClient, seqs: &[i64], record: bool) -> Result<()> {
         // Locked first in (entry, key) order, the order capture's upsert takes them in: the two
         // never deadlock. Then deleted by `seq` through its index: a join against the locked
         // rows made the planner scan all of pending (a million rows after a burst: 80% of the
@@ -149,15 +169,18 @@ impl State {
             )
             .await
             .map_err(Error::db("green: locking applied keys"))?;
+        let delete = format!("DELETE FROM {} WHERE seq = ANY($1)", self.table("pending"));
         green
             .execute(
-                &format!(
-                    "WITH done AS (DELETE FROM {pending} WHERE seq = ANY($1) \
-                                   RETURNING tbl, key, coalesce(lsn, 0) AS lsn) \
-                     INSERT INTO {log} (tbl, key, lsn) SELECT tbl, key, lsn FROM done",
-                    pending = self.table("pending"),
-                    log = self.table("touched_log"),
-                ),
+                &if record {
+                    format!(
+                        "WITH done AS ({delete} RETURNING tbl, key, coalesce(lsn, 0) AS lsn) \
+                         INSERT INTO {} (tbl, key, lsn) SELECT tbl, key, lsn FROM done",
+                        self.table("touched_log"),
+                    )
+                } else {
+                    delete
+                },
                 &[&seqs],
             )
             .await

@@ -118,6 +118,7 @@ impl State {
                  tbl text NOT NULL, key text[] NOT NULL, seq bigint NOT NULL, lsn bigint, first_lsn bigint,
                  PRIMARY KEY (tbl, key));
              CREATE UNIQUE INDEX IF NOT EXISTS pending_seq ON {s}.pending (seq);
+             CREATE INDEX IF NOT EXISTS pending_tbl_seq ON {s}.pending (tbl, seq);
              CREATE TABLE IF NOT EXISTS {s}.tables (
                  tbl text PRIMARY KEY, target text NOT NULL, state text NOT NULL,
                  rows_estimated bigint NOT NULL DEFAULT 0, deferred jsonb NOT NULL DEFAULT '[]',
