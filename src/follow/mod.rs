@@ -35,6 +35,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// during the copy, trigger capture) counting every second took a quarter of the reporting
 /// apply worker's time. The report's other numbers and the heartbeat are written every time.
 const COUNT_COST_SHARE: u32 = 20;
+/// The pending count is read at least this often, whatever it costs.
+const COUNT_EVERY_AT_LEAST: Duration = Duration::from_secs(30);
 /// Blue positions kept for the lag in time: an hour of reports. Further behind, the lag in
 /// time is unknown (`null`), the lag in bytes still shown.
 const POSITIONS_KEPT: usize = 3600;
@@ -163,8 +165,8 @@ struct ApplySide {
     verify_started: bool,
     /// When the pending count is next read ([`COUNT_COST_SHARE`]).
     count_due: Instant,
-    /// The oldest pending key's position at the last count.
-    oldest_pending: Option<Lsn>,
+    /// The oldest position not yet on green at the last count.
+    counted_oldest: Option<Lsn>,
     /// The last round applied nothing.
     idle: bool,
     /// How long to wait before the next round (outside its stall timeout).
@@ -200,7 +202,7 @@ impl Follower {
                 positions: std::collections::VecDeque::new(),
                 verify_started: false,
                 count_due: Instant::now(),
-                oldest_pending: None,
+                counted_oldest: None,
                 idle: false,
                 rest: Duration::ZERO,
             });
@@ -606,11 +608,11 @@ impl ApplySide {
             _ => 0.0,
         };
         let count = count || now >= self.count_due;
-        let report = self.state.report_follower(&self.green, applied as i64, rate, count, self.oldest_pending).await?;
+        let report = self.state.report_follower(&self.green, applied as i64, rate, count, self.counted_oldest).await?;
         if count {
-            self.oldest_pending = report.oldest_pending;
+            self.counted_oldest = report.oldest;
             // Reports come once a REPORT_EVERY anyway: a cheap count is read in each.
-            self.count_due = now + now.elapsed() * COUNT_COST_SHARE;
+            self.count_due = now + (now.elapsed() * COUNT_COST_SHARE).min(COUNT_EVERY_AT_LEAST);
         }
         let (blue, oldest) = (report.blue, report.oldest);
         // Blue's position over time: the oldest change green lacks was made after the last

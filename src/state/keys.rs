@@ -117,7 +117,7 @@ impl State {
     /// the seq index alone would walk past the keys of entries still being copied.
     pub async fn pending_batch(
         &self,
-        green: &impl GenericClient,
+        green: &mut tokio_postgres::Client,
         ready: &[TableId],
         limit: i64,
         part: (usize, usize),
@@ -128,23 +128,43 @@ impl State {
              ORDER BY seq LIMIT $2",
             self.table("pending")
         );
+        let failed = |e| Error::db("green: reading pending keys")(e);
+        // A transaction object: dropped unfinished (apply's stall timeout), it rolls back, so
+        // the session never carries these settings, or a read-only transaction, into apply's
+        // writes.
+        let tx = green.build_transaction().read_only(true).start().await.map_err(failed)?;
         // Only plans that walk an index in order are left; the one chosen costs what it
         // would anyway, so it is not JIT-compiled for the disabled ones' cost.
-        green
-            .batch_execute(
-                "BEGIN READ ONLY; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-                 SET LOCAL enable_sort = off",
+        tx.batch_execute(
+            "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off",
+        )
+        .await
+        .map_err(failed)?;
+        // Only the entries with keys pending are read (most rounds of an idle follower find
+        // none): found by a walk over the distinct `tbl`s, an index probe each.
+        let present: Vec<String> = tx
+            .query(
+                &format!(
+                    "WITH RECURSIVE t(tbl) AS ( \
+                       SELECT min(tbl) FROM {p} \
+                       UNION ALL SELECT (SELECT min(tbl) FROM {p} WHERE tbl > t.tbl) FROM t WHERE t.tbl IS NOT NULL) \
+                     SELECT tbl FROM t WHERE tbl IS NOT NULL",
+                    p = self.table("pending")
+                ),
+                &[],
             )
             .await
-            .map_err(Error::db("green: reading pending keys"))?;
-        let reads = ready.iter().map(|id| async {
-            let rows = green.query(&sql, &[&id.as_str(), &limit, &count, &index]).await?;
+            .map_err(failed)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let reads = ready.iter().filter(|id| present.iter().any(|p| p == id.as_str())).map(|id| async {
+            let rows = tx.query(&sql, &[&id.as_str(), &limit, &count, &index]).await?;
             Ok::<_, tokio_postgres::Error>(rows.iter().map(|r| (id.clone(), r.get(0), r.get(1))).collect::<Vec<_>>())
         });
-        let read = futures_util::future::try_join_all(reads).await;
-        let end = green.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await;
-        let mut keys: Vec<(TableId, Vec<String>, i64)> =
-            read.and_then(|r| end.map(|()| r)).map_err(Error::db("green: reading pending keys"))?.concat();
+        let read = futures_util::future::try_join_all(reads).await.map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        let mut keys: Vec<(TableId, Vec<String>, i64)> = read.concat();
         keys.sort_unstable_by_key(|k| k.2);
         keys.truncate(limit.max(0) as usize);
         Ok(keys)

@@ -18,10 +18,9 @@ const OLDEST_PENDING: &str = "min(coalesce(first_lsn, lsn))";
 pub struct FollowerReport {
     /// Blue's position as capture last saw it.
     pub blue: Option<Lsn>,
-    /// The oldest position not yet on green (oldest pending key or capture's frontier).
+    /// The oldest position not yet on green (oldest pending key or capture's frontier), as
+    /// counted now or given as the last count's.
     pub oldest: Option<Lsn>,
-    /// The oldest pending key's position, as counted now or given as the last count's.
-    pub oldest_pending: Option<Lsn>,
 }
 
 /// What cutover's preflight reads about the follower and the last verify.
@@ -209,8 +208,9 @@ impl State {
     /// Writes lag, pending count and apply rate, and marks the follower alive. Lag: blue's
     /// position minus the oldest position not yet on green (the oldest pending key, or
     /// capture's frontier). Counting reads all of pending (a quarter of a second at 3M keys);
-    /// without `count` the stored count stays and `last_oldest` (what the last count found)
-    /// stands for the oldest pending key.
+    /// without `count` the stored count stays and `last_oldest` (the oldest position the last
+    /// count found) stands for the oldest pending key: keys stored since lie beyond capture's
+    /// frontier at that count, so the lag is only overstated.
     pub async fn report_follower(
         &self,
         green: &impl GenericClient,
@@ -232,14 +232,14 @@ impl State {
                         lag_bytes = greatest(0, blue_lsn - least(coalesce(p.oldest, capture_lsn), capture_lsn)), \
                         applied_keys = $1, apply_rate = $2, follower_seen_at = now() \
                      FROM ({pending}) p WHERE id = 1 \
-                     RETURNING blue_lsn, least(coalesce(p.oldest, capture_lsn), capture_lsn), p.oldest",
+                     RETURNING blue_lsn, least(coalesce(p.oldest, capture_lsn), capture_lsn)",
                     m = self.table("migration"),
                 ),
                 &params,
             )
             .await
             .map_err(Error::db("green: saving follower progress"))?;
-        Ok(r.map(|r| FollowerReport { blue: r.get(0), oldest: r.get(1), oldest_pending: r.get(2) }).unwrap_or_default())
+        Ok(r.map(|r| FollowerReport { blue: r.get(0), oldest: r.get(1) }).unwrap_or_default())
     }
 
     /// Writes how long ago blue was at the oldest position not yet on green.
