@@ -53,6 +53,40 @@ fn peak_mb(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The benchmark plan's state schema on green.
+const STATE: &str = "bluegreen_bench_burst";
+
+/// `migrate copy PLAN` against the `ours` databases, in the background.
+fn start_copy(
+    migrate: &std::path::Path,
+    plan: &std::path::Path,
+    blue: &Cluster,
+    green: &Cluster,
+) -> std::process::Child {
+    std::process::Command::new(migrate)
+        .args(["copy", plan.to_str().unwrap()])
+        .env("BLUE_URL", blue.url("ours"))
+        .env("GREEN_URL", green.url("ours"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start migrate copy")
+}
+
+/// Green has every change up to blue position `lsn`: capture passed it and nothing is
+/// pending (with trigger capture also: blue's change table empty and the balances, whose
+/// sum was `sum` on blue, add up on green).
+fn caught_up(blue: &Cluster, green: &Cluster, method: &str, lsn: i64, sum: &str) -> bool {
+    green.psql(
+        "ours",
+        &format!(
+            "SELECT coalesce(capture_lsn, 0) >= {lsn} AND NOT EXISTS (SELECT 1 FROM {STATE}.pending) FROM {STATE}.migration"
+        ),
+    ) == "t"
+        && (method != "trigger"
+            || (blue.psql("ours", &format!("SELECT count(*) FROM {STATE}.changes")) == "0"
+                && green.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts") == sum))
+}
+
 fn main() {
     let scale = arg("--scale", "10");
     let method = arg("--method", "logical");
@@ -104,14 +138,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("bench.toml");
     std::fs::write(&plan, pgbench_plan::plan("bench-burst", &method, false)).unwrap();
-    let mut child = std::process::Command::new(&migrate)
-        .args(["copy", plan.to_str().unwrap()])
-        .env("BLUE_URL", blue.url("ours"))
-        .env("GREEN_URL", green.url("ours"))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start migrate copy");
-    let state = "bluegreen_bench_burst";
+    let mut child = start_copy(&migrate, &plan, &blue, &green);
+    let state = STATE;
     wait("copy", Duration::from_secs(600), || {
         green.psql("ours", &format!("SELECT to_regclass('{state}.migration') IS NOT NULL")) == "t"
             && green.psql("ours", &format!("SELECT state->>'phase' FROM {state}.migration")) == "following"
@@ -121,18 +149,7 @@ fn main() {
     let follow = |what: &str| {
         let lsn = burst(&blue, "ours");
         let sum = blue.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts");
-        wait(what, Duration::from_secs(900), || {
-            green.psql(
-                "ours",
-                &format!(
-                    "SELECT coalesce(capture_lsn, 0) >= {lsn} AND NOT EXISTS (SELECT 1 FROM {state}.pending) FROM {state}.migration"
-                ),
-            ) == "t"
-                || (method == "trigger"
-                    && green.psql("ours", &format!("SELECT NOT EXISTS (SELECT 1 FROM {state}.pending)")) == "t"
-                    && blue.psql("ours", &format!("SELECT count(*) FROM {state}.changes")) == "0"
-                    && green.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts") == sum)
-        })
+        wait(what, Duration::from_secs(900), || caught_up(&blue, &green, &method, lsn, &sum))
     };
     let ours = follow("migrate's following of the burst");
     // Once a verify has started, every key applied is also recorded for the cutover to
@@ -181,14 +198,8 @@ fn during_copy(blue: &Cluster, green: &Cluster, migrate: &std::path::Path, scale
         (rows / copy_seconds).max(1)
     );
     std::fs::write(&plan, text).unwrap();
-    let mut child = std::process::Command::new(migrate)
-        .args(["copy", plan.to_str().unwrap()])
-        .env("BLUE_URL", blue.url("ours"))
-        .env("GREEN_URL", green.url("ours"))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("start migrate copy");
-    let state = "bluegreen_bench_burst";
+    let mut child = start_copy(migrate, &plan, blue, green);
+    let state = STATE;
     let phase = || {
         if green.psql("ours", &format!("SELECT to_regclass('{state}.chunks') IS NOT NULL")) != "t" {
             return String::new();
@@ -208,23 +219,17 @@ fn during_copy(blue: &Cluster, green: &Cluster, migrate: &std::path::Path, scale
         phase() == "following"
     });
     let pending: i64 = green.psql("ours", &format!("SELECT count(*) FROM {state}.pending")).parse().unwrap();
-    let caught_up = |lsn: i64, sum: &str| {
+    let drained = wait("the drain", Duration::from_secs(1800), || {
         std::thread::sleep(Duration::from_millis(100));
-        green.psql(
-            "ours",
-            &format!(
-                "SELECT coalesce(capture_lsn, 0) >= {lsn} AND NOT EXISTS (SELECT 1 FROM {state}.pending) FROM {state}.migration"
-            ),
-        ) == "t"
-            && (method != "trigger"
-                || (blue.psql("ours", &format!("SELECT count(*) FROM {state}.changes")) == "0"
-                    && green.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts") == sum))
-    };
-    let drained = wait("the drain", Duration::from_secs(1800), || caught_up(lsn, &sum));
+        caught_up(blue, green, method, lsn, &sum)
+    });
     // The floor: the same burst once following.
     let lsn = burst(blue, "ours");
     let sum = blue.psql("ours", "SELECT sum(abalance) FROM pgbench_accounts");
-    let following = wait("the same burst while following", Duration::from_secs(1800), || caught_up(lsn, &sum));
+    let following = wait("the same burst while following", Duration::from_secs(1800), || {
+        std::thread::sleep(Duration::from_millis(100));
+        caught_up(blue, green, method, lsn, &sum)
+    });
     let peak = peak_mb(child.id());
     let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
     let _ = child.wait();
