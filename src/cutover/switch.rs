@@ -446,7 +446,7 @@ impl<'a> Switch<'a> {
                 &self.resolved.tables,
                 &all,
                 (0, 1),
-                // A cutover follows a verify: every key it applies is recorded.
+                // Always recorded: recording is never wrong, and a cutover comes after a verify.
                 &mut true,
             )
             .await?;

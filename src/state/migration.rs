@@ -209,8 +209,9 @@ impl State {
     /// position minus the oldest position not yet on green (the oldest pending key, or
     /// capture's frontier). Counting reads all of pending (a quarter of a second at 3M keys);
     /// without `count` the stored count stays and `last_oldest` (the oldest position the last
-    /// count found) stands for the oldest pending key: keys stored since lie beyond capture's
-    /// frontier at that count, so the lag is only overstated.
+    /// count found) stands for the oldest pending key. Keys capture stored since lie beyond its
+    /// frontier at that count (for them the lag is only overstated); keys a copy stores for
+    /// rows it left out carry the copy's older position and show at the next count.
     pub async fn report_follower(
         &self,
         green: &impl GenericClient,
