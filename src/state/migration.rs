@@ -359,11 +359,11 @@ impl State {
                 &format!(
                     "SELECT coalesce(follower_seen_at > now() - interval '5 seconds', false), capture_lsn, \
                             coalesce((last_verify->>'equal')::boolean, false), last_verify_at::text, \
-                            (SELECT {OLDEST_PENDING} FROM {p}), (SELECT count(*) FROM {p}), \
+                            p.oldest, p.n, \
                             (SELECT count(*) FROM {v} WHERE NOT ok), \
                             ARRAY(SELECT DISTINCT tbl FROM {v}), \
                             (SELECT count(*) FROM (SELECT tbl, key FROM {t} UNION SELECT tbl, key FROM {l}) k) \
-                     FROM {m} WHERE id = 1",
+                     FROM {m}, (SELECT {OLDEST_PENDING} AS oldest, count(*) AS n FROM {p}) p WHERE id = 1",
                     m = self.table("migration"),
                     p = self.table("pending"),
                     v = self.table("verified"),
