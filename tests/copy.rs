@@ -525,6 +525,106 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
     crate::capture::sigint_and_wait(&mut leader);
 }
 
+/// A joined worker that freezes holding a chunk (SIGSTOP: to green and blue alike, a host
+/// frozen or cut off behind sessions the servers keep open; its kernel still answers TCP
+/// keepalives) loses its lease after `[copy] worker_lease`. The leader ends its sessions on green
+/// and blue: the chunk it wrote and did not commit is rolled back and copied by the leader, and
+/// its snapshots stop holding blue's horizon. Woken up, it exits 3 naming the lease and writes
+/// nothing. Blue takes writes throughout; green then equals blue (an independent fingerprint)
+/// with its primary key rebuilt over the rows. Without the lease the copy waits for the frozen
+/// chunk for ever.
+#[test]
+fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
+    let c = crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN);
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"3s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
+    let mut leader = c.spawn(&["copy", p], &[]);
+    let mut frozen = c.spawn(&["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
+    let state = c.sql("bluegreen_custom");
+    let started = Instant::now();
+    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
+        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It holds a chunk it has written and marked done, uncommitted, under a snapshot of blue.
+    let (frozen_id, held) = crate::support::first_in_hand(&c.green, &state, &mut frozen);
+    let sessions =
+        c.green.psql(&format!("SELECT array_to_string(sessions, ' ') FROM {state}.workers WHERE id = '{frozen_id}'"));
+    let on = |side: &str| -> String {
+        let tags: Vec<&str> = sessions.split(' ').filter_map(|s| s.strip_prefix(side)).collect();
+        format!(
+            "SELECT count(*) FROM pg_stat_activity a \
+             WHERE format('%s:%s', a.pid, (extract(epoch FROM a.backend_start) * 1000000)::bigint) = ANY('{{{}}}')",
+            tags.join(",")
+        )
+    };
+    assert!(c.blue.psql(&on("blue:")).parse::<i64>().unwrap() >= 2, "its blue sessions: {sessions}");
+    assert!(c.green.psql(&on("green:")).parse::<i64>().unwrap() >= 1, "its green sessions: {sessions}");
+    struct Stopped(u32);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill").args([name, &frozen.id().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill {name}");
+    };
+    let _stopped = Stopped(frozen.id());
+    signal("-STOP");
+
+    c.wait_phase("following");
+    // Its sessions are gone from both servers while it is still frozen.
+    assert_eq!(c.blue.psql(&on("blue:")), "0", "its blue sessions outlived its lease");
+    assert_eq!(c.green.psql(&on("green:")), "0", "its green sessions outlived its lease");
+    let r = run(&mut c.migrate(&["status", p]));
+    assert!(r.stdout.contains(&format!("worker {frozen_id} (joined)")) && r.stdout.contains("lease expired"), "{r:?}");
+    signal("-CONT");
+    let waited = Instant::now();
+    let code = loop {
+        if let Some(s) = frozen.try_wait().unwrap() {
+            break s.code();
+        }
+        if waited.elapsed() > Duration::from_secs(30) {
+            crate::support::panic_with_stderr(&mut frozen, "the woken worker did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(frozen.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("worker_lease") && err.contains(&frozen_id), "{err}");
+    writer.stop();
+
+    let chunks = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.chunks"));
+    assert_eq!(chunks("count(*) FILTER (WHERE NOT done)"), "0");
+    let (tbl, numbers) = held.rsplit_once(':').unwrap();
+    let number = numbers.split('-').next().unwrap();
+    let redone = c.green.psql(&format!("SELECT worker FROM {state}.chunks WHERE tbl = '{tbl}' AND chunk = {number}"));
+    assert!(!redone.is_empty() && redone != frozen_id, "chunk {held} was not redone by another worker: {redone}");
+    assert_eq!(chunks(&format!("count(*) FILTER (WHERE worker = '{frozen_id}')")), "0");
+    let query = "SELECT id, grp, payload FROM items";
+    assert!(
+        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
+        "green did not converge to blue"
+    );
+    assert_eq!(
+        c.green
+            .psql("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisprimary AND indisvalid"),
+        "1"
+    );
+    assert_every_chunk_under_one_floor(&c);
+    crate::capture::sigint_and_wait(&mut leader);
+}
+
 /// An entry with joins gets no floor: the floor holds only its driving rows, and a joined column
 /// read under two snapshots can put one value on two rows. Here chunk 0 copies user 1 with its
 /// profile's email; then, before the last chunk's snapshot, that email moves to the last user's

@@ -245,12 +245,17 @@ pub fn render_text(value: &serde_json::Value) -> String {
         let (done, doing) =
             if role.starts_with("verify") { ("part(s) read", "reading") } else { ("chunk(s) copied", "copying") };
         o.push_str(&format!(
-            "  worker {} ({role}) on {}: {} {done}, {}, seen {:.0}s ago\n",
+            "  worker {} ({role}) on {}: {} {done}, {}, seen {:.0}s ago{}\n",
             w["id"].as_str().unwrap_or(""),
             w["host"].as_str().unwrap_or(""),
             w["copied"],
             if chunks.is_empty() { "idle".to_string() } else { format!("{doing} {}", chunks.join(", ")) },
-            w["seen_ago"].as_f64().unwrap_or(0.0)
+            w["seen_ago"].as_f64().unwrap_or(0.0),
+            if w["expired"].as_bool() == Some(true) {
+                "; lease expired: its sessions were ended and its chunks went to other workers"
+            } else {
+                ""
+            }
         ));
     }
     let c = &value["capture"];

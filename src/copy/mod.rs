@@ -57,6 +57,10 @@ struct Shared {
     /// Chunks in hand (`entry:chunk`) and chunks copied, for the heartbeat.
     busy: Mutex<std::collections::BTreeSet<String>>,
     copied: std::sync::atomic::AtomicI32,
+    /// Fires when the leader ended this joined worker's lease (its heartbeat found the mark).
+    expired: Shutdown,
+    /// A joined worker's record of its sessions (the leader's are never ended).
+    sessions: Option<Arc<Sessions>>,
     deferred: Vec<Vec<DeferredObject>>,
     /// Per table: some chunks were copied under an earlier run's snapshot.
     resumed: Vec<bool>,
@@ -193,7 +197,8 @@ async fn copy_run(
     crate::fault::point("copy.snapshot-exported").await;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
-    let rotator = tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone()));
+    let rotator =
+        tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone(), None));
     let progress = Progress::new(
         resolved
             .tables
@@ -223,6 +228,8 @@ async fn copy_run(
         rebuilding: Mutex::new(vec![false; prepared.len()]),
         busy: Mutex::default(),
         copied: Default::default(),
+        expired: Shutdown::manual(),
+        sessions: None,
         resumed: prepared.iter().map(|p| p.resumed).collect(),
         filenodes: prepared.iter().map(|p| p.filenode).collect(),
         generations: Mutex::new(vec![(None, false); prepared.len()]),
@@ -371,17 +378,85 @@ fn run_stop(outer: &Shutdown) -> (Shutdown, tokio::task::JoinHandle<()>) {
 }
 
 /// Every second, records this process in green's `workers` (its chunks in hand, chunks copied)
-/// for `status`, on a connection of its own.
+/// for `status` and as its lease, on a connection of its own. A joined worker that finds its
+/// lease expired stops. The leader ends the leases of joined workers silent for
+/// `[copy] worker_lease`, once its own heartbeats have gone through for that long: a leader
+/// that was itself cut off from green does not take others' silence for their death.
 async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
-    let Ok(green) = shared.plan.green.connect().await else { return };
+    let lease = shared.plan.copy.worker_lease;
+    let mut green: Option<Client> = None;
+    let mut unended = Vec::new();
+    let mut through_since = Instant::now();
     loop {
+        if green.as_ref().is_none_or(|g| g.is_closed()) {
+            green = shared.plan.green.connect().await.ok();
+        }
         let chunks: Vec<String> = shared.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
         let copied = shared.copied.load(std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = shared.state.worker_seen(&green, &shared.worker_id, role, &chunks, copied).await {
-            tracing::debug!(error = %e, "green: worker heartbeat");
+        let seen = match &green {
+            Some(g) => shared.state.worker_seen(g, &shared.worker_id, role, &chunks, copied).await,
+            None => Err(Error::Internal("no green connection")),
+        };
+        match seen {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!(worker = %shared.worker_id, "this worker's lease expired; stopping");
+                shared.expired.trigger();
+                shared.shutdown.trigger();
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "green: worker heartbeat");
+                through_since = Instant::now();
+            }
+        }
+        if let (false, Some(g)) = (shared.joined, &green) {
+            if through_since.elapsed() >= lease {
+                if let Err(e) = end_leases(&shared, g, &mut unended).await {
+                    warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
+                }
+            }
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
+}
+
+/// Ends the leases of joined workers silent for `[copy] worker_lease` (a host frozen or cut off,
+/// whose sessions green and blue still keep open): their sessions on both servers are ended,
+/// which rolls back their chunks in hand (others copy them) and lets go of their snapshots on
+/// blue. Workers marked expired whose sessions could not be ended yet stay in `unended`.
+async fn end_leases(shared: &Shared, green: &Client, unended: &mut Vec<crate::state::Expired>) -> Result<()> {
+    unended.extend(shared.state.expire_workers(green, shared.plan.copy.worker_lease).await?);
+    // Only while ending some: not one more session on blue for the whole copy.
+    let mut blue: Option<Client> = None;
+    while let Some(worker) = unended.last() {
+        let on = |side: &str| -> Vec<String> {
+            worker.sessions.iter().filter_map(|s| s.strip_prefix(side)).map(str::to_string).collect()
+        };
+        let on_green = crate::state::end_sessions(green, &on("green:"))
+            .await
+            .map_err(Error::db("green: ending an expired worker's sessions"))?;
+        if blue.is_none() {
+            blue = Some(shared.plan.blue.connect().await?);
+        }
+        let on_blue = match &blue {
+            Some(b) => crate::state::end_sessions(b, &on("blue:"))
+                .await
+                .map_err(Error::db("blue: ending an expired worker's sessions"))?,
+            None => 0,
+        };
+        warn!(
+            worker = %worker.id,
+            silent_seconds = format!("{:.0}", worker.silent),
+            chunks = %worker.chunks.join(","),
+            green_sessions = on_green,
+            blue_sessions = on_blue,
+            "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its sessions \
+             were ended and its chunks go to other workers"
+        );
+        unended.pop();
+    }
+    Ok(())
 }
 
 /// `migrate copy --join`: a worker on another machine. Waits for the leader (`migrate copy`) to
@@ -431,11 +506,23 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         ));
     }
     let epoch = state.epoch(&green).await?;
+    // Recorded before any session of its own reads or claims: its lease covers them all.
+    let worker_id = crate::state::worker_id();
+    state.worker_seen(&green, &worker_id, "joined", &[], 0).await?;
+    let sessions =
+        Arc::new(Sessions { state: state.clone(), worker: worker_id.clone(), green: plan.green.connect().await? });
     let blue = plan.blue.connect().await?;
+    sessions.add("blue", &blue).await?;
     let first = snapshots::export(&blue).await?;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
-    let rotator = tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone()));
+    let rotator = tokio::spawn(snapshots::rotate(
+        plan.clone(),
+        Arc::clone(&snapshots),
+        blue,
+        rotation_stop.clone(),
+        Some(Arc::clone(&sessions)),
+    ));
     let live = Arc::new(crate::control::Live::default());
     crate::control::refresh_once(plan, &live).await;
     let _refresher = crate::shutdown::AbortOnDrop(crate::control::spawn(plan, Arc::clone(&live)));
@@ -446,13 +533,15 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         plan: plan.clone(),
         tables: resolved.tables.clone(),
         state: state.clone(),
-        worker_id: crate::state::worker_id(),
+        worker_id,
         joined: true,
         claimable: resolved.tables.iter().map(|t| t.id.as_str().to_string()).collect(),
         finished: Mutex::new(vec![false; n]),
         rebuilding: Mutex::new(vec![false; n]),
         busy: Mutex::default(),
         copied: Default::default(),
+        expired: Shutdown::manual(),
+        sessions: Some(Arc::clone(&sessions)),
         // Read under snapshots of its own: as if resumed (staged where keys are in place).
         resumed: vec![true; n],
         filenodes: Vec::new(),
@@ -469,13 +558,25 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     });
     info!(worker = %shared.worker_id, "joined the copy; claiming chunks");
     let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), "joined"));
-    let first_error = run_workers(&shared, plan.copy.workers.max(1), &run_stop).await;
+    let first_error = tokio::select! {
+        e = run_workers(&shared, plan.copy.workers.max(1), &run_stop) => e,
+        // Its sessions were ended: nothing its workers hold can commit, so they are dropped.
+        _ = shared.expired.wait() => None,
+    };
     heartbeat.abort();
-    let _ = state.worker_gone(&green, &shared.worker_id).await;
+    // Its sessions may have been ended under it: what they failed with says less than this.
+    let expired = shared.expired.is_triggered()
+        || (first_error.is_some() && state.worker_expired(&green, &shared.worker_id).await.unwrap_or(false));
+    if !expired {
+        let _ = state.worker_gone(&green, &shared.worker_id).await;
+    }
     relay.abort();
     rotation_stop.trigger();
     let _ = rotator.await;
     progress.finish();
+    if expired {
+        return Err(Error::LeaseExpired { worker: shared.worker_id.clone(), lease: plan.copy.worker_lease });
+    }
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -484,6 +585,23 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         "joined worker done: no chunk left to copy"
     );
     Ok(())
+}
+
+/// A joined worker's record of its own sessions in green's `workers` (`green:tag`, `blue:tag`;
+/// see [`crate::state::session_tag`]), each written before that session reads or claims
+/// anything: if the worker's lease expires, the leader ends exactly these.
+pub(super) struct Sessions {
+    state: State,
+    worker: String,
+    green: Client,
+}
+
+impl Sessions {
+    /// Records `c`, a session on `side` (`blue` or `green`).
+    pub(super) async fn add(&self, side: &str, c: &Client) -> Result<()> {
+        let tag = crate::state::session_tag(c).await.map_err(Error::db(format!("{side}: naming a copy session")))?;
+        self.state.worker_session(&self.green, &self.worker, &format!("{side}:{tag}")).await
+    }
 }
 
 /// How the plan's capture writes keys as text.

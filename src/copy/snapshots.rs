@@ -105,7 +105,13 @@ pub(super) async fn window(blue: &Client, floor: i64) -> Result<Option<(i32, Lsn
 /// exporter. `first` holds the run's first snapshot. With an age of 0 the first one serves the
 /// whole run. A failure to make a new one is logged and the current one kept (the copy goes on;
 /// only blue's horizon is held longer).
-pub(super) async fn rotate(plan: Plan, snapshots: Arc<Snapshots>, first: Client, stop: Shutdown) {
+pub(super) async fn rotate(
+    plan: Plan,
+    snapshots: Arc<Snapshots>,
+    first: Client,
+    stop: Shutdown,
+    sessions: Option<Arc<super::Sessions>>,
+) {
     let age = plan.copy.snapshot_max_age;
     let mut held = VecDeque::from([first]);
     if age.is_zero() {
@@ -119,6 +125,9 @@ pub(super) async fn rotate(plan: Plan, snapshots: Arc<Snapshots>, first: Client,
         }
         let made = async {
             let blue = plan.blue.connect().await?;
+            if let Some(s) = &sessions {
+                s.add("blue", &blue).await?;
+            }
             let name = export(&blue).await?;
             Ok::<_, Error>((blue, name))
         };

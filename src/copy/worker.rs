@@ -24,6 +24,10 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     }
     let blue = shared.plan.blue.connect().await?;
     let mut green = shared.plan.green.connect().await?;
+    if let Some(s) = &shared.sessions {
+        s.add("blue", &blue).await?;
+        s.add("green", &green).await?;
+    }
     // JIT would compile every chunk's query anew (tens of ms each) for expressions that run a few
     // thousand times; parallel query workers would compete with our own workers.
     blue.batch_execute(

@@ -32,6 +32,14 @@ pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(60);
 /// (`[copy] target_chunk_time`): each claim costs a few milliseconds (claim, snapshot, checks,
 /// commits), 5 ms a 50,000-row chunk at 100M rows.
 pub const DEFAULT_TARGET_CHUNK_TIME: Duration = Duration::from_secs(1);
+/// A joined copy worker that writes no heartbeat to green for this long (`[copy] worker_lease`)
+/// is cut off by the leader: its sessions on green and blue are ended, so its chunks come free
+/// and its snapshots stop holding blue's horizon. A frozen or cut-off host otherwise keeps them
+/// until green's TCP keepalives give up, hours with the server's defaults.
+pub const DEFAULT_WORKER_LEASE: Duration = Duration::from_secs(60);
+/// The shortest `[copy] worker_lease`: workers write a heartbeat each second, and a green busy
+/// with the copy can delay one by a few.
+pub const MIN_WORKER_LEASE: Duration = Duration::from_secs(3);
 /// Indexes are deferred by default: bulk COPY into an indexed table was 2.4x slower here.
 pub const DEFAULT_DEFER_INDEXES: bool = true;
 /// Each target is analyzed once its copy ends: autovacuum alone left green's targets without
@@ -115,6 +123,7 @@ struct RawCopy {
     max_blue_commit_latency: Option<Spanned<String>>,
     snapshot_max_age: Option<Spanned<String>>,
     target_chunk_time: Option<Spanned<String>>,
+    worker_lease: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,6 +293,10 @@ pub struct CopySettings {
     /// (0: one chunk a claim). Not while a row rate is in force.
     #[serde(with = "duration_secs")]
     pub target_chunk_time: Duration,
+    /// How long a joined worker may go without a heartbeat before the leader ends its sessions
+    /// and its chunks go to others.
+    #[serde(with = "duration_secs")]
+    pub worker_lease: Duration,
 }
 
 /// Durations in JSON as seconds (`plan --format json`).
@@ -666,6 +679,19 @@ id = "id"
             }
             other => panic!("expected problems, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn worker_lease_has_a_floor() {
+        let plan = Plan::parse(Path::new("p.toml"), MINIMAL, &env).unwrap();
+        assert_eq!(plan.copy.worker_lease, DEFAULT_WORKER_LEASE);
+        let plan =
+            Plan::parse(Path::new("p.toml"), &format!("{MINIMAL}[copy]\nworker_lease = \"5s\"\n"), &env).unwrap();
+        assert_eq!(plan.copy.worker_lease, Duration::from_secs(5));
+        let p = problems("[copy]\nworker_lease = \"2s\"\n");
+        assert!(p.iter().any(|(_, f, m)| f == "copy.worker_lease" && m.contains("at least 3s")), "{p:?}");
+        let p = problems("[copy]\nworker_lease = \"later\"\n");
+        assert!(p.iter().any(|(_, f, m)| f == "copy.worker_lease" && m.contains("not a duration")), "{p:?}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use parts::{NewPart, PartClaim, PartSummary};
 pub use phase::{CutoverStep, Phase, TableState};
 pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
 pub use tables::{ChunkRecord, TableProgress, TableRecord};
-pub use workers::{worker_id, Claim, WorkerRecord};
+pub use workers::{end_sessions, session_tag, worker_id, Claim, Expired, WorkerRecord};
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -153,6 +153,8 @@ impl State {
                 ("migration", "copy_xid_floor", "bigint"),
                 ("chunks", "xid_floor", "bigint"),
                 ("chunks", "copied_with", "int"),
+                ("workers", "sessions", "text[] NOT NULL DEFAULT '{}'"),
+                ("workers", "expired_at", "timestamptz"),
             ]),
         );
         self.check_layout(green).await?;

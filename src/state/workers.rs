@@ -43,6 +43,21 @@ pub struct WorkerRecord {
     pub copied: i32,
     /// Seconds since its last heartbeat.
     pub seen_ago: f64,
+    /// Its lease expired: the leader ended its sessions (see [`State::expire_workers`]).
+    pub expired: bool,
+}
+
+/// A joined worker whose lease the leader ended.
+#[derive(Debug, Clone)]
+pub struct Expired {
+    /// Its id (`host:pid:start`).
+    pub id: String,
+    /// Chunks it held when last seen.
+    pub chunks: Vec<String>,
+    /// Its recorded sessions (`green:…`, `blue:…`; see [`session_tag`]).
+    pub sessions: Vec<String>,
+    /// Seconds since its last heartbeat.
+    pub silent: f64,
 }
 
 impl State {
@@ -212,7 +227,8 @@ impl State {
     }
 
     /// Records this process as a copy worker (or refreshes it): its chunks in hand and how many
-    /// it has copied.
+    /// it has copied. `false` when its lease has expired (the leader ended its sessions): the
+    /// record is then left as the leader marked it.
     pub async fn worker_seen(
         &self,
         green: &impl GenericClient,
@@ -220,20 +236,63 @@ impl State {
         role: &str,
         chunks: &[String],
         copied: i32,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (host, pid) = host_and_pid();
-        green
+        let refreshed = green
             .execute(
                 &format!(
-                    "INSERT INTO {} (id, role, host, pid, chunks, copied) VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (id) DO UPDATE SET chunks = EXCLUDED.chunks, copied = EXCLUDED.copied, seen_at = now()",
+                    "INSERT INTO {} AS w (id, role, host, pid, chunks, copied) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (id) DO UPDATE SET chunks = EXCLUDED.chunks, copied = EXCLUDED.copied, seen_at = now() \
+                     WHERE w.expired_at IS NULL",
                     self.table("workers")
                 ),
                 &[&id, &role, &host, &pid, &chunks, &copied],
             )
             .await
             .map_err(Error::db("green: recording a copy worker"))?;
+        Ok(refreshed == 1)
+    }
+
+    /// Adds a session of worker `id` (a [`session_tag`], prefixed with its side) to its record,
+    /// before the session claims or reads anything: the leader ends it if the lease expires.
+    pub async fn worker_session(&self, green: &impl GenericClient, id: &str, session: &str) -> Result<()> {
+        green
+            .execute(
+                &format!("UPDATE {} SET sessions = array_append(sessions, $2) WHERE id = $1", self.table("workers")),
+                &[&id, &session],
+            )
+            .await
+            .map_err(Error::db("green: recording a copy worker's session"))?;
         Ok(())
+    }
+
+    /// Marks as expired every joined worker not seen for `lease`, and returns them: the caller
+    /// ends their sessions. The mark comes first, so one that wakes up cannot renew its record.
+    pub async fn expire_workers(&self, green: &impl GenericClient, lease: std::time::Duration) -> Result<Vec<Expired>> {
+        Ok(green
+            .query(
+                &format!(
+                    "UPDATE {} SET expired_at = now() \
+                     WHERE role = 'joined' AND expired_at IS NULL AND seen_at < now() - make_interval(secs => $1) \
+                     RETURNING id, chunks, sessions, extract(epoch FROM now() - seen_at)::float8",
+                    self.table("workers")
+                ),
+                &[&lease.as_secs_f64()],
+            )
+            .await
+            .map_err(Error::db("green: expiring copy workers' leases"))?
+            .iter()
+            .map(|r| Expired { id: r.get(0), chunks: r.get(1), sessions: r.get(2), silent: r.get(3) })
+            .collect())
+    }
+
+    /// Whether worker `id`'s lease expired.
+    pub async fn worker_expired(&self, green: &impl GenericClient, id: &str) -> Result<bool> {
+        Ok(green
+            .query_opt(&format!("SELECT expired_at IS NOT NULL FROM {} WHERE id = $1", self.table("workers")), &[&id])
+            .await
+            .map_err(Error::db("green: reading a copy worker's lease"))?
+            .is_some_and(|r| r.get(0)))
     }
 
     /// Removes this process from the worker list (it exits).
@@ -259,8 +318,9 @@ impl State {
         Ok(green
             .query(
                 &format!(
-                    "SELECT id, role, host, chunks, copied, extract(epoch FROM now() - seen_at)::float8 FROM {} \
-                     WHERE seen_at > now() - interval '1 minute' ORDER BY role = 'leader' DESC, started_at",
+                    "SELECT id, role, host, chunks, copied, extract(epoch FROM now() - seen_at)::float8, \
+                            expired_at IS NOT NULL FROM {} \
+                     WHERE seen_at > now() - interval '1 minute' OR expired_at > now() - interval '10 minutes' ORDER BY role = 'leader' DESC, started_at",
                     self.table("workers")
                 ),
                 &[],
@@ -275,9 +335,41 @@ impl State {
                 chunks: r.get(3),
                 copied: r.get(4),
                 seen_ago: r.get(5),
+                expired: r.get(6),
             })
             .collect())
     }
+}
+
+/// Names the session `c` is: its server process id and start time in microseconds
+/// (`pid:start`). A process id alone can be reused by another session once this one ends.
+pub async fn session_tag(c: &impl GenericClient) -> std::result::Result<String, tokio_postgres::Error> {
+    Ok(c.query_one(
+        &format!("SELECT {SESSION_TAG} FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_backend_pid()"),
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
+/// A session's tag in `pg_stat_activity` (alias `a`).
+const SESSION_TAG: &str = "format('%s:%s', a.pid, (extract(epoch FROM a.backend_start) * 1000000)::bigint)";
+
+/// Ends the sessions among `tags` ([`session_tag`]s) still open on the server `c` reaches;
+/// returns how many it ended. Ending a session of another role needs `pg_signal_backend`.
+pub async fn end_sessions(c: &impl GenericClient, tags: &[String]) -> std::result::Result<i64, tokio_postgres::Error> {
+    if tags.is_empty() {
+        return Ok(0);
+    }
+    Ok(c.query_one(
+        &format!(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid)) FROM pg_catalog.pg_stat_activity a \
+             WHERE a.pid <> pg_backend_pid() AND {SESSION_TAG} = ANY($1)"
+        ),
+        &[&tags],
+    )
+    .await?
+    .get(0))
 }
 
 /// This machine's name and this process's id.

@@ -328,9 +328,21 @@ impl Validator<'_> {
         let snapshot_max_age = self.duration(&raw.snapshot_max_age, "copy.snapshot_max_age", DEFAULT_SNAPSHOT_MAX_AGE);
         let target_chunk_time =
             self.duration(&raw.target_chunk_time, "copy.target_chunk_time", DEFAULT_TARGET_CHUNK_TIME);
+        let worker_lease = match &raw.worker_lease {
+            Some(v) if parse_duration(v.get_ref()).is_ok_and(|d| d < MIN_WORKER_LEASE) => {
+                self.problem(
+                    self.line(v.span()),
+                    "copy.worker_lease",
+                    format!("must be at least {}s: workers write a heartbeat each second", MIN_WORKER_LEASE.as_secs()),
+                );
+                DEFAULT_WORKER_LEASE
+            }
+            _ => self.duration(&raw.worker_lease, "copy.worker_lease", DEFAULT_WORKER_LEASE),
+        };
         CopySettings {
             snapshot_max_age,
             target_chunk_time,
+            worker_lease,
             workers,
             chunk_rows,
             defer_indexes: raw.defer_indexes.unwrap_or(DEFAULT_DEFER_INDEXES),
