@@ -137,11 +137,11 @@ pub enum Error {
         /// The command that could not take the lock.
         command: String,
     },
-    /// A joined copy worker's lease expired: the leader ended its sessions.
+    /// A joined worker's lease expired: the leader ended its sessions.
     #[error(
         "this joined worker ({worker}) wrote no heartbeat to green for longer than `[copy] worker_lease` ({lease:?}): \
-         the leader ended its sessions on green and blue, and its chunks in hand go to other workers (nothing of them \
-         was kept); start `migrate copy --join` again where green answers"
+         the leader ended its sessions on green and blue, and what it held (copy chunks, verify parts) goes to other \
+         workers, nothing of it kept; start it again where green answers"
     )]
     LeaseExpired {
         /// Its id.

@@ -553,53 +553,18 @@ fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
     }
     // It holds a chunk it has written and marked done, uncommitted, under a snapshot of blue.
     let (frozen_id, held) = crate::support::first_in_hand(&c.green, &state, &mut frozen);
-    let sessions =
-        c.green.psql(&format!("SELECT array_to_string(sessions, ' ') FROM {state}.workers WHERE id = '{frozen_id}'"));
-    let on = |side: &str| -> String {
-        let tags: Vec<&str> = sessions.split(' ').filter_map(|s| s.strip_prefix(side)).collect();
-        format!(
-            "SELECT count(*) FROM pg_stat_activity a \
-             WHERE format('%s:%s', a.pid, (extract(epoch FROM a.backend_start) * 1000000)::bigint) = ANY('{{{}}}')",
-            tags.join(",")
-        )
-    };
-    assert!(c.blue.psql(&on("blue:")).parse::<i64>().unwrap() >= 2, "its blue sessions: {sessions}");
-    assert!(c.green.psql(&on("green:")).parse::<i64>().unwrap() >= 1, "its green sessions: {sessions}");
-    struct Stopped(u32);
-    impl Drop for Stopped {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &self.0.to_string()])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-    let signal = |name: &str| {
-        let sent = std::process::Command::new("kill").args([name, &frozen.id().to_string()]).status().unwrap();
-        assert!(sent.success(), "kill {name}");
-    };
-    let _stopped = Stopped(frozen.id());
-    signal("-STOP");
+    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
+    assert!(on_blue >= 2 && on_green >= 1, "its sessions open: {on_blue} on blue, {on_green} on green");
+    let frozen_process = crate::support::Frozen::freeze(&frozen);
 
     c.wait_phase("following");
     // Its sessions are gone from both servers while it is still frozen.
-    assert_eq!(c.blue.psql(&on("blue:")), "0", "its blue sessions outlived its lease");
-    assert_eq!(c.green.psql(&on("green:")), "0", "its green sessions outlived its lease");
+    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
+    assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
     let r = run(&mut c.migrate(&["status", p]));
     assert!(r.stdout.contains(&format!("worker {frozen_id} (joined)")) && r.stdout.contains("lease expired"), "{r:?}");
-    signal("-CONT");
-    let waited = Instant::now();
-    let code = loop {
-        if let Some(s) = frozen.try_wait().unwrap() {
-            break s.code();
-        }
-        if waited.elapsed() > Duration::from_secs(30) {
-            crate::support::panic_with_stderr(&mut frozen, "the woken worker did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(frozen.stderr.as_mut().unwrap(), &mut err).unwrap();
+    frozen_process.thaw();
+    let (code, err) = crate::support::exit_of(&mut frozen);
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("worker_lease") && err.contains(&frozen_id), "{err}");
     writer.stop();

@@ -235,6 +235,64 @@ const PARTS_BLUE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT
     INSERT INTO items SELECT g, g % 97, repeat(md5(g::text), 3) FROM generate_series(1, 150000) g;";
 const PARTS_GREEN: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);";
 
+/// A joined verify worker that freezes holding a part (SIGSTOP: a host frozen or cut off behind
+/// sessions the servers keep open) loses its lease after `[copy] worker_lease`: the leader ends
+/// its sessions on both servers (which held the run's snapshots and the claim), reads the part
+/// itself, and the verify ends "equal" while blue takes writes and a follower applies them.
+/// Woken up, the worker exits 3 naming the lease, and none of the run's parts is its. Without
+/// the lease the leader waits for the frozen part for ever.
+#[test]
+fn a_frozen_joined_verify_worker_loses_its_lease_and_its_part() {
+    let c = crate::support::Custom::new(PARTS_BLUE, PARTS_GREEN);
+    let plan = c.plan(
+        "trigger",
+        "workers = 2\nworker_lease = \"3s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let mut copy = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    let writer = crate::support::ItemsWriter::start(&c.blue, 150_000);
+    let state = c.sql("bluegreen_custom");
+    let mut frozen = c.spawn(&["verify", p, "--join"], &[("MIGRATE_FAULT", "verify.part-read:sleep")]);
+    let leader = {
+        let mut cmd = c.migrate(&["verify", p]);
+        cmd.env("MIGRATE_FAULT", "verify.part-read:sleep=300");
+        std::thread::spawn(move || run(&mut cmd))
+    };
+    let (frozen_id, held) = crate::support::first_in_hand(&c.green, &state, &mut frozen);
+    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
+    assert!(on_blue >= 1 && on_green >= 2, "its sessions open: {on_blue} on blue, {on_green} on green");
+    let frozen_process = crate::support::Frozen::freeze(&frozen);
+    let r = leader.join().unwrap();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("green equals transform(blue)"), "{r:?}");
+    assert!(r.stderr.contains("wrote no heartbeat for longer than its lease"), "{r:?}");
+    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
+    assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
+    frozen_process.thaw();
+    let (code, err) = crate::support::exit_of(&mut frozen);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("worker_lease") && err.contains(&frozen_id), "{err}");
+
+    let parts = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.verify_parts"));
+    assert_eq!(parts("count(*) || ' ' || count(*) FILTER (WHERE done AND stored = 1)"), "8 8");
+    assert_eq!(parts(&format!("count(*) FILTER (WHERE worker = '{frozen_id}')")), "0");
+    let mut held_parts = held.rsplitn(3, ':');
+    let (number, side, tbl) = (held_parts.next().unwrap(), held_parts.next().unwrap(), held_parts.next().unwrap());
+    let redone = c.green.psql(&format!(
+        "SELECT worker FROM {state}.verify_parts WHERE tbl = '{tbl}' AND side = '{side}' AND part = {number} AND done"
+    ));
+    assert!(!redone.is_empty() && redone != frozen_id, "part {held} was not read by another worker: {redone}");
+    writer.stop();
+    let query = "SELECT id, grp, payload FROM items";
+    assert!(
+        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
+        "green did not converge to blue"
+    );
+    crate::capture::sigint_and_wait(&mut copy);
+}
+
 /// One verify spread over three processes: the leader and two joined workers (`verify --join`)
 /// claim parts of both sides' heaps from green while blue takes inserts, updates that move rows
 /// (TOASTed payloads), deletes and key changes, and a follower applies them. One joined worker

@@ -29,7 +29,7 @@ use crate::{
     follow::{Follower, Stop},
     pg::catalog::DeferredObject,
     plan::{Plan, ResolvedPlan, ResolvedTable},
-    state::{ChunkRecord, Phase, State, TableId, TableState},
+    state::{ChunkRecord, Leases, Phase, Sessions, State, TableId, TableState},
 };
 use progress::Progress;
 use throttle::Throttle;
@@ -383,10 +383,8 @@ fn run_stop(outer: &Shutdown) -> (Shutdown, tokio::task::JoinHandle<()>) {
 /// `[copy] worker_lease`, once its own heartbeats have gone through for that long: a leader
 /// that was itself cut off from green does not take others' silence for their death.
 async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
-    let lease = shared.plan.copy.worker_lease;
+    let mut leases = Leases::new("joined", shared.plan.copy.worker_lease);
     let mut green: Option<Client> = None;
-    let mut unended = Vec::new();
-    let mut through_since = Instant::now();
     loop {
         if green.as_ref().is_none_or(|g| g.is_closed()) {
             green = shared.plan.green.connect().await.ok();
@@ -398,7 +396,7 @@ async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
             None => Err(Error::Internal("no green connection")),
         };
         match seen {
-            Ok(true) => {}
+            Ok(true) => leases.went_through(true),
             Ok(false) => {
                 warn!(worker = %shared.worker_id, "this worker's lease expired; stopping");
                 shared.expired.trigger();
@@ -407,56 +405,14 @@ async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "green: worker heartbeat");
-                through_since = Instant::now();
+                leases.went_through(false);
             }
         }
         if let (false, Some(g)) = (shared.joined, &green) {
-            if through_since.elapsed() >= lease {
-                if let Err(e) = end_leases(&shared, g, &mut unended).await {
-                    warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
-                }
-            }
+            leases.end_expired(&shared.state, g, &shared.plan.blue).await;
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
-}
-
-/// Ends the leases of joined workers silent for `[copy] worker_lease` (a host frozen or cut off,
-/// whose sessions green and blue still keep open): their sessions on both servers are ended,
-/// which rolls back their chunks in hand (others copy them) and lets go of their snapshots on
-/// blue. Workers marked expired whose sessions could not be ended yet stay in `unended`.
-async fn end_leases(shared: &Shared, green: &Client, unended: &mut Vec<crate::state::Expired>) -> Result<()> {
-    unended.extend(shared.state.expire_workers(green, shared.plan.copy.worker_lease).await?);
-    // Only while ending some: not one more session on blue for the whole copy.
-    let mut blue: Option<Client> = None;
-    while let Some(worker) = unended.last() {
-        let on = |side: &str| -> Vec<String> {
-            worker.sessions.iter().filter_map(|s| s.strip_prefix(side)).map(str::to_string).collect()
-        };
-        let on_green = crate::state::end_sessions(green, &on("green:"))
-            .await
-            .map_err(Error::db("green: ending an expired worker's sessions"))?;
-        if blue.is_none() {
-            blue = Some(shared.plan.blue.connect().await?);
-        }
-        let on_blue = match &blue {
-            Some(b) => crate::state::end_sessions(b, &on("blue:"))
-                .await
-                .map_err(Error::db("blue: ending an expired worker's sessions"))?,
-            None => 0,
-        };
-        warn!(
-            worker = %worker.id,
-            silent_seconds = format!("{:.0}", worker.silent),
-            chunks = %worker.chunks.join(","),
-            green_sessions = on_green,
-            blue_sessions = on_blue,
-            "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its sessions \
-             were ended and its chunks go to other workers"
-        );
-        unended.pop();
-    }
-    Ok(())
 }
 
 /// `migrate copy --join`: a worker on another machine. Waits for the leader (`migrate copy`) to
@@ -509,8 +465,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     // Recorded before any session of its own reads or claims: its lease covers them all.
     let worker_id = crate::state::worker_id();
     state.worker_seen(&green, &worker_id, "joined", &[], 0).await?;
-    let sessions =
-        Arc::new(Sessions { state: state.clone(), worker: worker_id.clone(), green: plan.green.connect().await? });
+    let sessions = Arc::new(Sessions::new(state.clone(), worker_id.clone(), plan.green.connect().await?));
     let blue = plan.blue.connect().await?;
     sessions.add("blue", &blue).await?;
     let first = snapshots::export(&blue).await?;
@@ -585,23 +540,6 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         "joined worker done: no chunk left to copy"
     );
     Ok(())
-}
-
-/// A joined worker's record of its own sessions in green's `workers` (`green:tag`, `blue:tag`;
-/// see [`crate::state::session_tag`]), each written before that session reads or claims
-/// anything: if the worker's lease expires, the leader ends exactly these.
-pub(super) struct Sessions {
-    state: State,
-    worker: String,
-    green: Client,
-}
-
-impl Sessions {
-    /// Records `c`, a session on `side` (`blue` or `green`).
-    pub(super) async fn add(&self, side: &str, c: &Client) -> Result<()> {
-        let tag = crate::state::session_tag(c).await.map_err(Error::db(format!("{side}: naming a copy session")))?;
-        self.state.worker_session(&self.green, &self.worker, &format!("{side}:{tag}")).await
-    }
 }
 
 /// How the plan's capture writes keys as text.

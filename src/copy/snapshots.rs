@@ -110,7 +110,7 @@ pub(super) async fn rotate(
     snapshots: Arc<Snapshots>,
     first: Client,
     stop: Shutdown,
-    sessions: Option<Arc<super::Sessions>>,
+    sessions: Option<Arc<crate::state::Sessions>>,
 ) {
     let age = plan.copy.snapshot_max_age;
     let mut held = VecDeque::from([first]);

@@ -26,7 +26,7 @@ pub use parts::{NewPart, PartClaim, PartSummary};
 pub use phase::{CutoverStep, Phase, TableState};
 pub use record::{CutoverOutcome, CutoverRecord, HookRecord, SequenceSet, StepTime};
 pub use tables::{ChunkRecord, TableProgress, TableRecord};
-pub use workers::{end_sessions, session_tag, worker_id, Claim, Expired, WorkerRecord};
+pub use workers::{worker_id, Claim, Leases, Sessions, WorkerRecord};
 
 use tokio_postgres::{Client, GenericClient};
 

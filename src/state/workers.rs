@@ -7,11 +7,16 @@
 //!
 //! `workers` lists each process with a heartbeat and the chunks it holds, for `status`.
 
+use std::time::{Duration, Instant};
+
 use serde::Serialize;
-use tokio_postgres::GenericClient;
+use tokio_postgres::{Client, GenericClient};
 
 use super::{State, TableId};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    pg::ConnInfo,
+};
 
 /// A chunk claimed in an open green transaction.
 #[derive(Debug, Clone)]
@@ -49,7 +54,7 @@ pub struct WorkerRecord {
 
 /// A joined worker whose lease the leader ended.
 #[derive(Debug, Clone)]
-pub struct Expired {
+struct Expired {
     /// Its id (`host:pid:start`).
     pub id: String,
     /// Chunks it held when last seen.
@@ -266,21 +271,21 @@ impl State {
         Ok(())
     }
 
-    /// Marks as expired every joined worker not seen for `lease`, and returns them: the caller
+    /// Marks as expired every worker of `role` not seen for `lease`, and returns them: the caller
     /// ends their sessions. The mark comes first, so one that wakes up cannot renew its record.
-    pub async fn expire_workers(&self, green: &impl GenericClient, lease: std::time::Duration) -> Result<Vec<Expired>> {
+    async fn expire_workers(&self, green: &impl GenericClient, role: &str, lease: Duration) -> Result<Vec<Expired>> {
         Ok(green
             .query(
                 &format!(
                     "UPDATE {} SET expired_at = now() \
-                     WHERE role = 'joined' AND expired_at IS NULL AND seen_at < now() - make_interval(secs => $1) \
+                     WHERE role = $2 AND expired_at IS NULL AND seen_at < now() - make_interval(secs => $1) \
                      RETURNING id, chunks, sessions, extract(epoch FROM now() - seen_at)::float8",
                     self.table("workers")
                 ),
-                &[&lease.as_secs_f64()],
+                &[&lease.as_secs_f64(), &role],
             )
             .await
-            .map_err(Error::db("green: expiring copy workers' leases"))?
+            .map_err(Error::db("green: expiring workers' leases"))?
             .iter()
             .map(|r| Expired { id: r.get(0), chunks: r.get(1), sessions: r.get(2), silent: r.get(3) })
             .collect())
@@ -341,9 +346,106 @@ impl State {
     }
 }
 
+/// A joined worker's record of its own sessions in green's `workers` (`green:tag`, `blue:tag`;
+/// see [`session_tag`]), each written before that session reads or claims anything: if the
+/// worker's lease expires, the leader ends exactly these.
+pub struct Sessions {
+    state: State,
+    worker: String,
+    green: Client,
+}
+
+impl Sessions {
+    /// The book of worker `worker` (its record written already), kept on `green`, a session of
+    /// its own.
+    pub fn new(state: State, worker: String, green: Client) -> Self {
+        Self { state, worker, green }
+    }
+
+    /// Records `c`, a session on `side` (`blue` or `green`).
+    pub async fn add(&self, side: &str, c: &Client) -> Result<()> {
+        let tag = session_tag(c).await.map_err(Error::db(format!("{side}: naming a worker's session")))?;
+        self.state.worker_session(&self.green, &self.worker, &format!("{side}:{tag}")).await
+    }
+}
+
+/// The leader's side of its joined workers' leases, driven by its heartbeat: a joined worker of
+/// `role` silent for `lease` (a host frozen or cut off, whose sessions green and blue still
+/// keep open, for hours with the servers' TCP keepalive defaults) has its sessions on both
+/// servers ended. That rolls back its claim in hand (another worker takes it) and lets go of its
+/// snapshots. The leader does so only once its own heartbeats have gone through for a whole
+/// lease: a leader that was itself cut off from green does not take others' silence for their
+/// death.
+pub struct Leases {
+    role: &'static str,
+    lease: Duration,
+    through_since: Instant,
+    /// Marked expired, sessions not ended yet (a server did not answer): tried again.
+    unended: Vec<Expired>,
+}
+
+impl Leases {
+    /// Leases of joined workers of `role`.
+    pub fn new(role: &'static str, lease: Duration) -> Self {
+        Self { role, lease, through_since: Instant::now(), unended: Vec::new() }
+    }
+
+    /// Whether the leader's own heartbeat just went through.
+    pub fn went_through(&mut self, ok: bool) {
+        if !ok {
+            self.through_since = Instant::now();
+        }
+    }
+
+    /// Ends the sessions of the workers whose lease expired, once the leader's heartbeats have
+    /// gone through for a lease. Failures are logged and tried again on the next call.
+    pub async fn end_expired(&mut self, state: &State, green: &Client, blue: &ConnInfo) {
+        if self.through_since.elapsed() < self.lease {
+            return;
+        }
+        if let Err(e) = self.try_end_expired(state, green, blue).await {
+            tracing::warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
+        }
+    }
+
+    async fn try_end_expired(&mut self, state: &State, green: &Client, blue_info: &ConnInfo) -> Result<()> {
+        self.unended.extend(state.expire_workers(green, self.role, self.lease).await?);
+        // Only while ending some: not one more session on blue for the whole run.
+        let mut blue: Option<Client> = None;
+        while let Some(worker) = self.unended.last() {
+            let on = |side: &str| -> Vec<String> {
+                worker.sessions.iter().filter_map(|s| s.strip_prefix(side)).map(str::to_string).collect()
+            };
+            let on_green = end_sessions(green, &on("green:"))
+                .await
+                .map_err(Error::db("green: ending an expired worker's sessions"))?;
+            if blue.is_none() {
+                blue = Some(blue_info.connect().await?);
+            }
+            let on_blue = match &blue {
+                Some(b) => end_sessions(b, &on("blue:"))
+                    .await
+                    .map_err(Error::db("blue: ending an expired worker's sessions"))?,
+                None => 0,
+            };
+            tracing::warn!(
+                worker = %worker.id,
+                silent_seconds = format!("{:.0}", worker.silent),
+                holding = %worker.chunks.join(","),
+                green_sessions = on_green,
+                blue_sessions = on_blue,
+                "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its sessions \
+                 were ended and what it held goes to other workers"
+            );
+            self.unended.pop();
+        }
+        Ok(())
+    }
+}
+
 /// Names the session `c` is: its server process id and start time in microseconds
 /// (`pid:start`). A process id alone can be reused by another session once this one ends.
-pub async fn session_tag(c: &impl GenericClient) -> std::result::Result<String, tokio_postgres::Error> {
+async fn session_tag(c: &impl GenericClient) -> std::result::Result<String, tokio_postgres::Error> {
     Ok(c.query_one(
         &format!("SELECT {SESSION_TAG} FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_backend_pid()"),
         &[],
@@ -357,7 +459,7 @@ const SESSION_TAG: &str = "format('%s:%s', a.pid, (extract(epoch FROM a.backend_
 
 /// Ends the sessions among `tags` ([`session_tag`]s) still open on the server `c` reaches;
 /// returns how many it ended. Ending a session of another role needs `pg_signal_backend`.
-pub async fn end_sessions(c: &impl GenericClient, tags: &[String]) -> std::result::Result<i64, tokio_postgres::Error> {
+async fn end_sessions(c: &impl GenericClient, tags: &[String]) -> std::result::Result<i64, tokio_postgres::Error> {
     if tags.is_empty() {
         return Ok(0);
     }

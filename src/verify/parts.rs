@@ -30,7 +30,7 @@ use crate::{
     pg::{export_snapshot, literal},
     plan::{Plan, ResolvedPlan},
     shutdown::Shutdown,
-    state::{NewPart, State},
+    state::{Leases, NewPart, Sessions, State},
 };
 
 use super::{portable_hash, session, Queries, SUMMARY_SETTINGS};
@@ -42,6 +42,9 @@ const PART_BLOCKS: i64 = 16_384;
 /// table still spreads over a machine's sessions.
 const MIN_PARTS: i64 = 4;
 const SPLIT_BLOCKS: i64 = 64;
+/// A joined verify worker's role in `workers`.
+const JOINED: &str = "verify joined";
+
 /// Sessions (each a blue and a green connection) reading parts in one process: blue's part runs
 /// the transform, green's the plain read; three keep both servers busy.
 const LANES: usize = 3;
@@ -78,6 +81,8 @@ struct Lanes<'a> {
     checked: AtomicI32,
     /// A run whose leader is gone was dropped.
     dropped: AtomicBool,
+    /// A joined worker's record of its sessions, ended by the leader if its lease expires.
+    sessions: Option<Sessions>,
     shutdown: &'a Shutdown,
 }
 
@@ -144,8 +149,10 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> 
     for t in &resolved.tables {
         queries.push(Queries::new(hashing, &green, t).await);
     }
-    let board = Board::Shared { state: &state, run: None, worker: crate::state::worker_id() };
-    let lanes = Lanes::new(plan, board, &queries, shutdown);
+    let worker = crate::state::worker_id();
+    let board = Board::Shared { state: &state, run: None, worker: worker.clone() };
+    let mut lanes = Lanes::new(plan, board, &queries, shutdown);
+    lanes.sessions = Some(Sessions::new(state.clone(), worker, plan.green.connect().await?));
     // Until a run ends that a leader finished: a run dropped (its leader died) is not the
     // verify this worker was started for.
     loop {
@@ -161,7 +168,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> 
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        lanes.run_reported("verify joined").await?;
+        lanes.run_reported(JOINED).await?;
         if !lanes.dropped.swap(false, Ordering::Relaxed) {
             return Ok(lanes.checked.load(Ordering::Relaxed));
         }
@@ -286,7 +293,16 @@ impl<'a> Lanes<'a> {
             busy: Default::default(),
             checked: AtomicI32::new(0),
             dropped: AtomicBool::new(false),
+            sessions: None,
             shutdown,
+        }
+    }
+
+    /// Records `c`, a session on `side`, under a joined worker's lease.
+    async fn under_lease(&self, side: &str, c: &Client) -> Result<()> {
+        match &self.sessions {
+            Some(s) => s.add(side, c).await,
+            None => Ok(()),
         }
     }
 
@@ -296,27 +312,46 @@ impl<'a> Lanes<'a> {
         Ok(())
     }
 
-    /// [`Lanes::run`], listed in `workers` (with its parts in hand) for `status` while it runs.
-    async fn run_reported(&self, role: &str) -> Result<()> {
+    /// [`Lanes::run`], listed in `workers` (with its parts in hand) for `status` while it runs,
+    /// and as a joined worker's lease: the leader ends the sessions of one silent for
+    /// `[copy] worker_lease`, and one that finds its lease expired stops.
+    async fn run_reported(&self, role: &'static str) -> Result<()> {
         let Board::Shared { state, worker, .. } = &self.board else { return self.run().await };
+        let green = self.plan.green.connect().await?;
+        // Recorded before its lanes' sessions are (under its lease). State an older `migrate`
+        // wrote (before `copy` adds the lease columns) takes no record; the check goes on.
+        if let Err(e) = state.worker_seen(&green, worker, role, &[], 0).await {
+            tracing::debug!(error = %e, "green: verify worker not recorded");
+        }
         let beat = async {
-            let Ok(green) = self.plan.green.connect().await else { return std::future::pending().await };
+            let mut leases = Leases::new(JOINED, self.plan.copy.worker_lease);
             loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 let busy: Vec<String> = self.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
                 let checked = self.checked.load(Ordering::Relaxed);
-                // The list is for people; a state without it (written by an older `migrate`) or a
-                // failed write does not stop the check.
-                if let Err(e) = state.worker_seen(&green, worker, role, &busy, checked).await {
-                    tracing::debug!(error = %e, "green: verify heartbeat not recorded");
+                match state.worker_seen(&green, worker, role, &busy, checked).await {
+                    Ok(true) => leases.went_through(true),
+                    Ok(false) => {
+                        return Err(Error::LeaseExpired { worker: worker.clone(), lease: self.plan.copy.worker_lease })
+                    }
+                    // A failed write does not stop the check; a joined worker silent for its
+                    // lease is cut off by the leader.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "green: verify heartbeat not recorded");
+                        leases.went_through(false);
+                    }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if role != JOINED {
+                    leases.end_expired(state, &green, &self.plan.blue).await;
+                }
             }
         };
         let result = tokio::select! {
             r = self.run() => r,
-            never = beat => never,
+            r = beat => r,
         };
-        if let Ok(green) = self.plan.green.connect().await {
+        // An expired worker's record stays, for `status`.
+        if !matches!(result, Err(Error::LeaseExpired { .. })) {
             let _ = state.worker_gone(&green, worker).await;
         }
         result
@@ -326,6 +361,8 @@ impl<'a> Lanes<'a> {
     /// state, a green session holding the claim meanwhile).
     async fn lane(&self) -> Result<()> {
         let (blue, green) = tokio::try_join!(self.plan.blue.connect(), self.plan.green.connect())?;
+        self.under_lease("blue", &blue).await?;
+        self.under_lease("green", &green).await?;
         session(&blue).await.map_err(Error::db("blue: verify session"))?;
         session(&green).await.map_err(Error::db("green: verify session"))?;
         match &self.board {
@@ -361,6 +398,7 @@ impl<'a> Lanes<'a> {
         worker: &str,
     ) -> Result<()> {
         let mut claims = self.plan.green.connect().await?;
+        self.under_lease("green", &claims).await?;
         session(&claims).await.map_err(Error::db("green: verify session"))?;
         let mut said = Instant::now();
         loop {

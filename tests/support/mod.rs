@@ -322,6 +322,79 @@ pub fn first_in_hand(green: &TestDb, state: &str, child: &mut std::process::Chil
     }
 }
 
+/// A background `migrate` frozen with SIGSTOP: to green and blue, a host frozen or cut off
+/// behind sessions the servers keep open (its kernel still answers TCP keepalives). Killed when
+/// dropped, so a failing test leaves no stopped process behind.
+#[allow(dead_code)]
+pub struct Frozen(u32);
+
+#[allow(dead_code)]
+impl Frozen {
+    /// Stops `child`.
+    pub fn freeze(child: &std::process::Child) -> Self {
+        let frozen = Frozen(child.id());
+        frozen.signal("-STOP");
+        frozen
+    }
+
+    /// Lets it run again.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill").args([name, &self.0.to_string()]).status().unwrap();
+        assert!(sent.success(), "kill {name} {}", self.0);
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// How many of the sessions worker `id` recorded in `<state>.workers` (`blue:…`, `green:…`) are
+/// open on blue and on green, found by process id and start time in `pg_stat_activity`.
+#[allow(dead_code)]
+pub fn recorded_sessions_open(blue: &TestDb, green: &TestDb, state: &str, id: &str) -> (i64, i64) {
+    let sessions = green.psql(&format!("SELECT array_to_string(sessions, ' ') FROM {state}.workers WHERE id = '{id}'"));
+    let open = |db: &TestDb, side: &str| -> i64 {
+        let tags: Vec<&str> = sessions.split(' ').filter_map(|s| s.strip_prefix(side)).collect();
+        db.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity a \
+             WHERE format('%s:%s', a.pid, (extract(epoch FROM a.backend_start) * 1000000)::bigint) = ANY('{{{}}}')",
+            tags.join(",")
+        ))
+        .parse()
+        .unwrap()
+    };
+    (open(blue, "blue:"), open(green, "green:"))
+}
+
+/// Waits (up to 30 s) for `child` to exit: its exit code and stderr.
+#[allow(dead_code)]
+pub fn exit_of(child: &mut std::process::Child) -> (Option<i32>, String) {
+    let started = std::time::Instant::now();
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            panic_with_stderr(child, "it did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    if let Some(stderr) = child.stderr.as_mut() {
+        std::io::Read::read_to_string(stderr, &mut err).ok();
+    }
+    (code, err)
+}
+
 /// An order-independent fingerprint of a query's rows (count + md5 of the sorted text rows),
 /// computed by the server.
 #[allow(dead_code)]
