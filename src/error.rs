@@ -140,8 +140,8 @@ pub enum Error {
     /// A joined worker's lease expired: the leader ended its sessions.
     #[error(
         "this joined worker ({worker}) wrote no heartbeat to green for longer than `[copy] worker_lease` ({lease:?}): \
-         the leader ended its sessions on green and blue, and what it held (copy chunks, verify parts) goes to other \
-         workers, nothing of it kept; start it again where green answers"
+         the leader ended its sessions on green and blue, and what it held and had not committed (a copy chunk, a \
+         verify part) goes to other workers; start it again where green answers"
     )]
     LeaseExpired {
         /// Its id.

@@ -538,7 +538,7 @@ fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
     let c = crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN);
     let plan = c.plan(
         "trigger",
-        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"3s\"",
+        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
         "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
     );
     let p = plan.to_str().unwrap();

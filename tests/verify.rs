@@ -246,7 +246,7 @@ fn a_frozen_joined_verify_worker_loses_its_lease_and_its_part() {
     let c = crate::support::Custom::new(PARTS_BLUE, PARTS_GREEN);
     let plan = c.plan(
         "trigger",
-        "workers = 2\nworker_lease = \"3s\"",
+        "workers = 2\nworker_lease = \"10s\"",
         "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
     );
     let p = plan.to_str().unwrap();
@@ -255,9 +255,10 @@ fn a_frozen_joined_verify_worker_loses_its_lease_and_its_part() {
     let writer = crate::support::ItemsWriter::start(&c.blue, 150_000);
     let state = c.sql("bluegreen_custom");
     let mut frozen = c.spawn(&["verify", p, "--join"], &[("MIGRATE_FAULT", "verify.part-read:sleep")]);
+    // The leader slowed per part, so that the joined worker takes one before it has them all.
     let leader = {
         let mut cmd = c.migrate(&["verify", p]);
-        cmd.env("MIGRATE_FAULT", "verify.part-read:sleep=300");
+        cmd.env("MIGRATE_FAULT", "verify.part-read:sleep=2000");
         std::thread::spawn(move || run(&mut cmd))
     };
     let (frozen_id, held) = crate::support::first_in_hand(&c.green, &state, &mut frozen);

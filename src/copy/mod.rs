@@ -197,8 +197,13 @@ async fn copy_run(
     crate::fault::point("copy.snapshot-exported").await;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
-    let rotator =
-        tokio::spawn(snapshots::rotate(plan.clone(), Arc::clone(&snapshots), blue, rotation_stop.clone(), None));
+    let rotator = tokio::spawn(snapshots::rotate(
+        plan.clone(),
+        Arc::clone(&snapshots),
+        (blue, None),
+        rotation_stop.clone(),
+        None,
+    ));
     let progress = Progress::new(
         resolved
             .tables
@@ -379,11 +384,8 @@ fn run_stop(outer: &Shutdown) -> (Shutdown, tokio::task::JoinHandle<()>) {
 
 /// Every second, records this process in green's `workers` (its chunks in hand, chunks copied)
 /// for `status` and as its lease, on a connection of its own. A joined worker that finds its
-/// lease expired stops. The leader ends the leases of joined workers silent for
-/// `[copy] worker_lease`, once its own heartbeats have gone through for that long: a leader
-/// that was itself cut off from green does not take others' silence for their death.
+/// lease expired (the leader ended its sessions: `state::Leases`) stops.
 async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
-    let mut leases = Leases::new("joined", shared.plan.copy.worker_lease);
     let mut green: Option<Client> = None;
     loop {
         if green.as_ref().is_none_or(|g| g.is_closed()) {
@@ -396,20 +398,14 @@ async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
             None => Err(Error::Internal("no green connection")),
         };
         match seen {
-            Ok(true) => leases.went_through(true),
+            Ok(true) => {}
             Ok(false) => {
                 warn!(worker = %shared.worker_id, "this worker's lease expired; stopping");
                 shared.expired.trigger();
                 shared.shutdown.trigger();
                 return;
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "green: worker heartbeat");
-                leases.went_through(false);
-            }
-        }
-        if let (false, Some(g)) = (shared.joined, &green) {
-            leases.end_expired(&shared.state, g, &shared.plan.blue).await;
+            Err(e) => tracing::debug!(error = %e, "green: worker heartbeat"),
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
@@ -456,8 +452,8 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     };
     if !state.chunks_current(&green).await? {
         return Err(Error::Usage(
-            "the leader (`migrate copy`) runs an older migrate than this joined worker (green's chunks table has no \
-             copied_with column): run the same migrate version on every machine"
+            "the leader (`migrate copy`) runs an older migrate than this joined worker (green's state has no \
+             chunks.copied_with or workers.expired_at column): run the same migrate version on every machine"
                 .into(),
         ));
     }
@@ -465,16 +461,17 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     // Recorded before any session of its own reads or claims: its lease covers them all.
     let worker_id = crate::state::worker_id();
     state.worker_seen(&green, &worker_id, "joined", &[], 0).await?;
-    let sessions = Arc::new(Sessions::new(state.clone(), worker_id.clone(), plan.green.connect().await?));
+    let sessions =
+        Arc::new(Sessions::new(state.clone(), worker_id.clone(), plan.green.connect().await?, plan.copy.worker_lease));
     let blue = plan.blue.connect().await?;
-    sessions.add("blue", &blue).await?;
+    let entry = sessions.add("blue", &blue).await?;
     let first = snapshots::export(&blue).await?;
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
     let rotator = tokio::spawn(snapshots::rotate(
         plan.clone(),
         Arc::clone(&snapshots),
-        blue,
+        (blue, Some(entry)),
         rotation_stop.clone(),
         Some(Arc::clone(&sessions)),
     ));
@@ -670,6 +667,13 @@ pub async fn run(
     lock_plan(&green, &plan.name, "copy").await?;
     let state = State::new(&plan.name);
     state.ensure(&green, &plan.name).await?;
+    // Joined workers' leases, for as long as this leader runs (copy and following): one frozen
+    // after its last chunk would otherwise hold its snapshots on blue through the following.
+    let _leases = crate::shutdown::AbortOnDrop(tokio::spawn(Leases::new("joined", plan.copy.worker_lease).watch(
+        state.clone(),
+        plan.green.clone(),
+        plan.blue.clone(),
+    )));
     state.clear_failure(&green).await?;
     let mut removed = removed;
     loop {

@@ -108,11 +108,12 @@ pub(super) async fn window(blue: &Client, floor: i64) -> Result<Option<(i32, Lsn
 pub(super) async fn rotate(
     plan: Plan,
     snapshots: Arc<Snapshots>,
-    first: Client,
+    first: (Client, Option<String>),
     stop: Shutdown,
     sessions: Option<Arc<crate::state::Sessions>>,
 ) {
     let age = plan.copy.snapshot_max_age;
+    // Each exporter with its entry in a joined worker's record of sessions.
     let mut held = VecDeque::from([first]);
     if age.is_zero() {
         // One snapshot for the run: its exporter stays until the workers are done.
@@ -125,16 +126,17 @@ pub(super) async fn rotate(
         }
         let made = async {
             let blue = plan.blue.connect().await?;
-            if let Some(s) = &sessions {
-                s.add("blue", &blue).await?;
-            }
+            let entry = match &sessions {
+                Some(s) => Some(s.add("blue", &blue).await?),
+                None => None,
+            };
             let name = export(&blue).await?;
-            Ok::<_, Error>((blue, name))
+            Ok::<_, Error>((blue, entry, name))
         };
         match made.await {
-            Ok((blue, name)) => {
+            Ok((blue, entry, name)) => {
                 let generation = snapshots.publish(name);
-                held.push_back(blue);
+                held.push_back((blue, entry));
                 tracing::debug!(generation, "new copy snapshot");
             }
             Err(e) => {
@@ -147,12 +149,16 @@ pub(super) async fn rotate(
             _ = stop.wait() => break,
         }
         while held.len() > 1 {
-            if let Some(old) = held.pop_front() {
+            if let Some((old, entry)) = held.pop_front() {
                 let _ = old.batch_execute("COMMIT").await;
+                drop(old);
+                if let (Some(s), Some(entry)) = (&sessions, entry) {
+                    s.remove(&entry).await;
+                }
             }
         }
     }
-    for c in held {
+    for (c, _) in held {
         let _ = c.batch_execute("COMMIT").await;
     }
     if !age.is_zero() {

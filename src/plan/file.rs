@@ -37,9 +37,10 @@ pub const DEFAULT_TARGET_CHUNK_TIME: Duration = Duration::from_secs(1);
 /// and its snapshots stop holding blue's horizon. A frozen or cut-off host otherwise keeps them
 /// until green's TCP keepalives give up, hours with the server's defaults.
 pub const DEFAULT_WORKER_LEASE: Duration = Duration::from_secs(60);
-/// The shortest `[copy] worker_lease`: workers write a heartbeat each second, and a green busy
-/// with the copy can delay one by a few.
-pub const MIN_WORKER_LEASE: Duration = Duration::from_secs(3);
+/// The shortest `[copy] worker_lease`: workers write a heartbeat each second, a green busy with
+/// the copy can delay one by a few, and a joined copy worker's first heartbeat comes after its
+/// first snapshot and a check of blue's health (up to about 6 s).
+pub const MIN_WORKER_LEASE: Duration = Duration::from_secs(10);
 /// Indexes are deferred by default: bulk COPY into an indexed table was 2.4x slower here.
 pub const DEFAULT_DEFER_INDEXES: bool = true;
 /// Each target is analyzed once its copy ends: autovacuum alone left green's targets without
@@ -686,10 +687,10 @@ id = "id"
         let plan = Plan::parse(Path::new("p.toml"), MINIMAL, &env).unwrap();
         assert_eq!(plan.copy.worker_lease, DEFAULT_WORKER_LEASE);
         let plan =
-            Plan::parse(Path::new("p.toml"), &format!("{MINIMAL}[copy]\nworker_lease = \"5s\"\n"), &env).unwrap();
-        assert_eq!(plan.copy.worker_lease, Duration::from_secs(5));
-        let p = problems("[copy]\nworker_lease = \"2s\"\n");
-        assert!(p.iter().any(|(_, f, m)| f == "copy.worker_lease" && m.contains("at least 3s")), "{p:?}");
+            Plan::parse(Path::new("p.toml"), &format!("{MINIMAL}[copy]\nworker_lease = \"15s\"\n"), &env).unwrap();
+        assert_eq!(plan.copy.worker_lease, Duration::from_secs(15));
+        let p = problems("[copy]\nworker_lease = \"9s\"\n");
+        assert!(p.iter().any(|(_, f, m)| f == "copy.worker_lease" && m.contains("at least 10s")), "{p:?}");
         let p = problems("[copy]\nworker_lease = \"later\"\n");
         assert!(p.iter().any(|(_, f, m)| f == "copy.worker_lease" && m.contains("not a duration")), "{p:?}");
     }

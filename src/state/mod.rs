@@ -57,6 +57,11 @@ pub struct State {
     plan: String,
 }
 
+/// The columns of joined workers' leases (see `workers::Leases`): added by `copy` and by a
+/// verify run, so a `verify` on state an older `copy` wrote can lease its joined workers.
+const LEASE_COLUMNS: &[(&str, &str, &str)] =
+    &[("workers", "sessions", "text[] NOT NULL DEFAULT '{}'"), ("workers", "expired_at", "timestamptz")];
+
 impl State {
     /// The state of `plan` (nothing is created until [`State::ensure`]).
     pub fn new(plan: &str) -> Self {
@@ -136,6 +141,7 @@ impl State {
                  started_at timestamptz NOT NULL DEFAULT now(), seen_at timestamptz NOT NULL DEFAULT now());
              CREATE TABLE IF NOT EXISTS {s}.touched_log (tbl text NOT NULL, key text[] NOT NULL, lsn bigint NOT NULL);
              {added}
+             {leases}
              INSERT INTO {s}.migration (id, plan, state) VALUES (1, {plan}, '{{\"phase\":\"planned\"}}')
              ON CONFLICT (id) DO NOTHING;",
             plan = literal(plan),
@@ -153,9 +159,8 @@ impl State {
                 ("migration", "copy_xid_floor", "bigint"),
                 ("chunks", "xid_floor", "bigint"),
                 ("chunks", "copied_with", "int"),
-                ("workers", "sessions", "text[] NOT NULL DEFAULT '{}'"),
-                ("workers", "expired_at", "timestamptz"),
             ]),
+            leases = self.add_columns(LEASE_COLUMNS),
         );
         self.check_layout(green).await?;
         green.batch_execute(&sql).await.map_err(Error::db("green: creating migration state"))

@@ -83,7 +83,9 @@ impl State {
                      done boolean NOT NULL DEFAULT false, stored int NOT NULL DEFAULT 0, worker text,
                      rows bigint, seconds float8,
                      bucket_ids bigint[], counts bigint[], sums numeric[], finished_at timestamptz,
-                     PRIMARY KEY (run, tbl, side, part))"
+                     PRIMARY KEY (run, tbl, side, part));
+                 {leases}",
+                leases = self.add_columns(super::LEASE_COLUMNS)
             ))
             .await
             .map_err(Error::db("green: creating verify parts"))?;

@@ -150,14 +150,17 @@ impl State {
         Ok((run, rows.len()))
     }
 
-    /// Whether green's `chunks` has the column a leader of this version adds (`copied_with`):
-    /// a joined worker newer than its leader would fail on every chunk it copies.
+    /// Whether green's state has the columns a leader of this version adds (`chunks.copied_with`,
+    /// `workers.expired_at`): a joined worker newer than its leader would fail on every chunk it
+    /// copies, and could not hold a lease.
     pub async fn chunks_current(&self, green: &impl GenericClient) -> Result<bool> {
         Ok(green
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
-                  WHERE attrelid = to_regclass($1) AND attname = 'copied_with' AND NOT attisdropped)",
-                &[&self.table("chunks")],
+                  WHERE attrelid = to_regclass($1) AND attname = 'copied_with' AND NOT attisdropped) \
+                  AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                  WHERE attrelid = to_regclass($2) AND attname = 'expired_at' AND NOT attisdropped)",
+                &[&self.table("chunks"), &self.table("workers")],
             )
             .await
             .map_err(Error::db("green: reading the state layout"))?
@@ -260,15 +263,19 @@ impl State {
 
     /// Adds a session of worker `id` (a [`session_tag`], prefixed with its side) to its record,
     /// before the session claims or reads anything: the leader ends it if the lease expires.
-    pub async fn worker_session(&self, green: &impl GenericClient, id: &str, session: &str) -> Result<()> {
-        green
+    /// `false` when the lease has expired or the record is gone.
+    async fn worker_session(&self, green: &impl GenericClient, id: &str, session: &str) -> Result<bool> {
+        let added = green
             .execute(
-                &format!("UPDATE {} SET sessions = array_append(sessions, $2) WHERE id = $1", self.table("workers")),
+                &format!(
+                    "UPDATE {} SET sessions = array_append(sessions, $2) WHERE id = $1 AND expired_at IS NULL",
+                    self.table("workers")
+                ),
                 &[&id, &session],
             )
             .await
-            .map_err(Error::db("green: recording a copy worker's session"))?;
-        Ok(())
+            .map_err(Error::db("green: recording a worker's session"))?;
+        Ok(added == 1)
     }
 
     /// Marks as expired every worker of `role` not seen for `lease`, and returns them: the caller
@@ -323,9 +330,12 @@ impl State {
         Ok(green
             .query(
                 &format!(
-                    "SELECT id, role, host, chunks, copied, extract(epoch FROM now() - seen_at)::float8, \
-                            expired_at IS NOT NULL FROM {} \
-                     WHERE seen_at > now() - interval '1 minute' OR expired_at > now() - interval '10 minutes' ORDER BY role = 'leader' DESC, started_at",
+                    // `expired_at` through the row's JSON: state an older `migrate` wrote lacks it
+                    // until the next `copy` adds it.
+                    "SELECT id, role, host, chunks, copied, extract(epoch FROM now() - seen_at)::float8, expired IS NOT NULL \
+                     FROM (SELECT w.*, (to_jsonb(w) ->> 'expired_at')::timestamptz AS expired FROM {} w) w \
+                     WHERE seen_at > now() - interval '1 minute' OR expired > now() - interval '10 minutes' \
+                     ORDER BY role = 'leader' DESC, started_at",
                     self.table("workers")
                 ),
                 &[],
@@ -353,29 +363,45 @@ pub struct Sessions {
     state: State,
     worker: String,
     green: Client,
+    lease: Duration,
 }
 
 impl Sessions {
     /// The book of worker `worker` (its record written already), kept on `green`, a session of
-    /// its own.
-    pub fn new(state: State, worker: String, green: Client) -> Self {
-        Self { state, worker, green }
+    /// its own, under the plan's `lease`.
+    pub fn new(state: State, worker: String, green: Client, lease: Duration) -> Self {
+        Self { state, worker, green, lease }
     }
 
-    /// Records `c`, a session on `side` (`blue` or `green`).
-    pub async fn add(&self, side: &str, c: &Client) -> Result<()> {
+    /// Records `c`, a session on `side` (`blue` or `green`), and returns its entry (for
+    /// [`Sessions::remove`]). Fails with [`Error::LeaseExpired`] once the lease has ended, or
+    /// when the record is gone: a session the leader could not end must not read or claim.
+    pub async fn add(&self, side: &str, c: &Client) -> Result<String> {
         let tag = session_tag(c).await.map_err(Error::db(format!("{side}: naming a worker's session")))?;
-        self.state.worker_session(&self.green, &self.worker, &format!("{side}:{tag}")).await
+        let entry = format!("{side}:{tag}");
+        if !self.state.worker_session(&self.green, &self.worker, &entry).await? {
+            return Err(Error::LeaseExpired { worker: self.worker.clone(), lease: self.lease });
+        }
+        Ok(entry)
+    }
+
+    /// Takes a session closed by this worker off its record: behind a session pooler the server
+    /// process it names may serve someone else next.
+    pub async fn remove(&self, entry: &str) {
+        let sql =
+            format!("UPDATE {} SET sessions = array_remove(sessions, $2) WHERE id = $1", self.state.table("workers"));
+        if let Err(e) = self.green.execute(&sql, &[&self.worker, &entry]).await {
+            tracing::debug!(error = %e, "green: taking a closed session off a worker's record");
+        }
     }
 }
 
-/// The leader's side of its joined workers' leases, driven by its heartbeat: a joined worker of
-/// `role` silent for `lease` (a host frozen or cut off, whose sessions green and blue still
-/// keep open, for hours with the servers' TCP keepalive defaults) has its sessions on both
-/// servers ended. That rolls back its claim in hand (another worker takes it) and lets go of its
-/// snapshots. The leader does so only once its own heartbeats have gone through for a whole
-/// lease: a leader that was itself cut off from green does not take others' silence for their
-/// death.
+/// The leader's side of its joined workers' leases: a joined worker of `role` silent for
+/// `lease` (a host frozen or cut off, whose sessions green and blue still keep open, for hours
+/// with the servers' TCP keepalive defaults) has its sessions on both servers ended. That rolls
+/// back its claim in hand (another worker takes it) and lets go of its snapshots. The leader
+/// does so only once its own commits on green have gone through promptly for a whole lease: a
+/// green that stalled (or a leader cut off from it) kept the others' heartbeats out too.
 pub struct Leases {
     role: &'static str,
     lease: Duration,
@@ -384,62 +410,88 @@ pub struct Leases {
     unended: Vec<Expired>,
 }
 
+/// A probe commit slower than this counts as a stall of green: the others' heartbeats may have
+/// waited as long, so their silence says nothing for a lease after it.
+const PROBE_SLOW: Duration = Duration::from_secs(1);
+
 impl Leases {
     /// Leases of joined workers of `role`.
     pub fn new(role: &'static str, lease: Duration) -> Self {
         Self { role, lease, through_since: Instant::now(), unended: Vec::new() }
     }
 
-    /// Whether the leader's own heartbeat just went through.
-    pub fn went_through(&mut self, ok: bool) {
-        if !ok {
-            self.through_since = Instant::now();
+    /// Watches the leases until dropped (the caller aborts it): once a second a commit on green
+    /// that takes a transaction id (so it waits for the WAL flush and synchronous standbys, as
+    /// a heartbeat's does), then ends the leases of workers silent for a lease.
+    pub async fn watch(mut self, state: State, green_info: ConnInfo, blue_info: ConnInfo) {
+        let mut green: Option<Client> = None;
+        loop {
+            if green.as_ref().is_none_or(|g| g.is_closed()) {
+                green = green_info.connect().await.ok();
+            }
+            if let Some(g) = &green {
+                let started = Instant::now();
+                let probe = g.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT").await;
+                if probe.is_err() || started.elapsed() > PROBE_SLOW {
+                    self.through_since = Instant::now();
+                } else if self.through_since.elapsed() >= self.lease {
+                    if let Err(e) = self.end_expired(&state, g, &blue_info).await {
+                        tracing::warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
+                    }
+                }
+            } else {
+                self.through_since = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
-    /// Ends the sessions of the workers whose lease expired, once the leader's heartbeats have
-    /// gone through for a lease. Failures are logged and tried again on the next call.
-    pub async fn end_expired(&mut self, state: &State, green: &Client, blue: &ConnInfo) {
-        if self.through_since.elapsed() < self.lease {
-            return;
-        }
-        if let Err(e) = self.try_end_expired(state, green, blue).await {
-            tracing::warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
-        }
-    }
-
-    async fn try_end_expired(&mut self, state: &State, green: &Client, blue_info: &ConnInfo) -> Result<()> {
+    /// Marks the workers silent for a lease expired and ends their sessions. A worker whose
+    /// sessions could not be ended (a server did not answer) is tried again next time; one the
+    /// leader may not end (privileges) is named and left.
+    async fn end_expired(&mut self, state: &State, green: &Client, blue_info: &ConnInfo) -> Result<()> {
         self.unended.extend(state.expire_workers(green, self.role, self.lease).await?);
+        if self.unended.is_empty() {
+            return Ok(());
+        }
         // Only while ending some: not one more session on blue for the whole run.
-        let mut blue: Option<Client> = None;
-        while let Some(worker) = self.unended.last() {
+        let blue = blue_info.connect().await?;
+        let mut failed = None;
+        for worker in std::mem::take(&mut self.unended) {
             let on = |side: &str| -> Vec<String> {
                 worker.sessions.iter().filter_map(|s| s.strip_prefix(side)).map(str::to_string).collect()
             };
-            let on_green = end_sessions(green, &on("green:"))
-                .await
-                .map_err(Error::db("green: ending an expired worker's sessions"))?;
-            if blue.is_none() {
-                blue = Some(blue_info.connect().await?);
-            }
-            let on_blue = match &blue {
-                Some(b) => end_sessions(b, &on("blue:"))
-                    .await
-                    .map_err(Error::db("blue: ending an expired worker's sessions"))?,
-                None => 0,
+            let ended = match end_sessions(green, &on("green:")).await {
+                Ok(g) => end_sessions(&blue, &on("blue:")).await.map(|b| (g, b)),
+                Err(e) => Err(e),
             };
-            tracing::warn!(
-                worker = %worker.id,
-                silent_seconds = format!("{:.0}", worker.silent),
-                holding = %worker.chunks.join(","),
-                green_sessions = on_green,
-                blue_sessions = on_blue,
-                "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its sessions \
-                 were ended and what it held goes to other workers"
-            );
-            self.unended.pop();
+            match ended {
+                Ok((on_green, on_blue)) => tracing::warn!(
+                    worker = %worker.id,
+                    silent_seconds = format!("{:.0}", worker.silent),
+                    holding = %worker.chunks.join(","),
+                    recorded_sessions = worker.sessions.len(),
+                    green_sessions_ended = on_green,
+                    blue_sessions_ended = on_blue,
+                    "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its open \
+                     sessions were ended, and what it held goes to other workers"
+                ),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    tracing::warn!(
+                        worker = %worker.id,
+                        error = %crate::error::pg_message(&e),
+                        "a joined worker's lease expired, but this role may not end its sessions (grant \
+                         pg_signal_backend, or run every worker as one role): what it holds waits for the servers \
+                         to drop its sessions"
+                    )
+                }
+                Err(e) => {
+                    failed.get_or_insert(Error::db("ending an expired worker's sessions")(e));
+                    self.unended.push(worker);
+                }
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 

@@ -152,7 +152,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> 
     let worker = crate::state::worker_id();
     let board = Board::Shared { state: &state, run: None, worker: worker.clone() };
     let mut lanes = Lanes::new(plan, board, &queries, shutdown);
-    lanes.sessions = Some(Sessions::new(state.clone(), worker, plan.green.connect().await?));
+    lanes.sessions = Some(Sessions::new(state.clone(), worker, plan.green.connect().await?, plan.copy.worker_lease));
     // Until a run ends that a leader finished: a run dropped (its leader died) is not the
     // verify this worker was started for.
     loop {
@@ -300,10 +300,10 @@ impl<'a> Lanes<'a> {
 
     /// Records `c`, a session on `side`, under a joined worker's lease.
     async fn under_lease(&self, side: &str, c: &Client) -> Result<()> {
-        match &self.sessions {
-            Some(s) => s.add(side, c).await,
-            None => Ok(()),
+        if let Some(s) = &self.sessions {
+            s.add(side, c).await?;
         }
+        Ok(())
     }
 
     /// Runs every lane to the end.
@@ -317,42 +317,61 @@ impl<'a> Lanes<'a> {
     /// `[copy] worker_lease`, and one that finds its lease expired stops.
     async fn run_reported(&self, role: &'static str) -> Result<()> {
         let Board::Shared { state, worker, .. } = &self.board else { return self.run().await };
+        let lease = self.plan.copy.worker_lease;
+        let joined = role == JOINED;
         let green = self.plan.green.connect().await?;
-        // Recorded before its lanes' sessions are (under its lease). State an older `migrate`
-        // wrote (before `copy` adds the lease columns) takes no record; the check goes on.
-        if let Err(e) = state.worker_seen(&green, worker, role, &[], 0).await {
-            tracing::debug!(error = %e, "green: verify worker not recorded");
+        // Recorded before its lanes' sessions are (under its lease); a joined worker that
+        // cannot be recorded cannot be leased, and does not read. The leader's record is for
+        // people: without it the check goes on.
+        match state.worker_seen(&green, worker, role, &[], 0).await {
+            Ok(true) => {}
+            Ok(false) if joined => return Err(Error::LeaseExpired { worker: worker.clone(), lease }),
+            Err(e) if joined => return Err(e),
+            Ok(false) | Err(_) => tracing::debug!("green: verify leader not recorded"),
         }
         let beat = async {
-            let mut leases = Leases::new(JOINED, self.plan.copy.worker_lease);
+            let mut green = Some(green);
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                if green.as_ref().is_none_or(|g| g.is_closed()) {
+                    green = self.plan.green.connect().await.ok();
+                }
+                let Some(g) = &green else { continue };
                 let busy: Vec<String> = self.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
                 let checked = self.checked.load(Ordering::Relaxed);
-                match state.worker_seen(&green, worker, role, &busy, checked).await {
-                    Ok(true) => leases.went_through(true),
-                    Ok(false) => {
-                        return Err(Error::LeaseExpired { worker: worker.clone(), lease: self.plan.copy.worker_lease })
-                    }
-                    // A failed write does not stop the check; a joined worker silent for its
-                    // lease is cut off by the leader.
-                    Err(e) => {
-                        tracing::debug!(error = %e, "green: verify heartbeat not recorded");
-                        leases.went_through(false);
-                    }
-                }
-                if role != JOINED {
-                    leases.end_expired(state, &green, &self.plan.blue).await;
+                match state.worker_seen(g, worker, role, &busy, checked).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Error::LeaseExpired { worker: worker.clone(), lease }),
+                    // A failed write does not stop the check (a joined worker silent for its
+                    // lease is cut off by the leader).
+                    Err(e) => tracing::debug!(error = %e, "green: verify heartbeat not recorded"),
                 }
             }
         };
-        let result = tokio::select! {
+        // The leader watches its joined workers' leases while its parts are read.
+        let watch = async {
+            if joined {
+                std::future::pending::<()>().await;
+            }
+            Leases::new(JOINED, lease).watch((*state).clone(), self.plan.green.clone(), self.plan.blue.clone()).await;
+        };
+        let mut result = tokio::select! {
             r = self.run() => r,
             r = beat => r,
+            () = watch => Err(Error::Internal("the lease watch ended")),
         };
+        let green = self.plan.green.connect().await;
+        // Its sessions may have been ended under it: what they failed with says less than this.
+        if joined && result.is_err() && !matches!(result, Err(Error::LeaseExpired { .. })) {
+            if let Ok(g) = &green {
+                if state.worker_expired(g, worker).await.unwrap_or(false) {
+                    result = Err(Error::LeaseExpired { worker: worker.clone(), lease });
+                }
+            }
+        }
         // An expired worker's record stays, for `status`.
-        if !matches!(result, Err(Error::LeaseExpired { .. })) {
-            let _ = state.worker_gone(&green, worker).await;
+        if let (Ok(g), false) = (&green, matches!(result, Err(Error::LeaseExpired { .. }))) {
+            let _ = state.worker_gone(g, worker).await;
         }
         result
     }

@@ -337,9 +337,10 @@ impl Frozen {
         frozen
     }
 
-    /// Lets it run again.
-    pub fn thaw(&self) {
+    /// Lets it run again; not killed when dropped after this (its pid may be reaped and reused).
+    pub fn thaw(self) {
         self.signal("-CONT");
+        std::mem::forget(self);
     }
 
     fn signal(&self, name: &str) {
@@ -358,7 +359,8 @@ impl Drop for Frozen {
 }
 
 /// How many of the sessions worker `id` recorded in `<state>.workers` (`blue:…`, `green:…`) are
-/// open on blue and on green, found by process id and start time in `pg_stat_activity`.
+/// open on blue and on green, found by process id and start time in `pg_stat_activity`. (0, 0)
+/// also when it recorded none: assert them open first.
 #[allow(dead_code)]
 pub fn recorded_sessions_open(blue: &TestDb, green: &TestDb, state: &str, id: &str) -> (i64, i64) {
     let sessions = green.psql(&format!("SELECT array_to_string(sessions, ' ') FROM {state}.workers WHERE id = '{id}'"));
