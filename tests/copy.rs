@@ -499,17 +499,26 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
     assert!(status.success(), "the joined worker failed");
     writer.stop();
 
+    assert_copied_without(&c, &held, &doomed_id);
+    let workers: i64 = c.green.psql(&format!("SELECT count(DISTINCT worker) FROM {state}.chunks")).parse().unwrap();
+    assert!(workers >= 2, "only {workers} worker(s) copied chunks");
+    crate::capture::sigint_and_wait(&mut leader);
+}
+
+/// After a spread copy whose worker `gone` (dead, or its lease ended) held chunk `held`: every
+/// chunk done, `held` by another process, none by `gone`; green converges to blue (an
+/// independent fingerprint) with its primary key rebuilt over the copied rows; and joined
+/// workers left out the rows the leader did.
+fn assert_copied_without(c: &crate::support::Custom, held: &str, gone: &str) {
+    let state = c.sql("bluegreen_custom");
     let chunks = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.chunks"));
     assert_eq!(chunks("count(*) FILTER (WHERE NOT done)"), "0");
     // A claim of several chunks shows as `entry:first-last`.
     let (tbl, numbers) = held.rsplit_once(':').unwrap();
     let number = numbers.split('-').next().unwrap();
     let redone = c.green.psql(&format!("SELECT worker FROM {state}.chunks WHERE tbl = '{tbl}' AND chunk = {number}"));
-    assert!(!redone.is_empty() && redone != doomed_id, "chunk {held} was not redone by another worker: {redone}");
-    assert_eq!(chunks(&format!("count(*) FILTER (WHERE worker = '{doomed_id}')")), "0");
-    let workers: i64 = chunks("count(DISTINCT worker)").parse().unwrap();
-    assert!(workers >= 2, "only {workers} worker(s) copied chunks");
-    // Green converges to blue; its primary key was rebuilt over the copied rows.
+    assert!(!redone.is_empty() && redone != gone, "chunk {held} was not redone by another worker: {redone}");
+    assert_eq!(chunks(&format!("count(*) FILTER (WHERE worker = '{gone}')")), "0");
     let query = "SELECT id, grp, payload FROM items";
     assert!(
         crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
@@ -520,9 +529,7 @@ fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
             .psql("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisprimary AND indisvalid"),
         "1"
     );
-    // Joined workers left out the rows the leader did.
-    assert_every_chunk_under_one_floor(&c);
-    crate::capture::sigint_and_wait(&mut leader);
+    assert_every_chunk_under_one_floor(c);
 }
 
 /// A joined worker that freezes holding a chunk (SIGSTOP: to green and blue alike, a host
@@ -569,24 +576,52 @@ fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
     assert!(err.contains("worker_lease") && err.contains(&frozen_id), "{err}");
     writer.stop();
 
-    let chunks = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.chunks"));
-    assert_eq!(chunks("count(*) FILTER (WHERE NOT done)"), "0");
-    let (tbl, numbers) = held.rsplit_once(':').unwrap();
-    let number = numbers.split('-').next().unwrap();
-    let redone = c.green.psql(&format!("SELECT worker FROM {state}.chunks WHERE tbl = '{tbl}' AND chunk = {number}"));
-    assert!(!redone.is_empty() && redone != frozen_id, "chunk {held} was not redone by another worker: {redone}");
-    assert_eq!(chunks(&format!("count(*) FILTER (WHERE worker = '{frozen_id}')")), "0");
+    assert_copied_without(&c, &held, &frozen_id);
+    crate::capture::sigint_and_wait(&mut leader);
+}
+
+/// A joined worker frozen after the copy (here: done, about to exit) still holds its snapshot
+/// exporters on blue, whose transactions hold blue's vacuum horizon. The leader's lease watch
+/// runs while it follows too, and ends them; woken up, the worker exits 3. Blue takes writes
+/// throughout, and green stays equal to it.
+#[test]
+fn a_joined_worker_frozen_after_the_copy_loses_its_lease_while_the_leader_follows() {
+    let c = crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN);
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 20000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
+    // Started first, it waits for the leader's copy and joins it.
+    let mut late = c.spawn(&["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.joined-done:sleep")]);
+    let mut leader = c.spawn(&["copy", p], &[]);
+    c.wait_phase("following");
+    let state = c.sql("bluegreen_custom");
+    let id = c.green.psql(&format!("SELECT id FROM {state}.workers WHERE pid = {} AND role = 'joined'", late.id()));
+    if id.is_empty() {
+        crate::support::panic_with_stderr(&mut late, "the joined worker is not recorded");
+    }
+    let (on_blue, _) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &id);
+    assert!(on_blue >= 2, "its blue sessions open (a lane and a snapshot exporter): {on_blue}");
+    let frozen = crate::support::Frozen::freeze(&late);
+    let started = Instant::now();
+    while crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &id) != (0, 0) {
+        assert!(started.elapsed() < Duration::from_secs(60), "its sessions outlived its lease");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(c.green.psql(&format!("SELECT state->>'phase' FROM {state}.migration")), "following");
+    frozen.thaw();
+    let (code, err) = crate::support::exit_of(&mut late);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("worker_lease"), "{err}");
+    writer.stop();
     let query = "SELECT id, grp, payload FROM items";
     assert!(
         crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
         "green did not converge to blue"
     );
-    assert_eq!(
-        c.green
-            .psql("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisprimary AND indisvalid"),
-        "1"
-    );
-    assert_every_chunk_under_one_floor(&c);
     crate::capture::sigint_and_wait(&mut leader);
 }
 

@@ -252,7 +252,7 @@ pub fn render_text(value: &serde_json::Value) -> String {
             if chunks.is_empty() { "idle".to_string() } else { format!("{doing} {}", chunks.join(", ")) },
             w["seen_ago"].as_f64().unwrap_or(0.0),
             if w["expired"].as_bool() == Some(true) {
-                "; lease expired: its sessions were ended and its chunks went to other workers"
+                "; lease expired: its sessions were ended, and what it held went to other workers"
             } else {
                 ""
             }

@@ -411,6 +411,17 @@ async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
     }
 }
 
+/// A joined worker's heartbeat while it starts: its record, empty-handed, every second.
+async fn early_beat(plan: Plan, state: State, id: String) {
+    let Ok(green) = plan.green.connect().await else { return };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if let Ok(false) = state.worker_seen(&green, &id, "joined", &[], 0).await {
+            return;
+        }
+    }
+}
+
 /// `migrate copy --join`: a worker on another machine. Waits for the leader (`migrate copy`) to
 /// plan the chunks, then claims and copies chunks beside it (each under snapshots of its own,
 /// taken after the leader's capture began) until none is left; the leader rebuilds indexes and
@@ -461,8 +472,11 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     // Recorded before any session of its own reads or claims: its lease covers them all.
     let worker_id = crate::state::worker_id();
     state.worker_seen(&green, &worker_id, "joined", &[], 0).await?;
+    // Kept fresh until its heartbeat proper starts: a slow start (connects, blue's health) is
+    // not silence.
+    let early = crate::shutdown::AbortOnDrop(tokio::spawn(early_beat(plan.clone(), state.clone(), worker_id.clone())));
     let sessions =
-        Arc::new(Sessions::new(state.clone(), worker_id.clone(), plan.green.connect().await?, plan.copy.worker_lease));
+        Arc::new(Sessions::new(state.clone(), worker_id.clone(), &plan.green, plan.copy.worker_lease).await?);
     let blue = plan.blue.connect().await?;
     let entry = sessions.add("blue", &blue).await?;
     let first = snapshots::export(&blue).await?;
@@ -510,6 +524,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     });
     info!(worker = %shared.worker_id, "joined the copy; claiming chunks");
     let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), "joined"));
+    drop(early);
     let first_error = tokio::select! {
         e = run_workers(&shared, plan.copy.workers.max(1), &run_stop) => e,
         // Its sessions were ended: nothing its workers hold can commit, so they are dropped.

@@ -91,6 +91,7 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
             if shared.state.chunks_left(&green).await? == 0
                 && !matches!(shared.state.phase(&green).await?, Some(crate::state::Phase::Copying))
             {
+                crate::fault::point("copy.joined-done").await;
                 return Ok(());
             }
         } else {

@@ -178,9 +178,10 @@ fn connections(plan: &Plan, method: CaptureMethod, checks: &mut Vec<Check>, prob
             || !plan.copy.max_blue_commit_latency.is_zero(),
     );
     // Logical capture applies directly from capture: a blue and a green session per apply worker.
+    // Green's count includes the copy's heartbeat and the joined workers' lease watch.
     let (blue, green) = match method {
-        CaptureMethod::Trigger => (workers + 4 + apply + health, workers + 3 + apply),
-        _ => (workers + 5 + 2 * apply + health, workers + 3 + 2 * apply),
+        CaptureMethod::Trigger => (workers + 4 + apply + health, workers + 5 + apply),
+        _ => (workers + 5 + 2 * apply + health, workers + 5 + 2 * apply),
     };
     let caps = [(blue, plan.copy.max_connections_blue, "blue"), (green, plan.copy.max_connections_green, "green")];
     let over: Vec<String> = caps

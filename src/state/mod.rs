@@ -59,8 +59,11 @@ pub struct State {
 
 /// The columns of joined workers' leases (see `workers::Leases`): added by `copy` and by a
 /// verify run, so a `verify` on state an older `copy` wrote can lease its joined workers.
-const LEASE_COLUMNS: &[(&str, &str, &str)] =
-    &[("workers", "sessions", "text[] NOT NULL DEFAULT '{}'"), ("workers", "expired_at", "timestamptz")];
+const LEASE_COLUMNS: &[(&str, &str, &str)] = &[
+    ("workers", "sessions", "text[] NOT NULL DEFAULT '{}'"),
+    ("workers", "expired_at", "timestamptz"),
+    ("workers", "ended_at", "timestamptz"),
+];
 
 impl State {
     /// The state of `plan` (nothing is created until [`State::ensure`]).
@@ -92,8 +95,8 @@ impl State {
             .iter()
             .map(|(table, column, ty)| {
                 format!(
-                    "DO $add$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
-                       WHERE attrelid = '{t}'::regclass AND attname = {c} AND NOT attisdropped) \
+                    "DO $add$ BEGIN IF to_regclass('{t}') IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                       WHERE attrelid = to_regclass('{t}') AND attname = {c} AND NOT attisdropped) \
                      THEN ALTER TABLE {t} ADD COLUMN {ci} {ty}; END IF; END $add$;",
                     t = self.table(table).replace('\'', "''"),
                     c = literal(column),

@@ -278,14 +278,17 @@ impl State {
         Ok(added == 1)
     }
 
-    /// Marks as expired every worker of `role` not seen for `lease`, and returns them: the caller
-    /// ends their sessions. The mark comes first, so one that wakes up cannot renew its record.
+    /// Marks as expired every worker of `role` not seen for `lease`, and returns them with those
+    /// marked before whose sessions were not ended yet (by this leader or one before it): the
+    /// caller ends their sessions. The mark comes first, so one that wakes up cannot renew its
+    /// record.
     async fn expire_workers(&self, green: &impl GenericClient, role: &str, lease: Duration) -> Result<Vec<Expired>> {
         Ok(green
             .query(
                 &format!(
-                    "UPDATE {} SET expired_at = now() \
-                     WHERE role = $2 AND expired_at IS NULL AND seen_at < now() - make_interval(secs => $1) \
+                    "UPDATE {} SET expired_at = coalesce(expired_at, now()) \
+                     WHERE role = $2 AND ended_at IS NULL \
+                       AND (expired_at IS NOT NULL OR seen_at < now() - make_interval(secs => $1)) \
                      RETURNING id, chunks, sessions, extract(epoch FROM now() - seen_at)::float8",
                     self.table("workers")
                 ),
@@ -296,6 +299,15 @@ impl State {
             .iter()
             .map(|r| Expired { id: r.get(0), chunks: r.get(1), sessions: r.get(2), silent: r.get(3) })
             .collect())
+    }
+
+    /// Records that worker `id`'s sessions were ended (or cannot be by this role).
+    async fn lease_ended(&self, green: &impl GenericClient, id: &str) -> Result<()> {
+        green
+            .execute(&format!("UPDATE {} SET ended_at = now() WHERE id = $1", self.table("workers")), &[&id])
+            .await
+            .map_err(Error::db("green: recording an expired worker's sessions ended"))?;
+        Ok(())
     }
 
     /// Whether worker `id`'s lease expired.
@@ -362,15 +374,18 @@ impl State {
 pub struct Sessions {
     state: State,
     worker: String,
-    green: Client,
+    /// A session of its own on green, opened again if it was closed (`idle_session_timeout`).
+    green: tokio::sync::Mutex<Client>,
+    green_info: ConnInfo,
     lease: Duration,
 }
 
 impl Sessions {
-    /// The book of worker `worker` (its record written already), kept on `green`, a session of
-    /// its own, under the plan's `lease`.
-    pub fn new(state: State, worker: String, green: Client, lease: Duration) -> Self {
-        Self { state, worker, green, lease }
+    /// The book of worker `worker` (its record written already), kept on a session of its own
+    /// on green, under the plan's `lease`.
+    pub async fn new(state: State, worker: String, green_info: &ConnInfo, lease: Duration) -> Result<Self> {
+        let green = tokio::sync::Mutex::new(green_info.connect().await?);
+        Ok(Self { state, worker, green, green_info: green_info.clone(), lease })
     }
 
     /// Records `c`, a session on `side` (`blue` or `green`), and returns its entry (for
@@ -379,7 +394,8 @@ impl Sessions {
     pub async fn add(&self, side: &str, c: &Client) -> Result<String> {
         let tag = session_tag(c).await.map_err(Error::db(format!("{side}: naming a worker's session")))?;
         let entry = format!("{side}:{tag}");
-        if !self.state.worker_session(&self.green, &self.worker, &entry).await? {
+        let green = self.green().await?;
+        if !self.state.worker_session(&*green, &self.worker, &entry).await? {
             return Err(Error::LeaseExpired { worker: self.worker.clone(), lease: self.lease });
         }
         Ok(entry)
@@ -390,9 +406,21 @@ impl Sessions {
     pub async fn remove(&self, entry: &str) {
         let sql =
             format!("UPDATE {} SET sessions = array_remove(sessions, $2) WHERE id = $1", self.state.table("workers"));
-        if let Err(e) = self.green.execute(&sql, &[&self.worker, &entry]).await {
+        let removed = match self.green().await {
+            Ok(green) => green.execute(&sql, &[&self.worker, &entry]).await.map_err(Error::db("green")),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
             tracing::debug!(error = %e, "green: taking a closed session off a worker's record");
         }
+    }
+
+    async fn green(&self) -> Result<tokio::sync::MutexGuard<'_, Client>> {
+        let mut green = self.green.lock().await;
+        if green.is_closed() {
+            *green = self.green_info.connect().await?;
+        }
+        Ok(green)
     }
 }
 
@@ -406,18 +434,18 @@ pub struct Leases {
     role: &'static str,
     lease: Duration,
     through_since: Instant,
-    /// Marked expired, sessions not ended yet (a server did not answer): tried again.
-    unended: Vec<Expired>,
 }
 
 /// A probe commit slower than this counts as a stall of green: the others' heartbeats may have
 /// waited as long, so their silence says nothing for a lease after it.
 const PROBE_SLOW: Duration = Duration::from_secs(1);
+/// Probes failing in a row before the watch says that it cannot judge.
+const PROBES_FAILED_WARN: u32 = 30;
 
 impl Leases {
     /// Leases of joined workers of `role`.
     pub fn new(role: &'static str, lease: Duration) -> Self {
-        Self { role, lease, through_since: Instant::now(), unended: Vec::new() }
+        Self { role, lease, through_since: Instant::now() }
     }
 
     /// Watches the leases until dropped (the caller aborts it): once a second a commit on green
@@ -425,39 +453,56 @@ impl Leases {
     /// a heartbeat's does), then ends the leases of workers silent for a lease.
     pub async fn watch(mut self, state: State, green_info: ConnInfo, blue_info: ConnInfo) {
         let mut green: Option<Client> = None;
+        let mut failed = 0u32;
         loop {
             if green.as_ref().is_none_or(|g| g.is_closed()) {
                 green = green_info.connect().await.ok();
             }
-            if let Some(g) = &green {
-                let started = Instant::now();
-                let probe = g.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT").await;
-                if probe.is_err() || started.elapsed() > PROBE_SLOW {
+            let started = Instant::now();
+            let probe = match &green {
+                Some(g) => g.batch_execute("BEGIN; SELECT txid_current(); COMMIT").await.map_err(Error::db("green")),
+                None => Err(Error::Internal("no green session")),
+            };
+            match probe {
+                Err(e) => {
+                    // A session left in a failed transaction would fail every probe after.
+                    green = None;
                     self.through_since = Instant::now();
-                } else if self.through_since.elapsed() >= self.lease {
-                    if let Err(e) = self.end_expired(&state, g, &blue_info).await {
-                        tracing::warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
+                    failed += 1;
+                    if failed == PROBES_FAILED_WARN {
+                        tracing::warn!(error = %e, "green: the joined workers' lease watch cannot commit; no lease ends meanwhile");
                     }
                 }
-            } else {
-                self.through_since = Instant::now();
+                Ok(()) if started.elapsed() > PROBE_SLOW => {
+                    failed = 0;
+                    self.through_since = Instant::now();
+                }
+                Ok(()) => {
+                    failed = 0;
+                    if let (Some(g), true) = (&green, self.through_since.elapsed() >= self.lease) {
+                        if let Err(e) = self.end_expired(&state, g, &blue_info).await {
+                            tracing::warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
+                        }
+                    }
+                }
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
     /// Marks the workers silent for a lease expired and ends their sessions. A worker whose
-    /// sessions could not be ended (a server did not answer) is tried again next time; one the
-    /// leader may not end (privileges) is named and left.
-    async fn end_expired(&mut self, state: &State, green: &Client, blue_info: &ConnInfo) -> Result<()> {
-        self.unended.extend(state.expire_workers(green, self.role, self.lease).await?);
-        if self.unended.is_empty() {
+    /// sessions could not be ended (a server did not answer) stays marked and unended, and is
+    /// tried again next time, by this leader or the next; one the leader may not end
+    /// (privileges) is named and left.
+    async fn end_expired(&self, state: &State, green: &Client, blue_info: &ConnInfo) -> Result<()> {
+        let expired = state.expire_workers(green, self.role, self.lease).await?;
+        if expired.is_empty() {
             return Ok(());
         }
         // Only while ending some: not one more session on blue for the whole run.
         let blue = blue_info.connect().await?;
         let mut failed = None;
-        for worker in std::mem::take(&mut self.unended) {
+        for worker in expired {
             let on = |side: &str| -> Vec<String> {
                 worker.sessions.iter().filter_map(|s| s.strip_prefix(side)).map(str::to_string).collect()
             };
@@ -466,28 +511,42 @@ impl Leases {
                 Err(e) => Err(e),
             };
             match ended {
-                Ok((on_green, on_blue)) => tracing::warn!(
-                    worker = %worker.id,
-                    silent_seconds = format!("{:.0}", worker.silent),
-                    holding = %worker.chunks.join(","),
-                    recorded_sessions = worker.sessions.len(),
-                    green_sessions_ended = on_green,
-                    blue_sessions_ended = on_blue,
-                    "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its open \
-                     sessions were ended, and what it held goes to other workers"
-                ),
+                Ok((on_green, on_blue)) => {
+                    let unseen = unseen_sessions(green, &on("green:")).await.unwrap_or(0)
+                        + unseen_sessions(&blue, &on("blue:")).await.unwrap_or(0);
+                    if unseen > 0 {
+                        tracing::warn!(
+                            worker = %worker.id,
+                            sessions = unseen,
+                            "a joined worker's lease expired, but this role cannot see when its sessions began (run \
+                             every worker as one role, or grant pg_read_all_stats and pg_signal_backend): what it \
+                             holds waits for the servers to drop its sessions"
+                        );
+                    }
+                    tracing::warn!(
+                        worker = %worker.id,
+                        silent_seconds = format!("{:.0}", worker.silent),
+                        holding = %worker.chunks.join(","),
+                        recorded_sessions = worker.sessions.len(),
+                        green_sessions_ended = on_green,
+                        blue_sessions_ended = on_blue,
+                        "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its \
+                         sessions still open were ended, and what it held goes to other workers"
+                    );
+                    state.lease_ended(green, &worker.id).await?;
+                }
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
                     tracing::warn!(
                         worker = %worker.id,
                         error = %crate::error::pg_message(&e),
-                        "a joined worker's lease expired, but this role may not end its sessions (grant \
-                         pg_signal_backend, or run every worker as one role): what it holds waits for the servers \
-                         to drop its sessions"
-                    )
+                        "a joined worker's lease expired, but this role may not end its sessions (run every worker \
+                         as one role, or grant pg_signal_backend): what it holds waits for the servers to drop its \
+                         sessions"
+                    );
+                    state.lease_ended(green, &worker.id).await?;
                 }
                 Err(e) => {
                     failed.get_or_insert(Error::db("ending an expired worker's sessions")(e));
-                    self.unended.push(worker);
                 }
             }
         }
@@ -521,6 +580,21 @@ async fn end_sessions(c: &impl GenericClient, tags: &[String]) -> std::result::R
              WHERE a.pid <> pg_backend_pid() AND {SESSION_TAG} = ANY($1)"
         ),
         &[&tags],
+    )
+    .await?
+    .get(0))
+}
+
+/// How many of the server processes `tags` name by pid this role sees without a start time
+/// (another role's, without `pg_read_all_stats`): their tags cannot match.
+async fn unseen_sessions(c: &impl GenericClient, tags: &[String]) -> std::result::Result<i64, tokio_postgres::Error> {
+    let pids: Vec<i32> = tags.iter().filter_map(|t| t.split(':').next()?.parse().ok()).collect();
+    if pids.is_empty() {
+        return Ok(0);
+    }
+    Ok(c.query_one(
+        "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = ANY($1) AND backend_start IS NULL",
+        &[&pids],
     )
     .await?
     .get(0))

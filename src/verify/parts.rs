@@ -152,7 +152,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, shutdown: &Shutdown) -> 
     let worker = crate::state::worker_id();
     let board = Board::Shared { state: &state, run: None, worker: worker.clone() };
     let mut lanes = Lanes::new(plan, board, &queries, shutdown);
-    lanes.sessions = Some(Sessions::new(state.clone(), worker, plan.green.connect().await?, plan.copy.worker_lease));
+    lanes.sessions = Some(Sessions::new(state.clone(), worker, &plan.green, plan.copy.worker_lease).await?);
     // Until a run ends that a leader finished: a run dropped (its leader died) is not the
     // verify this worker was started for.
     loop {
