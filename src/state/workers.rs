@@ -48,7 +48,7 @@ pub struct WorkerRecord {
     pub copied: i32,
     /// Seconds since its last heartbeat.
     pub seen_ago: f64,
-    /// Its lease expired: the leader ended its sessions (see [`State::expire_workers`]).
+    /// Its lease expired: the leader ended its sessions (see [`Leases`]).
     pub expired: bool,
 }
 
