@@ -496,61 +496,97 @@ impl Leases {
     /// (privileges) is named and left.
     async fn end_expired(&self, state: &State, green: &Client, blue_info: &ConnInfo) -> Result<()> {
         let expired = state.expire_workers(green, self.role, self.lease).await?;
-        if expired.is_empty() {
-            return Ok(());
-        }
-        // Only while ending some: not one more session on blue for the whole run.
-        let blue = blue_info.connect().await?;
+        // Opened only while ending some, and after green's are ended: not one more session on
+        // blue for the whole run, and a blue that does not answer keeps no claim on green.
+        let mut blue: Option<Client> = None;
         let mut failed = None;
         for worker in expired {
             let on = |side: &str| -> Vec<String> {
                 worker.sessions.iter().filter_map(|s| s.strip_prefix(side)).map(str::to_string).collect()
             };
-            let ended = match end_sessions(green, &on("green:")).await {
-                Ok(g) => end_sessions(&blue, &on("blue:")).await.map(|b| (g, b)),
-                Err(e) => Err(e),
-            };
-            match ended {
-                Ok((on_green, on_blue)) => {
-                    let unseen = unseen_sessions(green, &on("green:")).await.unwrap_or(0)
-                        + unseen_sessions(&blue, &on("blue:")).await.unwrap_or(0);
-                    if unseen > 0 {
-                        tracing::warn!(
-                            worker = %worker.id,
-                            sessions = unseen,
-                            "a joined worker's lease expired, but this role cannot see when its sessions began (run \
-                             every worker as one role, or grant pg_read_all_stats and pg_signal_backend): what it \
-                             holds waits for the servers to drop its sessions"
-                        );
-                    }
-                    tracing::warn!(
-                        worker = %worker.id,
-                        silent_seconds = format!("{:.0}", worker.silent),
-                        holding = %worker.chunks.join(","),
-                        recorded_sessions = worker.sessions.len(),
-                        green_sessions_ended = on_green,
-                        blue_sessions_ended = on_blue,
-                        "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its \
-                         sessions still open were ended, and what it held goes to other workers"
-                    );
-                    state.lease_ended(green, &worker.id).await?;
-                }
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
-                    tracing::warn!(
-                        worker = %worker.id,
-                        error = %crate::error::pg_message(&e),
-                        "a joined worker's lease expired, but this role may not end its sessions (run every worker \
-                         as one role, or grant pg_signal_backend): what it holds waits for the servers to drop its \
-                         sessions"
-                    );
-                    state.lease_ended(green, &worker.id).await?;
-                }
-                Err(e) => {
-                    failed.get_or_insert(Error::db("ending an expired worker's sessions")(e));
+            // Each side apart: one that refuses (privileges) does not keep the other's open.
+            let on_green =
+                end_side(green, &on("green:")).await.map_err(Error::db("green: ending an expired worker's sessions"));
+            let blue_tags = on("blue:");
+            if blue.is_none() && !blue_tags.is_empty() {
+                match blue_info.connect().await {
+                    Ok(b) => blue = Some(b),
+                    Err(e) => failed = Some(e.into()),
                 }
             }
+            let on_blue = match &blue {
+                _ if blue_tags.is_empty() => Ok(SideEnd::Ended { ended: 0, unseen: 0 }),
+                Some(b) => {
+                    end_side(b, &blue_tags).await.map_err(Error::db("blue: ending an expired worker's sessions"))
+                }
+                None => Err(Error::Internal("blue did not answer")),
+            };
+            let (on_green, on_blue) = match (on_green, on_blue) {
+                (Ok(g), Ok(b)) => (g, b),
+                // Marked and not ended: tried again next time, by this leader or the next.
+                (Err(e), _) | (_, Err(e)) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            let mut ended = [0, 0];
+            for (i, (side, end)) in [("green", &on_green), ("blue", &on_blue)].into_iter().enumerate() {
+                match end {
+                    SideEnd::Ended { ended: n, unseen } => {
+                        ended[i] = *n;
+                        if *unseen > 0 {
+                            tracing::warn!(
+                                worker = %worker.id,
+                                side,
+                                sessions = unseen,
+                                "a joined worker's lease expired, but this role cannot see when its sessions began \
+                                 (run every worker as one role, or grant pg_read_all_stats and pg_signal_backend): \
+                                 what it holds waits for the servers to drop those sessions"
+                            );
+                        }
+                    }
+                    SideEnd::Refused(why) => tracing::warn!(
+                        worker = %worker.id,
+                        side,
+                        error = %why,
+                        "a joined worker's lease expired, but this role may not end its sessions (run every worker \
+                         as one role, or grant pg_signal_backend): what it holds waits for the servers to drop \
+                         those sessions"
+                    ),
+                }
+            }
+            tracing::warn!(
+                worker = %worker.id,
+                silent_seconds = format!("{:.0}", worker.silent),
+                holding = %worker.chunks.join(","),
+                recorded_sessions = worker.sessions.len(),
+                green_sessions_ended = ended[0],
+                blue_sessions_ended = ended[1],
+                "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its \
+                 sessions still open were ended, and what it held goes to other workers"
+            );
+            state.lease_ended(green, &worker.id).await?;
         }
         failed.map_or(Ok(()), Err)
+    }
+}
+
+/// What ending a worker's sessions on one server did.
+enum SideEnd {
+    /// Ended `ended`; `unseen` of its processes this role sees without a start time.
+    Ended { ended: i64, unseen: i64 },
+    /// This role may not end them: the server's message.
+    Refused(String),
+}
+
+/// Ends, on one server, the sessions among `tags`. An error is one to try again.
+async fn end_side(c: &Client, tags: &[String]) -> std::result::Result<SideEnd, tokio_postgres::Error> {
+    match end_sessions(c, tags).await {
+        Ok(ended) => Ok(SideEnd::Ended { ended, unseen: unseen_sessions(c, tags).await.unwrap_or(0) }),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Ok(SideEnd::Refused(crate::error::pg_message(&e)))
+        }
+        Err(e) => Err(e),
     }
 }
 
