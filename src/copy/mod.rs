@@ -386,40 +386,14 @@ fn run_stop(outer: &Shutdown) -> (Shutdown, tokio::task::JoinHandle<()>) {
 /// for `status` and as its lease, on a connection of its own. A joined worker that finds its
 /// lease expired (the leader ended its sessions: `state::Leases`) stops.
 async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
-    let mut green: Option<Client> = None;
-    loop {
-        if green.as_ref().is_none_or(|g| g.is_closed()) {
-            green = shared.plan.green.connect().await.ok();
-        }
-        let chunks: Vec<String> = shared.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
-        let copied = shared.copied.load(std::sync::atomic::Ordering::Relaxed);
-        let seen = match &green {
-            Some(g) => shared.state.worker_seen(g, &shared.worker_id, role, &chunks, copied).await,
-            None => Err(Error::Internal("no green connection")),
-        };
-        match seen {
-            Ok(true) => {}
-            Ok(false) => {
-                warn!(worker = %shared.worker_id, "this worker's lease expired; stopping");
-                shared.expired.trigger();
-                shared.shutdown.trigger();
-                return;
-            }
-            Err(e) => tracing::debug!(error = %e, "green: worker heartbeat"),
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
-}
-
-/// A joined worker's heartbeat while it starts: its record, empty-handed, every second.
-async fn early_beat(plan: Plan, state: State, id: String) {
-    let Ok(green) = plan.green.connect().await else { return };
-    loop {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        if let Ok(false) = state.worker_seen(&green, &id, "joined", &[], 0).await {
-            return;
-        }
-    }
+    let held = || {
+        let chunks = shared.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
+        (chunks, shared.copied.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    shared.state.beat(&shared.plan.green, &shared.worker_id, role, held).await;
+    warn!(worker = %shared.worker_id, "this worker's lease expired; stopping");
+    shared.expired.trigger();
+    shared.shutdown.trigger();
 }
 
 /// `migrate copy --join`: a worker on another machine. Waits for the leader (`migrate copy`) to
@@ -474,7 +448,12 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     state.worker_seen(&green, &worker_id, "joined", &[], 0).await?;
     // Kept fresh until its heartbeat proper starts: a slow start (connects, blue's health) is
     // not silence.
-    let early = crate::shutdown::AbortOnDrop(tokio::spawn(early_beat(plan.clone(), state.clone(), worker_id.clone())));
+    let early = {
+        let (plan, state, id) = (plan.clone(), state.clone(), worker_id.clone());
+        crate::shutdown::AbortOnDrop(tokio::spawn(async move {
+            state.beat(&plan.green, &id, "joined", || (Vec::new(), 0)).await
+        }))
+    };
     let sessions =
         Arc::new(Sessions::new(state.clone(), worker_id.clone(), &plan.green, plan.copy.worker_lease).await?);
     let blue = plan.blue.connect().await?;

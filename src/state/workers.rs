@@ -261,6 +261,28 @@ impl State {
         Ok(refreshed == 1)
     }
 
+    /// Writes worker `id`'s record every second, its hands as `held` says (things in hand, and
+    /// how many done), on a session of its own that is opened again when closed, until its
+    /// lease is found expired: then returns. A failed write does not stop it (a worker silent
+    /// for its lease is cut off by the leader).
+    pub async fn beat(&self, green_info: &ConnInfo, id: &str, role: &str, held: impl Fn() -> (Vec<String>, i32)) {
+        let mut green: Option<Client> = None;
+        loop {
+            if green.as_ref().is_none_or(|g| g.is_closed()) {
+                green = green_info.connect().await.ok();
+            }
+            if let Some(g) = &green {
+                let (hands, done) = held();
+                match self.worker_seen(g, id, role, &hands, done).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => tracing::debug!(error = %e, role, "green: heartbeat not recorded"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// Adds a session of worker `id` (a [`session_tag`], prefixed with its side) to its record,
     /// before the session claims or reads anything: the leader ends it if the lease expires.
     /// `false` when the lease has expired or the record is gone.

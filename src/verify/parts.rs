@@ -330,23 +330,12 @@ impl<'a> Lanes<'a> {
             Ok(false) | Err(_) => tracing::debug!("green: verify leader not recorded"),
         }
         let beat = async {
-            let mut green = Some(green);
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if green.as_ref().is_none_or(|g| g.is_closed()) {
-                    green = self.plan.green.connect().await.ok();
-                }
-                let Some(g) = &green else { continue };
-                let busy: Vec<String> = self.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
-                let checked = self.checked.load(Ordering::Relaxed);
-                match state.worker_seen(g, worker, role, &busy, checked).await {
-                    Ok(true) => {}
-                    Ok(false) => return Err(Error::LeaseExpired { worker: worker.clone(), lease }),
-                    // A failed write does not stop the check (a joined worker silent for its
-                    // lease is cut off by the leader).
-                    Err(e) => tracing::debug!(error = %e, "green: verify heartbeat not recorded"),
-                }
-            }
+            let held = || {
+                let busy = self.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
+                (busy, self.checked.load(Ordering::Relaxed))
+            };
+            state.beat(&self.plan.green, worker, role, held).await;
+            Err(Error::LeaseExpired { worker: worker.clone(), lease })
         };
         // The leader watches its joined workers' leases while its parts are read.
         let watch = async {
@@ -360,7 +349,7 @@ impl<'a> Lanes<'a> {
             r = beat => r,
             () = watch => Err(Error::Internal("the lease watch ended")),
         };
-        let green = self.plan.green.connect().await;
+        let green = if green.is_closed() { self.plan.green.connect().await } else { Ok(green) };
         // Its sessions may have been ended under it: what they failed with says less than this.
         if joined && result.is_err() && !matches!(result, Err(Error::LeaseExpired { .. })) {
             if let Ok(g) = &green {
