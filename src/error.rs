@@ -140,7 +140,7 @@ pub enum Error {
     /// A joined worker's lease expired: the leader ended its sessions.
     #[error(
         "this joined worker ({worker}) wrote no heartbeat to green for longer than `[copy] worker_lease` ({lease:?}): \
-         the leader ended its sessions on green and blue, and what it held and had not committed (a copy chunk, a \
+         the leader ends its sessions on green and blue, and what it held and had not committed (a copy chunk, a \
          verify part) goes to other workers; start it again where green answers"
     )]
     LeaseExpired {

@@ -580,6 +580,71 @@ fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
     crate::capture::sigint_and_wait(&mut leader);
 }
 
+/// A joined worker on a host of its own (a network namespace, reaching the servers over a link
+/// of its own) loses that link while it holds a chunk: nothing passes either way, its sessions
+/// stay open on both servers, and its own connections hang. The leader ends those sessions
+/// after `[copy] worker_lease` and copies the chunk. The worker, which could renew its lease
+/// for that long, stops by itself (exit 3) while still cut off, instead of waiting on dead
+/// connections until TCP gives up (its heartbeat waited for an answer for ever). Blue takes
+/// writes throughout; green then equals blue.
+#[test]
+fn a_joined_worker_on_a_host_cut_off_from_both_servers_stops_by_itself_and_its_chunk_is_copied_by_another() {
+    let host = crate::support::host::Host::new();
+    let listen = format!("listen_addresses=127.0.0.1,{}", host.server_addr());
+    let clusters =
+        (crate::support::Cluster::own("blue-host", &[&listen]), crate::support::Cluster::own("green-host", &[&listen]));
+    host.admit(clusters.0);
+    host.admit(clusters.1);
+    let c = crate::support::Custom::on(clusters, SPREAD_BLUE, SPREAD_GREEN);
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
+    let mut leader = c.spawn(&["copy", p], &[]);
+    let mut remote = host
+        .command(&assert_cmd::cargo::cargo_bin("migrate"))
+        .env("BLUE_URL", host.url(&c.blue))
+        .env("GREEN_URL", host.url(&c.green))
+        .env("MIGRATE_LOG", "warn")
+        .env("MIGRATE_FAULT", "copy.chunk-streamed:sleep")
+        .args(["copy", p, "--join"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start migrate on the second host");
+    let state = c.sql("bluegreen_custom");
+    let started = Instant::now();
+    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
+        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (remote_id, held) = crate::support::first_in_hand(&c.green, &state, &mut remote);
+    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &remote_id);
+    assert!(on_blue >= 2 && on_green >= 1, "its sessions open: {on_blue} on blue, {on_green} on green");
+    // They come from the other host.
+    let from_host = |db: &crate::support::TestDb| {
+        db.psql(&format!("SELECT count(*) FROM pg_stat_activity WHERE client_addr = '{}'", host.addr()))
+    };
+    assert!(from_host(&c.blue) != "0" && from_host(&c.green) != "0", "no session from {}", host.addr());
+    host.cut();
+
+    c.wait_phase("following");
+    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &remote_id);
+    assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
+    // Still cut off, it has stopped by itself.
+    let (code, err) = crate::support::exit_of(&mut remote);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("could not renew its lease") && err.contains(&remote_id), "{err}");
+    host.heal();
+    writer.stop();
+
+    assert_copied_without(&c, &held, &remote_id);
+    crate::capture::sigint_and_wait(&mut leader);
+}
+
 /// A joined worker frozen after the copy (here: done, about to exit) still holds its snapshot
 /// exporters on blue, whose transactions hold blue's vacuum horizon. The leader's lease watch
 /// runs while it follows too, and ends them; woken up, the worker exits 3. Blue takes writes

@@ -390,8 +390,8 @@ async fn heartbeat(shared: Arc<Shared>, role: &'static str) {
         let chunks = shared.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
         (chunks, shared.copied.load(std::sync::atomic::Ordering::Relaxed))
     };
-    shared.state.beat(&shared.plan.green, &shared.worker_id, role, held).await;
-    warn!(worker = %shared.worker_id, "this worker's lease expired; stopping");
+    let lease = shared.joined.then_some(shared.plan.copy.worker_lease);
+    shared.state.beat(&shared.plan.green, &shared.worker_id, role, lease, held).await;
     shared.expired.trigger();
     shared.shutdown.trigger();
 }
@@ -451,7 +451,7 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     let early = {
         let (plan, state, id) = (plan.clone(), state.clone(), worker_id.clone());
         crate::shutdown::AbortOnDrop(tokio::spawn(async move {
-            state.beat(&plan.green, &id, "joined", || (Vec::new(), 0)).await
+            state.beat(&plan.green, &id, "joined", Some(plan.copy.worker_lease), || (Vec::new(), 0)).await
         }))
     };
     let sessions =
@@ -518,7 +518,13 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     }
     relay.abort();
     rotation_stop.trigger();
-    let _ = rotator.await;
+    if expired {
+        // Its exporters are the leader's to end: one cut off from blue would wait here for its
+        // COMMIT's answer until TCP gives up.
+        rotator.abort();
+    } else {
+        let _ = rotator.await;
+    }
     progress.finish();
     if expired {
         return Err(Error::LeaseExpired { worker: shared.worker_id.clone(), lease: plan.copy.worker_lease });

@@ -262,22 +262,49 @@ impl State {
     }
 
     /// Writes worker `id`'s record every second, its hands as `held` says (things in hand, and
-    /// how many done), on a session of its own that is opened again when closed, until its
-    /// lease is found expired: then returns. A failed write does not stop it (a worker silent
-    /// for its lease is cut off by the leader).
-    pub async fn beat(&self, green_info: &ConnInfo, id: &str, role: &str, held: impl Fn() -> (Vec<String>, i32)) {
+    /// how many done), on a session of its own that is opened again when closed or silent,
+    /// until its lease is found expired: then returns. A failed write does not stop it (a
+    /// worker silent for its lease is cut off by the leader), but a worker under a `lease`
+    /// (joined) that could renew none for that long returns too: the leader is ending its
+    /// sessions, and a host cut off from green would otherwise wait on a dead connection
+    /// until TCP gives up (up to hours).
+    pub async fn beat(
+        &self,
+        green_info: &ConnInfo,
+        id: &str,
+        role: &str,
+        lease: Option<Duration>,
+        held: impl Fn() -> (Vec<String>, i32),
+    ) {
         let mut green: Option<Client> = None;
+        let mut renewed = Instant::now();
         loop {
             if green.as_ref().is_none_or(|g| g.is_closed()) {
                 green = green_info.connect().await.ok();
             }
             if let Some(g) = &green {
                 let (hands, done) = held();
-                match self.worker_seen(g, id, role, &hands, done).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => tracing::debug!(error = %e, role, "green: heartbeat not recorded"),
+                match tokio::time::timeout(BEAT_WAIT, self.worker_seen(g, id, role, &hands, done)).await {
+                    Ok(Ok(true)) => renewed = Instant::now(),
+                    Ok(Ok(false)) => {
+                        tracing::warn!(worker = %id, "this worker's lease expired; stopping");
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, role, "green: heartbeat not recorded"),
+                    // Sent and unanswered: the session may be dead without knowing it.
+                    Err(_) => {
+                        tracing::debug!(role, "green: no answer to a heartbeat within {BEAT_WAIT:?}; reconnecting");
+                        green = None;
+                    }
                 }
+            }
+            if let Some(lease) = lease.filter(|l| renewed.elapsed() >= *l) {
+                tracing::warn!(
+                    worker = %id,
+                    silent_s = renewed.elapsed().as_secs(),
+                    "this worker could not renew its lease on green for `[copy] worker_lease` ({lease:?}); stopping"
+                );
+                return;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -457,6 +484,9 @@ pub struct Leases {
     lease: Duration,
     through_since: Instant,
 }
+
+/// How long a heartbeat may go unanswered before its session is taken for dead and replaced.
+const BEAT_WAIT: Duration = Duration::from_secs(5);
 
 /// A probe commit slower than this counts as a stall of green: the others' heartbeats may have
 /// waited as long, so their silence says nothing for a lease after it.

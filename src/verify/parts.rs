@@ -334,7 +334,7 @@ impl<'a> Lanes<'a> {
                 let busy = self.busy.lock().map(|b| b.iter().cloned().collect()).unwrap_or_default();
                 (busy, self.checked.load(Ordering::Relaxed))
             };
-            state.beat(&self.plan.green, worker, role, held).await;
+            state.beat(&self.plan.green, worker, role, joined.then_some(lease), held).await;
             Err(Error::LeaseExpired { worker: worker.clone(), lease })
         };
         // The leader watches its joined workers' leases while its parts are read.

@@ -2,6 +2,7 @@
 //! scenario, and an independent fingerprint of green versus transform(blue).
 
 pub mod cluster;
+pub mod host;
 pub mod writer;
 
 use std::{
