@@ -542,42 +542,7 @@ fn assert_copied_without(c: &crate::support::Custom, held: &str, gone: &str) {
 /// chunk for ever.
 #[test]
 fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
-    let c = crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN);
-    let plan = c.plan(
-        "trigger",
-        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
-        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
-    );
-    let p = plan.to_str().unwrap();
-    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
-    let mut leader = c.spawn(&["copy", p], &[]);
-    let mut frozen = c.spawn(&["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
-    let state = c.sql("bluegreen_custom");
-    let started = Instant::now();
-    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
-        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // It holds a chunk it has written and marked done, uncommitted, under a snapshot of blue.
-    let (frozen_id, held) = crate::support::first_in_hand(&c.green, &state, &mut frozen);
-    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
-    assert!(on_blue >= 2 && on_green >= 1, "its sessions open: {on_blue} on blue, {on_green} on green");
-    let frozen_process = crate::support::Frozen::freeze(&frozen);
-
-    c.wait_phase("following");
-    // Its sessions are gone from both servers while it is still frozen.
-    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
-    assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
-    let r = run(&mut c.migrate(&["status", p]));
-    assert!(r.stdout.contains(&format!("worker {frozen_id} (joined)")) && r.stdout.contains("lease expired"), "{r:?}");
-    frozen_process.thaw();
-    let (code, err) = crate::support::exit_of(&mut frozen);
-    assert_eq!(code, Some(3), "{err}");
-    assert!(err.contains("worker_lease") && err.contains(&frozen_id), "{err}");
-    writer.stop();
-
-    assert_copied_without(&c, &held, &frozen_id);
-    crate::capture::sigint_and_wait(&mut leader);
+    joined_worker_lost_holding_a_chunk(None);
 }
 
 /// A joined worker on a host of its own (a network namespace, reaching the servers over a link
@@ -585,17 +550,25 @@ fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
 /// stay open on both servers, and its own connections hang. The leader ends those sessions
 /// after `[copy] worker_lease` and copies the chunk. The worker, which could renew its lease
 /// for that long, stops by itself (exit 3) while still cut off, instead of waiting on dead
-/// connections until TCP gives up (its heartbeat waited for an answer for ever). Blue takes
+/// connections until TCP gives up (its heartbeat waited for an answer, about 15 minutes). Blue takes
 /// writes throughout; green then equals blue.
 #[test]
 fn a_joined_worker_on_a_host_cut_off_from_both_servers_stops_by_itself_and_its_chunk_is_copied_by_another() {
-    let host = crate::support::host::Host::new();
-    let listen = format!("listen_addresses=127.0.0.1,{}", host.server_addr());
-    let clusters =
-        (crate::support::Cluster::own("blue-host", &[&listen]), crate::support::Cluster::own("green-host", &[&listen]));
-    host.admit(clusters.0);
-    host.admit(clusters.1);
-    let c = crate::support::Custom::on(clusters, SPREAD_BLUE, SPREAD_GREEN);
+    joined_worker_lost_holding_a_chunk(Some(crate::support::host::Host::new()));
+}
+
+/// A joined worker on a second host cut off from blue alone: its heartbeats still reach green,
+/// so no lease ends. Once its TCP gives up on blue (in seconds here: its URLs set
+/// `tcp_user_timeout` and fast keepalives) its worker fails, and on its way out it marks its
+/// record expired instead of removing it: the leader then ends the sessions it left on blue
+/// (snapshot exporters idle in a transaction, which would hold blue's horizon until blue's own
+/// keepalives gave up, two hours by default). Before, the record was removed and those sessions
+/// stayed. Blue takes writes throughout; green then equals blue.
+#[test]
+fn a_joined_worker_cut_off_from_blue_alone_hands_the_sessions_it_left_there_to_the_leader() {
+    let host = crate::support::host::Host::new()
+        .with_url_params("tcp_user_timeout=3&keepalives_interval=1&keepalives_retries=2");
+    let c = host.scenario(SPREAD_BLUE, SPREAD_GREEN);
     let plan = c.plan(
         "trigger",
         "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
@@ -604,44 +577,105 @@ fn a_joined_worker_on_a_host_cut_off_from_both_servers_stops_by_itself_and_its_c
     let p = plan.to_str().unwrap();
     let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
     let mut leader = c.spawn(&["copy", p], &[]);
-    let mut remote = host
-        .command(&assert_cmd::cargo::cargo_bin("migrate"))
-        .env("BLUE_URL", host.url(&c.blue))
-        .env("GREEN_URL", host.url(&c.green))
-        .env("MIGRATE_LOG", "warn")
-        .env("MIGRATE_FAULT", "copy.chunk-streamed:sleep")
-        .args(["copy", p, "--join"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start migrate on the second host");
+    // Slowed per chunk, so that it is seen holding one.
+    let mut lost = host.spawn(&c, &["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.chunk-streamed:sleep=2000")]);
     let state = c.sql("bluegreen_custom");
     let started = Instant::now();
     while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
         assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (remote_id, held) = crate::support::first_in_hand(&c.green, &state, &mut remote);
-    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &remote_id);
-    assert!(on_blue >= 2 && on_green >= 1, "its sessions open: {on_blue} on blue, {on_green} on green");
-    // They come from the other host.
-    let from_host = |db: &crate::support::TestDb| {
-        db.psql(&format!("SELECT count(*) FROM pg_stat_activity WHERE client_addr = '{}'", host.addr()))
-    };
-    assert!(from_host(&c.blue) != "0" && from_host(&c.green) != "0", "no session from {}", host.addr());
-    host.cut();
+    let (lost_id, _) = crate::support::first_in_hand(&c.green, &state, &mut lost);
+    assert!(host.sessions_in(&c.blue) >= 2, "its sessions on blue: a lane and a snapshot exporter");
+    host.cut_blue();
 
-    c.wait_phase("following");
-    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &remote_id);
-    assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
-    // Still cut off, it has stopped by itself.
-    let (code, err) = crate::support::exit_of(&mut remote);
+    let (code, err) = crate::support::exit_of_within(&mut lost, Duration::from_secs(90));
     assert_eq!(code, Some(3), "{err}");
-    assert!(err.contains("could not renew its lease") && err.contains(&remote_id), "{err}");
+    let started = Instant::now();
+    while host.sessions_in(&c.blue) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "its sessions on blue outlived it: {}\nits record: {}\n{err}",
+            c.blue.psql("SELECT string_agg(format('%s:%s %s %s %s', pid, (extract(epoch FROM backend_start) * 1000000)::bigint, state, backend_xmin, left(query, 40)), '; ') FROM pg_stat_activity WHERE client_addr IS NOT NULL AND client_addr <> '127.0.0.1'"),
+            c.green.psql(&format!("SELECT format('%s %s %s', sessions, expired_at, ended_at) FROM {state}.workers WHERE id = '{lost_id}'"))
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(c.green.psql(&format!("SELECT ended_at IS NOT NULL FROM {state}.workers WHERE id = '{lost_id}'")), "t");
     host.heal();
     writer.stop();
 
-    assert_copied_without(&c, &held, &remote_id);
+    c.wait_phase("following");
+    let chunks = c.green.psql(&format!("SELECT count(*) FILTER (WHERE NOT done) FROM {state}.chunks"));
+    assert_eq!(chunks, "0");
+    let query = "SELECT id, grp, payload FROM items";
+    assert!(
+        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
+        "green did not converge to blue"
+    );
+    crate::capture::sigint_and_wait(&mut leader);
+}
+
+/// A leader and a joined worker copy under a writer; the worker, holding a chunk, is lost: cut
+/// off on its `host`, or else frozen. See the two tests above.
+fn joined_worker_lost_holding_a_chunk(host: Option<crate::support::host::Host>) {
+    let c = match &host {
+        Some(h) => h.scenario(SPREAD_BLUE, SPREAD_GREEN),
+        None => crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN),
+    };
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
+    let mut leader = c.spawn(&["copy", p], &[]);
+    let (args, fault) = (["copy", p, "--join"], [("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
+    let mut lost = match &host {
+        Some(h) => h.spawn(&c, &args, &fault),
+        None => c.spawn(&args, &fault),
+    };
+    let state = c.sql("bluegreen_custom");
+    let started = Instant::now();
+    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
+        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It holds a chunk it has written and marked done, uncommitted, under a snapshot of blue.
+    let (lost_id, held) = crate::support::first_in_hand(&c.green, &state, &mut lost);
+    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);
+    assert!(on_blue >= 2 && on_green >= 1, "its sessions open: {on_blue} on blue, {on_green} on green");
+    let frozen = match &host {
+        Some(h) => {
+            // Its sessions come from the other host's address.
+            assert!(h.sessions_in(&c.blue) >= 2 && h.sessions_in(&c.green) >= 1, "no sessions from the second host");
+            h.cut();
+            None
+        }
+        None => Some(crate::support::Frozen::freeze(&lost)),
+    };
+
+    c.wait_phase("following");
+    // Its sessions are gone from both servers while it is still frozen or cut off.
+    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);
+    assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
+    let r = run(&mut c.migrate(&["status", p]));
+    assert!(r.stdout.contains(&format!("worker {lost_id} (joined)")) && r.stdout.contains("lease expired"), "{r:?}");
+    // Frozen, it learns of it when woken; cut off, it has stopped by itself.
+    if let Some(f) = frozen {
+        f.thaw();
+    }
+    let (code, err) = crate::support::exit_of(&mut lost);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("worker_lease") && err.contains(&lost_id), "{err}");
+    if let Some(h) = &host {
+        assert!(err.contains("could not renew its lease"), "{err}");
+        h.heal();
+    }
+    writer.stop();
+
+    assert_copied_without(&c, &held, &lost_id);
     crate::capture::sigint_and_wait(&mut leader);
 }
 

@@ -243,7 +243,25 @@ const PARTS_GREEN: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NO
 /// the lease the leader waits for the frozen part for ever.
 #[test]
 fn a_frozen_joined_verify_worker_loses_its_lease_and_its_part() {
-    let c = crate::support::Custom::new(PARTS_BLUE, PARTS_GREEN);
+    joined_verify_worker_lost_holding_a_part(None);
+}
+
+/// A joined verify worker on a host of its own (a network namespace) loses its link while it
+/// holds a part: the leader ends its sessions and reads the part, as above, and the worker,
+/// which could renew its lease for `[copy] worker_lease`, stops by itself (exit 3) while still
+/// cut off, instead of waiting on dead connections until TCP gives up.
+#[test]
+fn a_joined_verify_worker_on_a_host_cut_off_stops_by_itself_and_loses_its_part() {
+    joined_verify_worker_lost_holding_a_part(Some(crate::support::host::Host::new()));
+}
+
+/// A verify leader and a joined worker read parts while the copy follows a writer; the
+/// worker, holding a part, is lost: cut off on its `host`, or else frozen.
+fn joined_verify_worker_lost_holding_a_part(host: Option<crate::support::host::Host>) {
+    let c = match &host {
+        Some(h) => h.scenario(PARTS_BLUE, PARTS_GREEN),
+        None => crate::support::Custom::new(PARTS_BLUE, PARTS_GREEN),
+    };
     let plan = c.plan(
         "trigger",
         "workers = 2\nworker_lease = \"10s\"",
@@ -254,37 +272,54 @@ fn a_frozen_joined_verify_worker_loses_its_lease_and_its_part() {
     c.wait_phase("following");
     let writer = crate::support::ItemsWriter::start(&c.blue, 150_000);
     let state = c.sql("bluegreen_custom");
-    let mut frozen = c.spawn(&["verify", p, "--join"], &[("MIGRATE_FAULT", "verify.part-read:sleep")]);
+    let (args, fault) = (["verify", p, "--join"], [("MIGRATE_FAULT", "verify.part-read:sleep")]);
+    let mut lost = match &host {
+        Some(h) => h.spawn(&c, &args, &fault),
+        None => c.spawn(&args, &fault),
+    };
     // The leader slowed per part, so that the joined worker takes one before it has them all.
     let leader = {
         let mut cmd = c.migrate(&["verify", p]);
         cmd.env("MIGRATE_FAULT", "verify.part-read:sleep=2000");
         std::thread::spawn(move || run(&mut cmd))
     };
-    let (frozen_id, held) = crate::support::first_in_hand(&c.green, &state, &mut frozen);
-    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
+    let (lost_id, held) = crate::support::first_in_hand(&c.green, &state, &mut lost);
+    let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);
     assert!(on_blue >= 1 && on_green >= 2, "its sessions open: {on_blue} on blue, {on_green} on green");
-    let frozen_process = crate::support::Frozen::freeze(&frozen);
+    let frozen = match &host {
+        Some(h) => {
+            assert!(h.sessions_in(&c.blue) >= 1 && h.sessions_in(&c.green) >= 2, "no sessions from the second host");
+            h.cut();
+            None
+        }
+        None => Some(crate::support::Frozen::freeze(&lost)),
+    };
     let r = leader.join().unwrap();
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("green equals transform(blue)"), "{r:?}");
     assert!(r.stderr.contains("wrote no heartbeat for longer than its lease"), "{r:?}");
-    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &frozen_id);
+    let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);
     assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
-    frozen_process.thaw();
-    let (code, err) = crate::support::exit_of(&mut frozen);
+    if let Some(f) = frozen {
+        f.thaw();
+    }
+    let (code, err) = crate::support::exit_of(&mut lost);
     assert_eq!(code, Some(3), "{err}");
-    assert!(err.contains("worker_lease") && err.contains(&frozen_id), "{err}");
+    assert!(err.contains("worker_lease") && err.contains(&lost_id), "{err}");
+    if let Some(h) = &host {
+        assert!(err.contains("could not renew its lease"), "{err}");
+        h.heal();
+    }
 
     let parts = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.verify_parts"));
     assert_eq!(parts("count(*) || ' ' || count(*) FILTER (WHERE done AND stored = 1)"), "8 8");
-    assert_eq!(parts(&format!("count(*) FILTER (WHERE worker = '{frozen_id}')")), "0");
+    assert_eq!(parts(&format!("count(*) FILTER (WHERE worker = '{lost_id}')")), "0");
     let mut held_parts = held.rsplitn(3, ':');
     let (number, side, tbl) = (held_parts.next().unwrap(), held_parts.next().unwrap(), held_parts.next().unwrap());
     let redone = c.green.psql(&format!(
         "SELECT worker FROM {state}.verify_parts WHERE tbl = '{tbl}' AND side = '{side}' AND part = {number} AND done"
     ));
-    assert!(!redone.is_empty() && redone != frozen_id, "part {held} was not read by another worker: {redone}");
+    assert!(!redone.is_empty() && redone != lost_id, "part {held} was not read by another worker: {redone}");
     writer.stop();
     let query = "SELECT id, grp, payload FROM items";
     assert!(

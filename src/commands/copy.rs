@@ -41,6 +41,9 @@ pub async fn join(plan: &Plan, shutdown: Shutdown) -> Result<Outcome> {
             Err(e) => return Err(e),
         }
     };
+    // Not under the worker's lease: closed before the worker starts (one left to a blue it then
+    // loses would stay open there).
+    drop(blue);
     crate::copy::join(plan, &resolved, green, shutdown).await?;
     Ok(Outcome::Ok)
 }

@@ -448,17 +448,30 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     state.worker_seen(&green, &worker_id, "joined", &[], 0).await?;
     // Kept fresh until its heartbeat proper starts: a slow start (connects, blue's health) is
     // not silence.
-    let early = {
+    let mut early = {
         let (plan, state, id) = (plan.clone(), state.clone(), worker_id.clone());
         crate::shutdown::AbortOnDrop(tokio::spawn(async move {
             state.beat(&plan.green, &id, "joined", Some(plan.copy.worker_lease), || (Vec::new(), 0)).await
         }))
     };
-    let sessions =
-        Arc::new(Sessions::new(state.clone(), worker_id.clone(), &plan.green, plan.copy.worker_lease).await?);
-    let blue = plan.blue.connect().await?;
-    let entry = sessions.add("blue", &blue).await?;
-    let first = snapshots::export(&blue).await?;
+    let live = Arc::new(crate::control::Live::default());
+    let start = async {
+        let sessions =
+            Arc::new(Sessions::new(state.clone(), worker_id.clone(), &plan.green, plan.copy.worker_lease).await?);
+        let blue = plan.blue.connect().await?;
+        let entry = sessions.add("blue", &blue).await?;
+        let first = snapshots::export(&blue).await?;
+        crate::control::refresh_once(plan, &live).await;
+        Ok::<_, Error>((sessions, blue, entry, first))
+    };
+    // Cut off from green while it starts, it stops as it would later (what it waits on may
+    // never answer).
+    let (sessions, blue, entry, first) = tokio::select! {
+        started = start => started?,
+        _ = &mut early.0 => {
+            return Err(Error::LeaseExpired { worker: worker_id.clone(), lease: plan.copy.worker_lease });
+        }
+    };
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
     let rotator = tokio::spawn(snapshots::rotate(
@@ -468,8 +481,6 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         rotation_stop.clone(),
         Some(Arc::clone(&sessions)),
     ));
-    let live = Arc::new(crate::control::Live::default());
-    crate::control::refresh_once(plan, &live).await;
     let _refresher = crate::shutdown::AbortOnDrop(crate::control::spawn(plan, Arc::clone(&live)));
     let (run_stop, relay) = run_stop(&shutdown);
     let n = resolved.tables.len();
@@ -506,25 +517,25 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     drop(early);
     let first_error = tokio::select! {
         e = run_workers(&shared, plan.copy.workers.max(1), &run_stop) => e,
-        // Its sessions were ended: nothing its workers hold can commit, so they are dropped.
+        // Its lease is lost: its sessions are (being) ended by the leader, and what its
+        // workers hold is dropped uncommitted.
         _ = shared.expired.wait() => None,
     };
     heartbeat.abort();
-    // Its sessions may have been ended under it: what they failed with says less than this.
-    let expired = shared.expired.is_triggered()
-        || (first_error.is_some() && state.worker_expired(&green, &shared.worker_id).await.unwrap_or(false));
-    if !expired {
-        let _ = state.worker_gone(&green, &shared.worker_id).await;
-    }
     relay.abort();
     rotation_stop.trigger();
-    if expired {
-        // Its exporters are the leader's to end: one cut off from blue would wait here for its
-        // COMMIT's answer until TCP gives up.
+    // Its exporters are the leader's to end once it lost its lease, or when blue does not
+    // answer their COMMITs (one cut off from blue would wait here until TCP gives up).
+    let lost = shared.expired.is_triggered();
+    let rotator_wait = if lost { std::time::Duration::ZERO } else { std::time::Duration::from_secs(10) };
+    let mut rotator = rotator;
+    if tokio::time::timeout(rotator_wait, &mut rotator).await.is_err() {
         rotator.abort();
-    } else {
-        let _ = rotator.await;
+        sessions.left_open();
     }
+    // Its sessions may have been ended under it: what they failed with says less than this.
+    let failed = first_error.is_some() || sessions.any_left_open();
+    let expired = lost || state.worker_parting(&green, &shared.worker_id, failed).await;
     progress.finish();
     if expired {
         return Err(Error::LeaseExpired { worker: shared.worker_id.clone(), lease: plan.copy.worker_lease });

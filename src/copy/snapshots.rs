@@ -150,16 +150,24 @@ pub(super) async fn rotate(
         }
         while held.len() > 1 {
             if let Some((old, entry)) = held.pop_front() {
-                let _ = old.batch_execute("COMMIT").await;
+                let ended = old.batch_execute("COMMIT").await.is_ok();
                 drop(old);
-                if let (Some(s), Some(entry)) = (&sessions, entry) {
-                    s.remove(&entry).await;
+                // Unanswered (blue lost), it may still hold blue's horizon there: it stays on
+                // the record for the leader to end.
+                match (&sessions, entry) {
+                    (Some(s), Some(entry)) if ended => s.remove(&entry).await,
+                    (Some(s), _) if !ended => s.left_open(),
+                    _ => {}
                 }
             }
         }
     }
     for (c, _) in held {
-        let _ = c.batch_execute("COMMIT").await;
+        if c.batch_execute("COMMIT").await.is_err() {
+            if let Some(s) = &sessions {
+                s.left_open();
+            }
+        }
     }
     if !age.is_zero() {
         info!(generations = snapshots.current().0 + 1, "copy snapshots ended");

@@ -38,8 +38,8 @@ pub const DEFAULT_TARGET_CHUNK_TIME: Duration = Duration::from_secs(1);
 /// until green's TCP keepalives give up, hours with the server's defaults.
 pub const DEFAULT_WORKER_LEASE: Duration = Duration::from_secs(60);
 /// The shortest `[copy] worker_lease`: workers write a heartbeat each second, a green busy with
-/// the copy can delay one by a few, and a joined copy worker's first heartbeat comes after its
-/// first snapshot and a check of blue's health (up to about 6 s).
+/// the copy can delay one by a few, and a joined worker stops by itself once it renewed nothing
+/// for a lease, each heartbeat given half of it: two slow ones in a row at 10 s.
 pub const MIN_WORKER_LEASE: Duration = Duration::from_secs(10);
 /// Indexes are deferred by default: bulk COPY into an indexed table was 2.4x slower here.
 pub const DEFAULT_DEFER_INDEXES: bool = true;

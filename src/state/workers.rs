@@ -262,12 +262,13 @@ impl State {
     }
 
     /// Writes worker `id`'s record every second, its hands as `held` says (things in hand, and
-    /// how many done), on a session of its own that is opened again when closed or silent,
-    /// until its lease is found expired: then returns. A failed write does not stop it (a
-    /// worker silent for its lease is cut off by the leader), but a worker under a `lease`
-    /// (joined) that could renew none for that long returns too: the leader is ending its
-    /// sessions, and a host cut off from green would otherwise wait on a dead connection
-    /// until TCP gives up (up to hours).
+    /// how many done), on a session of its own that is opened again when closed, until its
+    /// lease is found expired: then returns. A failed write does not stop it (a worker silent
+    /// for its lease is cut off by the leader). A worker under a `lease` (joined) gives each
+    /// connect and write half the lease, opens a new session after one unanswered, and
+    /// returns too once it renewed nothing for the lease: the leader is ending its sessions,
+    /// and one cut off from green would otherwise wait on a dead connection until TCP gives up
+    /// (12–15 minutes).
     pub async fn beat(
         &self,
         green_info: &ConnInfo,
@@ -278,22 +279,27 @@ impl State {
     ) {
         let mut green: Option<Client> = None;
         let mut renewed = Instant::now();
+        // Half a lease: a slow green's commit gets its time, and a dead session is replaced
+        // with time left to renew on a new one. The leader's own record waits as it always did
+        // (a session dropped mid-write would leave its backend waiting on green, holding the
+        // row the next one writes).
+        let wait = lease.map(|l| l / 2);
         loop {
             if green.as_ref().is_none_or(|g| g.is_closed()) {
-                green = green_info.connect().await.ok();
+                green = within(wait, green_info.connect()).await.and_then(|c| c.ok());
             }
             if let Some(g) = &green {
                 let (hands, done) = held();
-                match tokio::time::timeout(BEAT_WAIT, self.worker_seen(g, id, role, &hands, done)).await {
-                    Ok(Ok(true)) => renewed = Instant::now(),
-                    Ok(Ok(false)) => {
+                match within(wait, self.worker_seen(g, id, role, &hands, done)).await {
+                    Some(Ok(true)) => renewed = Instant::now(),
+                    Some(Ok(false)) => {
                         tracing::warn!(worker = %id, "this worker's lease expired; stopping");
                         return;
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, role, "green: heartbeat not recorded"),
+                    Some(Err(e)) => tracing::debug!(error = %e, role, "green: heartbeat not recorded"),
                     // Sent and unanswered: the session may be dead without knowing it.
-                    Err(_) => {
-                        tracing::debug!(role, "green: no answer to a heartbeat within {BEAT_WAIT:?}; reconnecting");
+                    None => {
+                        tracing::debug!(role, "green: no answer to a heartbeat within {wait:?}; reconnecting");
                         green = None;
                     }
                 }
@@ -377,6 +383,29 @@ impl State {
         Ok(())
     }
 
+    /// A joined worker's way out, each question to green waited for at most [`PARTING_WAIT`]:
+    /// whether its lease had expired (what it failed with then says less than that). If not,
+    /// its record is removed after a clean end; after one that `failed` it is marked expired
+    /// instead, so that the leader ends any session it left open (one cut off from blue leaves
+    /// them there, holding blue's horizon). Unanswered, the record stays for the leader's
+    /// watch to expire.
+    pub async fn worker_parting(&self, green: &Client, id: &str, failed: bool) -> bool {
+        let wait = Some(PARTING_WAIT);
+        if !failed {
+            let _ = within(wait, self.worker_gone(green, id)).await;
+            return false;
+        }
+        if let Some(Ok(true)) = within(wait, self.worker_expired(green, id)).await {
+            return true;
+        }
+        let mark =
+            format!("UPDATE {} SET expired_at = now() WHERE id = $1 AND expired_at IS NULL", self.table("workers"));
+        if !matches!(within(wait, green.execute(&mark, &[&id])).await, Some(Ok(_))) {
+            tracing::debug!(worker = %id, "green: could not hand this worker's sessions to the leader");
+        }
+        false
+    }
+
     /// Copy workers seen in the last minute, leader first (none when the table does not exist:
     /// state written before it).
     pub async fn workers(&self, green: &impl GenericClient) -> Result<Vec<WorkerRecord>> {
@@ -427,6 +456,9 @@ pub struct Sessions {
     green: tokio::sync::Mutex<Client>,
     green_info: ConnInfo,
     lease: Duration,
+    /// A session it closed without its server's answer (one cut off from blue): it stays on
+    /// the record, for the leader to end.
+    left_open: std::sync::atomic::AtomicBool,
 }
 
 impl Sessions {
@@ -434,7 +466,14 @@ impl Sessions {
     /// on green, under the plan's `lease`.
     pub async fn new(state: State, worker: String, green_info: &ConnInfo, lease: Duration) -> Result<Self> {
         let green = tokio::sync::Mutex::new(green_info.connect().await?);
-        Ok(Self { state, worker, green, green_info: green_info.clone(), lease })
+        Ok(Self {
+            state,
+            worker,
+            green,
+            green_info: green_info.clone(),
+            lease,
+            left_open: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Records `c`, a session on `side` (`blue` or `green`), and returns its entry (for
@@ -464,6 +503,17 @@ impl Sessions {
         }
     }
 
+    /// Notes a session this worker dropped without its server confirming the end (its COMMIT
+    /// unanswered): kept on the record, which the worker hands to the leader on its way out.
+    pub fn left_open(&self) {
+        self.left_open.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a session was dropped without its server confirming the end.
+    pub fn any_left_open(&self) -> bool {
+        self.left_open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn green(&self) -> Result<tokio::sync::MutexGuard<'_, Client>> {
         let mut green = self.green.lock().await;
         if green.is_closed() {
@@ -485,8 +535,17 @@ pub struct Leases {
     through_since: Instant,
 }
 
-/// How long a heartbeat may go unanswered before its session is taken for dead and replaced.
-const BEAT_WAIT: Duration = Duration::from_secs(5);
+/// `fut`'s output, or `None` when it took longer than `wait` (if any).
+async fn within<T>(wait: Option<Duration>, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    match wait {
+        Some(w) => tokio::time::timeout(w, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// How long a joined worker on its way out waits for each answer from green: one cut off from
+/// it would otherwise wait until TCP gives up.
+const PARTING_WAIT: Duration = Duration::from_secs(5);
 
 /// A probe commit slower than this counts as a stall of green: the others' heartbeats may have
 /// waited as long, so their silence says nothing for a lease after it.
@@ -607,6 +666,12 @@ impl Leases {
                     ),
                 }
             }
+            let why = if worker.silent < self.lease.as_secs_f64() {
+                // Marked by itself on its way out after a failure (`State::worker_parting`).
+                "a joined worker stopped on an error and handed its record to the leader"
+            } else {
+                "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`)"
+            };
             tracing::warn!(
                 worker = %worker.id,
                 silent_seconds = format!("{:.0}", worker.silent),
@@ -614,8 +679,7 @@ impl Leases {
                 recorded_sessions = worker.sessions.len(),
                 green_sessions_ended = ended[0],
                 blue_sessions_ended = ended[1],
-                "a joined worker wrote no heartbeat for longer than its lease (`[copy] worker_lease`): its \
-                 sessions still open were ended, and what it held goes to other workers"
+                "{why}: its sessions still open were ended, and what it held goes to other workers"
             );
             state.lease_ended(green, &worker.id).await?;
         }

@@ -349,18 +349,23 @@ impl<'a> Lanes<'a> {
             r = beat => r,
             () = watch => Err(Error::Internal("the lease watch ended")),
         };
-        let green = if green.is_closed() { self.plan.green.connect().await } else { Ok(green) };
-        // Its sessions may have been ended under it: what they failed with says less than this.
-        if joined && result.is_err() && !matches!(result, Err(Error::LeaseExpired { .. })) {
-            if let Ok(g) = &green {
-                if state.worker_expired(g, worker).await.unwrap_or(false) {
+        // An expired worker's record stays, for `status`.
+        if matches!(result, Err(Error::LeaseExpired { .. })) {
+            return result;
+        }
+        let green = if green.is_closed() { self.plan.green.connect().await.ok() } else { Some(green) };
+        match &green {
+            // Its sessions may have been ended under it: what they failed with says less than
+            // this.
+            Some(g) if joined => {
+                if state.worker_parting(g, worker, result.is_err()).await {
                     result = Err(Error::LeaseExpired { worker: worker.clone(), lease });
                 }
             }
-        }
-        // An expired worker's record stays, for `status`.
-        if let (Ok(g), false) = (&green, matches!(result, Err(Error::LeaseExpired { .. }))) {
-            let _ = state.worker_gone(g, worker).await;
+            Some(g) => {
+                let _ = state.worker_gone(g, worker).await;
+            }
+            None => {}
         }
         result
     }

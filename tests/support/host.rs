@@ -1,92 +1,172 @@
-//! A second host for the tests: a network namespace joined to this one by a veth pair. A
-//! `migrate` run in it has a network stack of its own and reaches the servers only over that
-//! link, which a test can cut: then nothing passes either way (no FIN, no RST, no keepalive
-//! answer), as when a switch or a cable between two machines fails. Needs root
-//! (`CAP_NET_ADMIN`); without it the test fails loudly.
+//! A second host for the tests: a network namespace joined to this one by two veth links, one
+//! to blue's server and one to green's. A `migrate` run in it has a network stack of its own and
+//! reaches each server only over its link, which a test can cut: then nothing passes either way
+//! (no FIN, no RST, no keepalive answer), as when a switch or a cable between two machines
+//! fails. Needs root (`CAP_NET_ADMIN`); without it the test fails loudly.
 
-use std::process::{Command, Stdio};
+use std::{
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Mutex, OnceLock,
+    },
+};
 
-use super::{Cluster, TestDb};
+use super::{Cluster, Custom, TestDb};
 
-/// A network namespace with a veth link to this one: the servers are at `10.213.N.1`, the host
-/// at `10.213.N.2`. Removed when dropped.
+/// The two links' networks: blue's server is at `10.213.N.1` and green's at `10.214.N.1`, the
+/// host at `.2` on each.
+const NETS: [(&str, &str); 2] = [("blue", "10.213"), ("green", "10.214")];
+
+/// A network namespace with a veth link to this one per server. Removed when dropped, with any
+/// process still in it.
 pub struct Host {
     ns: String,
-    outer: String,
+    /// This side's end of each link, as [`NETS`].
+    outer: [String; 2],
     net: u32,
+    /// Parameters added to both URLs given to `migrate` on this host.
+    url_params: String,
 }
 
 impl Host {
-    /// Makes the namespace and its link (removing ones left by test processes that died).
+    /// Makes the namespace and its links (removing ones left by test processes that died).
     pub fn new() -> Host {
+        static N: AtomicU32 = AtomicU32::new(0);
+        // Two hosts made at once would find the same subnets free.
+        static MAKING: Mutex<()> = Mutex::new(());
+        let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
         forget_dead_hosts();
-        let pid = std::process::id();
-        let host = Host { ns: format!("bgh{pid}"), outer: format!("bgo{pid}"), net: pid % 250 + 1 };
-        let inner = format!("bgi{pid}");
-        let (outer_addr, inner_addr) = (format!("{}/24", host.server_addr()), format!("{}/24", host.addr()));
+        let (pid, n) = (std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        // Subnets of its own: the first free ones from a start of this process's own.
+        let net = (0..250)
+            .map(|i| (pid * 8 + n + i) % 250 + 1)
+            .find(|net| {
+                NETS.iter().all(|(_, prefix)| {
+                    let subnet = format!("{prefix}.{net}.0/24");
+                    let out = Command::new("ip").args(["-o", "addr", "show", "to", &subnet]).output();
+                    out.is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+                })
+            })
+            .expect("free 10.213.N.0/24 and 10.214.N.0/24 subnets");
+        // Interface names have at most 15 bytes.
+        let name = |kind: &str| format!("{kind}{pid}x{n}");
+        let host = Host { ns: name("bgh"), outer: [name("bgb"), name("bgg")], net, url_params: String::new() };
+        // Left by an earlier process that had this pid.
+        drop(Host { ns: host.ns.clone(), outer: host.outer.clone(), net, url_params: String::new() });
         ip(&["netns", "add", &host.ns]);
-        ip(&["link", "add", &host.outer, "type", "veth", "peer", "name", &inner]);
-        ip(&["link", "set", &inner, "netns", &host.ns]);
-        ip(&["addr", "add", &outer_addr, "dev", &host.outer]);
-        ip(&["link", "set", &host.outer, "up"]);
-        ip(&["netns", "exec", &host.ns, "ip", "addr", "add", &inner_addr, "dev", &inner]);
-        ip(&["netns", "exec", &host.ns, "ip", "link", "set", &inner, "up"]);
         ip(&["netns", "exec", &host.ns, "ip", "link", "set", "lo", "up"]);
+        for ((_, prefix), (outer, inner)) in NETS.iter().zip(host.outer.iter().zip([name("bib"), name("big")])) {
+            ip(&["link", "add", outer, "type", "veth", "peer", "name", &inner]);
+            ip(&["link", "set", &inner, "netns", &host.ns]);
+            ip(&["addr", "add", &format!("{prefix}.{net}.1/24"), "dev", outer]);
+            ip(&["link", "set", outer, "up"]);
+            ip(&["netns", "exec", &host.ns, "ip", "addr", "add", &format!("{prefix}.{net}.2/24"), "dev", &inner]);
+            ip(&["netns", "exec", &host.ns, "ip", "link", "set", &inner, "up"]);
+        }
         host
     }
 
-    /// The servers' address as this host reaches them (give it to [`Cluster::own`]'s
-    /// `listen_addresses`, then [`Host::admit`] the host).
-    pub fn server_addr(&self) -> String {
-        format!("10.213.{}.1", self.net)
+    /// Adds `params` (`key=value&…`) to both URLs given to `migrate` on this host.
+    pub fn with_url_params(mut self, params: &str) -> Host {
+        self.url_params = format!("&{params}");
+        self
     }
 
-    /// This host's address, as the servers see it (`pg_stat_activity.client_addr`).
-    pub fn addr(&self) -> String {
-        format!("10.213.{}.2", self.net)
+    /// A blue and a green database made by `blue_sql` and `green_sql` on clusters this host
+    /// reaches.
+    pub fn scenario(&self, blue_sql: &str, green_sql: &str) -> Custom {
+        Custom::on(clusters(), blue_sql, green_sql)
     }
 
-    /// Lets this host's connections into `cluster` (a `pg_hba.conf` line, reloaded).
-    pub fn admit(&self, cluster: &Cluster) {
-        let hba = cluster.dir.join("data").join("pg_hba.conf");
-        let mut text = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
-        text.push_str(&format!("host all all 10.213.{}.0/24 trust\n", self.net));
-        std::fs::write(&hba, text).expect("write pg_hba.conf");
-        cluster.psql("postgres", "SELECT pg_reload_conf()");
+    /// `migrate ARGS` started in the background on this host against `c`'s databases (stdout
+    /// discarded, warnings and errors on a captured stderr).
+    pub fn spawn(&self, c: &Custom, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(assert_cmd::cargo::cargo_bin("migrate"))
+            .env("BLUE_URL", self.url(&c.blue, 0))
+            .env("GREEN_URL", self.url(&c.green, 1))
+            .env("MIGRATE_LOG", "warn")
+            .envs(env.iter().copied())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd.spawn().expect("start migrate on a second host")
     }
 
-    /// `db`'s URL as reached from this host.
-    pub fn url(&self, db: &TestDb) -> String {
+    /// How many sessions `db`'s server has from this host.
+    pub fn sessions_in(&self, db: &TestDb) -> i64 {
+        let addrs: Vec<String> = NETS.iter().map(|(_, prefix)| format!("'{prefix}.{}.2'", self.net)).collect();
+        db.psql(&format!("SELECT count(*) FROM pg_stat_activity WHERE client_addr IN ({})", addrs.join(", ")))
+            .parse()
+            .unwrap()
+    }
+
+    /// `db`'s URL as reached from this host over link `link` (an index into [`NETS`]).
+    fn url(&self, db: &TestDb, link: usize) -> String {
         let url = db.url();
-        assert!(url.contains("@127.0.0.1:"), "{url}");
-        url.replace("@127.0.0.1:", &format!("@{}:", self.server_addr()))
+        assert!(url.contains("@127.0.0.1:") && url.contains('?'), "{url}");
+        let url = url.replace("@127.0.0.1:", &format!("@{}.{}.1:", NETS[link].1, self.net));
+        format!("{url}{}", self.url_params)
     }
 
-    /// `program` to be run on this host.
-    pub fn command(&self, program: &std::path::Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns]).arg(program);
-        c
-    }
-
-    /// Cuts the link on the servers' side: this host's packets stop arriving, and theirs stop
+    /// Cuts both links on the servers' side: this host's packets stop arriving, and theirs stop
     /// leaving. Connections stay open at both ends; new ones time out.
     pub fn cut(&self) {
-        ip(&["link", "set", &self.outer, "down"]);
+        for outer in &self.outer {
+            ip(&["link", "set", outer, "down"]);
+        }
     }
 
-    /// Puts the link back.
+    /// Cuts the link to blue's server alone: green still answers.
+    pub fn cut_blue(&self) {
+        ip(&["link", "set", &self.outer[0], "down"]);
+    }
+
+    /// Puts the links back.
     pub fn heal(&self) {
-        ip(&["link", "set", &self.outer, "up"]);
+        for outer in &self.outer {
+            ip(&["link", "set", outer, "up"]);
+        }
     }
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // Deleting the namespace deletes its end of the link, and with it the other end.
+        // A failing test leaves no process behind in it (one cut off could wait for minutes).
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.ns]).stderr(Stdio::null()).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).stderr(Stdio::null()).status();
+            }
+        }
+        // Deleting the namespace deletes its ends of the links, and with them the other ends.
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).stderr(Stdio::null()).status();
-        let _ = Command::new("ip").args(["link", "del", &self.outer]).stderr(Stdio::null()).status();
+        for outer in &self.outer {
+            let _ = Command::new("ip").args(["link", "del", outer]).stderr(Stdio::null()).status();
+        }
     }
+}
+
+/// A blue and a green cluster for the tests with second hosts: listening on every IPv4 address
+/// (a host's links are made after they start) and admitting the hosts' networks.
+fn clusters() -> (&'static Cluster, &'static Cluster) {
+    static C: OnceLock<(Cluster, Cluster)> = OnceLock::new();
+    let (blue, green) = C.get_or_init(|| {
+        let start = |name: &str| {
+            let c = Cluster::start(name, &["listen_addresses=0.0.0.0"]);
+            let hba = c.dir.join("data").join("pg_hba.conf");
+            let mut text = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+            for (_, prefix) in NETS {
+                text.push_str(&format!("host all all {prefix}.0.0/16 trust\n"));
+            }
+            std::fs::write(&hba, text).expect("write pg_hba.conf");
+            c.psql("postgres", "SELECT pg_reload_conf()");
+            c
+        };
+        (start("blue-hosts"), start("green-hosts"))
+    });
+    (blue, green)
 }
 
 /// Runs `ip ARGS`, panicking with what it said.
@@ -105,10 +185,14 @@ fn forget_dead_hosts() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(pid) = name.strip_prefix("bgh").and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(suffix) = name.strip_prefix("bgh") else { continue };
+        let Some(pid) = suffix.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
-            let _ = Command::new("ip").args(["link", "del", &format!("bgo{pid}")]).stderr(Stdio::null()).status();
+            for kind in ["bgb", "bgg"] {
+                let _ =
+                    Command::new("ip").args(["link", "del", &format!("{kind}{suffix}")]).stderr(Stdio::null()).status();
+            }
         }
     }
 }

@@ -381,12 +381,18 @@ pub fn recorded_sessions_open(blue: &TestDb, green: &TestDb, state: &str, id: &s
 /// Waits (up to 30 s) for `child` to exit: its exit code and stderr.
 #[allow(dead_code)]
 pub fn exit_of(child: &mut std::process::Child) -> (Option<i32>, String) {
+    exit_of_within(child, Duration::from_secs(30))
+}
+
+/// Waits (up to `within`) for `child` to exit: its exit code and stderr.
+#[allow(dead_code)]
+pub fn exit_of_within(child: &mut std::process::Child, within: Duration) -> (Option<i32>, String) {
     let started = std::time::Instant::now();
     let code = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s.code();
         }
-        if started.elapsed() > std::time::Duration::from_secs(30) {
+        if started.elapsed() > within {
             panic_with_stderr(child, "it did not exit");
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
