@@ -357,11 +357,10 @@ impl<'a> Lanes<'a> {
         match &green {
             // Its sessions may have been ended under it: what they failed with says less than
             // this.
-            Some(g) if joined => {
-                if state.worker_parting(g, worker, result.is_err()).await {
-                    result = Err(Error::LeaseExpired { worker: worker.clone(), lease });
-                }
+            Some(g) if joined && state.worker_parting(g, worker, result.is_err()).await => {
+                result = Err(Error::LeaseExpired { worker: worker.clone(), lease });
             }
+            Some(_) if joined => {}
             Some(g) => {
                 let _ = state.worker_gone(g, worker).await;
             }
