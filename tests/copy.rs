@@ -558,16 +558,16 @@ fn a_joined_worker_on_a_host_cut_off_from_both_servers_stops_by_itself_and_its_c
 }
 
 /// A joined worker on a second host cut off from blue alone: its heartbeats still reach green,
-/// so no lease ends. Once its TCP gives up on blue (in seconds here: its URLs set
-/// `tcp_user_timeout` and fast keepalives) its worker fails, and on its way out it marks its
-/// record expired instead of removing it: the leader then ends the sessions it left on blue
-/// (snapshot exporters idle in a transaction, which would hold blue's horizon until blue's own
-/// keepalives gave up, two hours by default). Before, the record was removed and those sessions
-/// stayed. Blue takes writes throughout; green then equals blue.
+/// so no lease ends. A joined worker's data must be acknowledged within `[copy] worker_lease`
+/// (`tcp_user_timeout`), so its worker fails in about a lease (plus the 30 s before keepalives
+/// probe an idle session); on its way out it marks its record expired instead of removing it,
+/// and the leader ends the sessions it left on blue: its snapshot exporters, idle in a
+/// transaction, which would hold blue's horizon until blue's own keepalives gave up (two hours
+/// by default). Before, its record was removed and they stayed (and the worker waited about 15
+/// minutes for TCP). Blue takes writes throughout; green then equals blue.
 #[test]
 fn a_joined_worker_cut_off_from_blue_alone_hands_the_sessions_it_left_there_to_the_leader() {
-    let host = crate::support::host::Host::new()
-        .with_url_params("tcp_user_timeout=3&keepalives_interval=1&keepalives_retries=2");
+    let host = crate::support::host::Host::new();
     let c = host.scenario(SPREAD_BLUE, SPREAD_GREEN);
     let plan = c.plan(
         "trigger",
@@ -586,22 +586,30 @@ fn a_joined_worker_cut_off_from_blue_alone_hands_the_sessions_it_left_there_to_t
         std::thread::sleep(Duration::from_millis(100));
     }
     let (lost_id, _) = crate::support::first_in_hand(&c.green, &state, &mut lost);
-    assert!(host.sessions_in(&c.blue) >= 2, "its sessions on blue: a lane and a snapshot exporter");
+    // Sessions of its holding blue's horizon: a lane's chunk and a snapshot exporter.
+    let holding = || host.sessions_in(&c.blue, "backend_xmin IS NOT NULL");
+    let started = Instant::now();
+    while holding() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "its sessions holding blue's horizon: {}", holding());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     host.cut_blue();
 
     let (code, err) = crate::support::exit_of_within(&mut lost, Duration::from_secs(90));
     assert_eq!(code, Some(3), "{err}");
+    // It failed on blue; its lease never ended for silence.
+    assert!(err.contains("blue") && !err.contains("worker_lease"), "{err}");
+    let ended = format!("SELECT ended_at IS NOT NULL FROM {state}.workers WHERE id = '{lost_id}'");
     let started = Instant::now();
-    while host.sessions_in(&c.blue) > 0 {
+    while holding() > 0 || c.green.psql(&ended) != "t" {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "its sessions on blue outlived it: {}\nits record: {}\n{err}",
-            c.blue.psql("SELECT string_agg(format('%s:%s %s %s %s', pid, (extract(epoch FROM backend_start) * 1000000)::bigint, state, backend_xmin, left(query, 40)), '; ') FROM pg_stat_activity WHERE client_addr IS NOT NULL AND client_addr <> '127.0.0.1'"),
-            c.green.psql(&format!("SELECT format('%s %s %s', sessions, expired_at, ended_at) FROM {state}.workers WHERE id = '{lost_id}'"))
+            "its sessions on blue outlived it: {} holding blue's horizon; its record ended: {}\n{err}",
+            holding(),
+            c.green.psql(&ended)
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(c.green.psql(&format!("SELECT ended_at IS NOT NULL FROM {state}.workers WHERE id = '{lost_id}'")), "t");
     host.heal();
     writer.stop();
 
@@ -613,7 +621,63 @@ fn a_joined_worker_cut_off_from_blue_alone_hands_the_sessions_it_left_there_to_t
         crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
         "green did not converge to blue"
     );
-    crate::capture::sigint_and_wait(&mut leader);
+    let log = crate::capture::sigint_and_wait(&mut leader);
+    assert!(log.contains("stopped on an error and handed its record to the leader"), "{log}");
+}
+
+/// Green stalls every commit that waits for a synchronous standby (`synchronous_standby_names`
+/// names one that never comes) for twice the lease while a joined worker copies: its
+/// heartbeats go unanswered, but green still takes new sessions, and the leader's probe
+/// commits stall too. Neither side ends the worker's lease: it carries on once green does and
+/// exits 0 when no chunk is left; green then equals blue. Before, the worker stopped itself
+/// after a lease of unanswered heartbeats; and a leader judging right after the stall would
+/// find its heartbeat a stall old.
+#[test]
+fn a_green_whose_commits_stall_for_longer_than_the_lease_ends_no_joined_worker() {
+    let green = crate::support::Cluster::own("green-stall", &["synchronous_commit=on"]);
+    let c = crate::support::Custom::on((crate::support::blue_cluster(), green), SPREAD_BLUE, SPREAD_GREEN);
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 2500\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let p = plan.to_str().unwrap();
+    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
+    let mut leader = c.spawn(&["copy", p], &[]);
+    let mut joined = c.spawn(&["copy", p, "--join"], &[]);
+    let state = c.sql("bluegreen_custom");
+    let started = Instant::now();
+    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
+        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (joined_id, _) = crate::support::first_in_hand(&c.green, &state, &mut joined);
+    // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
+    green.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    green.psql("postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_secs(20));
+    let waiting = green.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
+    let alive = joined.try_wait().unwrap().is_none();
+    green.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
+    green.psql("postgres", "SELECT pg_reload_conf()");
+    assert!(waiting != "0", "no commit waited for the standby: the stall was not one");
+    if !alive {
+        crate::support::panic_with_stderr(&mut joined, "the joined worker stopped during green's stall");
+    }
+
+    c.wait_phase("following");
+    let (code, err) = crate::support::exit_of(&mut joined);
+    assert_eq!(code, Some(0), "{err}");
+    let copied = c.green.psql(&format!("SELECT count(*) FROM {state}.chunks WHERE worker = '{joined_id}'"));
+    assert!(copied.parse::<i64>().unwrap() > 0, "the joined worker copied nothing");
+    writer.stop();
+    let query = "SELECT id, grp, payload FROM items";
+    assert!(
+        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
+        "green did not converge to blue"
+    );
+    let log = crate::capture::sigint_and_wait(&mut leader);
+    assert!(!log.contains("lease"), "{log}");
 }
 
 /// A leader and a joined worker copy under a writer; the worker, holding a chunk, is lost: cut
@@ -649,7 +713,7 @@ fn joined_worker_lost_holding_a_chunk(host: Option<crate::support::host::Host>) 
     let frozen = match &host {
         Some(h) => {
             // Its sessions come from the other host's address.
-            assert!(h.sessions_in(&c.blue) >= 2 && h.sessions_in(&c.green) >= 1, "no sessions from the second host");
+            assert!(h.sessions_in(&c.blue, "true") >= 2 && h.sessions_in(&c.green, "true") >= 1, "no sessions from it");
             h.cut();
             None
         }

@@ -288,7 +288,7 @@ fn joined_verify_worker_lost_holding_a_part(host: Option<crate::support::host::H
     assert!(on_blue >= 1 && on_green >= 2, "its sessions open: {on_blue} on blue, {on_green} on green");
     let frozen = match &host {
         Some(h) => {
-            assert!(h.sessions_in(&c.blue) >= 1 && h.sessions_in(&c.green) >= 2, "no sessions from the second host");
+            assert!(h.sessions_in(&c.blue, "true") >= 1 && h.sessions_in(&c.green, "true") >= 2, "no sessions from it");
             h.cut();
             None
         }

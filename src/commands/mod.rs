@@ -120,7 +120,7 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
     match command {
         Command::Plan { format, offline, rows } => plan::run(&plan, format, offline, rows).await,
         // A joined worker's failure is its own: the leader's state says nothing of it.
-        Command::Join => copy::join(&plan, shutdown).await,
+        Command::Join => copy::join(&plan.joined_worker(), shutdown).await,
         Command::Copy { no_follow, recopy, metrics } => {
             let copied = copy::run(&plan, no_follow, &recopy, metrics.as_deref(), shutdown).await;
             if let Err(e) = &copied {
@@ -131,7 +131,7 @@ pub async fn run(path: &Path, command: Command, shutdown: Shutdown) -> Result<Ou
         Command::Verify { format, table, reverse, changed } => {
             verify::run(&plan, format, table.as_deref(), reverse, changed, shutdown).await
         }
-        Command::VerifyJoin => verify::join(&plan, shutdown).await,
+        Command::VerifyJoin => verify::join(&plan.joined_worker(), shutdown).await,
         Command::Cutover { dry_run } => cutover::run(&plan, dry_run, false, shutdown).await,
         Command::Rollback { dry_run } => cutover::run(&plan, dry_run, true, shutdown).await,
         Command::Finish => cleanup::finish(&plan).await,

@@ -467,10 +467,11 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
     // Cut off from green while it starts, it stops as it would later (what it waits on may
     // never answer).
     let (sessions, blue, entry, first) = tokio::select! {
-        started = start => started?,
+        biased;
         _ = &mut early.0 => {
             return Err(Error::LeaseExpired { worker: worker_id.clone(), lease: plan.copy.worker_lease });
         }
+        started = start => started?,
     };
     let snapshots = Arc::new(snapshots::Snapshots::new(first));
     let rotation_stop = Shutdown::manual();
@@ -521,11 +522,11 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         // workers hold is dropped uncommitted.
         _ = shared.expired.wait() => None,
     };
-    heartbeat.abort();
     relay.abort();
     rotation_stop.trigger();
     // Its exporters are the leader's to end once it lost its lease, or when blue does not
-    // answer their COMMITs (one cut off from blue would wait here until TCP gives up).
+    // answer their COMMITs (one cut off from blue would wait here until TCP gives up). The
+    // heartbeat goes on meanwhile: silent for a lease, it would be judged for that instead.
     let lost = shared.expired.is_triggered();
     let rotator_wait = if lost { std::time::Duration::ZERO } else { std::time::Duration::from_secs(10) };
     let mut rotator = rotator;
@@ -533,9 +534,20 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         rotator.abort();
         sessions.left_open();
     }
+    heartbeat.abort();
     // Its sessions may have been ended under it: what they failed with says less than this.
+    // (Its first session, idle since the start, may have been closed meanwhile.)
     let failed = first_error.is_some() || sessions.any_left_open();
-    let expired = lost || state.worker_parting(&green, &shared.worker_id, failed).await;
+    let green = if green.is_closed() {
+        tokio::time::timeout(std::time::Duration::from_secs(8), plan.green.connect()).await.ok().and_then(|c| c.ok())
+    } else {
+        Some(green)
+    };
+    let expired = lost
+        || match &green {
+            Some(g) => state.worker_parting(g, &shared.worker_id, failed).await,
+            None => false,
+        };
     progress.finish();
     if expired {
         return Err(Error::LeaseExpired { worker: shared.worker_id.clone(), lease: plan.copy.worker_lease });
@@ -680,7 +692,7 @@ pub async fn run(
     state.ensure(&green, &plan.name).await?;
     // Joined workers' leases, for as long as this leader runs (copy and following): one frozen
     // after its last chunk would otherwise hold its snapshots on blue through the following.
-    let _leases = crate::shutdown::AbortOnDrop(tokio::spawn(Leases::new("joined", plan.copy.worker_lease).watch(
+    let _leases = crate::shutdown::AbortOnDrop(tokio::spawn(Leases::new(&["joined"], plan.copy.worker_lease).watch(
         state.clone(),
         plan.green.clone(),
         plan.blue.clone(),

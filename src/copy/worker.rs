@@ -24,10 +24,27 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
     }
     let blue = shared.plan.blue.connect().await?;
     let mut green = shared.plan.green.connect().await?;
+    let mut entries = Vec::new();
     if let Some(s) = &shared.sessions {
-        s.add("blue", &blue).await?;
-        s.add("green", &green).await?;
+        entries.push(s.add("blue", &blue).await?);
+        entries.push(s.add("green", &green).await?);
     }
+    let done = copy_chunks(id, &shared, &blue, &mut green).await;
+    drop((blue, green));
+    // Closed cleanly, they come off its record: behind a session pooler their server processes
+    // may serve someone else next, and the leader would end them with a lease that expires
+    // later.
+    if let (Ok(()), Some(s)) = (&done, &shared.sessions) {
+        for entry in &entries {
+            s.remove(entry).await;
+        }
+    }
+    done
+}
+
+/// A worker's chunks, on its sessions: claimed and copied until none is left (or the run
+/// stops).
+async fn copy_chunks(id: usize, shared: &Arc<Shared>, blue: &Client, green: &mut Client) -> Result<()> {
     // JIT would compile every chunk's query anew (tens of ms each) for expressions that run a few
     // thousand times; parallel query workers would compete with our own workers.
     blue.batch_execute(
@@ -61,15 +78,14 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         if shared.shutdown.is_triggered() {
             return Ok(());
         }
-        match next_chunk(&shared, &blue, &mut green, &sizes).await {
+        match next_chunk(shared, blue, green, &sizes).await {
             Ok(Some(Copied { table, rows, asked, chunks, seconds })) => {
                 shared.throttle.settle(expected, rows);
                 // A claim cut short (another worker holds the next chunk, the table ends) still
                 // measured the pace.
                 sizes[table] = claim_size(shared.plan.copy.target_chunk_time, (asked, chunks), seconds);
-                if !shared.joined && shared.state.loaded(&green, &[shared.tables[table].id.as_str()]).await?.len() == 1
-                {
-                    take_rebuild(&shared, &blue, &green, table).await?;
+                if !shared.joined && shared.state.loaded(green, &[shared.tables[table].id.as_str()]).await?.len() == 1 {
+                    take_rebuild(shared, blue, green, table).await?;
                 }
                 continue;
             }
@@ -88,8 +104,8 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         if shared.joined {
             // Done once the leader's copy is over: before that, it may still be planning tables
             // (or be restarting after a rewrite).
-            if shared.state.chunks_left(&green).await? == 0
-                && !matches!(shared.state.phase(&green).await?, Some(crate::state::Phase::Copying))
+            if shared.state.chunks_left(green).await? == 0
+                && !matches!(shared.state.phase(green).await?, Some(crate::state::Phase::Copying))
             {
                 crate::fault::point("copy.joined-done").await;
                 return Ok(());
@@ -97,9 +113,9 @@ pub(super) async fn worker(id: usize, shared: Arc<Shared>) -> Result<()> {
         } else {
             let ids: Vec<&str> = shared.claimable.iter().map(String::as_str).collect();
             let mut rebuilt = false;
-            for id in shared.state.loaded(&green, &ids).await? {
+            for id in shared.state.loaded(green, &ids).await? {
                 if let Some(table) = shared.tables.iter().position(|t| t.id.as_str() == id) {
-                    rebuilt |= take_rebuild(&shared, &blue, &green, table).await?;
+                    rebuilt |= take_rebuild(shared, blue, green, table).await?;
                 }
             }
             if rebuilt {

@@ -59,7 +59,7 @@ pub struct ConnInfo {
     service: Option<String>,
 }
 
-/// The parameters libpq takes that tokio-postgres does not.
+/// The parameters libpq takes that tokio-postgres does not, or reads otherwise.
 #[derive(Default)]
 struct SslParams {
     mode: Option<SslMode>,
@@ -67,6 +67,10 @@ struct SslParams {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     service: Option<String>,
+    /// `tcp_user_timeout`: milliseconds to libpq, seconds to tokio-postgres.
+    tcp_user_timeout_ms: Option<u64>,
+    /// `keepalives_idle` (seconds), which our own default would otherwise replace.
+    keepalives_idle_s: Option<u64>,
 }
 
 impl fmt::Debug for ConnInfo {
@@ -107,7 +111,12 @@ impl ConnInfo {
         })?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
+        // A peer lost without a word (a host cut off) is noticed after this much silence plus
+        // the probes; the string's own value, if any, as libpq takes it (0: our default).
+        config.keepalives_idle(Duration::from_secs(ssl.keepalives_idle_s.filter(|s| *s > 0).unwrap_or(30)));
+        if let Some(ms) = ssl.tcp_user_timeout_ms.filter(|ms| *ms > 0) {
+            config.tcp_user_timeout(Duration::from_millis(ms));
+        }
         if config.get_application_name().is_none() {
             config.application_name("migrate");
         }
@@ -278,6 +287,15 @@ impl ConnInfo {
         self.ssl_mode
     }
 
+    /// Gives data sent on these connections `limit` to be acknowledged by the server's host
+    /// before the connection is dropped (`tcp_user_timeout`), unless the string set one: a
+    /// host lost without a word is then noticed in about that time, not TCP's 15 minutes.
+    pub fn bound_unacknowledged(&mut self, limit: Duration) {
+        if self.config.get_tcp_user_timeout().is_none() {
+            self.config.tcp_user_timeout(limit);
+        }
+    }
+
     /// The driver config, for callers that need to hand it on (e.g. to a replication client).
     pub fn config(&self) -> &Config {
         &self.config
@@ -405,6 +423,8 @@ fn take_ssl_params(text: &str) -> Result<(String, SslParams), String> {
             "sslcert" => p.cert = Some(PathBuf::from(value)),
             "sslkey" => p.key = Some(PathBuf::from(value)),
             "service" => p.service = Some(value.to_string()),
+            "tcp_user_timeout" => p.tcp_user_timeout_ms = Some(whole(key, value, "milliseconds")?),
+            "keepalives_idle" => p.keepalives_idle_s = Some(whole(key, value, "seconds")?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -433,6 +453,11 @@ fn take_ssl_params(text: &str) -> Result<(String, SslParams), String> {
         }
         Ok((kept.join(" "), p))
     }
+}
+
+/// A whole number of `unit` for connection parameter `key`.
+fn whole(key: &str, value: &str, unit: &str) -> Result<u64, String> {
+    value.trim().parse::<u64>().map_err(|_| format!("{key}: expected a whole number of {unit}, got `{value}`"))
 }
 
 /// Splits a key=value DSN on spaces outside single quotes.
@@ -527,6 +552,23 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("blue") && msg.contains("sslmode"), "{msg}");
         assert!(!msg.contains("hunter2"));
+    }
+
+    #[test]
+    fn tcp_settings_are_read_as_libpq_reads_them() {
+        let url = "postgres://u@h/d?tcp_user_timeout=2500&keepalives_idle=7&keepalives_interval=2&keepalives_retries=3";
+        let dsn = "host=h dbname=d tcp_user_timeout=2500 keepalives_idle=7 keepalives_interval=2 keepalives_retries=3";
+        for text in [url, dsn] {
+            let c = ConnInfo::parse(Side::Blue, text).unwrap();
+            assert_eq!(c.config.get_tcp_user_timeout(), Some(&Duration::from_millis(2500)), "{text}");
+            assert_eq!(c.config.get_keepalives_idle(), Duration::from_secs(7), "{text}");
+            assert_eq!(c.config.get_keepalives_interval(), Some(Duration::from_secs(2)), "{text}");
+            assert_eq!(c.config.get_keepalives_retries(), Some(3), "{text}");
+        }
+        let c = ConnInfo::parse(Side::Blue, "postgres://u@h/d").unwrap();
+        assert_eq!((c.config.get_tcp_user_timeout(), c.config.get_keepalives_idle()), (None, Duration::from_secs(30)));
+        let err = ConnInfo::parse(Side::Blue, "postgres://u@h/d?tcp_user_timeout=3s").unwrap_err().to_string();
+        assert!(err.contains("tcp_user_timeout") && err.contains("milliseconds"), "{err}");
     }
 
     #[test]

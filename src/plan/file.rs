@@ -546,6 +546,17 @@ pub struct Hook {
 }
 
 impl Plan {
+    /// This plan as a joined worker (`copy --join`, `verify --join`) uses it: data it sends to
+    /// blue or green must be acknowledged within `[copy] worker_lease` (unless a URL sets
+    /// `tcp_user_timeout`). A worker cut off from blue alone keeps its lease on green; this is
+    /// how it notices, in about a lease, that its sessions there are gone.
+    pub fn joined_worker(&self) -> Plan {
+        let mut plan = self.clone();
+        plan.blue.bound_unacknowledged(plan.copy.worker_lease);
+        plan.green.bound_unacknowledged(plan.copy.worker_lease);
+        plan
+    }
+
     /// Reads and validates a plan file. Errors name the file and line; all file-level problems
     /// are reported at once.
     pub fn load(path: &Path) -> Result<Plan, Error> {

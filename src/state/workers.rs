@@ -61,7 +61,7 @@ struct Expired {
     pub chunks: Vec<String>,
     /// Its recorded sessions (`green:…`, `blue:…`; see [`session_tag`]).
     pub sessions: Vec<String>,
-    /// Seconds since its last heartbeat.
+    /// Seconds from its last heartbeat to the mark: under a lease when it marked itself.
     pub silent: f64,
 }
 
@@ -265,10 +265,11 @@ impl State {
     /// how many done), on a session of its own that is opened again when closed, until its
     /// lease is found expired: then returns. A failed write does not stop it (a worker silent
     /// for its lease is cut off by the leader). A worker under a `lease` (joined) gives each
-    /// connect and write half the lease, opens a new session after one unanswered, and
-    /// returns too once it renewed nothing for the lease: the leader is ending its sessions,
-    /// and one cut off from green would otherwise wait on a dead connection until TCP gives up
-    /// (12–15 minutes).
+    /// connect and write half the lease, and returns too once it renewed nothing for the lease
+    /// and green took no new session at its last try: the leader is ending its sessions, and
+    /// one cut off from green would otherwise wait on a dead connection until TCP gives up
+    /// (12–15 minutes). A green that takes sessions but stalls their commits (a synchronous
+    /// standby gone) stops no one: the leader does not judge then either.
     pub async fn beat(
         &self,
         green_info: &ConnInfo,
@@ -279,32 +280,38 @@ impl State {
     ) {
         let mut green: Option<Client> = None;
         let mut renewed = Instant::now();
-        // Half a lease: a slow green's commit gets its time, and a dead session is replaced
-        // with time left to renew on a new one. The leader's own record waits as it always did
-        // (a session dropped mid-write would leave its backend waiting on green, holding the
-        // row the next one writes).
+        // Whether green took a new session at the last try.
+        let mut reachable = true;
+        // Half a lease: a slow green's commit gets its time, and a dead session is found with
+        // time left to renew on a new one. The leader's own record waits as it always did.
         let wait = lease.map(|l| l / 2);
         loop {
             if green.as_ref().is_none_or(|g| g.is_closed()) {
                 green = within(wait, green_info.connect()).await.and_then(|c| c.ok());
+                reachable = green.is_some();
             }
             if let Some(g) = &green {
                 let (hands, done) = held();
                 match within(wait, self.worker_seen(g, id, role, &hands, done)).await {
-                    Some(Ok(true)) => renewed = Instant::now(),
+                    Some(Ok(true)) => (renewed, reachable) = (Instant::now(), true),
                     Some(Ok(false)) => {
                         tracing::warn!(worker = %id, "this worker's lease expired; stopping");
                         return;
                     }
                     Some(Err(e)) => tracing::debug!(error = %e, role, "green: heartbeat not recorded"),
-                    // Sent and unanswered: the session may be dead without knowing it.
+                    // Unanswered: a dead session, or a green whose commits stall. A new session
+                    // tells which. The old one is kept while green answers: its write waits in
+                    // line there, and a new one would wait beside it, a backend more each time.
                     None => {
-                        tracing::debug!(role, "green: no answer to a heartbeat within {wait:?}; reconnecting");
-                        green = None;
+                        reachable = within(wait, green_info.connect()).await.is_some_and(|c| c.is_ok());
+                        tracing::debug!(role, reachable, "green: no answer to a heartbeat within {wait:?}");
+                        if !reachable {
+                            green = None;
+                        }
                     }
                 }
             }
-            if let Some(lease) = lease.filter(|l| renewed.elapsed() >= *l) {
+            if let Some(lease) = lease.filter(|l| renewed.elapsed() >= *l && !reachable) {
                 tracing::warn!(
                     worker = %id,
                     silent_s = renewed.elapsed().as_secs(),
@@ -333,21 +340,27 @@ impl State {
         Ok(added == 1)
     }
 
-    /// Marks as expired every worker of `role` not seen for `lease`, and returns them with those
-    /// marked before whose sessions were not ended yet (by this leader or one before it): the
-    /// caller ends their sessions. The mark comes first, so one that wakes up cannot renew its
-    /// record.
-    async fn expire_workers(&self, green: &impl GenericClient, role: &str, lease: Duration) -> Result<Vec<Expired>> {
+    /// Marks as expired every worker of `roles` not seen for `lease` (only with `judge`), and
+    /// returns them with those marked before whose sessions were not ended yet (by this leader
+    /// or one before it, or by the worker itself on its way out): the caller ends their
+    /// sessions. The mark comes first, so one that wakes up cannot renew its record.
+    async fn expire_workers(
+        &self,
+        green: &impl GenericClient,
+        roles: &[&str],
+        lease: Duration,
+        judge: bool,
+    ) -> Result<Vec<Expired>> {
         Ok(green
             .query(
                 &format!(
                     "UPDATE {} SET expired_at = coalesce(expired_at, now()) \
-                     WHERE role = $2 AND ended_at IS NULL \
-                       AND (expired_at IS NOT NULL OR seen_at < now() - make_interval(secs => $1)) \
-                     RETURNING id, chunks, sessions, extract(epoch FROM now() - seen_at)::float8",
+                     WHERE role = ANY($2) AND ended_at IS NULL \
+                       AND (expired_at IS NOT NULL OR ($3 AND seen_at < now() - make_interval(secs => $1))) \
+                     RETURNING id, chunks, sessions, extract(epoch FROM expired_at - seen_at)::float8",
                     self.table("workers")
                 ),
-                &[&lease.as_secs_f64(), &role],
+                &[&lease.as_secs_f64(), &roles, &judge],
             )
             .await
             .map_err(Error::db("green: expiring workers' leases"))?
@@ -523,14 +536,14 @@ impl Sessions {
     }
 }
 
-/// The leader's side of its joined workers' leases: a joined worker of `role` silent for
+/// The leader's side of its joined workers' leases: a joined worker of `roles` silent for
 /// `lease` (a host frozen or cut off, whose sessions green and blue still keep open, for hours
 /// with the servers' TCP keepalive defaults) has its sessions on both servers ended. That rolls
 /// back its claim in hand (another worker takes it) and lets go of its snapshots. The leader
 /// does so only once its own commits on green have gone through promptly for a whole lease: a
 /// green that stalled (or a leader cut off from it) kept the others' heartbeats out too.
 pub struct Leases {
-    role: &'static str,
+    roles: &'static [&'static str],
     lease: Duration,
     through_since: Instant,
 }
@@ -554,9 +567,9 @@ const PROBE_SLOW: Duration = Duration::from_secs(1);
 const PROBES_FAILED_WARN: u32 = 30;
 
 impl Leases {
-    /// Leases of joined workers of `role`.
-    pub fn new(role: &'static str, lease: Duration) -> Self {
-        Self { role, lease, through_since: Instant::now() }
+    /// Leases of joined workers of `roles`.
+    pub fn new(roles: &'static [&'static str], lease: Duration) -> Self {
+        Self { roles, lease, through_since: Instant::now() }
     }
 
     /// Watches the leases until dropped (the caller aborts it): once a second a commit on green
@@ -590,8 +603,11 @@ impl Leases {
                 }
                 Ok(()) => {
                     failed = 0;
-                    if let (Some(g), true) = (&green, self.through_since.elapsed() >= self.lease) {
-                        if let Err(e) = self.end_expired(&state, g, &blue_info).await {
+                    // Silence is judged only after a lease of prompt commits; a worker that
+                    // marked itself on its way out is taken at once.
+                    let judge = self.through_since.elapsed() >= self.lease;
+                    if let Some(g) = &green {
+                        if let Err(e) = self.end_expired(&state, g, &blue_info, judge).await {
                             tracing::warn!(error = %e, "could not end the sessions of a joined worker whose lease expired");
                         }
                     }
@@ -605,8 +621,8 @@ impl Leases {
     /// sessions could not be ended (a server did not answer) stays marked and unended, and is
     /// tried again next time, by this leader or the next; one the leader may not end
     /// (privileges) is named and left.
-    async fn end_expired(&self, state: &State, green: &Client, blue_info: &ConnInfo) -> Result<()> {
-        let expired = state.expire_workers(green, self.role, self.lease).await?;
+    async fn end_expired(&self, state: &State, green: &Client, blue_info: &ConnInfo, judge: bool) -> Result<()> {
+        let expired = state.expire_workers(green, self.roles, self.lease, judge).await?;
         // Opened only while ending some, and after green's are ended: not one more session on
         // blue for the whole run, and a blue that does not answer keeps no claim on green.
         let mut blue: Option<Client> = None;

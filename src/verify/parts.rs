@@ -298,10 +298,11 @@ impl<'a> Lanes<'a> {
         }
     }
 
-    /// Records `c`, a session on `side`, under a joined worker's lease.
-    async fn under_lease(&self, side: &str, c: &Client) -> Result<()> {
+    /// Records `c`, a session on `side`, under a joined worker's lease; its entry goes to
+    /// `entries`.
+    async fn under_lease(&self, side: &str, c: &Client, entries: &mut Vec<String>) -> Result<()> {
         if let Some(s) = &self.sessions {
-            s.add(side, c).await?;
+            entries.push(s.add(side, c).await?);
         }
         Ok(())
     }
@@ -342,7 +343,9 @@ impl<'a> Lanes<'a> {
             if joined {
                 std::future::pending::<()>().await;
             }
-            Leases::new(JOINED, lease).watch((*state).clone(), self.plan.green.clone(), self.plan.blue.clone()).await;
+            Leases::new(&[JOINED], lease)
+                .watch((*state).clone(), self.plan.green.clone(), self.plan.blue.clone())
+                .await;
         };
         let mut result = tokio::select! {
             r = self.run() => r,
@@ -354,10 +357,12 @@ impl<'a> Lanes<'a> {
             return result;
         }
         let green = if green.is_closed() { self.plan.green.connect().await.ok() } else { Some(green) };
+        // Stopped by Ctrl-C, its sessions were closed as they should be.
+        let failed = result.is_err() && !matches!(result, Err(Error::Interrupted { .. }));
         match &green {
             // Its sessions may have been ended under it: what they failed with says less than
             // this.
-            Some(g) if joined && state.worker_parting(g, worker, result.is_err()).await => {
+            Some(g) if joined && state.worker_parting(g, worker, failed).await => {
                 result = Err(Error::LeaseExpired { worker: worker.clone(), lease });
             }
             Some(_) if joined => {}
@@ -372,9 +377,24 @@ impl<'a> Lanes<'a> {
     /// One lane: a blue and a green session reading parts until none is left (and, with
     /// state, a green session holding the claim meanwhile).
     async fn lane(&self) -> Result<()> {
+        let mut entries = Vec::new();
+        let done = self.lane_sessions(&mut entries).await;
+        // Closed cleanly, they come off the worker's record: behind a session pooler their
+        // server processes may serve someone else next.
+        if let (Ok(()), Some(s)) = (&done, &self.sessions) {
+            for entry in &entries {
+                s.remove(entry).await;
+            }
+        }
+        done
+    }
+
+    /// [`Lanes::lane`] on sessions of its own, each recorded in `entries` under a joined
+    /// worker's lease (and closed when this returns).
+    async fn lane_sessions(&self, entries: &mut Vec<String>) -> Result<()> {
         let (blue, green) = tokio::try_join!(self.plan.blue.connect(), self.plan.green.connect())?;
-        self.under_lease("blue", &blue).await?;
-        self.under_lease("green", &green).await?;
+        self.under_lease("blue", &blue, entries).await?;
+        self.under_lease("green", &green, entries).await?;
         session(&blue).await.map_err(Error::db("blue: verify session"))?;
         session(&green).await.map_err(Error::db("green: verify session"))?;
         match &self.board {
@@ -396,7 +416,7 @@ impl<'a> Lanes<'a> {
                 }
             },
             Board::Shared { state, run, worker } => {
-                self.shared_lane((&blue, &green), state, run.as_deref(), worker).await
+                self.shared_lane((&blue, &green), state, run.as_deref(), worker, entries).await
             }
         }
     }
@@ -408,9 +428,10 @@ impl<'a> Lanes<'a> {
         state: &State,
         run: Option<&str>,
         worker: &str,
+        entries: &mut Vec<String>,
     ) -> Result<()> {
         let mut claims = self.plan.green.connect().await?;
-        self.under_lease("green", &claims).await?;
+        self.under_lease("green", &claims, entries).await?;
         session(&claims).await.map_err(Error::db("green: verify session"))?;
         let mut said = Instant::now();
         loop {

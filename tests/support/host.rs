@@ -25,8 +25,6 @@ pub struct Host {
     /// This side's end of each link, as [`NETS`].
     outer: [String; 2],
     net: u32,
-    /// Parameters added to both URLs given to `migrate` on this host.
-    url_params: String,
 }
 
 impl Host {
@@ -51,9 +49,9 @@ impl Host {
             .expect("free 10.213.N.0/24 and 10.214.N.0/24 subnets");
         // Interface names have at most 15 bytes.
         let name = |kind: &str| format!("{kind}{pid}x{n}");
-        let host = Host { ns: name("bgh"), outer: [name("bgb"), name("bgg")], net, url_params: String::new() };
+        let host = Host { ns: name("bgh"), outer: [name("bgb"), name("bgg")], net };
         // Left by an earlier process that had this pid.
-        drop(Host { ns: host.ns.clone(), outer: host.outer.clone(), net, url_params: String::new() });
+        drop(Host { ns: host.ns.clone(), outer: host.outer.clone(), net });
         ip(&["netns", "add", &host.ns]);
         ip(&["netns", "exec", &host.ns, "ip", "link", "set", "lo", "up"]);
         for ((_, prefix), (outer, inner)) in NETS.iter().zip(host.outer.iter().zip([name("bib"), name("big")])) {
@@ -65,12 +63,6 @@ impl Host {
             ip(&["netns", "exec", &host.ns, "ip", "link", "set", &inner, "up"]);
         }
         host
-    }
-
-    /// Adds `params` (`key=value&…`) to both URLs given to `migrate` on this host.
-    pub fn with_url_params(mut self, params: &str) -> Host {
-        self.url_params = format!("&{params}");
-        self
     }
 
     /// A blue and a green database made by `blue_sql` and `green_sql` on clusters this host
@@ -95,20 +87,23 @@ impl Host {
         cmd.spawn().expect("start migrate on a second host")
     }
 
-    /// How many sessions `db`'s server has from this host.
-    pub fn sessions_in(&self, db: &TestDb) -> i64 {
+    /// How many sessions `db`'s server has from this host that match `filter` (SQL on
+    /// `pg_stat_activity`).
+    pub fn sessions_in(&self, db: &TestDb, filter: &str) -> i64 {
         let addrs: Vec<String> = NETS.iter().map(|(_, prefix)| format!("'{prefix}.{}.2'", self.net)).collect();
-        db.psql(&format!("SELECT count(*) FROM pg_stat_activity WHERE client_addr IN ({})", addrs.join(", ")))
-            .parse()
-            .unwrap()
+        db.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE client_addr IN ({}) AND ({filter})",
+            addrs.join(", ")
+        ))
+        .parse()
+        .unwrap()
     }
 
     /// `db`'s URL as reached from this host over link `link` (an index into [`NETS`]).
     fn url(&self, db: &TestDb, link: usize) -> String {
         let url = db.url();
-        assert!(url.contains("@127.0.0.1:") && url.contains('?'), "{url}");
-        let url = url.replace("@127.0.0.1:", &format!("@{}.{}.1:", NETS[link].1, self.net));
-        format!("{url}{}", self.url_params)
+        assert!(url.contains("@127.0.0.1:"), "{url}");
+        url.replace("@127.0.0.1:", &format!("@{}.{}.1:", NETS[link].1, self.net))
     }
 
     /// Cuts both links on the servers' side: this host's packets stop arriving, and theirs stop
