@@ -456,6 +456,30 @@ const SPREAD_BLUE: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NO
     INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 200000) g;";
 const SPREAD_GREEN: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);";
 
+/// A leader copying `items` (one worker per process, with `copy` settings added) beside a
+/// writer on blue: its plan's path, the writer and the leader.
+fn spread_leader(
+    c: &crate::support::Custom,
+    copy: &str,
+) -> (std::path::PathBuf, crate::support::ItemsWriter, std::process::Child) {
+    let plan =
+        c.plan("trigger", &format!("workers = 1\n{copy}"), "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n");
+    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
+    let leader = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
+    (plan, writer, leader)
+}
+
+/// Waits (up to 60 s) for the leader's state on green; its schema.
+fn spread_state(c: &crate::support::Custom) -> String {
+    let state = c.sql("bluegreen_custom");
+    let started = Instant::now();
+    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
+        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    state
+}
+
 /// One copy spread over three processes: the leader and two joined workers (`copy --join`) claim
 /// chunks from green while blue takes inserts, updates that move rows (TOASTed payloads), deletes
 /// and key changes. One joined worker is killed holding a chunk it has written but not
@@ -466,14 +490,9 @@ const SPREAD_GREEN: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int N
 fn one_copy_spread_over_joined_workers_survives_a_killed_worker() {
     let c = crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN);
     // Slow enough per process that all three take part.
-    let plan = c.plan(
-        "trigger",
-        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"",
-        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
-    );
+    let (plan, writer, mut leader) =
+        spread_leader(&c, "chunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"");
     let p = plan.to_str().unwrap();
-    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
-    let mut leader = c.spawn(&["copy", p], &[]);
     let mut joined = c.spawn(&["copy", p, "--join"], &[]);
     let mut doomed = c.spawn(&["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
     let state = c.sql("bluegreen_custom");
@@ -569,22 +588,14 @@ fn a_joined_worker_on_a_host_cut_off_from_both_servers_stops_by_itself_and_its_c
 fn a_joined_worker_cut_off_from_blue_alone_hands_the_sessions_it_left_there_to_the_leader() {
     let host = crate::support::host::Host::new();
     let c = host.scenario(SPREAD_BLUE, SPREAD_GREEN);
-    let plan = c.plan(
-        "trigger",
-        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
-        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    let (plan, writer, mut leader) = spread_leader(
+        &c,
+        "chunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
     );
     let p = plan.to_str().unwrap();
-    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
-    let mut leader = c.spawn(&["copy", p], &[]);
     // Slowed per chunk, so that it is seen holding one.
     let mut lost = host.spawn(&c, &["copy", p, "--join"], &[("MIGRATE_FAULT", "copy.chunk-streamed:sleep=2000")]);
-    let state = c.sql("bluegreen_custom");
-    let started = Instant::now();
-    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
-        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let state = spread_state(&c);
     let (lost_id, _) = crate::support::first_in_hand(&c.green, &state, &mut lost);
     // Sessions of its holding blue's horizon: a lane's chunk and a snapshot exporter.
     let holding = || host.sessions_in(&c.blue, "backend_xmin IS NOT NULL");
@@ -636,21 +647,13 @@ fn a_joined_worker_cut_off_from_blue_alone_hands_the_sessions_it_left_there_to_t
 fn a_green_whose_commits_stall_for_longer_than_the_lease_ends_no_joined_worker() {
     let green = crate::support::Cluster::own("green-stall", &["synchronous_commit=on"]);
     let c = crate::support::Custom::on((crate::support::blue_cluster(), green), SPREAD_BLUE, SPREAD_GREEN);
-    let plan = c.plan(
-        "trigger",
-        "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 2500\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
-        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    let (plan, writer, mut leader) = spread_leader(
+        &c,
+        "chunk_rows = 2000\nmax_rows_per_second = 2500\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
     );
     let p = plan.to_str().unwrap();
-    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
-    let mut leader = c.spawn(&["copy", p], &[]);
     let mut joined = c.spawn(&["copy", p, "--join"], &[]);
-    let state = c.sql("bluegreen_custom");
-    let started = Instant::now();
-    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
-        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let state = spread_state(&c);
     let (joined_id, _) = crate::support::first_in_hand(&c.green, &state, &mut joined);
     // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
     green.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
@@ -687,25 +690,17 @@ fn joined_worker_lost_holding_a_chunk(host: Option<crate::support::host::Host>) 
         Some(h) => h.scenario(SPREAD_BLUE, SPREAD_GREEN),
         None => crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN),
     };
-    let plan = c.plan(
-        "trigger",
-        "workers = 1\nchunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
-        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    let (plan, writer, mut leader) = spread_leader(
+        &c,
+        "chunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
     );
     let p = plan.to_str().unwrap();
-    let writer = crate::support::ItemsWriter::start(&c.blue, 200_000);
-    let mut leader = c.spawn(&["copy", p], &[]);
     let (args, fault) = (["copy", p, "--join"], [("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
     let mut lost = match &host {
         Some(h) => h.spawn(&c, &args, &fault),
         None => c.spawn(&args, &fault),
     };
-    let state = c.sql("bluegreen_custom");
-    let started = Instant::now();
-    while c.green.psql(&format!("SELECT to_regclass('{state}.workers') IS NOT NULL")) != "t" {
-        assert!(started.elapsed() < Duration::from_secs(60), "no state on green");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let state = spread_state(&c);
     // It holds a chunk it has written and marked done, uncommitted, under a snapshot of blue.
     let (lost_id, held) = crate::support::first_in_hand(&c.green, &state, &mut lost);
     let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);

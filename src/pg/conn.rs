@@ -57,6 +57,8 @@ pub struct ConnInfo {
     ssl_key: Option<PathBuf>,
     /// `service=`: settings from a connection service file fill what the string leaves out.
     service: Option<String>,
+    /// `tcp_user_timeout` was in the string (0 included: the system's default).
+    tcp_user_timeout_given: bool,
 }
 
 /// The parameters libpq takes that tokio-postgres does not, or reads otherwise.
@@ -114,8 +116,18 @@ impl ConnInfo {
         // A peer lost without a word (a host cut off) is noticed after this much silence plus
         // the probes; the string's own value, if any, as libpq takes it (0: our default).
         config.keepalives_idle(Duration::from_secs(ssl.keepalives_idle_s.filter(|s| *s > 0).unwrap_or(30)));
-        if let Some(ms) = ssl.tcp_user_timeout_ms.filter(|ms| *ms > 0) {
-            config.tcp_user_timeout(Duration::from_millis(ms));
+        match ssl.tcp_user_timeout_ms {
+            // Written in seconds, as the driver alone read it: a retransmission would end it.
+            Some(ms @ 1..1000) => {
+                return Err(invalid(format!(
+                    "tcp_user_timeout is in milliseconds, as libpq reads it: {ms} ms would not outlast one \
+                     retransmission (for {ms} s write {ms}000)"
+                )))
+            }
+            Some(ms) if ms > 0 => {
+                config.tcp_user_timeout(Duration::from_millis(ms));
+            }
+            _ => {}
         }
         if config.get_application_name().is_none() {
             config.application_name("migrate");
@@ -129,6 +141,7 @@ impl ConnInfo {
             ssl_cert: ssl.cert,
             ssl_key: ssl.key,
             service: ssl.service,
+            tcp_user_timeout_given: ssl.tcp_user_timeout_ms.is_some(),
         })
     }
 
@@ -288,11 +301,16 @@ impl ConnInfo {
     }
 
     /// Gives data sent on these connections `limit` to be acknowledged by the server's host
-    /// before the connection is dropped (`tcp_user_timeout`), unless the string set one: a
-    /// host lost without a word is then noticed in about that time, not TCP's 15 minutes.
+    /// before the connection is dropped (`tcp_user_timeout`), and probes an idle one every
+    /// tenth of it (keepalives, after the first 30 s), unless the string set them: a server
+    /// lost without a word is then noticed in about `limit` (plus 30 s when idle), not in TCP's
+    /// 12–15 minutes. A live server's host acknowledges and answers however busy its backend.
     pub fn bound_unacknowledged(&mut self, limit: Duration) {
-        if self.config.get_tcp_user_timeout().is_none() {
+        if !self.tcp_user_timeout_given {
             self.config.tcp_user_timeout(limit);
+        }
+        if self.config.get_keepalives_interval().is_none() {
+            self.config.keepalives_interval((limit / 10).max(Duration::from_secs(1)));
         }
     }
 
@@ -569,6 +587,18 @@ mod tests {
         assert_eq!((c.config.get_tcp_user_timeout(), c.config.get_keepalives_idle()), (None, Duration::from_secs(30)));
         let err = ConnInfo::parse(Side::Blue, "postgres://u@h/d?tcp_user_timeout=3s").unwrap_err().to_string();
         assert!(err.contains("tcp_user_timeout") && err.contains("milliseconds"), "{err}");
+        let err = ConnInfo::parse(Side::Blue, "postgres://u@h/d?tcp_user_timeout=30").unwrap_err().to_string();
+        assert!(err.contains("30000"), "{err}");
+        // A bound for joined workers fills in only what the string left out (0: the system's).
+        let mut c = ConnInfo::parse(Side::Blue, "postgres://u@h/d?tcp_user_timeout=0").unwrap();
+        c.bound_unacknowledged(Duration::from_secs(60));
+        assert_eq!(
+            (c.config.get_tcp_user_timeout(), c.config.get_keepalives_interval()),
+            (None, Some(Duration::from_secs(6)))
+        );
+        let mut c = ConnInfo::parse(Side::Blue, "postgres://u@h/d").unwrap();
+        c.bound_unacknowledged(Duration::from_secs(60));
+        assert_eq!(c.config.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
     }
 
     #[test]

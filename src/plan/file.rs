@@ -547,13 +547,14 @@ pub struct Hook {
 
 impl Plan {
     /// This plan as a joined worker (`copy --join`, `verify --join`) uses it: data it sends to
-    /// blue or green must be acknowledged within `[copy] worker_lease` (unless a URL sets
+    /// blue must be acknowledged within `[copy] worker_lease` (unless blue's URL sets
     /// `tcp_user_timeout`). A worker cut off from blue alone keeps its lease on green; this is
-    /// how it notices, in about a lease, that its sessions there are gone.
+    /// how it notices, in about a lease, that its sessions there are gone. Green is left as
+    /// given: a green that stops reading a chunk's COPY for a while (a slow disk) is no lost
+    /// host, and being cut off from green is what the lease itself notices.
     pub fn joined_worker(&self) -> Plan {
         let mut plan = self.clone();
         plan.blue.bound_unacknowledged(plan.copy.worker_lease);
-        plan.green.bound_unacknowledged(plan.copy.worker_lease);
         plan
     }
 

@@ -437,7 +437,8 @@ impl State {
                     // until the next `copy` adds it.
                     "SELECT id, role, host, chunks, copied, extract(epoch FROM now() - seen_at)::float8, expired IS NOT NULL \
                      FROM (SELECT w.*, (to_jsonb(w) ->> 'expired_at')::timestamptz AS expired FROM {} w) w \
-                     WHERE seen_at > now() - interval '1 minute' OR expired > now() - interval '10 minutes' \
+                     WHERE (seen_at > now() - interval '1 minute' OR expired > now() - interval '10 minutes') \
+                       AND role <> '{PROBE_ROLE}' \
                      ORDER BY role = 'leader' DESC, started_at",
                     self.table("workers")
                 ),
@@ -560,6 +561,9 @@ async fn within<T>(wait: Option<Duration>, fut: impl std::future::Future<Output 
 /// it would otherwise wait until TCP gives up.
 const PARTING_WAIT: Duration = Duration::from_secs(5);
 
+/// The role of the lease watch's probe row in `workers` (no worker: `status` leaves it out).
+const PROBE_ROLE: &str = "lease watch";
+
 /// A probe commit slower than this counts as a stall of green: the others' heartbeats may have
 /// waited as long, so their silence says nothing for a lease after it.
 const PROBE_SLOW: Duration = Duration::from_secs(1);
@@ -583,8 +587,14 @@ impl Leases {
                 green = green_info.connect().await.ok();
             }
             let started = Instant::now();
+            // A row of its own written: a commit that wrote WAL waits for its flush and for
+            // synchronous standbys, as a heartbeat's does (one that only took a transaction id
+            // writes none, and waits for neither).
             let probe = match &green {
-                Some(g) => g.batch_execute("BEGIN; SELECT txid_current(); COMMIT").await.map_err(Error::db("green")),
+                Some(g) => state
+                    .worker_seen(g, &format!("{PROBE_ROLE}: {}", self.roles.join(", ")), PROBE_ROLE, &[], 0)
+                    .await
+                    .map(|_| ()),
                 None => Err(Error::Internal("no green session")),
             };
             match probe {
