@@ -561,7 +561,7 @@ fn assert_copied_without(c: &crate::support::Custom, held: &str, gone: &str) {
 /// chunk for ever.
 #[test]
 fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
-    joined_worker_lost_holding_a_chunk(None);
+    joined_worker_lost_holding_a_chunk(crate::support::host::Loss::frozen());
 }
 
 /// A joined worker on a host of its own (a network namespace, reaching the servers over a link
@@ -573,7 +573,7 @@ fn a_frozen_joined_worker_loses_its_lease_and_its_chunk_is_copied_by_another() {
 /// writes throughout; green then equals blue.
 #[test]
 fn a_joined_worker_on_a_host_cut_off_from_both_servers_stops_by_itself_and_its_chunk_is_copied_by_another() {
-    joined_worker_lost_holding_a_chunk(Some(crate::support::host::Host::new()));
+    joined_worker_lost_holding_a_chunk(crate::support::host::Loss::cut_off());
 }
 
 /// A joined worker on a second host cut off from blue alone: its heartbeats still reach green,
@@ -684,36 +684,22 @@ fn a_green_whose_commits_stall_for_longer_than_the_lease_ends_no_joined_worker()
 }
 
 /// A leader and a joined worker copy under a writer; the worker, holding a chunk, is lost: cut
-/// off on its `host`, or else frozen. See the two tests above.
-fn joined_worker_lost_holding_a_chunk(host: Option<crate::support::host::Host>) {
-    let c = match &host {
-        Some(h) => h.scenario(SPREAD_BLUE, SPREAD_GREEN),
-        None => crate::support::Custom::new(SPREAD_BLUE, SPREAD_GREEN),
-    };
+/// off on a second host, or frozen, as `loss` says. See the two tests above.
+fn joined_worker_lost_holding_a_chunk(mut loss: crate::support::host::Loss) {
+    let c = loss.scenario(SPREAD_BLUE, SPREAD_GREEN);
     let (plan, writer, mut leader) = spread_leader(
         &c,
         "chunk_rows = 4000\nmax_rows_per_second = 15000\nsnapshot_max_age = \"1s\"\nworker_lease = \"10s\"",
     );
     let p = plan.to_str().unwrap();
     let (args, fault) = (["copy", p, "--join"], [("MIGRATE_FAULT", "copy.chunk-streamed:sleep")]);
-    let mut lost = match &host {
-        Some(h) => h.spawn(&c, &args, &fault),
-        None => c.spawn(&args, &fault),
-    };
+    let mut lost = loss.spawn(&c, &args, &fault);
     let state = spread_state(&c);
     // It holds a chunk it has written and marked done, uncommitted, under a snapshot of blue.
     let (lost_id, held) = crate::support::first_in_hand(&c.green, &state, &mut lost);
     let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);
     assert!(on_blue >= 2 && on_green >= 1, "its sessions open: {on_blue} on blue, {on_green} on green");
-    let frozen = match &host {
-        Some(h) => {
-            // Its sessions come from the other host's address.
-            assert!(h.sessions_in(&c.blue, "true") >= 2 && h.sessions_in(&c.green, "true") >= 1, "no sessions from it");
-            h.cut();
-            None
-        }
-        None => Some(crate::support::Frozen::freeze(&lost)),
-    };
+    loss.lose(&c, &lost, (2, 1));
 
     c.wait_phase("following");
     // Its sessions are gone from both servers while it is still frozen or cut off.
@@ -722,16 +708,7 @@ fn joined_worker_lost_holding_a_chunk(host: Option<crate::support::host::Host>) 
     let r = run(&mut c.migrate(&["status", p]));
     assert!(r.stdout.contains(&format!("worker {lost_id} (joined)")) && r.stdout.contains("lease expired"), "{r:?}");
     // Frozen, it learns of it when woken; cut off, it has stopped by itself.
-    if let Some(f) = frozen {
-        f.thaw();
-    }
-    let (code, err) = crate::support::exit_of(&mut lost);
-    assert_eq!(code, Some(3), "{err}");
-    assert!(err.contains("worker_lease") && err.contains(&lost_id), "{err}");
-    if let Some(h) = &host {
-        assert!(err.contains("could not renew its lease"), "{err}");
-        h.heal();
-    }
+    loss.exit(&mut lost, &lost_id);
     writer.stop();
 
     assert_copied_without(&c, &held, &lost_id);

@@ -243,7 +243,7 @@ const PARTS_GREEN: &str = "CREATE TABLE items (id bigint PRIMARY KEY, grp int NO
 /// the lease the leader waits for the frozen part for ever.
 #[test]
 fn a_frozen_joined_verify_worker_loses_its_lease_and_its_part() {
-    joined_verify_worker_lost_holding_a_part(None);
+    joined_verify_worker_lost_holding_a_part(crate::support::host::Loss::frozen());
 }
 
 /// A joined verify worker on a host of its own (a network namespace) loses its link while it
@@ -252,16 +252,13 @@ fn a_frozen_joined_verify_worker_loses_its_lease_and_its_part() {
 /// cut off, instead of waiting on dead connections until TCP gives up.
 #[test]
 fn a_joined_verify_worker_on_a_host_cut_off_stops_by_itself_and_loses_its_part() {
-    joined_verify_worker_lost_holding_a_part(Some(crate::support::host::Host::new()));
+    joined_verify_worker_lost_holding_a_part(crate::support::host::Loss::cut_off());
 }
 
 /// A verify leader and a joined worker read parts while the copy follows a writer; the
-/// worker, holding a part, is lost: cut off on its `host`, or else frozen.
-fn joined_verify_worker_lost_holding_a_part(host: Option<crate::support::host::Host>) {
-    let c = match &host {
-        Some(h) => h.scenario(PARTS_BLUE, PARTS_GREEN),
-        None => crate::support::Custom::new(PARTS_BLUE, PARTS_GREEN),
-    };
+/// worker, holding a part, is lost: cut off on a second host, or frozen, as `loss` says.
+fn joined_verify_worker_lost_holding_a_part(mut loss: crate::support::host::Loss) {
+    let c = loss.scenario(PARTS_BLUE, PARTS_GREEN);
     let plan = c.plan(
         "trigger",
         "workers = 2\nworker_lease = \"10s\"",
@@ -273,10 +270,7 @@ fn joined_verify_worker_lost_holding_a_part(host: Option<crate::support::host::H
     let writer = crate::support::ItemsWriter::start(&c.blue, 150_000);
     let state = c.sql("bluegreen_custom");
     let (args, fault) = (["verify", p, "--join"], [("MIGRATE_FAULT", "verify.part-read:sleep")]);
-    let mut lost = match &host {
-        Some(h) => h.spawn(&c, &args, &fault),
-        None => c.spawn(&args, &fault),
-    };
+    let mut lost = loss.spawn(&c, &args, &fault);
     // The leader slowed per part, so that the joined worker takes one before it has them all.
     let leader = {
         let mut cmd = c.migrate(&["verify", p]);
@@ -286,30 +280,14 @@ fn joined_verify_worker_lost_holding_a_part(host: Option<crate::support::host::H
     let (lost_id, held) = crate::support::first_in_hand(&c.green, &state, &mut lost);
     let (on_blue, on_green) = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);
     assert!(on_blue >= 1 && on_green >= 2, "its sessions open: {on_blue} on blue, {on_green} on green");
-    let frozen = match &host {
-        Some(h) => {
-            assert!(h.sessions_in(&c.blue, "true") >= 1 && h.sessions_in(&c.green, "true") >= 2, "no sessions from it");
-            h.cut();
-            None
-        }
-        None => Some(crate::support::Frozen::freeze(&lost)),
-    };
+    loss.lose(&c, &lost, (1, 2));
     let r = leader.join().unwrap();
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("green equals transform(blue)"), "{r:?}");
     assert!(r.stderr.contains("wrote no heartbeat for longer than its lease"), "{r:?}");
     let open = crate::support::recorded_sessions_open(&c.blue, &c.green, &state, &lost_id);
     assert_eq!(open, (0, 0), "its sessions (blue, green) outlived its lease");
-    if let Some(f) = frozen {
-        f.thaw();
-    }
-    let (code, err) = crate::support::exit_of(&mut lost);
-    assert_eq!(code, Some(3), "{err}");
-    assert!(err.contains("worker_lease") && err.contains(&lost_id), "{err}");
-    if let Some(h) = &host {
-        assert!(err.contains("could not renew its lease"), "{err}");
-        h.heal();
-    }
+    loss.exit(&mut lost, &lost_id);
 
     let parts = |q: &str| c.green.psql(&format!("SELECT {q} FROM {state}.verify_parts"));
     assert_eq!(parts("count(*) || ' ' || count(*) FILTER (WHERE done AND stored = 1)"), "8 8");

@@ -692,7 +692,7 @@ pub async fn run(
     state.ensure(&green, &plan.name).await?;
     // Joined workers' leases, for as long as this leader runs (copy and following): one frozen
     // after its last chunk would otherwise hold its snapshots on blue through the following.
-    let _leases = crate::shutdown::AbortOnDrop(tokio::spawn(Leases::new(&["joined"], plan.copy.worker_lease).watch(
+    let _leases = crate::shutdown::AbortOnDrop(tokio::spawn(Leases::new("joined", plan.copy.worker_lease).watch(
         state.clone(),
         plan.green.clone(),
         plan.blue.clone(),

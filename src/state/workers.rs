@@ -340,14 +340,14 @@ impl State {
         Ok(added == 1)
     }
 
-    /// Marks as expired every worker of `roles` not seen for `lease` (only with `judge`), and
+    /// Marks as expired every worker of `role` not seen for `lease` (only with `judge`), and
     /// returns them with those marked before whose sessions were not ended yet (by this leader
     /// or one before it, or by the worker itself on its way out): the caller ends their
     /// sessions. The mark comes first, so one that wakes up cannot renew its record.
     async fn expire_workers(
         &self,
         green: &impl GenericClient,
-        roles: &[&str],
+        role: &str,
         lease: Duration,
         judge: bool,
     ) -> Result<Vec<Expired>> {
@@ -355,12 +355,12 @@ impl State {
             .query(
                 &format!(
                     "UPDATE {} SET expired_at = coalesce(expired_at, now()) \
-                     WHERE role = ANY($2) AND ended_at IS NULL \
+                     WHERE role = $2 AND ended_at IS NULL \
                        AND (expired_at IS NOT NULL OR ($3 AND seen_at < now() - make_interval(secs => $1))) \
                      RETURNING id, chunks, sessions, extract(epoch FROM expired_at - seen_at)::float8",
                     self.table("workers")
                 ),
-                &[&lease.as_secs_f64(), &roles, &judge],
+                &[&lease.as_secs_f64(), &role, &judge],
             )
             .await
             .map_err(Error::db("green: expiring workers' leases"))?
@@ -537,14 +537,14 @@ impl Sessions {
     }
 }
 
-/// The leader's side of its joined workers' leases: a joined worker of `roles` silent for
+/// The leader's side of its joined workers' leases: a joined worker of `role` silent for
 /// `lease` (a host frozen or cut off, whose sessions green and blue still keep open, for hours
 /// with the servers' TCP keepalive defaults) has its sessions on both servers ended. That rolls
 /// back its claim in hand (another worker takes it) and lets go of its snapshots. The leader
 /// does so only once its own commits on green have gone through promptly for a whole lease: a
 /// green that stalled (or a leader cut off from it) kept the others' heartbeats out too.
 pub struct Leases {
-    roles: &'static [&'static str],
+    role: &'static str,
     lease: Duration,
     through_since: Instant,
 }
@@ -571,9 +571,9 @@ const PROBE_SLOW: Duration = Duration::from_secs(1);
 const PROBES_FAILED_WARN: u32 = 30;
 
 impl Leases {
-    /// Leases of joined workers of `roles`.
-    pub fn new(roles: &'static [&'static str], lease: Duration) -> Self {
-        Self { roles, lease, through_since: Instant::now() }
+    /// Leases of joined workers of `role`.
+    pub fn new(role: &'static str, lease: Duration) -> Self {
+        Self { role, lease, through_since: Instant::now() }
     }
 
     /// Watches the leases until dropped (the caller aborts it): once a second a commit on green
@@ -591,10 +591,9 @@ impl Leases {
             // synchronous standbys, as a heartbeat's does (one that only took a transaction id
             // writes none, and waits for neither).
             let probe = match &green {
-                Some(g) => state
-                    .worker_seen(g, &format!("{PROBE_ROLE}: {}", self.roles.join(", ")), PROBE_ROLE, &[], 0)
-                    .await
-                    .map(|_| ()),
+                Some(g) => {
+                    state.worker_seen(g, &format!("{PROBE_ROLE}: {}", self.role), PROBE_ROLE, &[], 0).await.map(|_| ())
+                }
                 None => Err(Error::Internal("no green session")),
             };
             match probe {
@@ -632,7 +631,7 @@ impl Leases {
     /// tried again next time, by this leader or the next; one the leader may not end
     /// (privileges) is named and left.
     async fn end_expired(&self, state: &State, green: &Client, blue_info: &ConnInfo, judge: bool) -> Result<()> {
-        let expired = state.expire_workers(green, self.roles, self.lease, judge).await?;
+        let expired = state.expire_workers(green, self.role, self.lease, judge).await?;
         // Opened only while ending some, and after green's are ended: not one more session on
         // blue for the whole run, and a blue that does not answer keeps no claim on green.
         let mut blue: Option<Client> = None;

@@ -343,9 +343,7 @@ impl<'a> Lanes<'a> {
             if joined {
                 std::future::pending::<()>().await;
             }
-            Leases::new(&[JOINED], lease)
-                .watch((*state).clone(), self.plan.green.clone(), self.plan.blue.clone())
-                .await;
+            Leases::new(JOINED, lease).watch((*state).clone(), self.plan.green.clone(), self.plan.blue.clone()).await;
         };
         let mut result = tokio::select! {
             r = self.run() => r,

@@ -12,7 +12,7 @@ use std::{
     },
 };
 
-use super::{Cluster, Custom, TestDb};
+use super::{Cluster, Custom, Frozen, TestDb};
 
 /// The two links' networks: blue's server is at `10.213.N.1` and green's at `10.214.N.1`, the
 /// host at `.2` on each.
@@ -140,6 +140,71 @@ impl Drop for Host {
         for outer in &self.outer {
             let _ = Command::new("ip").args(["link", "del", outer]).stderr(Stdio::null()).status();
         }
+    }
+}
+
+/// How a lease test loses its joined worker: cut off on a second host (its links cut), or frozen
+/// here (SIGSTOP).
+pub struct Loss {
+    host: Option<Host>,
+    frozen: Option<Frozen>,
+}
+
+impl Loss {
+    /// The worker runs on a second host, and is lost by cutting both its links.
+    pub fn cut_off() -> Loss {
+        Loss { host: Some(Host::new()), frozen: None }
+    }
+
+    /// The worker runs here, and is lost by freezing it.
+    pub fn frozen() -> Loss {
+        Loss { host: None, frozen: None }
+    }
+
+    /// Blue and green databases made by `blue_sql` and `green_sql`, which the worker reaches.
+    pub fn scenario(&self, blue_sql: &str, green_sql: &str) -> Custom {
+        match &self.host {
+            Some(h) => h.scenario(blue_sql, green_sql),
+            None => Custom::new(blue_sql, green_sql),
+        }
+    }
+
+    /// Starts the worker: `migrate ARGS` in the background against `c`.
+    pub fn spawn(&self, c: &Custom, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+        match &self.host {
+            Some(h) => h.spawn(c, args, env),
+            None => c.spawn(args, env),
+        }
+    }
+
+    /// Loses `worker`: cuts its links (after checking that at least `at_least` (blue, green) of
+    /// the servers' sessions come from its host), or freezes it.
+    pub fn lose(&mut self, c: &Custom, worker: &std::process::Child, at_least: (i64, i64)) {
+        match &self.host {
+            Some(h) => {
+                let from = (h.sessions_in(&c.blue, "true"), h.sessions_in(&c.green, "true"));
+                assert!(from.0 >= at_least.0 && from.1 >= at_least.1, "sessions from the second host: {from:?}");
+                h.cut();
+            }
+            None => self.frozen = Some(Frozen::freeze(worker)),
+        }
+    }
+
+    /// Waits for the lost `worker` (id `id`) to exit 3 naming its lease: a frozen one is woken
+    /// (and learns of its lease then); a cut-off one stops by itself, saying it could not renew
+    /// its lease, and its links are then put back. Its stderr.
+    pub fn exit(&mut self, worker: &mut std::process::Child, id: &str) -> String {
+        if let Some(f) = self.frozen.take() {
+            f.thaw();
+        }
+        let (code, err) = super::exit_of(worker);
+        assert_eq!(code, Some(3), "{err}");
+        assert!(err.contains("worker_lease") && err.contains(id), "{err}");
+        if let Some(h) = &self.host {
+            assert!(err.contains("could not renew its lease"), "{err}");
+            h.heal();
+        }
+        err
     }
 }
 
