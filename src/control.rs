@@ -2,22 +2,22 @@
 //! throttle for the copy, and a postponed cutover, set by `migrate control` and stored on green
 //! (`migration.control`), so that whoever can reach green can steer, from any machine; and
 //! throttling of the copy on blue's health (`[copy] max_blue_active_sessions`,
-//! `max_blue_replica_lag`). A refresher reads both every second.
+//! `max_blue_replica_lag`, `max_blue_commit_latency`). A refresher reads both every second.
 
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use tokio_postgres::Client;
+use tokio_postgres::{error::SqlState, Client};
 
 use crate::{
     error::{Error, Result},
     plan::Plan,
-    shutdown::Shutdown,
+    shutdown::{AbortOnDrop, Shutdown},
     state::{Control, State},
 };
 
@@ -85,18 +85,28 @@ impl Live {
 /// synchronous standby that is gone answers never).
 const HEALTH_WAIT: Duration = Duration::from_secs(5);
 
-/// Reads the control row once (before the copy starts: a copy restarted while paused must not
-/// copy a chunk first) and the health once when the plan sets limits.
-pub async fn refresh_once(plan: &Plan, live: &Live) {
+/// Reads the control row and blue's health once (a copy restarted while paused, or while blue
+/// is busy, must not copy a chunk first), then starts the refresher: every [`REFRESH`] it reads
+/// the control row from green and, in a task of its own (a stuck check must not stop the
+/// control), blue's health when the plan sets limits. The refresher ends when the returned
+/// handle is dropped.
+pub async fn start(plan: &Plan, live: Arc<Live>) -> AbortOnDrop {
     if let Ok(green) = plan.green.connect().await {
         if let Ok(c) = State::new(&plan.name).control(&green).await {
             live.set(&c);
         }
     }
-    if health_limits(plan) {
-        let mut blue = None;
-        check_health(plan, live, &mut blue).await;
-    }
+    let health = if health_limits(plan) {
+        let mut health = Health::new(plan);
+        if let Some(timer) = &health.commits {
+            timer.first(HEALTH_WAIT).await;
+        }
+        health.check(plan, &live).await;
+        Some(health)
+    } else {
+        None
+    };
+    AbortOnDrop(refresh(plan.clone(), live, health))
 }
 
 fn health_limits(plan: &Plan) -> bool {
@@ -105,48 +115,64 @@ fn health_limits(plan: &Plan) -> bool {
         || !plan.copy.max_blue_commit_latency.is_zero()
 }
 
-/// One health check on `blue` (connected when needed, dropped after a failure so the next
-/// check starts clean). A check that fails or does not answer holds the copy, and says why.
-async fn check_health(plan: &Plan, live: &Live, blue: &mut Option<Client>) {
-    if blue.as_ref().is_none_or(Client::is_closed) {
-        *blue = plan.blue.connect().await.ok();
+/// What the health checks keep between rounds.
+struct Health {
+    /// The session that reads blue's load (`None` without session or lag limits; dropped after
+    /// a failure so that the next check starts clean).
+    blue: Option<Client>,
+    /// Times blue's commits, with `max_blue_commit_latency`.
+    commits: Option<CommitTimer>,
+}
+
+impl Health {
+    fn new(plan: &Plan) -> Self {
+        let commits = (!plan.copy.max_blue_commit_latency.is_zero()).then(|| CommitTimer::start(plan));
+        Self { blue: None, commits }
     }
-    let why = match blue.as_ref() {
-        None => Some("blue does not answer the health check".to_string()),
-        Some(b) => match tokio::time::timeout(HEALTH_WAIT, blue_health(plan, b)).await {
-            Ok(Ok(why)) => why,
-            Ok(Err(e)) => {
-                *blue = None;
-                Some(format!("blue's health check failed: {e}"))
+
+    /// One health check. A check that fails or does not answer holds the copy, and says why.
+    async fn check(&mut self, plan: &Plan, live: &Live) {
+        let mut why = None;
+        if plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero() {
+            if self.blue.as_ref().is_none_or(Client::is_closed) {
+                self.blue = plan.blue.connect().await.ok();
             }
-            Err(_) => {
-                *blue = None;
-                Some(format!("blue's health check did not answer within {} s", HEALTH_WAIT.as_secs()))
-            }
-        },
-    };
-    if let Ok(mut h) = live.held.lock() {
-        *h = why;
+            why = match self.blue.as_ref() {
+                None => Some("blue does not answer the health check".to_string()),
+                Some(b) => match tokio::time::timeout(HEALTH_WAIT, blue_load(plan, b)).await {
+                    Ok(Ok(why)) => why,
+                    Ok(Err(e)) => {
+                        self.blue = None;
+                        Some(format!("blue's health check failed: {e}"))
+                    }
+                    Err(_) => {
+                        self.blue = None;
+                        Some(format!("blue's health check did not answer within {} s", HEALTH_WAIT.as_secs()))
+                    }
+                },
+            };
+        }
+        if why.is_none() {
+            why = self.commits.as_ref().and_then(|c| c.judge(plan.copy.max_blue_commit_latency));
+        }
+        if let Ok(mut h) = live.held.lock() {
+            *h = why;
+        }
     }
 }
 
-/// Starts the refresher: every [`REFRESH`] it reads the control row from green and, in a task
-/// of its own (a stuck check must not stop the control), blue's health when the plan sets
-/// limits. The tasks end with the returned handle's.
-pub fn spawn(plan: &Plan, live: Arc<Live>) -> tokio::task::JoinHandle<()> {
-    let plan = plan.clone();
+/// The refresher's loop (see [`start`]).
+fn refresh(plan: Plan, live: Arc<Live>, health: Option<Health>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let health = health_limits(&plan).then(|| {
+        let _health = health.map(|mut health| {
             let (plan, live) = (plan.clone(), Arc::clone(&live));
-            crate::shutdown::AbortOnDrop(tokio::spawn(async move {
-                let mut blue = None;
+            AbortOnDrop(tokio::spawn(async move {
                 loop {
-                    check_health(&plan, &live, &mut blue).await;
                     tokio::time::sleep(REFRESH).await;
+                    health.check(&plan, &live).await;
                 }
             }))
         });
-        let _health = health;
         let state = State::new(&plan.name);
         let mut green: Option<Client> = None;
         let mut failing = false;
@@ -177,8 +203,9 @@ pub fn spawn(plan: &Plan, live: Arc<Live>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Why blue is too busy for the copy to go on, by the plan's limits; `None` when it is not.
-pub async fn blue_health(plan: &Plan, blue: &Client) -> Result<Option<String>> {
+/// Why blue is too busy for the copy to go on, by its sessions and its standbys' lag; `None`
+/// when it is not.
+async fn blue_load(plan: &Plan, blue: &Client) -> Result<Option<String>> {
     let row = blue
         .query_one(
             // Other client sessions running a statement (ours are named `migrate`), and the
@@ -205,21 +232,123 @@ pub async fn blue_health(plan: &Plan, blue: &Client) -> Result<Option<String>> {
             max_lag.as_secs_f64()
         )));
     }
-    let max_commit = plan.copy.max_blue_commit_latency;
-    if !max_commit.is_zero() {
-        // A transaction that takes an id commits a WAL record and waits for its flush (and
-        // synchronous standbys), as the application's commits do; no table is written.
-        let started = std::time::Instant::now();
-        // txid_current(): blue may be older than PostgreSQL 13.
-        blue.batch_execute("BEGIN; SELECT txid_current(); COMMIT").await.map_err(Error::db("blue: timing a commit"))?;
-        let took = started.elapsed();
-        if took > max_commit {
-            return Ok(Some(format!(
-                "a commit on blue took {:.1} ms, more than max_blue_commit_latency = {:.1} ms",
-                took.as_secs_f64() * 1000.0,
-                max_commit.as_secs_f64() * 1000.0
-            )));
+    Ok(None)
+}
+
+/// A commit that writes WAL, and so waits for its flush and for synchronous standbys as the
+/// application's commits do: a transactional logical message (pgoutput ignores it unless asked).
+/// A commit that only takes an id writes no WAL before its commit record, and PostgreSQL
+/// commits it asynchronously.
+const COMMIT_PROBE: &str = "BEGIN; SELECT pg_logical_emit_message(true, 'bluegreen', 'commit latency'); COMMIT";
+
+/// The probe when blue refuses the logical message (its `EXECUTE` revoked): a round trip and
+/// an id, said once in the log.
+const ROUND_TRIP_PROBE: &str = "BEGIN; SELECT txid_current(); COMMIT";
+
+/// Times commits on blue for `max_blue_commit_latency`, one at a time, in a task of its own:
+/// a commit waiting on a synchronous standby that is gone waits as long as the standby is gone,
+/// and starting another each second would pile up sessions waiting on blue.
+struct CommitTimer {
+    timing: Arc<Mutex<Timing>>,
+    _task: AbortOnDrop,
+}
+
+#[derive(Default)]
+struct Timing {
+    /// When the commit in flight started, if one is.
+    since: Option<Instant>,
+    /// How long the last commit took, or why it failed; `None` before the first answer.
+    last: Option<std::result::Result<Duration, String>>,
+}
+
+impl CommitTimer {
+    fn start(plan: &Plan) -> Self {
+        let timing = Arc::new(Mutex::new(Timing::default()));
+        let task = AbortOnDrop(tokio::spawn(time_commits(plan.clone(), Arc::clone(&timing))));
+        Self { timing, _task: task }
+    }
+
+    /// Waits up to `wait` for the first commit's answer.
+    async fn first(&self, wait: Duration) {
+        let started = Instant::now();
+        while started.elapsed() < wait && self.timing.lock().is_ok_and(|t| t.last.is_none()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    Ok(None)
+
+    /// Why commits on blue are too slow for `max`; `None` when they are not.
+    fn judge(&self, max: Duration) -> Option<String> {
+        let t = self.timing.lock().ok()?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        if t.since.is_some_and(|s| s.elapsed() > max) {
+            // No figure in the reason: it is logged each time it changes.
+            return Some(format!(
+                "a commit on blue has not answered for longer than max_blue_commit_latency = {:.1} ms",
+                ms(max)
+            ));
+        }
+        match &t.last {
+            Some(Ok(took)) if *took > max => Some(format!(
+                "a commit on blue took {:.1} ms, more than max_blue_commit_latency = {:.1} ms",
+                ms(*took),
+                ms(max)
+            )),
+            Some(Err(e)) => Some(format!("cannot time a commit on blue: {e}")),
+            _ => None,
+        }
+    }
+}
+
+/// The timer's loop: a commit, its time kept in `timing`, then a pause of [`REFRESH`].
+async fn time_commits(plan: Plan, timing: Arc<Mutex<Timing>>) {
+    let set = |f: &dyn Fn(&mut Timing)| {
+        if let Ok(mut t) = timing.lock() {
+            f(&mut t)
+        }
+    };
+    let mut blue: Option<Client> = None;
+    let mut probe = COMMIT_PROBE;
+    loop {
+        if blue.as_ref().is_none_or(Client::is_closed) {
+            blue = match plan.blue.connect().await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    let e = e.to_string();
+                    set(&|t| t.last = Some(Err(e.clone())));
+                    None
+                }
+            };
+        }
+        if let Some(b) = &blue {
+            let started = Instant::now();
+            set(&|t| t.since = Some(started));
+            let answer = b.batch_execute(probe).await;
+            let took = started.elapsed();
+            match answer {
+                Ok(()) => set(&|t| (t.since, t.last) = (None, Some(Ok(took)))),
+                Err(e)
+                    if probe == COMMIT_PROBE
+                        && [SqlState::INSUFFICIENT_PRIVILEGE, SqlState::UNDEFINED_FUNCTION]
+                            .iter()
+                            .any(|c| e.code() == Some(c)) =>
+                {
+                    tracing::warn!(
+                        error = %crate::error::pg_message(&e),
+                        "cannot write a logical message on blue: max_blue_commit_latency times a commit that waits \
+                         for neither WAL flush nor synchronous standbys"
+                    );
+                    let _ = b.batch_execute("ROLLBACK").await;
+                    probe = ROUND_TRIP_PROBE;
+                    set(&|t| t.since = None);
+                    continue;
+                }
+                Err(e) => {
+                    let e = crate::error::pg_message(&e);
+                    set(&|t| (t.since, t.last) = (None, Some(Err(e.clone()))));
+                    blue = None;
+                }
+            }
+        }
+        tokio::time::sleep(REFRESH).await;
+    }
 }

@@ -336,3 +336,80 @@ fn the_copy_waits_while_blue_commits_slowly() {
         "{err}"
     );
 }
+
+/// `[copy] max_blue_commit_latency` against a blue whose commits wait for a synchronous
+/// standby that is gone (`synchronous_standby_names = 'nobody'` for 10 s): the copy holds while
+/// they wait (no chunk is done), goes on once they commit, and green ends equal to blue under a
+/// writer. The timing commit writes WAL, or it would not wait; and while it waits no second one
+/// is started (one each second would pile up sessions waiting on blue). Before, the timing
+/// commit took only an id, committed without waiting, and the copy went on through the stall.
+#[test]
+fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
+    let blue = crate::support::Cluster::own("blue-stall", &["synchronous_commit=on"]);
+    let c = crate::support::Custom::on(
+        (blue, green_cluster()),
+        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
+         INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 100000) g;",
+        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);",
+    );
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 5000\nmax_blue_commit_latency = \"300ms\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let writer = crate::support::ItemsWriter::start(&c.blue, 100_000);
+    let mut leader = c.spawn(&["copy", plan.to_str().unwrap()], &[("MIGRATE_LOG", "warn,bluegreen::control=info")]);
+    let state = c.sql("bluegreen_custom");
+    let done = || -> i64 {
+        let exists = c.green.psql(&format!("SELECT to_regclass('{state}.chunks') IS NOT NULL")) == "t";
+        if !exists {
+            return 0;
+        }
+        c.green.psql(&format!("SELECT count(*) FROM {state}.chunks WHERE done")).parse().unwrap()
+    };
+    let started = Instant::now();
+    while done() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the copy did not start");
+        assert!(leader.try_wait().unwrap().is_none(), "the copy ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
+    blue.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    blue.psql("postgres", "SELECT pg_reload_conf()");
+    // A chunk under way ends; the next waits (the timing commit is judged within about 2 s).
+    std::thread::sleep(Duration::from_secs(4));
+    let held_at = done();
+    let (mut most, mut seen) = (0, false);
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_secs(1));
+        let timing: i64 = blue
+            .psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND query LIKE '%''commit latency''%'",
+            )
+            .parse()
+            .unwrap();
+        (most, seen) = (most.max(timing), seen || timing > 0);
+    }
+    let after = done();
+    blue.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
+    blue.psql("postgres", "SELECT pg_reload_conf()");
+    assert!(seen, "no timing commit waited for the standby");
+    assert_eq!(most, 1, "timing commits piled up on blue");
+    assert_eq!(after, held_at, "chunks were copied while blue's commits waited");
+
+    c.wait_phase("following");
+    writer.stop();
+    let query = "SELECT id, grp, payload FROM items";
+    assert!(
+        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
+        "green did not converge to blue"
+    );
+    let log = crate::capture::sigint_and_wait(&mut leader);
+    assert!(
+        log.contains(
+            "copy waits: a commit on blue has not answered for longer than max_blue_commit_latency = 300.0 ms"
+        ) && log.contains("copy goes on"),
+        "{log}"
+    );
+}

@@ -461,12 +461,12 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         let blue = plan.blue.connect().await?;
         let entry = sessions.add("blue", &blue).await?;
         let first = snapshots::export(&blue).await?;
-        crate::control::refresh_once(plan, &live).await;
-        Ok::<_, Error>((sessions, blue, entry, first))
+        let refresher = crate::control::start(plan, Arc::clone(&live)).await;
+        Ok::<_, Error>((sessions, blue, entry, first, refresher))
     };
     // Cut off from green while it starts, it stops as it would later (what it waits on may
     // never answer).
-    let (sessions, blue, entry, first) = tokio::select! {
+    let (sessions, blue, entry, first, _refresher) = tokio::select! {
         biased;
         _ = &mut early.0 => {
             return Err(Error::LeaseExpired { worker: worker_id.clone(), lease: plan.copy.worker_lease });
@@ -482,7 +482,6 @@ pub async fn join(plan: &Plan, resolved: &ResolvedPlan, green: Client, shutdown:
         rotation_stop.clone(),
         Some(Arc::clone(&sessions)),
     ));
-    let _refresher = crate::shutdown::AbortOnDrop(crate::control::spawn(plan, Arc::clone(&live)));
     let (run_stop, relay) = run_stop(&shutdown);
     let n = resolved.tables.len();
     let progress = Progress::new(resolved.tables.iter().map(|t| (t.target.to_string(), t.estimate.rows, 0)).collect());
@@ -747,9 +746,7 @@ async fn forward(
     let capture = Capture::setup(plan, resolved, plan.blue.connect().await?).await?;
     // `migrate control` and blue's health, read every second while this runs.
     let live = Arc::new(crate::control::Live::default());
-    crate::control::refresh_once(plan, &live).await;
-    let refresher = crate::control::spawn(plan, Arc::clone(&live));
-    let _refresher = crate::shutdown::AbortOnDrop(refresher);
+    let _refresher = crate::control::start(plan, Arc::clone(&live)).await;
     let follower = Follower::new(plan, &resolved.tables, capture, Arc::clone(&live)).await?;
     let (catch_up_tx, catch_up_rx) = tokio::sync::watch::channel(false);
     let follow_stop = Shutdown::manual();

@@ -172,11 +172,9 @@ async fn heaps(
 /// `[copy] max_connections_blue` and `max_connections_green`.
 fn connections(plan: &Plan, method: CaptureMethod, checks: &mut Vec<Check>, problems: &mut Vec<Problem>) {
     let (workers, apply) = (plan.copy.workers as u64, plan.apply_workers.max(1) as u64);
-    let health = u64::from(
-        plan.copy.max_blue_active_sessions > 0
-            || !plan.copy.max_blue_replica_lag.is_zero()
-            || !plan.copy.max_blue_commit_latency.is_zero(),
-    );
+    // One session reads blue's load, another times its commits (control.rs).
+    let health = u64::from(plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero())
+        + u64::from(!plan.copy.max_blue_commit_latency.is_zero());
     // Logical capture applies directly from capture: a blue and a green session per apply worker.
     // Green's count includes the copy's heartbeat and the joined workers' lease watch.
     let (blue, green) = match method {
