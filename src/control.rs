@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio_postgres::{error::SqlState, Client};
+use tokio_postgres::{error::SqlState, CancelToken, Client};
 
 use crate::{
     error::{Error, Result},
@@ -85,28 +85,53 @@ impl Live {
 /// synchronous standby that is gone answers never).
 const HEALTH_WAIT: Duration = Duration::from_secs(5);
 
+/// The refresher's tasks (see [`start`]); dropping it ends them.
+pub struct Refresher {
+    live: Arc<Live>,
+    _control: AbortOnDrop,
+    health: Option<AbortOnDrop>,
+}
+
+impl Refresher {
+    /// Ends the health checks, which hold only the copy: once it is done, blue is asked nothing
+    /// more (no timing commit, no load query) while the follower runs.
+    pub fn copy_done(&mut self) {
+        self.health = None;
+        if let Ok(mut h) = self.live.held.lock() {
+            *h = None;
+        }
+    }
+}
+
 /// Reads the control row and blue's health once (a copy restarted while paused, or while blue
 /// is busy, must not copy a chunk first), then starts the refresher: every [`REFRESH`] it reads
 /// the control row from green and, in a task of its own (a stuck check must not stop the
-/// control), blue's health when the plan sets limits. The refresher ends when the returned
-/// handle is dropped.
-pub async fn start(plan: &Plan, live: Arc<Live>) -> AbortOnDrop {
+/// control), blue's health when the plan sets limits.
+pub async fn start(plan: &Plan, live: Arc<Live>) -> Refresher {
     if let Ok(green) = plan.green.connect().await {
         if let Ok(c) = State::new(&plan.name).control(&green).await {
             live.set(&c);
         }
     }
-    let health = if health_limits(plan) {
-        let mut health = Health::new(plan);
-        if let Some(timer) = &health.commits {
-            timer.first(HEALTH_WAIT).await;
+    let health = match health_limits(plan) {
+        true => {
+            let mut health = Health::new(plan);
+            if let Some(timer) = &health.commits {
+                timer.first(HEALTH_WAIT).await;
+            }
+            health.check(plan, &live).await;
+            let (plan, live) = (plan.clone(), Arc::clone(&live));
+            Some(AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(REFRESH).await;
+                    health.check(&plan, &live).await;
+                }
+            })))
         }
-        health.check(plan, &live).await;
-        Some(health)
-    } else {
-        None
+        false => None,
     };
-    AbortOnDrop(refresh(plan.clone(), live, health))
+    let control = AbortOnDrop(read_control(plan.clone(), Arc::clone(&live)));
+    Refresher { live, _control: control, health }
 }
 
 fn health_limits(plan: &Plan) -> bool {
@@ -161,18 +186,10 @@ impl Health {
     }
 }
 
-/// The refresher's loop (see [`start`]).
-fn refresh(plan: Plan, live: Arc<Live>, health: Option<Health>) -> tokio::task::JoinHandle<()> {
+/// The refresher's control reader (see [`start`]): a failed or unanswered read keeps the last
+/// setting in force.
+fn read_control(plan: Plan, live: Arc<Live>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let _health = health.map(|mut health| {
-            let (plan, live) = (plan.clone(), Arc::clone(&live));
-            AbortOnDrop(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(REFRESH).await;
-                    health.check(&plan, &live).await;
-                }
-            }))
-        });
         let state = State::new(&plan.name);
         let mut green: Option<Client> = None;
         let mut failing = false;
@@ -250,13 +267,14 @@ const ROUND_TRIP_PROBE: &str = "BEGIN; SELECT txid_current(); COMMIT";
 /// and starting another each second would pile up sessions waiting on blue.
 struct CommitTimer {
     timing: Arc<Mutex<Timing>>,
+    blue: crate::pg::ConnInfo,
     _task: AbortOnDrop,
 }
 
 #[derive(Default)]
 struct Timing {
-    /// When the commit in flight started, if one is.
-    since: Option<Instant>,
+    /// When the commit in flight started, and how to cancel it, if one is.
+    since: Option<(Instant, CancelToken)>,
     /// How long the last commit took, or why it failed; `None` before the first answer.
     last: Option<std::result::Result<Duration, String>>,
 }
@@ -265,7 +283,7 @@ impl CommitTimer {
     fn start(plan: &Plan) -> Self {
         let timing = Arc::new(Mutex::new(Timing::default()));
         let task = AbortOnDrop(tokio::spawn(time_commits(plan.clone(), Arc::clone(&timing))));
-        Self { timing, _task: task }
+        Self { timing, blue: plan.blue.clone(), _task: task }
     }
 
     /// Waits up to `wait` for the first commit's answer.
@@ -276,35 +294,52 @@ impl CommitTimer {
         }
     }
 
-    /// Why commits on blue are too slow for `max`; `None` when they are not.
+    /// Why commits on blue are too slow for `max`; `None` when they are not. The reasons name
+    /// no figure: each new reason is logged by every copy worker.
     fn judge(&self, max: Duration) -> Option<String> {
         let t = self.timing.lock().ok()?;
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        if t.since.is_some_and(|s| s.elapsed() > max) {
-            // No figure in the reason: it is logged each time it changes.
+        let max_ms = max.as_secs_f64() * 1000.0;
+        if t.since.as_ref().is_some_and(|(s, _)| s.elapsed() > max) {
             return Some(format!(
-                "a commit on blue has not answered for longer than max_blue_commit_latency = {:.1} ms",
-                ms(max)
+                "a commit on blue has not answered for longer than max_blue_commit_latency = {max_ms:.1} ms"
             ));
         }
         match &t.last {
-            Some(Ok(took)) if *took > max => Some(format!(
-                "a commit on blue took {:.1} ms, more than max_blue_commit_latency = {:.1} ms",
-                ms(*took),
-                ms(max)
-            )),
+            Some(Ok(took)) if *took > max => {
+                Some(format!("a commit on blue took longer than max_blue_commit_latency = {max_ms:.1} ms"))
+            }
             Some(Err(e)) => Some(format!("cannot time a commit on blue: {e}")),
             _ => None,
         }
     }
 }
 
-/// The timer's loop: a commit, its time kept in `timing`, then a pause of [`REFRESH`].
+impl Drop for CommitTimer {
+    /// A commit left waiting on a synchronous standby outlives its session (the server notices
+    /// the client gone only when the wait ends) and holds blue's horizon: cancel it. Best
+    /// effort: a process that exits right after may not send the request.
+    fn drop(&mut self) {
+        let waiting = self.timing.lock().ok().and_then(|mut t| t.since.take());
+        if let (Some((_, token)), Ok(runtime)) = (waiting, tokio::runtime::Handle::try_current()) {
+            let blue = self.blue.clone();
+            runtime.spawn(async move { blue.cancel(&token).await });
+        }
+    }
+}
+
+/// The timer's loop: a commit, its time kept in `timing`, then a pause of [`REFRESH`]. A commit
+/// that waits longer than `[copy] snapshot_max_age` (60 s when 0) is cancelled: it holds blue's
+/// horizon as a snapshot does. PostgreSQL then ends the wait with a warning (the commit stays,
+/// local only) and the next one starts.
 async fn time_commits(plan: Plan, timing: Arc<Mutex<Timing>>) {
-    let set = |f: &dyn Fn(&mut Timing)| {
+    let set = |f: &mut dyn FnMut(&mut Timing)| {
         if let Ok(mut t) = timing.lock() {
             f(&mut t)
         }
+    };
+    let bound = match plan.copy.snapshot_max_age {
+        a if a.is_zero() => crate::plan::DEFAULT_SNAPSHOT_MAX_AGE,
+        a => a,
     };
     let mut blue: Option<Client> = None;
     let mut probe = COMMIT_PROBE;
@@ -314,19 +349,30 @@ async fn time_commits(plan: Plan, timing: Arc<Mutex<Timing>>) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     let e = e.to_string();
-                    set(&|t| t.last = Some(Err(e.clone())));
+                    set(&mut |t| t.last = Some(Err(e.clone())));
                     None
                 }
             };
         }
+        let (mut pause, mut drop_session) = (REFRESH, false);
         if let Some(b) = &blue {
             let started = Instant::now();
-            set(&|t| t.since = Some(started));
-            let answer = b.batch_execute(probe).await;
+            set(&mut |t| t.since = Some((started, b.cancel_token())));
+            let commit = b.batch_execute(probe);
+            tokio::pin!(commit);
+            let answer = match tokio::time::timeout(bound, &mut commit).await {
+                Ok(answer) => Some(answer),
+                Err(_) => {
+                    tracing::info!("a commit on blue has waited {bound:?} ([copy] snapshot_max_age); cancelling it");
+                    plan.blue.cancel(&b.cancel_token()).await;
+                    tokio::time::timeout(HEALTH_WAIT, &mut commit).await.ok()
+                }
+            };
             let took = started.elapsed();
+            tracing::debug!(took_ms = took.as_secs_f64() * 1000.0, "a commit on blue, timed");
             match answer {
-                Ok(()) => set(&|t| (t.since, t.last) = (None, Some(Ok(took)))),
-                Err(e)
+                Some(Ok(())) => set(&mut |t| (t.since, t.last) = (None, Some(Ok(took)))),
+                Some(Err(e))
                     if probe == COMMIT_PROBE
                         && [SqlState::INSUFFICIENT_PRIVILEGE, SqlState::UNDEFINED_FUNCTION]
                             .iter()
@@ -339,16 +385,27 @@ async fn time_commits(plan: Plan, timing: Arc<Mutex<Timing>>) {
                     );
                     let _ = b.batch_execute("ROLLBACK").await;
                     probe = ROUND_TRIP_PROBE;
-                    set(&|t| t.since = None);
+                    set(&mut |t| t.since = None);
                     continue;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     let e = crate::error::pg_message(&e);
-                    set(&|t| (t.since, t.last) = (None, Some(Err(e.clone()))));
-                    blue = None;
+                    set(&mut |t| (t.since, t.last) = (None, Some(Err(e.clone()))));
+                    drop_session = true;
+                    // A blue that refuses every commit (in recovery after a failover) is not
+                    // asked each second.
+                    pause = HEALTH_WAIT;
+                }
+                None => {
+                    let e = format!("a commit did not answer within {bound:?}, nor its cancel within {HEALTH_WAIT:?}");
+                    set(&mut |t| (t.since, t.last) = (None, Some(Err(e.clone()))));
+                    drop_session = true;
                 }
             }
         }
-        tokio::time::sleep(REFRESH).await;
+        if drop_session {
+            blue = None;
+        }
+        tokio::time::sleep(pause).await;
     }
 }

@@ -338,11 +338,13 @@ fn the_copy_waits_while_blue_commits_slowly() {
 }
 
 /// `[copy] max_blue_commit_latency` against a blue whose commits wait for a synchronous
-/// standby that is gone (`synchronous_standby_names = 'nobody'` for 10 s): the copy holds while
-/// they wait (no chunk is done), goes on once they commit, and green ends equal to blue under a
-/// writer. The timing commit writes WAL, or it would not wait; and while it waits no second one
-/// is started (one each second would pile up sessions waiting on blue). Before, the timing
-/// commit took only an id, committed without waiting, and the copy went on through the stall.
+/// standby that is gone (`synchronous_standby_names = 'nobody'` for about 12 s): the copy holds
+/// while they wait (no chunk is done), goes on once they commit, and green ends equal to blue
+/// under a writer. The timing commit writes WAL, or it would not wait; while it waits no second
+/// one is started (one each second would pile up sessions waiting on blue); one that waits for
+/// `snapshot_max_age` (here 3 s) is cancelled, as it holds blue's horizon; and once the copy is
+/// done, blue is asked nothing more. Before, the timing commit took only an id, committed
+/// without waiting, and the copy went on through the stall.
 #[test]
 fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
     let blue = crate::support::Cluster::own("blue-stall", &["synchronous_commit=on"]);
@@ -354,7 +356,8 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
     );
     let plan = c.plan(
         "trigger",
-        "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 5000\nmax_blue_commit_latency = \"300ms\"",
+        "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 5000\nmax_blue_commit_latency = \"300ms\"\n\
+         snapshot_max_age = \"3s\"",
         "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
     );
     let writer = crate::support::ItemsWriter::start(&c.blue, 100_000);
@@ -376,29 +379,43 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
     // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
     blue.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
     blue.psql("postgres", "SELECT pg_reload_conf()");
-    // A chunk under way ends; the next waits (the timing commit is judged within about 2 s).
-    std::thread::sleep(Duration::from_secs(4));
-    let held_at = done();
-    let (mut most, mut seen) = (0, false);
-    for _ in 0..6 {
+    let timing = || -> i64 {
+        let q =
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND query LIKE '%''commit latency''%'";
+        blue.psql("postgres", q).parse().unwrap()
+    };
+    // A timing commit waits; the chunk under way ends, and no other starts.
+    let stalled = Instant::now();
+    let (mut most, mut held_at) = (0, done());
+    let mut still = Instant::now();
+    while still.elapsed() < Duration::from_secs(2) || most == 0 {
+        assert!(stalled.elapsed() < Duration::from_secs(20), "the copy was not held: {held_at} chunks done");
+        std::thread::sleep(Duration::from_millis(250));
+        most = most.max(timing());
+        let now = done();
+        if now != held_at {
+            (held_at, still) = (now, Instant::now());
+        }
+    }
+    for _ in 0..8 {
         std::thread::sleep(Duration::from_secs(1));
-        let timing: i64 = blue
-            .psql(
-                "postgres",
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND query LIKE '%''commit latency''%'",
-            )
-            .parse()
-            .unwrap();
-        (most, seen) = (most.max(timing), seen || timing > 0);
+        most = most.max(timing());
     }
     let after = done();
     blue.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
     blue.psql("postgres", "SELECT pg_reload_conf()");
-    assert!(seen, "no timing commit waited for the standby");
     assert_eq!(most, 1, "timing commits piled up on blue");
     assert_eq!(after, held_at, "chunks were copied while blue's commits waited");
 
     c.wait_phase("following");
+    // The copy done, its timing session is closed.
+    let started = Instant::now();
+    let asks =
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%''commit latency''%' AND pid <> pg_backend_pid()";
+    while blue.psql("postgres", asks) != "0" {
+        assert!(started.elapsed() < Duration::from_secs(20), "blue's commits are still timed after the copy");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     writer.stop();
     let query = "SELECT id, grp, payload FROM items";
     assert!(
@@ -409,7 +426,8 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
     assert!(
         log.contains(
             "copy waits: a commit on blue has not answered for longer than max_blue_commit_latency = 300.0 ms"
-        ) && log.contains("copy goes on"),
+        ) && log.contains("a commit on blue has waited 3s ([copy] snapshot_max_age); cancelling it")
+            && log.contains("copy goes on"),
         "{log}"
     );
 }

@@ -746,7 +746,7 @@ async fn forward(
     let capture = Capture::setup(plan, resolved, plan.blue.connect().await?).await?;
     // `migrate control` and blue's health, read every second while this runs.
     let live = Arc::new(crate::control::Live::default());
-    let _refresher = crate::control::start(plan, Arc::clone(&live)).await;
+    let mut refresher = crate::control::start(plan, Arc::clone(&live)).await;
     let follower = Follower::new(plan, &resolved.tables, capture, Arc::clone(&live)).await?;
     let (catch_up_tx, catch_up_rx) = tokio::sync::watch::channel(false);
     let follow_stop = Shutdown::manual();
@@ -782,6 +782,7 @@ async fn forward(
     ) {
         state.set_phase(green, &Phase::Following { lsn: None }).await?;
     }
+    refresher.copy_done();
     info!("copy done; following blue");
     if no_follow {
         let _ = catch_up_tx.send(true);

@@ -365,6 +365,22 @@ impl ConnInfo {
         }
     }
 
+    /// Asks the server to cancel what the session of `token` runs (PostgreSQL's cancel request,
+    /// on a connection of its own, with this string's TLS), within a connect's time. Best
+    /// effort: `false` when the request could not be sent.
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) -> bool {
+        let sent = async {
+            match self.ssl_mode {
+                SslMode::Disable => token.cancel_query(NoTls).await.is_ok(),
+                _ => match self.tls_connector() {
+                    Ok(tls) => token.cancel_query(tls).await.is_ok(),
+                    Err(_) => false,
+                },
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(3), sent).await.unwrap_or(false)
+    }
+
     /// The TLS connector for this string's `sslmode` and `sslrootcert`.
     pub(super) fn tls_connector(&self) -> Result<MakeTlsConnector, String> {
         let tls_err = |e: openssl::error::ErrorStack| e.to_string();

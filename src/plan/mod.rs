@@ -13,7 +13,7 @@ mod sql;
 pub use changes::check_against_state;
 pub use file::{
     parse_duration, CaptureMethod, CopySettings, CutoverSettings, Hook, HookPoint, JoinEntry, PgbouncerSettings, Plan,
-    SwitchMode, TableEntry, V1AfterSwitch,
+    SwitchMode, TableEntry, V1AfterSwitch, DEFAULT_SNAPSHOT_MAX_AGE,
 };
 pub use report::{human_bytes as render_size, render_json, render_text};
 pub use resolve::resolve;

@@ -261,8 +261,34 @@ impl State {
         Ok(refreshed == 1)
     }
 
-    /// Writes worker `id`'s record every second, its hands as `held` says (things in hand, and
-    /// how many done), on a session of its own that is opened again when closed, until its
+    /// Refreshes the record of joined worker `id` (recorded before it starts): `false` when its
+    /// lease has expired or the record is gone. It never adds one: a refresh that green
+    /// commits after the worker removed its record on its way out (the heartbeat is aborted,
+    /// not its statement already sent) must not bring it back, for the leader to find later as
+    /// an expired lease.
+    async fn worker_renewed(
+        &self,
+        green: &impl GenericClient,
+        id: &str,
+        chunks: &[String],
+        copied: i32,
+    ) -> Result<bool> {
+        let refreshed = green
+            .execute(
+                &format!(
+                    "UPDATE {} SET chunks = $2, copied = $3, seen_at = now() WHERE id = $1 AND expired_at IS NULL",
+                    self.table("workers")
+                ),
+                &[&id, &chunks, &copied],
+            )
+            .await
+            .map_err(Error::db("green: recording a copy worker"))?;
+        Ok(refreshed == 1)
+    }
+
+    /// Writes worker `id`'s record every second (a joined worker's, under a `lease`, is only
+    /// refreshed: see `worker_renewed`), its hands as `held` says (things in hand, and how many
+    /// done), on a session of its own that is opened again when closed, until its
     /// lease is found expired: then returns. A failed write does not stop it (a worker silent
     /// for its lease is cut off by the leader). A worker under a `lease` (joined) gives each
     /// connect and write half the lease, and returns too once it renewed nothing for the lease
@@ -292,7 +318,13 @@ impl State {
             }
             if let Some(g) = &green {
                 let (hands, done) = held();
-                match within(wait, self.worker_seen(g, id, role, &hands, done)).await {
+                let written = async {
+                    match lease {
+                        Some(_) => self.worker_renewed(g, id, &hands, done).await,
+                        None => self.worker_seen(g, id, role, &hands, done).await,
+                    }
+                };
+                match within(wait, written).await {
                     Some(Ok(true)) => (renewed, reachable) = (Instant::now(), true),
                     Some(Ok(false)) => {
                         tracing::warn!(worker = %id, "this worker's lease expired; stopping");
