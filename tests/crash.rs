@@ -143,6 +143,65 @@ fn a_stalled_green_is_detected_by_timeouts() {
     converge_and_compare(&s, &plan);
 }
 
+/// Blue's commits wait for a synchronous standby that is gone (`synchronous_standby_names =
+/// 'nobody'` for 20 s) while following with trigger capture (`stall_timeout = "2s"`; capture
+/// paused by `migrate control` just before, so blue holds changes to remove): each capture
+/// round stalls in its commit on blue and is given up, and the statement it left
+/// waiting is cancelled, so blue holds at most a couple of our sessions waiting. Before, each
+/// stall left one more waiting until the standby was back (PostgreSQL does not notice a client
+/// gone while it waits for a standby): the first for the standby, the next ones for its row
+/// locks. Once blue commits again, nothing is lost.
+#[test]
+fn a_blue_whose_commits_stall_is_not_left_our_waiting_sessions() {
+    let blue: &'static Cluster = Cluster::own("sblue", &["synchronous_commit=on"]);
+    let c = crate::support::Custom::on(
+        (blue, crate::support::green_cluster()),
+        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
+         INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 20000) g;",
+        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);",
+    );
+    // (The OAuth writer's late transaction would hold blue's horizon through the stall, and
+    // trigger capture reads only below it: no round would have anything to remove.)
+    let plan = c.plan(
+        "trigger",
+        "workers = 1",
+        "stall_timeout = \"2s\"\n[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let mut copy = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
+    c.wait_phase("following");
+    // Capture paused while the writer goes on: when the stall begins, blue holds committed
+    // changes that capture has still to remove.
+    let p = plan.to_str().unwrap();
+    assert_eq!(run(&mut c.migrate(&["control", p, "pause"])).code, 0);
+    let writer = crate::support::ItemsWriter::start(&c.blue, 20_000);
+    std::thread::sleep(Duration::from_secs(3));
+    // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
+    blue.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    blue.psql("postgres", "SELECT pg_reload_conf()");
+    assert_eq!(run(&mut c.migrate(&["control", p, "resume"])).code, 0);
+    // Ours, waiting: for the standby (IPC: SyncRep), or for the row locks of one that does.
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'migrate%' \
+                   AND state = 'active' AND wait_event_type IN ('IPC', 'Lock')";
+    let mut most = 0;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(500));
+        most = most.max(blue.psql("postgres", waiting).parse::<i64>().unwrap());
+    }
+    blue.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
+    blue.psql("postgres", "SELECT pg_reload_conf()");
+    writer.stop();
+    assert!(copy.try_wait().unwrap().is_none(), "copy exited while blue's commits stalled");
+    assert!(most >= 1, "no commit of ours waited for the standby: the stall was not one");
+    assert!(most <= 2, "{most} sessions of ours waited on blue at once");
+    let query = "SELECT id, grp, payload FROM items";
+    assert!(
+        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
+        "green did not converge to blue"
+    );
+    let log = crate::capture::sigint_and_wait(&mut copy);
+    assert!(log.contains("no answer within"), "the stall was not reported:\n{log}");
+}
+
 /// A copy killed while rebuilding indexes left them (and the foreign keys) off green: `cleanup`
 /// rebuilds them before it removes the state and says so, or, where the rows do not allow it
 /// (a table not fully copied), refuses and lists each with the statement that restores it.

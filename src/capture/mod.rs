@@ -160,14 +160,14 @@ impl Capture {
         }
     }
 
-    /// Replaces the blue connection after it was lost.
-    pub fn reconnected(&mut self, blue: Client) {
+    /// Replaces the blue connection after it was lost; the old one.
+    pub fn reconnected(&mut self, blue: Client) -> Client {
         match self {
             Capture::Logical(c) => {
-                c.blue = blue;
                 c.reset_sessions();
+                std::mem::replace(&mut c.blue, blue)
             }
-            Capture::Trigger(c) => c.blue = blue,
+            Capture::Trigger(c) => std::mem::replace(&mut c.blue, blue),
         }
     }
 }

@@ -426,9 +426,11 @@ impl CaptureSide {
     }
 
     async fn reconnect(&mut self) -> Result<()> {
-        self.blue = self.plan.blue.connect().await?;
-        self.capture.reconnected(self.plan.blue.connect().await?);
-        self.green = self.plan.green.connect().await?;
+        let blue = std::mem::replace(&mut self.blue, self.plan.blue.connect().await?);
+        let capture_blue = self.capture.reconnected(self.plan.blue.connect().await?);
+        self.plan.blue.abandon(vec![blue, capture_blue]);
+        let green = std::mem::replace(&mut self.green, self.plan.green.connect().await?);
+        self.plan.green.abandon(vec![green]);
         info!("capture reconnected to blue and green; resuming from the stored position");
         Ok(())
     }
@@ -635,7 +637,8 @@ impl ApplySide {
     }
 
     async fn reconnect(&mut self) -> Result<()> {
-        self.green = self.plan.green.connect().await?;
+        let green = std::mem::replace(&mut self.green, self.plan.green.connect().await?);
+        self.plan.green.abandon(vec![green]);
         apply::prepare_green(&self.green).await?;
         info!("apply reconnected to green (blue sessions come from a pool that replaces broken ones)");
         Ok(())

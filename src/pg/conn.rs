@@ -381,6 +381,20 @@ impl ConnInfo {
         tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(3), sent).await.unwrap_or(false)
     }
 
+    /// Gives up sessions `old` of this string's server: in the background, cancels what each
+    /// still runs there, then closes it. A round given up as stalled may have left a statement
+    /// running, and closing alone does not end it: a commit waiting for a synchronous standby
+    /// that is gone waits on (PostgreSQL notices the client gone only when the wait ends), and
+    /// one more would be left at each stall.
+    pub fn abandon(&self, old: Vec<Client>) {
+        let info = self.clone();
+        tokio::spawn(async move {
+            for c in &old {
+                info.cancel(&c.cancel_token()).await;
+            }
+        });
+    }
+
     /// The TLS connector for this string's `sslmode` and `sslrootcert`.
     pub(super) fn tls_connector(&self) -> Result<MakeTlsConnector, String> {
         let tls_err = |e: openssl::error::ErrorStack| e.to_string();
