@@ -90,6 +90,7 @@ pub struct Refresher {
     live: Arc<Live>,
     _control: AbortOnDrop,
     health: Option<AbortOnDrop>,
+    commits: Option<Arc<CommitTimer>>,
 }
 
 impl Refresher {
@@ -97,8 +98,19 @@ impl Refresher {
     /// more (no timing commit, no load query) while the follower runs.
     pub fn copy_done(&mut self) {
         self.health = None;
+        if let Some(timer) = self.commits.take() {
+            timer.stop();
+        }
         if let Ok(mut h) = self.live.held.lock() {
             *h = None;
+        }
+    }
+}
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        if let Some(timer) = &self.commits {
+            timer.stop();
         }
     }
 }
@@ -113,9 +125,11 @@ pub async fn start(plan: &Plan, live: Arc<Live>) -> Refresher {
             live.set(&c);
         }
     }
+    let mut commits = None;
     let health = match health_limits(plan) {
         true => {
             let mut health = Health::new(plan);
+            commits = health.commits.clone();
             if let Some(timer) = &health.commits {
                 timer.first(HEALTH_WAIT).await;
             }
@@ -131,7 +145,7 @@ pub async fn start(plan: &Plan, live: Arc<Live>) -> Refresher {
         false => None,
     };
     let control = AbortOnDrop(read_control(plan.clone(), Arc::clone(&live)));
-    Refresher { live, _control: control, health }
+    Refresher { live, _control: control, health, commits }
 }
 
 fn health_limits(plan: &Plan) -> bool {
@@ -145,13 +159,13 @@ struct Health {
     /// The session that reads blue's load (`None` without session or lag limits; dropped after
     /// a failure so that the next check starts clean).
     blue: Option<Client>,
-    /// Times blue's commits, with `max_blue_commit_latency`.
-    commits: Option<CommitTimer>,
+    /// Times blue's commits, with `max_blue_commit_latency` (the refresher holds it too).
+    commits: Option<Arc<CommitTimer>>,
 }
 
 impl Health {
     fn new(plan: &Plan) -> Self {
-        let commits = (!plan.copy.max_blue_commit_latency.is_zero()).then(|| CommitTimer::start(plan));
+        let commits = (!plan.copy.max_blue_commit_latency.is_zero()).then(|| Arc::new(CommitTimer::start(plan)));
         Self { blue: None, commits }
     }
 
@@ -268,7 +282,7 @@ const ROUND_TRIP_PROBE: &str = "BEGIN; SELECT txid_current(); COMMIT";
 struct CommitTimer {
     timing: Arc<Mutex<Timing>>,
     blue: crate::pg::ConnInfo,
-    _task: AbortOnDrop,
+    task: AbortOnDrop,
 }
 
 #[derive(Default)]
@@ -277,13 +291,15 @@ struct Timing {
     since: Option<(Instant, CancelToken)>,
     /// How long the last commit took, or why it failed; `None` before the first answer.
     last: Option<std::result::Result<Duration, String>>,
+    /// Set by [`CommitTimer::stop`]: no commit starts after it.
+    stopped: bool,
 }
 
 impl CommitTimer {
     fn start(plan: &Plan) -> Self {
         let timing = Arc::new(Mutex::new(Timing::default()));
         let task = AbortOnDrop(tokio::spawn(time_commits(plan.clone(), Arc::clone(&timing))));
-        Self { timing, blue: plan.blue.clone(), _task: task }
+        Self { timing, blue: plan.blue.clone(), task }
     }
 
     /// Waits up to `wait` for the first commit's answer.
@@ -314,16 +330,27 @@ impl CommitTimer {
     }
 }
 
-impl Drop for CommitTimer {
-    /// A commit left waiting on a synchronous standby outlives its session (the server notices
-    /// the client gone only when the wait ends) and holds blue's horizon: cancel it. Best
-    /// effort: a process that exits right after may not send the request.
-    fn drop(&mut self) {
-        let waiting = self.timing.lock().ok().and_then(|mut t| t.since.take());
-        if let (Some((_, token)), Ok(runtime)) = (waiting, tokio::runtime::Handle::try_current()) {
-            let blue = self.blue.clone();
-            runtime.spawn(async move { blue.cancel(&token).await });
+impl CommitTimer {
+    /// Stops timing, and cancels a commit left waiting: on a synchronous standby it outlives
+    /// its session (the server notices the client gone only when the wait ends) and holds
+    /// blue's horizon. Called where the refresher ends, not left to the task's end: an aborted
+    /// task is dropped later, maybe as the process exits, too late to send the request (which
+    /// the process waits for, [`crate::pg::cancels_sent`]).
+    fn stop(&self) {
+        self.task.0.abort();
+        let waiting = self.timing.lock().ok().and_then(|mut t| {
+            t.stopped = true;
+            t.since.take()
+        });
+        if let (Some((_, token)), Ok(_)) = (waiting, tokio::runtime::Handle::try_current()) {
+            self.blue.cancel_later(token);
         }
+    }
+}
+
+impl Drop for CommitTimer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -357,20 +384,33 @@ async fn time_commits(plan: Plan, timing: Arc<Mutex<Timing>>) {
         let (mut pause, mut drop_session) = (REFRESH, false);
         if let Some(b) = &blue {
             let started = Instant::now();
-            set(&mut |t| t.since = Some((started, b.cancel_token())));
+            let mut stopped = false;
+            set(&mut |t| match t.stopped {
+                true => stopped = true,
+                false => t.since = Some((started, b.cancel_token())),
+            });
+            if stopped {
+                return;
+            }
             let commit = b.batch_execute(probe);
             tokio::pin!(commit);
-            let answer = match tokio::time::timeout(bound, &mut commit).await {
-                Ok(answer) => Some(answer),
+            let (answer, cancelled) = match tokio::time::timeout(bound, &mut commit).await {
+                Ok(answer) => (Some(answer), false),
                 Err(_) => {
                     tracing::info!("a commit on blue has waited {bound:?} ([copy] snapshot_max_age); cancelling it");
                     plan.blue.cancel(&b.cancel_token()).await;
-                    tokio::time::timeout(HEALTH_WAIT, &mut commit).await.ok()
+                    (tokio::time::timeout(HEALTH_WAIT, &mut commit).await.ok(), true)
                 }
             };
             let took = started.elapsed();
             tracing::debug!(took_ms = took.as_secs_f64() * 1000.0, "a commit on blue, timed");
             match answer {
+                // A cancelled wait for a standby answers as a commit; it holds the copy whatever
+                // the limit (which may exceed the bound).
+                Some(Ok(())) if cancelled => {
+                    let e = format!("a commit waited {bound:?} ([copy] snapshot_max_age) and was cancelled");
+                    set(&mut |t| (t.since, t.last) = (None, Some(Err(e.clone()))));
+                }
                 Some(Ok(())) => set(&mut |t| (t.since, t.last) = (None, Some(Ok(took)))),
                 Some(Err(e))
                     if probe == COMMIT_PROBE

@@ -355,7 +355,12 @@ where
             return ExitCode::from(3);
         }
     };
-    let result = runtime.block_on(async { f(Shutdown::on_signals()).await });
+    let result = runtime.block_on(async {
+        let result = f(Shutdown::on_signals()).await;
+        // A session given up on the way out may still run a statement on a server.
+        bluegreen::pg::cancels_sent(std::time::Duration::from_secs(3)).await;
+        result
+    });
     match result {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Problems) => ExitCode::from(1),

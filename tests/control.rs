@@ -376,9 +376,7 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
         assert!(leader.try_wait().unwrap().is_none(), "the copy ended");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
-    blue.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
-    blue.psql("postgres", "SELECT pg_reload_conf()");
+    blue.stall_commits(true);
     let timing = || -> i64 {
         let q =
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND query LIKE '%''commit latency''%'";
@@ -402,8 +400,7 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
         most = most.max(timing());
     }
     let after = done();
-    blue.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
-    blue.psql("postgres", "SELECT pg_reload_conf()");
+    blue.stall_commits(false);
     assert_eq!(most, 1, "timing commits piled up on blue");
     assert_eq!(after, held_at, "chunks were copied while blue's commits waited");
 
@@ -417,11 +414,7 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
         std::thread::sleep(Duration::from_millis(200));
     }
     writer.stop();
-    let query = "SELECT id, grp, payload FROM items";
-    assert!(
-        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
-        "green did not converge to blue"
-    );
+    c.assert_items_converge();
     let log = crate::capture::sigint_and_wait(&mut leader);
     assert!(
         log.contains(
@@ -430,4 +423,37 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
             && log.contains("copy goes on"),
         "{log}"
     );
+}
+
+/// A copy stopped (SIGINT) while its timing commit waits for blue's missing synchronous
+/// standby leaves no session of ours waiting there: the commit is cancelled before the process
+/// exits. Before, the session stayed until the standby was back, holding blue's horizon.
+#[test]
+fn a_copy_stopped_while_its_timing_commit_waits_leaves_nothing_waiting_on_blue() {
+    let blue = crate::support::Cluster::own("blue-stall-exit", &["synchronous_commit=on"]);
+    let c = crate::support::Custom::on(
+        (blue, green_cluster()),
+        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
+         INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 50000) g;",
+        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);",
+    );
+    let plan = c.plan(
+        "trigger",
+        "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 2000\nmax_blue_commit_latency = \"300ms\"",
+        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+    );
+    let mut copy = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
+    c.wait_phase("copying");
+    blue.stall_commits(true);
+    let timing = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%''commit latency''%' \
+                  AND wait_event = 'SyncRep'";
+    let started = Instant::now();
+    while blue.psql("postgres", timing) == "0" {
+        assert!(started.elapsed() < Duration::from_secs(20), "no timing commit waited");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    crate::capture::sigint_and_wait(&mut copy);
+    let left = blue.psql("postgres", timing);
+    blue.stall_commits(false);
+    assert_eq!(left, "0", "a timing commit still waited on blue after the copy exited");
 }

@@ -361,11 +361,13 @@ fn claims_of_several_chunks_under_short_snapshots_end_right() {
     let v: Vec<i64> = claims.split('|').map(|x| x.parse().unwrap()).collect();
     eprintln!("chunks, claims, largest claim: {claims}");
     // 40 chunks in claims that grow to about ten (1 s at 0.1 s a chunk); under the suite's
-    // load a chunk has taken 0.25 s, so four, and 13 claims of 40 chunks were seen (one claim
-    // a chunk without claims).
+    // load a chunk has taken 0.25 s (claims of four, 13 claims of 40 chunks) and 0.33 s and
+    // more (claims of three, 19 claims: session 20's CI), so the largest claim depends on the
+    // machine and is not asserted. Two chunks a claim on average (one claim a chunk without
+    // claims) is.
     // Not cheaper chunks: the shared checks above need a copy of more than 3 s (a CI run at
     // 0.04 s a chunk took 2.7 s).
-    assert!(v[1] <= v[0] / 2 && v[2] >= 4, "chunks, claims, largest claim: {claims}");
+    assert!(v[1] <= v[0] / 2 && v[2] >= 2, "chunks, claims, largest claim: {claims}");
 }
 
 /// The copy's transaction floor is the oldest transaction open when its first snapshot is
@@ -538,11 +540,7 @@ fn assert_copied_without(c: &crate::support::Custom, held: &str, gone: &str) {
     let redone = c.green.psql(&format!("SELECT worker FROM {state}.chunks WHERE tbl = '{tbl}' AND chunk = {number}"));
     assert!(!redone.is_empty() && redone != gone, "chunk {held} was not redone by another worker: {redone}");
     assert_eq!(chunks(&format!("count(*) FILTER (WHERE worker = '{gone}')")), "0");
-    let query = "SELECT id, grp, payload FROM items";
-    assert!(
-        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
-        "green did not converge to blue"
-    );
+    c.assert_items_converge();
     assert_eq!(
         c.green
             .psql("SELECT count(*) FROM pg_index WHERE indrelid = 'items'::regclass AND indisprimary AND indisvalid"),
@@ -627,11 +625,7 @@ fn a_joined_worker_cut_off_from_blue_alone_hands_the_sessions_it_left_there_to_t
     c.wait_phase("following");
     let chunks = c.green.psql(&format!("SELECT count(*) FILTER (WHERE NOT done) FROM {state}.chunks"));
     assert_eq!(chunks, "0");
-    let query = "SELECT id, grp, payload FROM items";
-    assert!(
-        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
-        "green did not converge to blue"
-    );
+    c.assert_items_converge();
     let log = crate::capture::sigint_and_wait(&mut leader);
     assert!(log.contains("stopped on an error and handed its record to the leader"), "{log}");
 }
@@ -655,14 +649,11 @@ fn a_green_whose_commits_stall_for_longer_than_the_lease_ends_no_joined_worker()
     let mut joined = c.spawn(&["copy", p, "--join"], &[]);
     let state = spread_state(&c);
     let (joined_id, _) = crate::support::first_in_hand(&c.green, &state, &mut joined);
-    // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
-    green.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
-    green.psql("postgres", "SELECT pg_reload_conf()");
+    green.stall_commits(true);
     std::thread::sleep(Duration::from_secs(20));
     let waiting = green.psql("postgres", "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
     let alive = joined.try_wait().unwrap().is_none();
-    green.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
-    green.psql("postgres", "SELECT pg_reload_conf()");
+    green.stall_commits(false);
     assert!(waiting != "0", "no commit waited for the standby: the stall was not one");
     if !alive {
         crate::support::panic_with_stderr(&mut joined, "the joined worker stopped during green's stall");
@@ -674,11 +665,7 @@ fn a_green_whose_commits_stall_for_longer_than_the_lease_ends_no_joined_worker()
     let copied = c.green.psql(&format!("SELECT count(*) FROM {state}.chunks WHERE worker = '{joined_id}'"));
     assert!(copied.parse::<i64>().unwrap() > 0, "the joined worker copied nothing");
     writer.stop();
-    let query = "SELECT id, grp, payload FROM items";
-    assert!(
-        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
-        "green did not converge to blue"
-    );
+    c.assert_items_converge();
     let log = crate::capture::sigint_and_wait(&mut leader);
     assert!(!log.contains("lease"), "{log}");
 }
@@ -752,11 +739,7 @@ fn a_joined_worker_frozen_after_the_copy_loses_its_lease_while_the_leader_follow
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("worker_lease"), "{err}");
     writer.stop();
-    let query = "SELECT id, grp, payload FROM items";
-    assert!(
-        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
-        "green did not converge to blue"
-    );
+    c.assert_items_converge();
     crate::capture::sigint_and_wait(&mut leader);
 }
 

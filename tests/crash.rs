@@ -175,9 +175,7 @@ fn a_blue_whose_commits_stall_is_not_left_our_waiting_sessions() {
     assert_eq!(run(&mut c.migrate(&["control", p, "pause"])).code, 0);
     let writer = crate::support::ItemsWriter::start(&c.blue, 20_000);
     std::thread::sleep(Duration::from_secs(3));
-    // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
-    blue.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
-    blue.psql("postgres", "SELECT pg_reload_conf()");
+    blue.stall_commits(true);
     assert_eq!(run(&mut c.migrate(&["control", p, "resume"])).code, 0);
     // Ours, waiting: for the standby (IPC: SyncRep), or for the row locks of one that does.
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'migrate%' \
@@ -187,17 +185,12 @@ fn a_blue_whose_commits_stall_is_not_left_our_waiting_sessions() {
         std::thread::sleep(Duration::from_millis(500));
         most = most.max(blue.psql("postgres", waiting).parse::<i64>().unwrap());
     }
-    blue.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names");
-    blue.psql("postgres", "SELECT pg_reload_conf()");
+    blue.stall_commits(false);
     writer.stop();
     assert!(copy.try_wait().unwrap().is_none(), "copy exited while blue's commits stalled");
     assert!(most >= 1, "no commit of ours waited for the standby: the stall was not one");
     assert!(most <= 2, "{most} sessions of ours waited on blue at once");
-    let query = "SELECT id, grp, payload FROM items";
-    assert!(
-        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
-        "green did not converge to blue"
-    );
+    c.assert_items_converge();
     let log = crate::capture::sigint_and_wait(&mut copy);
     assert!(log.contains("no answer within"), "the stall was not reported:\n{log}");
 }

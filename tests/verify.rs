@@ -299,11 +299,7 @@ fn joined_verify_worker_lost_holding_a_part(mut loss: crate::support::host::Loss
     ));
     assert!(!redone.is_empty() && redone != lost_id, "part {held} was not read by another worker: {redone}");
     writer.stop();
-    let query = "SELECT id, grp, payload FROM items";
-    assert!(
-        crate::support::converges((&c.blue, query), (&c.green, query), Duration::from_secs(90)),
-        "green did not converge to blue"
-    );
+    c.assert_items_converge();
     crate::capture::sigint_and_wait(&mut copy);
 }
 

@@ -152,9 +152,12 @@ impl Logical {
         crate::pg::commit_point(&self.blue).await
     }
 
-    /// Drops the sessions besides `blue` (a reconnect after a stall must not reuse a hung one).
+    /// Gives up the sessions besides `blue` (a reconnect after a stall must not reuse a hung
+    /// one), cancelling what they still run ([`ConnInfo::abandon`]).
     pub fn reset_sessions(&mut self) {
-        self.watch = None;
+        if let Some(watch) = self.watch.take() {
+            self.sessions.blue.abandon(vec![watch]);
+        }
         self.sessions.reset();
     }
 
@@ -316,9 +319,13 @@ pub struct DirectSessions {
 }
 
 impl DirectSessions {
-    /// Drops the open sessions (after a stall: one may hang without being closed).
+    /// Gives up the open sessions (after a stall: one may hang without being closed),
+    /// cancelling what they still run.
     fn reset(&mut self) {
-        self.open.clear();
+        for (blue, green) in self.open.drain(..) {
+            self.blue.abandon(vec![blue]);
+            self.green.abandon(vec![green]);
+        }
     }
 
     fn new(plan: &Plan) -> Self {

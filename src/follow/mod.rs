@@ -426,11 +426,13 @@ impl CaptureSide {
     }
 
     async fn reconnect(&mut self) -> Result<()> {
-        let blue = std::mem::replace(&mut self.blue, self.plan.blue.connect().await?);
-        let capture_blue = self.capture.reconnected(self.plan.blue.connect().await?);
-        self.plan.blue.abandon(vec![blue, capture_blue]);
-        let green = std::mem::replace(&mut self.green, self.plan.green.connect().await?);
-        self.plan.green.abandon(vec![green]);
+        // All new sessions first: a failed connect leaves the old ones as they were.
+        let (blue, capture_blue, green) =
+            (self.plan.blue.connect().await?, self.plan.blue.connect().await?, self.plan.green.connect().await?);
+        let capture_blue = self.capture.reconnected(capture_blue);
+        let blue = std::mem::replace(&mut self.blue, blue);
+        self.plan.blue.abandon(vec![capture_blue, blue]);
+        self.plan.green.abandon(vec![std::mem::replace(&mut self.green, green)]);
         info!("capture reconnected to blue and green; resuming from the stored position");
         Ok(())
     }

@@ -381,18 +381,28 @@ impl ConnInfo {
         tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(3), sent).await.unwrap_or(false)
     }
 
-    /// Gives up sessions `old` of this string's server: in the background, cancels what each
-    /// still runs there, then closes it. A round given up as stalled may have left a statement
-    /// running, and closing alone does not end it: a commit waiting for a synchronous standby
-    /// that is gone waits on (PostgreSQL notices the client gone only when the wait ends), and
-    /// one more would be left at each stall.
+    /// Gives up sessions `old` of this string's server: cancels what each still runs there (in
+    /// the background, see [`ConnInfo::cancel_later`]) and closes it. A round given up as
+    /// stalled may have left a statement running, and closing alone does not end it: a commit
+    /// waiting for a synchronous standby that is gone waits on (PostgreSQL notices the client
+    /// gone only when the wait ends), and one more would be left at each stall.
     pub fn abandon(&self, old: Vec<Client>) {
+        for c in old {
+            self.cancel_later(c.cancel_token());
+        }
+    }
+
+    /// Sends a cancel for the session of `token` in the background; the process waits for it
+    /// before it exits ([`cancels_sent`]). Needs the runtime.
+    pub fn cancel_later(&self, token: tokio_postgres::CancelToken) {
         let info = self.clone();
-        tokio::spawn(async move {
-            for c in &old {
-                info.cancel(&c.cancel_token()).await;
-            }
+        let sending = tokio::spawn(async move {
+            info.cancel(&token).await;
         });
+        if let Ok(mut pending) = CANCELS.lock() {
+            pending.retain(|s| !s.is_finished());
+            pending.push(sending);
+        }
     }
 
     /// The TLS connector for this string's `sslmode` and `sslrootcert`.
@@ -437,6 +447,22 @@ impl From<tokio_postgres::Error> for ConnectFailure {
     fn from(e: tokio_postgres::Error) -> Self {
         ConnectFailure::Pg(e)
     }
+}
+
+/// Cancel requests on their way ([`ConnInfo::cancel_later`]).
+static CANCELS: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
+
+/// Waits up to `wait` for the cancel requests still on their way: a command that returns right
+/// after giving up a session (its timer dropped on the way out) would otherwise exit before
+/// the request leaves, and the statement would wait on.
+pub async fn cancels_sent(wait: Duration) {
+    let pending = CANCELS.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+    let _ = tokio::time::timeout(wait, async {
+        for sending in pending {
+            let _ = sending.await;
+        }
+    })
+    .await;
 }
 
 /// Session settings pinned on every blue and green session, so that the same value renders as

@@ -8,7 +8,7 @@ pub mod lsn;
 pub mod pool;
 pub mod quote;
 
-pub use conn::{ConnError, ConnInfo, Side};
+pub use conn::{cancels_sent, ConnError, ConnInfo, Side};
 pub use lsn::{commit_point, current_lsn, flush_lsn, insert_lsn, Lsn};
 pub use pool::SidePool;
 pub use quote::{ident, literal, QualifiedName};

@@ -61,6 +61,17 @@ impl Cluster {
         self.0.psql(db, sql).unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"))
     }
 
+    /// Makes every commit that writes WAL wait for a synchronous standby that never comes
+    /// (`synchronous_standby_names = 'nobody'`), or, with `false`, stop waiting.
+    pub fn stall_commits(&self, stalled: bool) {
+        // (ALTER SYSTEM may not run in the one transaction a multi-statement string is.)
+        match stalled {
+            true => self.psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'"),
+            false => self.psql("postgres", "ALTER SYSTEM RESET synchronous_standby_names"),
+        };
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
     /// Runs a SQL file through psql with `-v` variables.
     pub fn psql_file(&self, db: &str, file: &Path, vars: &[(&str, &str)]) {
         self.0.psql_file(db, file, vars).unwrap_or_else(|e| panic!("{e}"))

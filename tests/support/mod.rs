@@ -565,6 +565,16 @@ impl Custom {
         wait_phase(&self.green, &self.sql("bluegreen_custom"), phase);
     }
 
+    /// Waits (up to 90 s) for green's `items` to equal blue's (the table of the tests that write
+    /// with [`ItemsWriter`]); panics when it does not.
+    pub fn assert_items_converge(&self) {
+        let query = "SELECT id, grp, payload FROM items";
+        assert!(
+            converges((&self.blue, query), (&self.green, query), Duration::from_secs(90)),
+            "green did not converge to blue"
+        );
+    }
+
     /// `migrate ARGS` in the background, stderr captured.
     pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
         let mut c = background(&self.blue, &self.green, args);
