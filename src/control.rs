@@ -328,9 +328,7 @@ impl CommitTimer {
             _ => None,
         }
     }
-}
 
-impl CommitTimer {
     /// Stops timing, and cancels a commit left waiting: on a synchronous standby it outlives
     /// its session (the server notices the client gone only when the wait ends) and holds
     /// blue's horizon. Called where the refresher ends, not left to the task's end: an aborted
