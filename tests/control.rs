@@ -347,18 +347,12 @@ fn the_copy_waits_while_blue_commits_slowly() {
 /// without waiting, and the copy went on through the stall.
 #[test]
 fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
-    let blue = crate::support::Cluster::own("blue-stall", &["synchronous_commit=on"]);
-    let c = crate::support::Custom::on(
-        (blue, green_cluster()),
-        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
-         INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 100000) g;",
-        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);",
-    );
-    let plan = c.plan(
-        "trigger",
+    let (blue, c, plan) = crate::support::Custom::items_on_own_blue(
+        "blue-stall",
+        100_000,
         "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 5000\nmax_blue_commit_latency = \"300ms\"\n\
          snapshot_max_age = \"3s\"",
-        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+        "",
     );
     let writer = crate::support::ItemsWriter::start(&c.blue, 100_000);
     let mut leader = c.spawn(&["copy", plan.to_str().unwrap()], &[("MIGRATE_LOG", "warn,bluegreen::control=info")]);
@@ -430,17 +424,11 @@ fn the_copy_holds_while_blue_commits_wait_for_a_synchronous_standby() {
 /// exits. Before, the session stayed until the standby was back, holding blue's horizon.
 #[test]
 fn a_copy_stopped_while_its_timing_commit_waits_leaves_nothing_waiting_on_blue() {
-    let blue = crate::support::Cluster::own("blue-stall-exit", &["synchronous_commit=on"]);
-    let c = crate::support::Custom::on(
-        (blue, green_cluster()),
-        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
-         INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 50000) g;",
-        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);",
-    );
-    let plan = c.plan(
-        "trigger",
+    let (blue, c, plan) = crate::support::Custom::items_on_own_blue(
+        "blue-stall-exit",
+        50_000,
         "workers = 1\nchunk_rows = 2000\nmax_rows_per_second = 2000\nmax_blue_commit_latency = \"300ms\"",
-        "[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
+        "",
     );
     let mut copy = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
     c.wait_phase("copying");

@@ -153,20 +153,10 @@ fn a_stalled_green_is_detected_by_timeouts() {
 /// locks. Once blue commits again, nothing is lost.
 #[test]
 fn a_blue_whose_commits_stall_is_not_left_our_waiting_sessions() {
-    let blue: &'static Cluster = Cluster::own("sblue", &["synchronous_commit=on"]);
-    let c = crate::support::Custom::on(
-        (blue, crate::support::green_cluster()),
-        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
-         INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, 20000) g;",
-        "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);",
-    );
     // (The OAuth writer's late transaction would hold blue's horizon through the stall, and
     // trigger capture reads only below it: no round would have anything to remove.)
-    let plan = c.plan(
-        "trigger",
-        "workers = 1",
-        "stall_timeout = \"2s\"\n[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n",
-    );
+    let (blue, c, plan) =
+        crate::support::Custom::items_on_own_blue("sblue", 20_000, "workers = 1", "stall_timeout = \"2s\"\n");
     let mut copy = c.spawn(&["copy", plan.to_str().unwrap()], &[]);
     c.wait_phase("following");
     // Capture paused while the writer goes on: when the stall begins, blue holds committed

@@ -565,6 +565,23 @@ impl Custom {
         wait_phase(&self.green, &self.sql("bluegreen_custom"), phase);
     }
 
+    /// A scenario on a blue cluster of its own, `name` (`synchronous_commit=on`, for tests that
+    /// stall its commits: [`Cluster::stall_commits`]), holding `items` of `rows` rows, with a
+    /// trigger-capture plan for it: `copy` settings, and `capture` lines before its table.
+    pub fn items_on_own_blue(name: &str, rows: u32, copy: &str, capture: &str) -> (&'static Cluster, Custom, PathBuf) {
+        let blue = Cluster::own(name, &["synchronous_commit=on"]);
+        let c = Custom::on(
+            (blue, green_cluster()),
+            &format!(
+                "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);
+                 INSERT INTO items SELECT g, g % 97, md5(g::text) FROM generate_series(1, {rows}) g;"
+            ),
+            "CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, payload text);",
+        );
+        let plan = c.plan("trigger", copy, &format!("{capture}[[table]]\nsource = \"public.items\"\nkey = [\"id\"]\n"));
+        (blue, c, plan)
+    }
+
     /// Waits (up to 90 s) for green's `items` to equal blue's (the table of the tests that write
     /// with [`ItemsWriter`]); panics when it does not.
     pub fn assert_items_converge(&self) {
