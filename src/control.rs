@@ -149,9 +149,7 @@ pub async fn start(plan: &Plan, live: Arc<Live>) -> Refresher {
 }
 
 fn health_limits(plan: &Plan) -> bool {
-    plan.copy.max_blue_active_sessions > 0
-        || !plan.copy.max_blue_replica_lag.is_zero()
-        || !plan.copy.max_blue_commit_latency.is_zero()
+    plan.copy.limits_blue_load() || plan.copy.times_blue_commits()
 }
 
 /// What the health checks keep between rounds.
@@ -165,14 +163,14 @@ struct Health {
 
 impl Health {
     fn new(plan: &Plan) -> Self {
-        let commits = (!plan.copy.max_blue_commit_latency.is_zero()).then(|| Arc::new(CommitTimer::start(plan)));
+        let commits = plan.copy.times_blue_commits().then(|| Arc::new(CommitTimer::start(plan)));
         Self { blue: None, commits }
     }
 
     /// One health check. A check that fails or does not answer holds the copy, and says why.
     async fn check(&mut self, plan: &Plan, live: &Live) {
         let mut why = None;
-        if plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero() {
+        if plan.copy.limits_blue_load() {
             if self.blue.as_ref().is_none_or(Client::is_closed) {
                 self.blue = plan.blue.connect().await.ok();
             }

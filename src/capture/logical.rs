@@ -155,9 +155,7 @@ impl Logical {
     /// Gives up the sessions besides `blue` (a reconnect after a stall must not reuse a hung
     /// one), cancelling what they still run ([`ConnInfo::abandon`]).
     pub fn reset_sessions(&mut self) {
-        if let Some(watch) = self.watch.take() {
-            self.sessions.blue.abandon(vec![watch]);
-        }
+        self.sessions.blue.abandon(self.watch.take());
         self.sessions.reset();
     }
 
@@ -323,8 +321,8 @@ impl DirectSessions {
     /// cancelling what they still run.
     fn reset(&mut self) {
         for (blue, green) in self.open.drain(..) {
-            self.blue.abandon(vec![blue]);
-            self.green.abandon(vec![green]);
+            self.blue.abandon([blue]);
+            self.green.abandon([green]);
         }
     }
 

@@ -431,8 +431,8 @@ impl CaptureSide {
             (self.plan.blue.connect().await?, self.plan.blue.connect().await?, self.plan.green.connect().await?);
         let capture_blue = self.capture.reconnected(capture_blue);
         let blue = std::mem::replace(&mut self.blue, blue);
-        self.plan.blue.abandon(vec![capture_blue, blue]);
-        self.plan.green.abandon(vec![std::mem::replace(&mut self.green, green)]);
+        self.plan.blue.abandon([capture_blue, blue]);
+        self.plan.green.abandon([std::mem::replace(&mut self.green, green)]);
         info!("capture reconnected to blue and green; resuming from the stored position");
         Ok(())
     }
@@ -640,7 +640,7 @@ impl ApplySide {
 
     async fn reconnect(&mut self) -> Result<()> {
         let green = std::mem::replace(&mut self.green, self.plan.green.connect().await?);
-        self.plan.green.abandon(vec![green]);
+        self.plan.green.abandon([green]);
         apply::prepare_green(&self.green).await?;
         info!("apply reconnected to green (blue sessions come from a pool that replaces broken ones)");
         Ok(())

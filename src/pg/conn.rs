@@ -386,7 +386,7 @@ impl ConnInfo {
     /// stalled may have left a statement running, and closing alone does not end it: a commit
     /// waiting for a synchronous standby that is gone waits on (PostgreSQL notices the client
     /// gone only when the wait ends), and one more would be left at each stall.
-    pub fn abandon(&self, old: Vec<Client>) {
+    pub fn abandon(&self, old: impl IntoIterator<Item = Client>) {
         for c in old {
             self.cancel_later(c.cancel_token());
         }

@@ -380,6 +380,18 @@ impl TableEntry {
 }
 
 impl CopySettings {
+    /// Whether the copy waits on blue's load (`max_blue_active_sessions`, `max_blue_replica_lag`):
+    /// a session of its own reads it.
+    pub fn limits_blue_load(&self) -> bool {
+        self.max_blue_active_sessions > 0 || !self.max_blue_replica_lag.is_zero()
+    }
+
+    /// Whether the copy waits on blue's commit time (`max_blue_commit_latency`): a session of
+    /// its own times a commit.
+    pub fn times_blue_commits(&self) -> bool {
+        !self.max_blue_commit_latency.is_zero()
+    }
+
     /// The session settings for index builds on green (`index_build_memory`,
     /// `index_build_workers`): more memory and parallel workers make CREATE INDEX and ADD
     /// PRIMARY KEY several times faster than the server defaults (64 MB, 2 workers).

@@ -173,8 +173,7 @@ async fn heaps(
 fn connections(plan: &Plan, method: CaptureMethod, checks: &mut Vec<Check>, problems: &mut Vec<Problem>) {
     let (workers, apply) = (plan.copy.workers as u64, plan.apply_workers.max(1) as u64);
     // One session reads blue's load, another times its commits (control.rs).
-    let health = u64::from(plan.copy.max_blue_active_sessions > 0 || !plan.copy.max_blue_replica_lag.is_zero())
-        + u64::from(!plan.copy.max_blue_commit_latency.is_zero());
+    let health = u64::from(plan.copy.limits_blue_load()) + u64::from(plan.copy.times_blue_commits());
     // Logical capture applies directly from capture: a blue and a green session per apply worker.
     // Green's count includes the copy's heartbeat and the joined workers' lease watch.
     let (blue, green) = match method {
